@@ -1,0 +1,46 @@
+"""patternc: a compiler for sparse-attention patterns.
+
+A pattern such as ``(local(w=128) | strided(s=64)) & causal`` is parsed into a checked,
+canonical IR (``parse`` / ``load``), compiled analytically to FlexAttention-style block
+layouts (``compile``), executed with torch (``CompiledPattern.attention``), and analysed
+for reachability through a layer stack (``analyze``). See SPEC §2 and ``docs/``.
+
+``import patternc`` does not import torch; execution imports it on first use.
+"""
+
+from __future__ import annotations
+
+from .api import load, parse
+from .errors import Diagnostic, ExitCode, PatternError, PatternWarning
+from .ir import Pattern
+from .layout import EMPTY, FULL, PARTIAL, BlockLayout
+from . import reference
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "parse", "load", "compile", "load_compiled", "analyze", "reference", "nn",
+    "Pattern", "BlockLayout", "CompiledPattern", "ReachReport", "PatternError", "PatternWarning",
+    "Diagnostic", "ExitCode", "EMPTY", "PARTIAL", "FULL", "__version__",
+]
+
+_LAZY = {
+    "compile": ("compiler", "compile"),
+    "CompiledPattern": ("compiler", "CompiledPattern"),
+    "load_compiled": ("compiler", "load_compiled"),
+    "analyze": ("analysis", "analyze"),
+    "ReachReport": ("analysis", "ReachReport"),
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        mod, attr = _LAZY[name]
+        return getattr(importlib.import_module(f".{mod}", __name__), attr)
+    if name == "nn":
+        import importlib
+
+        return importlib.import_module(".nn", __name__)
+    raise AttributeError(f"module 'patternc' has no attribute {name!r}")

@@ -1,0 +1,71 @@
+"""The front-end API: ``parse`` and ``load`` (text -> canonical Pattern), torch-free."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from pathlib import Path
+
+from .elaborate import ParseResult, elaborate
+from .errors import PatternWarning
+from .ir import Pattern
+from .normalize import normalize
+from .parser import decode_source
+
+
+@functools.lru_cache(maxsize=512)
+def _analyse_cached(source: str, params: tuple, filename: str) -> tuple[Pattern, ParseResult]:
+    res = elaborate(source, params=dict(params), filename=filename)
+    return normalize(res.pattern), res
+
+
+def analyse_source(source: str, *, params: dict | None = None, filename: str | None = None):
+    """Elaborate and normalise; returns ``(canonical Pattern, ParseResult)`` (with warnings).
+
+    Raises:
+        PatternError: any P1xx / P2xx diagnostic.
+    """
+    return _analyse_cached(source, tuple(sorted((params or {}).items())), filename or "<string>")
+
+
+def parse(source, *, params: dict | None = None, filename: str | None = None) -> Pattern:
+    """Parse pattern source text into its canonical ``Pattern`` (``str(p)`` is canonical).
+
+    Args:
+        source: pattern text (a whole ``.pattern`` file or one expression), or a Pattern
+            (returned unchanged).
+        params: overrides for the source's ``param`` defaults (name -> int); names the source
+            does not declare become integer names it may use.
+        filename: shown in diagnostics (default ``<string>``).
+
+    Returns:
+        The normalised Pattern. Warnings (W001, W002) are issued as ``PatternWarning``.
+
+    Raises:
+        PatternError: (a ``ValueError``) with the rendered diagnostic, e.g. P201 for an
+            unknown primitive.
+
+    Example:
+        >>> str(parse("causal & (strided(s=64) | local(w=128))"))
+        '(local(w=128) | strided(s=64)) & causal'
+    """
+    if isinstance(source, Pattern):
+        return source
+    if isinstance(source, bytes):
+        source = decode_source(source, filename or "<bytes>")
+    p, res = analyse_source(source, params=params, filename=filename)
+    for w in res.warnings:
+        warnings.warn(PatternWarning(w.render()), stacklevel=2)
+    return p
+
+
+def load(path, *, params: dict | None = None) -> Pattern:
+    """Read and parse a ``.pattern`` file (UTF-8).
+
+    Raises:
+        OSError: the file cannot be read.
+        PatternError: the file is not valid UTF-8 (P108) or has errors.
+    """
+    data = Path(path).read_bytes()
+    text = decode_source(data, str(path))
+    return parse(text, params=params, filename=str(path))

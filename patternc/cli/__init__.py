@@ -1,0 +1,65 @@
+"""The ``patternc`` command line (SPEC §5): ``check | fmt | compile | show | analyze | run``.
+
+Each subcommand lives in its own module (``patternc/cli/<name>.py``) exposing
+``register(subparsers)``, which adds its parser and sets ``func(args) -> int``.
+Exit codes are ``patternc.ExitCode``: 0 success, 1 problems in the input or a failed
+property, 2 usage / unreadable file / internal error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from ..errors import ExitCode
+
+SUBCOMMANDS = ("check", "fmt", "compile", "show", "analyze", "run")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="patternc",
+        description="patternc: compile, check, run and analyse sparse-attention patterns.",
+    )
+    from .. import __version__
+
+    parser.add_argument("--version", action="version", version=f"patternc {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="SUBCOMMAND")
+    sub.required = True
+    for name in SUBCOMMANDS:
+        try:
+            mod = importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as e:  # a subcommand not built yet
+            if e.name != f"{__name__}.{name}":
+                raise
+            continue
+        mod.register(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code = args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        code = ExitCode.USAGE
+    except BrokenPipeError:
+        code = ExitCode.OK
+    except Exception as e:  # internal error: never a bare traceback, but say how to report it
+        import traceback
+
+        print(f"error[P900]: internal error: {type(e).__name__}: {e}", file=sys.stderr)
+        print("help: this is a bug in patternc; rerun with PATTERNC_DEBUG=1 for the traceback", file=sys.stderr)
+        import os
+
+        if os.environ.get("PATTERNC_DEBUG"):
+            traceback.print_exc()
+        code = ExitCode.USAGE
+    return int(code)
+
+
+def entry() -> None:  # pragma: no cover
+    sys.exit(main())

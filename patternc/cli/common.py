@@ -1,0 +1,109 @@
+"""Shared CLI plumbing: the source arguments (FILE | -e EXPR, --set, --json), reading the
+source, and printing diagnostics (text on stderr, or JSON on stdout)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+
+from ..errors import Diagnostic, ExitCode, PatternError
+
+
+def add_source_args(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("file", nargs="?", help="a .pattern file ('-' reads standard input)")
+    src.add_argument("-e", "--expr", help="a pattern given on the command line")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="NAME=INT",
+                   help="override a `param` (repeatable)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+
+class UsageError(Exception):
+    """A problem with the command line or an unreadable file: exit code 2."""
+
+
+@dataclass
+class Source:
+    text: str
+    filename: str
+    params: dict
+
+
+def parse_sets(sets) -> dict:
+    out = {}
+    for s in sets:
+        name, eq, val = s.partition("=")
+        name = name.strip()
+        if not eq or not name.isidentifier():
+            raise UsageError(f"--set expects NAME=INT, got {s!r}")
+        try:
+            out[name] = int(val.strip().replace("_", ""))
+        except ValueError:
+            raise UsageError(f"--set {name}: {val!r} is not an integer") from None
+    return out
+
+
+def read_source(args) -> Source:
+    """Read FILE / -e / stdin. Raises UsageError (unreadable) or PatternError (bad UTF-8)."""
+    from ..parser import decode_source
+
+    params = parse_sets(args.sets)
+    if args.expr is not None:
+        return Source(args.expr, "<expr>", params)
+    if args.file == "-":
+        data = sys.stdin.buffer.read()
+        return Source(decode_source(data, "<stdin>"), "<stdin>", params)
+    try:
+        with open(args.file, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise UsageError(f"cannot read {args.file}: {e.strerror or e}") from None
+    return Source(decode_source(data, args.file), args.file, params)
+
+
+def emit_diagnostics(diags, as_json: bool) -> None:
+    """Text diagnostics go to stderr (JSON mode embeds them in the command's object)."""
+    if as_json:
+        return
+    for d in diags:
+        print(d.render(), file=sys.stderr)
+        print(file=sys.stderr)
+
+
+def print_json(obj) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=False))
+
+
+def usage_error(message: str, as_json: bool) -> int:
+    if as_json:
+        print_json({"ok": False, "error": message, "diagnostics": []})
+    print(f"error: {message}", file=sys.stderr)
+    return ExitCode.USAGE
+
+
+def run_guarded(args, body) -> int:
+    """Run ``body(source) -> int`` mapping UsageError to 2 and PatternError to 1."""
+    try:
+        src = read_source(args)
+    except UsageError as e:
+        return usage_error(str(e), args.json)
+    except PatternError as e:
+        return report_errors(e.diagnostics, args.json)
+    try:
+        return body(src)
+    except UsageError as e:
+        return usage_error(str(e), args.json)
+    except PatternError as e:
+        return report_errors(e.diagnostics, args.json)
+
+
+def report_errors(diags: list[Diagnostic], as_json: bool, extra: dict | None = None) -> int:
+    if as_json:
+        obj = {"ok": False, "diagnostics": [d.to_json() for d in diags]}
+        obj.update(extra or {})
+        print_json(obj)
+    else:
+        emit_diagnostics(diags, False)
+    return ExitCode.PROBLEMS

@@ -1,0 +1,274 @@
+"""BlockLayout: the torch-free block-sparse layout of one layer of a pattern.
+
+Basics
+    A ``BlockLayout`` cuts the ``[Q_LEN, KV_LEN]`` attention matrix of every head into tiles
+    of ``Q_BLOCK_SIZE x KV_BLOCK_SIZE`` tokens and records, for each tile, whether all,
+    some or none of its token pairs are allowed (FULL / PARTIAL / EMPTY). Tiles at the
+    ragged ends are clipped to the real lengths: a last tile whose *real* token pairs are
+    all allowed is FULL here (FlexAttention's ``create_block_mask`` pads with "not allowed"
+    and calls it partial; see ``to_flex_kinds``).
+
+Details
+    ``kinds`` is the single source of truth. FlexAttention's lists are derived from it with
+    FlexAttention's conventions: when the ``full_*`` lists are given, ``kv_num_blocks`` /
+    ``kv_indices`` hold only PARTIAL tiles (the ones that need ``mask_mod``).
+
+    Reference loop (what the lists mean)::
+
+        for h in range(H):
+            for q_block_idx in range(num_q_blocks):
+                for k in range(kv_num_blocks[h, q_block_idx]):
+                    kv_block_idx = kv_indices[h, q_block_idx, k]   # PARTIAL tile: apply mask_mod
+                for k in range(full_kv_num_blocks[h, q_block_idx]):
+                    kv_block_idx = full_kv_indices[h, q_block_idx, k]  # FULL tile: no mask
+
+Shape legend
+    H: heads; num_q_blocks = ceil(Q_LEN / Q_BLOCK_SIZE); num_kv_blocks = ceil(KV_LEN / KV_BLOCK_SIZE).
+
+    ======================  =============================================  ========
+    field                   dtype [dims]                                   status
+    ======================  =============================================  ========
+    kinds                   uint8 [H, num_q_blocks, num_kv_blocks]         required
+    kv_num_blocks           int32 [H, num_q_blocks]                        derived
+    kv_indices              int32 [H, num_q_blocks, num_kv_blocks]         derived
+    full_kv_num_blocks      int32 [H, num_q_blocks]                        derived
+    full_kv_indices         int32 [H, num_q_blocks, num_kv_blocks]         derived
+    ======================  =============================================  ========
+
+    Index lists are sorted ascending within a row; entries past the row's count are padding
+    (0) and must not be read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+
+EMPTY = 0
+PARTIAL = 1
+FULL = 2
+
+KIND_NAMES = {EMPTY: "EMPTY", PARTIAL: "PARTIAL", FULL: "FULL"}
+
+
+def normalize_block_size(block_size) -> tuple[int, int]:
+    """Return ``(Q_BLOCK_SIZE, KV_BLOCK_SIZE)`` from an int or a pair (tokens).
+
+    Raises:
+        ValueError: a block size that is not a positive int or a pair of them.
+    """
+    if isinstance(block_size, (int, np.integer)) and not isinstance(block_size, bool):
+        pair = (int(block_size), int(block_size))
+    elif isinstance(block_size, (tuple, list)) and len(block_size) == 2:
+        pair = (int(block_size[0]), int(block_size[1]))
+    else:
+        raise ValueError(
+            f"block_size must be an int or a (Q_BLOCK_SIZE, KV_BLOCK_SIZE) pair, got {block_size!r}"
+        )
+    if pair[0] < 1 or pair[1] < 1:
+        raise ValueError(f"block sizes must be >= 1 token, got {pair}")
+    return pair
+
+
+def _indices_from(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Counts int32 [H, nq] and sorted indices int32 [H, nq, nkv] of True entries per row."""
+    counts = mask.sum(axis=-1, dtype=np.int32)
+    # stable argsort of "not selected" puts selected columns first, in ascending order
+    order = np.argsort(~mask, axis=-1, kind="stable").astype(np.int32)
+    nkv = mask.shape[-1]
+    valid = np.arange(nkv, dtype=np.int32) < counts[..., None]
+    indices = np.where(valid, order, 0).astype(np.int32)
+    return counts, indices
+
+
+@dataclass(frozen=True, eq=False)
+class BlockLayout:
+    """Tile kinds of one layer of a pattern, per head (see the module docstring).
+
+    Args:
+        kinds: uint8 [H, num_q_blocks, num_kv_blocks], EMPTY=0, PARTIAL=1, FULL=2.
+        q_len: Q_LEN in tokens.
+        kv_len: KV_LEN in tokens.
+        q_block_size: Q_BLOCK_SIZE in tokens.
+        kv_block_size: KV_BLOCK_SIZE in tokens.
+    """
+
+    kinds: np.ndarray
+    q_len: int
+    kv_len: int
+    q_block_size: int
+    kv_block_size: int
+
+    # ---- shape ---------------------------------------------------------------------------
+    @property
+    def num_heads(self) -> int:
+        return int(self.kinds.shape[0])
+
+    @property
+    def num_q_blocks(self) -> int:
+        return int(self.kinds.shape[1])
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return int(self.kinds.shape[2])
+
+    @property
+    def block_size(self) -> tuple[int, int]:
+        return (self.q_block_size, self.kv_block_size)
+
+    # ---- FlexAttention lists (derived) -----------------------------------------------------
+    @cached_property
+    def _partial_lists(self):
+        return _indices_from(self.kinds == PARTIAL)
+
+    @cached_property
+    def _full_lists(self):
+        return _indices_from(self.kinds == FULL)
+
+    @property
+    def kv_num_blocks(self) -> np.ndarray:
+        """int32 [H, num_q_blocks]: PARTIAL tiles per query block."""
+        return self._partial_lists[0]
+
+    @property
+    def kv_indices(self) -> np.ndarray:
+        """int32 [H, num_q_blocks, num_kv_blocks]: PARTIAL kv block indices, ascending."""
+        return self._partial_lists[1]
+
+    @property
+    def full_kv_num_blocks(self) -> np.ndarray:
+        """int32 [H, num_q_blocks]: FULL tiles per query block."""
+        return self._full_lists[0]
+
+    @property
+    def full_kv_indices(self) -> np.ndarray:
+        """int32 [H, num_q_blocks, num_kv_blocks]: FULL kv block indices, ascending."""
+        return self._full_lists[1]
+
+    # ---- counts and densities ------------------------------------------------------------------
+    def tile_token_counts(self) -> np.ndarray:
+        """int64 [num_q_blocks, num_kv_blocks]: real token pairs in each tile (clipped)."""
+        qs = np.minimum(self.q_block_size, self.q_len - np.arange(self.num_q_blocks) * self.q_block_size)
+        ks = np.minimum(self.kv_block_size, self.kv_len - np.arange(self.num_kv_blocks) * self.kv_block_size)
+        return np.outer(qs, ks).astype(np.int64)
+
+    @property
+    def full_blocks(self) -> int:
+        """Number of FULL tiles over all heads."""
+        return int((self.kinds == FULL).sum())
+
+    @property
+    def partial_blocks(self) -> int:
+        """Number of PARTIAL tiles over all heads."""
+        return int((self.kinds == PARTIAL).sum())
+
+    @property
+    def empty_blocks(self) -> int:
+        """Number of EMPTY tiles over all heads."""
+        return int((self.kinds == EMPTY).sum())
+
+    @property
+    def block_density(self) -> float:
+        """Fraction in [0, 1] of *computed* token pairs: tokens of FULL + PARTIAL tiles over
+        Q_LEN*KV_LEN*H, clipped at the real lengths (unlike ``BlockMask.sparsity()``)."""
+        if self.q_len == 0 or self.kv_len == 0:
+            return 0.0
+        tokens = self.tile_token_counts()
+        computed = ((self.kinds != EMPTY) * tokens).sum()
+        return float(computed) / float(self.num_heads * self.q_len * self.kv_len)
+
+    # ---- flex conventions ------------------------------------------------------------------------
+    def to_flex_kinds(self) -> np.ndarray:
+        """uint8 [H, nq, nkv]: the kinds ``create_block_mask`` reports. Ragged last tiles
+        (real part smaller than the block) can never be FULL there, because it pads with
+        "not allowed": a FULL ragged tile becomes PARTIAL."""
+        k = self.kinds.copy()
+        if self.q_len % self.q_block_size:
+            row = k[:, -1, :]
+            row[row == FULL] = PARTIAL
+        if self.kv_len % self.kv_block_size:
+            col = k[:, :, -1]
+            col[col == FULL] = PARTIAL
+        return k
+
+    # ---- construction from a dense mask (the slow, obvious classifier used by tests) -------------
+    @classmethod
+    def from_dense(cls, mask: np.ndarray, block_size) -> "BlockLayout":
+        """Classify every tile of a dense mask.
+
+        Args:
+            mask: bool [H, Q_LEN, KV_LEN] (or [Q_LEN, KV_LEN] for one head).
+            block_size: int or (Q_BLOCK_SIZE, KV_BLOCK_SIZE), tokens.
+
+        This materialises Q_LEN x KV_LEN: meant for tests and small sizes.
+        """
+        mask = np.asarray(mask, dtype=bool)
+        if mask.ndim == 2:
+            mask = mask[None]
+        qb, kb = normalize_block_size(block_size)
+        H, Q, K = mask.shape
+        nq, nk = -(-Q // qb), -(-K // kb)
+        padded_any = np.zeros((H, nq * qb, nk * kb), dtype=bool)
+        padded_all = np.ones((H, nq * qb, nk * kb), dtype=bool)
+        padded_any[:, :Q, :K] = mask
+        padded_all[:, :Q, :K] = mask
+        any_ = padded_any.reshape(H, nq, qb, nk, kb).any(axis=(2, 4))
+        all_ = padded_all.reshape(H, nq, qb, nk, kb).all(axis=(2, 4))
+        kinds = np.where(all_, FULL, np.where(any_, PARTIAL, EMPTY)).astype(np.uint8)
+        return cls(kinds=kinds, q_len=Q, kv_len=K, q_block_size=qb, kv_block_size=kb)
+
+    # ---- invariants --------------------------------------------------------------------------
+    def check_invariants(self) -> None:
+        """Raise AssertionError if the layout is inconsistent: shapes against the lengths,
+        kinds in {0,1,2}, list counts matching kinds, indices in range, ascending and
+        without duplicates, PARTIAL and FULL lists disjoint."""
+        k = self.kinds
+        assert k.dtype == np.uint8 and k.ndim == 3, (k.dtype, k.shape)
+        assert self.num_q_blocks == -(-self.q_len // self.q_block_size), "num_q_blocks vs Q_LEN"
+        assert self.num_kv_blocks == -(-self.kv_len // self.kv_block_size), "num_kv_blocks vs KV_LEN"
+        assert np.isin(k, (EMPTY, PARTIAL, FULL)).all(), "kinds outside {EMPTY, PARTIAL, FULL}"
+        for counts, idx, kind in (
+            (self.kv_num_blocks, self.kv_indices, PARTIAL),
+            (self.full_kv_num_blocks, self.full_kv_indices, FULL),
+        ):
+            assert (counts == (k == kind).sum(-1)).all(), "counts disagree with kinds"
+            nk = self.num_kv_blocks
+            valid = np.arange(nk) < counts[..., None]
+            assert ((idx >= 0) & (idx < max(nk, 1)))[valid].all(), "index out of range"
+            if nk > 1:
+                inc = np.diff(idx, axis=-1) > 0
+                both = valid[..., 1:]
+                assert inc[both].all(), "indices not strictly ascending (duplicates?)"
+            h, q, _ = np.nonzero(valid)
+            assert (k[h, q, idx[valid]] == kind).all(), "listed tile has another kind"
+
+    # ---- pictures --------------------------------------------------------------------------------
+    def ascii(self, head: int = 0, max_blocks: int = 64) -> str:
+        """Text picture of one head: '#' FULL, '+' PARTIAL, '.' EMPTY; one char per tile
+        (tiles are merged, taking the strongest kind, when there are more than max_blocks)."""
+        k = self.kinds[head]
+        nq, nk = k.shape
+        sq = max(1, -(-nq // max_blocks))
+        sk = max(1, -(-nk // max_blocks))
+        rows = []
+        for r in range(0, nq, sq):
+            line = []
+            for c in range(0, nk, sk):
+                t = k[r : r + sq, c : c + sk]
+                if (t == FULL).all():
+                    line.append("#")
+                elif (t == EMPTY).all():
+                    line.append(".")
+                else:
+                    line.append("+")
+            rows.append("".join(line))
+        return "\n".join(rows)
+
+    def __repr__(self) -> str:
+        return (
+            f"BlockLayout(H={self.num_heads}, Q_LEN={self.q_len}, KV_LEN={self.kv_len}, "
+            f"BLOCK_SIZE=({self.q_block_size}, {self.kv_block_size}), full={self.full_blocks}, "
+            f"partial={self.partial_blocks}, empty={self.empty_blocks})"
+        )

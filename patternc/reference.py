@@ -1,0 +1,135 @@
+"""The oracle: dense masks straight from the predicates of SPEC §1.1 (numpy, small sizes).
+
+Everything faster in patternc (analytic layouts, mask_mods, block masks, reachability
+engines) is tested against ``dense_mask``. It materialises ``[H, Q_LEN, KV_LEN]`` booleans,
+so it is meant for lengths up to a few thousand tokens.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .ir import And, Blocks, Diff, Heads, Layers, Not, Or, Pattern, Prim, select_layer
+from .normalize import bind_lengths
+
+
+def _as_pattern(p_or_source, params) -> Pattern:
+    if isinstance(p_or_source, Pattern):
+        if params:
+            raise ValueError("params apply to source text; this is already a Pattern")
+        return p_or_source
+    from . import parse
+
+    return parse(p_or_source, params=params)
+
+
+def random_keys(r: int, seed: int, q_len: int, kv_len: int) -> list[np.ndarray]:
+    """The keys ``random(r, seed)`` draws for each query row (SPEC §1.1): one PCG64 stream,
+    rows 0..Q_LEN-1 in order, ``choice(KV_LEN, size=min(r, KV_LEN), replace=False)``."""
+    rng = np.random.Generator(np.random.PCG64(seed))
+    return [rng.choice(kv_len, size=min(r, kv_len), replace=False) for _ in range(q_len)]
+
+
+def _prim(p: Prim, q_len: int, kv_len: int) -> np.ndarray:
+    i = np.arange(q_len, dtype=np.int64)[:, None]
+    j = np.arange(kv_len, dtype=np.int64)[None, :]
+    a = p.argdict
+    full = np.ones((q_len, kv_len), dtype=bool)
+    n = p.name
+    if n == "all":
+        return full
+    if n == "none":
+        return ~full
+    if n == "causal":
+        return j <= i
+    if n == "local":
+        return np.abs(i - j) < a["w"]
+    if n == "band":
+        return (i - a["left"] <= j) & (j <= i + a["right"])
+    if n == "strided":
+        return (i - j) % a["s"] == 0
+    if n == "dilated":
+        return ((i - j) % a["d"] == 0) & (np.abs(i - j) < a["w"] * a["d"])
+    if n == "chunk":
+        return (i // a["l"]) == (j // a["l"])
+    if n == "summary":
+        l, c, g = a["l"], a["c"], a["g"]
+        jm = j % l
+        return full & (l - (g + 1) * c <= jm) & (jm < l - g * c)
+    if n == "sink":
+        return full & (j < a["n"])
+    if n == "global":
+        if "n" in a:
+            return (i < a["n"]) | (j < a["n"])
+        pos = np.asarray(a["at"], dtype=np.int64)
+        return np.isin(i, pos) | np.isin(j, pos)
+    if n == "prefix":
+        return (i < a["n"]) & (j < a["n"])
+    if n == "random":
+        out = np.zeros((q_len, kv_len), dtype=bool)
+        for row, keys in enumerate(random_keys(a["r"], a["seed"], q_len, kv_len)):
+            out[row, keys] = True
+        return out
+    raise ValueError(f"unknown primitive {n}")
+
+
+def _eval(p: Pattern, h: int, q_len: int, kv_len: int) -> np.ndarray:
+    if isinstance(p, Prim):
+        return _prim(p, q_len, kv_len)
+    if isinstance(p, Not):
+        return ~_eval(p.child, h, q_len, kv_len)
+    if isinstance(p, Diff):
+        return _eval(p.left, h, q_len, kv_len) & ~_eval(p.right, h, q_len, kv_len)
+    if isinstance(p, And):
+        out = np.ones((q_len, kv_len), dtype=bool)
+        for c in p.items:
+            out &= _eval(c, h, q_len, kv_len)
+        return out
+    if isinstance(p, Or):
+        out = np.zeros((q_len, kv_len), dtype=bool)
+        for c in p.items:
+            out |= _eval(c, h, q_len, kv_len)
+        return out
+    if isinstance(p, Heads):
+        return _eval(p.items[h % len(p.items)], h, q_len, kv_len)
+    if isinstance(p, Layers):  # pragma: no cover - removed by select_layer
+        raise ValueError("select a layer first")
+    if isinstance(p, Blocks):
+        b = p.b
+        inner = _eval(p.child, h, -(-q_len // b), -(-kv_len // b))
+        return inner[np.ix_(np.arange(q_len) // b, np.arange(kv_len) // b)]
+    raise TypeError(f"not a pattern: {p!r}")
+
+
+def dense_mask(p_or_source, *, q_len: int, kv_len: int | None = None, num_heads: int = 1,
+               layer: int = 0, params: dict | None = None) -> np.ndarray:
+    """The allowed token pairs of one layer, straight from SPEC §1.1.
+
+    Args:
+        p_or_source: a ``Pattern`` or pattern source text.
+        q_len: Q_LEN, tokens (>= 1).
+        kv_len: KV_LEN, tokens (default: q_len).
+        num_heads: H; head h uses entry ``h mod m`` of every ``heads(...)``.
+        layer: which entry of every ``layers(...)`` applies (``layer mod m``).
+        params: values for the source's ``param``s.
+
+    Returns:
+        bool [H, Q_LEN, KV_LEN]; True = query i may attend key j.
+
+    Raises:
+        PatternError: invalid source, or a parameter out of range at these lengths (P301).
+        ValueError: non-positive lengths or head count.
+
+    Example:
+        >>> dense_mask("local(w=2) & causal", q_len=4)[0].astype(int)
+        array([[1, 0, 0, 0],
+               [1, 1, 0, 0],
+               [0, 1, 1, 0],
+               [0, 0, 1, 1]])
+    """
+    kv_len = q_len if kv_len is None else kv_len
+    if q_len < 1 or kv_len < 1 or num_heads < 1:
+        raise ValueError(f"q_len, kv_len and num_heads must be >= 1, got {q_len}, {kv_len}, {num_heads}")
+    p = _as_pattern(p_or_source, params)
+    p = bind_lengths(select_layer(p, layer), q_len, kv_len)
+    return np.stack([_eval(p, h, q_len, kv_len) for h in range(num_heads)])
