@@ -34,7 +34,7 @@ class StandIn:
             t = self._tables.get(q_idx.device)
             if t is None:
                 t = self._tables[q_idx.device] = table.to(q_idx.device)
-            return t[h, q_idx, kv_idx]
+            return t[h % t.shape[0], q_idx, kv_idx]
 
         mask_mod.__name__ = str(self.pattern)
         self.mask_mod = mask_mod
@@ -46,9 +46,10 @@ class StandIn:
         from torch.nn.attention.flex_attention import create_block_mask
 
         table = __import__("torch").from_numpy(self._dense).to(device)
+        n_heads = table.shape[0]
 
         def mm(b, h, q_idx, kv_idx):
-            return table[h, q_idx, kv_idx]
+            return table[h % n_heads, q_idx, kv_idx]
 
         return create_block_mask(mm, None, self.num_heads, self.q_len, self.kv_len, device=device,
                                  BLOCK_SIZE=self.layout.block_size)

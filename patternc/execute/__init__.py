@@ -101,7 +101,7 @@ def _needs_grad(q, k, v) -> bool:
     return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
 
 
-def choose_backend(cp, q, k, v, *, explain: bool = False):
+def choose_backend(cp, q, k, v, *, dropout_p: float = 0.0, explain: bool = False):
     """The backend ``backend="auto"`` runs for these inputs.
 
     Policy (measured with torch 2.13; numbers in ``docs/execution.md``):
@@ -110,7 +110,8 @@ def choose_backend(cp, q, k, v, *, explain: bool = False):
        2-3x slower than SDPA's fused causal kernel there);
     2. a CPU tensor -> ``blocksparse``: forward it runs as fast as compiled FlexAttention
        without the 5-20 s first compile, and it has a backward (FlexAttention on CPU has none);
-    3. CUDA -> ``flex`` (forward and backward), except float64 -> ``blocksparse``;
+    3. CUDA -> ``flex`` (forward and backward), except float64 or attention dropout ->
+       ``blocksparse`` (FlexAttention has neither);
     4. any other device -> ``blocksparse`` (plain torch ops).
 
     Returns:
@@ -123,6 +124,8 @@ def choose_backend(cp, q, k, v, *, explain: bool = False):
     elif q.device.type == "cuda":
         if q.dtype == torch.float64:
             name, why = "blocksparse", "CUDA float64: FlexAttention kernels do not take float64"
+        elif dropout_p > 0:
+            name, why = "blocksparse", "attention dropout: FlexAttention has none"
         else:
             name, why = "flex", "CUDA: compiled FlexAttention with the pattern's BlockMask"
     else:
@@ -131,7 +134,7 @@ def choose_backend(cp, q, k, v, *, explain: bool = False):
 
 
 def attention(cp, q, k, v, *, scale: float | None = None, backend: str = "auto",
-              return_backend: bool = False):
+              return_backend: bool = False, dropout_p: float = 0.0):
     """Attention of q over k, v where the compiled pattern allows it.
 
     ``out[b, h, i] = sum_j softmax_j(q[b, h, i] . k[b, g(h), j] * scale | allowed(h, i, j)) v[b, g(h), j]``
@@ -146,6 +149,8 @@ def attention(cp, q, k, v, *, scale: float | None = None, backend: str = "auto",
         scale: multiplier of ``q k^T`` (default ``1 / sqrt(D)``).
         backend: ``"auto"`` (see ``choose_backend``), ``"flex"``, ``"blocksparse"`` or ``"sdpa"``.
         return_backend: also return the name of the backend that ran.
+        dropout_p: attention dropout on the softmax probabilities (training; ``sdpa`` and
+            ``blocksparse`` only). Default 0.
 
     Returns:
         [B, H, Q_LEN, Dv] in q's dtype (a row with no allowed key is 0), or
@@ -153,8 +158,8 @@ def attention(cp, q, k, v, *, scale: float | None = None, backend: str = "auto",
 
     Raises:
         PatternError: P350 / P351 inputs that do not fit (see ``check_inputs``); P352 an
-            unknown backend, or ``flex`` asked for a CPU call that needs gradients, or for
-            float64 on CPU; P353 ``sdpa`` with a dense mask too large to build.
+            unknown backend, or ``flex`` asked for a CPU call that needs gradients, for
+            float64 on CPU or for dropout; P353 ``sdpa`` with a dense mask too large to build.
     """
     if backend not in BACKENDS:
         from ..errors import did_you_mean
@@ -162,16 +167,21 @@ def attention(cp, q, k, v, *, scale: float | None = None, backend: str = "auto",
         raise _error("P352", f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}",
                      help=did_you_mean(str(backend), BACKENDS) or "use backend='auto'")
     check_inputs(cp, q, k, v)
+    if not 0.0 <= float(dropout_p) < 1.0:
+        raise _error("P352", f"dropout_p must be in [0, 1), got {dropout_p}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    name = choose_backend(cp, q, k, v) if backend == "auto" else backend
+    name = choose_backend(cp, q, k, v, dropout_p=dropout_p) if backend == "auto" else backend
     if name == "flex":
+        if dropout_p > 0:
+            raise _error("P352", "backend 'flex' has no attention dropout",
+                         help="use backend='blocksparse' or 'sdpa' (or 'auto') with dropout_p > 0")
         out = _run_flex(cp, q, k, v, scale)
     elif name == "blocksparse":
         from .blocksparse import blocksparse_attention
 
-        out = blocksparse_attention(cp, q, k, v, scale)
+        out = blocksparse_attention(cp, q, k, v, scale, dropout_p=dropout_p)
     else:
-        out = _run_sdpa(cp, q, k, v, scale)
+        out = _run_sdpa(cp, q, k, v, scale, dropout_p)
     return (out, name) if return_backend else out
 
 
@@ -191,17 +201,17 @@ def _run_flex(cp, q, k, v, scale):
     return flex_attention(cp, q, k, v, scale, empty_rows=empty)
 
 
-def _run_sdpa(cp, q, k, v, scale):
+def _run_sdpa(cp, q, k, v, scale, dropout_p=0.0):
     from .sdpa import DENSE_MASK_LIMIT, dense_mask_elements, sdpa_attention
 
     if getattr(cp, "is_causal_only", False):
-        return sdpa_attention(cp, q, k, v, scale, use_causal=True)
+        return sdpa_attention(cp, q, k, v, scale, use_causal=True, dropout_p=dropout_p)
     n = dense_mask_elements(cp, q.shape[1])
     if n > DENSE_MASK_LIMIT:
         raise _error("P353", f"backend 'sdpa' needs a dense [H, Q_LEN, KV_LEN] mask of {n:,} booleans "
                      f"for this pattern, over the limit of {DENSE_MASK_LIMIT:,}",
                      help="use backend='blocksparse' or 'flex' (or 'auto')")
-    return sdpa_attention(cp, q, k, v, scale, use_causal=False)
+    return sdpa_attention(cp, q, k, v, scale, use_causal=False, dropout_p=dropout_p)
 
 
 def reference_attention(*args, **kwargs):

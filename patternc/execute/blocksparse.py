@@ -89,9 +89,9 @@ class Plan:
         self.num_heads = num_heads
         self.device = torch.device(device)
         kinds = np.asarray(layout.kinds)
-        if kinds.shape[0] != num_heads:
-            kinds = np.broadcast_to(kinds, (num_heads,) + kinds.shape[1:])
-        kinds = np.array(kinds, dtype=np.uint8)  # copy
+        if kinds.shape[0] not in (1, num_heads):
+            raise ValueError(f"a layout of {kinds.shape[0]} heads cannot run {num_heads} query heads")
+        kinds = np.array(np.broadcast_to(kinds, (num_heads,) + kinds.shape[1:]), dtype=np.uint8)  # copy
         self.num_q_blocks, self.num_kv_blocks = kinds.shape[1], kinds.shape[2]
         if self.kv_len % self.kv_block_size and self.num_kv_blocks:
             last = kinds[:, :, -1]
@@ -199,6 +199,8 @@ def _geometric_buckets(smax: int, n: int) -> np.ndarray:
     """Ascending slot counts ending at >= smax, about ``n`` of them, ratio-spaced."""
     if smax <= n:
         return np.arange(1, smax + 1, dtype=np.int64)
+    if n <= 1:
+        return np.array([smax], dtype=np.int64)
     ratio = smax ** (1.0 / (n - 1))
     vals = sorted({max(1, int(math.ceil(ratio ** i))) for i in range(n)} | {smax})
     return np.array(vals, dtype=np.int64)
@@ -324,9 +326,31 @@ def _scores(qg, kg, blocked):
     return s
 
 
+class _Dropout:
+    """Attention dropout whose masks the backward pass can regenerate: chunk ``n`` of a call
+    draws its keep-mask from a generator seeded with ``seed + n``."""
+
+    def __init__(self, p: float, seed: int | None, device):
+        self.p = float(p)
+        self.seed = seed
+        self.device = device
+        self.count = 0
+
+    def __bool__(self) -> bool:
+        return self.p > 0.0
+
+    def mask(self, shape) -> torch.Tensor:
+        """float [shape]: 0 (dropped) or 1 / (1 - p) (kept)."""
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(self.seed + self.count)
+        self.count += 1
+        keep = torch.rand(shape, generator=gen, device=self.device) >= self.p
+        return keep.to(torch.float32).mul_(1.0 / (1.0 - self.p))
+
+
 def blocksparse_forward(plan: Plan, mask_mod, q, k, v, scale: float, *, need_lse: bool = True,
-                        chunk_elements: int = CHUNK_ELEMENTS):
-    """Forward pass.
+                        chunk_elements: int = CHUNK_ELEMENTS, dropout_p: float = 0.0, seed: int = 0):
+    """Forward pass (``dropout_p`` > 0: attention dropout, masks drawn from ``seed``).
 
     Returns:
         ``(out, lse)``: out, compute dtype ``[B, H*nq, qb, Dv]``; lse ``[B, H*nq, qb]``, the
@@ -344,6 +368,7 @@ def blocksparse_forward(plan: Plan, mask_mod, q, k, v, scale: float, *, need_lse
     lse = torch.full((B, H * nq, qb), float("inf"), dtype=cdt, device=q.device) if need_lse else None
     cx = _Ctx(plan, B, H, H_kv)
     inf = float("inf")
+    drop = _Dropout(dropout_p, seed, q.device)
     for g in plan.groups:
         S = g.num_slots
         for rows, segs in plan.chunks(g, B, chunk_elements):
@@ -360,6 +385,8 @@ def blocksparse_forward(plan: Plan, mask_mod, q, k, v, scale: float, *, need_lse
                 m.masked_fill_(m == -inf, 0.0)  # a row with no allowed key: exp(-inf) = 0
                 s.sub_(m).exp_()
                 den = s.sum(-1, keepdim=True)
+                if drop:
+                    s.mul_(drop.mask(s.shape))
                 o = torch.matmul(s, vg)
                 del s
                 o.div_(den.clamp(min=torch.finfo(cdt).tiny))  # an empty row: 0 / tiny = 0
@@ -379,6 +406,8 @@ def blocksparse_forward(plan: Plan, mask_mod, q, k, v, scale: float, *, need_lse
                     alpha = torch.exp(run_max - safe)
                     s.sub_(safe).exp_()
                     run_sum = run_sum * alpha + s.sum(-1, keepdim=True)
+                    if drop:
+                        s.mul_(drop.mask(s.shape))
                     o = o * alpha + torch.matmul(s, vg)
                     run_max = new_max
                     del s
@@ -393,7 +422,7 @@ def blocksparse_forward(plan: Plan, mask_mod, q, k, v, scale: float, *, need_lse
 
 
 def blocksparse_backward(plan: Plan, mask_mod, q, k, v, out, lse, dout, scale: float, *,
-                         chunk_elements: int = CHUNK_ELEMENTS):
+                         chunk_elements: int = CHUNK_ELEMENTS, dropout_p: float = 0.0, seed: int = 0):
     """Backward pass (FlashAttention-style recomputation).
 
     Args:
@@ -421,6 +450,7 @@ def blocksparse_backward(plan: Plan, mask_mod, q, k, v, out, lse, dout, scale: f
     dk = torch.zeros_like(kp)
     dv = torch.zeros_like(vp)
     cx = _Ctx(plan, B, H, H_kv)
+    drop = _Dropout(dropout_p, seed, q.device)  # same seeds, same chunk order: same masks
     for g in plan.groups:
         S = g.num_slots
         for rows, segs in plan.chunks(g, B, chunk_elements):
@@ -435,9 +465,15 @@ def blocksparse_backward(plan: Plan, mask_mod, q, k, v, out, lse, dout, scale: f
                 kag = _gather_kv(ka, kv_rows, R, S, s0, s1)
                 vg = _gather_kv(vp, kv_rows, R, S, s0, s1)
                 p = _scores(qag, kag, plan.blocked(mask_mod, g, rows, s0, s1)).exp_()  # probabilities
-                dvg = torch.matmul(p.transpose(-1, -2), dog)  # [B, R, cols, Dv]
-                ds = torch.matmul(dog, vg.transpose(-1, -2))
-                ds.sub_(delta_g).mul_(p)  # dS = P * (dP - delta)
+                ds = torch.matmul(dog, vg.transpose(-1, -2))  # dP (of the dropped-out P)
+                if drop:
+                    z = drop.mask(p.shape)
+                    dvg = torch.matmul((p * z).transpose(-1, -2), dog)  # [B, R, cols, Dv]
+                    ds.mul_(z)
+                    del z
+                else:
+                    dvg = torch.matmul(p.transpose(-1, -2), dog)
+                ds.sub_(delta_g).mul_(p)  # dS = P * (dP - delta), delta = rowsum(dO * O)
                 del p
                 kg = kag[..., :D]
                 part = torch.matmul(ds, kg)
@@ -457,10 +493,12 @@ def blocksparse_backward(plan: Plan, mask_mod, q, k, v, out, lse, dout, scale: f
 
 class _BlockSparseAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, plan, mask_mod, scale, chunk_elements):
-        out, lse = blocksparse_forward(plan, mask_mod, q, k, v, scale, chunk_elements=chunk_elements)
+    def forward(ctx, q, k, v, plan, mask_mod, scale, chunk_elements, dropout_p, seed):
+        out, lse = blocksparse_forward(plan, mask_mod, q, k, v, scale, chunk_elements=chunk_elements,
+                                       dropout_p=dropout_p, seed=seed)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.plan, ctx.mask_mod, ctx.scale, ctx.chunk_elements = plan, mask_mod, scale, chunk_elements
+        ctx.dropout_p, ctx.seed = dropout_p, seed
         B, H, Q, _ = q.shape
         return out.view(B, H, -1, out.shape[-1])[:, :, :Q].to(q.dtype)
 
@@ -469,17 +507,21 @@ class _BlockSparseAttention(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = blocksparse_backward(ctx.plan, ctx.mask_mod, q, k, v, out, lse, dout, ctx.scale,
-                                          chunk_elements=ctx.chunk_elements)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+                                          chunk_elements=ctx.chunk_elements, dropout_p=ctx.dropout_p,
+                                          seed=ctx.seed)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
 
 
-def blocksparse_attention(cp, q, k, v, scale: float, *, chunk_elements: int = CHUNK_ELEMENTS):
+def blocksparse_attention(cp, q, k, v, scale: float, *, dropout_p: float = 0.0,
+                          chunk_elements: int = CHUNK_ELEMENTS):
     """Block-sparse attention of a compiled pattern (shapes checked by the caller).
 
     Args:
         cp: a CompiledPattern (uses ``cp.layout`` and ``cp.mask_mod``).
         q: float [B, H, Q_LEN, D]; k: [B, H_kv, KV_LEN, D]; v: [B, H_kv, KV_LEN, Dv].
         scale: multiplier of ``q k^T``.
+        dropout_p: attention dropout probability (on the softmax probabilities; the masks
+            come from torch's default generator, so ``torch.manual_seed`` makes them repeat).
         chunk_elements: score elements per chunk (memory knob).
 
     Returns:
@@ -487,8 +529,10 @@ def blocksparse_attention(cp, q, k, v, scale: float, *, chunk_elements: int = CH
     """
     B, H, Q, _ = q.shape
     plan = plan_for(cp.layout, H, q.device, cp.mask_mod)
+    seed = int(torch.randint(0, 2**62, ())) if dropout_p > 0 else 0
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return _BlockSparseAttention.apply(q, k, v, plan, cp.mask_mod, scale, chunk_elements)
+        return _BlockSparseAttention.apply(q, k, v, plan, cp.mask_mod, scale, chunk_elements,
+                                           float(dropout_p), seed)
     out, _ = blocksparse_forward(plan, cp.mask_mod, q, k, v, scale, need_lse=False,
-                                 chunk_elements=chunk_elements)
+                                 chunk_elements=chunk_elements, dropout_p=dropout_p, seed=seed)
     return out.view(B, H, -1, out.shape[-1])[:, :, :Q].to(q.dtype)

@@ -47,7 +47,7 @@ def dense_mask_tensors(cp, device):
     return hit
 
 
-def sdpa_attention(cp, q, k, v, scale: float, *, use_causal: bool):
+def sdpa_attention(cp, q, k, v, scale: float, *, use_causal: bool, dropout_p: float = 0.0):
     """SDPA with ``is_causal`` (``use_causal``) or with the dense mask of ``cp``.
 
     Args:
@@ -59,9 +59,11 @@ def sdpa_attention(cp, q, k, v, scale: float, *, use_causal: bool):
     F = torch.nn.functional
     gqa = k.shape[1] != q.shape[1]
     if use_causal:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa,
+                                              dropout_p=dropout_p)
     mask, empty = dense_mask_tensors(cp, q.device)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa,
+                                         dropout_p=dropout_p)
     if empty is not None:
         out = out.masked_fill(empty, 0.0)
     return out
