@@ -163,13 +163,16 @@ def _reference_rows(cp, H, device):
     """mask(q_start, q_end) -> bool [H, rows, KV_LEN] from ``cp.mask_mod`` (no full mask)."""
     import torch
 
+    from ..execute.blocksparse import mask_mod_for
+
+    mask_mod = mask_mod_for(cp, device)
     h = torch.arange(H, device=device)[:, None, None]
     kv = torch.arange(cp.kv_len, device=device)[None, None, :]
     b = torch.zeros((), dtype=torch.int64, device=device)
 
     def rows(a, e):
         qi = torch.arange(a, e, device=device)[None, :, None]
-        m = torch.as_tensor(cp.mask_mod(b, h, qi, kv), device=device).to(torch.bool)
+        m = torch.as_tensor(mask_mod(b, h, qi, kv), device=device).to(torch.bool)
         return torch.broadcast_to(m, (H, e - a, cp.kv_len))
 
     return rows

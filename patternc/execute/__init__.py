@@ -186,7 +186,7 @@ def attention(cp, q, k, v, *, scale: float | None = None, backend: str = "auto",
 
 
 def _run_flex(cp, q, k, v, scale):
-    from .blocksparse import empty_rows
+    from .blocksparse import empty_rows, mask_mod_for
     from .flex import flex_attention
 
     if q.device.type == "cpu" and _needs_grad(q, k, v):
@@ -197,7 +197,7 @@ def _run_flex(cp, q, k, v, scale):
     if q.device.type == "cpu" and q.dtype == torch.float64:
         raise _error("P352", "backend 'flex' does not take float64 on CPU (FlexAttention's CPU kernel "
                      "supports float32, bfloat16, float16)", help="use backend='blocksparse' or 'sdpa'")
-    empty = empty_rows(cp.layout, cp.mask_mod, q.shape[1], q.device)
+    empty = empty_rows(cp.layout, mask_mod_for(cp, q.device), q.shape[1], q.device)
     return flex_attention(cp, q, k, v, scale, empty_rows=empty)
 
 

@@ -206,6 +206,13 @@ def _geometric_buckets(smax: int, n: int) -> np.ndarray:
     return np.array(vals, dtype=np.int64)
 
 
+def mask_mod_for(cp, device):
+    """``cp.mask_mod_on(device)`` (parameter tensors on the kernel's device) when the compiled
+    pattern has it, else ``cp.mask_mod``."""
+    on = getattr(cp, "mask_mod_on", None)
+    return on(torch.device(device)) if on is not None else cp.mask_mod
+
+
 _PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
@@ -528,11 +535,12 @@ def blocksparse_attention(cp, q, k, v, scale: float, *, dropout_p: float = 0.0,
         [B, H, Q_LEN, Dv] in q's dtype; differentiable in q, k, v.
     """
     B, H, Q, _ = q.shape
-    plan = plan_for(cp.layout, H, q.device, cp.mask_mod)
+    mask_mod = mask_mod_for(cp, q.device)
+    plan = plan_for(cp.layout, H, q.device, mask_mod)
     seed = int(torch.randint(0, 2**62, ())) if dropout_p > 0 else 0
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return _BlockSparseAttention.apply(q, k, v, plan, cp.mask_mod, scale, chunk_elements,
+        return _BlockSparseAttention.apply(q, k, v, plan, mask_mod, scale, chunk_elements,
                                            float(dropout_p), seed)
-    out, _ = blocksparse_forward(plan, cp.mask_mod, q, k, v, scale, need_lse=False,
+    out, _ = blocksparse_forward(plan, mask_mod, q, k, v, scale, need_lse=False,
                                  chunk_elements=chunk_elements, dropout_p=dropout_p, seed=seed)
     return out.view(B, H, -1, out.shape[-1])[:, :, :Q].to(q.dtype)
