@@ -140,9 +140,19 @@ def test_blocksparse_chunking_segments_and_merged_groups(monkeypatch):
     ref = reference_attention(q, k, v, oracle(src, Q, KV, H))
     g = torch.randn(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     want = grads(ref, (q, k, v), g)
-    for max_groups, chunk, cache in ((24, 64, bsm.MASK_CACHE_ELEMENTS), (2, 1 << 22, 0), (1, 200, 0)):
+    configs = [  # (max_groups, chunk_elements, mask cache budget, expected mask mode)
+        (24, 64, bsm.MASK_CACHE_ELEMENTS, "cached"),  # shared masks and tile tables, kv segments
+        (2, 1 << 22, 0, "evaluated per call"),
+        (1, 200, 0, "evaluated per call"),
+        (1, 1 << 22, bsm.MASK_CACHE_ELEMENTS, "cached"),  # one merged group using tile ids
+    ]
+    for max_groups, chunk, cache, mode in configs:
         plan = bsm.Plan(cp.layout, H, "cpu", cp.mask_mod, max_groups=max_groups, mask_cache_elements=cache)
         assert len(plan.groups) <= max_groups + 1
+        assert plan.mask_mode.startswith(mode)
+        if mode == "cached" and max_groups > 1:
+            assert any(g.shared_keep is not None for g in plan.groups)
+            assert any(g.tile_ids is not None for g in plan.groups)
         monkeypatch.setattr(bsm, "plan_for", lambda *a, plan=plan: plan)
         out = bsm.blocksparse_attention(cp, q, k, v, 1 / 8 ** 0.5, chunk_elements=chunk)
         assert rel_err(out, ref) <= 1e-10

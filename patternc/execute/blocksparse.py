@@ -46,8 +46,16 @@ from ..layout import EMPTY, FULL, PARTIAL
 
 #: score-matrix elements per chunk (``B * rows * qb * cols``); 2**22 floats = 16 MiB
 CHUNK_ELEMENTS = 1 << 22
-#: cached PARTIAL-tile mask elements (bools) per (layout, heads, device)
-MASK_CACHE_ELEMENTS = 1 << 27
+#: elements of the cached table of distinct PARTIAL-tile masks per (layout, heads, device);
+#: each costs 8 bytes (an additive float32 bias and a multiplicative float32 keep-mask)
+MASK_CACHE_ELEMENTS = 1 << 24
+#: most ``mask_mod`` evaluations spent once, at plan time, to find the distinct tile masks;
+#: above it the masks are evaluated per chunk at every call instead
+MASK_EVAL_ELEMENTS = 1 << 29
+#: exp argument floor: ``exp(max(x, EXP_FLOOR))``. torch's CPU exp leaves its vectorised path
+#: for arguments below about -88 (and for -inf), measured 5-50x slower; exp(-80) = 1.8e-35 is
+#: below float32 resolution of any row sum (>= 1), and masked entries are zeroed exactly after.
+EXP_FLOOR = -80.0
 #: above this many (P, S) groups, groups are merged
 MAX_GROUPS = 24
 
@@ -61,7 +69,11 @@ class _Group:
     kv_blocks: torch.Tensor  # int64 [G, S]: slots, the first P masked
     alive: torch.Tensor  # bool [G, P]: False for dead padding slots
     num_masked: int  # P: leading slots that get mask_mod (PARTIAL, or merged FULL, or dead)
-    blocked: torch.Tensor | None = None  # bool [G, qb, P * kb]: True = not allowed (cached)
+    # cached masks: either one mask shared by every row (``shared_*``, float32 [qb, P * kb]) or
+    # an index into the plan's table of distinct tiles (``tile_ids``, int64 [G, P])
+    shared_bias: torch.Tensor | None = None  # 0 allowed, -inf not
+    shared_keep: torch.Tensor | None = None  # 1 allowed, 0 not
+    tile_ids: torch.Tensor | None = None
 
     @property
     def num_slots(self) -> int:
@@ -83,7 +95,8 @@ class Plan:
     """
 
     def __init__(self, layout, num_heads: int, device, mask_mod, *,
-                 mask_cache_elements: int = MASK_CACHE_ELEMENTS, max_groups: int = MAX_GROUPS):
+                 mask_cache_elements: int = MASK_CACHE_ELEMENTS, max_groups: int = MAX_GROUPS,
+                 mask_eval_elements: int = MASK_EVAL_ELEMENTS):
         self.q_len, self.kv_len = layout.q_len, layout.kv_len
         self.q_block_size, self.kv_block_size = layout.q_block_size, layout.kv_block_size
         self.num_heads = num_heads
@@ -98,11 +111,65 @@ class Plan:
             last[last == FULL] = PARTIAL  # the padding columns must be masked
         self.groups = self._build_groups(kinds, max_groups)
         self.computed_tiles = sum(g.num_rows * g.num_slots for g in self.groups)
-        total = sum(g.num_rows * g.num_masked for g in self.groups) * self.q_block_size * self.kv_block_size
-        if total <= mask_cache_elements:
-            for g in self.groups:
-                if g.num_masked:
-                    g.blocked = ~self.allowed(mask_mod, g, slice(None), 0, g.num_masked)
+        self.table_bias = self.table_keep = None  # float32 [T, qb, kb]
+        self.mask_mode = "none"
+        tile = self.q_block_size * self.kv_block_size
+        masked = sum(g.num_rows * g.num_masked for g in self.groups) * tile
+        if masked:
+            self.mask_mode = "evaluated per call"
+            if masked <= mask_eval_elements:
+                self._cache_masks(mask_mod, mask_cache_elements)
+
+    def _cache_masks(self, mask_mod, budget: int) -> None:
+        """Evaluate every masked tile once, keep the distinct tile masks (structured patterns
+        have few: a band's diagonal tiles are all alike) and give each group either one
+        shared mask or tile ids into the table. Gives up (per-call evaluation) when the
+        distinct tiles exceed ``budget`` elements."""
+        qb, kb = self.q_block_size, self.kv_block_size
+        index: dict[bytes, int] = {}
+        tiles: list[np.ndarray] = []
+        per_group = []
+        for g in self.groups:
+            P = g.num_masked
+            if not P:
+                per_group.append(None)
+                continue
+            ids = np.empty((g.num_rows, P), dtype=np.int64)
+            step = max(1, CHUNK_ELEMENTS // (qb * kb * P))
+            for r0 in range(0, g.num_rows, step):
+                rows = slice(r0, min(g.num_rows, r0 + step))
+                a = self.allowed(mask_mod, g, rows, 0, P)  # [R, qb, P * kb]
+                a = a.view(-1, qb, P, kb).permute(0, 2, 1, 3).reshape(-1, qb * kb).cpu().numpy()
+                packed = np.packbits(a, axis=1)
+                flat = ids[rows].reshape(-1)
+                for t, row in enumerate(packed):
+                    key = row.tobytes()
+                    i = index.get(key)
+                    if i is None:
+                        i = index[key] = len(tiles)
+                        tiles.append(a[t].copy())
+                        if len(tiles) * qb * kb > budget:
+                            return
+                    flat[t] = i
+                ids[rows] = flat.reshape(-1, P)
+            per_group.append(ids)
+        table = torch.as_tensor(np.stack(tiles).reshape(-1, qb, kb), device=self.device)
+        keep = table.to(torch.float32)
+        bias = torch.zeros_like(keep).masked_fill_(~table, float("-inf"))
+        shared = 0
+        for g, ids in zip(self.groups, per_group):
+            if ids is None:
+                continue
+            if (ids == ids[:1]).all():  # every row has the same tiles: one broadcast mask
+                first = torch.as_tensor(ids[0], device=self.device)
+                g.shared_keep = keep[first].permute(1, 0, 2).reshape(qb, -1)
+                g.shared_bias = bias[first].permute(1, 0, 2).reshape(qb, -1)
+                shared += 1
+            else:
+                g.tile_ids = torch.as_tensor(ids, device=self.device)
+        if shared < sum(ids is not None for ids in per_group):
+            self.table_keep, self.table_bias = keep, bias
+        self.mask_mode = f"cached ({len(tiles)} distinct tiles)"
 
     # ---- grouping ---------------------------------------------------------------------
     def _build_groups(self, kinds: np.ndarray, max_groups: int) -> list[_Group]:
@@ -168,15 +235,24 @@ class Plan:
         return _allowed(mask_mod, self, g.heads[rows], g.q_blocks[rows], g.kv_blocks[rows, s0:s1],
                         g.alive[rows, s0:s1])
 
-    def blocked(self, mask_mod, g: _Group, rows: slice, s0: int, s1: int) -> torch.Tensor | None:
-        """bool [R, qb, cols] (True = masked) for slots [s0, s1), or None if none is masked."""
+    def mask(self, mask_mod, g: _Group, rows: slice, s0: int, s1: int) -> "_Mask | None":
+        """The mask of slots [s0, s1) of rows ``rows`` (None when no slot there is masked)."""
         s1 = min(s1, g.num_masked)
         if s1 <= s0:
             return None
-        if g.blocked is not None:
-            kb = self.kv_block_size
-            return g.blocked[rows, :, s0 * kb:s1 * kb]
-        return ~self.allowed(mask_mod, g, rows, s0, s1)
+        kb = self.kv_block_size
+        if g.shared_keep is not None:
+            cols = slice(s0 * kb, s1 * kb)
+            return _Mask(bias=g.shared_bias[:, cols], keep=g.shared_keep[:, cols])
+        if g.tile_ids is not None:
+            ids = g.tile_ids[rows, s0:s1]  # [R, P']
+            R, n = ids.shape
+            flat = ids.reshape(-1)
+            # [R, P', qb, kb] -> viewed [R, qb, P', kb] to meet the scores' tile layout
+            bias = self.table_bias.index_select(0, flat).view(R, n, -1, kb).permute(0, 2, 1, 3)
+            keep = self.table_keep.index_select(0, flat).view(R, n, -1, kb).permute(0, 2, 1, 3)
+            return _Mask(bias=bias, keep=keep, tiled=True)
+        return _Mask(blocked=~self.allowed(mask_mod, g, rows, s0, s1))
 
     # ---- chunking ---------------------------------------------------------------------
     def chunks(self, g: _Group, batch: int, chunk_elements: int):
@@ -325,11 +401,51 @@ def _gather_kv(x: torch.Tensor, kv_rows: torch.Tensor, R: int, S: int, s0: int, 
     return x.index_select(1, idx).view(B, R, (s1 - s0) * kb, D)
 
 
-def _scores(qg, kg, blocked):
-    """Masked scores ``qg @ kg^T`` (q already scaled): [B, R, qb, cols]."""
-    s = torch.matmul(qg, kg.transpose(-1, -2))
-    if blocked is not None:
-        s[..., :blocked.shape[-1]].masked_fill_(blocked, float("-inf"))
+class _Mask:
+    """The mask of the leading (masked) columns of a chunk's scores ``[B, R, qb, cols]``.
+
+    Cached masks are float tensors (``add_`` / ``mul_`` measured several times faster than
+    ``masked_fill_`` with a bool mask on CPU); masks evaluated on the fly stay bool.
+    """
+
+    def __init__(self, *, bias=None, keep=None, blocked=None, tiled=False):
+        self.bias, self.keep, self.blocked, self.tiled = bias, keep, blocked, tiled
+        ref = blocked if blocked is not None else keep
+        # tiled: bias/keep are [R, qb, P, kb] (views over a tile table gather)
+        self.cols = ref.shape[-2] * ref.shape[-1] if tiled else ref.shape[-1]
+
+    def _view(self, s):
+        v = s[..., :self.cols]
+        if self.tiled:
+            kb = self.keep.shape[-1]
+            v = v.unflatten(-1, (-1, kb))
+        return v
+
+    def fill_scores(self, s):
+        """Not-allowed scores -> -inf (before the row max)."""
+        v = self._view(s)
+        if self.bias is not None:
+            v.add_(self.bias)
+        else:
+            v.masked_fill_(self.blocked, float("-inf"))
+
+    def zero_probs(self, p):
+        """Not-allowed probabilities -> exactly 0 (after exp)."""
+        v = self._view(p)
+        if self.keep is not None:
+            v.mul_(self.keep)
+        else:
+            v.masked_fill_(self.blocked, 0.0)
+
+
+def _exp_probs(s, shift, mask):
+    """``exp(s - shift)`` in place (``shift`` None: ``exp(s)``) with the floor, masked entries
+    exactly 0."""
+    if shift is not None:
+        s.sub_(shift)
+    s.clamp_(min=EXP_FLOOR).exp_()
+    if mask is not None:
+        mask.zero_probs(s)
     return s
 
 
@@ -385,12 +501,14 @@ def blocksparse_forward(plan: Plan, mask_mod, q, k, v, scale: float, *, need_lse
             if len(segs) == 1:
                 kg = _gather_kv(kp, kv_rows, R, S, 0, S)
                 vg = _gather_kv(vp, kv_rows, R, S, 0, S)
-                blocked = plan.blocked(mask_mod, g, rows, 0, S)
-                s = _scores(qg, kg, blocked)
+                mk = plan.mask(mask_mod, g, rows, 0, S)
+                s = torch.matmul(qg, kg.transpose(-1, -2))
+                if mk is not None:
+                    mk.fill_scores(s)
                 # (amax, sub_, exp_, sum measured faster than torch.softmax on CPU)
                 m = s.amax(-1, keepdim=True)
-                m.masked_fill_(m == -inf, 0.0)  # a row with no allowed key: exp(-inf) = 0
-                s.sub_(m).exp_()
+                m.masked_fill_(m == -inf, 0.0)  # a row with no allowed key: all its slots are masked
+                _exp_probs(s, m, mk)
                 den = s.sum(-1, keepdim=True)
                 if drop:
                     s.mul_(drop.mask(s.shape))
@@ -407,11 +525,14 @@ def blocksparse_forward(plan: Plan, mask_mod, q, k, v, scale: float, *, need_lse
                 for s0, s1 in segs:
                     kg = _gather_kv(kp, kv_rows, R, S, s0, s1)
                     vg = _gather_kv(vp, kv_rows, R, S, s0, s1)
-                    s = _scores(qg, kg, plan.blocked(mask_mod, g, rows, s0, s1))
+                    mk = plan.mask(mask_mod, g, rows, s0, s1)
+                    s = torch.matmul(qg, kg.transpose(-1, -2))
+                    if mk is not None:
+                        mk.fill_scores(s)
                     new_max = torch.maximum(run_max, s.amax(-1, keepdim=True))
                     safe = new_max.masked_fill(new_max == -inf, 0.0)
                     alpha = torch.exp(run_max - safe)
-                    s.sub_(safe).exp_()
+                    _exp_probs(s, safe, mk)
                     run_sum = run_sum * alpha + s.sum(-1, keepdim=True)
                     if drop:
                         s.mul_(drop.mask(s.shape))
@@ -471,7 +592,8 @@ def blocksparse_backward(plan: Plan, mask_mod, q, k, v, out, lse, dout, scale: f
             for s0, s1 in segs:
                 kag = _gather_kv(ka, kv_rows, R, S, s0, s1)
                 vg = _gather_kv(vp, kv_rows, R, S, s0, s1)
-                p = _scores(qag, kag, plan.blocked(mask_mod, g, rows, s0, s1)).exp_()  # probabilities
+                # probabilities P = exp(q k^T * scale - lse), masked entries 0
+                p = _exp_probs(torch.matmul(qag, kag.transpose(-1, -2)), None, plan.mask(mask_mod, g, rows, s0, s1))
                 ds = torch.matmul(dog, vg.transpose(-1, -2))  # dP (of the dropped-out P)
                 if drop:
                     z = drop.mask(p.shape)
