@@ -28,7 +28,8 @@ TOLERANCE = {"float32": 1e-5, "float64": 1e-5, "bfloat16": 2e-2, "float16": 2e-2
 
 def register(sub) -> None:
     p = sub.add_parser("run", help="execute attention under a pattern; time it against dense SDPA",
-                       description=__doc__.split("\n\n")[0])
+                       description="Execute attention under a pattern, time it against dense SDPA with the "
+                                   "same mask, and (--check) compare it with a float64 reference.")
     add_source_args(p)
     p.add_argument("--seq-len", type=int, required=True, metavar="N", help="Q_LEN in tokens")
     p.add_argument("--kv-len", type=int, metavar="M", help="KV_LEN in tokens (default: N)")

@@ -20,6 +20,9 @@ import torch
 
 #: largest dense mask (H * Q_LEN * KV_LEN booleans) the masked SDPA path builds
 DENSE_MASK_LIMIT = 1 << 31
+#: dense masks up to this many booleans are cached per (layout, device); larger ones are
+#: rebuilt per call rather than held for the layout's lifetime
+DENSE_MASK_CACHE_LIMIT = 1 << 26
 
 _MASKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
@@ -37,14 +40,19 @@ def dense_mask_tensors(cp, device):
     hit = per.get(str(device))
     if hit is None:
         dense = np.asarray(cp.dense_mask(), dtype=bool)
-        mask = torch.from_numpy(np.ascontiguousarray(dense)).to(device)
-        empty = ~mask.any(-1, keepdim=True)
-        if bool(empty.any()):
-            mask = mask | empty
-        else:
-            empty = None
-        hit = per[str(device)] = (mask, empty)
+        hit = _mask_pair(dense, device)
+        if dense.size <= DENSE_MASK_CACHE_LIMIT:
+            per[str(device)] = hit
     return hit
+
+
+def _mask_pair(dense: np.ndarray, device):
+    """Torch tensors of a dense mask: ``(mask with empty rows opened, empty rows or None)``."""
+    mask = torch.from_numpy(np.ascontiguousarray(dense)).to(device)
+    empty = ~mask.any(-1, keepdim=True)
+    if bool(empty.any()):
+        return mask | empty, empty
+    return mask, None
 
 
 def sdpa_attention(cp, q, k, v, scale: float, *, use_causal: bool, dropout_p: float = 0.0):
