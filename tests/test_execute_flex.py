@@ -30,11 +30,9 @@ def _rel(out, ref):
     return float((out.double() - ref).norm() / ref.norm())
 
 
-@pytest.mark.parametrize("src", [
-    "heads((local(w=20) | strided(s=9)) & causal, fixed(32, 8))",
-    "causal - local(w=4) | global(at=[70])",  # empty rows 0..3 (except head-free global column)
-])
-def test_flex_forward_matches_reference(src):
+def test_flex_forward_matches_reference():
+    # per-head patterns; head 1 has empty rows (0..3 attend nothing)
+    src = "heads(((local(w=20) | strided(s=9)) & causal) | fixed(32, 8), (causal - local(w=4)) | (global(at=[70]) & causal))"
     cp = compile_pattern(src, q_len=Q, kv_len=KV, num_heads=H, block_size=BS)
     dense = patternc.reference.dense_mask(src, q_len=Q, kv_len=KV, num_heads=H)
     q, k, v = _qkv()
@@ -44,7 +42,7 @@ def test_flex_forward_matches_reference(src):
     assert torch.isfinite(out).all()
     assert _rel(out, ref) <= 1e-5
     empty = torch.from_numpy(~dense.any(-1))
-    assert (out[0][empty] == 0).all()
+    assert empty.any() and (out[0][empty] == 0).all()
     # bfloat16 through the same kernel family
     qb, kb, vb = _qkv(torch.bfloat16)
     with torch.no_grad():
