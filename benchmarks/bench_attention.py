@@ -12,9 +12,9 @@ CPU section (issue 4): 2 threads, B=1, H=4, D=64, N=8192, float32. Baseline: SDP
 Targets for ``local(w=256) & causal``: auto fwd <= 0.3x, blocksparse fwd <= 0.6x,
 blocksparse fwd+bwd <= 0.5x of SDPA is_causal.
 
-GPU section (runs only with CUDA): bfloat16, N = 16k and 64k, forward and forward+backward
-of auto (flex with the analytic BlockMask) and ``create_block_mask`` + flex, against SDPA
-``is_causal``.
+GPU section (runs only with CUDA): B=1, H=16, D=64, bfloat16, N = 16k and 64k, forward and
+forward+backward of auto (flex with the analytic BlockMask) and ``create_block_mask`` + flex,
+against SDPA ``is_causal`` (blocksparse is the CPU path and is left out there).
 
 Timing: every variant is warmed up (compiles included there), then the variants are run in
 interleaved rounds; the table shows the best and the median of the rounds, and the ratios
@@ -93,7 +93,8 @@ def fwd_bwd(fn, q, k, v):
     return run
 
 
-def bench_pattern(src, *, B, H, N, D, dtype, dev, rounds, with_flex, with_bwd, baseline_fwd, baseline_bwd):
+def bench_pattern(src, *, B, H, N, D, dtype, dev, rounds, with_flex, with_bwd, baseline_fwd, baseline_bwd,
+                  with_blocksparse=True):
     from torch.nn.attention.flex_attention import create_block_mask
 
     from patternc.execute.flex import compiled_flex_attention
@@ -106,7 +107,7 @@ def bench_pattern(src, *, B, H, N, D, dtype, dev, rounds, with_flex, with_bwd, b
     fns = {}
     with torch.no_grad():
         fns["auto fwd"] = lambda: attention(cp, q, k, v)
-        if not cp.is_causal_only:
+        if with_blocksparse and not cp.is_causal_only:
             fns["blocksparse fwd"] = lambda: attention(cp, q, k, v, backend="blocksparse")
         build = {}
         if with_flex:
@@ -125,7 +126,10 @@ def bench_pattern(src, *, B, H, N, D, dtype, dev, rounds, with_flex, with_bwd, b
         rows.append((src, n, best, med, best / baseline_fwd))
     if with_bwd and not cp.is_causal_only:
         qg, kg, vg = qkv(B, H, N, D, dtype, dev, grad=True)
-        bwd = {"blocksparse fwd+bwd": fwd_bwd(lambda a, b, c: attention(cp, a, b, c, backend="blocksparse"), qg, kg, vg)}
+        bwd = {}
+        if with_blocksparse:
+            bwd["blocksparse fwd+bwd"] = fwd_bwd(lambda a, b, c: attention(cp, a, b, c, backend="blocksparse"),
+                                                 qg, kg, vg)
         if dev.type == "cuda" and with_flex:
             flex = compiled_flex_attention(dev)
             bwd["auto fwd+bwd"] = fwd_bwd(lambda a, b, c: attention(cp, a, b, c), qg, kg, vg)
@@ -135,7 +139,7 @@ def bench_pattern(src, *, B, H, N, D, dtype, dev, rounds, with_flex, with_bwd, b
     return rows, {"compile_s": compile_s, "density": cp.density, "block_density": cp.block_density, **build}
 
 
-def section(title, *, B, H, N, D, dtype, dev, rounds, patterns, with_flex, with_bwd):
+def section(title, *, B, H, N, D, dtype, dev, rounds, patterns, with_flex, with_bwd, with_blocksparse=True):
     print(f"\n== {title}: B={B} H={H} N={N} D={D} {str(dtype).replace('torch.', '')} on {dev}"
           f" ({torch.get_num_threads()} threads)" if dev.type == "cpu" else
           f"\n== {title}: B={B} H={H} N={N} D={D} {str(dtype).replace('torch.', '')} on {torch.cuda.get_device_name(dev)}")
@@ -153,7 +157,7 @@ def section(title, *, B, H, N, D, dtype, dev, rounds, patterns, with_flex, with_
     for src in patterns:
         rows, info = bench_pattern(src, B=B, H=H, N=N, D=D, dtype=dtype, dev=dev, rounds=rounds,
                                    with_flex=with_flex, with_bwd=with_bwd, baseline_fwd=base[0],
-                                   baseline_bwd=base_bwd[0])
+                                   baseline_bwd=base_bwd[0], with_blocksparse=with_blocksparse)
         all_rows += rows
         infos[src] = info
     w = max(len(r[0]) for r in all_rows)
@@ -196,7 +200,8 @@ def main(argv=None) -> int:
         results["gpu"] = {}
         for n in ((4096,) if args.quick else (16384, 65536)):
             results["gpu"][str(n)] = section("GPU", B=1, H=16, N=n, D=64, dtype=torch.bfloat16, dev=dev,
-                                             rounds=rounds, patterns=CPU_PATTERNS[:3], with_flex=True, with_bwd=True)
+                                             rounds=rounds, patterns=CPU_PATTERNS[:3], with_flex=True, with_bwd=True,
+                                             with_blocksparse=False)
     elif not args.cpu_only:
         print("\n== GPU: skipped (no CUDA device)")
     if args.json:

@@ -15,7 +15,8 @@ from exec_support import compile_pattern  # noqa: E402
 from patternc.execute import attention  # noqa: E402
 from patternc.execute.reference import reference_attention  # noqa: E402
 
-pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::patternc.PatternWarning")]
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::patternc.PatternWarning"),
+              pytest.mark.filterwarnings("ignore::DeprecationWarning")]  # torch.jit inside inductor
 
 Q, KV, H, H_KV, BS = 130, 97, 2, 1, 32  # ragged ends, Q_LEN != KV_LEN, grouped-query
 
