@@ -54,6 +54,16 @@ def _layout_cached(pattern: Pattern, q_len: int, kv_len: int, qb: int, kb: int, 
     return lower_to_layout(pattern, q_len, kv_len, (qb, kb), num_heads)
 
 
+def attach_source(e: PatternError, text: str | None, filename: str) -> PatternError:
+    """Give diagnostics raised after parsing (P301 at bind time) the source they point into."""
+    if text is None:
+        return e
+    for d in e.diagnostics:
+        if d.source is None and d.span is not None:
+            d.source, d.filename = text, filename
+    return PatternError(e.diagnostics)
+
+
 def layer_pattern(p: Pattern, *, q_len: int, kv_len: int, layer: int) -> Pattern:
     """The canonical pattern of one layer with ``q_len``/``kv_len`` bound (P301 on bad values)."""
     return normalize(bind_lengths(normalize(select_layer(p, layer)), q_len, kv_len))
@@ -101,6 +111,7 @@ def compile(p_or_source, *, q_len: int, kv_len: int | None = None, num_heads: in
         qb, kb = normalize_block_size(block_size)
     except (ValueError, TypeError) as e:
         raise _arg_error(str(e), "use block_size=128 or a pair such as (64, 128)") from None
+    source_text = None
     if isinstance(p_or_source, Pattern):
         if params:
             raise _arg_error("params apply to source text; this is already a Pattern",
@@ -110,7 +121,15 @@ def compile(p_or_source, *, q_len: int, kv_len: int | None = None, num_heads: in
         from .api import parse
 
         full = parse(p_or_source, params=params)
-    pattern = layer_pattern(full, q_len=q_len, kv_len=kv_len, layer=layer)
+        source_text = p_or_source if isinstance(p_or_source, str) else None
+        if source_text is not None:
+            from .api import analyse_source
+
+            params = analyse_source(source_text, params=params)[1].params  # defaults included
+    try:
+        pattern = layer_pattern(full, q_len=q_len, kv_len=kv_len, layer=layer)
+    except PatternError as e:
+        raise attach_source(e, source_text, "<string>") from None
     H = pattern.num_heads if num_heads is None else _check_count("num_heads", num_heads, 1, "heads")
     nq, nk = -(-q_len // qb), -(-kv_len // kb)
     if H * nq * nk > MAX_TILES:

@@ -285,10 +285,15 @@ def _lower_d(p: Pattern, g: Grid) -> np.ndarray:
     """Exact kinds [nq, nk] of a difference-only pattern: one prefix sum over d."""
     K = g.kv_len
     ps = _d_prefix(p, g.q_len, K)
-    hi = (g.q1 - 1)[:, None] - g.k0[None, :]  # largest d in the tile
-    lo = g.q0[:, None] - (g.k1 - 1)[None, :]  # smallest d
-    cnt = ps[hi + K] - ps[lo + (K - 1)]
-    return _kinds_from_counts(cnt, hi - lo + 1)
+    nq, nk = g.shape
+    out = np.empty((nq, nk), dtype=np.uint8)
+    rows = max(1, (BATCH_ELEMENTS // 4) // max(nk, 1))  # bounded int64 temporaries
+    for r in range(0, nq, rows):
+        sl = slice(r, r + rows)
+        hi = (g.q1[sl] - 1)[:, None] - g.k0[None, :]  # largest d in the tile
+        lo = g.q0[sl, None] - (g.k1 - 1)[None, :]  # smallest d
+        out[sl] = _kinds_from_counts(ps[hi + K] - ps[lo + (K - 1)], hi - lo + 1)
+    return out
 
 
 def _axis_kinds(p: Pattern, length: int, lo: np.ndarray, hi: np.ndarray, axis: str, g: Grid) -> np.ndarray:
@@ -452,7 +457,95 @@ def rect_counts(p: Pattern, q0, q1, k0, k1, q_len: int, kv_len: int) -> np.ndarr
         return plan.counts(q0, q1, k0, k1)
     if isinstance(p, Blocks):
         return _blocks_counts(p, q0, q1, k0, k1, q_len, kv_len)
+    r = _top_random(p)
+    if r is not None and _points_countable(q0, q1, k0, k1):
+        return _random_counts(p, r, q0, q1, k0, k1, q_len, kv_len)
     return brute_counts(p, q0, q1, k0, k1, q_len, kv_len)
+
+
+MAX_LOOP_RECTS = 64
+MAX_SEGMENT_CELLS = 1 << 24
+
+
+def _points_countable(q0, q1, k0, k1) -> bool:
+    if q0.size <= MAX_LOOP_RECTS:
+        return True
+    nq = np.unique(np.concatenate([q0, q1])).size
+    nk = np.unique(np.concatenate([k0, k1])).size
+    return nq * nk <= MAX_SEGMENT_CELLS
+
+
+def _sum_points_in_rects(i, j, w, q0, q1, k0, k1) -> np.ndarray:
+    """int64 [n]: sum of weights ``w`` of the points (i, j) inside each rectangle (rectangles
+    may overlap): a loop for a few rectangles, else a 2-D prefix sum over the elementary
+    segments of their boundaries."""
+    out = np.zeros(q0.size, dtype=np.int64)
+    if i.size == 0:
+        return out
+    if q0.size <= MAX_LOOP_RECTS:
+        for n in range(q0.size):
+            inside = (i >= q0[n]) & (i < q1[n]) & (j >= k0[n]) & (j < k1[n])
+            out[n] = int(w[inside].sum())
+        return out
+    qb = np.unique(np.concatenate([q0, q1]))
+    kb = np.unique(np.concatenate([k0, k1]))
+    ok = (i >= qb[0]) & (i < qb[-1]) & (j >= kb[0]) & (j < kb[-1])
+    sr = np.searchsorted(qb, i[ok], side="right") - 1
+    sc = np.searchsorted(kb, j[ok], side="right") - 1
+    hist = np.bincount(sr * kb.size + sc, weights=w[ok], minlength=qb.size * kb.size).reshape(qb.size, kb.size)
+    P = np.zeros((qb.size + 1, kb.size + 1), dtype=np.int64)
+    P[1:, 1:] = np.rint(hist).astype(np.int64).cumsum(0).cumsum(1)
+    a0, a1 = np.searchsorted(qb, q0), np.searchsorted(qb, q1)
+    c0, c1 = np.searchsorted(kb, k0), np.searchsorted(kb, k1)
+    return P[a1, c1] - P[a0, c1] - P[a1, c0] + P[a0, c0]
+
+
+def _top_random(p: Pattern) -> Prim | None:
+    """A ``random`` primitive of ``p`` that is not inside ``blocks`` (or None)."""
+    if isinstance(p, Prim):
+        return p if p.name == "random" else None
+    if isinstance(p, Blocks):
+        return None
+    for c in p.children():
+        r = _top_random(c)
+        if r is not None:
+            return r
+    return None
+
+
+def _substitute(p: Pattern, target: Pattern, value: Pattern) -> Pattern:
+    if p == target:
+        return value
+    if isinstance(p, Blocks) or not p.children():
+        return p
+    return p.with_children(tuple(_substitute(c, target, value) for c in p.children()))
+
+
+def _random_counts(p, r: Prim, q0, q1, k0, k1, q_len, kv_len) -> np.ndarray:
+    """Shannon expansion on one ``random`` atom R: p = (R & p[R:=all]) | (~R & p[R:=none]), so
+    count(p) = count(p[R:=none]) + sum over R's drawn pairs of (p[R:=all] - p[R:=none]).
+    The drawn pairs are Q_LEN * r points: no Q_LEN x KV_LEN work."""
+    p_true, p_false = _substitute(p, r, ALL), _substitute(p, r, NONE)
+    out = rect_counts(p_false, q0, q1, k0, k1, q_len, kv_len)
+    flat = random_flat_keys(r.arg("r"), r.arg("seed"), q_len, kv_len)
+    if flat.size == 0:
+        return out
+    i, j = np.divmod(flat, kv_len)
+    diff = (_full(evaluate(p_true, i, j, q_len, kv_len), i.shape).astype(np.int64)
+            - _full(evaluate(p_false, i, j, q_len, kv_len), i.shape))
+    keep = diff != 0
+    return out + _sum_points_in_rects(i[keep], j[keep], diff[keep], q0, q1, k0, k1)
+
+
+def _countable(p: Pattern, q_len: int, kv_len: int) -> bool:
+    """Whether ``rect_counts`` counts the whole matrix without evaluating token pairs."""
+    if sweep_plan(p, q_len, kv_len) is not None:
+        return True
+    if isinstance(p, Blocks):
+        b = p.b
+        return _countable(p.child, -(-q_len // b), -(-kv_len // b)) or (-(-q_len // b)) * (-(-kv_len // b)) <= 1 << 24
+    r = _top_random(p)
+    return r is not None and _countable(_substitute(p, r, NONE), q_len, kv_len)
 
 
 def _blocks_counts(p: Blocks, q0, q1, k0, k1, q_len, kv_len) -> np.ndarray:
@@ -716,9 +809,7 @@ def count_allowed(p: Pattern, layout: BlockLayout, head: int) -> int:
     """Exact number of allowed token pairs of head-free pattern ``p`` (head ``head`` of
     ``layout``): analytically where possible, else FULL tiles plus PARTIAL tiles counted."""
     Q, K = layout.q_len, layout.kv_len
-    if isinstance(p, Prim) and p.name == "random":
-        return Q * min(p.arg("r"), K)
-    if sweep_plan(p, Q, K) is not None or isinstance(p, Blocks):
+    if _countable(p, Q, K):
         return int(rect_counts(p, [0], [Q], [0], [K], Q, K)[0])
     kinds = layout.kinds[head]
     g = Grid.uniform(Q, K, layout.q_block_size, layout.kv_block_size)
