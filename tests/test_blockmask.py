@@ -91,7 +91,7 @@ def test_ragged_full_tiles_are_partial_in_the_block_mask():
     assert bm.full_kv_num_blocks[0, 0].tolist() == [2, 2, 0]
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(p=patterns(max_leaves=5), q_len=st.sampled_from([1, 17, 97, 130]), kv_len=st.sampled_from([1, 33, 97, 130]),
        bs=st.sampled_from([16, 32, (16, 64)]))
 def test_random_patterns_block_mask_and_mask_mod(p, q_len, kv_len, bs):

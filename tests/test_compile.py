@@ -80,13 +80,13 @@ def test_compositions_match_oracle(src):
             check_against_oracle(src, q_len, kv_len, bs)
 
 
-@settings(max_examples=60, deadline=None)
-@given(p=patterns(), q_len=lengths, kv_len=lengths, bs=block_sizes)
+@settings(max_examples=250, deadline=None)
+@given(p=patterns(max_leaves=8), q_len=lengths, kv_len=lengths, bs=block_sizes)
 def test_random_compositions_match_oracle(p, q_len, kv_len, bs):
     check_against_oracle(p, q_len, kv_len, bs)
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(p=patterns(with_layers=True), layer=st.integers(0, 3), heads=st.integers(1, 4))
 def test_layers_and_explicit_heads_match_oracle(p, layer, heads):
     check_against_oracle(p, 130, 97, 16, num_heads=heads, layer=layer)
