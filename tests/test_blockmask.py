@@ -156,3 +156,24 @@ def test_changing_window_does_not_recompile():
         got = compiled(cp.mask_mod, q, kv).numpy()
         np.testing.assert_array_equal(got, oracle(f"local(w={w}) & causal", q_len=64)[0])
     assert counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_block_mask_on_cuda_with_compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    src = "heads(local(w=64) & causal, strided(s=32) & causal | sink(n=4), blocks(64, random(r=2)) | causal)"
+    cp = compile_quiet(src, q_len=1000, kv_len=1000, block_size=128)
+    bm = cp.block_mask("cuda")
+    assert bm.kv_num_blocks.device.type == "cuda"
+    ref_bm = create_block_mask(cp.mask_mod_on("cuda"), 1, cp.num_heads, 1000, 1000, device="cuda", BLOCK_SIZE=128)
+    assert_same_block_mask(bm.to("cpu"), ref_bm.to("cpu"))
+    fa = torch.compile(flex_attention, fullgraph=True, dynamic=False)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 1000, 64, device="cuda", dtype=torch.float16) for _ in range(3))
+    out = fa(q, k, v, block_mask=bm)
+    mask = torch.from_numpy(cp.dense_mask()).to("cuda")[None]
+    s = (q.double() @ k.double().transpose(-1, -2)) / 8
+    ref = torch.softmax(s.masked_fill(~mask, float("-inf")), dim=-1) @ v.double()
+    torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)

@@ -137,6 +137,16 @@ def test_mask_numpy_matches_oracle():
     assert cp.mask_numpy(1, np.int64(9), np.int64(1)).shape == ()
 
 
+def test_pickle_keeps_the_layout_and_drops_mask_mods():
+    import pickle
+
+    cp = patternc.compile("sink(n=2) | local(w=5) & causal", q_len=40, block_size=16)
+    cp._mask_mods["cpu"] = lambda *a: None  # stands for a built mask_mod (a closure)
+    back = pickle.loads(pickle.dumps(cp))
+    assert back.source == cp.source and back._mask_mods == {}
+    np.testing.assert_array_equal(back.layout.kinds, cp.layout.kinds)
+
+
 def test_layouts_are_cached_and_read_only():
     a = patternc.compile("local(w=9) & causal", q_len=300, block_size=32)
     b = patternc.compile("causal & local(w=9)", q_len=300, block_size=32)
