@@ -21,11 +21,12 @@ Details
     ("heads 0, 2, 4").
 
     The token mask of a window comes from ``cp.dense_mask()`` at small sizes and, at large
-    ones, from evaluating ``cp.mask_mod`` on the window only (FlexAttention's ``create_mask``
-    with shifted indices), so a zoom at 1M tokens costs the window, not Q_LEN x KV_LEN.
+    ones, from evaluating the predicate on the window only (``cp.mask_numpy``, or
+    ``cp.mask_mod`` through FlexAttention's ``create_mask`` with shifted indices), so a zoom
+    at 1M tokens costs the window, not Q_LEN x KV_LEN.
 
 ``import patternc.show`` does not import torch or matplotlib: matplotlib is imported in
-``save_png`` (Agg backend) and torch only when a window must be evaluated through mask_mod.
+``save_png`` (Agg backend) and torch only if a window must be evaluated through mask_mod.
 """
 
 from __future__ import annotations
@@ -201,6 +202,10 @@ def _token_window(cp, heads, window, H) -> np.ndarray:
     q0, q1, k0, k1 = window
     if H * cp.layout.q_len * cp.layout.kv_len <= DENSE_EVAL_LIMIT:
         return np.asarray(cp.dense_mask(), dtype=bool)[heads, q0:q1, k0:k1]
+    mask_numpy = getattr(cp, "mask_numpy", None)  # the compiler's torch-free predicate
+    if mask_numpy is not None:
+        qi, ki = np.arange(q0, q1, dtype=np.int64)[:, None], np.arange(k0, k1, dtype=np.int64)[None, :]
+        return np.stack([mask_numpy(h, qi, ki) for h in heads])
     import torch
     from torch.nn.attention.flex_attention import create_mask
 
