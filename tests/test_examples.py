@@ -267,3 +267,9 @@ def test_run_matches_float64_reference(path):
     assert torch.isfinite(out).all()
     rel = (out.double() - want).abs().max() / want.abs().max().clamp_min(1e-12)
     assert rel <= 1e-5, f"{path.name}: relative error {rel:.2e}"
+
+
+def test_docs_list_every_example():
+    doc = (ROOT / "docs" / "examples.md").read_text()
+    missing = [p.name for p in EXAMPLES if f"`{p.name}`" not in doc]
+    assert not missing, f"docs/examples.md does not list {missing}"

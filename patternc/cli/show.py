@@ -6,7 +6,7 @@ from __future__ import annotations
 import shutil
 import sys
 
-from ..errors import ExitCode
+from ..errors import ExitCode, PatternError
 from .common import UsageError, add_source_args, emit_diagnostics, print_json, run_guarded
 
 
@@ -48,6 +48,16 @@ def parse_block_size(text: str):
     return vals[0] if len(vals) == 1 else (vals[0], vals[1])
 
 
+def _with_source(e: PatternError, src) -> PatternError:
+    """Point a compile-time diagnostic (P301: a parameter out of range at these lengths)
+    into the user's source when the compiler can."""
+    try:
+        from ..compiler import attach_source
+    except ImportError:
+        return e
+    return attach_source(e, src.text, src.filename)
+
+
 def _ascii_only(args) -> bool:
     if args.ascii:
         return True
@@ -71,6 +81,11 @@ def run(args) -> int:
                           view=args.view, width=width, target="png" if args.png else "terminal")
         except ShowError as e:
             raise UsageError(str(e)) from None
+        except PatternError as e:
+            if e.code in ("P302", "P303"):  # lengths / heads / block size from the command line
+                d = e.diagnostic
+                raise UsageError(d.message + (f" ({d.help})" if d.help else "")) from None
+            raise _with_source(e, src) from None
         png = None
         if args.png:
             try:
