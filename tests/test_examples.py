@@ -210,6 +210,26 @@ def test_bslongformer_example_matches_deepspeed_rule(seq_len, w):
     assert (layout.kinds != patternc.PARTIAL).all(), "a block-level layout has only FULL and EMPTY tiles"
 
 
+def _natten_1d(n, k):
+    """NATTEN's non-causal 1-D neighbourhood, stride 1, dilation 1, restated from
+    SHI-Labs/NATTEN src/natten/backends/flex.py (get_na_flex_mask)."""
+    left, right = k // 2, k // 2 + k % 2 - 1
+    m = np.zeros((n, n), dtype=bool)
+    for i in range(n):
+        centre = min(max(i, left), n - 1 - right)
+        m[i, centre - left:centre + right + 1] = True
+    return m
+
+
+@pytest.mark.parametrize("n", [7, 30, 97])
+@pytest.mark.parametrize("k", [1, 2, 5, 6, 7])
+def test_natten_example_matches_natten_rule(n, k):
+    p = load(ROOT / "examples" / "natten_1d.pattern", params={"kernel_size": k})
+    got = reference.dense_mask(p, q_len=n)[0]
+    assert np.array_equal(got, _natten_1d(n, k))
+    assert (got.sum(axis=1) == k).all(), "every query sees exactly kernel_size keys"
+
+
 # ---- analyse ---------------------------------------------------------------------------------------------------
 
 
