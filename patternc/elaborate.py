@@ -19,8 +19,16 @@ from lark import Token, Tree
 from . import ir
 from .errors import Diagnostic, PatternError, did_you_mean
 from .ir import And, Blocks, Diff, Heads, IntExpr, Layers, Not, Or, Pattern, Prim, Span
-from .parser import empty_source_diagnostic, parse_tree, prelude_path, span_of
+from .parser import MAX_NESTING, empty_source_diagnostic, parse_tree, prelude_path, span_of
 from .primitives import BUILTIN_INTS, INT_FUNCTION_NAMES, MAX_INT, PRIMITIVES, check_values
+
+
+# Bounds on what a source may expand to once `let`s are substituted and `def`s called: a
+# short source can describe an exponentially large tree (`let a1 = a0 | ~a0`, ...), and every
+# later stage walks the tree. Exceeding them is an error (P106 / P216), never a hang.
+MAX_IR_NODES = 100_000  # nodes of the expanded pattern, integer expressions included
+MAX_IR_DEPTH = 2 * MAX_NESTING  # nesting depth of the expanded pattern
+MAX_STEPS = 1_000_000  # elaboration steps (syntax nodes visited, def bodies counted per call)
 
 
 class _Fail(Exception):
@@ -78,6 +86,33 @@ class Elaborator:
         self.filename = filename
         self.warnings: list[Diagnostic] = []
         self._defining: set[str] = set()
+        self._steps = [0, None]  # [steps, span of the statement]; shared with prelude elaborators
+        self._measured: dict = {}  # id -> (value, tree size, depth); the value keeps the id alive
+
+    def measure(self, v, span):
+        """Fail with P216 / P106 when ``v`` (a pattern or integer, a DAG after `let`
+        sharing) expands to more than MAX_IR_NODES nodes or MAX_IR_DEPTH levels."""
+        memo = self._measured
+        stack = [(v, False)]
+        while stack:
+            n, done = stack.pop()
+            if id(n) in memo:
+                continue
+            kids = _value_children(n)
+            if not done:
+                stack.append((n, True))
+                stack.extend((c, False) for c in kids if id(c) not in memo)
+                continue
+            size = 1 + sum(memo[id(c)][1] for c in kids)
+            depth = 1 + max((memo[id(c)][2] for c in kids), default=0)
+            memo[id(n)] = (n, size, depth)
+            if depth > MAX_IR_DEPTH:
+                self.fail("P106", f"the expression nests more than {MAX_IR_DEPTH} levels deep once names are expanded", span,
+                          "flatten chains such as `a - b - c - ...` into `a - (b | c | ...)`, or simplify the definitions")
+            if size > MAX_IR_NODES:
+                self.fail("P216", f"the pattern expands to more than {MAX_IR_NODES:,} nodes once `let`s and `def`s are substituted",
+                          span, "each use of a name copies its definition: avoid definitions that use the previous one several times")
+        return v
 
     # ---- helpers ---------------------------------------------------------------------------
     def fail(self, code, message, span, help=None):
@@ -103,13 +138,14 @@ class Elaborator:
         result = None
         for idx, it in enumerate(items):
             kind = it.data
+            self._steps[1] = span_of(it)
             if kind == "final_expr":
                 if idx != len(items) - 1:
                     later = items[idx + 1]
                     what = "another expression" if later.data == "final_expr" else "a statement"
                     self.fail("P111", f"this expression is followed by {what}; a source ends with exactly one pattern expression",
                               span_of(it), "combine the expressions with `|` or `&`, or name this one with `let name = ...`")
-                val = self.expr(it.children[0], env)
+                val = self.measure(self.expr(it.children[0], env), span_of(it))
                 if not isinstance(val, Pattern):
                     self.fail("P206", f"the final expression is {_describe(val)}, but a pattern was expected", span_of(it),
                               "end the source with a pattern, e.g. `local(w=128) & causal`")
@@ -124,7 +160,7 @@ class Elaborator:
                     env[name] = Binding("param", val, span_of(name_tok), used=True)
                     self.expr(it.children[1], env)  # still check the default
                 else:
-                    val = self.expr(it.children[1], env)
+                    val = self.measure(self.expr(it.children[1], env), span_of(it.children[1]))
                     if not _is_int(val):
                         self.fail("P207", f"`param {name}` must be an integer, got {_describe(val)}", span_of(it.children[1]),
                                   "params are integers (window sizes, strides, ...); use `let` to name a pattern")
@@ -136,7 +172,8 @@ class Elaborator:
                     self.fail("P210", f"`{name}` is defined in terms of itself", span_of(it.children[1]),
                               "a `let` can only use names defined before it")
                 self._defining = set()
-                env[name] = Binding("let", self.expr(it.children[1], env), span_of(name_tok))
+                env[name] = Binding("let", self.measure(self.expr(it.children[1], env), span_of(it.children[1])),
+                                    span_of(name_tok))
             elif kind == "def_stmt":
                 params = []
                 body = it.children[-1]
@@ -171,6 +208,10 @@ class Elaborator:
 
     # ---- expressions -----------------------------------------------------------------------
     def expr(self, node, env):
+        self._steps[0] += 1
+        if self._steps[0] > MAX_STEPS:
+            self.fail("P216", f"the source takes more than {MAX_STEPS:,} elaboration steps (stopped in this statement)",
+                      self._steps[1] or span_of(node), "each call of a `def` expands its body again: avoid `def`s that call the previous `def` several times")
         if isinstance(node, Token):  # pragma: no cover - grammar always wraps tokens
             self.fail("P900", f"unexpected token {node!r}", span_of(node))
         method = getattr(self, "e_" + node.data, None)
@@ -234,10 +275,10 @@ class Elaborator:
         return val
 
     def arith(self, op, a, b, node):
+        if op in ("//", "%") and not isinstance(b, IntExpr) and b == 0:
+            self.fail("P212", f"division by zero in `{self.text(node)}`", span_of(node), "the divisor must not be 0")
         if isinstance(a, IntExpr) or isinstance(b, IntExpr):
             return ir.BinOp(op, a, b)
-        if op in ("//", "%") and b == 0:
-            self.fail("P212", f"division by zero in `{self.text(node)}`", span_of(node), "the divisor must not be 0")
         return self.check_int(ir.INT_BINOPS[op](a, b), span_of(node))
 
     def e_sum_expr(self, node, env):
@@ -474,12 +515,30 @@ class Elaborator:
             local[pname] = Binding("arg", v, None, used=True)
         if d.source is not self.source:  # prelude: evaluate with its own text for errors
             sub = Elaborator(d.source, d.filename)
+            sub._steps, sub._measured = self._steps, self._measured
             try:
                 return sub.expr(d.body, local)
             except _Fail as f:  # report at the call site of the user's source
                 code, msg, _span, help_ = f.args_
                 self.fail(code, f"in `{d.name}`: {msg}", span_of(node), help_)
         return self.expr(d.body, local)
+
+
+def _value_children(v) -> tuple:
+    if isinstance(v, Prim):
+        out = []
+        for _k, x in v.args:
+            out.extend(x if isinstance(x, tuple) else (x,))
+        return tuple(x for x in out if isinstance(x, IntExpr))
+    if isinstance(v, Blocks):
+        return (v.child, v.b) if isinstance(v.b, IntExpr) else (v.child,)
+    if isinstance(v, Pattern):
+        return v.children()
+    if isinstance(v, ir.BinOp):
+        return tuple(x for x in (v.left, v.right) if isinstance(x, IntExpr))
+    if isinstance(v, ir.Fn):
+        return tuple(x for x in v.args if isinstance(x, IntExpr))
+    return ()
 
 
 def _join(a: Span | None, b: Span | None) -> Span | None:

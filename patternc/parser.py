@@ -257,7 +257,8 @@ def _check_depth(tree: Tree, text: str, filename: str) -> None:
         if not isinstance(node, Tree):
             continue
         if node.data in _NESTING_NODES:
-            depth += 1
+            # each prefix operator of ``~~~p`` is one level of nesting
+            depth += len(node.children) - 1 if node.data == "prefix" else 1
             if depth > MAX_NESTING:
                 m = node.meta
                 span = Span(m.start_pos, m.start_pos + 1, m.line, m.column, m.line, m.column + 1)
