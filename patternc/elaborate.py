@@ -10,6 +10,7 @@ later key).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass, field
@@ -181,6 +182,9 @@ class Elaborator:
                     seen = set()
                     for dp in it.children[1].children:
                         pname = str(dp.children[0])
+                        if pname in PRIMITIVES or pname in INT_FUNCTION_NAMES or pname in BUILTIN_INTS:
+                            self.fail("P211", f"`{pname}` is a built-in name and cannot be a parameter name",
+                                      span_of(dp.children[0]), f"choose another name, e.g. `my_{pname}`")
                         if pname in seen:
                             self.fail("P204", f"`def {name}` has two parameters named `{pname}`", span_of(dp.children[0]),
                                       "give each parameter its own name")
@@ -465,7 +469,7 @@ class Elaborator:
                           f"e.g. `{spec.example}`" + (f"; to combine patterns use `|` or `&`" if isinstance(v, Pattern) else ""))
             values[p.name] = (v, vspan)
         for key, msg, help_ in check_values(name, {k: v for k, (v, _s) in values.items() if not isinstance(v, Pattern)}):
-            self.fail("P208", msg, values[key][1], help_)
+            self.fail("P208", msg, values[key][1] if key is not None else span, help_)
         if name == "blocks":
             return Blocks(values["b"][0], values["p"][0], span=span)
         return Prim(name, tuple((p.name, values[p.name][0]) for p in spec.params), span=span)
@@ -517,11 +521,28 @@ class Elaborator:
             sub = Elaborator(d.source, d.filename)
             sub._steps, sub._measured = self._steps, self._measured
             try:
-                return sub.expr(d.body, local)
+                out = sub.expr(d.body, local)
             except _Fail as f:  # report at the call site of the user's source
                 code, msg, _span, help_ = f.args_
                 self.fail(code, f"in `{d.name}`: {msg}", span_of(node), help_)
+            # nodes built by the prelude point into the prelude's text: point them at the call
+            keep = {id(n) for pname, _ in d.params for v in (local[pname].value,) if isinstance(v, Pattern)
+                    for n in v.walk()}
+            return _respan(out, span_of(node), keep, {})
         return self.expr(d.body, local)
+
+
+def _respan(v, span, keep: set, memo: dict):
+    """``v`` with the span of every pattern node not in ``keep`` (ids) replaced by ``span``."""
+    if not isinstance(v, Pattern) or id(v) in keep:
+        return v
+    if id(v) in memo:
+        return memo[id(v)]
+    kids = v.children()
+    out = v.with_children(tuple(_respan(c, span, keep, memo) for c in kids)) if kids else v
+    out = dataclasses.replace(out, span=span)
+    memo[id(v)] = out
+    return out
 
 
 def _value_children(v) -> tuple:
@@ -593,7 +614,11 @@ def proves_causal(p: Pattern) -> bool:
             return True
         if p.name == "dilated" and a.get("w") == 1:
             return True
-        if p.name in ("sink", "prefix", "random") and a.get("n", a.get("r")) == 0:
+        if p.name in ("sink", "prefix") and a.get("n") in (0, 1):  # j < 1 means j = 0 <= i
+            return True
+        if p.name == "random" and a.get("r") == 0:
+            return True
+        if p.name == "global" and (a.get("n") == 0 or a.get("at") == ()):
             return True
         return False
     if isinstance(p, And):
@@ -611,14 +636,36 @@ def _uses_causal(p: Pattern) -> bool:
     return any(isinstance(n, Prim) and n.name == "causal" for n in p.walk())
 
 
+# Primitives that exist to open bidirectional attention: `causal | prefix(n)` is the prefix-LM
+# and `causal | global(...)` adds global tokens on purpose, so they do not draw W002.
+_BIDIRECTIONAL_ON_PURPOSE = ("prefix", "global")
+
+
 def causal_warning(p: Pattern, source: str, filename: str) -> Diagnostic | None:
+    """W002: ``p`` uses ``causal`` yet the oracle finds a query attending a later key.
+
+    Silent when a proof of causality exists (on the elaborated or the normalised IR), when
+    the probe finds no witness, or when the parts that break causality are all ``prefix`` /
+    ``global`` primitives (deliberately bidirectional)."""
     if not _uses_causal(p) or proves_causal(p):
+        return None
+    from .normalize import normalize
+    from .properties import later_key_witness
+
+    q = normalize(p)
+    if proves_causal(q):
+        return None
+    witness = later_key_witness(q)
+    if witness is None:
         return None
     node = p
     culprit = None
     while True:
         if isinstance(node, (Or, Heads, Layers)):
             bad = [c for c in node.items if not proves_causal(c)]
+            if bad and isinstance(node, Or) and all(
+                    isinstance(c, Prim) and c.name in _BIDIRECTIONAL_ON_PURPOSE for c in bad):
+                return None
             with_causal = [c for c in bad if _uses_causal(c)]
             if with_causal and len(bad) == 1:
                 node = with_causal[0]
@@ -640,17 +687,24 @@ def causal_warning(p: Pattern, source: str, filename: str) -> Diagnostic | None:
     where, bad = culprit if culprit else (p, p)
     span = bad.span or where.span or p.span
     bad_text = source[span.start:span.end] if span else str(bad)
+    eg = f" (e.g. query {witness['i']} attends key {witness['j']}"
+    eg += f" in head {witness['head']}" if q.num_heads > 1 else ""
+    eg += f" of layer {witness['layer']})" if q.num_layers > 1 else ")"
     if isinstance(bad, Blocks):
-        msg = f"`{bad_text}` uses `causal` at block level, so its diagonal blocks still let queries attend later keys (j > i)"
+        msg = f"`{bad_text}` uses `causal` at block level, so its diagonal blocks still let queries attend later keys (j > i){eg}"
         help_ = "every token pair of a kept block is kept (as in DeepSpeed's 'unidirectional' layouts); add `& causal` outside `blocks(...)` for token-level causality"
     else:
-        msg = f"the pattern uses `causal`, but `{bad_text}` still lets queries attend later keys (j > i)"
+        msg = f"the pattern uses `causal`, but `{bad_text}` still lets queries attend later keys (j > i){eg}"
         whole = source[p.span.start:p.span.end] if p.span else str(p)
         help_ = f"apply `causal` to everything: `({whole}) & causal`" if isinstance(where, Or) else "add `& causal` to that part"
         if isinstance(where, Or):
             union = [source[c.span.start:c.span.end] if c.span else str(c) for c in where.items]
-            stripped = [_strip_causal(u) for u in union]
-            help_ = f"apply `causal` to the whole union: `({' | '.join(stripped)}) & causal`"
+            stripped = [t for t in (_strip_causal(u) for u in union) if t != "causal"]
+            inner = " | ".join(stripped)
+            if len(stripped) > 1:
+                help_ = f"apply `causal` to the whole union: `({inner}) & causal`"
+            else:
+                help_ = f"`| causal` keeps everything `{inner}` allows; did you mean `{inner} & causal`?"
     return Diagnostic("W002", msg, span, help_, severity="warning", filename=filename, source=source)
 
 
