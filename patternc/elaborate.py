@@ -120,8 +120,9 @@ class Elaborator:
         raise _Fail(code, message, span, help)
 
     def text(self, node) -> str:
+        """The source text of ``node`` as quoted in messages: blanks (tabs, new lines) collapsed."""
         s = span_of(node)
-        return self.source[s.start:s.end] if s else ""
+        return " ".join(self.source[s.start:s.end].split()) if s else ""
 
     def check_int(self, v, span):
         if isinstance(v, int) and abs(v) > MAX_INT:
@@ -170,7 +171,7 @@ class Elaborator:
             elif kind == "let_stmt":
                 self._defining = {name}
                 if _mentions(it.children[1], name):
-                    self.fail("P210", f"`{name}` is defined in terms of itself", span_of(it.children[1]),
+                    self.fail("P210", f"`{name}` is defined in terms of itself", span_of(_mentions(it.children[1], name)),
                               "a `let` can only use names defined before it")
                 self._defining = set()
                 env[name] = Binding("let", self.measure(self.expr(it.children[1], env), span_of(it.children[1])),
@@ -190,8 +191,8 @@ class Elaborator:
                                       "give each parameter its own name")
                         seen.add(pname)
                         params.append((pname, dp.children[1] if len(dp.children) > 1 else None))
-                if _mentions(body, name, calls_only=False):
-                    self.fail("P210", f"`def {name}` calls itself: recursion is not supported", span_of(body),
+                if _mentions(body, name):
+                    self.fail("P210", f"`def {name}` calls itself: recursion is not supported", span_of(_mentions(body, name)),
                               "patterns are finite expressions; write the repetition out, or use heads(...) / layers(...)")
                 env[name] = Binding("def", DefV(name, params, body, dict(env), span_of(name_tok), self.source, self.filename),
                                     span_of(name_tok))
@@ -408,11 +409,12 @@ class Elaborator:
         out = {}
         names = [p for p in params]
         pos_i = 0
+        n_pos = sum(1 for kw, _t, _a in args if kw is None)
         for kw, t, a in args:
             if kw is None:
                 if pos_i >= len(names):
                     self.fail("P205", f"`{fname}` takes {len(names)} argument{'s' if len(names) != 1 else ''} "
-                              f"({', '.join(names) or 'none'}), got more", span_of(a),
+                              f"({', '.join(names) or 'none'}), got {n_pos} positional", span_of(a),
                               "remove the extra argument" + (f"; the parameters are {', '.join(names)}" if names else ""))
                 key = names[pos_i]
                 pos_i += 1
@@ -568,11 +570,12 @@ def _join(a: Span | None, b: Span | None) -> Span | None:
     return Span(a.start, b.end, a.line, a.column, b.end_line, b.end_column)
 
 
-def _mentions(tree, name, calls_only=False) -> bool:
-    for t in tree.iter_subtrees():
+def _mentions(tree, name):
+    """The first (in source order) use of ``name`` in ``tree``, or None."""
+    for t in tree.iter_subtrees_topdown():
         if t.data in ("name", "call") and str(t.children[0]) == name:
-            return True
-    return False
+            return t
+    return None
 
 
 # ---- the prelude ----------------------------------------------------------------------------------
@@ -686,7 +689,7 @@ def causal_warning(p: Pattern, source: str, filename: str) -> Diagnostic | None:
         break
     where, bad = culprit if culprit else (p, p)
     span = bad.span or where.span or p.span
-    bad_text = source[span.start:span.end] if span else str(bad)
+    bad_text = _snippet(source, span) if span else str(bad)
     eg = f" (e.g. query {witness['i']} attends key {witness['j']}"
     eg += f" in head {witness['head']}" if q.num_heads > 1 else ""
     eg += f" of layer {witness['layer']})" if q.num_layers > 1 else ")"
@@ -695,10 +698,10 @@ def causal_warning(p: Pattern, source: str, filename: str) -> Diagnostic | None:
         help_ = "every token pair of a kept block is kept (as in DeepSpeed's 'unidirectional' layouts); add `& causal` outside `blocks(...)` for token-level causality"
     else:
         msg = f"the pattern uses `causal`, but `{bad_text}` still lets queries attend later keys (j > i){eg}"
-        whole = source[p.span.start:p.span.end] if p.span else str(p)
+        whole = _snippet(source, p.span) if p.span else str(p)
         help_ = f"apply `causal` to everything: `({whole}) & causal`" if isinstance(where, Or) else "add `& causal` to that part"
         if isinstance(where, Or):
-            union = [source[c.span.start:c.span.end] if c.span else str(c) for c in where.items]
+            union = [_snippet(source, c.span) if c.span else str(c) for c in where.items]
             stripped = [t for t in (_strip_causal(u) for u in union) if t != "causal"]
             inner = " | ".join(stripped)
             if len(stripped) > 1:
@@ -706,6 +709,10 @@ def causal_warning(p: Pattern, source: str, filename: str) -> Diagnostic | None:
             else:
                 help_ = f"`| causal` keeps everything `{inner}` allows; did you mean `{inner} & causal`?"
     return Diagnostic("W002", msg, span, help_, severity="warning", filename=filename, source=source)
+
+
+def _snippet(source: str, span: Span) -> str:
+    return " ".join(source[span.start:span.end].split())
 
 
 def _strip_causal(text: str) -> str:

@@ -282,6 +282,14 @@ def empty_source_diagnostic(text: str, filename: str) -> Diagnostic:
                       "write a pattern expression, e.g. `local(w=128) & causal`", filename=filename, source=text)
 
 
+def too_large_diagnostic(size: int, filename: str) -> Diagnostic:
+    """P107 for a source of ``size`` characters (or bytes) over MAX_SOURCE_BYTES."""
+    return Diagnostic(
+        "P107", f"the source is too large ({size / 2**20:.1f} MiB; the limit is {MAX_SOURCE_BYTES >> 20} MiB)",
+        None, "patterns are small: use `param`, `let` and `def` instead of spelling the pattern out",
+        filename=filename)
+
+
 def decode_source(data: bytes, filename: str) -> str:
     """Decode UTF-8 (BOM allowed) or raise P108 pointing at the first bad byte."""
     try:
@@ -306,10 +314,7 @@ def parse_tree(text: str, filename: str = "<string>") -> Tree:
     """
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     if len(text) > MAX_SOURCE_BYTES:
-        raise PatternError(Diagnostic(
-            "P107", f"the source is too large ({len(text) / 2**20:.1f} MiB; the limit is {MAX_SOURCE_BYTES >> 20} MiB)",
-            None, "patterns are small: use `param`, `let` and `def` instead of spelling the pattern out",
-            filename=filename, source=text))
+        raise PatternError(too_large_diagnostic(len(text), filename))
     try:
         tree = get_parser().parse(text)
     except UnexpectedInput as e:

@@ -85,7 +85,7 @@ def _later(m):
 
 
 def _asym(m):
-    idx = np.argwhere(m != np.swapaxes(m, 1, 2))
+    idx = np.argwhere(m & ~np.swapaxes(m, 1, 2))  # i attends j, j does not attend i
     return tuple(int(x) for x in idx[0]) if len(idx) else None
 
 
