@@ -344,7 +344,8 @@ class Elaborator:
 
     def warn_precedence(self, node, and_child):
         parts = [self.text(c) for c in node.children]
-        shown = " | ".join(f"({p})" if c is and_child else p for c, p in zip(node.children, parts))
+        shown = " | ".join(f"({p})" if isinstance(c, Tree) and c.data == "and_expr" else p
+                           for c, p in zip(node.children, parts))
         help_ = f"write `{shown}` to keep this meaning"
         if node.children[-1] is and_child:
             a_parts = [self.text(c) for c in and_child.children]

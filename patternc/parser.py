@@ -92,6 +92,35 @@ def get_parser() -> Lark:
     )
 
 
+class _CommentSink:
+    """Collects the COMMENT tokens the lexer skips (``lexer_callbacks``), for ``fmt``."""
+
+    def __init__(self):
+        self.tokens: list[Token] | None = None
+
+    def __call__(self, tok: Token) -> Token:
+        if self.tokens is not None:
+            self.tokens.append(tok)
+        return tok
+
+
+_COMMENTS = _CommentSink()
+
+
+@functools.lru_cache(maxsize=1)
+def get_comment_parser() -> Lark:
+    """Like ``get_parser``, but the lexer hands every comment to ``_COMMENTS``."""
+    return Lark(
+        grammar_path().read_text(encoding="utf-8"),
+        parser="lalr",
+        lexer="basic",
+        postlex=LineJoiner(),
+        propagate_positions=True,
+        maybe_placeholders=False,
+        lexer_callbacks={"COMMENT": _COMMENTS},
+    )
+
+
 # --- syntax error labelling -----------------------------------------------------------------
 # The table Lark's ``match_examples`` uses to label syntax errors by parser state. It is also
 # the error-message test: tests/test_diagnostics.py checks that every example is labelled
@@ -310,13 +339,32 @@ def parse_tree(text: str, filename: str = "<string>") -> Tree:
     """Parse source text into a Lark tree.
 
     Raises:
-        PatternError: P101-P110 syntax errors, P106 too deep, P107 too large.
+        PatternError: P101-P113 syntax errors, P106 too deep, P107 too large.
     """
+    return _parse(text, filename, get_parser())
+
+
+def parse_tree_with_comments(text: str, filename: str = "<string>") -> tuple[Tree, list[Token]]:
+    """``parse_tree`` that also returns the comments (COMMENT tokens, in source order).
+
+    Raises:
+        PatternError: as ``parse_tree``.
+    """
+    comments: list[Token] = []
+    _COMMENTS.tokens = comments
+    try:
+        tree = _parse(text, filename, get_comment_parser())
+    finally:
+        _COMMENTS.tokens = None
+    return tree, comments
+
+
+def _parse(text: str, filename: str, parser: Lark) -> Tree:
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     if len(text) > MAX_SOURCE_BYTES:
         raise PatternError(too_large_diagnostic(len(text), filename))
     try:
-        tree = get_parser().parse(text)
+        tree = parser.parse(text)
     except UnexpectedInput as e:
         raise PatternError(syntax_diagnostic(e, text, filename)) from None
     _check_depth(tree, text, filename)
