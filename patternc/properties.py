@@ -17,6 +17,7 @@ from .ir import And, Blocks, Diff, Heads, Layers, Not, Or, Pattern, Prim
 _SYMMETRIC_PRIMS = {"all", "none", "local", "strided", "dilated", "chunk", "global", "prefix"}
 PROBE_MIN = 64  # tokens
 PROBE_MAX = 1024  # tokens: the probe materialises [H, n, n] booleans per layer
+PROBE_BUDGET = 1 << 25  # at most this many (layer, head, i, j) evaluated by one probe
 
 
 def proves_symmetric(p: Pattern) -> bool:
@@ -68,9 +69,14 @@ def probe(p: Pattern, check) -> list | None:
     from .reference import dense_mask
 
     n = probe_length(p)
-    for layer in range(p.num_layers):
+    heads, layers = p.num_heads, p.num_layers
+    while n > PROBE_MIN and heads * layers * n * n > PROBE_BUDGET:
+        n //= 2
+    if heads * layers * n * n > PROBE_BUDGET:  # a huge head/layer period: do not probe
+        return None
+    for layer in range(layers):
         try:
-            m = dense_mask(p, q_len=n, num_heads=p.num_heads, layer=layer)
+            m = dense_mask(p, q_len=n, num_heads=heads, layer=layer)
         except (PatternError, ValueError, ZeroDivisionError):
             return None
         bad = check(m)
