@@ -276,7 +276,11 @@ def _from_block(stack, mode, layers, block_size, notes) -> ReachReport:
     notes.append(f"block size {res.block_size} tokens ({ba.nb} blocks)")
     if res.never:
         i, j = res.unreachable
-        w = Witness(i, j, False, None, None, f"key {j} never reaches query {i}: {res.reason}")
+        reason = f"key {j} never reaches query {i}: {res.reason}"
+        hint = _never_hint(stack, i, j)
+        if hint:
+            reason += f"; {hint}"
+        w = Witness(i, j, False, None, None, reason)
         return ReachReport(None, layers, False, mode, True, "block-bound", w, n, stack.num_heads, never=True,
                            notes=notes)
     lo, up = res.lower, res.upper

@@ -116,8 +116,11 @@ class BlockAnalysis:
         if anyr.never:
             I, J = anyr.unreachable
             i, j = (self.first(I), self.last(J)) if J < I else (self.last(I), self.first(J))
-            reason = (f"no chain of non-empty tiles (blocks of {b} tokens) leads from key block {J} to query block "
-                      f"{I} at any depth, so no token of one reaches a token of the other")
+            if b == 1:
+                reason = "no chain of allowed hops leads from the key to the query at any depth"
+            else:
+                reason = (f"no chain of non-empty tiles (blocks of {b} tokens) leads from key block {J} to query "
+                          f"block {I} at any depth, so no token of one reaches a token of the other")
             return BlockResult(exact=True, lower=None, upper=None, never=True, block_size=b,
                                unreachable=(i, j), reason=reason)
         lower = max(anyr.min_layers, 1 if n >= 2 else 0)

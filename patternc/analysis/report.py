@@ -143,7 +143,7 @@ class ReachReport:
         ]
         w = self.witness
         if w is not None:
-            lines.append(f"witness:  key {w.j} -> query {w.i}: {w.reason}")
+            lines.append(f"witness:  query {w.i}, key {w.j}: {w.reason}")
             if w.path is not None:
                 lines.append(f"path ({len(w.path)} hop{'s' if len(w.path) != 1 else ''}):")
                 hops = w.path

@@ -204,8 +204,31 @@ class TokenResult:
     stopped: bool = False
 
 
+def popcount(x: np.ndarray) -> np.ndarray:
+    """Set bits per uint64 element (``np.bitwise_count`` on numpy >= 2, a byte table otherwise)."""
+    if hasattr(np, "bitwise_count"):
+        return np.bitwise_count(x)
+    table = np.array([bin(v).count("1") for v in range(256)], dtype=np.uint8)
+    return table[np.ascontiguousarray(x).view(np.uint8)].reshape(*x.shape, 8).sum(axis=-1)
+
+
+def required_block(rows: np.ndarray, a: int, z: int, n: int, mode: str) -> np.ndarray:
+    """uint64 [len(rows), z - a]: words a .. z-1 of the required keys of each row."""
+    widx = np.arange(a, z, dtype=np.int64)[None, :]
+    last = np.asarray(rows, dtype=np.int64) if mode == "earlier" else np.full(len(rows), n - 1, dtype=np.int64)
+    lw = (last // 64)[:, None]
+    lb = (last % 64)[:, None]
+    part = np.where(lb == 63, ALL_ONES, (ONE << (lb + 1).astype(np.uint64)) - ONE)
+    return np.where(widx < lw, ALL_ONES, np.where(widx == lw, part, np.uint64(0))).astype(np.uint64)
+
+
 def reach(adjs: list[Adjacency], n: int, mode: str, *, max_levels: int | None = None) -> TokenResult:
     """Propagate from the identity until every required pair is connected or nothing grows.
+
+    Only the regions that change are touched: with one layer pattern, the frontier (bits new
+    at the previous layer) is the source, kept as (rows of a query block) x (a word range)
+    regions; the missing required keys are counted per row (popcount of the new bits), so a
+    layer costs what its active regions cost, not n^2 / 64.
 
     Args:
         adjs: one ``Adjacency`` per layer entry (layer m uses ``adjs[m % len(adjs)]``), all
@@ -221,65 +244,113 @@ def reach(adjs: list[Adjacency], n: int, mode: str, *, max_levels: int | None = 
     R = np.zeros((N, W), dtype=np.uint64)
     ar = np.arange(n)
     R[ar, ar // 64] = ONE << (ar % 64).astype(np.uint64)
-    D = R.copy()
-    inc = _incomplete(R, np.arange(n), n, W, mode)
-    if len(inc) == 0:
+    missing = (ar if mode == "earlier" else np.full(n, n - 1)).astype(np.int64)  # required keys not yet held
+    total_missing = int(missing.sum())
+    if total_missing == 0:
         return TokenResult(0, False, 0, hardest=(0, 0))
+    # frontier regions: block -> (a, z) word range; the identity of block J spans its own words
+    regions = {J: (J * b // 64, min(W, (min(n, (J + 1) * b) - 1) // 64 + 1)) for J in range(nb) if J * b < n}
+    D_cur = R.copy()
+    D_next = np.zeros_like(R) if P == 1 else None
+    bor = np.zeros((nb, W), dtype=np.uint64)
     level = 0
     grew_in_cycle = False
     while True:
         if max_levels is not None and level >= max_levels:
             return TokenResult(None, False, level, stopped=True)
         adj = adjs[level % P]
-        C = np.zeros_like(R)
-        adj.propagate(D if P == 1 else R, C)
-        C &= ~R
+        if P == 1:
+            src, regs = D_cur, regions
+        else:
+            src = R.copy()
+            regs = _regions_of(src, nb, b, W)
+        lo = np.full(nb, W, dtype=np.int64)
+        hi = np.zeros(nb, dtype=np.int64)
+        for J, (a, z) in regs.items():
+            lo[J], hi[J] = a, z
+            bor[J, a:z] = np.bitwise_or.reduce(src[J * b:(J + 1) * b, a:z], axis=0)
+        has = hi > lo
+        new_regions = {}
+        last_new = []
+        for I in range(nb):
+            q0, q1 = I * b, min(n, (I + 1) * b)
+            if q0 >= n:
+                break
+            fl = adj.full[I]
+            fl = fl[has[fl]] if len(fl) else fl
+            pr = adj.partial[I]
+            pb = pr.blocks[has[pr.blocks]] if pr is not None else fl[:0]
+            if len(fl) == 0 and len(pb) == 0:
+                continue
+            inv = np.concatenate([fl, pb]) if len(pb) else fl
+            a, z = int(lo[inv].min()), int(hi[inv].max())
+            C = np.zeros((q1 - q0, z - a), dtype=np.uint64)
+            if len(fl):
+                C |= np.bitwise_or.reduce(bor[fl, a:z], axis=0)
+            if len(pb):
+                C[pr.rows - q0] |= np.bitwise_or.reduceat(src[pr.cols, a:z], pr.starts, axis=0)
+            C &= ~R[q0:q1, a:z]
+            cols = np.flatnonzero(C.any(axis=0))
+            if len(cols) == 0:
+                continue
+            a2, z2 = a + int(cols[0]), a + int(cols[-1]) + 1
+            C = C[:, cols[0]:cols[-1] + 1]
+            R[q0:q1, a2:z2] |= C
+            got = popcount(C & required_block(np.arange(q0, q1), a2, z2, n, mode)).sum(axis=1)
+            missing[q0:q1] -= got.astype(np.int64)
+            total_missing -= int(got.sum())
+            if P == 1:
+                D_next[q0:q1, a2:z2] = C
+            new_regions[I] = (a2, z2)
+            last_new.append((q0, q1, a2, C))
+        for J, (a, z) in regs.items():
+            bor[J, a:z] = 0
         level += 1
-        grew = bool(C.any())
-        R |= C
-        D = C
-        grew_in_cycle |= grew
-        if grew:
-            inc = _incomplete(R, inc, n, W, mode)
-            if len(inc) == 0:
-                return TokenResult(level, False, level, hardest=_hardest(C, n, W, mode))
+        grew_in_cycle |= bool(new_regions)
+        if total_missing == 0:
+            return TokenResult(level, False, level, hardest=_hardest_regions(last_new, n, mode))
+        if P == 1:
+            for J, (a, z) in regions.items():
+                D_cur[J * b:(J + 1) * b, a:z] = 0
+            D_cur, D_next = D_next, D_cur
+            regions = new_regions
         if level % P == 0:
             if not grew_in_cycle:
-                stalled = level - P
+                inc = np.flatnonzero(missing > 0)
                 return TokenResult(None, True, level, unreachable=_nearest_missing(R, inc, n, W, mode),
-                                   stalled_at=stalled)
+                                   stalled_at=level - P)
             grew_in_cycle = False
 
 
-def _incomplete(R, rows, n, W, mode, chunk=4096):
-    keep = []
-    for s in range(0, len(rows), chunk):
-        rr = rows[s:s + chunk]
-        req = required_words(rr, n, W, mode)
-        ok = ((R[rr] & req) == req).all(axis=1)
-        keep.append(rr[~ok])
-    return np.concatenate(keep) if keep else rows[:0]
+def _regions_of(src, nb, b, W):
+    """block -> (a, z): the non-zero word range of each key block of ``src``."""
+    nzw = (np.bitwise_or.reduce(src.reshape(nb, b, W), axis=1) != 0)
+    out = {}
+    for J in np.flatnonzero(nzw.any(axis=1)):
+        row = nzw[J]
+        out[int(J)] = (int(row.argmax()), int(W - row[::-1].argmax()))
+    return out
 
 
-def _hardest(C, n, W, mode, chunk=4096):
-    """Among required pairs first reached now (bits of C), the farthest, then smallest i."""
+def _hardest_regions(last_new, n, mode):
+    """Among required pairs first reached at the last layer (the new bits), the farthest
+    pair, then the smallest i."""
     best = None
-    for s in range(0, n, chunk):
-        rr = np.arange(s, min(n, s + chunk))
-        X = C[rr] & required_words(rr, n, W, mode)
+    for q0, q1, a, C in last_new:
+        rows = np.arange(q0, q1)
+        X = C & required_block(rows, a, a + C.shape[1], n, mode)
         nzr = X.any(axis=1)
         if not nzr.any():
             continue
-        rows = rr[nzr]
+        ii = rows[nzr]
         X = X[nzr]
-        jlo = first_bit_per_row(X)
-        cand = [(rows, jlo)]
+        cand = [(ii, a * 64 + first_bit_per_row(X))]
         if mode == "all":
-            cand.append((rows, last_bit_per_row(X)))
-        for ii, jj in cand:
-            dist = np.abs(ii - jj)
-            k = np.lexsort((jj, ii, -dist))[0]
-            c = (-int(dist[k]), int(ii[k]), int(jj[k]))
+            cand.append((ii, a * 64 + last_bit_per_row(X)))
+        for i_, j_ in cand:
+            dist = np.abs(i_ - j_)
+            k = np.lexsort((j_, i_, -dist))[0]
+            c = (-int(dist[k]), int(i_[k]), int(j_[k]))
             if best is None or c < best:
                 best = c
     return (best[1], best[2])
