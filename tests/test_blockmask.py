@@ -54,6 +54,13 @@ def assert_same_block_mask(ours, ref):
     # the transposed (q) lists that flex_attention's backward uses
     assert torch.equal(ours.q_num_blocks, ref.q_num_blocks)
     assert torch.equal(ours.full_q_num_blocks, ref.full_q_num_blocks)
+    assert rows_as_sets(ours.q_num_blocks, ours.q_indices) == rows_as_sets(ref.q_num_blocks, ref.q_indices)
+    assert rows_as_sets(ours.full_q_num_blocks, ours.full_q_indices) == \
+        rows_as_sets(ref.full_q_num_blocks, ref.full_q_indices)
+    for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_num_blocks",
+                 "q_indices", "full_q_num_blocks", "full_q_indices"):
+        a, b = getattr(ours, name), getattr(ref, name)
+        assert (a.dtype, a.shape, a.device) == (b.dtype, b.shape, b.device), name
 
 
 def mask_mod_dense(cp, h):
