@@ -270,7 +270,7 @@ def _kinds_from_counts(cnt: np.ndarray, area: np.ndarray) -> np.ndarray:
     return np.where(cnt == 0, EMPTY, np.where(cnt == area, FULL, PARTIAL)).astype(np.uint8)
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=16)
 def _d_prefix(p: Pattern, q_len: int, kv_len: int, code: int = 0) -> np.ndarray:
     """int64 [Q_LEN + KV_LEN]: ps[t] = allowed differences among d = -(KV_LEN-1) ... t-KV_LEN."""
     d = np.arange(-(kv_len - 1), q_len, dtype=np.int64)
@@ -648,9 +648,9 @@ class SweepPlan:
     def _prefix_table(self, codes) -> np.ndarray:
         return np.stack([_d_prefix(self.skeleton, self.q_len, self.kv_len, int(c)) for c in codes])
 
-    @functools.cached_property
     def _all_codes_table(self) -> np.ndarray | None:
-        """int64 [2**atoms, Q_LEN + KV_LEN] prefix sums for every atom assignment, when small."""
+        """int64 [2**atoms, Q_LEN + KV_LEN] prefix sums for every atom assignment, when small
+        (built per ``counts`` call, not kept: plans are cached, tables would pile up)."""
         n = 1 << len(self.atoms)
         if n * (self.q_len + self.kv_len) > MAX_TABLE_ENTRIES:
             return None
@@ -665,12 +665,13 @@ class SweepPlan:
             pq0, pq1, pk0, pk1, owner = _split(q0, q1, k0, k1, int((q1 - q0).max()), max_cols)
             return np.bincount(owner, weights=self.counts(pq0, pq1, pk0, pk1), minlength=q0.size).astype(np.int64)
         step = max(1, BATCH_ELEMENTS // (W * nb))
+        table = self._all_codes_table()
         for s in range(0, q0.size, step):
             sl = slice(s, s + step)
-            out[sl] = self._counts_batch(q0[sl], q1[sl], k0[sl], k1[sl], W)
+            out[sl] = self._counts_batch(q0[sl], q1[sl], k0[sl], k1[sl], W, table)
         return out
 
-    def _counts_batch(self, q0, q1, k0, k1, W) -> np.ndarray:
+    def _counts_batch(self, q0, q1, k0, k1, W, table) -> np.ndarray:
         Q, K = self.q_len, self.kv_len
         cols = k0[:, None] + np.arange(W, dtype=np.int64)  # [n, W]
         cvalid = cols < k1[:, None]
@@ -701,7 +702,6 @@ class SweepPlan:
             else:
                 v = (s // payload) == (cc // payload)
             code |= v.astype(np.int64) << k
-        table = self._all_codes_table
         if table is None:
             present = np.flatnonzero(np.bincount(code[valid], minlength=1 << len(self.atoms)))
             if present.size == 0:
@@ -722,12 +722,12 @@ class SweepPlan:
         return cnt.sum(axis=(1, 2))
 
 
-MAX_TABLE_ENTRIES = 1 << 22
+MAX_TABLE_ENTRIES = 1 << 21
 MAX_SWEEP_ATOMS = 10
 MAX_I_BREAKS = 64
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=16)
 def sweep_plan(p: Pattern, q_len: int, kv_len: int) -> SweepPlan | None:
     """The column-sweep plan of ``p``, or None when ``p`` reads ``random`` or a mixed
     ``blocks`` (or has too many atoms / query breakpoints to sweep cheaply)."""
