@@ -71,7 +71,8 @@ def mask_mod_dense(cp, h):
 
 @pytest.mark.parametrize("src", SOURCES)
 def test_block_mask_equals_create_block_mask(src):
-    for q_len, kv_len, bs in [(97, 97, 16), (130, 130, 64), (191, 232, (64, 128)), (232, 97, 128), (130, 191, (16, 32))]:
+    for q_len, kv_len, bs in [(1, 97, 16), (97, 97, 16), (130, 130, 64), (191, 232, (64, 128)), (232, 97, 128),
+                              (130, 191, (16, 32)), (1000, 1000, 128), (1000, 232, 64)]:
         cp = compile_quiet(src, q_len=q_len, kv_len=kv_len, block_size=bs)
         H = cp.num_heads
         ref = create_block_mask(cp.mask_mod, 1, H, q_len, kv_len, device="cpu", BLOCK_SIZE=bs)
