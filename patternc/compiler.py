@@ -69,7 +69,7 @@ def layer_pattern(p: Pattern, *, q_len: int, kv_len: int, layer: int) -> Pattern
     return normalize(bind_lengths(normalize(select_layer(p, layer)), q_len, kv_len))
 
 
-def compile(p_or_source, *, q_len: int, kv_len: int | None = None, num_heads: int | None = None,
+def compile(p_or_source, *, q_len: int, kv_len: int | None = None, num_heads: int = 1,
             block_size=128, layer: int = 0, params: dict | None = None) -> "CompiledPattern":
     """Compile one layer of a pattern to an exact block layout (and, on demand, a mask_mod
     and a FlexAttention BlockMask).
@@ -78,8 +78,10 @@ def compile(p_or_source, *, q_len: int, kv_len: int | None = None, num_heads: in
         p_or_source: a ``Pattern`` or pattern source text (an expression or a whole file).
         q_len: Q_LEN, tokens (>= 1).
         kv_len: KV_LEN, tokens (default: ``q_len``). Queries and keys are aligned at 0.
-        num_heads: H. Head ``h`` uses entry ``h mod m`` of each ``heads(...)``. Default: the
-            pattern's head period (the lcm of its ``heads`` arities; 1 without ``heads``).
+        num_heads: H (default 1, SPEC §2). Head ``h`` uses entry ``h mod m`` of each
+            ``heads(...)``. When H is smaller than the pattern's head period (the lcm of its
+            ``heads`` arities) only heads 0..H-1 are compiled and a ``PatternWarning`` (W003)
+            says so; ``None`` means "the head period".
         block_size: ``BLOCK_SIZE``, an int or ``(Q_BLOCK_SIZE, KV_BLOCK_SIZE)``, tokens.
         layer: which layer of a ``layers(...)`` stack (entry ``layer mod m``), >= 0.
         params: values for the source's ``param``s (source text only).
@@ -131,6 +133,15 @@ def compile(p_or_source, *, q_len: int, kv_len: int | None = None, num_heads: in
     except PatternError as e:
         raise attach_source(e, source_text, "<string>") from None
     H = pattern.num_heads if num_heads is None else _check_count("num_heads", num_heads, 1, "heads")
+    if H < pattern.num_heads:
+        import warnings
+
+        from .errors import PatternWarning
+
+        warnings.warn(PatternWarning(Diagnostic(
+            "W003", f"the pattern has {pattern.num_heads} different heads but num_heads={H}: only heads "
+            f"0..{H - 1} are compiled", None, f"pass num_heads={pattern.num_heads} (--heads {pattern.num_heads}) "
+            "to compile all of them", severity="warning").render()), stacklevel=2)
     nq, nk = -(-q_len // qb), -(-kv_len // kb)
     if H * nq * nk > MAX_TILES:
         raise PatternError(Diagnostic(

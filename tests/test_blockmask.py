@@ -137,7 +137,7 @@ def test_mask_mod_on_another_device_object_is_cached():
 def test_flex_attention_eager_uses_mask_mod():
     from torch.nn.attention.flex_attention import flex_attention
 
-    cp = compile_quiet("heads(local(w=3) & causal, sink(n=2) | causal)", q_len=40, kv_len=40, block_size=16)
+    cp = compile_quiet("heads(local(w=3) & causal, sink(n=2) | causal)", q_len=40, kv_len=40, block_size=16, num_heads=2)
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 2, 40, 8, dtype=torch.float64) for _ in range(3))
     out = flex_attention(q, k, v, block_mask=cp.block_mask())

@@ -111,8 +111,13 @@ def test_pattern_attributes_and_summary():
     assert "strided(s=16) & causal" in repr(cp)
 
 
-def test_num_heads_defaults_to_the_head_period():
-    cp = patternc.compile("heads(causal, local(w=2), none, causal, local(w=2), none)", q_len=32, block_size=8)
+def test_num_heads_default_is_one_and_warns_below_the_head_period():
+    src = "heads(causal, local(w=2), none, causal, local(w=2), none)"
+    with pytest.warns(patternc.PatternWarning, match="W003"):
+        cp = patternc.compile(src, q_len=32, block_size=8)  # SPEC §2: num_heads=1
+    assert cp.num_heads == 1
+    np.testing.assert_array_equal(cp.dense_mask()[0], patternc.reference.dense_mask("causal", q_len=32)[0])
+    cp = patternc.compile(src, q_len=32, block_size=8, num_heads=None)
     assert cp.num_heads == 3  # the normaliser folds the repeated entries: period 3
     cp2 = patternc.compile("heads(causal, all)", q_len=32, block_size=8, num_heads=5)
     assert cp2.num_heads == 5
@@ -128,7 +133,7 @@ def test_is_causal_only():
 
 def test_mask_numpy_matches_oracle():
     src = "heads(local(w=5) & causal, strided(s=4) | sink(n=2), blocks(4, random(r=1)))"
-    cp = patternc.compile(src, q_len=50, kv_len=70, block_size=16)
+    cp = patternc.compile(src, q_len=50, kv_len=70, block_size=16, num_heads=None)
     ref = dense_mask(src, q_len=50, kv_len=70, num_heads=3)
     q = np.arange(50)[:, None]
     kv = np.arange(70)[None, :]
@@ -186,7 +191,7 @@ def test_params_bind_file_parameters():
 
 
 def test_save_and_load_roundtrip(tmp_path):
-    cp = patternc.compile("heads(local(w=16), strided(s=8)) & causal", q_len=200, kv_len=150, block_size=(32, 16))
+    cp = patternc.compile("heads(local(w=16), strided(s=8)) & causal", q_len=200, kv_len=150, block_size=(32, 16), num_heads=2)
     path = tmp_path / "layout.npz"
     cp.save(path)
     assert [p.name for p in tmp_path.iterdir()] == ["layout.npz"]
