@@ -372,13 +372,13 @@ def _bind(p: Pattern, env: dict) -> Pattern:
         if problems:
             _k, msg, help_ = problems[0]
             raise PatternError(Diagnostic("P301", f"{msg} (computed from `{to_text(p)}` at q_len={env['q_len']}, "
-                                          f"kv_len={env['kv_len']})", None, help_))
+                                          f"kv_len={env['kv_len']})", p.span, help_))
         return Prim(p.name, vals, span=p.span)
     if isinstance(p, Blocks):
         b = _eval(p.b, env, to_text(p)) if isinstance(p.b, IntExpr) else p.b
         if b < 1:
             raise PatternError(Diagnostic("P301", f"`blocks` size computed as {b} at q_len={env['q_len']}, kv_len={env['kv_len']}; it must be >= 1",
-                                          None, "guard it, e.g. `max(1, ...)`"))
+                                          p.span, "guard it, e.g. `max(1, ...)`"))
         inner = {"q_len": -(-env["q_len"] // b), "kv_len": -(-env["kv_len"] // b)}
         return Blocks(b, _bind(p.child, inner), span=p.span)
     kids = p.children()

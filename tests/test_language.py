@@ -200,8 +200,9 @@ def test_oracle_errors():
     with pytest.raises(ValueError):
         dense_mask("causal", q_len=0)
     with pytest.raises(PatternError) as e:
-        dense_mask("local(w=q_len - 4)", q_len=3)
+        dense_mask("local(w=q_len - 4) & causal", q_len=3)
     assert e.value.code == "P301"
+    assert str(e.value).splitlines()[3:5] == ["1 | local(w=q_len - 4) & causal", "  | ^^^^^^^^^^^^^^^^^^"]
 
 
 # ---- API -----------------------------------------------------------------------------------------
