@@ -10,6 +10,7 @@ tests check this against the oracle on random IR. ``bind_lengths`` substitutes `
 from __future__ import annotations
 
 import functools
+import math
 
 from . import ir
 from .errors import Diagnostic, PatternError
@@ -272,6 +273,59 @@ def nested_choice(p):
             return type(p)(tuple(kids))
 
 
+def _merge_two(op, a: Prim, b: Prim):
+    """One primitive equal to ``a op b`` (op: And / Or) for two constant primitives of the
+    same kind, or None."""
+    x, y = a.argdict, b.argdict
+    if a.name != b.name or not all(_is_const(v) or isinstance(v, tuple) for v in (*x.values(), *y.values())):
+        return None
+    pick = min if op is And else max
+    n = a.name
+    if n == "local":  # nested windows around the diagonal
+        return Prim(n, (("w", pick(x["w"], y["w"])),))
+    if n == "band":  # both intervals contain j = i, so their union is an interval too
+        return Prim(n, (("left", pick(x["left"], y["left"])), ("right", pick(x["right"], y["right"]))))
+    if n in ("sink", "prefix"):
+        return Prim(n, (("n", pick(x["n"], y["n"])),))
+    if n == "global":
+        if "n" in x and "n" in y:  # (i<a or j<a) and (i<b or j<b) == i<min or j<min
+            return Prim(n, (("n", pick(x["n"], y["n"])),))
+        if op is Or:  # union of the global positions (global(n=k) is positions 0 .. k-1)
+            px = set(x["at"]) if "at" in x else (set(range(x["n"])) if x["n"] <= 1024 else None)
+            py = set(y["at"]) if "at" in y else (set(range(y["n"])) if y["n"] <= 1024 else None)
+            if px is not None and py is not None:
+                return Prim(n, (("at", tuple(sorted(px | py))),))
+        return None
+    if n == "strided":  # i-j divisible by both <=> by their lcm; s1 | s2 means strided(s2) <= strided(s1)
+        s1, s2 = x["s"], y["s"]
+        if op is And:
+            return Prim(n, (("s", math.lcm(s1, s2)),))
+        if s2 % s1 == 0 or s1 % s2 == 0:
+            return Prim(n, (("s", math.gcd(s1, s2)),))
+        return None
+    if n == "chunk":  # l1 | l2: every chunk of l1 lies inside one chunk of l2
+        l1, l2 = x["l"], y["l"]
+        if l2 % l1 == 0 or l1 % l2 == 0:
+            return Prim(n, (("l", min(l1, l2) if op is And else max(l1, l2)),))
+    return None
+
+
+def merge_primitives(p):
+    """Two constant primitives of one kind under ``&`` / ``|`` become one:
+    ``local(w=3) & local(w=5) -> local(w=3)``, ``strided(s=2) & strided(s=3) -> strided(s=6)``,
+    ``global(at=[0]) | global(at=[5]) -> global(at=[0, 5])``, ``chunk(4) | chunk(8) -> chunk(8)``."""
+    if isinstance(p, (And, Or)):
+        items = list(p.items)
+        for a_i in range(len(items)):
+            for b_i in range(a_i + 1, len(items)):
+                a, b = items[a_i], items[b_i]
+                if isinstance(a, Prim) and isinstance(b, Prim):
+                    m = _merge_two(type(p), a, b)
+                    if m is not None:
+                        rest = tuple(c for k, c in enumerate(items) if k not in (a_i, b_i))
+                        return type(p)(rest + (m,))
+
+
 def negate_blocks(p):
     """``~blocks(b, x) -> blocks(b, ~x)`` (every token lies in exactly one block)."""
     if isinstance(p, Not) and isinstance(p.child, Blocks):
@@ -293,6 +347,7 @@ PASSES = [
     ("merge_choices", merge_choices),
     ("nested_choice", nested_choice),
     ("negate_blocks", negate_blocks),
+    ("merge_primitives", merge_primitives),
     ("simplify_primitive", simplify_primitive),
     ("simplify_blocks", simplify_blocks),
     ("unwrap_trivial", unwrap_trivial),

@@ -59,7 +59,7 @@ CANONICAL = [
     ("param w = 128\nlocal(w) & causal", "local(w=128) & causal"),
     ("let win = local(w=4)\nwin & causal", "local(w=4) & causal"),
     ("def sh(s) = heads(strided(s), strided(2*s))\nsh(4) & causal", "heads(strided(s=4), strided(s=8)) & causal"),
-    ("def f(a, b=2) = local(w=a * b)\nf(3) | f(b=1, a=5)", "local(w=5) | local(w=6)"),
+    ("def f(a, b=2) = local(w=a * b)\nf(3) | f(b=1, a=5)", "local(w=6)"),
     ("fixed(128, 8) & causal", "(chunk(l=128) | summary(l=128, c=8)) & causal"),
     # normalisation (SPEC §1.4)
     ("causal | causal", "causal"),
@@ -90,6 +90,12 @@ CANONICAL = [
     ("blocks(4, all)", "all"),
     ("~blocks(2, causal)", "blocks(2, ~causal)"),
     ("blocks(2, causal) | blocks(2, sink(1))", "blocks(2, sink(n=1) | causal)"),
+    ("local(w=3) & local(w=5)", "local(w=3)"),
+    ("local(w=3) | local(w=5) | band(left=1, right=7)", "band(left=1, right=7) | local(w=5)"),
+    ("strided(s=2) & strided(s=3)", "strided(s=6)"),
+    ("strided(s=2) | strided(s=4)", "strided(s=2)"),
+    ("chunk(4) | chunk(8) | chunk(3)", "chunk(l=3) | chunk(l=8)"),
+    ("global(at=[0]) | global(at=[5]) | sink(1) | sink(3)", "global(at=[0, 5]) | sink(n=3)"),
 ]
 
 

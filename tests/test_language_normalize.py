@@ -89,6 +89,11 @@ PASS_EXAMPLES = [
     Not(Blocks(3, CAUSAL)),
     Or((_p("local", w=2), And((_p("local", w=2), _p("sink", n=3))))),
     And((_p("band", left=1, right=2), And((CAUSAL, _p("sink", n=3))))),
+    And((_p("local", w=3), _p("local", w=5), _p("strided", s=2), _p("strided", s=3), _p("chunk", l=2), _p("chunk", l=4))),
+    Or((_p("band", left=1, right=3), _p("band", left=2, right=0), _p("global", at=(0,)), _p("global", at=(5, 1)),
+        _p("strided", s=2), _p("strided", s=4), _p("chunk", l=3), _p("chunk", l=6), _p("sink", n=1), _p("sink", n=2))),
+    And((_p("global", n=1), _p("global", n=3), _p("prefix", n=2), _p("prefix", n=4), _p("strided", s=2), _p("strided", s=4))),
+    Or((_p("chunk", l=3), _p("chunk", l=4), _p("strided", s=2), _p("strided", s=3), _p("global", n=2), _p("global", at=(3,)))),
 ]
 
 
