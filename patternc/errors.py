@@ -174,7 +174,12 @@ class PatternWarning(UserWarning):
 
 
 def did_you_mean(name: str, candidates) -> str | None:
-    """``"did you mean `x`?"`` for the closest candidate, or None."""
+    """``"did you mean `x`?"`` for the closest candidate, or None.
+
+    Example:
+        >>> did_you_mean("locl", ["local", "chunk"])
+        'did you mean `local`?'
+    """
     cands = sorted(set(candidates))
     m = difflib.get_close_matches(name, cands, n=1, cutoff=0.6)
     if not m:

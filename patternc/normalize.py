@@ -357,7 +357,13 @@ PASSES = [
 
 @functools.lru_cache(maxsize=65536)
 def normalize(p: Pattern) -> Pattern:
-    """The canonical form of ``p``: passes applied bottom-up until none fires."""
+    """The canonical form of ``p``: passes applied bottom-up until none fires.
+
+    Example:
+        >>> from patternc.ir import CAUSAL, And, Prim
+        >>> str(normalize(And((CAUSAL, And((Prim("local", (("w", 4),)), CAUSAL))))))
+        'local(w=4) & causal'
+    """
     kids = p.children()
     if kids:
         new = tuple(normalize(c) for c in kids)

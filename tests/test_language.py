@@ -243,6 +243,15 @@ def test_warnings_are_pattern_warnings():
     assert not w
 
 
+@pytest.mark.parametrize("module", ["api", "reference", "formatter", "printer", "normalize", "errors", "primitives"])
+def test_doctests(module):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(f"patternc.{module}"))
+    assert result.attempted > 0 and result.failed == 0
+
+
 def test_import_patternc_does_not_import_torch():
     code = "import sys, patternc; patternc.parse('causal'); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
