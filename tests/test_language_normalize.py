@@ -145,3 +145,15 @@ def test_symbolic_lengths_through_combinators(source):
     raw = elaborate(source).pattern
     assert_same_predicate(raw, p, what=source)
     assert patternc.parse(str(p)) == p
+
+
+def test_wide_operands_normalise_iteratively():
+    """A wide `|` takes many root rewrites; they must not recurse (one rewrite per step would
+    overflow the stack), and the result keeps the predicate."""
+    p = patternc.parse(" | ".join(f"local(w={i + 1})" for i in range(5000)))
+    assert str(p) == "local(w=5000)"
+    src = " | ".join(f"(blocks({i % 7 + 1}, sink({i % 5})) & strided({i % 3 + 1}))" for i in range(600))
+    raw = elaborate(src).pattern
+    q = normalize(raw)
+    assert normal_form_problems(q) == []
+    assert_same_predicate(raw, q, lengths=[(16, 16), (9, 20)], what="wide")
