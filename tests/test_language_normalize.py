@@ -97,7 +97,7 @@ PASS_EXAMPLES = [
 ]
 
 
-@settings(max_examples=80, **SETTINGS)
+@settings(max_examples=200, **SETTINGS)
 @given(patterns(max_leaves=6))
 def test_every_rewrite_keeps_the_predicate(p):
     assert checked_normalize(p, set()) == normalize(p)
@@ -110,7 +110,7 @@ def test_every_pass_fires_on_the_examples_and_keeps_the_predicate():
     assert fired == {n for n, _ in PASSES}, sorted({n for n, _ in PASSES} - fired)
 
 
-@settings(max_examples=80, **SETTINGS)
+@settings(max_examples=150, **SETTINGS)
 @given(patterns())
 def test_normalize_keeps_the_predicate_and_is_a_normal_form(p):
     q = normalize(p)
@@ -119,7 +119,7 @@ def test_normalize_keeps_the_predicate_and_is_a_normal_form(p):
     assert_same_predicate(p, q, what="normalize")
 
 
-@settings(max_examples=100, **SETTINGS)
+@settings(max_examples=150, **SETTINGS)
 @given(patterns())
 def test_print_parse_round_trip(p):
     with warnings.catch_warnings():
