@@ -172,6 +172,11 @@ class CompiledPattern:
         self.compile_seconds = 0.0
         self._mask_mods: dict = {}
 
+    def __getstate__(self):  # mask_mods are closures over tensors: rebuilt on demand, not pickled
+        state = dict(self.__dict__)
+        state["_mask_mods"] = {}
+        return state
+
     # ---- predicates ------------------------------------------------------------------------------
     @cached_property
     def head_patterns(self) -> list[Pattern]:
