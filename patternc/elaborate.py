@@ -198,8 +198,10 @@ class Elaborator:
                                     span_of(name_tok))
         if result is None:
             last = items[-1]
+            lets = [str(it.children[0]) for it in items if it.data == "let_stmt"]
             self.fail("P111", "the source has no final pattern expression after its statements", span_of(last),
-                      "end the source with the pattern itself, e.g. `local(w) & causal`")
+                      f"end the source with the pattern itself: add a last line `{lets[-1]}`" if lets
+                      else "end the source with the pattern itself, e.g. `local(w=128) & causal`")
         return result, declared
 
     def check_new_name(self, name, tok, env):

@@ -151,6 +151,15 @@ class PatternError(ValueError):
         self.diagnostics = list(diagnostics)
         super().__init__("\n\n".join(d.render() for d in self.diagnostics))
 
+    def with_source(self, text: str, filename: str = "<string>") -> "PatternError":
+        """This error with ``text`` attached to diagnostics that point into it but were
+        raised without it (P301 when lengths are bound), so they render the source line."""
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+        for d in self.diagnostics:
+            if d.source is None and d.span is not None:
+                d.source, d.filename = text, filename
+        return PatternError(self.diagnostics)
+
     @property
     def code(self) -> str:
         return self.diagnostics[0].code
@@ -165,7 +174,12 @@ class PatternWarning(UserWarning):
 
 
 def did_you_mean(name: str, candidates) -> str | None:
-    """``"did you mean `x`?"`` for the closest candidate, or None."""
+    """``"did you mean `x`?"`` for the closest candidate, or None.
+
+    Example:
+        >>> did_you_mean("locl", ["local", "chunk"])
+        'did you mean `local`?'
+    """
     cands = sorted(set(candidates))
     m = difflib.get_close_matches(name, cands, n=1, cutoff=0.6)
     if not m:
