@@ -117,7 +117,12 @@ def analyze(p_or_source, *, seq_len: int, layers: int | None = None, num_heads: 
         notes.append(msg)
         warnings.warn(PatternWarning(msg), stacklevel=2)
     stack = Stack(pattern, seq_len, num_heads)
-    out = _run(stack, pairs, engine, layers, block_size, notes)
+    from .tiles import LayoutUnavailable
+
+    try:
+        out = _run(stack, pairs, engine, layers, block_size, notes)
+    except LayoutUnavailable as e:
+        raise _engine_error(str(e), "analyse a shorter sequence, or a shift-invariant pattern (exact-shift)") from None
     out.pattern = str(pattern)
     out.seconds = time.perf_counter() - t0
     return out
@@ -174,9 +179,9 @@ def _witness_success(stack, i, j, K, path_fn, layers, exact=True):
     if path is not None:
         assert stack.validate_path(path, i, j), "engine produced an invalid witness path"
     if layers is None or K <= layers:
-        what = "needs" if exact else "is proven within"
         reason = (f"the pair that needs the most layers: {K}" if exact
-                  else f"{what} {K} layers (a bound: the farthest pair the proof covers last)")
+                  else f"connected within {K} layers by the path below; the proof covers this pair last "
+                       f"(a bound: the exact number may be smaller)")
         if K == 0:
             reason = "a single position: nothing to connect"
         return Witness(i, j, True, K, path, reason)

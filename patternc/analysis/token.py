@@ -92,16 +92,40 @@ def required_words(rows: np.ndarray, n: int, W: int, mode: str) -> np.ndarray:
 
 
 # ---- adjacency -----------------------------------------------------------------------------------------
+# Runs of at least this many consecutive keys in one row are answered by prefix / suffix ORs
+# of the key blocks (two gathers) instead of one gather per key.
+LONG_RUN = 4
+
+
 @dataclass
-class _PartialRow:
-    rows: np.ndarray    # intp [u]: global query rows that have at least one PARTIAL edge
-    starts: np.ndarray  # intp [u]: reduceat offsets into cols
-    cols: np.ndarray    # intp [nnz]: key positions, grouped by row
-    blocks: np.ndarray  # intp [k]: the key blocks involved
+class _Gather:
+    """Rows of one query block that OR together rows of one source array."""
+
+    rows: np.ndarray    # intp [u]: global query rows, ascending
+    starts: np.ndarray  # intp [u]: reduceat offsets into idx
+    idx: np.ndarray     # intp [k]: rows of the source array (token positions, or key blocks for "bor")
+    blocks: np.ndarray  # intp [k]: the key block each item reads (for skipping empty sources)
+
+    @classmethod
+    def build(cls, rows, idx, blocks):
+        if len(rows) == 0:
+            return None
+        starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
+        return cls(rows[starts].astype(np.intp), starts.astype(np.intp), idx.astype(np.intp), blocks.astype(np.intp))
+
+
+KINDS = ("src", "pre", "suf", "bor")
 
 
 class Adjacency:
     """One layer's edges grouped by query block: FULL key blocks and PARTIAL pairs.
+
+    A row's PARTIAL keys are cut into runs of consecutive positions. A run of
+    ``LONG_RUN`` keys or more is answered from per-block prefix ORs (``pre[x]`` = OR of the
+    block's rows up to x), suffix ORs (``suf[x]``: from x to the block's end) and whole
+    block ORs (``bor``) for the blocks it covers in between; shorter runs, and long runs
+    strictly inside one block, gather their keys one by one (``src``). So a causal diagonal
+    tile costs one gather per row, not one per pair.
 
     Args:
         tiles: the layer's ``LayerTiles``.
@@ -114,13 +138,16 @@ class Adjacency:
         self.n, self.b, self.nb = n, b, nb
         self.full = [np.flatnonzero(tiles.full[I]) for I in range(nb)]
         partial = tiles.partial
-        self.partial: list[_PartialRow | None] = []
+        self.partial: list[dict | None] = []
+        self.blocks: list[np.ndarray | None] = []
         self.nnz = 0
+        pre_blocks, suf_blocks = set(), set()
         offs = np.arange(b, dtype=np.int64)
         for I in range(nb):
             pj = np.flatnonzero(partial[I])
             if len(pj) == 0:
                 self.partial.append(None)
+                self.blocks.append(None)
                 continue
             kv = (pj[:, None] * b + offs[None, :]).ravel()
             kv = kv[kv < n]
@@ -133,50 +160,92 @@ class Adjacency:
                 raise TooLarge(f"more than {max_pairs} PARTIAL token pairs")
             if len(r) == 0:
                 self.partial.append(None)
+                self.blocks.append(None)
                 continue
-            starts = np.flatnonzero(np.r_[True, r[1:] != r[:-1]])
-            self.partial.append(_PartialRow(rows=(q0 + r[starts]).astype(np.intp), starts=starts.astype(np.intp),
-                                            cols=kv[c].astype(np.intp), blocks=pj.astype(np.intp)))
+            g = self._runs(q0 + r, kv[c])
+            pre_blocks.update(np.unique(g["pre"].blocks).tolist() if g["pre"] is not None else ())
+            suf_blocks.update(np.unique(g["suf"].blocks).tolist() if g["suf"] is not None else ())
+            self.partial.append(g)
+            self.blocks.append(np.unique(np.concatenate([x.blocks for x in g.values() if x is not None])))
+        self.pre_blocks = np.array(sorted(pre_blocks), dtype=np.intp)
+        self.suf_blocks = np.array(sorted(suf_blocks), dtype=np.intp)
 
-    def propagate(self, src: np.ndarray, out: np.ndarray) -> None:
-        """``out[i] |= OR_{p: edge p -> i} src[p]`` for uint64 [N, W] arrays (N = nb * b)."""
-        nb, b, n = self.nb, self.b, self.n
-        W = src.shape[1]
-        bor = np.bitwise_or.reduce(src.reshape(nb, b, W), axis=1)
-        nzw = bor != 0
-        has = nzw.any(axis=1)
-        if not has.any():
-            return
-        lo = np.where(has, nzw.argmax(axis=1), W)
-        hi = np.where(has, W - nzw[:, ::-1].argmax(axis=1), 0)
-        for I in range(nb):
-            fl = self.full[I]
-            if len(fl):
-                fl = fl[has[fl]]
-                if len(fl):
-                    a, z = int(lo[fl].min()), int(hi[fl].max())
-                    acc = np.bitwise_or.reduce(bor[fl, a:z], axis=0)
-                    out[I * b:min(n, (I + 1) * b), a:z] |= acc
-            pr = self.partial[I]
-            if pr is not None:
-                pb = pr.blocks[has[pr.blocks]]
-                if len(pb):
-                    a, z = int(lo[pb].min()), int(hi[pb].max())
-                    g = src[pr.cols, a:z]
-                    out[pr.rows, a:z] |= np.bitwise_or.reduceat(g, pr.starts, axis=0)
+    def _runs(self, rows: np.ndarray, cols: np.ndarray) -> dict:
+        """Split row-major (row, key) pairs into the four gather kinds."""
+        n, b = self.n, self.b
+        brk = np.r_[True, (rows[1:] != rows[:-1]) | (cols[1:] != cols[:-1] + 1)]
+        si = np.flatnonzero(brk)
+        ei = np.r_[si[1:] - 1, len(rows) - 1]
+        rr, s, e = rows[si], cols[si], cols[ei]
+        length = e - s + 1
+        Bs, Be = s // b, e // b
+        bstart = Bs * b
+        bend = np.minimum(n, (Be + 1) * b) - 1
+        long_ = length >= LONG_RUN
+        same = Bs == Be
+        use_pre = long_ & (~same | (s == bstart))           # ends at e: prefix of block Be
+        use_suf = long_ & (~same | (e == bend)) & ~(same & (s == bstart))  # starts at s: suffix of block Bs
+        inner = long_ & same & (s != bstart) & (e != bend)
+        single_run = ~long_ | inner
+        # singles: the pairs of short runs and of long runs strictly inside one block
+        run_of = np.cumsum(brk) - 1
+        keep = single_run[run_of]
+        out = {"src": _Gather.build(rows[keep], cols[keep], cols[keep] // b)}
+        out["pre"] = _Gather.build(rr[use_pre], e[use_pre], Be[use_pre])
+        out["suf"] = _Gather.build(rr[use_suf], s[use_suf], Bs[use_suf])
+        # whole blocks strictly between Bs and Be
+        span = np.where(long_ & ~same, Be - Bs - 1, 0)
+        if span.sum():
+            mrows = np.repeat(rr, span)
+            first = np.repeat(Bs + 1, span)
+            k = np.arange(int(span.sum())) - np.repeat(np.cumsum(span) - span, span)
+            mblocks = first + k
+            out["bor"] = _Gather.build(mrows, mblocks, mblocks)
+        else:
+            out["bor"] = None
+        # each kind's items must be ordered by row for reduceat; they are (row-major input)
+        return out
+
+    def prepare(self, src, regs, lo, hi, has, PRE, SUF) -> list:
+        """Fill the prefix / suffix ORs this layer reads, over each key block's active words.
+
+        Returns the regions written, ``(array, block, a, z)``, to be zeroed after the layer
+        (the arrays must read as zero outside what this layer wrote)."""
+        b = self.b
+        written = []
+        for arr, blocks, rev in ((PRE, self.pre_blocks, False), (SUF, self.suf_blocks, True)):
+            if len(blocks) == 0:
+                continue
+            for J in blocks[has[blocks]]:
+                a, z = int(lo[J]), int(hi[J])
+                part = src[J * b:(J + 1) * b, a:z]
+                if rev:
+                    arr[J * b:(J + 1) * b, a:z] = np.bitwise_or.accumulate(part[::-1], axis=0)[::-1]
+                else:
+                    arr[J * b:(J + 1) * b, a:z] = np.bitwise_or.accumulate(part, axis=0)
+                written.append((arr, int(J), a, z))
+        return written
 
     def step_bool(self, v: np.ndarray) -> np.ndarray:
         """One layer for a single source: bool [N] -> bool [N] (residual included)."""
         nb, b, n = self.nb, self.b, self.n
         out = v.copy()
-        bany = v.reshape(nb, b).any(axis=1)
+        vb = v.reshape(nb, b)
+        bany = vb.any(axis=1)
+        pre = np.logical_or.accumulate(vb, axis=1).ravel()
+        suf = np.logical_or.accumulate(vb[:, ::-1], axis=1)[:, ::-1].ravel()
+        srcs = {"src": v, "pre": pre, "suf": suf, "bor": bany}
         for I in range(nb):
             fl = self.full[I]
             if len(fl) and bany[fl].any():
                 out[I * b:min(n, (I + 1) * b)] = True
             pr = self.partial[I]
-            if pr is not None and bany[pr.blocks].any():
-                out[pr.rows] |= np.logical_or.reduceat(v[pr.cols], pr.starts)
+            if pr is None:
+                continue
+            for kind in KINDS:
+                g = pr[kind]
+                if g is not None:
+                    out[g.rows] |= np.logical_or.reduceat(srcs[kind][g.idx], g.starts)
         return out
 
 
@@ -253,6 +322,8 @@ def reach(adjs: list[Adjacency], n: int, mode: str, *, max_levels: int | None = 
     D_cur = R.copy()
     D_next = np.zeros_like(R) if P == 1 else None
     bor = np.zeros((nb, W), dtype=np.uint64)
+    PRE = np.zeros_like(R) if any(len(x.pre_blocks) for x in adjs) else None
+    SUF = np.zeros_like(R) if any(len(x.suf_blocks) for x in adjs) else None
     level = 0
     grew_in_cycle = False
     while True:
@@ -272,23 +343,28 @@ def reach(adjs: list[Adjacency], n: int, mode: str, *, max_levels: int | None = 
         has = hi > lo
         new_regions = {}
         last_new = []
+        prepared = adj.prepare(src, regs, lo, hi, has, PRE, SUF)
         for I in range(nb):
             q0, q1 = I * b, min(n, (I + 1) * b)
             if q0 >= n:
                 break
             fl = adj.full[I]
             fl = fl[has[fl]] if len(fl) else fl
-            pr = adj.partial[I]
-            pb = pr.blocks[has[pr.blocks]] if pr is not None else fl[:0]
-            if len(fl) == 0 and len(pb) == 0:
+            pbk = adj.blocks[I]
+            pbk = pbk[has[pbk]] if pbk is not None else fl[:0]
+            if len(fl) == 0 and len(pbk) == 0:
                 continue
-            inv = np.concatenate([fl, pb]) if len(pb) else fl
+            inv = np.concatenate([fl, pbk]) if len(pbk) else fl
             a, z = int(lo[inv].min()), int(hi[inv].max())
             C = np.zeros((q1 - q0, z - a), dtype=np.uint64)
             if len(fl):
                 C |= np.bitwise_or.reduce(bor[fl, a:z], axis=0)
-            if len(pb):
-                C[pr.rows - q0] |= np.bitwise_or.reduceat(src[pr.cols, a:z], pr.starts, axis=0)
+            if len(pbk):
+                pr = adj.partial[I]
+                for kind, arr in (("src", src), ("pre", PRE), ("suf", SUF), ("bor", bor)):
+                    g = pr[kind]
+                    if g is not None:
+                        C[g.rows - q0] |= np.bitwise_or.reduceat(arr[g.idx, a:z], g.starts, axis=0)
             C &= ~R[q0:q1, a:z]
             cols = np.flatnonzero(C.any(axis=0))
             if len(cols) == 0:
@@ -305,6 +381,8 @@ def reach(adjs: list[Adjacency], n: int, mode: str, *, max_levels: int | None = 
             last_new.append((q0, q1, a2, C))
         for J, (a, z) in regs.items():
             bor[J, a:z] = 0
+        for arr, J, a, z in prepared:
+            arr[J * b:(J + 1) * b, a:z] = 0
         level += 1
         grew_in_cycle |= bool(new_regions)
         if total_missing == 0:
