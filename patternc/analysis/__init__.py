@@ -30,7 +30,7 @@ __all__ = ["analyze", "ReachReport", "Witness", "Hop", "ENGINES", "TOKEN_AUTO_LI
 ENGINES = ("auto", "exact-shift", "exact-token", "block-bound", "networkx")
 TOKEN_AUTO_LIMIT = 32768   # tokens: auto uses exact-token up to here (R needs n^2/8 bytes)
 TOKEN_MAX = 65536          # tokens: exact-token refuses beyond (512 MiB per bit matrix)
-PATH_MAX_CELLS = 1 << 31   # layers x tokens: single-source reach sets kept for a witness path
+PATH_MAX_CELLS = 1 << 28   # layers x tokens: single-source reach sets kept for a witness path
 
 
 def _arg_error(message: str, help_: str) -> PatternError:
@@ -260,14 +260,30 @@ def _from_shift(stack, mode, layers, res, notes) -> ReachReport:
                            lower_bound=K, upper_bound=K, notes=notes)
     # a bound (mixed directions, monotone paths disagree with the line)
     lo, up = res.lower, res.upper
-    reachable = layers is not None and up is not None and up <= layers
-    decided = layers is None or reachable or lo > layers
     if layers is None:
-        reachable = up is not None
-        decided = up is not None
-    notes.append("bound from monotone paths (upper) and paths on the unbounded line (lower); "
-                 "use exact-token (n <= %d) for the exact value" % TOKEN_MAX)
-    w = None
+        reachable = decided = up is not None
+    else:
+        reachable = up is not None and up <= layers
+        decided = reachable or lo > layers
+    notes.append("bound: monotone paths give the upper bound, paths on the unbounded line the lower bound; "
+                 f"use exact-token (n <= {TOKEN_MAX}) for the exact value")
+    if reachable:
+        i, j = res.hardest
+        w = _witness_success(stack, i, j, up, res.path_fn, layers, exact=False)
+    elif layers is not None and lo > layers:
+        i, j = res.lower_pair
+        w = Witness(i, j, False, None, None,
+                    f"key {j} cannot reach query {i} within {layers} layers: even on the unbounded line "
+                    f"i - j = {i - j} needs {lo} steps")
+    elif up is not None:
+        i, j = res.hardest
+        w = Witness(i, j, False, None, None,
+                    f"not proven within {layers} layers: monotone paths need {up} for this pair, the line "
+                    f"allows {lo}; the exact answer needs engine='exact-token'")
+    else:
+        i, j = res.lower_pair
+        w = Witness(i, j, False, None, None,
+                    "not proven: no monotone path connects some pair; the exact answer needs engine='exact-token'")
     return ReachReport(up, layers, reachable, mode, False, "shift-bound", w, n, stack.num_heads,
                        lower_bound=lo, upper_bound=up, decided=decided, notes=notes)
 

@@ -167,6 +167,8 @@ class Adjacency:
             suf_blocks.update(np.unique(g["suf"].blocks).tolist() if g["suf"] is not None else ())
             self.partial.append(g)
             self.blocks.append(np.unique(np.concatenate([x.blocks for x in g.values() if x is not None])))
+        self.involved = [np.union1d(self.full[I], self.blocks[I] if self.blocks[I] is not None else [])
+                         .astype(np.intp) for I in range(nb)]
         self.pre_blocks = np.array(sorted(pre_blocks), dtype=np.intp)
         self.suf_blocks = np.array(sorted(suf_blocks), dtype=np.intp)
 
@@ -348,18 +350,20 @@ def reach(adjs: list[Adjacency], n: int, mode: str, *, max_levels: int | None = 
             q0, q1 = I * b, min(n, (I + 1) * b)
             if q0 >= n:
                 break
+            inv = adj.involved[I]
+            if len(inv) == 0:
+                continue
+            inv = inv[has[inv]]
+            if len(inv) == 0:
+                continue
+            a, z = int(lo[inv].min()), int(hi[inv].max())
             fl = adj.full[I]
             fl = fl[has[fl]] if len(fl) else fl
             pbk = adj.blocks[I]
-            pbk = pbk[has[pbk]] if pbk is not None else fl[:0]
-            if len(fl) == 0 and len(pbk) == 0:
-                continue
-            inv = np.concatenate([fl, pbk]) if len(pbk) else fl
-            a, z = int(lo[inv].min()), int(hi[inv].max())
             C = np.zeros((q1 - q0, z - a), dtype=np.uint64)
             if len(fl):
                 C |= np.bitwise_or.reduce(bor[fl, a:z], axis=0)
-            if len(pbk):
+            if pbk is not None:
                 pr = adj.partial[I]
                 for kind, arr in (("src", src), ("pre", PRE), ("suf", SUF), ("bor", bor)):
                     g = pr[kind]
@@ -372,8 +376,8 @@ def reach(adjs: list[Adjacency], n: int, mode: str, *, max_levels: int | None = 
             a2, z2 = a + int(cols[0]), a + int(cols[-1]) + 1
             C = C[:, cols[0]:cols[-1] + 1]
             R[q0:q1, a2:z2] |= C
-            got = popcount(C & required_block(np.arange(q0, q1), a2, z2, n, mode)).sum(axis=1)
-            missing[q0:q1] -= got.astype(np.int64)
+            got = _required_popcount(C, q0, q1, a2, z2, n, mode)
+            missing[q0:q1] -= got
             total_missing -= int(got.sum())
             if P == 1:
                 D_next[q0:q1, a2:z2] = C
@@ -398,6 +402,19 @@ def reach(adjs: list[Adjacency], n: int, mode: str, *, max_levels: int | None = 
                 return TokenResult(None, True, level, unreachable=_nearest_missing(R, inc, n, W, mode),
                                    stalled_at=level - P)
             grew_in_cycle = False
+
+
+def _required_popcount(C, q0, q1, a, z, n, mode):
+    """int64 [q1 - q0]: required bits of C (rows q0.., words a..z-1) per row; the mask is only
+    built where the words meet the rows' diagonal words (``earlier``) or the last word."""
+    if mode == "earlier":
+        if z <= q0 // 64:          # every word lies strictly below every row's diagonal word
+            return popcount(C).sum(axis=1).astype(np.int64)
+        if a > (q1 - 1) // 64:     # every word lies above: nothing required
+            return np.zeros(q1 - q0, dtype=np.int64)
+    elif z <= (n - 1) // 64:
+        return popcount(C).sum(axis=1).astype(np.int64)
+    return popcount(C & required_block(np.arange(q0, q1), a, z, n, mode)).sum(axis=1).astype(np.int64)
 
 
 def _regions_of(src, nb, b, W):
