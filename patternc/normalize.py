@@ -168,6 +168,116 @@ def simplify_blocks(p):
             return Blocks(p.b * p.child.b, p.child.child)
 
 
+def context_simplify(p):
+    """Operands of ``&`` hold inside it, operands of ``|`` fail inside it:
+    ``(X | (Y & c)) & c -> (X | Y) & c`` and ``c | (X & (Y | c)) -> c | (X & Y)``."""
+    if isinstance(p, (And, Or)):
+        mid = Or if isinstance(p, And) else And
+        inner = And if isinstance(p, And) else Or
+        neutral = ALL if inner is And else NONE
+        ctx = set(p.items)
+        changed = False
+        out = []
+        for c in p.items:
+            if isinstance(c, mid) and any(isinstance(d, inner) and any(x in ctx for x in d.items) for d in c.items):
+                kids = []
+                for d in c.items:
+                    if isinstance(d, inner) and any(x in ctx for x in d.items):
+                        rest = tuple(x for x in d.items if x not in ctx)
+                        d = inner(rest) if rest else neutral
+                    kids.append(d)
+                c = mid(tuple(kids))
+                changed = True
+            out.append(c)
+        if changed:
+            return type(p)(tuple(out))
+
+
+def factor_common(p):
+    """``(a & c) | (b & c) -> (a | b) & c`` and ``(a | c) & (b | c) -> (a & b) | c`` (the
+    operand shared by the most operands first; ties broken by canonical order)."""
+    if isinstance(p, (And, Or)):
+        inner = Or if isinstance(p, And) else And
+        groups = [c for c in p.items if isinstance(c, inner)]
+        if len(groups) < 2:
+            return None
+        count: dict = {}
+        for g in groups:
+            for x in set(g.items):
+                count[x] = count.get(x, 0) + 1
+        shared = [x for x, n in count.items() if n >= 2]
+        if not shared:
+            return None
+        x = min(shared, key=lambda y: (-count[y], _sort_key(y)))
+        sharing = [g for g in groups if x in g.items]
+        rests = tuple(inner(tuple(y for y in g.items if y != x)) for g in sharing)
+        factored = inner((type(p)(rests), x))
+        others = tuple(c for c in p.items if not (isinstance(c, inner) and x in c.items))
+        return type(p)(others + (factored,)) if others else factored
+
+
+def factor_choice(p):
+    """An operand common to every entry of ``heads(...)`` / ``layers(...)`` moves out:
+    ``heads(a & c, b & c) -> heads(a, b) & c`` (and the same with ``|``)."""
+    if isinstance(p, (Heads, Layers)) and len(p.items) >= 2:
+        for op, neutral in ((And, ALL), (Or, NONE)):
+            sets = [set(c.items) if isinstance(c, op) else {c} for c in p.items]
+            common = set.intersection(*sets)
+            if common and any(isinstance(c, op) for c in p.items):
+                kids = []
+                for c in p.items:
+                    rest = tuple(y for y in (c.items if isinstance(c, op) else (c,)) if y not in common)
+                    kids.append(op(rest) if len(rest) > 1 else (rest[0] if rest else neutral))
+                return op(tuple(sorted(common, key=_sort_key)) + (type(p)(tuple(kids)),))
+
+
+def merge_choices(p):
+    """``heads(a, b) & heads(c, d) -> heads(a & c, b & d)`` for entries of equal count (also
+    ``|`` and ``layers``); ``blocks(b, x) & blocks(b, y) -> blocks(b, x & y)`` (also ``|``)."""
+    if isinstance(p, (And, Or)):
+        op = type(p)
+        for cls in (Heads, Layers):
+            by_len: dict = {}
+            for c in p.items:
+                if isinstance(c, cls):
+                    by_len.setdefault(len(c.items), []).append(c)
+            for m, group in by_len.items():
+                if len(group) >= 2:
+                    merged = cls(tuple(op(tuple(g.items[k] for g in group)) for k in range(m)))
+                    rest = tuple(c for c in p.items if not any(c is g for g in group))
+                    return op(rest + (merged,))
+        by_b: dict = {}
+        for c in p.items:
+            if isinstance(c, Blocks):
+                by_b.setdefault(c.b, []).append(c)
+        for b, group in by_b.items():
+            if len(group) >= 2:
+                merged = Blocks(b, op(tuple(g.child for g in group)))
+                rest = tuple(c for c in p.items if not any(c is g for g in group))
+                return op(rest + (merged,))
+
+
+def nested_choice(p):
+    """``heads(heads(a, b), c, d, e) -> heads(a, c, d, e)``: an inner ``heads`` whose count
+    divides the outer one always picks the same entry (also ``layers``)."""
+    if isinstance(p, (Heads, Layers)):
+        m = len(p.items)
+        kids = list(p.items)
+        changed = False
+        for k, c in enumerate(kids):
+            if type(c) is type(p) and m % len(c.items) == 0:
+                kids[k] = c.items[k % len(c.items)]
+                changed = True
+        if changed:
+            return type(p)(tuple(kids))
+
+
+def negate_blocks(p):
+    """``~blocks(b, x) -> blocks(b, ~x)`` (every token lies in exactly one block)."""
+    if isinstance(p, Not) and isinstance(p.child, Blocks):
+        return Blocks(p.child.b, Not(p.child.child))
+
+
 PASSES = [
     ("diff_to_and_not", diff_to_and_not),
     ("double_negation", double_negation),
@@ -177,6 +287,12 @@ PASSES = [
     ("complement", complement),
     ("absorption", absorption),
     ("causal_absorption", causal_absorption),
+    ("context_simplify", context_simplify),
+    ("factor_common", factor_common),
+    ("factor_choice", factor_choice),
+    ("merge_choices", merge_choices),
+    ("nested_choice", nested_choice),
+    ("negate_blocks", negate_blocks),
     ("simplify_primitive", simplify_primitive),
     ("simplify_blocks", simplify_blocks),
     ("unwrap_trivial", unwrap_trivial),
@@ -218,9 +334,10 @@ def run_passes_traced(p: Pattern) -> list[tuple[str, str]]:
 
 
 # ---- binding lengths ---------------------------------------------------------------------------------
-def bind_lengths(p: Pattern, q_len: int, kv_len: int) -> Pattern:
+def bind_lengths(p: Pattern, q_len: int, kv_len: int, *, normalized: bool = True) -> Pattern:
     """Substitute ``q_len`` / ``kv_len`` (tokens; block counts inside ``blocks(b, ...)``),
-    check the resulting parameter values, and normalise.
+    check the resulting parameter values, and normalise (unless ``normalized=False``: the
+    oracle evaluates the bound pattern as it is).
 
     Raises:
         PatternError: P301 when a parameter computed from the lengths is out of range or
@@ -228,7 +345,8 @@ def bind_lengths(p: Pattern, q_len: int, kv_len: int) -> Pattern:
     """
     if not p.is_symbolic() and not any(isinstance(n, Blocks) and isinstance(n.b, IntExpr) for n in p.walk()):
         return p
-    return normalize(_bind(p, {"q_len": q_len, "kv_len": kv_len}))
+    bound = _bind(p, {"q_len": q_len, "kv_len": kv_len})
+    return normalize(bound) if normalized else bound
 
 
 def _eval(v, env, where):
@@ -267,3 +385,82 @@ def _bind(p: Pattern, env: dict) -> Pattern:
     if not kids:
         return p
     return p.with_children(tuple(_bind(c, env) for c in kids))
+
+
+# ---- invariants (checked by the tests, between passes and on every normalised result) ------------------
+def ir_problems(p: Pattern) -> list[str]:
+    """Well-formedness of any IR, normalised or not: node types, arities, primitive
+    arguments in registry order with valid values. Returns a list of problems (empty = ok)."""
+    from .primitives import PRIMITIVES
+
+    out = []
+    for n in p.walk():
+        if isinstance(n, Prim):
+            spec = PRIMITIVES.get(n.name)
+            if spec is None or spec.combinator:
+                out.append(f"unknown primitive {n.name!r}")
+                continue
+            names = tuple(k for k, _ in n.args)
+            forms = [tuple(q.name for q in spec.params)] + [tuple(q.name for q in f) for f in spec.forms]
+            if names not in forms:
+                out.append(f"{n.name}: arguments {names} are not one of {forms}")
+            for k, v in n.args:
+                ok = (isinstance(v, int) and not isinstance(v, bool)) or isinstance(v, IntExpr) or (
+                    isinstance(v, tuple) and all(isinstance(x, int) for x in v))
+                if not ok:
+                    out.append(f"{n.name}: argument {k}={v!r} is not an integer, list or IntExpr")
+            concrete = {k: v for k, v in n.args if not isinstance(v, IntExpr)}
+            out += [f"{n.name}: {msg}" for _k, msg, _h in check_values(n.name, concrete)]
+        elif isinstance(n, (And, Or, Heads, Layers)):
+            if not isinstance(n.items, tuple) or not all(isinstance(c, Pattern) for c in n.items):
+                out.append(f"{type(n).__name__}: items must be a tuple of patterns")
+            elif isinstance(n, (Heads, Layers)) and not n.items:
+                out.append(f"{type(n).__name__} with no entries")
+        elif isinstance(n, Blocks):
+            if not (isinstance(n.b, IntExpr) or (_is_const(n.b) and n.b >= 1)):
+                out.append(f"blocks size {n.b!r} must be an integer >= 1")
+        elif isinstance(n, (Not, Diff)):
+            pass
+        else:
+            out.append(f"unknown node {type(n).__name__}")
+    return out
+
+
+def normal_form_problems(p: Pattern) -> list[str]:
+    """The invariants of ``normalize``'s output, on top of ``ir_problems``: no ``-``
+    (``Diff``); ``&`` / ``|`` flattened, with >= 2 distinct operands in canonical order and no
+    ``all`` / ``none`` among them; no ``~~x``, ``~all``, ``~none``; ``heads`` / ``layers`` with
+    >= 2 entries and no shorter period; no ``blocks(1, x)``, ``blocks(b, all)``, nested
+    constant blocks; and no pass applies anywhere (a fixed point)."""
+    out = ir_problems(p)
+    seen = set()
+    for n in p.walk():
+        if id(n) in seen:
+            continue
+        seen.add(id(n))
+        name = type(n).__name__
+        if isinstance(n, Diff):
+            out.append("Diff in normal form")
+        if isinstance(n, (And, Or)):
+            if len(n.items) < 2:
+                out.append(f"{name} with {len(n.items)} operand(s)")
+            if any(type(c) is type(n) for c in n.items):
+                out.append(f"{name} not flattened")
+            if ALL in n.items or NONE in n.items:
+                out.append(f"{name} contains all/none")
+            if list(n.items) != sorted(set(n.items), key=_sort_key):
+                out.append(f"{name} operands not unique and sorted")
+        if isinstance(n, Not) and (isinstance(n.child, Not) or n.child in (ALL, NONE)):
+            out.append(f"trivial negation {n}")
+        if isinstance(n, (Heads, Layers)):
+            m = len(n.items)
+            if m < 2 or any(m % k == 0 and n.items == n.items[:k] * (m // k) for k in range(1, m)):
+                out.append(f"{name} with a shorter period: {n}")
+        if isinstance(n, Blocks):
+            if n.child in (ALL, NONE) or (_is_const(n.b) and n.b == 1):
+                out.append(f"trivial blocks: {n}")
+        for pass_name, rewrite in PASSES:
+            r = rewrite(n)
+            if r is not None and r != n:
+                out.append(f"pass {pass_name} still applies to {n}")
+    return out

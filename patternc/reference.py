@@ -131,5 +131,5 @@ def dense_mask(p_or_source, *, q_len: int, kv_len: int | None = None, num_heads:
     if q_len < 1 or kv_len < 1 or num_heads < 1:
         raise ValueError(f"q_len, kv_len and num_heads must be >= 1, got {q_len}, {kv_len}, {num_heads}")
     p = _as_pattern(p_or_source, params)
-    p = bind_lengths(select_layer(p, layer), q_len, kv_len)
+    p = bind_lengths(select_layer(p, layer), q_len, kv_len, normalized=False)
     return np.stack([_eval(p, h, q_len, kv_len) for h in range(num_heads)])
