@@ -114,7 +114,38 @@ class _Gather:
         return cls(rows[starts].astype(np.intp), starts.astype(np.intp), idx.astype(np.intp), blocks.astype(np.intp))
 
 
-KINDS = ("src", "pre", "suf", "bor")
+# A row whose isolated keys form one arithmetic progression of at least this many keys that
+# runs to the start (or the end) of the sequence reads one cumulative OR along the residue
+# class instead (strided patterns: one gather per row instead of n / s).
+LONG_AP = 8
+
+
+def stride_or(src: np.ndarray, m: int, reverse: bool, a: int, z: int) -> np.ndarray:
+    """Cumulative OR along residue classes mod m, on words a .. z-1 (zeros elsewhere):
+    ``out[x] = OR_{t >= 0} src[x - t m]`` (``reverse``: ``src[x + t m]``), rows of ``src``."""
+    N, W = src.shape
+    rows = -(-N // m) * m
+    buf = np.zeros((rows, W), dtype=src.dtype)
+    if z > a:
+        part = np.zeros((rows, z - a), dtype=src.dtype)
+        part[:N] = src[:, a:z]
+        g = part.reshape(rows // m, m, z - a)
+        if reverse:
+            g = np.bitwise_or.accumulate(g[::-1], axis=0)[::-1]
+        else:
+            g = np.bitwise_or.accumulate(g, axis=0)
+        buf[:, a:z] = g.reshape(rows, z - a)
+    return buf[:N]
+
+
+def stride_or_bool(v: np.ndarray, m: int, reverse: bool) -> np.ndarray:
+    N = len(v)
+    rows = -(-N // m) * m
+    buf = np.zeros(rows, dtype=bool)
+    buf[:N] = v
+    g = buf.reshape(rows // m, m)
+    g = np.logical_or.accumulate(g[::-1], axis=0)[::-1] if reverse else np.logical_or.accumulate(g, axis=0)
+    return g.reshape(rows)[:N]
 
 
 class Adjacency:
@@ -142,6 +173,8 @@ class Adjacency:
         self.blocks: list[np.ndarray | None] = []
         self.nnz = 0
         pre_blocks, suf_blocks = set(), set()
+        spre, ssuf = set(), set()
+        wide = np.zeros(nb, dtype=bool)
         offs = np.arange(b, dtype=np.int64)
         for I in range(nb):
             pj = np.flatnonzero(partial[I])
@@ -166,9 +199,17 @@ class Adjacency:
             pre_blocks.update(np.unique(g["pre"].blocks).tolist() if g["pre"] is not None else ())
             suf_blocks.update(np.unique(g["suf"].blocks).tolist() if g["suf"] is not None else ())
             self.partial.append(g)
-            self.blocks.append(np.unique(np.concatenate([x.blocks for x in g.values() if x is not None])))
+            blk = [x.blocks for k, x in g.items() if x is not None and not isinstance(k, tuple)]
+            self.blocks.append(np.unique(np.concatenate(blk)) if blk else None)
+            for k in g:
+                if isinstance(k, tuple):
+                    (spre if k[0] == "spre" else ssuf).add(k[1])
+                    wide[I] = True
         self.involved = [np.union1d(self.full[I], self.blocks[I] if self.blocks[I] is not None else [])
                          .astype(np.intp) for I in range(nb)]
+        self.wide = wide
+        self.spre_strides = sorted(spre)
+        self.ssuf_strides = sorted(ssuf)
         self.pre_blocks = np.array(sorted(pre_blocks), dtype=np.intp)
         self.suf_blocks = np.array(sorted(suf_blocks), dtype=np.intp)
 
@@ -192,7 +233,9 @@ class Adjacency:
         # singles: the pairs of short runs and of long runs strictly inside one block
         run_of = np.cumsum(brk) - 1
         keep = single_run[run_of]
-        out = {"src": _Gather.build(rows[keep], cols[keep], cols[keep] // b)}
+        srows, scols, aps = self._aps(rows[keep], cols[keep])
+        out = {"src": _Gather.build(srows, scols, scols // b)}
+        out.update(aps)
         out["pre"] = _Gather.build(rr[use_pre], e[use_pre], Be[use_pre])
         out["suf"] = _Gather.build(rr[use_suf], s[use_suf], Bs[use_suf])
         # whole blocks strictly between Bs and Be
@@ -207,6 +250,35 @@ class Adjacency:
             out["bor"] = None
         # each kind's items must be ordered by row for reduceat; they are (row-major input)
         return out
+
+    def _aps(self, rows, cols):
+        """Take out rows whose isolated keys are one arithmetic progression reaching the
+        start (``("spre", m)``: OR of the class up to the last key) or the end
+        (``("ssuf", m)``: from the first key on)."""
+        n, b = self.n, self.b
+        if len(rows) < LONG_AP:
+            return rows, cols, {}
+        st = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
+        cnt = np.diff(np.r_[st, len(rows)])
+        d = np.diff(cols)
+        cross = rows[1:] != rows[:-1]
+        big = np.iinfo(np.int64).max
+        starts = np.minimum(st, len(d) - 1)
+        rmin = np.minimum.reduceat(np.where(cross, big, d), starts)
+        rmax = np.maximum.reduceat(np.where(cross, -1, d), starts)
+        ok = (cnt >= LONG_AP) & (rmin == rmax) & (rmin > 0)
+        if not ok.any():
+            return rows, cols, {}
+        first, last = cols[st], cols[st + cnt - 1]
+        to_start = ok & (first - rmin < 0)
+        to_end = ok & ~to_start & (last + rmin >= n)
+        out = {}
+        for kind, sel, pos in (("spre", to_start, last), ("ssuf", to_end, first)):
+            for m in np.unique(rmin[sel]):
+                k = sel & (rmin == m)
+                out[(kind, int(m))] = _Gather.build(rows[st[k]], pos[k], pos[k] // b)
+        taken = np.repeat(to_start | to_end, cnt)
+        return rows[~taken], cols[~taken], out
 
     def prepare(self, src, regs, lo, hi, has, PRE, SUF) -> list:
         """Fill the prefix / suffix ORs this layer reads, over each key block's active words.
@@ -237,6 +309,10 @@ class Adjacency:
         pre = np.logical_or.accumulate(vb, axis=1).ravel()
         suf = np.logical_or.accumulate(vb[:, ::-1], axis=1)[:, ::-1].ravel()
         srcs = {"src": v, "pre": pre, "suf": suf, "bor": bany}
+        for m in self.spre_strides:
+            srcs[("spre", m)] = stride_or_bool(v, m, False)
+        for m in self.ssuf_strides:
+            srcs[("ssuf", m)] = stride_or_bool(v, m, True)
         for I in range(nb):
             fl = self.full[I]
             if len(fl) and bany[fl].any():
@@ -244,8 +320,7 @@ class Adjacency:
             pr = self.partial[I]
             if pr is None:
                 continue
-            for kind in KINDS:
-                g = pr[kind]
+            for kind, g in pr.items():
                 if g is not None:
                     out[g.rows] |= np.logical_or.reduceat(srcs[kind][g.idx], g.starts)
         return out
@@ -346,29 +421,37 @@ def reach(adjs: list[Adjacency], n: int, mode: str, *, max_levels: int | None = 
         new_regions = {}
         last_new = []
         prepared = adj.prepare(src, regs, lo, hi, has, PRE, SUF)
+        any_has = bool(has.any())
+        gA = int(lo[has].min()) if any_has else 0
+        gZ = int(hi[has].max()) if any_has else 0
+        arrays = {"src": src, "pre": PRE, "suf": SUF, "bor": bor}
+        if any_has:
+            for m in adj.spre_strides:
+                arrays[("spre", m)] = stride_or(src, m, False, gA, gZ)
+            for m in adj.ssuf_strides:
+                arrays[("ssuf", m)] = stride_or(src, m, True, gA, gZ)
         for I in range(nb):
             q0, q1 = I * b, min(n, (I + 1) * b)
             if q0 >= n:
                 break
             inv = adj.involved[I]
-            if len(inv) == 0:
+            inv = inv[has[inv]] if len(inv) else inv
+            wide = adj.wide[I] and any_has
+            if len(inv) == 0 and not wide:
                 continue
-            inv = inv[has[inv]]
-            if len(inv) == 0:
-                continue
-            a, z = int(lo[inv].min()), int(hi[inv].max())
+            a, z = (int(lo[inv].min()), int(hi[inv].max())) if len(inv) else (W, 0)
+            if wide:
+                a, z = min(a, gA), max(z, gZ)
             fl = adj.full[I]
             fl = fl[has[fl]] if len(fl) else fl
-            pbk = adj.blocks[I]
             C = np.zeros((q1 - q0, z - a), dtype=np.uint64)
             if len(fl):
                 C |= np.bitwise_or.reduce(bor[fl, a:z], axis=0)
-            if pbk is not None:
-                pr = adj.partial[I]
-                for kind, arr in (("src", src), ("pre", PRE), ("suf", SUF), ("bor", bor)):
-                    g = pr[kind]
+            pr = adj.partial[I]
+            if pr is not None:
+                for kind, g in pr.items():
                     if g is not None:
-                        C[g.rows - q0] |= np.bitwise_or.reduceat(arr[g.idx, a:z], g.starts, axis=0)
+                        C[g.rows - q0] |= np.bitwise_or.reduceat(arrays[kind][g.idx, a:z], g.starts, axis=0)
             C &= ~R[q0:q1, a:z]
             cols = np.flatnonzero(C.any(axis=0))
             if len(cols) == 0:
