@@ -294,7 +294,7 @@ def _from_block(stack, mode, layers, block_size, notes) -> ReachReport:
     n = stack.n
     ba = BlockAnalysis(stack, block_size)
     res = ba.run(mode)
-    notes.append(f"block size {res.block_size} tokens ({ba.nb} blocks)")
+    notes.append(f"block size {res.block_size} token{'s' if res.block_size != 1 else ''} ({ba.nb} blocks)")
     if res.never:
         i, j = res.unreachable
         reason = f"key {j} never reaches query {i}: {res.reason}"
