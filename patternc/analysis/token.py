@@ -34,6 +34,8 @@ ALL_ONES = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 # Refuse to cache more PARTIAL pairs than this (int32 indices: 4 bytes each).
 MAX_PARTIAL_PAIRS = 1 << 28
+# Refuse when the bit matrices would need more than this many bytes.
+MAX_BYTES = 6 << 30
 
 
 class TooLarge(ValueError):
@@ -387,6 +389,12 @@ def reach(adjs: list[Adjacency], n: int, mode: str, *, max_levels: int | None = 
     b, nb = adjs[0].b, adjs[0].nb
     N = nb * b
     W = -(-n // 64)
+    matrices = 2 + (P == 1) + any(len(x.pre_blocks) for x in adjs) + any(len(x.suf_blocks) for x in adjs) \
+        + max(len(x.spre_strides) + len(x.ssuf_strides) for x in adjs)
+    need = matrices * N * W * 8
+    if need > MAX_BYTES:
+        raise TooLarge(f"{matrices} bit matrices of {N} x {W} words need {need / 2**30:.1f} GiB "
+                       f"(limit {MAX_BYTES / 2**30:.0f} GiB)")
     R = np.zeros((N, W), dtype=np.uint64)
     ar = np.arange(n)
     R[ar, ar // 64] = ONE << (ar % 64).astype(np.uint64)
