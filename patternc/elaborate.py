@@ -10,6 +10,7 @@ later key).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass, field
@@ -19,8 +20,16 @@ from lark import Token, Tree
 from . import ir
 from .errors import Diagnostic, PatternError, did_you_mean
 from .ir import And, Blocks, Diff, Heads, IntExpr, Layers, Not, Or, Pattern, Prim, Span
-from .parser import empty_source_diagnostic, parse_tree, prelude_path, span_of
+from .parser import MAX_NESTING, empty_source_diagnostic, parse_tree, prelude_path, span_of
 from .primitives import BUILTIN_INTS, INT_FUNCTION_NAMES, MAX_INT, PRIMITIVES, check_values
+
+
+# Bounds on what a source may expand to once `let`s are substituted and `def`s called: a
+# short source can describe an exponentially large tree (`let a1 = a0 | ~a0`, ...), and every
+# later stage walks the tree. Exceeding them is an error (P106 / P216), never a hang.
+MAX_IR_NODES = 100_000  # nodes of the expanded pattern, integer expressions included
+MAX_IR_DEPTH = 2 * MAX_NESTING  # nesting depth of the expanded pattern
+MAX_STEPS = 1_000_000  # elaboration steps (syntax nodes visited, def bodies counted per call)
 
 
 class _Fail(Exception):
@@ -78,14 +87,42 @@ class Elaborator:
         self.filename = filename
         self.warnings: list[Diagnostic] = []
         self._defining: set[str] = set()
+        self._steps = [0, None]  # [steps, span of the statement]; shared with prelude elaborators
+        self._measured: dict = {}  # id -> (value, tree size, depth); the value keeps the id alive
+
+    def measure(self, v, span):
+        """Fail with P216 / P106 when ``v`` (a pattern or integer, a DAG after `let`
+        sharing) expands to more than MAX_IR_NODES nodes or MAX_IR_DEPTH levels."""
+        memo = self._measured
+        stack = [(v, False)]
+        while stack:
+            n, done = stack.pop()
+            if id(n) in memo:
+                continue
+            kids = _value_children(n)
+            if not done:
+                stack.append((n, True))
+                stack.extend((c, False) for c in kids if id(c) not in memo)
+                continue
+            size = 1 + sum(memo[id(c)][1] for c in kids)
+            depth = 1 + max((memo[id(c)][2] for c in kids), default=0)
+            memo[id(n)] = (n, size, depth)
+            if depth > MAX_IR_DEPTH:
+                self.fail("P106", f"the expression nests more than {MAX_IR_DEPTH} levels deep once names are expanded", span,
+                          "flatten chains such as `a - b - c - ...` into `a - (b | c | ...)`, or simplify the definitions")
+            if size > MAX_IR_NODES:
+                self.fail("P216", f"the pattern expands to more than {MAX_IR_NODES:,} nodes once `let`s and `def`s are substituted",
+                          span, "each use of a name copies its definition: avoid definitions that use the previous one several times")
+        return v
 
     # ---- helpers ---------------------------------------------------------------------------
     def fail(self, code, message, span, help=None):
         raise _Fail(code, message, span, help)
 
     def text(self, node) -> str:
+        """The source text of ``node`` as quoted in messages: blanks (tabs, new lines) collapsed."""
         s = span_of(node)
-        return self.source[s.start:s.end] if s else ""
+        return " ".join(self.source[s.start:s.end].split()) if s else ""
 
     def check_int(self, v, span):
         if isinstance(v, int) and abs(v) > MAX_INT:
@@ -103,13 +140,14 @@ class Elaborator:
         result = None
         for idx, it in enumerate(items):
             kind = it.data
+            self._steps[1] = span_of(it)
             if kind == "final_expr":
                 if idx != len(items) - 1:
                     later = items[idx + 1]
                     what = "another expression" if later.data == "final_expr" else "a statement"
                     self.fail("P111", f"this expression is followed by {what}; a source ends with exactly one pattern expression",
                               span_of(it), "combine the expressions with `|` or `&`, or name this one with `let name = ...`")
-                val = self.expr(it.children[0], env)
+                val = self.measure(self.expr(it.children[0], env), span_of(it))
                 if not isinstance(val, Pattern):
                     self.fail("P206", f"the final expression is {_describe(val)}, but a pattern was expected", span_of(it),
                               "end the source with a pattern, e.g. `local(w=128) & causal`")
@@ -124,7 +162,7 @@ class Elaborator:
                     env[name] = Binding("param", val, span_of(name_tok), used=True)
                     self.expr(it.children[1], env)  # still check the default
                 else:
-                    val = self.expr(it.children[1], env)
+                    val = self.measure(self.expr(it.children[1], env), span_of(it.children[1]))
                     if not _is_int(val):
                         self.fail("P207", f"`param {name}` must be an integer, got {_describe(val)}", span_of(it.children[1]),
                                   "params are integers (window sizes, strides, ...); use `let` to name a pattern")
@@ -133,10 +171,11 @@ class Elaborator:
             elif kind == "let_stmt":
                 self._defining = {name}
                 if _mentions(it.children[1], name):
-                    self.fail("P210", f"`{name}` is defined in terms of itself", span_of(it.children[1]),
+                    self.fail("P210", f"`{name}` is defined in terms of itself", span_of(_mentions(it.children[1], name)),
                               "a `let` can only use names defined before it")
                 self._defining = set()
-                env[name] = Binding("let", self.expr(it.children[1], env), span_of(name_tok))
+                env[name] = Binding("let", self.measure(self.expr(it.children[1], env), span_of(it.children[1])),
+                                    span_of(name_tok))
             elif kind == "def_stmt":
                 params = []
                 body = it.children[-1]
@@ -144,20 +183,25 @@ class Elaborator:
                     seen = set()
                     for dp in it.children[1].children:
                         pname = str(dp.children[0])
+                        if pname in PRIMITIVES or pname in INT_FUNCTION_NAMES or pname in BUILTIN_INTS:
+                            self.fail("P211", f"`{pname}` is a built-in name and cannot be a parameter name",
+                                      span_of(dp.children[0]), f"choose another name, e.g. `my_{pname}`")
                         if pname in seen:
                             self.fail("P204", f"`def {name}` has two parameters named `{pname}`", span_of(dp.children[0]),
                                       "give each parameter its own name")
                         seen.add(pname)
                         params.append((pname, dp.children[1] if len(dp.children) > 1 else None))
-                if _mentions(body, name, calls_only=False):
-                    self.fail("P210", f"`def {name}` calls itself: recursion is not supported", span_of(body),
+                if _mentions(body, name):
+                    self.fail("P210", f"`def {name}` calls itself: recursion is not supported", span_of(_mentions(body, name)),
                               "patterns are finite expressions; write the repetition out, or use heads(...) / layers(...)")
                 env[name] = Binding("def", DefV(name, params, body, dict(env), span_of(name_tok), self.source, self.filename),
                                     span_of(name_tok))
         if result is None:
             last = items[-1]
+            lets = [str(it.children[0]) for it in items if it.data == "let_stmt"]
             self.fail("P111", "the source has no final pattern expression after its statements", span_of(last),
-                      "end the source with the pattern itself, e.g. `local(w) & causal`")
+                      f"end the source with the pattern itself: add a last line `{lets[-1]}`" if lets
+                      else "end the source with the pattern itself, e.g. `local(w=128) & causal`")
         return result, declared
 
     def check_new_name(self, name, tok, env):
@@ -171,6 +215,10 @@ class Elaborator:
 
     # ---- expressions -----------------------------------------------------------------------
     def expr(self, node, env):
+        self._steps[0] += 1
+        if self._steps[0] > MAX_STEPS:
+            self.fail("P216", f"the source takes more than {MAX_STEPS:,} elaboration steps (stopped in this statement)",
+                      self._steps[1] or span_of(node), "each call of a `def` expands its body again: avoid `def`s that call the previous `def` several times")
         if isinstance(node, Token):  # pragma: no cover - grammar always wraps tokens
             self.fail("P900", f"unexpected token {node!r}", span_of(node))
         method = getattr(self, "e_" + node.data, None)
@@ -234,10 +282,10 @@ class Elaborator:
         return val
 
     def arith(self, op, a, b, node):
+        if op in ("//", "%") and not isinstance(b, IntExpr) and b == 0:
+            self.fail("P212", f"division by zero in `{self.text(node)}`", span_of(node), "the divisor must not be 0")
         if isinstance(a, IntExpr) or isinstance(b, IntExpr):
             return ir.BinOp(op, a, b)
-        if op in ("//", "%") and b == 0:
-            self.fail("P212", f"division by zero in `{self.text(node)}`", span_of(node), "the divisor must not be 0")
         return self.check_int(ir.INT_BINOPS[op](a, b), span_of(node))
 
     def e_sum_expr(self, node, env):
@@ -298,7 +346,8 @@ class Elaborator:
 
     def warn_precedence(self, node, and_child):
         parts = [self.text(c) for c in node.children]
-        shown = " | ".join(f"({p})" if c is and_child else p for c, p in zip(node.children, parts))
+        shown = " | ".join(f"({p})" if isinstance(c, Tree) and c.data == "and_expr" else p
+                           for c, p in zip(node.children, parts))
         help_ = f"write `{shown}` to keep this meaning"
         if node.children[-1] is and_child:
             a_parts = [self.text(c) for c in and_child.children]
@@ -363,11 +412,12 @@ class Elaborator:
         out = {}
         names = [p for p in params]
         pos_i = 0
+        n_pos = sum(1 for kw, _t, _a in args if kw is None)
         for kw, t, a in args:
             if kw is None:
                 if pos_i >= len(names):
                     self.fail("P205", f"`{fname}` takes {len(names)} argument{'s' if len(names) != 1 else ''} "
-                              f"({', '.join(names) or 'none'}), got more", span_of(a),
+                              f"({', '.join(names) or 'none'}), got {n_pos} positional", span_of(a),
                               "remove the extra argument" + (f"; the parameters are {', '.join(names)}" if names else ""))
                 key = names[pos_i]
                 pos_i += 1
@@ -424,7 +474,7 @@ class Elaborator:
                           f"e.g. `{spec.example}`" + (f"; to combine patterns use `|` or `&`" if isinstance(v, Pattern) else ""))
             values[p.name] = (v, vspan)
         for key, msg, help_ in check_values(name, {k: v for k, (v, _s) in values.items() if not isinstance(v, Pattern)}):
-            self.fail("P208", msg, values[key][1], help_)
+            self.fail("P208", msg, values[key][1] if key is not None else span, help_)
         if name == "blocks":
             return Blocks(values["b"][0], values["p"][0], span=span)
         return Prim(name, tuple((p.name, values[p.name][0]) for p in spec.params), span=span)
@@ -474,12 +524,47 @@ class Elaborator:
             local[pname] = Binding("arg", v, None, used=True)
         if d.source is not self.source:  # prelude: evaluate with its own text for errors
             sub = Elaborator(d.source, d.filename)
+            sub._steps, sub._measured = self._steps, self._measured
             try:
-                return sub.expr(d.body, local)
+                out = sub.expr(d.body, local)
             except _Fail as f:  # report at the call site of the user's source
                 code, msg, _span, help_ = f.args_
                 self.fail(code, f"in `{d.name}`: {msg}", span_of(node), help_)
+            # nodes built by the prelude point into the prelude's text: point them at the call
+            keep = {id(n) for pname, _ in d.params for v in (local[pname].value,) if isinstance(v, Pattern)
+                    for n in v.walk()}
+            return _respan(out, span_of(node), keep, {})
         return self.expr(d.body, local)
+
+
+def _respan(v, span, keep: set, memo: dict):
+    """``v`` with the span of every pattern node not in ``keep`` (ids) replaced by ``span``."""
+    if not isinstance(v, Pattern) or id(v) in keep:
+        return v
+    if id(v) in memo:
+        return memo[id(v)]
+    kids = v.children()
+    out = v.with_children(tuple(_respan(c, span, keep, memo) for c in kids)) if kids else v
+    out = dataclasses.replace(out, span=span)
+    memo[id(v)] = out
+    return out
+
+
+def _value_children(v) -> tuple:
+    if isinstance(v, Prim):
+        out = []
+        for _k, x in v.args:
+            out.extend(x if isinstance(x, tuple) else (x,))
+        return tuple(x for x in out if isinstance(x, IntExpr))
+    if isinstance(v, Blocks):
+        return (v.child, v.b) if isinstance(v.b, IntExpr) else (v.child,)
+    if isinstance(v, Pattern):
+        return v.children()
+    if isinstance(v, ir.BinOp):
+        return tuple(x for x in (v.left, v.right) if isinstance(x, IntExpr))
+    if isinstance(v, ir.Fn):
+        return tuple(x for x in v.args if isinstance(x, IntExpr))
+    return ()
 
 
 def _join(a: Span | None, b: Span | None) -> Span | None:
@@ -488,11 +573,12 @@ def _join(a: Span | None, b: Span | None) -> Span | None:
     return Span(a.start, b.end, a.line, a.column, b.end_line, b.end_column)
 
 
-def _mentions(tree, name, calls_only=False) -> bool:
-    for t in tree.iter_subtrees():
+def _mentions(tree, name):
+    """The first (in source order) use of ``name`` in ``tree``, or None."""
+    for t in tree.iter_subtrees_topdown():
         if t.data in ("name", "call") and str(t.children[0]) == name:
-            return True
-    return False
+            return t
+    return None
 
 
 # ---- the prelude ----------------------------------------------------------------------------------
@@ -534,7 +620,11 @@ def proves_causal(p: Pattern) -> bool:
             return True
         if p.name == "dilated" and a.get("w") == 1:
             return True
-        if p.name in ("sink", "prefix", "random") and a.get("n", a.get("r")) == 0:
+        if p.name in ("sink", "prefix") and a.get("n") in (0, 1):  # j < 1 means j = 0 <= i
+            return True
+        if p.name == "random" and a.get("r") == 0:
+            return True
+        if p.name == "global" and (a.get("n") == 0 or a.get("at") == ()):
             return True
         return False
     if isinstance(p, And):
@@ -552,14 +642,36 @@ def _uses_causal(p: Pattern) -> bool:
     return any(isinstance(n, Prim) and n.name == "causal" for n in p.walk())
 
 
+# Primitives that exist to open bidirectional attention: `causal | prefix(n)` is the prefix-LM
+# and `causal | global(...)` adds global tokens on purpose, so they do not draw W002.
+_BIDIRECTIONAL_ON_PURPOSE = ("prefix", "global")
+
+
 def causal_warning(p: Pattern, source: str, filename: str) -> Diagnostic | None:
+    """W002: ``p`` uses ``causal`` yet the oracle finds a query attending a later key.
+
+    Silent when a proof of causality exists (on the elaborated or the normalised IR), when
+    the probe finds no witness, or when the parts that break causality are all ``prefix`` /
+    ``global`` primitives (deliberately bidirectional)."""
     if not _uses_causal(p) or proves_causal(p):
+        return None
+    from .normalize import normalize
+    from .properties import later_key_witness
+
+    q = normalize(p)
+    if proves_causal(q):
+        return None
+    witness = later_key_witness(q)
+    if witness is None:
         return None
     node = p
     culprit = None
     while True:
         if isinstance(node, (Or, Heads, Layers)):
             bad = [c for c in node.items if not proves_causal(c)]
+            if bad and isinstance(node, Or) and all(
+                    isinstance(c, Prim) and c.name in _BIDIRECTIONAL_ON_PURPOSE for c in bad):
+                return None
             with_causal = [c for c in bad if _uses_causal(c)]
             if with_causal and len(bad) == 1:
                 node = with_causal[0]
@@ -580,19 +692,30 @@ def causal_warning(p: Pattern, source: str, filename: str) -> Diagnostic | None:
         break
     where, bad = culprit if culprit else (p, p)
     span = bad.span or where.span or p.span
-    bad_text = source[span.start:span.end] if span else str(bad)
+    bad_text = _snippet(source, span) if span else str(bad)
+    eg = f" (e.g. query {witness['i']} attends key {witness['j']}"
+    eg += f" in head {witness['head']}" if q.num_heads > 1 else ""
+    eg += f" of layer {witness['layer']})" if q.num_layers > 1 else ")"
     if isinstance(bad, Blocks):
-        msg = f"`{bad_text}` uses `causal` at block level, so its diagonal blocks still let queries attend later keys (j > i)"
+        msg = f"`{bad_text}` uses `causal` at block level, so its diagonal blocks still let queries attend later keys (j > i){eg}"
         help_ = "every token pair of a kept block is kept (as in DeepSpeed's 'unidirectional' layouts); add `& causal` outside `blocks(...)` for token-level causality"
     else:
-        msg = f"the pattern uses `causal`, but `{bad_text}` still lets queries attend later keys (j > i)"
-        whole = source[p.span.start:p.span.end] if p.span else str(p)
+        msg = f"the pattern uses `causal`, but `{bad_text}` still lets queries attend later keys (j > i){eg}"
+        whole = _snippet(source, p.span) if p.span else str(p)
         help_ = f"apply `causal` to everything: `({whole}) & causal`" if isinstance(where, Or) else "add `& causal` to that part"
         if isinstance(where, Or):
-            union = [source[c.span.start:c.span.end] if c.span else str(c) for c in where.items]
-            stripped = [_strip_causal(u) for u in union]
-            help_ = f"apply `causal` to the whole union: `({' | '.join(stripped)}) & causal`"
+            union = [_snippet(source, c.span) if c.span else str(c) for c in where.items]
+            stripped = [t for t in (_strip_causal(u) for u in union) if t != "causal"]
+            inner = " | ".join(stripped)
+            if len(stripped) > 1:
+                help_ = f"apply `causal` to the whole union: `({inner}) & causal`"
+            else:
+                help_ = f"`| causal` keeps everything `{inner}` allows; did you mean `{inner} & causal`?"
     return Diagnostic("W002", msg, span, help_, severity="warning", filename=filename, source=source)
+
+
+def _snippet(source: str, span: Span) -> str:
+    return " ".join(source[span.start:span.end].split())
 
 
 def _strip_causal(text: str) -> str:

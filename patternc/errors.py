@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import enum
+import unicodedata
 from dataclasses import dataclass, field
 
 from .ir import Span
@@ -46,16 +47,16 @@ class Diagnostic:
             if src_line is not None:
                 gutter = str(self.span.line)
                 pad = " " * len(gutter)
-                shown = src_line.expandtabs(TAB_WIDTH)
+                shown = _display(src_line)
                 start = _display_col(src_line, self.span.column - 1)
                 if self.span.end_line == self.span.line:
                     end = _display_col(src_line, self.span.end_column - 1)
                 else:
                     end = len(shown)
-                width = max(1, end - start)
+                shown, start, end = _window(shown, start, max(end, start + 1))
                 lines.append(f"{pad} |")
-                lines.append(f"{gutter} | {shown}")
-                lines.append(f"{pad} | " + " " * start + "^" * width)
+                lines.append(f"{gutter} | {shown}".rstrip())
+                lines.append(f"{pad} | " + " " * start + "^" * (end - start))
         else:
             lines.append(f" --> {self.filename}")
         if self.help:
@@ -87,10 +88,54 @@ def _source_line(source: str | None, line: int) -> str | None:
     return None
 
 
+MAX_SHOWN_COLUMNS = 100  # longer source lines are shown as a window around the span
+
+
+def _char_width(ch: str) -> int:
+    """Terminal columns of one character (wide East Asian characters take two)."""
+    if unicodedata.combining(ch):
+        return 0
+    return 2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1
+
+
+def _display(line: str) -> str:
+    """The line as shown: tabs expanded to TAB_WIDTH stops, control characters as `?`."""
+    out = []
+    col = 0
+    for ch in line:
+        if ch == "\t":
+            n = TAB_WIDTH - col % TAB_WIDTH
+            out.append(" " * n)
+            col += n
+        else:
+            if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp"):
+                ch = "?"
+            out.append(ch)
+            col += _char_width(ch)
+    return "".join(out)
+
+
 def _display_col(line: str, col: int) -> int:
-    """Display column of character offset ``col`` once tabs are expanded."""
+    """Display column of character offset ``col`` (0-based) once ``line`` is shown with
+    ``_display`` (tabs expanded, wide characters counted twice)."""
     col = max(0, min(col, len(line)))
-    return len(line[:col].expandtabs(TAB_WIDTH))
+    return sum(_char_width(ch) for ch in _display(line[:col]))
+
+
+def _window(shown: str, start: int, end: int) -> tuple[str, int, int]:
+    """Cut a long display line to about MAX_SHOWN_COLUMNS around ``start`` (display columns).
+    Returns the shown text and the caret range within it. Assumes narrow characters when it
+    has to cut (long lines are generated text, not prose)."""
+    if len(shown) <= MAX_SHOWN_COLUMNS:
+        return shown, start, end
+    lo = max(0, start - MAX_SHOWN_COLUMNS // 3)
+    hi = min(len(shown), lo + MAX_SHOWN_COLUMNS)
+    lo = max(0, min(lo, hi - MAX_SHOWN_COLUMNS))
+    head = "..." if lo > 0 else ""
+    tail = "..." if hi < len(shown) else ""
+    start2 = start - lo + len(head)
+    end2 = min(end, hi) - lo + len(head)
+    return head + shown[lo:hi] + tail, start2, max(end2, start2 + 1)
 
 
 class PatternError(ValueError):
@@ -106,6 +151,15 @@ class PatternError(ValueError):
         self.diagnostics = list(diagnostics)
         super().__init__("\n\n".join(d.render() for d in self.diagnostics))
 
+    def with_source(self, text: str, filename: str = "<string>") -> "PatternError":
+        """This error with ``text`` attached to diagnostics that point into it but were
+        raised without it (P301 when lengths are bound), so they render the source line."""
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+        for d in self.diagnostics:
+            if d.source is None and d.span is not None:
+                d.source, d.filename = text, filename
+        return PatternError(self.diagnostics)
+
     @property
     def code(self) -> str:
         return self.diagnostics[0].code
@@ -120,7 +174,12 @@ class PatternWarning(UserWarning):
 
 
 def did_you_mean(name: str, candidates) -> str | None:
-    """``"did you mean `x`?"`` for the closest candidate, or None."""
+    """``"did you mean `x`?"`` for the closest candidate, or None.
+
+    Example:
+        >>> did_you_mean("locl", ["local", "chunk"])
+        'did you mean `local`?'
+    """
     cands = sorted(set(candidates))
     m = difflib.get_close_matches(name, cands, n=1, cutoff=0.6)
     if not m:

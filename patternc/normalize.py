@@ -10,6 +10,7 @@ tests check this against the oracle on random IR. ``bind_lengths`` substitutes `
 from __future__ import annotations
 
 import functools
+import math
 
 from . import ir
 from .errors import Diagnostic, PatternError
@@ -168,6 +169,208 @@ def simplify_blocks(p):
             return Blocks(p.b * p.child.b, p.child.child)
 
 
+def context_simplify(p):
+    """Operands of ``&`` hold inside it, operands of ``|`` fail inside it:
+    ``(X | (Y & c)) & c -> (X | Y) & c`` and ``c | (X & (Y | c)) -> c | (X & Y)``."""
+    if isinstance(p, (And, Or)):
+        mid = Or if isinstance(p, And) else And
+        inner = And if isinstance(p, And) else Or
+        neutral = ALL if inner is And else NONE
+        ctx = set(p.items)
+        changed = False
+        out = []
+        for c in p.items:
+            if isinstance(c, mid) and any(isinstance(d, inner) and any(x in ctx for x in d.items) for d in c.items):
+                kids = []
+                for d in c.items:
+                    if isinstance(d, inner) and any(x in ctx for x in d.items):
+                        rest = tuple(x for x in d.items if x not in ctx)
+                        d = inner(rest) if rest else neutral
+                    kids.append(d)
+                c = mid(tuple(kids))
+                changed = True
+            out.append(c)
+        if changed:
+            return type(p)(tuple(out))
+
+
+def factor_common(p):
+    """``(a & c) | (b & c) -> (a | b) & c`` and ``(a | c) & (b | c) -> (a & b) | c``.
+
+    Shared operands are taken most-shared first (ties in canonical order); each operand of
+    ``p`` joins at most one group per rewrite, so a wide ``|`` is factored in one step."""
+    if not isinstance(p, (And, Or)):
+        return None
+    inner = Or if isinstance(p, And) else And
+    groups = [k for k, c in enumerate(p.items) if isinstance(c, inner)]
+    if len(groups) < 2:
+        return None
+    holders: dict = {}
+    for k in groups:
+        for x in set(p.items[k].items):
+            holders.setdefault(x, []).append(k)
+    shared = [x for x, ks in holders.items() if len(ks) >= 2]
+    if not shared:
+        return None
+    shared.sort(key=lambda y: (-len(holders[y]), _sort_key(y)))
+    taken: set = set()
+    factored = []
+    for x in shared:
+        ks = [k for k in holders[x] if k not in taken]
+        if len(ks) < 2:
+            continue
+        taken.update(ks)
+        rests = tuple(inner(tuple(y for y in p.items[k].items if y != x)) for k in ks)
+        factored.append(inner((type(p)(rests), x)))
+    others = tuple(c for k, c in enumerate(p.items) if k not in taken)
+    out = others + tuple(factored)
+    return type(p)(out) if len(out) > 1 else out[0]
+
+
+def factor_choice(p):
+    """An operand common to every entry of ``heads(...)`` / ``layers(...)`` moves out:
+    ``heads(a & c, b & c) -> heads(a, b) & c`` (and the same with ``|``)."""
+    if isinstance(p, (Heads, Layers)) and len(p.items) >= 2:
+        for op, neutral in ((And, ALL), (Or, NONE)):
+            sets = [set(c.items) if isinstance(c, op) else {c} for c in p.items]
+            common = set.intersection(*sets)
+            if common and any(isinstance(c, op) for c in p.items):
+                kids = []
+                for c in p.items:
+                    rest = tuple(y for y in (c.items if isinstance(c, op) else (c,)) if y not in common)
+                    kids.append(op(rest) if len(rest) > 1 else (rest[0] if rest else neutral))
+                return op(tuple(sorted(common, key=_sort_key)) + (type(p)(tuple(kids)),))
+
+
+def merge_choices(p):
+    """``heads(a, b) & heads(c, d) -> heads(a & c, b & d)`` for entries of equal count (also
+    ``|`` and ``layers``); ``blocks(b, x) & blocks(b, y) -> blocks(b, x & y)`` (also ``|``).
+    Every group is merged in one rewrite."""
+    if not isinstance(p, (And, Or)):
+        return None
+    op = type(p)
+    groups: dict = {}
+    for c in p.items:
+        if isinstance(c, (Heads, Layers)):
+            groups.setdefault((type(c), len(c.items)), []).append(c)
+        elif isinstance(c, Blocks):
+            groups.setdefault((Blocks, c.b), []).append(c)
+    if not any(len(g) >= 2 for g in groups.values()):
+        return None
+    out = []
+    done = set()
+    for c in p.items:
+        key = (type(c), len(c.items)) if isinstance(c, (Heads, Layers)) else ((Blocks, c.b) if isinstance(c, Blocks) else None)
+        group = groups.get(key) if key is not None else None
+        if not group or len(group) < 2:
+            out.append(c)
+        elif key not in done:
+            done.add(key)
+            if key[0] is Blocks:
+                out.append(Blocks(key[1], op(tuple(g.child for g in group))))
+            else:
+                out.append(key[0](tuple(op(tuple(g.items[k] for g in group)) for k in range(key[1]))))
+    return op(tuple(out)) if len(out) > 1 else out[0]
+
+
+def nested_choice(p):
+    """``heads(heads(a, b), c, d, e) -> heads(a, c, d, e)``: an inner ``heads`` whose count
+    divides the outer one always picks the same entry (also ``layers``)."""
+    if isinstance(p, (Heads, Layers)):
+        m = len(p.items)
+        kids = list(p.items)
+        changed = False
+        for k, c in enumerate(kids):
+            if type(c) is type(p) and m % len(c.items) == 0:
+                kids[k] = c.items[k % len(c.items)]
+                changed = True
+        if changed:
+            return type(p)(tuple(kids))
+
+
+def _const_args(p: Prim) -> bool:
+    return not any(isinstance(v, IntExpr) for _k, v in p.args)
+
+
+MERGE_TRIES = 4  # chunk / strided candidates tried per primitive (they merge only when sizes divide)
+
+
+def _merge_two(op, a: Prim, b: Prim):
+    """One primitive equal to ``a op b`` (op: And / Or) for two constant primitives of the
+    same kind, or None."""
+    if a.name != b.name or not (_const_args(a) and _const_args(b)):
+        return None
+    x, y = dict(a.args), dict(b.args)
+    pick = min if op is And else max
+    n = a.name
+    if n == "local":  # nested windows around the diagonal
+        return Prim(n, (("w", pick(x["w"], y["w"])),))
+    if n == "band":  # both intervals contain j = i, so their union is an interval too
+        return Prim(n, (("left", pick(x["left"], y["left"])), ("right", pick(x["right"], y["right"]))))
+    if n in ("sink", "prefix"):
+        return Prim(n, (("n", pick(x["n"], y["n"])),))
+    if n == "global":
+        if "n" in x and "n" in y:  # (i<a or j<a) and (i<b or j<b) == i<min or j<min
+            return Prim(n, (("n", pick(x["n"], y["n"])),))
+        if op is Or:  # union of the global positions (global(n=k) is positions 0 .. k-1)
+            px = set(x["at"]) if "at" in x else (set(range(x["n"])) if x["n"] <= 1024 else None)
+            py = set(y["at"]) if "at" in y else (set(range(y["n"])) if y["n"] <= 1024 else None)
+            if px is not None and py is not None:
+                return Prim(n, (("at", tuple(sorted(px | py))),))
+        return None
+    if n == "strided":  # i-j divisible by both <=> by their lcm; s1 | s2 means strided(s2) <= strided(s1)
+        s1, s2 = x["s"], y["s"]
+        if op is And:
+            return Prim(n, (("s", math.lcm(s1, s2)),))
+        if s2 % s1 == 0 or s1 % s2 == 0:
+            return Prim(n, (("s", math.gcd(s1, s2)),))
+        return None
+    if n == "chunk":  # l1 | l2: every chunk of l1 lies inside one chunk of l2
+        l1, l2 = x["l"], y["l"]
+        if l2 % l1 == 0 or l1 % l2 == 0:
+            return Prim(n, (("l", min(l1, l2) if op is And else max(l1, l2)),))
+    return None
+
+
+_ALWAYS_MERGE = {"local", "band", "sink", "prefix"}  # any two constant ones merge
+
+
+def merge_primitives(p):
+    """Constant primitives of one kind under ``&`` / ``|`` become one:
+    ``local(w=3) & local(w=5) -> local(w=3)``, ``strided(s=2) & strided(s=3) -> strided(s=6)``,
+    ``global(at=[0]) | global(at=[5]) -> global(at=[0, 5])``, ``chunk(4) | chunk(8) -> chunk(8)``
+    (every mergeable pair in one rewrite, so a wide ``|`` takes one step)."""
+    if isinstance(p, (And, Or)):
+        op = type(p)
+        out: list = []
+        slots: dict = {}  # name -> indices in out of primitives of that name
+        changed = False
+        for c in p.items:
+            if isinstance(c, Prim):
+                # at most MERGE_TRIES candidates: chunk / strided merge only when sizes divide,
+                # and a wide `|` of unrelated sizes must not cost quadratic time
+                cands = slots.get(c.name, ())
+                for k in (cands[:1] if c.name in _ALWAYS_MERGE else cands[:MERGE_TRIES]):
+                    m = _merge_two(op, out[k], c)
+                    if m is not None:
+                        out[k] = m
+                        changed = True
+                        break
+                else:
+                    slots.setdefault(c.name, []).append(len(out))
+                    out.append(c)
+            else:
+                out.append(c)
+        if changed:
+            return op(tuple(out))
+
+
+def negate_blocks(p):
+    """``~blocks(b, x) -> blocks(b, ~x)`` (every token lies in exactly one block)."""
+    if isinstance(p, Not) and isinstance(p.child, Blocks):
+        return Blocks(p.child.b, Not(p.child.child))
+
+
 PASSES = [
     ("diff_to_and_not", diff_to_and_not),
     ("double_negation", double_negation),
@@ -177,6 +380,13 @@ PASSES = [
     ("complement", complement),
     ("absorption", absorption),
     ("causal_absorption", causal_absorption),
+    ("context_simplify", context_simplify),
+    ("factor_common", factor_common),
+    ("factor_choice", factor_choice),
+    ("merge_choices", merge_choices),
+    ("nested_choice", nested_choice),
+    ("negate_blocks", negate_blocks),
+    ("merge_primitives", merge_primitives),
     ("simplify_primitive", simplify_primitive),
     ("simplify_blocks", simplify_blocks),
     ("unwrap_trivial", unwrap_trivial),
@@ -186,17 +396,26 @@ PASSES = [
 
 @functools.lru_cache(maxsize=65536)
 def normalize(p: Pattern) -> Pattern:
-    """The canonical form of ``p``: passes applied bottom-up until none fires."""
-    kids = p.children()
-    if kids:
-        new = tuple(normalize(c) for c in kids)
-        if new != kids or any(a is not b for a, b in zip(new, kids)):
-            p = p.with_children(new)
-    for _name, rewrite in PASSES:
-        r = rewrite(p)
-        if r is not None and r != p:
-            return normalize(r)
-    return p
+    """The canonical form of ``p``: passes applied bottom-up until none fires.
+
+    Example:
+        >>> from patternc.ir import CAUSAL, And, Prim
+        >>> str(normalize(And((CAUSAL, And((Prim("local", (("w", 4),)), CAUSAL))))))
+        'local(w=4) & causal'
+    """
+    while True:  # iterative at the root: a wide `|` may take many rewrites
+        kids = p.children()
+        if kids:
+            new = tuple(normalize(c) for c in kids)
+            if any(a is not b for a, b in zip(new, kids)):
+                p = p.with_children(new)
+        for _name, rewrite in PASSES:
+            r = rewrite(p)
+            if r is not None and r != p:
+                p = r
+                break
+        else:
+            return p
 
 
 def run_passes_traced(p: Pattern) -> list[tuple[str, str]]:
@@ -218,9 +437,10 @@ def run_passes_traced(p: Pattern) -> list[tuple[str, str]]:
 
 
 # ---- binding lengths ---------------------------------------------------------------------------------
-def bind_lengths(p: Pattern, q_len: int, kv_len: int) -> Pattern:
+def bind_lengths(p: Pattern, q_len: int, kv_len: int, *, normalized: bool = True) -> Pattern:
     """Substitute ``q_len`` / ``kv_len`` (tokens; block counts inside ``blocks(b, ...)``),
-    check the resulting parameter values, and normalise.
+    check the resulting parameter values, and normalise (unless ``normalized=False``: the
+    oracle evaluates the bound pattern as it is).
 
     Raises:
         PatternError: P301 when a parameter computed from the lengths is out of range or
@@ -228,7 +448,8 @@ def bind_lengths(p: Pattern, q_len: int, kv_len: int) -> Pattern:
     """
     if not p.is_symbolic() and not any(isinstance(n, Blocks) and isinstance(n.b, IntExpr) for n in p.walk()):
         return p
-    return normalize(_bind(p, {"q_len": q_len, "kv_len": kv_len}))
+    bound = _bind(p, {"q_len": q_len, "kv_len": kv_len})
+    return normalize(bound) if normalized else bound
 
 
 def _eval(v, env, where):
@@ -267,3 +488,82 @@ def _bind(p: Pattern, env: dict) -> Pattern:
     if not kids:
         return p
     return p.with_children(tuple(_bind(c, env) for c in kids))
+
+
+# ---- invariants (checked by the tests, between passes and on every normalised result) ------------------
+def ir_problems(p: Pattern) -> list[str]:
+    """Well-formedness of any IR, normalised or not: node types, arities, primitive
+    arguments in registry order with valid values. Returns a list of problems (empty = ok)."""
+    from .primitives import PRIMITIVES
+
+    out = []
+    for n in p.walk():
+        if isinstance(n, Prim):
+            spec = PRIMITIVES.get(n.name)
+            if spec is None or spec.combinator:
+                out.append(f"unknown primitive {n.name!r}")
+                continue
+            names = tuple(k for k, _ in n.args)
+            forms = [tuple(q.name for q in spec.params)] + [tuple(q.name for q in f) for f in spec.forms]
+            if names not in forms:
+                out.append(f"{n.name}: arguments {names} are not one of {forms}")
+            for k, v in n.args:
+                ok = (isinstance(v, int) and not isinstance(v, bool)) or isinstance(v, IntExpr) or (
+                    isinstance(v, tuple) and all(isinstance(x, int) for x in v))
+                if not ok:
+                    out.append(f"{n.name}: argument {k}={v!r} is not an integer, list or IntExpr")
+            concrete = {k: v for k, v in n.args if not isinstance(v, IntExpr)}
+            out += [f"{n.name}: {msg}" for _k, msg, _h in check_values(n.name, concrete)]
+        elif isinstance(n, (And, Or, Heads, Layers)):
+            if not isinstance(n.items, tuple) or not all(isinstance(c, Pattern) for c in n.items):
+                out.append(f"{type(n).__name__}: items must be a tuple of patterns")
+            elif isinstance(n, (Heads, Layers)) and not n.items:
+                out.append(f"{type(n).__name__} with no entries")
+        elif isinstance(n, Blocks):
+            if not (isinstance(n.b, IntExpr) or (_is_const(n.b) and n.b >= 1)):
+                out.append(f"blocks size {n.b!r} must be an integer >= 1")
+        elif isinstance(n, (Not, Diff)):
+            pass
+        else:
+            out.append(f"unknown node {type(n).__name__}")
+    return out
+
+
+def normal_form_problems(p: Pattern) -> list[str]:
+    """The invariants of ``normalize``'s output, on top of ``ir_problems``: no ``-``
+    (``Diff``); ``&`` / ``|`` flattened, with >= 2 distinct operands in canonical order and no
+    ``all`` / ``none`` among them; no ``~~x``, ``~all``, ``~none``; ``heads`` / ``layers`` with
+    >= 2 entries and no shorter period; no ``blocks(1, x)``, ``blocks(b, all)``, nested
+    constant blocks; and no pass applies anywhere (a fixed point)."""
+    out = ir_problems(p)
+    seen = set()
+    for n in p.walk():
+        if id(n) in seen:
+            continue
+        seen.add(id(n))
+        name = type(n).__name__
+        if isinstance(n, Diff):
+            out.append("Diff in normal form")
+        if isinstance(n, (And, Or)):
+            if len(n.items) < 2:
+                out.append(f"{name} with {len(n.items)} operand(s)")
+            if any(type(c) is type(n) for c in n.items):
+                out.append(f"{name} not flattened")
+            if ALL in n.items or NONE in n.items:
+                out.append(f"{name} contains all/none")
+            if list(n.items) != sorted(set(n.items), key=_sort_key):
+                out.append(f"{name} operands not unique and sorted")
+        if isinstance(n, Not) and (isinstance(n.child, Not) or n.child in (ALL, NONE)):
+            out.append(f"trivial negation {n}")
+        if isinstance(n, (Heads, Layers)):
+            m = len(n.items)
+            if m < 2 or any(m % k == 0 and n.items == n.items[:k] * (m // k) for k in range(1, m)):
+                out.append(f"{name} with a shorter period: {n}")
+        if isinstance(n, Blocks):
+            if n.child in (ALL, NONE) or (_is_const(n.b) and n.b == 1):
+                out.append(f"trivial blocks: {n}")
+        for pass_name, rewrite in PASSES:
+            r = rewrite(n)
+            if r is not None and r != n:
+                out.append(f"pass {pass_name} still applies to {n}")
+    return out

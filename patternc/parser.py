@@ -4,8 +4,13 @@
 The elaborator (``patternc.elaborate``) turns the tree into the IR.
 
 Newlines end statements, except inside brackets, after a binary operator, ``=`` or ``,``,
-or before a line that starts with ``|``, ``&``, ``+``, ``-``, ``*``, ``//`` or ``%``
-(``LineJoiner``), so long expressions can be broken over lines naturally.
+or before a line that starts with ``|``, ``&``, ``+``, ``-``, ``*``, ``//``, ``%``, ``=``,
+``,`` or a closing bracket (``LineJoiner``), so long expressions can be broken over lines
+naturally.
+
+``parse_tree_with_comments`` also returns the comments (for ``patternc fmt``). Syntax errors
+are labelled by ``SYNTAX_EXAMPLES`` (Lark's ``match_examples``) plus bracket matching and the
+end-of-input cases; the codes are listed in ``docs/diagnostics.md``.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ def prelude_path() -> Path:
 
 
 _JOIN_AFTER = {"_OR", "_AND", "PLUS", "MINUS", "MUL_OP", "TILDE", "EQUAL", "COMMA", "LPAR", "LSQB"}
-_JOIN_BEFORE = {"_OR", "_AND", "PLUS", "MINUS", "MUL_OP", "RPAR", "RSQB", "COMMA"}
+_JOIN_BEFORE = {"_OR", "_AND", "PLUS", "MINUS", "MUL_OP", "RPAR", "RSQB", "COMMA", "EQUAL"}
 _OPEN = {"LPAR": "RPAR", "LSQB": "RSQB"}
 _CLOSE = {"RPAR", "RSQB"}
 
@@ -92,14 +97,52 @@ def get_parser() -> Lark:
     )
 
 
+class _CommentSink:
+    """Collects the COMMENT tokens the lexer skips (``lexer_callbacks``), for ``fmt``."""
+
+    def __init__(self):
+        self.tokens: list[Token] | None = None
+
+    def __call__(self, tok: Token) -> Token:
+        if self.tokens is not None:
+            self.tokens.append(tok)
+        return tok
+
+
+_COMMENTS = _CommentSink()
+
+
+@functools.lru_cache(maxsize=1)
+def get_comment_parser() -> Lark:
+    """Like ``get_parser``, but the lexer hands every comment to ``_COMMENTS``."""
+    return Lark(
+        grammar_path().read_text(encoding="utf-8"),
+        parser="lalr",
+        lexer="basic",
+        postlex=LineJoiner(),
+        propagate_positions=True,
+        maybe_placeholders=False,
+        lexer_callbacks={"COMMENT": _COMMENTS},
+    )
+
+
 # --- syntax error labelling -----------------------------------------------------------------
-# The table Lark's ``match_examples`` uses to label syntax errors by parser state; the same
-# table is the error-message test (tests/test_diagnostics.py).
+# The table Lark's ``match_examples`` uses to label syntax errors by parser state. It is also
+# the error-message test: tests/test_diagnostics.py checks that every example is labelled
+# with its code, both by ``match_examples`` alone and by the whole ``parse_tree``.
+# Errors at the end of the input (P103) and bracket errors (P102) are recognised before the
+# table is consulted, so their examples only go through ``parse_tree``.
 SYNTAX_EXAMPLES: dict[str, list[str]] = {
-    "P103": ["causal &", "local(w=1) |", "causal -", "~", "let x =", "param w =", "local(w=", "causal & ~"],
-    "P104": ["local(w=1) causal", "causal causal", "local(1) 3", "(causal) (causal)"],
-    "P109": ["local(w=1) & & causal", "causal | | all", "causal & | all", "(| causal)", "local(,)"],
-    "P110": ["let = causal", "param = 3", "def (x) = x", "let 3 = causal", "def f(3) = x"],
+    "P102": ["local(w=1", "(causal & local(w=3)", "global(at=[1, 2)", "causal)", "local(w=1]"],
+    "P103": ["causal &", "local(w=1) |", "causal -", "~", "let x =", "param w =", "causal & ~",
+             "def f(x) =", "local(w=1) &\n"],
+    "P104": ["local(w=1) causal", "causal causal", "local(1) 3", "(causal) (causal)", "local w=3",
+             "param w = 3 4", "let x = causal\nx x"],
+    "P109": ["local(w=1) & & causal", "causal | | all", "causal & | all", "(| causal)", "local(,)",
+             "local(w=)", "causal &\nlet x = causal", "local(=3)", "param w == 3", "causal || all"],
+    "P110": ["let = causal", "param = 3", "def (x) = x", "let 3 = causal", "def f(3) = x", "let\nx = 3\nx"],
+    "P112": ["let x causal", "let x local(w=1)", "param w 3", "def f = causal", "def f(x) causal",
+             "def f(x, y) x", "let x", "def f"],
 }
 
 SYNTAX_MESSAGES = {
@@ -107,6 +150,16 @@ SYNTAX_MESSAGES = {
     "P104": "expected an operator or the end of the statement",
     "P109": "expected an operand",
     "P110": "expected a name",
+    "P112": "this statement is incomplete",
+    "P113": "unexpected input",
+}
+
+SYNTAX_HELPS = {
+    "P104": "join the two parts with an operator (`|`, `&`, `-`), or start a new statement on a new line "
+            "(a source ends with exactly one pattern expression)",
+    "P109": "put a pattern or an integer here",
+    "P110": "names start with a letter or `_`: e.g. `let window = local(w=128)`",
+    "P112": "statements are `param NAME = INT`, `let NAME = EXPR` and `def NAME(PARAMS) = EXPR`",
 }
 
 TERMINAL_NAMES = {
@@ -115,6 +168,8 @@ TERMINAL_NAMES = {
     "MINUS": "`-`", "MUL_OP": "`*`, `//` or `%`", "TILDE": "`~`", "_NL": "a new line",
     "$END": "the end of the input", "PARAM": "`param`", "LET": "`let`", "DEF": "`def`",
 }
+
+_STATEMENT_PUNCT = {"EQUAL", "LPAR"}  # what a half-written `let x` / `def f` waits for
 
 
 def _expected_text(expected) -> str:
@@ -134,47 +189,84 @@ def _point_span(text: str, pos: int, width: int = 1) -> Span:
 
 
 def _end_span(text: str) -> Span:
-    """Span at the end of the input: after the last non-blank character."""
-    stripped = text.rstrip()
-    # skip a trailing comment line
-    return _point_span(text, len(stripped))
+    """Span just after the last non-blank character outside a trailing comment."""
+    end = len(text)
+    while True:
+        stripped = text[:end].rstrip()
+        line_start = stripped.rfind("\n") + 1
+        hash_at = _comment_start(stripped[line_start:])
+        if hash_at is None:
+            return _point_span(text, len(stripped))
+        end = line_start + hash_at
 
 
-def _unclosed(text: str):
-    """The innermost unclosed bracket token, if any (lexing only)."""
+def _comment_start(line: str) -> int | None:
+    i = line.find("#")
+    return i if i >= 0 else None
+
+
+def _brackets(text: str):
+    """Lex ``text`` (best effort) and return (stack of unclosed openers, first mismatch)."""
     stack = []
     try:
         for tok in get_parser().lex(text, dont_ignore=False):
             if tok.type in _OPEN:
                 stack.append(tok)
-            elif tok.type in _CLOSE and stack:
+            elif tok.type in _CLOSE:
+                if not stack:
+                    return stack, (None, tok)
+                if _OPEN[stack[-1].type] != tok.type:
+                    return stack, (stack[-1], tok)
                 stack.pop()
     except UnexpectedInput:
         pass
+    return stack, None
+
+
+def _unclosed(text: str):
+    """The innermost unclosed bracket token, if any (lexing only)."""
+    stack, _ = _brackets(text)
     return stack[-1] if stack else None
 
 
 def _label(err: UnexpectedInput) -> str | None:
+    """The code of the SYNTAX_EXAMPLES entry that fails in the same parser state, or None.
+    (P102 is left out: bracket errors are found by matching brackets, not by state.)"""
+    table = {k: v for k, v in SYNTAX_EXAMPLES.items() if k != "P102"}
     try:
-        return err.match_examples(get_parser().parse, SYNTAX_EXAMPLES, use_accepts=True)
+        return err.match_examples(get_parser().parse, table, use_accepts=True)
     except Exception:  # labelling is best-effort; the heuristics below always answer
         return None
 
 
 def syntax_diagnostic(err: UnexpectedInput, text: str, filename: str) -> Diagnostic:
+    """The P1xx diagnostic for a Lark parse error in ``text``."""
     def diag(code, msg, span, help):
         return Diagnostic(code, msg, span, help, filename=filename, source=text)
 
     if isinstance(err, UnexpectedCharacters):
         ch = text[err.pos_in_stream] if err.pos_in_stream < len(text) else ""
+        extra = {
+            "!": "; `!` is written `~` (not)", "^": "; `^` has no meaning here: use `|` (or) or `&` (and)",
+            "/": "; `/` is written `//` (integer division)", ";": "; statements are separated by new lines, not `;`",
+            '"': "; there are no strings: names and integers are written bare",
+            "'": "; there are no strings: names and integers are written bare",
+            ".": "; numbers are integers (a length in tokens)", ":": "; a keyword argument is written `name=value`",
+        }.get(ch, "")
+        if not extra and ch.isalpha():
+            extra = "; names use ASCII letters, digits and `_`"
         return diag("P101", f"unexpected character `{ch}`", _point_span(text, err.pos_in_stream),
-                    "patterns use names, integers, ( ) [ ] , = and the operators | & - ~ + * // %"
-                    + ("; `!` is written `~` (not)" if ch == "!" else "")
-                    + ("; `^` has no meaning here: use `|` (or) or `&` (and)" if ch == "^" else "")
-                    + ("; `/` is written `//` (integer division)" if ch == "/" else ""))
+                    "patterns use names, integers, ( ) [ ] , = and the operators | & - ~ + * // %" + extra)
     tok = getattr(err, "token", None)
     at_end = isinstance(err, UnexpectedEOF) or (tok is not None and tok.type == "$END")
-    expected = getattr(err, "expected", None) or getattr(err, "accepts", None) or set()
+    expected = set(getattr(err, "expected", None) or getattr(err, "accepts", None) or set())
+    if expected and expected - {"_NL"} <= _STATEMENT_PUNCT:
+        want = _expected_text(expected)
+        shown = "the end of the input" if at_end else ("a new line" if tok.type == "_NL" else f"`{tok.value}`")
+        span = _end_span(text) if at_end else _point_span(text, tok.start_pos, max(1, len(str(tok.value))))
+        help_ = ("a `def` needs a parameter list, even an empty one: e.g. `def window() = local(w=128)`"
+                 if expected - {"_NL"} == {"LPAR"} else SYNTAX_HELPS["P112"])
+        return diag("P112", f"{SYNTAX_MESSAGES['P112']}: expected {want}, found {shown}", span, help_)
     if at_end:
         opener = _unclosed(text)
         if opener is not None:
@@ -189,26 +281,47 @@ def syntax_diagnostic(err: UnexpectedInput, text: str, filename: str) -> Diagnos
     span = _point_span(text, tok.start_pos, max(1, len(str(tok.value))))
     shown = "a new line" if tok.type == "_NL" else f"`{tok.value}`"
     if tok.type in _CLOSE:
-        opener = _unclosed(text[: tok.start_pos])
-        if opener is None:
-            return diag("P102", f"unmatched `{tok.value}`", span, "remove it, or add the opening bracket it closes")
-    label = _label(err) or ("P104" if "_NL" in expected or "$END" in expected else "P109")
-    if tok.type == "_NL" and label != "P110":
-        label = "P103"
+        _stack, bad = _brackets(text[: tok.end_pos])
+        if bad is not None and bad[1].start_pos == tok.start_pos:
+            opener = bad[0]
+            if opener is None:
+                return diag("P102", f"unmatched `{tok.value}`", span, "remove it, or add the opening bracket it closes")
+            want = ")" if opener.type == "LPAR" else "]"
+            return diag("P102", f"`{tok.value}` does not match the `{opener.value}` opened at line {opener.line}, "
+                        f"column {opener.column}", span, f"close it with `{want}`")
+    label = _label(err)
+    if label is None:  # a parser state no example covers: say what was expected
+        return diag("P113", f"unexpected {shown}: expected {_expected_text(expected)}", span,
+                    "see docs/language.md for the syntax")
+    if tok.type == "_NL" and label not in ("P110", "P112"):
         return diag("P103", f"the line ends in the middle of an expression: expected {_expected_text(expected)}",
                     _point_span(text, tok.start_pos), "complete the expression on this line, or break the line after an operator")
-    helps = {
-        "P104": "join the two parts with an operator (`|`, `&`, `-`) or put them on separate statements; a file ends with exactly one pattern expression",
-        "P109": "put a pattern or integer between the operators",
-        "P110": "names start with a letter or `_`: e.g. `let window = local(w=128)`",
-    }
+    if label == "P103":  # the operand is missing, but the input goes on
+        label = "P109"
+    help_ = SYNTAX_HELPS.get(label, f"expected {_expected_text(expected)}")
+    if label == "P109":
+        before = text[: tok.start_pos].rstrip()
+        if tok.type in ("_AND", "_OR") and before.endswith(str(tok.value)):
+            help_ = f"`{tok.value}{tok.value}` is written `{tok.value}`"
+        elif tok.type == "EQUAL" and before.endswith("="):
+            help_ = "`==` is not an operator: `=` only appears in `param`, `let`, `def` and keyword arguments"
+        elif tok.type in ("PARAM", "LET", "DEF"):
+            help_ = "the expression on the line above is unfinished: complete it before the next statement"
     msg = SYNTAX_MESSAGES.get(label, "unexpected input")
-    return diag(label, f"{msg}, found {shown}", span, helps.get(label, f"expected {_expected_text(expected)}"))
+    return diag(label, f"{msg}, found {shown}", span, help_)
 
 
 def empty_source_diagnostic(text: str, filename: str) -> Diagnostic:
     return Diagnostic("P105", "no pattern: the source is empty (only blanks or comments)", None,
                       "write a pattern expression, e.g. `local(w=128) & causal`", filename=filename, source=text)
+
+
+def too_large_diagnostic(size: int, filename: str) -> Diagnostic:
+    """P107 for a source of ``size`` characters (or bytes) over MAX_SOURCE_BYTES."""
+    return Diagnostic(
+        "P107", f"the source is too large ({size / 2**20:.1f} MiB; the limit is {MAX_SOURCE_BYTES >> 20} MiB)",
+        None, "patterns are small: use `param`, `let` and `def` instead of spelling the pattern out",
+        filename=filename)
 
 
 def decode_source(data: bytes, filename: str) -> str:
@@ -231,16 +344,32 @@ def parse_tree(text: str, filename: str = "<string>") -> Tree:
     """Parse source text into a Lark tree.
 
     Raises:
-        PatternError: P101-P110 syntax errors, P106 too deep, P107 too large.
+        PatternError: P101-P113 syntax errors, P106 too deep, P107 too large.
     """
+    return _parse(text, filename, get_parser())
+
+
+def parse_tree_with_comments(text: str, filename: str = "<string>") -> tuple[Tree, list[Token]]:
+    """``parse_tree`` that also returns the comments (COMMENT tokens, in source order).
+
+    Raises:
+        PatternError: as ``parse_tree``.
+    """
+    comments: list[Token] = []
+    _COMMENTS.tokens = comments
+    try:
+        tree = _parse(text, filename, get_comment_parser())
+    finally:
+        _COMMENTS.tokens = None
+    return tree, comments
+
+
+def _parse(text: str, filename: str, parser: Lark) -> Tree:
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     if len(text) > MAX_SOURCE_BYTES:
-        raise PatternError(Diagnostic(
-            "P107", f"the source is too large ({len(text) / 2**20:.1f} MiB; the limit is {MAX_SOURCE_BYTES >> 20} MiB)",
-            None, "patterns are small: use `param`, `let` and `def` instead of spelling the pattern out",
-            filename=filename, source=text))
+        raise PatternError(too_large_diagnostic(len(text), filename))
     try:
-        tree = get_parser().parse(text)
+        tree = parser.parse(text)
     except UnexpectedInput as e:
         raise PatternError(syntax_diagnostic(e, text, filename)) from None
     _check_depth(tree, text, filename)
@@ -257,7 +386,8 @@ def _check_depth(tree: Tree, text: str, filename: str) -> None:
         if not isinstance(node, Tree):
             continue
         if node.data in _NESTING_NODES:
-            depth += 1
+            # each prefix operator of ``~~~p`` is one level of nesting
+            depth += len(node.children) - 1 if node.data == "prefix" else 1
             if depth > MAX_NESTING:
                 m = node.meta
                 span = Span(m.start_pos, m.start_pos + 1, m.line, m.column, m.line, m.column + 1)

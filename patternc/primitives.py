@@ -149,7 +149,12 @@ def check_values(name: str, values: dict) -> list[tuple[str, str, str]]:
         values: param name -> int (or tuple of ints for ``at``); symbolic values are skipped.
 
     Returns:
-        A list of ``(param, message, help)`` for each violated constraint (empty when valid).
+        A list of ``(param, message, help)`` for each violated constraint (empty when valid);
+        ``param`` is None for a constraint between several parameters.
+
+    Example:
+        >>> check_values("local", {"w": 0})[0][1]
+        '`local(w=0)` is out of range: w must be >= 1'
     """
     spec = PRIMITIVES[name]
     params = {p.name: p for p in spec.params}
@@ -170,6 +175,6 @@ def check_values(name: str, values: dict) -> list[tuple[str, str, str]]:
     if name == "summary":
         l, c, g = values.get("l"), values.get("c"), values.get("g", 0)
         if all(isinstance(x, int) for x in (l, c, g)) and l >= 1 and c >= 1 and g >= 0 and (g + 1) * c > l:
-            out.append(("c", f"`summary(l={l}, c={c}, g={g})` is out of range: (g+1)*c = {(g + 1) * c} exceeds l = {l}",
+            out.append((None, f"`summary(l={l}, c={c}, g={g})` is out of range: (g+1)*c = {(g + 1) * c} exceeds l = {l}",
                         "the summary columns must fit in one period: choose (g+1)*c <= l"))
     return out

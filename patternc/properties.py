@@ -1,9 +1,10 @@
 """Properties of a pattern shown by ``patternc check``: causal, symmetric, heads, layers.
 
-``causal`` / ``symmetric`` are proofs over the IR (sound: ``True`` means it holds for every
-length); when no proof is found the pattern is probed with the oracle at a small length, so
-``False`` comes with a concrete witness pair, and an unproven-but-unrefuted property is
-reported as ``None`` ("unknown").
+``causal`` / ``symmetric`` are first attempted as proofs over the IR (sound: ``True`` means
+the property holds at every length). Without a proof the pattern is probed with the oracle
+(``patternc.reference.dense_mask``) at a length a little larger than its largest parameter
+(``probe_length``), over every head and layer of its period: ``False`` then comes with a
+concrete witness, and a property neither proven nor refuted is ``None`` ("unknown").
 """
 
 from __future__ import annotations
@@ -14,14 +15,18 @@ from .elaborate import proves_causal
 from .ir import And, Blocks, Diff, Heads, Layers, Not, Or, Pattern, Prim
 
 _SYMMETRIC_PRIMS = {"all", "none", "local", "strided", "dilated", "chunk", "global", "prefix"}
+PROBE_MIN = 64  # tokens
+PROBE_MAX = 1024  # tokens: the probe materialises [H, n, n] booleans per layer
+PROBE_BUDGET = 1 << 25  # at most this many (layer, head, i, j) evaluated by one probe
 
 
 def proves_symmetric(p: Pattern) -> bool:
+    """Sound syntactic proof that attend(i, j) == attend(j, i) at every length."""
     if isinstance(p, Prim):
         if p.name == "band":
             return p.arg("left") == p.arg("right")
         return p.name in _SYMMETRIC_PRIMS
-    if isinstance(p, (Not,)):
+    if isinstance(p, Not):
         return proves_symmetric(p.child)
     if isinstance(p, Diff):
         return proves_symmetric(p.left) and proves_symmetric(p.right)
@@ -32,43 +37,89 @@ def proves_symmetric(p: Pattern) -> bool:
     return False
 
 
-def _probe(p: Pattern, check) -> tuple[bool | None, list | None]:
+def probe_length(p: Pattern) -> int:
+    """A length (tokens) at which the pattern's behaviour away from the start shows: twice
+    its largest integer argument (block sizes multiply the arguments inside them), plus 2,
+    clamped to [PROBE_MIN, PROBE_MAX]."""
+    best = 0
+    stack = [(p, 1)]
+    while stack:
+        n, scale = stack.pop()
+        if isinstance(n, Prim):
+            for _k, v in n.args:
+                vals = v if isinstance(v, tuple) else (v,)
+                for x in vals:
+                    if isinstance(x, int):
+                        best = max(best, x * scale)
+        elif isinstance(n, Blocks):
+            b = n.b if isinstance(n.b, int) else 1
+            best = max(best, b)
+            stack.append((n.child, scale * b))
+        else:
+            stack.extend((c, scale) for c in n.children())
+    return int(min(PROBE_MAX, max(PROBE_MIN, 2 * best + 2)))
+
+
+def probe(p: Pattern, check) -> list | None:
+    """Evaluate ``check(mask) -> (h, i, j) | None`` on the oracle's mask of every layer of the
+    period at ``probe_length(p)``; return ``[layer, h, i, j]`` of the first witness, or None
+    (also when the pattern cannot be evaluated at that length, e.g. a symbolic argument out of
+    range)."""
+    from .errors import PatternError
     from .reference import dense_mask
 
-    n = 64
-    heads = p.num_heads
-    for layer in range(p.num_layers):
+    n = probe_length(p)
+    heads, layers = p.num_heads, p.num_layers
+    while n > PROBE_MIN and heads * layers * n * n > PROBE_BUDGET:
+        n //= 2
+    if heads * layers * n * n > PROBE_BUDGET:  # a huge head/layer period: do not probe
+        return None
+    for layer in range(layers):
         try:
             m = dense_mask(p, q_len=n, num_heads=heads, layer=layer)
-        except Exception:
-            return None, None
+        except (PatternError, ValueError, ZeroDivisionError):
+            return None
         bad = check(m)
         if bad is not None:
-            h, i, j = bad
-            return False, [layer, h, i, j]
-    return None, None
+            return [layer, *bad]
+    return None
+
+
+def _later(m):
+    idx = np.argwhere(np.triu(m, 1))
+    return tuple(int(x) for x in idx[0]) if len(idx) else None
+
+
+def _asym(m):
+    idx = np.argwhere(m & ~np.swapaxes(m, 1, 2))  # i attends j, j does not attend i
+    return tuple(int(x) for x in idx[0]) if len(idx) else None
+
+
+def later_key_witness(p: Pattern) -> dict | None:
+    """``{"layer", "head", "i", "j"}`` with j > i allowed, found by the oracle, or None."""
+    w = probe(p, _later)
+    return dict(zip(("layer", "head", "i", "j"), w)) if w else None
 
 
 def properties(p: Pattern) -> dict:
+    """``{"causal": bool | None, ["causal_witness": {...}], "symmetric": bool | None,
+    ["symmetric_witness": {...}], "heads": int, "layers": int}`` for a normalised pattern;
+    ``heads`` / ``layers`` are the periods of ``heads(...)`` / ``layers(...)``."""
     out = {}
     if proves_causal(p):
         out["causal"] = True
     else:
-        def later(m):
-            idx = np.argwhere(np.triu(m, 1))
-            return tuple(int(x) for x in idx[0]) if len(idx) else None
-
-        out["causal"], w = _probe(p, later)
+        w = later_key_witness(p)
+        out["causal"] = False if w else None
         if w:
-            out["causal_witness"] = {"layer": w[0], "head": w[1], "i": w[2], "j": w[3]}
+            out["causal_witness"] = w
     if proves_symmetric(p):
         out["symmetric"] = True
     else:
-        def asym(m):
-            idx = np.argwhere(m != np.swapaxes(m, 1, 2))
-            return tuple(int(x) for x in idx[0]) if len(idx) else None
-
-        out["symmetric"], _ = _probe(p, asym)
+        w = probe(p, _asym)
+        out["symmetric"] = False if w else None
+        if w:
+            out["symmetric_witness"] = dict(zip(("layer", "head", "i", "j"), w))
     out["heads"] = p.num_heads
     out["layers"] = p.num_layers
     return out

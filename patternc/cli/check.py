@@ -25,8 +25,8 @@ def run(args) -> int:
         else:
             emit_diagnostics(res.warnings, False)
             print(f"canonical: {pattern}")
-            for k, v in props.items():
-                print(f"{k}: {_fmt(v)}")
+            for line in property_lines(props):
+                print(line)
             if res.params:
                 print("params: " + ", ".join(f"{k}={v}" for k, v in res.params.items()))
         return ExitCode.OK
@@ -34,7 +34,28 @@ def run(args) -> int:
     return run_guarded(args, body)
 
 
-def _fmt(v):
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    return v
+def _where(w: dict, heads: int, layers: int) -> str:
+    out = ""
+    if heads > 1:
+        out += f" in head {w['head']}"
+    if layers > 1:
+        out += f" of layer {w['layer']}"
+    return out
+
+
+def property_lines(props: dict) -> list[str]:
+    """``check``'s text lines for ``patternc.properties.properties`` output."""
+    def yn(v):
+        return "unknown (no proof, no counterexample found)" if v is None else ("yes" if v else "no")
+
+    h, l = props["heads"], props["layers"]
+    causal = yn(props["causal"])
+    if "causal_witness" in props:
+        w = props["causal_witness"]
+        causal += f" (query {w['i']} attends the later key {w['j']}{_where(w, h, l)})"
+    symmetric = yn(props["symmetric"])
+    if "symmetric_witness" in props:
+        w = props["symmetric_witness"]
+        i, j = w["i"], w["j"]
+        symmetric += f" (query {i} attends key {j}, but query {j} does not attend key {i}{_where(w, h, l)})"
+    return [f"causal: {causal}", f"symmetric: {symmetric}", f"heads: {h}", f"layers: {l}"]

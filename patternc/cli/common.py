@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import dataclass
 
@@ -47,20 +48,26 @@ def parse_sets(sets) -> dict:
 
 def read_source(args) -> Source:
     """Read FILE / -e / stdin. Raises UsageError (unreadable) or PatternError (bad UTF-8)."""
-    from ..parser import decode_source
+    from ..parser import decode_source, too_large_diagnostic, MAX_SOURCE_BYTES
 
     params = parse_sets(args.sets)
     if args.expr is not None:
         return Source(args.expr, "<expr>", params)
+    limit = 4 * MAX_SOURCE_BYTES  # bytes read at most: a huge file is refused, not loaded
     if args.file == "-":
-        data = sys.stdin.buffer.read()
-        return Source(decode_source(data, "<stdin>"), "<stdin>", params)
-    try:
-        with open(args.file, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise UsageError(f"cannot read {args.file}: {e.strerror or e}") from None
-    return Source(decode_source(data, args.file), args.file, params)
+        data = sys.stdin.buffer.read(limit + 1)
+        name = "<stdin>"
+    else:
+        name = args.file
+        try:
+            with open(args.file, "rb") as f:
+                data = f.read(limit + 1)
+                size = os.fstat(f.fileno()).st_size
+        except OSError as e:
+            raise UsageError(f"cannot read {args.file}: {e.strerror or e}") from None
+    if len(data) > limit:
+        raise PatternError(too_large_diagnostic(size if args.file != "-" else len(data), name))
+    return Source(decode_source(data, name), name, params)
 
 
 def emit_diagnostics(diags, as_json: bool) -> None:

@@ -1,0 +1,110 @@
+"""``patternc compile``: build the exact block layout of one layer; print a summary; ``-o``
+writes the compiled artifact (``.npz``, no pickle) atomically."""
+
+from __future__ import annotations
+
+import os
+
+from ..errors import ExitCode, PatternError
+from .common import UsageError, add_source_args, emit_diagnostics, print_json, run_guarded
+
+MAX_PICTURE_BLOCKS = 64  # ascii pictures for layouts up to this many blocks per side
+MAX_PICTURE_HEADS = 4
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "compile", help="build the exact block layout (FULL/PARTIAL/EMPTY tiles) of a pattern",
+        description="Compile one layer of a pattern to its exact FlexAttention block layout and print "
+                    "densities, block counts and the compile time.")
+    add_source_args(p)
+    p.add_argument("--seq-len", type=int, required=True, metavar="N", help="Q_LEN in tokens")
+    p.add_argument("--kv-len", type=int, metavar="M", help="KV_LEN in tokens (default: --seq-len)")
+    p.add_argument("--heads", type=int, metavar="H",
+                   help="number of heads (default: the pattern's head period, 1 without heads(...))")
+    p.add_argument("--block-size", default="128", metavar="B|Q,KV",
+                   help="BLOCK_SIZE in tokens: one int, or Q_BLOCK_SIZE,KV_BLOCK_SIZE (default 128)")
+    p.add_argument("--layer", type=int, default=0, metavar="L", help="which layer of a layers(...) stack (default 0)")
+    p.add_argument("-o", "--output", metavar="OUT", help="write the compiled layout here (.npz, written atomically)")
+    p.set_defaults(func=run)
+
+
+def parse_block_size(text: str):
+    parts = [s.strip() for s in str(text).split(",")]
+    try:
+        vals = [int(s) for s in parts]
+    except ValueError:
+        raise UsageError(f"--block-size expects an int or Q,KV (e.g. 128 or 64,128), got {text!r}") from None
+    if len(vals) not in (1, 2) or min(vals) < 1:
+        raise UsageError(f"--block-size expects one or two positive ints (e.g. 128 or 64,128), got {text!r}")
+    return vals[0] if len(vals) == 1 else (vals[0], vals[1])
+
+
+def _check_lengths(args):
+    if args.seq_len < 1:
+        raise UsageError(f"--seq-len must be >= 1 token, got {args.seq_len}")
+    if args.kv_len is not None and args.kv_len < 1:
+        raise UsageError(f"--kv-len must be >= 1 token, got {args.kv_len}")
+    if args.heads is not None and args.heads < 1:
+        raise UsageError(f"--heads must be >= 1, got {args.heads}")
+    if args.layer < 0:
+        raise UsageError(f"--layer must be >= 0, got {args.layer}")
+
+
+def run(args) -> int:
+    def body(src):
+        from ..api import analyse_source
+        from ..compiler import attach_source, compile as compile_pattern
+
+        _check_lengths(args)
+        block_size = parse_block_size(args.block_size)
+        pattern, res = analyse_source(src.text, params=src.params, filename=src.filename)
+        try:
+            cp = compile_pattern(pattern, q_len=args.seq_len, kv_len=args.kv_len, num_heads=args.heads,
+                                 block_size=block_size, layer=args.layer)
+        except PatternError as e:
+            if e.code in ("P302", "P303"):  # lengths / block size from the command line
+                raise UsageError(e.diagnostic.message + (f" ({e.diagnostic.help})" if e.diagnostic.help else "")) from None
+            raise attach_source(e, src.text, src.filename) from None
+        cp.params = dict(res.params)
+        summary = cp.summary()
+        if args.output:
+            try:
+                cp.save(args.output)
+            except OSError as e:
+                raise UsageError(f"cannot write {args.output}: {e.strerror or e}") from None
+        if args.json:
+            out = {"ok": True, **summary, "output": os.fspath(args.output) if args.output else None,
+                   "diagnostics": [w.to_json() for w in res.warnings]}
+            print_json(out)
+        else:
+            emit_diagnostics(res.warnings, False)
+            print(_render(cp, summary))
+            if args.output:
+                print(f"wrote {args.output}")
+        return ExitCode.OK
+
+    return run_guarded(args, body)
+
+
+def _render(cp, s) -> str:
+    qb, kb = s["block_size"]
+    lines = [
+        f"canonical: {s['canonical']}",
+        f"layer: {s['layer']}" if s["layer"] else None,
+        f"Q_LEN x KV_LEN: {s['q_len']} x {s['kv_len']} tokens, heads: {s['num_heads']}",
+        f"BLOCK_SIZE: {qb} x {kb} tokens -> {s['num_q_blocks']} x {s['num_kv_blocks']} blocks per head",
+        f"tiles: {s['full_blocks']} FULL, {s['partial_blocks']} PARTIAL, {s['empty_blocks']} EMPTY",
+        f"token density: {100 * s['density']:.3f}%   block density: {100 * s['block_density']:.3f}%",
+        f"compile time: {1000 * s['compile_seconds']:.1f} ms",
+    ]
+    out = [line for line in lines if line is not None]
+    lay = cp.layout
+    if lay.num_q_blocks <= MAX_PICTURE_BLOCKS and lay.num_kv_blocks <= MAX_PICTURE_BLOCKS:
+        shown = []
+        for h in range(min(lay.num_heads, len(cp.head_patterns), MAX_PICTURE_HEADS)):
+            title = f"head {h}" if lay.num_heads > 1 else "layout"
+            shown.append(f"{title} ('#' FULL, '+' PARTIAL, '.' EMPTY; rows = query blocks):\n{lay.ascii(head=h)}")
+        out.append("")
+        out.append("\n\n".join(shown))
+    return "\n".join(out)

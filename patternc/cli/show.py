@@ -1,0 +1,108 @@
+"""``patternc show``: draw the token mask or the block layout of one layer, per head, in the
+terminal or as a PNG (SPEC §5). See ``patternc.show`` for the views and ``docs/cli.md``."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+
+from ..errors import ExitCode, PatternError
+from .common import UsageError, add_source_args, emit_diagnostics, print_json, run_guarded
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "show",
+        help="draw the token mask / block layout (terminal, or a PNG with --png)",
+        description="Draw one layer of a pattern: the block layout (# FULL, + PARTIAL, . EMPTY) for "
+                    "large lengths, the exact token mask for small ones or for a --window of positions.",
+    )
+    add_source_args(p)
+    p.add_argument("--seq-len", type=int, required=True, metavar="N", help="Q_LEN in tokens")
+    p.add_argument("--kv-len", type=int, metavar="M", help="KV_LEN in tokens (default: --seq-len)")
+    p.add_argument("--heads", type=int, metavar="H",
+                   help="number of heads (default: the pattern's own head count, from heads(...))")
+    p.add_argument("--head", type=int, metavar="h", help="draw only head h (default: every head)")
+    p.add_argument("--layer", type=int, default=0, metavar="l", help="entry of layers(...) to draw (default 0)")
+    p.add_argument("--block-size", default="128", metavar="B",
+                   help="BLOCK_SIZE in tokens: B, or Q_BLOCK,KV_BLOCK (default 128)")
+    p.add_argument("--window", metavar="Q0:Q1,K0:K1",
+                   help="zoom: the token mask of query positions Q0..Q1-1 and key positions K0..K1-1")
+    p.add_argument("--view", choices=("auto", "tokens", "blocks"), default="auto",
+                   help="tokens (exact mask), blocks (tile kinds) or auto (tokens when they fit)")
+    p.add_argument("--width", type=int, metavar="COLS",
+                   help="characters available for the picture (default: the terminal's width)")
+    p.add_argument("--ascii", action="store_true", help="draw the token mask with # and . instead of █ and ·")
+    p.add_argument("--png", metavar="PATH", help="write a PNG (matplotlib) instead of the terminal picture")
+    p.set_defaults(func=run)
+
+
+def parse_block_size(text: str):
+    parts = [t.strip() for t in text.replace("x", ",").split(",")]
+    try:
+        vals = [int(t) for t in parts]
+    except ValueError:
+        raise UsageError(f"--block-size expects B or Q_BLOCK,KV_BLOCK (integers), got {text!r}") from None
+    if len(vals) not in (1, 2) or min(vals) < 1:
+        raise UsageError(f"--block-size expects B or Q_BLOCK,KV_BLOCK (integers >= 1), got {text!r}")
+    return vals[0] if len(vals) == 1 else (vals[0], vals[1])
+
+
+def _with_source(e: PatternError, src) -> PatternError:
+    """Point a compile-time diagnostic (P301: a parameter out of range at these lengths)
+    into the user's source when the compiler can."""
+    try:
+        from ..compiler import attach_source
+    except ImportError:
+        return e
+    return attach_source(e, src.text, src.filename)
+
+
+def _ascii_only(args) -> bool:
+    if args.ascii:
+        return True
+    enc = (getattr(sys.stdout, "encoding", None) or "").lower().replace("-", "")
+    return enc not in ("utf8", "utf16", "utf32")
+
+
+def run(args) -> int:
+    def body(src):
+        from ..api import analyse_source
+        from ..show import ShowError, picture, save_png, to_json, to_text
+
+        if args.seq_len < 1 or (args.kv_len is not None and args.kv_len < 1):
+            raise UsageError("--seq-len and --kv-len must be >= 1 token")
+        pattern, res = analyse_source(src.text, params=src.params, filename=src.filename)
+        emit_diagnostics(res.warnings, args.json)
+        width = args.width or max(20, shutil.get_terminal_size((100, 24)).columns - 8)
+        try:
+            pic = picture(pattern, q_len=args.seq_len, kv_len=args.kv_len, num_heads=args.heads, head=args.head,
+                          block_size=parse_block_size(args.block_size), layer=args.layer, window=args.window,
+                          view=args.view, width=width, target="png" if args.png else "terminal")
+        except ShowError as e:
+            raise UsageError(str(e)) from None
+        except PatternError as e:
+            if e.code in ("P302", "P303"):  # lengths / heads / block size from the command line
+                d = e.diagnostic
+                raise UsageError(d.message + (f" ({d.help})" if d.help else "")) from None
+            raise _with_source(e, src) from None
+        png = None
+        if args.png:
+            try:
+                png = str(save_png(pic, args.png))
+            except OSError as e:
+                raise UsageError(f"cannot write {args.png}: {e.strerror or e}") from None
+        if args.json:
+            obj = to_json(pic, ascii_only=True, png=png)
+            obj["diagnostics"] = [w.to_json() for w in res.warnings]
+            print_json(obj)
+        elif png:
+            from ..show import header_lines
+
+            print("\n".join(header_lines(pic)))
+            print(f"wrote {png} ({pic.view} view)")
+        else:
+            print(to_text(pic, ascii_only=_ascii_only(args)))
+        return ExitCode.OK
+
+    return run_guarded(args, body)

@@ -1,0 +1,420 @@
+"""``patternc.compile``: one layer of a pattern at given lengths -> ``CompiledPattern``.
+
+The pipeline (see ``docs/compiler.md``)::
+
+    source ─parse─▶ Pattern ─select_layer, bind_lengths, normalize─▶ layer Pattern
+        ├─lower.lower_to_layout(Q_LEN, KV_LEN, BLOCK_SIZE, H)─▶ BlockLayout (numpy, exact)
+        │      └─blockmask.to_block_mask(device)─▶ torch BlockMask
+        └─maskmod.lower_to_mask_mod─▶ mask_mod(b, h, q_idx, kv_idx)
+
+Layouts are cached (einops style) on hashable, tensor-free keys: the canonical layer
+pattern, the lengths, the block size and the head count. torch is imported only when a
+``mask_mod``, ``BlockMask`` or attention is asked for.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import tempfile
+import time
+import zipfile
+from functools import cached_property
+
+import numpy as np
+
+from . import ir
+from .errors import Diagnostic, PatternError
+from .ir import Pattern, select_layer
+from .layout import EMPTY, FULL, PARTIAL, BlockLayout, normalize_block_size
+from .normalize import bind_lengths, normalize
+
+ARTIFACT_FORMAT = "patternc.compiled"
+ARTIFACT_VERSION = 1
+MAX_TILES = 1 << 28  # H * num_q_blocks * num_kv_blocks accepted (256 MiB of kinds)
+
+
+def _arg_error(message: str, help_: str) -> PatternError:
+    return PatternError(Diagnostic("P302", message, None, help_))
+
+
+def _check_count(name: str, v, minimum: int, unit: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        raise _arg_error(f"{name} must be an int, got {v!r}", f"pass {name} as a whole number of {unit}")
+    if v < minimum:
+        raise _arg_error(f"{name} must be >= {minimum} {unit}, got {v}", f"use {name} >= {minimum}")
+    return int(v)
+
+
+@functools.lru_cache(maxsize=32)
+def _layout_cached(pattern: Pattern, q_len: int, kv_len: int, qb: int, kb: int, num_heads: int) -> BlockLayout:
+    from .lower import lower_to_layout
+
+    return lower_to_layout(pattern, q_len, kv_len, (qb, kb), num_heads)
+
+
+def attach_source(e: PatternError, text: str | None, filename: str) -> PatternError:
+    """Give diagnostics raised after parsing (P301 at bind time) the source they point into."""
+    if text is None:
+        return e
+    for d in e.diagnostics:
+        if d.source is None and d.span is not None:
+            d.source, d.filename = text, filename
+    return PatternError(e.diagnostics)
+
+
+def layer_pattern(p: Pattern, *, q_len: int, kv_len: int, layer: int) -> Pattern:
+    """The canonical pattern of one layer with ``q_len``/``kv_len`` bound (P301 on bad values)."""
+    return normalize(bind_lengths(normalize(select_layer(p, layer)), q_len, kv_len))
+
+
+def compile(p_or_source, *, q_len: int, kv_len: int | None = None, num_heads: int = 1,
+            block_size=128, layer: int = 0, params: dict | None = None) -> "CompiledPattern":
+    """Compile one layer of a pattern to an exact block layout (and, on demand, a mask_mod
+    and a FlexAttention BlockMask).
+
+    Args:
+        p_or_source: a ``Pattern`` or pattern source text (an expression or a whole file).
+        q_len: Q_LEN, tokens (>= 1).
+        kv_len: KV_LEN, tokens (default: ``q_len``). Queries and keys are aligned at 0.
+        num_heads: H (default 1, SPEC §2). Head ``h`` uses entry ``h mod m`` of each
+            ``heads(...)``. When H is smaller than the pattern's head period (the lcm of its
+            ``heads`` arities) only heads 0..H-1 are compiled and a ``PatternWarning`` (W003)
+            says so; ``None`` means "the head period".
+        block_size: ``BLOCK_SIZE``, an int or ``(Q_BLOCK_SIZE, KV_BLOCK_SIZE)``, tokens.
+        layer: which layer of a ``layers(...)`` stack (entry ``layer mod m``), >= 0.
+        params: values for the source's ``param``s (source text only).
+
+    Returns:
+        CompiledPattern whose ``layout.kinds`` equal, tile for tile, the classification of
+        ``patternc.reference.dense_mask`` (SPEC §3).
+
+    Raises:
+        PatternError: P1xx/P2xx for bad source; P301 when a parameter computed from the
+            lengths is out of range; P302 for bad lengths, heads, layer or block size; P303
+            when the layout would have more than 2**28 tiles.
+
+    Example:
+        >>> cp = compile("local(w=256) & causal", q_len=1024, block_size=256)
+        >>> print(cp.layout.ascii())
+        +...
+        ++..
+        .++.
+        ..++
+        >>> cp.density, cp.block_density
+        (0.2188720703125, 0.4375)
+    """
+    t0 = time.perf_counter()
+    q_len = _check_count("q_len", q_len, 1, "tokens")
+    kv_len = q_len if kv_len is None else _check_count("kv_len", kv_len, 1, "tokens")
+    layer = _check_count("layer", layer, 0, "layers")
+    try:
+        qb, kb = normalize_block_size(block_size)
+    except (ValueError, TypeError) as e:
+        raise _arg_error(str(e), "use block_size=128 or a pair such as (64, 128)") from None
+    source_text = None
+    if isinstance(p_or_source, Pattern):
+        if params:
+            raise _arg_error("params apply to source text; this is already a Pattern",
+                             "bind parameters with patternc.parse(source, params=...)")
+        full = normalize(p_or_source)
+    else:
+        from .api import parse
+
+        full = parse(p_or_source, params=params)
+        source_text = p_or_source if isinstance(p_or_source, str) else None
+        if source_text is not None:
+            from .api import analyse_source
+
+            params = analyse_source(source_text, params=params)[1].params  # defaults included
+    try:
+        pattern = layer_pattern(full, q_len=q_len, kv_len=kv_len, layer=layer)
+    except PatternError as e:
+        raise attach_source(e, source_text, "<string>") from None
+    H = pattern.num_heads if num_heads is None else _check_count("num_heads", num_heads, 1, "heads")
+    if H < pattern.num_heads:
+        import warnings
+
+        from .errors import PatternWarning
+
+        warnings.warn(PatternWarning(Diagnostic(
+            "W003", f"the pattern has {pattern.num_heads} different heads but num_heads={H}: only heads "
+            f"0..{H - 1} are compiled", None, f"pass num_heads={pattern.num_heads} (--heads {pattern.num_heads}) "
+            "to compile all of them", severity="warning").render()), stacklevel=2)
+    nq, nk = -(-q_len // qb), -(-kv_len // kb)
+    if H * nq * nk > MAX_TILES:
+        raise PatternError(Diagnostic(
+            "P303", f"the layout would have {H} x {nq} x {nk} = {H * nq * nk:,} tiles (limit {MAX_TILES:,})", None,
+            f"use a larger block_size (e.g. {max(qb, kb) * 4}) or shorter lengths"))
+    layout = _layout_cached(pattern, q_len, kv_len, qb, kb, H)
+    cp = CompiledPattern(pattern=pattern, q_len=q_len, kv_len=kv_len, num_heads=H, block_size=(qb, kb),
+                         layer=layer, layout=layout, params=dict(params or {}))
+    cp.compile_seconds = time.perf_counter() - t0
+    return cp
+
+
+class CompiledPattern:
+    """One layer of a pattern, compiled at fixed lengths and block size.
+
+    Attributes:
+        pattern: the canonical layer ``Pattern`` (after ``select_layer`` and ``bind_lengths``).
+        source: its canonical text (``str(pattern)``).
+        q_len, kv_len: Q_LEN, KV_LEN (tokens).
+        num_heads: H.
+        block_size: (Q_BLOCK_SIZE, KV_BLOCK_SIZE), tokens.
+        layer: the layer index this was compiled for.
+        layout: the exact ``BlockLayout`` (kinds uint8 [H, num_q_blocks, num_kv_blocks]).
+        params: the ``param`` values given at compile time (name -> int).
+        compile_seconds: wall time of ``compile`` (seconds).
+    """
+
+    def __init__(self, *, pattern: Pattern, q_len: int, kv_len: int, num_heads: int, block_size: tuple,
+                 layer: int, layout: BlockLayout, params: dict):
+        self.pattern = pattern
+        self.source = str(pattern)
+        self.q_len = q_len
+        self.kv_len = kv_len
+        self.num_heads = num_heads
+        self.block_size = tuple(block_size)
+        self.layer = layer
+        self.layout = layout
+        self.params = params
+        self.compile_seconds = 0.0
+        self._mask_mods: dict = {}
+
+    def __getstate__(self):  # mask_mods are closures over tensors: rebuilt on demand, not pickled
+        state = dict(self.__dict__)
+        state["_mask_mods"] = {}
+        return state
+
+    # ---- predicates ------------------------------------------------------------------------------
+    @cached_property
+    def head_patterns(self) -> list[Pattern]:
+        """The head-free pattern of heads 0 .. min(H, period) - 1 (head h uses entry h mod period)."""
+        from .lower import head_patterns
+
+        return head_patterns(self.pattern, self.num_heads)
+
+    @property
+    def is_causal_only(self) -> bool:
+        """True iff the layer pattern is exactly ``causal`` (executors may use is_causal SDPA)."""
+        return self.pattern == ir.CAUSAL
+
+    @property
+    def mask_mod(self):
+        """FlexAttention ``mask_mod(b, h, q_idx, kv_idx)`` with CPU parameter tensors;
+        ``__name__`` is the canonical text. See ``mask_mod_on`` for another device."""
+        return self.mask_mod_on("cpu")
+
+    def mask_mod_on(self, device="cpu"):
+        """The ``mask_mod`` with its parameter tensors and tables on ``device`` (cached)."""
+        import torch
+
+        from .maskmod import lower_to_mask_mod
+
+        key = str(torch.device(device))
+        if key not in self._mask_mods:
+            self._mask_mods[key] = lower_to_mask_mod(self.pattern, self.q_len, self.kv_len, device=device)
+        return self._mask_mods[key]
+
+    def mask_numpy(self, h: int, q_idx, kv_idx) -> np.ndarray:
+        """The predicate of head ``h`` on broadcastable int64 index arrays (numpy).
+
+        Args:
+            h: head index (>= 0).
+            q_idx: int64 array, query indices in [0, Q_LEN).
+            kv_idx: int64 array, key indices in [0, KV_LEN), broadcastable with ``q_idx``.
+
+        Returns:
+            bool array of shape ``broadcast(q_idx, kv_idx)``.
+        """
+        from .lower import evaluate
+
+        ph = self.head_patterns[h % len(self.head_patterns)]
+        q_idx, kv_idx = np.asarray(q_idx, dtype=np.int64), np.asarray(kv_idx, dtype=np.int64)
+        out = evaluate(ph, q_idx, kv_idx, self.q_len, self.kv_len)
+        return np.array(np.broadcast_to(out, np.broadcast(q_idx, kv_idx).shape), dtype=bool)
+
+    def dense_mask(self) -> np.ndarray:
+        """bool [H, Q_LEN, KV_LEN]: FULL tiles from the layout, PARTIAL tiles by the predicate
+        (materialises Q_LEN x KV_LEN per head: small sizes)."""
+        from .lower import dense_from_layout
+
+        return dense_from_layout(self.head_patterns, self.layout)
+
+    # ---- densities -------------------------------------------------------------------------------
+    @cached_property
+    def allowed_pairs(self) -> int:
+        """Exact number of allowed (h, i, j) token pairs over all heads."""
+        from .lower import count_allowed
+
+        per = [count_allowed(ph, self.layout, h) for h, ph in enumerate(self.head_patterns)]
+        period = len(per)
+        return int(sum(per[h % period] for h in range(self.num_heads)))
+
+    @property
+    def density(self) -> float:
+        """Token density: allowed token pairs / (H * Q_LEN * KV_LEN), in [0, 1]."""
+        return self.allowed_pairs / float(self.num_heads * self.q_len * self.kv_len)
+
+    @property
+    def block_density(self) -> float:
+        """Block density: token pairs in computed (FULL + PARTIAL) tiles, clipped at the real
+        lengths, / (H * Q_LEN * KV_LEN), in [0, 1]."""
+        return self.layout.block_density
+
+    # ---- torch -------------------------------------------------------------------------------------
+    def block_mask(self, device="cpu"):
+        """FlexAttention ``BlockMask`` (batch 1, H heads) built from the layout with
+        ``BlockMask.from_kv_blocks``, carrying ``mask_mod_on(device)``; equal to
+        ``create_block_mask(self.mask_mod, 1, H, Q_LEN, KV_LEN, BLOCK_SIZE=self.block_size)``."""
+        from .blockmask import to_block_mask
+
+        return to_block_mask(self.layout, self.mask_mod_on(device), device=device)
+
+    def attention(self, q, k, v, *, scale=None, backend="auto"):
+        """Sparse attention with this layer's pattern: q [B, H, Q_LEN, D], k [B, H, KV_LEN, D],
+        v [B, H, KV_LEN, Dv] -> [B, H, Q_LEN, Dv] (see ``patternc.execute``)."""
+        from .execute import attention
+
+        return attention(self, q, k, v, scale=scale, backend=backend)
+
+    # ---- reporting ---------------------------------------------------------------------------------
+    def summary(self) -> dict:
+        """A JSON-ready dict: canonical, lengths, heads, block size and counts, densities, time."""
+        lay = self.layout
+        return {
+            "canonical": self.source,
+            "q_len": self.q_len,
+            "kv_len": self.kv_len,
+            "num_heads": self.num_heads,
+            "block_size": list(self.block_size),
+            "layer": self.layer,
+            "num_q_blocks": lay.num_q_blocks,
+            "num_kv_blocks": lay.num_kv_blocks,
+            "density": self.density,
+            "block_density": self.block_density,
+            "full_blocks": lay.full_blocks,
+            "partial_blocks": lay.partial_blocks,
+            "empty_blocks": lay.empty_blocks,
+            "compile_seconds": self.compile_seconds,
+            "params": dict(self.params),
+        }
+
+    def __repr__(self) -> str:
+        return (f"CompiledPattern({self.source!r}, Q_LEN={self.q_len}, KV_LEN={self.kv_len}, H={self.num_heads}, "
+                f"BLOCK_SIZE={self.block_size}, layer={self.layer}, full={self.layout.full_blocks}, "
+                f"partial={self.layout.partial_blocks}, block_density={self.block_density:.4f})")
+
+    # ---- artifact ----------------------------------------------------------------------------------
+    def save(self, path) -> None:
+        """Write the compiled layout as ``.npz`` (no pickle): ``kinds`` uint8 [H, nq, nkv] and
+        ``meta`` (UTF-8 JSON bytes: format, version, canonical source, params, lengths, block
+        size, heads, layer, patternc version). Atomic: a temporary file in the same folder is
+        renamed over ``path``; on failure nothing is left behind.
+
+        Raises:
+            OSError: the folder is missing or not writable.
+        """
+        from . import __version__
+
+        meta = {
+            "format": ARTIFACT_FORMAT, "format_version": ARTIFACT_VERSION, "patternc_version": __version__,
+            "canonical": self.source, "params": dict(self.params), "q_len": self.q_len, "kv_len": self.kv_len,
+            "num_heads": self.num_heads, "block_size": list(self.block_size), "layer": self.layer,
+        }
+        blob = np.frombuffer(json.dumps(meta, sort_keys=True).encode("utf-8"), dtype=np.uint8)
+        path = os.fspath(path)
+        folder = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(prefix=".patternc-", suffix=".tmp", dir=folder)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez_compressed(f, kinds=np.asarray(self.layout.kinds), meta=blob)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+
+
+def _bad_artifact(path, why: str) -> PatternError:
+    return PatternError(Diagnostic("P304", f"{path} is not a valid patternc compiled layout: {why}", None,
+                                   "recreate it with `patternc compile ... -o FILE` or CompiledPattern.save"))
+
+
+def load_compiled(path, *, verify: bool = True) -> CompiledPattern:
+    """Read a layout written by ``CompiledPattern.save`` (``.npz``, loaded without pickle).
+
+    Args:
+        path: the file.
+        verify: recompile the stored pattern and require the stored kinds to be identical
+            (catches edited files and files from an incompatible patternc).
+
+    Returns:
+        CompiledPattern (``compile_seconds`` is the load time).
+
+    Raises:
+        OSError: the file cannot be read.
+        PatternError: P304 when the file is not a valid compiled layout (wrong format,
+            corrupt, inconsistent shapes, or kinds that differ from its pattern).
+    """
+    t0 = time.perf_counter()
+    path = os.fspath(path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            names = set(z.files)
+            if not {"kinds", "meta"} <= names:
+                raise _bad_artifact(path, f"expected arrays 'kinds' and 'meta', found {sorted(names)}")
+            kinds = np.array(z["kinds"])
+            meta = json.loads(bytes(np.asarray(z["meta"], dtype=np.uint8)).decode("utf-8"))
+    except PatternError:
+        raise
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise
+    except (ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile, UnicodeDecodeError) as e:
+        raise _bad_artifact(path, f"{type(e).__name__}: {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != ARTIFACT_FORMAT:
+        raise _bad_artifact(path, f"metadata 'format' is not {ARTIFACT_FORMAT!r}")
+    if meta.get("format_version") != ARTIFACT_VERSION:
+        raise _bad_artifact(path, f"format_version {meta.get('format_version')!r} (this patternc reads {ARTIFACT_VERSION})")
+    try:
+        q_len, kv_len, H, layer = (int(meta[k]) for k in ("q_len", "kv_len", "num_heads", "layer"))
+        qb, kb = normalize_block_size(tuple(meta["block_size"]))
+        canonical = str(meta["canonical"])
+        params = {str(k): int(v) for k, v in dict(meta.get("params") or {}).items()}
+    except (KeyError, TypeError, ValueError) as e:
+        raise _bad_artifact(path, f"bad metadata: {type(e).__name__}: {e}") from None
+    if min(q_len, kv_len, H) < 1:
+        raise _bad_artifact(path, "lengths and num_heads must be >= 1")
+    nq, nk = -(-q_len // qb), -(-kv_len // kb)
+    if kinds.dtype != np.uint8 or kinds.shape != (H, nq, nk):
+        raise _bad_artifact(path, f"kinds is {kinds.dtype} {list(kinds.shape)}, expected uint8 {[H, nq, nk]}")
+    if not np.isin(kinds, (EMPTY, PARTIAL, FULL)).all():
+        raise _bad_artifact(path, "kinds holds values outside EMPTY=0, PARTIAL=1, FULL=2")
+    from .api import parse
+
+    try:
+        pattern = parse(canonical)
+    except PatternError as e:
+        raise _bad_artifact(path, f"its pattern does not parse: {e.diagnostic.message}") from None
+    kinds.setflags(write=False)
+    layout = BlockLayout(kinds=kinds, q_len=q_len, kv_len=kv_len, q_block_size=qb, kv_block_size=kb)
+    if verify:
+        fresh = compile(pattern, q_len=q_len, kv_len=kv_len, num_heads=H, block_size=(qb, kb))
+        if not np.array_equal(fresh.layout.kinds, kinds):
+            bad = int((fresh.layout.kinds != kinds).sum())
+            raise _bad_artifact(path, f"{bad} tile kinds differ from its pattern `{canonical}`")
+        layout = fresh.layout
+        pattern = fresh.pattern
+    cp = CompiledPattern(pattern=pattern, q_len=q_len, kv_len=kv_len, num_heads=H, block_size=(qb, kb),
+                         layer=layer, layout=layout, params=params)
+    cp.compile_seconds = time.perf_counter() - t0
+    return cp
+
+
+__all__ = ["compile", "CompiledPattern", "load_compiled", "layer_pattern"]

@@ -1,0 +1,171 @@
+"""Stage 4b: ``lower_to_mask_mod`` — a pattern as a FlexAttention ``mask_mod(b, h, q_idx, kv_idx)``.
+
+The function is built once per (pattern, lengths, device) as a tree of closures, one per IR
+node, so it is traceable by ``torch.compile`` / ``vmap`` and has no Python branching on tensor
+values. Every integer parameter lives in a 0-d int64 tensor captured by the closure: a
+compiled FlexAttention kernel guards on the tensors' metadata, not their values, so changing
+``w`` (same pattern shape) does not recompile. Per-position data (``random`` draws,
+``global(at=[...])`` positions) are lookup tables indexed by the (clamped) indices.
+
+Importing this module imports torch; ``import patternc`` never does (``CompiledPattern``
+imports it on first use of ``mask_mod``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .ir import And, Blocks, Diff, Heads, Layers, Not, Or, Pattern, Prim
+from .lower import random_flat_keys
+
+
+def lower_to_mask_mod(p: Pattern, q_len: int, kv_len: int, device="cpu"):
+    """Build the ``mask_mod`` of one layer of a pattern.
+
+    Args:
+        p: a layer-free Pattern with concrete arguments (``heads`` allowed; head ``h`` uses
+            entry ``h mod m``).
+        q_len: Q_LEN, tokens (sizes the lookup tables of ``random`` / ``global(at=...)``).
+        kv_len: KV_LEN, tokens.
+        device: where the parameter tensors and tables live (the device of the kernel).
+
+    Returns:
+        ``mask_mod(b, h, q_idx, kv_idx) -> bool tensor``; ``b`` is ignored; ``h``, ``q_idx``,
+        ``kv_idx`` are int tensors (0-d under ``vmap``/FlexAttention, or broadcastable int64
+        tensors when called directly, e.g. ``mask_mod(0, h, q[:, None], kv[None, :])``).
+        ``mask_mod.__name__`` is the canonical text of ``p``.
+
+    Example:
+        >>> import patternc, torch
+        >>> mm = lower_to_mask_mod(patternc.parse("local(w=2) & causal"), 4, 4)
+        >>> mm(0, torch.tensor(0), torch.arange(4)[:, None], torch.arange(4)[None, :]).int()
+        tensor([[1, 0, 0, 0],
+                [1, 1, 0, 0],
+                [0, 1, 1, 0],
+                [0, 0, 1, 1]], dtype=torch.int32)
+    """
+    device = torch.device(device)
+    fn = _build(p, q_len, kv_len, device)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        if not isinstance(h, torch.Tensor):
+            h = torch.as_tensor(h, device=device)
+        return fn(h, q_idx, kv_idx)
+
+    mask_mod.__name__ = mask_mod.__qualname__ = str(p)
+    mask_mod.__doc__ = f"FlexAttention mask_mod of the pattern `{p}` (Q_LEN={q_len}, KV_LEN={kv_len})."
+    return mask_mod
+
+
+def _t(v, device) -> torch.Tensor:
+    return torch.tensor(int(v), dtype=torch.int64, device=device)
+
+
+def _build(p: Pattern, q_len: int, kv_len: int, dev):
+    if isinstance(p, Prim):
+        return _prim(p, q_len, kv_len, dev)
+    if isinstance(p, Not):
+        f = _build(p.child, q_len, kv_len, dev)
+        return lambda h, q, kv: ~f(h, q, kv)
+    if isinstance(p, Diff):
+        f, g = _build(p.left, q_len, kv_len, dev), _build(p.right, q_len, kv_len, dev)
+        return lambda h, q, kv: f(h, q, kv) & ~g(h, q, kv)
+    if isinstance(p, (And, Or)):
+        fs = [_build(c, q_len, kv_len, dev) for c in p.items]
+        conj = isinstance(p, And)
+
+        def junction(h, q, kv):
+            out = fs[0](h, q, kv)
+            for f in fs[1:]:
+                out = (out & f(h, q, kv)) if conj else (out | f(h, q, kv))
+            return out
+
+        return junction
+    if isinstance(p, Heads):
+        fs = [_build(c, q_len, kv_len, dev) for c in p.items]
+        m = len(fs)
+
+        def per_head(h, q, kv):
+            hm = h % m
+            out = fs[0](h, q, kv)
+            for k in range(1, m):
+                out = torch.where(hm == k, fs[k](h, q, kv), out)
+            return out
+
+        return per_head
+    if isinstance(p, Blocks):
+        b = _t(p.b, dev)
+        f = _build(p.child, -(-q_len // p.b), -(-kv_len // p.b), dev)
+        return lambda h, q, kv: f(h, q // b, kv // b)
+    if isinstance(p, Layers):
+        raise ValueError("select a layer before building a mask_mod")
+    raise TypeError(f"not a pattern: {p!r}")
+
+
+def _prim(p: Prim, q_len: int, kv_len: int, dev):
+    a = p.argdict
+    n = p.name
+    if n == "all":
+        return lambda h, q, kv: torch.ones_like(q - kv, dtype=torch.bool)
+    if n == "none":
+        return lambda h, q, kv: torch.zeros_like(q - kv, dtype=torch.bool)
+    if n == "causal":
+        return lambda h, q, kv: kv <= q
+    if n == "local":
+        w = _t(a["w"], dev)
+        return lambda h, q, kv: (q - kv).abs() < w
+    if n == "band":
+        left, right = _t(a["left"], dev), _t(a["right"], dev)
+        return lambda h, q, kv: (q - kv <= left) & (kv - q <= right)
+    if n == "strided":
+        s = _t(a["s"], dev)
+        return lambda h, q, kv: (q - kv) % s == 0
+    if n == "dilated":
+        d, span = _t(a["d"], dev), _t(a["w"] * a["d"], dev)
+        return lambda h, q, kv: ((q - kv) % d == 0) & ((q - kv).abs() < span)
+    if n == "chunk":
+        l = _t(a["l"], dev)
+        return lambda h, q, kv: q // l == kv // l
+    if n == "summary":
+        l, c, g = a["l"], a["c"], a["g"]
+        lt, lo, hi = _t(l, dev), _t(l - (g + 1) * c, dev), _t(l - g * c, dev)
+
+        def summary(h, q, kv):
+            jm = kv % lt
+            return (jm >= lo) & (jm < hi) & (q >= 0)
+
+        return summary
+    if n == "sink":
+        k = _t(a["n"], dev)
+        return lambda h, q, kv: (kv < k) & (q >= 0)
+    if n == "prefix":
+        k = _t(a["n"], dev)
+        return lambda h, q, kv: (q < k) & (kv < k)
+    if n == "global":
+        if "n" in a:
+            k = _t(a["n"], dev)
+            return lambda h, q, kv: (q < k) | (kv < k)
+        at = np.asarray(a["at"], dtype=np.int64)
+        mq, mk = _marks(at, q_len, dev), _marks(at, kv_len, dev)
+        qmax, kmax = q_len - 1, kv_len - 1
+        return lambda h, q, kv: mq[q.clamp(0, qmax)] | mk[kv.clamp(0, kmax)]
+    if n == "random":
+        table = _random_table(a["r"], a["seed"], q_len, kv_len, dev)
+        qmax, kmax = q_len - 1, kv_len - 1
+        return lambda h, q, kv: table[q.clamp(0, qmax), kv.clamp(0, kmax)]
+    raise ValueError(f"unknown primitive {n!r}")
+
+
+def _marks(at: np.ndarray, length: int, dev) -> torch.Tensor:
+    m = np.zeros(length, dtype=bool)
+    m[at[at < length]] = True
+    return torch.from_numpy(m).to(dev)
+
+
+def _random_table(r: int, seed: int, q_len: int, kv_len: int, dev) -> torch.Tensor:
+    """bool [Q_LEN, KV_LEN] lookup table of the draws (O(Q_LEN * KV_LEN) is allowed for
+    ``random``, SPEC §3)."""
+    table = np.zeros(q_len * kv_len, dtype=bool)
+    table[random_flat_keys(r, seed, q_len, kv_len)] = True
+    return torch.from_numpy(table.reshape(q_len, kv_len)).to(dev)
