@@ -44,6 +44,8 @@ def _dense_forward(m, x, src, layer=0):
         return t.view(B, L, H, Dh).transpose(1, 2)
 
     q, k, v = heads(m.q_proj(x)), heads(m.k_proj(x)), heads(m.v_proj(x))
+    for mine, want in zip(m.qkv(x), (q, k, v)):
+        assert torch.equal(mine, want)
     mask = patternc.reference.dense_mask(src, q_len=L, num_heads=H, layer=layer, params=m.params or None)
     o = reference_attention(q, k, v, mask).to(x.dtype)
     return m.out_proj(o.transpose(1, 2).reshape(B, L, E))
