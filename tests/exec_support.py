@@ -1,14 +1,13 @@
-"""Test support for execution tests: a stand-in CompiledPattern built from the oracle.
+"""Test support for execution tests: a CompiledPattern built from the oracle alone.
 
 ``StandIn`` has the attributes of ``patternc.CompiledPattern`` that execution uses, built
 the slow, obvious way (``patternc.reference.dense_mask`` + ``BlockLayout.from_dense`` + a
-``mask_mod`` that indexes the dense table), so backends are tested against the oracle even
-without the analytic compiler.
+``mask_mod`` that indexes the dense table). Running the backends on it checks execution
+independently of the analytic compiler (its layouts and mask_mods).
 """
 
 from __future__ import annotations
 
-import numpy as np
 
 import patternc
 from patternc.layout import BlockLayout
@@ -58,17 +57,3 @@ class StandIn:
         from patternc.execute import attention
 
         return attention(self, q, k, v, scale=scale, backend=backend)
-
-
-def compile_pattern(source, **kw):
-    """The real ``patternc.compile`` when it exists, else the oracle stand-in."""
-    try:
-        from patternc.compiler import compile as real_compile  # noqa: F401
-    except ImportError:
-        return StandIn(source, **kw)
-    return real_compile(source, **kw)
-
-
-def dense_reference_mask(source, *, q_len, kv_len=None, num_heads=1, layer=0, params=None) -> np.ndarray:
-    return patternc.reference.dense_mask(source, q_len=q_len, kv_len=kv_len, num_heads=num_heads,
-                                         layer=layer, params=params)

@@ -19,7 +19,6 @@ from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import patternc  # noqa: E402
-from exec_support import compile_pattern  # noqa: E402
 from patternc.execute import attention, check_inputs, choose_backend  # noqa: E402
 from patternc.execute import blocksparse as bsm  # noqa: E402
 from patternc.execute.reference import reference_attention  # noqa: E402
@@ -71,7 +70,7 @@ CASES = [
 @pytest.mark.parametrize("backend", ["blocksparse", "sdpa", "auto"])
 @pytest.mark.parametrize("src,Q,KV,H,H_kv,bs", CASES)
 def test_forward_matches_float64_reference(src, Q, KV, H, H_kv, bs, backend):
-    cp = compile_pattern(src, q_len=Q, kv_len=KV, num_heads=H, block_size=bs)
+    cp = patternc.compile(src, q_len=Q, kv_len=KV, num_heads=H, block_size=bs)
     q, k, v = make_qkv(2, H, H_kv, Q, KV, D=16, Dv=8)
     ref = reference_attention(q, k, v, oracle(src, Q, KV, H))
     with torch.no_grad():
@@ -81,11 +80,25 @@ def test_forward_matches_float64_reference(src, Q, KV, H, H_kv, bs, backend):
     assert rel_err(out, ref) <= 1e-5
 
 
+@pytest.mark.parametrize("src,Q,KV,H,H_kv,bs", CASES[:6])
+def test_backends_on_oracle_built_layouts(src, Q, KV, H, H_kv, bs):
+    """The same backends on a layout and mask_mod built from the oracle alone
+    (``BlockLayout.from_dense`` + a dense lookup table): execution is right independently of
+    the analytic compiler."""
+    from exec_support import StandIn
+
+    cp = StandIn(src, q_len=Q, kv_len=KV, num_heads=H, block_size=bs)
+    q, k, v = make_qkv(2, H, H_kv, Q, KV, D=16, Dv=8)
+    ref = reference_attention(q, k, v, oracle(src, Q, KV, H))
+    for backend in ("blocksparse", "sdpa"):
+        assert rel_err(attention(cp, q, k, v, backend=backend), ref) <= 1e-5
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("backend", ["blocksparse", "sdpa"])
 def test_low_and_double_precision(dtype, backend):
     src, Q, KV, H, H_kv, bs = "(local(w=8) | strided(s=7)) & causal", 130, 130, 4, 2, 32
-    cp = compile_pattern(src, q_len=Q, kv_len=KV, num_heads=H, block_size=bs)
+    cp = patternc.compile(src, q_len=Q, kv_len=KV, num_heads=H, block_size=bs)
     q, k, v = make_qkv(1, H, H_kv, Q, KV, D=32, dtype=dtype)
     ref = reference_attention(q, k, v, oracle(src, Q, KV, H))
     out = attention(cp, q, k, v, backend=backend)
@@ -95,7 +108,7 @@ def test_low_and_double_precision(dtype, backend):
 
 def test_scale_argument():
     src = "local(w=6) & causal"
-    cp = compile_pattern(src, q_len=40, num_heads=1, block_size=8)
+    cp = patternc.compile(src, q_len=40, num_heads=1, block_size=8)
     q, k, v = make_qkv(1, 1, 1, 40, 40)
     ref = reference_attention(q, k, v, oracle(src, 40, 40, 1), scale=0.7)
     for backend in ("blocksparse", "sdpa"):
@@ -119,7 +132,7 @@ GRAD_CASES = [
 
 @pytest.mark.parametrize("src,Q,KV,H,H_kv,bs", GRAD_CASES)
 def test_blocksparse_gradients_match_reference(src, Q, KV, H, H_kv, bs):
-    cp = compile_pattern(src, q_len=Q, kv_len=KV, num_heads=H, block_size=bs)
+    cp = patternc.compile(src, q_len=Q, kv_len=KV, num_heads=H, block_size=bs)
     q, k, v = make_qkv(2, H, H_kv, Q, KV, D=16, Dv=8, grad=True)
     out = attention(cp, q, k, v, backend="blocksparse")
     ref = reference_attention(q, k, v, oracle(src, Q, KV, H))
@@ -135,7 +148,7 @@ def test_blocksparse_chunking_segments_and_merged_groups(monkeypatch):
     """Tiny chunks force the online-softmax kv segments; a tiny group budget forces merged
     groups (FULL tiles masked, dead padding slots). Values and gradients are unchanged."""
     src, Q, KV, H = "random(r=6, seed=1) | (local(w=9) & causal) | sink(3)", 77, 90, 2
-    cp = compile_pattern(src, q_len=Q, kv_len=KV, num_heads=H, block_size=8)
+    cp = patternc.compile(src, q_len=Q, kv_len=KV, num_heads=H, block_size=8)
     q, k, v = make_qkv(2, H, 1, Q, KV, D=8, dtype=torch.float64, grad=True)
     ref = reference_attention(q, k, v, oracle(src, Q, KV, H))
     g = torch.randn(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
@@ -163,7 +176,7 @@ def test_blocksparse_chunking_segments_and_merged_groups(monkeypatch):
 def test_blocksparse_touches_only_listed_tiles():
     """Keys in EMPTY tiles never reach the result: NaN there changes nothing."""
     src, N = "local(w=8) & causal", 128
-    cp = compile_pattern(src, q_len=N, num_heads=1, block_size=16)
+    cp = patternc.compile(src, q_len=N, num_heads=1, block_size=16)
     q, k, v = make_qkv(1, 1, 1, N, N)
     kinds = cp.layout.kinds[0]
     # poison kv block 0 for every query block that does not list it
@@ -191,7 +204,7 @@ EMPTY_CASES = [
 @pytest.mark.parametrize("src,Q,KV", EMPTY_CASES)
 def test_empty_rows_are_zero_with_finite_gradients(src, Q, KV, backend):
     H = 2
-    cp = compile_pattern(src, q_len=Q, kv_len=KV, num_heads=H, block_size=8)
+    cp = patternc.compile(src, q_len=Q, kv_len=KV, num_heads=H, block_size=8)
     q, k, v = make_qkv(1, H, H, Q, KV, grad=True)
     out = attention(cp, q, k, v, backend=backend)
     dense = oracle(src, Q, KV, H)
@@ -243,7 +256,7 @@ def test_hypothesis_blocksparse_and_sdpa_match_reference(src, Q, KV, H, gqa, qb,
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            cp = compile_pattern(src, q_len=Q, kv_len=KV, num_heads=H, block_size=(qb, kb))
+            cp = patternc.compile(src, q_len=Q, kv_len=KV, num_heads=H, block_size=(qb, kb))
             dense = oracle(src, Q, KV, H)
     except patternc.PatternError:
         assume(False)
@@ -266,7 +279,7 @@ def test_blocksparse_dropout_gradients_are_exact():
     """With a fixed seed the dropped-out forward is a deterministic function of q, k, v; its
     backward (which regenerates the masks) must match finite differences."""
     src = "(local(w=5) & causal) | sink(2)"
-    cp = compile_pattern(src, q_len=19, kv_len=19, num_heads=2, block_size=4)
+    cp = patternc.compile(src, q_len=19, kv_len=19, num_heads=2, block_size=4)
     q, k, v = make_qkv(1, 2, 1, 19, 19, D=4, dtype=torch.float64, grad=True)
 
     def f(q, k, v):
@@ -284,7 +297,7 @@ def test_dropout_averages_to_no_dropout():
     """E[dropout(P) / (1 - p)] = P: the mean over many independent draws (400 batch copies of
     the same q, k, v) approaches the plain output, while one draw is far from it."""
     src = "local(w=6) & causal"
-    cp = compile_pattern(src, q_len=24, num_heads=1, block_size=8)
+    cp = patternc.compile(src, q_len=24, num_heads=1, block_size=8)
     q, k, v = make_qkv(1, 1, 1, 24, 24, D=8, dtype=torch.float64)
     plain = attention(cp, q, k, v, backend="blocksparse")
     torch.manual_seed(0)
@@ -297,11 +310,11 @@ def test_dropout_averages_to_no_dropout():
 
 # ---- choice of backend, errors ------------------------------------------------------------
 def test_auto_policy_on_cpu():
-    cp = compile_pattern("causal", q_len=32, num_heads=2, block_size=8)
+    cp = patternc.compile("causal", q_len=32, num_heads=2, block_size=8)
     q, k, v = make_qkv(1, 2, 2, 32, 32)
     assert choose_backend(cp, q, k, v) == "sdpa"
     assert attention(cp, q, k, v, return_backend=True)[1] == "sdpa"
-    cp2 = compile_pattern("local(w=4) & causal", q_len=32, num_heads=2, block_size=8)
+    cp2 = patternc.compile("local(w=4) & causal", q_len=32, num_heads=2, block_size=8)
     name, why = choose_backend(cp2, q, k, v, explain=True)
     assert name == "blocksparse" and "CPU" in why
     q.requires_grad_()
@@ -309,7 +322,7 @@ def test_auto_policy_on_cpu():
 
 
 def test_flex_refuses_cpu_backward_with_a_clear_error():
-    cp = compile_pattern("local(w=4) & causal", q_len=32, num_heads=1, block_size=8)
+    cp = patternc.compile("local(w=4) & causal", q_len=32, num_heads=1, block_size=8)
     q, k, v = make_qkv(1, 1, 1, 32, 32, grad=True)
     with pytest.raises(patternc.PatternError) as e:
         attention(cp, q, k, v, backend="flex")
@@ -327,7 +340,7 @@ def test_flex_refuses_cpu_backward_with_a_clear_error():
     (lambda q, k, v: (q, torch.cat([k, k, k], 1), torch.cat([v, v, v], 1)), "P350", "does not divide"),
 ])
 def test_input_errors(bad, code, needle):
-    cp = compile_pattern("heads(causal, local(w=3))", q_len=32, num_heads=2, block_size=8)
+    cp = patternc.compile("heads(causal, local(w=3))", q_len=32, num_heads=2, block_size=8)
     q, k, v = make_qkv(1, 2, 2, 32, 32)
     with pytest.raises(patternc.PatternError) as e:
         check_inputs(cp, *bad(q, k, v))
@@ -335,7 +348,7 @@ def test_input_errors(bad, code, needle):
 
 
 def test_unknown_backend_suggests():
-    cp = compile_pattern("causal", q_len=8, num_heads=1, block_size=8)
+    cp = patternc.compile("causal", q_len=8, num_heads=1, block_size=8)
     q, k, v = make_qkv(1, 1, 1, 8, 8)
     with pytest.raises(patternc.PatternError, match="did you mean `blocksparse`"):
         attention(cp, q, k, v, backend="blocksparce")
@@ -344,7 +357,7 @@ def test_unknown_backend_suggests():
 def test_head_independent_layout_broadcasts_over_heads():
     """A pattern without heads(...) compiled for one head runs for any H."""
     src = "local(w=5) & causal"
-    cp = compile_pattern(src, q_len=30, num_heads=1, block_size=8)
+    cp = patternc.compile(src, q_len=30, num_heads=1, block_size=8)
     q, k, v = make_qkv(2, 3, 3, 30, 30)
     ref = reference_attention(q, k, v, oracle(src, 30, 30, 1))
     for backend in ("blocksparse", "sdpa"):
@@ -352,7 +365,7 @@ def test_head_independent_layout_broadcasts_over_heads():
 
 
 def test_plans_are_cached_per_device_and_heads():
-    cp = compile_pattern("local(w=5) & causal", q_len=30, num_heads=2, block_size=8)
+    cp = patternc.compile("local(w=5) & causal", q_len=30, num_heads=2, block_size=8)
     p1 = bsm.plan_for(cp.layout, 2, "cpu", cp.mask_mod)
     assert bsm.plan_for(cp.layout, 2, "cpu", cp.mask_mod) is p1
     with pytest.raises(ValueError, match="2 heads"):

@@ -11,7 +11,6 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import patternc  # noqa: E402
-from exec_support import compile_pattern  # noqa: E402
 from patternc.execute import attention  # noqa: E402
 from patternc.execute.reference import reference_attention  # noqa: E402
 
@@ -34,7 +33,7 @@ def _rel(out, ref):
 def test_flex_forward_matches_reference():
     # per-head patterns; head 1 has empty rows (0..3 attend nothing)
     src = "heads(((local(w=20) | strided(s=9)) & causal) | fixed(32, 8), (causal - local(w=4)) | (global(at=[70]) & causal))"
-    cp = compile_pattern(src, q_len=Q, kv_len=KV, num_heads=H, block_size=BS)
+    cp = patternc.compile(src, q_len=Q, kv_len=KV, num_heads=H, block_size=BS)
     dense = patternc.reference.dense_mask(src, q_len=Q, kv_len=KV, num_heads=H)
     q, k, v = _qkv()
     with torch.no_grad():

@@ -10,7 +10,6 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import patternc  # noqa: E402
-from exec_support import compile_pattern  # noqa: E402
 from patternc.execute import attention, choose_backend  # noqa: E402
 from patternc.execute.reference import reference_attention  # noqa: E402
 
@@ -32,7 +31,7 @@ def _rel(a, b):
 @pytest.mark.parametrize("backend", ["auto", "flex", "blocksparse", "sdpa"])
 def test_cuda_forward_backward(backend, dtype, tol):
     dev = torch.device("cuda")
-    cp = compile_pattern(SRC, q_len=Q, kv_len=KV, num_heads=H, block_size=128)
+    cp = patternc.compile(SRC, q_len=Q, kv_len=KV, num_heads=H, block_size=128)
     dense = patternc.reference.dense_mask(SRC, q_len=Q, kv_len=KV, num_heads=H)
     g = torch.Generator(device=dev).manual_seed(0)
     q = torch.randn(2, H, Q, 64, device=dev, generator=g).to(dtype).requires_grad_()

@@ -11,7 +11,6 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import exec_support  # noqa: E402
 import patternc  # noqa: E402
 import patternc.nn as pnn  # noqa: E402
 from patternc.execute.reference import reference_attention  # noqa: E402
@@ -19,10 +18,6 @@ from patternc.execute.reference import reference_attention  # noqa: E402
 pytestmark = pytest.mark.filterwarnings("ignore::patternc.PatternWarning")
 
 
-@pytest.fixture(autouse=True)
-def _compiler(monkeypatch):
-    # the oracle stand-in until patternc.compile exists (then compile_pattern is the real one)
-    monkeypatch.setattr(pnn, "_compile", exec_support.compile_pattern)
 
 
 def test_bad_pattern_fails_at_construction():

@@ -10,7 +10,6 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import exec_support  # noqa: E402
 import patternc  # noqa: E402
 import patternc.cli.run as run_cli  # noqa: E402
 from patternc.cli import main  # noqa: E402
@@ -18,9 +17,6 @@ from patternc.cli import main  # noqa: E402
 pytestmark = pytest.mark.filterwarnings("ignore::patternc.PatternWarning")
 
 
-@pytest.fixture(autouse=True)
-def _compiler(monkeypatch):
-    monkeypatch.setattr(run_cli, "_compile", exec_support.compile_pattern)
 
 
 def run_json(capsys, *argv):
