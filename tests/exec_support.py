@@ -8,7 +8,6 @@ independently of the analytic compiler (its layouts and mask_mods).
 
 from __future__ import annotations
 
-
 import patternc
 from patternc.layout import BlockLayout
 
