@@ -16,9 +16,10 @@ GPU section (runs only with CUDA): B=1, H=16, D=64, bfloat16, N = 16k and 64k, f
 forward+backward of auto (flex with the analytic BlockMask) and ``create_block_mask`` + flex,
 against SDPA ``is_causal`` (blocksparse is the CPU path and is left out there).
 
-Timing: every variant is warmed up (compiles included there), then the variants are run in
-interleaved rounds; the table shows the best and the median of the rounds, and the ratios
-use the best (the machine may be shared; the best is the least disturbed run).
+Timing: every variant is warmed up (compiles included there), then each pattern's variants
+and the SDPA is_causal baseline are run in interleaved rounds, so a ratio compares runs taken
+in the same time window; the table shows the best and the median of the rounds, and the
+ratios use the best (the machine may be shared; the best is the least disturbed run).
 
     python benchmarks/bench_attention.py                 # CPU section (+ GPU when present)
     python benchmarks/bench_attention.py --quick         # N=2048, fewer rounds, no flex
@@ -93,8 +94,12 @@ def fwd_bwd(fn, q, k, v):
     return run
 
 
-def bench_pattern(src, *, B, H, N, D, dtype, dev, rounds, with_flex, with_bwd, baseline_fwd, baseline_bwd,
-                  with_blocksparse=True):
+BASE_FWD, BASE_BWD = "sdpa is_causal fwd", "sdpa is_causal fwd+bwd"
+
+
+def bench_pattern(src, *, B, H, N, D, dtype, dev, rounds, with_flex, with_bwd, with_blocksparse=True):
+    """Rows ``(pattern, variant, best_s, median_s, ratio)``; every variant is timed in the same
+    interleaved rounds as the SDPA is_causal baseline it is divided by."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     from patternc.execute.flex import compiled_flex_attention
@@ -104,7 +109,7 @@ def bench_pattern(src, *, B, H, N, D, dtype, dev, rounds, with_flex, with_bwd, b
     cp = patternc.compile(src, q_len=N, num_heads=H, block_size=128)
     compile_s = time.perf_counter() - t0
     q, k, v = qkv(B, H, N, D, dtype, dev)
-    fns = {}
+    fns = {BASE_FWD: lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)}
     with torch.no_grad():
         fns["auto fwd"] = lambda: attention(cp, q, k, v)
         if with_blocksparse and not cp.is_causal_only:
@@ -123,10 +128,10 @@ def bench_pattern(src, *, B, H, N, D, dtype, dev, rounds, with_flex, with_bwd, b
             fns["flex(cbm) fwd"] = lambda: flex(q, k, v, block_mask=cbm)
         res = measure(fns, rounds, dev)
     for n, (best, med) in res.items():
-        rows.append((src, n, best, med, best / baseline_fwd))
+        rows.append((src, n, best, med, best / res[BASE_FWD][0]))
     if with_bwd and not cp.is_causal_only:
         qg, kg, vg = qkv(B, H, N, D, dtype, dev, grad=True)
-        bwd = {}
+        bwd = {BASE_BWD: fwd_bwd(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True), qg, kg, vg)}
         if with_blocksparse:
             bwd["blocksparse fwd+bwd"] = fwd_bwd(lambda a, b, c: attention(cp, a, b, c, backend="blocksparse"),
                                                  qg, kg, vg)
@@ -134,44 +139,32 @@ def bench_pattern(src, *, B, H, N, D, dtype, dev, rounds, with_flex, with_bwd, b
             flex = compiled_flex_attention(dev)
             bwd["auto fwd+bwd"] = fwd_bwd(lambda a, b, c: attention(cp, a, b, c), qg, kg, vg)
             bwd["flex(cbm) fwd+bwd"] = fwd_bwd(lambda a, b, c: flex(a, b, c, block_mask=cbm), qg, kg, vg)
-        for n, (best, med) in measure(bwd, max(2, rounds // 2), dev).items():
-            rows.append((src, n, best, med, best / baseline_bwd))
+        res = measure(bwd, max(3, rounds // 2), dev)
+        for n, (best, med) in res.items():
+            rows.append((src, n, best, med, best / res[BASE_BWD][0]))
     return rows, {"compile_s": compile_s, "density": cp.density, "block_density": cp.block_density, **build}
 
 
 def section(title, *, B, H, N, D, dtype, dev, rounds, patterns, with_flex, with_bwd, with_blocksparse=True):
-    print(f"\n== {title}: B={B} H={H} N={N} D={D} {str(dtype).replace('torch.', '')} on {dev}"
-          f" ({torch.get_num_threads()} threads)" if dev.type == "cpu" else
-          f"\n== {title}: B={B} H={H} N={N} D={D} {str(dtype).replace('torch.', '')} on {torch.cuda.get_device_name(dev)}")
-    q, k, v = qkv(B, H, N, D, dtype, dev)
-    with torch.no_grad():
-        base = measure({"sdpa is_causal fwd": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)},
-                       rounds, dev)["sdpa is_causal fwd"]
-    qg, kg, vg = qkv(B, H, N, D, dtype, dev, grad=True)
-    base_bwd = measure({"b": fwd_bwd(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True),
-                                     qg, kg, vg)}, max(2, rounds // 2), dev)["b"]
-    del qg, kg, vg
-    print(f"baseline SDPA is_causal: fwd best {base[0] * 1e3:.1f} ms (median {base[1] * 1e3:.1f}), "
-          f"fwd+bwd best {base_bwd[0] * 1e3:.1f} ms (median {base_bwd[1] * 1e3:.1f})")
+    where = f"{dev} ({torch.get_num_threads()} threads)" if dev.type == "cpu" else torch.cuda.get_device_name(dev)
+    print(f"\n== {title}: B={B} H={H} N={N} D={D} {str(dtype).replace('torch.', '')} on {where}")
     all_rows, infos = [], {}
     for src in patterns:
         rows, info = bench_pattern(src, B=B, H=H, N=N, D=D, dtype=dtype, dev=dev, rounds=rounds,
-                                   with_flex=with_flex, with_bwd=with_bwd, baseline_fwd=base[0],
-                                   baseline_bwd=base_bwd[0], with_blocksparse=with_blocksparse)
+                                   with_flex=with_flex, with_bwd=with_bwd, with_blocksparse=with_blocksparse)
         all_rows += rows
         infos[src] = info
     w = max(len(r[0]) for r in all_rows)
-    print(f"{'pattern':<{w}}  {'variant':<20} {'best ms':>9} {'median ms':>10} {'x sdpa causal':>14}  target")
+    print(f"{'pattern':<{w}}  {'variant':<22} {'best ms':>9} {'median ms':>10} {'x sdpa causal':>14}  target")
     for src, n, best, med, ratio in all_rows:
         tgt = TARGETS.get((src, n)) if dev.type == "cpu" and N == 8192 else None
         mark = "" if tgt is None else (f"<= {tgt}  {'ok' if ratio <= tgt else 'MISSED'}")
-        print(f"{src:<{w}}  {n:<20} {best * 1e3:9.1f} {med * 1e3:10.1f} {ratio:14.3f}  {mark}")
+        print(f"{src:<{w}}  {n:<22} {best * 1e3:9.1f} {med * 1e3:10.1f} {ratio:14.3f}  {mark}")
     for src, info in infos.items():
         extra = ", ".join(f"{k} {v:.2f} s" for k, v in info.items() if k.endswith("mask"))
         print(f"{src}: token density {info['density']:.4f}, block density {info['block_density']:.4f}, "
               f"patternc.compile {info['compile_s']:.3f} s" + (f"; mask build: {extra}" if extra else ""))
-    return {"baseline_fwd": base, "baseline_fwd_bwd": base_bwd,
-            "rows": [dict(pattern=r[0], variant=r[1], best_s=r[2], median_s=r[3], ratio=r[4]) for r in all_rows],
+    return {"rows": [dict(pattern=r[0], variant=r[1], best_s=r[2], median_s=r[3], ratio=r[4]) for r in all_rows],
             "patterns": infos}
 
 
