@@ -144,6 +144,26 @@ def test_blocksparse_gradients_match_reference(src, Q, KV, H, H_kv, bs):
         assert rel_err(a, b.to(torch.float64)) <= 1e-5
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 5e-4)])
+def test_blocksparse_large_logits(dtype, tol):
+    """Regression: with large logits a masked entry's raw score can exceed its row's
+    log-sum-exp by far more than float32's exp range; the backward must not produce
+    inf * 0 = NaN there. Values and gradients stay finite and match the reference (float32
+    to SDPA's own level at these logits, a few 1e-5)."""
+    src, N = "((local(w=40) | strided(s=7)) & causal) | (global(at=[5]) & causal)", 300
+    cp = patternc.compile(src, q_len=N, num_heads=2, block_size=64)
+    q, k, v = make_qkv(1, 2, 2, N, N, D=16, dtype=dtype, grad=True, seed=4)
+    dense = oracle(src, N, N, 2)
+    for scale in (30.0, 300.0):
+        out = attention(cp, q, k, v, scale=scale, backend="blocksparse")
+        ref = reference_attention(q, k, v, dense, scale=scale)
+        g = torch.randn(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+        assert rel_err(out, ref) <= tol
+        for a, b in zip(grads(out, (q, k, v), g.to(dtype)), grads(ref, (q, k, v), g)):
+            assert torch.isfinite(a).all()
+            assert rel_err(a, b) <= (tol if scale < 100 or dtype == torch.float64 else 2e-3)
+
+
 def test_blocksparse_chunking_segments_and_merged_groups(monkeypatch):
     """Tiny chunks force the online-softmax kv segments; a tiny group budget forces merged
     groups (FULL tiles masked, dead padding slots). Values and gradients are unchanged."""

@@ -440,11 +440,15 @@ class _Mask:
 
 
 def _exp_probs(s, shift, mask):
-    """``exp(s - shift)`` in place (``shift`` None: ``exp(s)``) with the floor, masked entries
-    exactly 0."""
+    """``exp(s - shift)`` in place (``shift`` None: ``exp(s)``), masked entries exactly 0.
+
+    The argument is clamped to [EXP_FLOOR, 0]: probabilities are at most 1, and in the
+    backward pass the raw score of a *masked* entry may exceed the row's log-sum-exp by any
+    amount (its exp would overflow to inf, and inf * 0 is NaN) before it is zeroed.
+    """
     if shift is not None:
         s.sub_(shift)
-    s.clamp_(min=EXP_FLOOR).exp_()
+    s.clamp_(min=EXP_FLOOR, max=0.0).exp_()
     if mask is not None:
         mask.zero_probs(s)
     return s
