@@ -18,9 +18,12 @@ Details
       treated as PARTIAL, a row may be padded with dead slots that are masked out): a
       bounded number of groups keeps the Python overhead small; masking a FULL tile is
       exact because ``mask_mod`` is True on all of its real token pairs.
-    * The boolean masks of the PARTIAL tiles are evaluated once per (layout, heads, device)
-      and cached while they fit in ``mask_cache_elements``; otherwise ``mask_mod`` is
-      evaluated per chunk.
+    * The masks of the PARTIAL tiles are evaluated once per (layout, heads, device) and only
+      the distinct tile masks are kept (a band has two or three however long the sequence):
+      a group whose rows share their tiles gets one broadcast mask, others index a table of
+      distinct tiles. Masks are float32 (an additive 0/-inf bias before the row max, a 0/1
+      multiplier after exp). Past ``MASK_CACHE_ELEMENTS`` / ``MASK_EVAL_ELEMENTS``,
+      ``mask_mod`` is evaluated per chunk at every call.
     * The backward pass is FlashAttention's: it saves q, k, v, the output and the row
       log-sum-exp, and recomputes the probabilities chunk by chunk
       (``dS = P * (dP - rowsum(dO * O))``). Memory stays O(chunk) in both passes.
@@ -28,8 +31,9 @@ Details
       last kv block is always in the masked part; ``mask_mod`` only sees real indices
       (padded query rows reuse the last real row and are dropped).
     * Numerics: matmuls and softmax run in float32 for float16 / bfloat16 / float32 inputs
-      (float64 stays float64); the result is cast back to the input dtype. A query row with
-      no allowed key gets output 0 and log-sum-exp +inf, so its probabilities (and its
+      (float64 stays float64); the result is cast back to the input dtype. ``exp`` arguments
+      are clamped to [EXP_FLOOR, 0] (speed; and no inf * 0 in the backward). A query row
+      with no allowed key gets output 0 and log-sum-exp +inf, so its probabilities (and its
       gradients) are exactly 0.
 """
 
@@ -53,7 +57,7 @@ MASK_CACHE_ELEMENTS = 1 << 24
 #: most ``mask_mod`` evaluations spent once, at plan time, to find the distinct tile masks;
 #: above it the masks are evaluated per chunk at every call instead
 MASK_EVAL_ELEMENTS = 1 << 29
-#: exp argument floor: ``exp(max(x, EXP_FLOOR))``. torch's CPU exp leaves its vectorised path
+#: exp argument floor: ``exp(clamp(x, EXP_FLOOR, 0))``. torch's CPU exp leaves its vectorised path
 #: for arguments below about -88 (and for -inf), measured 5-50x slower; exp(-80) = 1.8e-35 is
 #: below float32 resolution of any row sum (>= 1), and masked entries are zeroed exactly after.
 EXP_FLOOR = -80.0
