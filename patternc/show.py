@@ -73,6 +73,8 @@ class Picture:
         density: token density in [0, 1] (allowed pairs / (H * Q_LEN * KV_LEN)).
         block_density: block density in [0, 1] (tokens of computed tiles, clipped).
         merge: tiles per character along each axis in the terminal block view (1 = exact).
+        counts: FULL / PARTIAL / EMPTY tile counts over all heads.
+        layer_canonical: for a ``layers(...)`` pattern, the canonical text of the drawn layer.
     """
 
     canonical: str
@@ -90,6 +92,7 @@ class Picture:
     block_density: float = 0.0
     merge: int = 1
     counts: dict = field(default_factory=dict)
+    layer_canonical: str | None = None  # the drawn layer's own text, for layers(...) patterns
 
 
 class ShowError(ValueError):
@@ -189,6 +192,11 @@ def picture(p_or_source, *, q_len: int, kv_len: int | None = None, num_heads: in
                   block_density=float(cp.block_density),
                   counts={"full_blocks": lay.full_blocks, "partial_blocks": lay.partial_blocks,
                           "empty_blocks": lay.empty_blocks})
+    if p.num_layers > 1:
+        from .ir import select_layer
+        from .normalize import normalize
+
+        pic.layer_canonical = str(normalize(select_layer(p, layer)))
     if view == "tokens":
         pic.window = tuple(window) if window is not None else (0, q_len, 0, kv_len)
         pic.tokens = _token_window(cp, heads, pic.window, H)
@@ -280,8 +288,10 @@ def header_lines(p: Picture) -> list[str]:
     qb, kb = p.block_size
     bs = str(qb) if qb == kb else f"({qb}, {kb})"
     c = p.counts
+    layer = [f"{f'layer {p.layer}':<15}{p.layer_canonical}"] if p.layer_canonical else []
     return [
         f"pattern        {p.canonical}",
+        *layer,
         f"Q_LEN {p.q_len}  KV_LEN {p.kv_len}  BLOCK_SIZE {bs}  heads {p.num_heads}  layer {p.layer}",
         f"token density {_pct(p.density)}  block density {_pct(p.block_density)}  "
         f"FULL {c['full_blocks']}  PARTIAL {c['partial_blocks']}  EMPTY {c['empty_blocks']} (tiles, all heads)",
@@ -356,6 +366,7 @@ def to_json(p: Picture, *, ascii_only: bool = True, png: str | None = None) -> d
         "num_heads": p.num_heads,
         "block_size": [qb, kb],
         "layer": p.layer,
+        "layer_canonical": p.layer_canonical,
         "view": p.view,
         "window": list(p.window) if p.window else None,
         "merge": p.merge,
@@ -438,7 +449,8 @@ def save_png(p: Picture, path, *, dpi: int = 110) -> Path:
         ax.xaxis.tick_top()
         ax.set_title(("head " if len(hs) == 1 else "heads ") + _short_list(hs), fontsize=10)
     bs = str(qb) if qb == kb else f"({qb}, {kb})"
-    sub = (f"Q_LEN {p.q_len}, KV_LEN {p.kv_len}, BLOCK_SIZE {bs}, layer {p.layer}, {p.num_heads} head(s)\n"
+    layer = f"layer {p.layer} = {p.layer_canonical}" if p.layer_canonical else f"layer {p.layer}"
+    sub = (f"Q_LEN {p.q_len}, KV_LEN {p.kv_len}, BLOCK_SIZE {bs}, {layer}, {p.num_heads} head(s)\n"
            f"token density {_pct(p.density)}   block density {_pct(p.block_density)}   "
            f"FULL {p.counts['full_blocks']}  PARTIAL {p.counts['partial_blocks']}  EMPTY {p.counts['empty_blocks']} tiles")
     fig.suptitle("\n".join(title_lines) + "\n", fontsize=11, fontfamily="monospace")

@@ -54,6 +54,16 @@ def test_token_picture_reads_back_as_the_oracle_mask(src, q_len, kv_len, heads, 
     assert seen == set(range(heads))
 
 
+@pytest.mark.parametrize("layer", [0, 1, 2, 5])
+def test_layer_of_a_stack(layer, capsys):
+    src = "layers(local(w=3) & causal, causal, strided(s=4) & causal)"
+    code, out, _ = _cli(capsys, "show", "-e", src, "--seq-len", "14", "--layer", str(layer), "--ascii")
+    assert code == 0
+    (grid,) = parse_text_grid(out).values()
+    assert np.array_equal(grid == "#", reference.dense_mask(src, q_len=14, layer=layer)[0])
+    assert out.splitlines()[1] == f"layer {layer}        " + ["local(w=3) & causal", "causal", "strided(s=4) & causal"][layer % 3]
+
+
 def test_identical_heads_are_drawn_once(capsys):
     code, out, _ = _cli(capsys, "show", "-e", "heads(causal, local(w=2), causal)", "--seq-len", "6", "--heads", "4")
     assert code == 0
