@@ -1,0 +1,199 @@
+"""Point and broadcast evaluation of a bound pattern, and the "via" of one attention edge.
+
+The reachability engines need the predicate of SPEC §1 at chosen token pairs (a row of a
+layer, the tiles of a layout, one hop of a witness path) without materialising
+``[Q_LEN, KV_LEN]``. ``evaluate`` is a numpy broadcasting evaluator written straight from
+the SPEC §1.1 table (the same table as ``patternc.reference``, which is its test oracle);
+``explain`` names the part of a pattern that allows one pair, e.g. ``strided(s=8) & causal``
+for the hop (i=16, j=0) of ``(local(w=9) | strided(s=8)) & causal``.
+
+Patterns passed here have a concrete layer (``select_layer``) and concrete lengths
+(``bind_lengths``); heads are resolved by the ``head`` argument.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from ..ir import And, Blocks, Diff, Heads, Layers, Not, Or, Pattern, Prim
+
+
+@functools.lru_cache(maxsize=8)
+def _random_table(r: int, seed: int, q_len: int, kv_len: int) -> np.ndarray:
+    """int64 [Q_LEN, min(r, KV_LEN)]: the keys ``random(r, seed)`` draws per query row."""
+    from ..reference import random_keys
+
+    rows = random_keys(r, seed, q_len, kv_len)
+    if not rows or len(rows[0]) == 0:
+        return np.zeros((q_len, 0), dtype=np.int64)
+    return np.stack(rows).astype(np.int64)
+
+
+def _prim(p: Prim, i: np.ndarray, j: np.ndarray, q_len: int, kv_len: int) -> np.ndarray:
+    a = p.argdict
+    n = p.name
+    shape = np.broadcast_shapes(np.shape(i), np.shape(j))
+    if n == "all":
+        return np.ones(shape, dtype=bool)
+    if n == "none":
+        return np.zeros(shape, dtype=bool)
+    if n == "causal":
+        return j <= i
+    if n == "local":
+        return np.abs(i - j) < a["w"]
+    if n == "band":
+        return (i - a["left"] <= j) & (j <= i + a["right"])
+    if n == "strided":
+        return (i - j) % a["s"] == 0
+    if n == "dilated":
+        d = i - j
+        return (d % a["d"] == 0) & (np.abs(d) < a["w"] * a["d"])
+    if n == "chunk":
+        return (i // a["l"]) == (j // a["l"])
+    if n == "summary":
+        l, c, g = a["l"], a["c"], a["g"]
+        jm = j % l
+        return np.broadcast_to((l - (g + 1) * c <= jm) & (jm < l - g * c), shape)
+    if n == "sink":
+        return np.broadcast_to(j < a["n"], shape)
+    if n == "global":
+        if "n" in a:
+            return (i < a["n"]) | (j < a["n"])
+        pos = np.asarray(a["at"], dtype=np.int64)
+        return np.isin(i, pos) | np.isin(j, pos)
+    if n == "prefix":
+        return (i < a["n"]) & (j < a["n"])
+    if n == "random":
+        table = _random_table(a["r"], a["seed"], q_len, kv_len)
+        if table.shape[1] == 0:
+            return np.zeros(shape, dtype=bool)
+        ib, jb = np.broadcast_arrays(i, j)
+        return (table[ib] == jb[..., None]).any(axis=-1)
+    raise ValueError(f"unknown primitive {n}")
+
+
+def evaluate(p: Pattern, head: int, i, j, q_len: int, kv_len: int) -> np.ndarray:
+    """``attend(h, i, j)`` of one layer at the given positions, broadcasting ``i`` against ``j``.
+
+    Args:
+        p: a pattern with one layer selected and lengths bound (no ``layers(...)``, no
+            ``q_len``/``kv_len`` left).
+        head: head index h (``heads(p0, ...)`` uses entry h mod m).
+        i: int64 query positions, any shape broadcastable with ``j`` (tokens, 0 <= i < Q_LEN).
+        j: int64 key positions (tokens, 0 <= j < KV_LEN).
+        q_len: Q_LEN, tokens.
+        kv_len: KV_LEN, tokens.
+
+    Returns:
+        bool array of the broadcast shape of ``i`` and ``j``.
+
+    Raises:
+        ValueError: a ``layers(...)`` node is left, or an unknown node.
+
+    Example:
+        >>> import numpy as np, patternc
+        >>> p = patternc.parse("local(w=2) & causal")
+        >>> evaluate(p, 0, np.arange(3)[:, None], np.arange(3)[None, :], 3, 3).astype(int)
+        array([[1, 0, 0],
+               [1, 1, 0],
+               [0, 1, 1]])
+    """
+    i = np.asarray(i, dtype=np.int64)
+    j = np.asarray(j, dtype=np.int64)
+    return _eval(p, head, i, j, q_len, kv_len)
+
+
+def _eval(p, h, i, j, q_len, kv_len):
+    if isinstance(p, Prim):
+        return _prim(p, i, j, q_len, kv_len)
+    if isinstance(p, Not):
+        return ~_eval(p.child, h, i, j, q_len, kv_len)
+    if isinstance(p, Diff):
+        return _eval(p.left, h, i, j, q_len, kv_len) & ~_eval(p.right, h, i, j, q_len, kv_len)
+    if isinstance(p, And):
+        out = None
+        for c in p.items:
+            v = _eval(c, h, i, j, q_len, kv_len)
+            out = v if out is None else out & v
+        return out if out is not None else np.ones(np.broadcast_shapes(i.shape, j.shape), dtype=bool)
+    if isinstance(p, Or):
+        out = None
+        for c in p.items:
+            v = _eval(c, h, i, j, q_len, kv_len)
+            out = v if out is None else out | v
+        return out if out is not None else np.zeros(np.broadcast_shapes(i.shape, j.shape), dtype=bool)
+    if isinstance(p, Heads):
+        return _eval(p.items[h % len(p.items)], h, i, j, q_len, kv_len)
+    if isinstance(p, Blocks):
+        b = p.b
+        return _eval(p.child, h, i // b, j // b, -(-q_len // b), -(-kv_len // b))
+    if isinstance(p, Layers):
+        raise ValueError("select a layer first (patternc.ir.select_layer)")
+    raise ValueError(f"not a pattern node: {p!r}")
+
+
+def _holds(p, h, i, j, q_len, kv_len) -> bool:
+    return bool(_eval(p, h, np.asarray(i, dtype=np.int64), np.asarray(j, dtype=np.int64), q_len, kv_len))
+
+
+def explain(p: Pattern, head: int, i: int, j: int, q_len: int, kv_len: int) -> str | None:
+    """The part of ``p`` that lets query ``i`` attend key ``j`` in head ``head``, as pattern text.
+
+    An ``|`` is explained by its first operand that holds, an ``&`` by the conjunction of its
+    operands' explanations, a primitive or a negation by itself, ``blocks(b, p)`` by
+    ``blocks(b, <explanation at block coordinates>)``.
+
+    Returns:
+        The explanation text, or None when ``attend(head, i, j)`` is false.
+
+    Example:
+        >>> import patternc
+        >>> explain(patternc.parse("(local(w=9) | strided(s=8)) & causal"), 0, 16, 0, 64, 64)
+        'strided(s=8) & causal'
+    """
+    if not _holds(p, head, i, j, q_len, kv_len):
+        return None
+    return _why(p, head, i, j, q_len, kv_len)[0]
+
+
+def _why(p, h, i, j, q_len, kv_len) -> tuple[str, int]:
+    """(text, precedence) for a node known to hold at (i, j); precedence as in SPEC §1.2."""
+    if isinstance(p, Or):
+        for c in p.items:
+            if _holds(c, h, i, j, q_len, kv_len):
+                return _why(c, h, i, j, q_len, kv_len)
+        raise AssertionError("an | that holds has an operand that holds")
+    if isinstance(p, And):
+        parts = []
+        for c in p.items:
+            text, prec = _why(c, h, i, j, q_len, kv_len)
+            parts.append(f"({text})" if prec > 3 else text)
+        return " & ".join(parts), 3
+    if isinstance(p, Heads):
+        return _why(p.items[h % len(p.items)], h, i, j, q_len, kv_len)
+    if isinstance(p, Blocks):
+        b = p.b
+        inner, _ = _why(p.child, h, i // b, j // b, -(-q_len // b), -(-kv_len // b))
+        return f"blocks({b}, {inner})", 0
+    if isinstance(p, Diff):
+        left, lp = _why(p.left, h, i, j, q_len, kv_len)
+        return f"{f'({left})' if lp > 2 else left} - {_paren(p.right, 2)}", 2
+    text = str(p)
+    return text, _precedence(p)
+
+
+def _precedence(p) -> int:
+    if isinstance(p, Or):
+        return 4
+    if isinstance(p, And):
+        return 3
+    if isinstance(p, Diff):
+        return 2
+    return 0
+
+
+def _paren(p, level) -> str:
+    text = str(p)
+    return f"({text})" if _precedence(p) >= level else text

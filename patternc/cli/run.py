@@ -1,0 +1,343 @@
+"""``patternc run``: execute attention under a pattern, time it against dense SDPA, check it.
+
+Steps: compile the pattern for the lengths; make q/k/v (seeded normal, or ``--input`` a
+``.safetensors`` / ``.npz`` / ``.pt`` file holding tensors ``q``, ``k``, ``v``); warm up and
+time the chosen backend (median of ``--repeats``); time dense SDPA with the same boolean mask
+(skipped, with a note, when the mask would not fit in memory); with ``--check`` compare with
+the float64 reference (computed in query chunks, so memory stays bounded). Exit 1 when
+``--check`` finds an error above the dtype's tolerance (float32/float64 1e-5, bfloat16 /
+float16 2e-2, relative).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import sys
+import time
+
+from ..errors import ExitCode
+from .common import UsageError, add_source_args, emit_diagnostics, print_json, run_guarded
+
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+BACKENDS = ("auto", "flex", "blocksparse", "sdpa")
+#: relative-error tolerance of ``--check`` per dtype
+TOLERANCE = {"float32": 1e-5, "float64": 1e-5, "bfloat16": 2e-2, "float16": 2e-2}
+
+
+def register(sub) -> None:
+    p = sub.add_parser("run", help="execute attention under a pattern; time it against dense SDPA",
+                       description=__doc__.split("\n\n")[0])
+    add_source_args(p)
+    p.add_argument("--seq-len", type=int, required=True, metavar="N", help="Q_LEN in tokens")
+    p.add_argument("--kv-len", type=int, metavar="M", help="KV_LEN in tokens (default: N)")
+    p.add_argument("--heads", type=int, metavar="H", help="query heads (default: from --input, else required)")
+    p.add_argument("--kv-heads", type=int, metavar="H_KV", help="key/value heads, dividing H (grouped-query; default H)")
+    p.add_argument("--head-dim", type=int, metavar="D", help="head dimension (default: from --input, else required)")
+    p.add_argument("--batch", type=int, metavar="B", help="batch size (default 1)")
+    p.add_argument("--dtype", choices=DTYPES, help="tensor dtype (default float32, or the --input file's)")
+    p.add_argument("--backend", choices=BACKENDS, default="auto", help="execution backend (default auto)")
+    p.add_argument("--block-size", type=int, default=128, metavar="B", help="BLOCK_SIZE in tokens (default 128)")
+    p.add_argument("--layer", type=int, default=0, help="entry of layers(...) to run (default 0)")
+    p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--repeats", type=int, default=5, metavar="R", help="timed calls after one warm-up (default 5)")
+    p.add_argument("--check", action="store_true", help="compare with the float64 reference attention")
+    p.add_argument("--no-dense", action="store_true", help="skip timing dense SDPA")
+    p.add_argument("--input", metavar="F", help="a .safetensors / .npz / .pt file with tensors q, k, v")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random q/k/v (default 0)")
+    p.set_defaults(func=run)
+
+
+def _compile(pattern, **kw):
+    from ..compiler import compile as compile_pattern
+
+    return compile_pattern(pattern, **kw)
+
+
+def _positive(name, value):
+    if value is not None and value < 1:
+        raise UsageError(f"{name} must be >= 1, got {value}")
+
+
+def _available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+def _shape_str(shape) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def load_input(path: str) -> dict:
+    """Tensors ``q``, ``k``, ``v`` from a .safetensors / .npz / .pt file (``.pt`` with
+    ``torch.load(weights_only=True)``). Raises UsageError (unreadable, missing tensors)."""
+    import torch
+
+    if not os.path.isfile(path):
+        raise UsageError(f"cannot read {path}: no such file")
+    ext = os.path.splitext(path)[1].lower()
+    try:
+        if ext == ".safetensors":
+            from safetensors.torch import load_file
+
+            data = load_file(path)
+        elif ext == ".npz":
+            import numpy as np
+
+            with np.load(path, allow_pickle=False) as z:
+                data = {name: torch.from_numpy(np.array(z[name])) for name in z.files}
+        elif ext in (".pt", ".pth"):
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            raise UsageError(f"--input {path}: unknown file type {ext or '(none)'!r}; "
+                             "expected .safetensors, .npz or .pt")
+    except UsageError:
+        raise
+    except Exception as e:  # a corrupt or foreign file
+        raise UsageError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"--input {path}: expected a mapping of tensors q, k, v, got {type(data).__name__}")
+    missing = [n for n in ("q", "k", "v") if n not in data]
+    if missing:
+        have = ", ".join(sorted(map(str, data))) or "nothing"
+        raise UsageError(f"--input {path}: missing tensor(s) {', '.join(missing)} (it holds {have}); "
+                         "expected q [B, H, Q_LEN, D], k [B, H_kv, KV_LEN, D], v [B, H_kv, KV_LEN, Dv]")
+    out = {}
+    for n in ("q", "k", "v"):
+        t = data[n]
+        if not isinstance(t, torch.Tensor):
+            raise UsageError(f"--input {path}: {n} is not a tensor ({type(t).__name__})")
+        if not t.is_floating_point():
+            raise UsageError(f"--input {path}: {n} has dtype {t.dtype}; expected a floating-point tensor")
+        out[n] = t
+    return out
+
+
+def _check_input_shapes(path, tensors, B, H, H_kv, N, M, D, Dv):
+    expected = {"q": (B, H, N, D), "k": (B, H_kv, M, D), "v": (B, H_kv, M, Dv)}
+    for n, shape in expected.items():
+        got = tuple(tensors[n].shape)
+        if got != shape:
+            raise UsageError(
+                f"--input {path}: {n} has shape {_shape_str(got)}, expected {_shape_str(shape)} "
+                f"(B={B}, H={H}, H_kv={H_kv}, Q_LEN={N}, KV_LEN={M}, D={D}, Dv={Dv}; q [B, H, Q_LEN, D], "
+                "k [B, H_kv, KV_LEN, D], v [B, H_kv, KV_LEN, Dv])")
+
+
+def _sync(device):
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(fn, repeats, device, bar):
+    """(first_call_seconds, median_seconds) of ``fn()``; one warm-up call, then ``repeats``."""
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    first = time.perf_counter() - t0
+    bar.update(1)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+        bar.update(1)
+    return first, statistics.median(times)
+
+
+def _reference_rows(cp, H, device):
+    """mask(q_start, q_end) -> bool [H, rows, KV_LEN] from ``cp.mask_mod`` (no full mask)."""
+    import torch
+
+    from ..execute.blocksparse import mask_mod_for
+
+    mask_mod = mask_mod_for(cp, device)
+    h = torch.arange(H, device=device)[:, None, None]
+    kv = torch.arange(cp.kv_len, device=device)[None, None, :]
+    b = torch.zeros((), dtype=torch.int64, device=device)
+
+    def rows(a, e):
+        qi = torch.arange(a, e, device=device)[None, :, None]
+        m = torch.as_tensor(mask_mod(b, h, qi, kv), device=device).to(torch.bool)
+        return torch.broadcast_to(m, (H, e - a, cp.kv_len))
+
+    return rows
+
+
+def run(args) -> int:
+    def body(src):
+        import torch
+
+        from ..api import analyse_source
+        from ..execute import attention, choose_backend
+        from ..execute.reference import reference_attention
+        from ..execute.sdpa import DENSE_MASK_LIMIT
+
+        pattern, res = analyse_source(src.text, params=src.params, filename=src.filename)
+        emit_diagnostics(res.warnings, args.json)
+        for name in ("--seq-len", "--kv-len", "--heads", "--kv-heads", "--head-dim", "--batch", "--block-size"):
+            _positive(name, getattr(args, name[2:].replace("-", "_")))
+        if args.repeats < 1:
+            raise UsageError(f"--repeats must be >= 1, got {args.repeats}")
+        if args.layer < 0:
+            raise UsageError(f"--layer must be >= 0, got {args.layer}")
+        try:
+            device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        except RuntimeError as e:
+            raise UsageError(f"--device: {e}") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError("--device cuda: no CUDA device is available")
+        N = args.seq_len
+        M = args.kv_len or N
+
+        tensors = load_input(args.input) if args.input else None
+        if tensors is not None:
+            q0 = tensors["q"]
+            if q0.dim() != 4 or tensors["k"].dim() != 4 or tensors["v"].dim() != 4:
+                raise UsageError(f"--input {args.input}: q, k, v must be 4-D: q [B, H, Q_LEN, D], "
+                                 "k [B, H_kv, KV_LEN, D], v [B, H_kv, KV_LEN, Dv]; got "
+                                 f"{_shape_str(q0.shape)}, {_shape_str(tensors['k'].shape)}, "
+                                 f"{_shape_str(tensors['v'].shape)}")
+            B = args.batch or q0.shape[0]
+            H = args.heads or q0.shape[1]
+            D = args.head_dim or q0.shape[3]
+            H_kv = args.kv_heads or tensors["k"].shape[1]
+            Dv = tensors["v"].shape[3]
+            _check_input_shapes(args.input, tensors, B, H, H_kv, N, M, D, Dv)
+            dtype_name = args.dtype or str(q0.dtype).replace("torch.", "")
+            if dtype_name not in DTYPES:
+                raise UsageError(f"--input {args.input}: dtype {dtype_name} is not one of {', '.join(DTYPES)}")
+        else:
+            if args.heads is None or args.head_dim is None:
+                raise UsageError("--heads and --head-dim are required (or give --input)")
+            B, H, D = args.batch or 1, args.heads, args.head_dim
+            H_kv = args.kv_heads or H
+            Dv = D
+            dtype_name = args.dtype or "float32"
+        if H % H_kv:
+            raise UsageError(f"--kv-heads {H_kv} does not divide --heads {H}")
+        dtype = getattr(torch, dtype_name)
+
+        t0 = time.perf_counter()
+        cp = _compile(pattern, q_len=N, kv_len=M, num_heads=H, block_size=args.block_size, layer=args.layer)
+        compile_seconds = time.perf_counter() - t0
+
+        if tensors is not None:
+            q, k, v = (tensors[n].to(device=device, dtype=dtype) for n in ("q", "k", "v"))
+        else:
+            gen = torch.Generator().manual_seed(args.seed)
+            q = torch.randn(B, H, N, D, generator=gen)
+            k = torch.randn(B, H_kv, M, D, generator=gen)
+            v = torch.randn(B, H_kv, M, Dv, generator=gen)
+            q, k, v = (t.to(device=device, dtype=dtype) for t in (q, k, v))
+
+        backend, reason = (args.backend, "chosen with --backend") if args.backend != "auto" else \
+            choose_backend(cp, q, k, v, explain=True)
+        if backend == "flex" and device.type == "cpu" and dtype == torch.float64:
+            raise UsageError("--backend flex does not take float64 on CPU; use --dtype float32")
+
+        # dense SDPA needs the [H, Q_LEN, KV_LEN] mask and (worst case) a float score tensor
+        mask_heads = cp.layout.num_heads
+        dense_bytes = mask_heads * N * M + B * H * N * M * 4
+        dense_note = None
+        if args.no_dense:
+            dense_note = "skipped (--no-dense)"
+        elif mask_heads * N * M > DENSE_MASK_LIMIT or dense_bytes > 0.5 * _available_memory():
+            dense_note = (f"skipped: the dense mask and scores need about {dense_bytes / 2**30:.1f} GiB, "
+                          "more than half the available memory")
+        do_dense = dense_note is None
+        ref_chunk = max(1, min(N, (256 << 20) // max(1, 8 * B * H * M)))
+        steps = (1 + args.repeats) * (2 if do_dense else 1) + (math.ceil(N / ref_chunk) if args.check else 0)
+
+        from tqdm import tqdm
+
+        with torch.no_grad(), tqdm(total=steps, desc="patternc run", file=sys.stderr, leave=False,
+                                   disable=None) as bar:
+            out_holder = {}
+
+            def call():
+                out_holder["out"] = attention(cp, q, k, v, backend=backend)
+
+            first, seconds = _time(call, args.repeats, device, bar)
+            dense_seconds = None
+            if do_dense:
+                from ..execute.sdpa import sdpa_attention
+
+                scale = 1.0 / math.sqrt(D)
+
+                def dense():  # SDPA with the dense boolean mask (also for `causal`)
+                    sdpa_attention(cp, q, k, v, scale, use_causal=False)
+
+                _, dense_seconds = _time(dense, args.repeats, device, bar)
+            result = {
+                "ok": True, "pattern": str(pattern), "backend": backend, "backend_reason": reason,
+                "seconds": seconds, "dense_seconds": dense_seconds,
+                "speedup": (dense_seconds / seconds) if dense_seconds and seconds > 0 else None,
+                "density": float(cp.density), "block_density": float(cp.block_density),
+                "first_call_seconds": first, "compile_seconds": compile_seconds,
+                "repeats": args.repeats, "dtype": dtype_name, "device": str(device),
+                "shape": {"batch": B, "heads": H, "kv_heads": H_kv, "q_len": N, "kv_len": M,
+                          "head_dim": D, "v_head_dim": Dv, "block_size": args.block_size},
+            }
+            if dense_note:
+                result["dense_note"] = dense_note
+            if args.check:
+                out = out_holder["out"]
+                rows = _reference_rows(cp, H, device)
+                sq_err = sq_ref = 0.0
+                max_abs = 0.0
+                for a in range(0, N, ref_chunk):
+                    e = min(N, a + ref_chunk)
+                    ref = reference_attention(q[:, :, a:e], k, v, lambda s0, s1: rows(a + s0, a + s1))
+                    diff = out[:, :, a:e].to(torch.float64) - ref
+                    max_abs = max(max_abs, float(diff.abs().max()))
+                    sq_err += float((diff * diff).sum())
+                    sq_ref += float((ref * ref).sum())
+                    bar.update(1)
+                rel = math.sqrt(sq_err) / math.sqrt(sq_ref) if sq_ref > 0 else math.sqrt(sq_err)
+                tol = TOLERANCE[dtype_name]
+                result.update(max_abs_error=max_abs, rel_error=rel, tolerance=tol, check_passed=rel <= tol)
+
+        if args.json:
+            print_json(result)
+        else:
+            _print_text(result, B, H, H_kv, N, M, D, Dv)
+        if args.check and not result["check_passed"]:
+            if not args.json:
+                print(f"error: rel_error {result['rel_error']:.3g} is above the {dtype_name} tolerance "
+                      f"{result['tolerance']:g}", file=sys.stderr)
+            return ExitCode.PROBLEMS
+        return ExitCode.OK
+
+    return run_guarded(args, body)
+
+
+def _print_text(r, B, H, H_kv, N, M, D, Dv) -> None:
+    print(f"pattern: {r['pattern']}")
+    print(f"shape: q [{B}, {H}, {N}, {D}], k/v [{B}, {H_kv}, {M}, {D}/{Dv}], {r['dtype']} on {r['device']}")
+    print(f"density: token {100 * r['density']:.2f}%, block {100 * r['block_density']:.2f}%")
+    print(f"backend: {r['backend']} ({r['backend_reason']})")
+    print(f"time: {r['seconds'] * 1e3:.2f} ms (median of {r['repeats']}; first call {r['first_call_seconds']:.2f} s, "
+          f"compile {r['compile_seconds']:.2f} s)")
+    if r["dense_seconds"] is not None:
+        print(f"dense sdpa (same mask): {r['dense_seconds'] * 1e3:.2f} ms -> speedup {r['speedup']:.2f}x")
+    else:
+        print(f"dense sdpa: {r.get('dense_note')}")
+    if "rel_error" in r:
+        verdict = "ok" if r["check_passed"] else "FAILED"
+        print(f"check vs float64 reference: max_abs_error {r['max_abs_error']:.3g}, rel_error {r['rel_error']:.3g} "
+              f"(tolerance {r['tolerance']:g}: {verdict})")

@@ -1,0 +1,221 @@
+"""Execution: attention under a compiled pattern, in torch (forward and backward).
+
+``attention(cp, q, k, v)`` runs one of three backends (see ``docs/execution.md``):
+
+========================  ==============================================================
+``flex``                  ``torch.compile(flex_attention, fullgraph=True)`` with
+                          ``cp.block_mask(device)``; CPU and CUDA forward, CUDA backward
+``blocksparse``           patternc's own torch kernel over the listed tiles only; forward
+                          and backward on any device (the CPU training path)
+``sdpa``                  ``scaled_dot_product_attention``: ``is_causal=True`` for a pure
+                          ``causal`` pattern, else the dense boolean mask (small sizes)
+``auto`` (default)        ``choose_backend``: pure causal -> sdpa; CPU -> blocksparse;
+                          CUDA -> flex (blocksparse for float64)
+========================  ==============================================================
+
+Every backend returns 0 for a query row with no allowed key, with finite gradients.
+This module imports torch; ``import patternc`` does not import it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..errors import Diagnostic, PatternError
+
+BACKENDS = ("auto", "flex", "blocksparse", "sdpa")
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+__all__ = ["attention", "choose_backend", "check_inputs", "BACKENDS", "reference_attention"]
+
+
+def _error(code: str, message: str, help: str | None = None) -> PatternError:
+    return PatternError(Diagnostic(code, message, help=help, filename="patternc.execute.attention"))
+
+
+def _shape(x) -> str:
+    return "[" + ", ".join(str(d) for d in x.shape) + "]"
+
+
+def check_inputs(cp, q, k, v) -> None:
+    """Check q, k, v against the compiled pattern.
+
+    Args:
+        cp: a CompiledPattern.
+        q: float [B, H, Q_LEN, D]; k: float [B, H_kv, KV_LEN, D]; v: float [B, H_kv, KV_LEN, Dv],
+            one dtype (float16, bfloat16, float32 or float64), one device; H_kv divides H.
+
+    Raises:
+        PatternError: P350 a shape that does not fit the pattern or the other tensors (the
+            message gives the expected shape), P351 an unsupported dtype, a dtype or device
+            mismatch.
+    """
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor):
+            raise _error("P350", f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise _error("P350", f"{name} must be 4-D [B, H, L, D], got shape {_shape(x)}",
+                         help="add the missing batch / head dimensions (x[None] or x.unsqueeze(1))")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise _error("P351", f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}",
+                     help="cast them to one dtype")
+    if q.dtype not in DTYPES:
+        raise _error("P351", f"unsupported dtype {q.dtype}; expected float16, bfloat16, float32 or float64")
+    if not (q.device == k.device == v.device):
+        raise _error("P351", f"q, k, v are on different devices: {q.device}, {k.device}, {v.device}")
+    B, H, Q, D = q.shape
+    Bk, H_kv, KV, Dk = k.shape
+    Dv = v.shape[-1]
+    q_len, kv_len = cp.q_len, cp.kv_len
+    if Q != q_len:
+        raise _error("P350", f"q has Q_LEN={Q}, but the pattern was compiled for Q_LEN={q_len}: "
+                     f"expected q [B, H, {q_len}, D], got {_shape(q)}",
+                     help=f"compile the pattern with q_len={Q}")
+    if KV != kv_len or v.shape[2] != kv_len:
+        raise _error("P350", f"k/v have KV_LEN={KV}/{v.shape[2]}, but the pattern was compiled for "
+                     f"KV_LEN={kv_len}: expected k [B, H_kv, {kv_len}, D], v [B, H_kv, {kv_len}, Dv], "
+                     f"got {_shape(k)}, {_shape(v)}", help=f"compile the pattern with kv_len={KV}")
+    if Bk != B or v.shape[0] != B:
+        raise _error("P350", f"batch sizes differ: q {_shape(q)}, k {_shape(k)}, v {_shape(v)}")
+    if v.shape[1] != H_kv:
+        raise _error("P350", f"k and v have different head counts: k {_shape(k)}, v {_shape(v)}")
+    if Dk != D:
+        raise _error("P350", f"q and k head dims differ: expected k [{B}, {H_kv}, {kv_len}, {D}], got {_shape(k)}")
+    if H_kv < 1 or H % H_kv:
+        raise _error("P350", f"k/v have H_kv={H_kv} heads, which does not divide q's H={H}",
+                     help="grouped-query attention needs H to be a multiple of H_kv")
+    if B < 1 or H < 1 or D < 1 or Dv < 1:
+        raise _error("P350", f"empty dimension in q {_shape(q)}, k {_shape(k)}, v {_shape(v)}")
+    layout_heads = cp.layout.num_heads
+    if H != layout_heads:
+        head_free = layout_heads == 1 and getattr(cp.pattern, "num_heads", 1) == 1
+        if not head_free:
+            raise _error("P350", f"q has H={H} heads, but the pattern was compiled for num_heads={layout_heads}: "
+                         f"expected q [B, {layout_heads}, {q_len}, D], got {_shape(q)}",
+                         help=f"compile the pattern with num_heads={H}")
+
+
+def _needs_grad(q, k, v) -> bool:
+    return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+
+
+def choose_backend(cp, q, k, v, *, dropout_p: float = 0.0, explain: bool = False):
+    """The backend ``backend="auto"`` runs for these inputs.
+
+    Policy (measured with torch 2.13; numbers in ``docs/execution.md``):
+
+    1. the pattern is exactly ``causal`` -> ``sdpa`` (``is_causal=True``; FlexAttention is
+       2-3x slower than SDPA's fused causal kernel there);
+    2. a CPU tensor -> ``blocksparse``: forward it runs as fast as compiled FlexAttention
+       without the 5-20 s first compile, and it has a backward (FlexAttention on CPU has none);
+    3. CUDA -> ``flex`` (forward and backward), except float64 or attention dropout ->
+       ``blocksparse`` (FlexAttention has neither);
+    4. any other device -> ``blocksparse`` (plain torch ops).
+
+    Returns:
+        The backend name, or ``(name, reason)`` with ``explain=True``.
+    """
+    if getattr(cp, "is_causal_only", False):
+        name, why = "sdpa", "the pattern is exactly `causal`: SDPA is_causal"
+    elif q.device.type == "cpu":
+        name, why = "blocksparse", "CPU: patternc's block-sparse kernel (no compile, has a backward)"
+    elif q.device.type == "cuda":
+        if q.dtype == torch.float64:
+            name, why = "blocksparse", "CUDA float64: FlexAttention kernels do not take float64"
+        elif dropout_p > 0:
+            name, why = "blocksparse", "attention dropout: FlexAttention has none"
+        else:
+            name, why = "flex", "CUDA: compiled FlexAttention with the pattern's BlockMask"
+    else:
+        name, why = "blocksparse", f"{q.device.type}: plain torch block-sparse kernel"
+    return (name, why) if explain else name
+
+
+def attention(cp, q, k, v, *, scale: float | None = None, backend: str = "auto",
+              return_backend: bool = False, dropout_p: float = 0.0):
+    """Attention of q over k, v where the compiled pattern allows it.
+
+    ``out[b, h, i] = sum_j softmax_j(q[b, h, i] . k[b, g(h), j] * scale | allowed(h, i, j)) v[b, g(h), j]``
+    with ``g(h) = h // (H // H_kv)`` (grouped-query attention, as SDPA's ``enable_gqa``).
+
+    Args:
+        cp: a ``patternc.CompiledPattern`` (``patternc.compile(..., q_len=Q_LEN, kv_len=KV_LEN,
+            num_heads=H)``).
+        q: float16/bfloat16/float32/float64 [B, H, Q_LEN, D].
+        k: same dtype [B, H_kv, KV_LEN, D]; H_kv divides H.
+        v: same dtype [B, H_kv, KV_LEN, Dv].
+        scale: multiplier of ``q k^T`` (default ``1 / sqrt(D)``).
+        backend: ``"auto"`` (see ``choose_backend``), ``"flex"``, ``"blocksparse"`` or ``"sdpa"``.
+        return_backend: also return the name of the backend that ran.
+        dropout_p: attention dropout on the softmax probabilities (training; ``sdpa`` and
+            ``blocksparse`` only). Default 0.
+
+    Returns:
+        [B, H, Q_LEN, Dv] in q's dtype (a row with no allowed key is 0), or
+        ``(out, backend_name)`` with ``return_backend=True``.
+
+    Raises:
+        PatternError: P350 / P351 inputs that do not fit (see ``check_inputs``); P352 an
+            unknown backend, or ``flex`` asked for a CPU call that needs gradients, for
+            float64 on CPU or for dropout; P353 ``sdpa`` with a dense mask too large to build.
+    """
+    if backend not in BACKENDS:
+        from ..errors import did_you_mean
+
+        raise _error("P352", f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}",
+                     help=did_you_mean(str(backend), BACKENDS) or "use backend='auto'")
+    check_inputs(cp, q, k, v)
+    if not 0.0 <= float(dropout_p) < 1.0:
+        raise _error("P352", f"dropout_p must be in [0, 1), got {dropout_p}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    name = choose_backend(cp, q, k, v, dropout_p=dropout_p) if backend == "auto" else backend
+    if name == "flex":
+        if dropout_p > 0:
+            raise _error("P352", "backend 'flex' has no attention dropout",
+                         help="use backend='blocksparse' or 'sdpa' (or 'auto') with dropout_p > 0")
+        out = _run_flex(cp, q, k, v, scale)
+    elif name == "blocksparse":
+        from .blocksparse import blocksparse_attention
+
+        out = blocksparse_attention(cp, q, k, v, scale, dropout_p=dropout_p)
+    else:
+        out = _run_sdpa(cp, q, k, v, scale, dropout_p)
+    return (out, name) if return_backend else out
+
+
+def _run_flex(cp, q, k, v, scale):
+    from .blocksparse import empty_rows, mask_mod_for
+    from .flex import flex_attention
+
+    if q.device.type == "cpu" and _needs_grad(q, k, v):
+        raise _error("P352", "backend 'flex' has no backward on CPU (FlexAttention's CPU kernel is "
+                     "forward-only) and these inputs require gradients",
+                     help="use backend='blocksparse' (or 'auto') to train on CPU, or wrap the call "
+                          "in torch.no_grad()")
+    if q.device.type == "cpu" and q.dtype == torch.float64:
+        raise _error("P352", "backend 'flex' does not take float64 on CPU (FlexAttention's CPU kernel "
+                     "supports float32, bfloat16, float16)", help="use backend='blocksparse' or 'sdpa'")
+    empty = empty_rows(cp.layout, mask_mod_for(cp, q.device), q.shape[1], q.device)
+    return flex_attention(cp, q, k, v, scale, empty_rows=empty)
+
+
+def _run_sdpa(cp, q, k, v, scale, dropout_p=0.0):
+    from .sdpa import DENSE_MASK_LIMIT, dense_mask_elements, sdpa_attention
+
+    if getattr(cp, "is_causal_only", False):
+        return sdpa_attention(cp, q, k, v, scale, use_causal=True, dropout_p=dropout_p)
+    n = dense_mask_elements(cp, q.shape[1])
+    if n > DENSE_MASK_LIMIT:
+        raise _error("P353", f"backend 'sdpa' needs a dense [H, Q_LEN, KV_LEN] mask of {n:,} booleans "
+                     f"for this pattern, over the limit of {DENSE_MASK_LIMIT:,}",
+                     help="use backend='blocksparse' or 'flex' (or 'auto')")
+    return sdpa_attention(cp, q, k, v, scale, use_causal=False, dropout_p=dropout_p)
+
+
+def reference_attention(*args, **kwargs):
+    """See ``patternc.execute.reference.reference_attention`` (float64 dense oracle)."""
+    from .reference import reference_attention as ref
+
+    return ref(*args, **kwargs)

@@ -1,0 +1,546 @@
+"""The ``blocksparse`` backend: attention that touches only the listed tiles, with autograd.
+
+Basics
+    For every (head, query block) row of the layout, the kv blocks it lists (PARTIAL and
+    FULL) are gathered into one contiguous ``[rows, qb, S * kb]`` score matrix, ``mask_mod``
+    is applied to the PARTIAL part only, and a numerically stable softmax (log-sum-exp) runs
+    over the gathered keys. EMPTY tiles are never read. This is plain torch (batched
+    ``index_select`` gathers, ``matmul``, ``index_add_`` scatters), so it runs on any device
+    and, unlike FlexAttention on CPU, it has a backward: it is patternc's CPU training path.
+
+Details
+    * Rows are grouped by their tile counts (PARTIAL count P, total count S) so each group
+      is one batched matmul; groups are cut into chunks of rows so one chunk's score matrix
+      holds at most ``chunk_elements`` numbers (memory is O(computed tiles of a chunk), not
+      O(Q_LEN * KV_LEN)). A row too long for one chunk is split into kv segments merged with
+      the online-softmax (running max / running sum) update.
+    * When a layout has many distinct (P, S) pairs, groups are merged (a FULL tile may be
+      treated as PARTIAL, a row may be padded with dead slots that are masked out): a
+      bounded number of groups keeps the Python overhead small; masking a FULL tile is
+      exact because ``mask_mod`` is True on all of its real token pairs.
+    * The boolean masks of the PARTIAL tiles are evaluated once per (layout, heads, device)
+      and cached while they fit in ``mask_cache_elements``; otherwise ``mask_mod`` is
+      evaluated per chunk.
+    * The backward pass is FlashAttention's: it saves q, k, v, the output and the row
+      log-sum-exp, and recomputes the probabilities chunk by chunk
+      (``dS = P * (dP - rowsum(dO * O))``). Memory stays O(chunk) in both passes.
+    * Ragged ends: q/k/v are zero-padded to whole blocks; keys past KV_LEN are masked, the
+      last kv block is always in the masked part; ``mask_mod`` only sees real indices
+      (padded query rows reuse the last real row and are dropped).
+    * Numerics: matmuls and softmax run in float32 for float16 / bfloat16 / float32 inputs
+      (float64 stays float64); the result is cast back to the input dtype. A query row with
+      no allowed key gets output 0 and log-sum-exp +inf, so its probabilities (and its
+      gradients) are exactly 0.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..layout import EMPTY, FULL, PARTIAL
+
+#: score-matrix elements per chunk (``B * rows * qb * cols``); 2**22 floats = 16 MiB
+CHUNK_ELEMENTS = 1 << 22
+#: cached PARTIAL-tile mask elements (bools) per (layout, heads, device)
+MASK_CACHE_ELEMENTS = 1 << 27
+#: above this many (P, S) groups, groups are merged
+MAX_GROUPS = 24
+
+_DEAD = 3  # a padding slot: masked out entirely
+
+
+@dataclass
+class _Group:
+    heads: torch.Tensor  # int64 [G]: query head of each row
+    q_blocks: torch.Tensor  # int64 [G]: query block of each row
+    kv_blocks: torch.Tensor  # int64 [G, S]: slots, the first P masked
+    alive: torch.Tensor  # bool [G, P]: False for dead padding slots
+    num_masked: int  # P: leading slots that get mask_mod (PARTIAL, or merged FULL, or dead)
+    blocked: torch.Tensor | None = None  # bool [G, qb, P * kb]: True = not allowed (cached)
+
+    @property
+    def num_slots(self) -> int:
+        return int(self.kv_blocks.shape[1])
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.kv_blocks.shape[0])
+
+
+class Plan:
+    """The gather plan of one layout for H query heads on one device (cached; see ``plan_for``).
+
+    Attributes:
+        groups: row groups (each one batched matmul per chunk).
+        q_block_size, kv_block_size: tokens.
+        num_q_blocks, num_kv_blocks: blocks.
+        computed_tiles: number of tiles the kernel computes (including merged / dead slots).
+    """
+
+    def __init__(self, layout, num_heads: int, device, mask_mod, *,
+                 mask_cache_elements: int = MASK_CACHE_ELEMENTS, max_groups: int = MAX_GROUPS):
+        self.q_len, self.kv_len = layout.q_len, layout.kv_len
+        self.q_block_size, self.kv_block_size = layout.q_block_size, layout.kv_block_size
+        self.num_heads = num_heads
+        self.device = torch.device(device)
+        kinds = np.asarray(layout.kinds)
+        if kinds.shape[0] not in (1, num_heads):
+            raise ValueError(f"a layout of {kinds.shape[0]} heads cannot run {num_heads} query heads")
+        kinds = np.array(np.broadcast_to(kinds, (num_heads,) + kinds.shape[1:]), dtype=np.uint8)  # copy
+        self.num_q_blocks, self.num_kv_blocks = kinds.shape[1], kinds.shape[2]
+        if self.kv_len % self.kv_block_size and self.num_kv_blocks:
+            last = kinds[:, :, -1]
+            last[last == FULL] = PARTIAL  # the padding columns must be masked
+        self.groups = self._build_groups(kinds, max_groups)
+        self.computed_tiles = sum(g.num_rows * g.num_slots for g in self.groups)
+        total = sum(g.num_rows * g.num_masked for g in self.groups) * self.q_block_size * self.kv_block_size
+        if total <= mask_cache_elements:
+            for g in self.groups:
+                if g.num_masked:
+                    g.blocked = ~self.allowed(mask_mod, g, slice(None), 0, g.num_masked)
+
+    # ---- grouping ---------------------------------------------------------------------
+    def _build_groups(self, kinds: np.ndarray, max_groups: int) -> list[_Group]:
+        H, nq, nkv = kinds.shape
+        p = (kinds == PARTIAL).sum(-1).reshape(-1).astype(np.int64)
+        f = (kinds == FULL).sum(-1).reshape(-1).astype(np.int64)
+        s = p + f
+        rows = np.nonzero(s > 0)[0]
+        if rows.size == 0:
+            return []
+        flat_kinds = kinds.reshape(H * nq, nkv)
+        # slot order within a row: PARTIAL (ascending), then FULL (ascending)
+        rank = np.where(flat_kinds == PARTIAL, 0, np.where(flat_kinds == FULL, 1, 2))
+        order = np.argsort(rank * nkv + np.arange(nkv), axis=-1, kind="stable")
+
+        # choose group keys (S_g, P_g) per row, merging when there are too many groups
+        key_s, key_p = s[rows], p[rows]
+        if len(set(zip(key_s.tolist(), key_p.tolist()))) > max_groups:
+            # same S: treat the leading FULL tiles as PARTIAL up to the group's max P
+            pmax = {}
+            for a, b in zip(key_s.tolist(), key_p.tolist()):
+                pmax[a] = max(pmax.get(a, 0), b)
+            if len(pmax) > max_groups:
+                # bucket S geometrically, padding rows with dead slots
+                buckets = _geometric_buckets(int(key_s.max()), max_groups)
+                key_s = buckets[np.searchsorted(buckets, key_s)]
+                pad = key_s - s[rows]
+                need = p[rows] + pad
+                pmax = {}
+                for a, b in zip(key_s.tolist(), need.tolist()):
+                    pmax[a] = max(pmax.get(a, 0), b)
+            key_p = np.array([pmax[a] for a in key_s.tolist()], dtype=np.int64)
+
+        groups = []
+        dev = self.device
+        for sg, pg in sorted(set(zip(key_s.tolist(), key_p.tolist()))):
+            sel = rows[(key_s == sg) & (key_p == pg)]
+            G = sel.size
+            slots = np.zeros((G, sg), dtype=np.int64)
+            slot_kind = np.full((G, sg), _DEAD, dtype=np.int64)
+            for n_p, n_s in set(zip(p[sel].tolist(), s[sel].tolist())):
+                sub = (p[sel] == n_p) & (s[sel] == n_s)
+                o = order[sel[sub]]  # [g, nkv]
+                n_dead = sg - n_s
+                # layout: PARTIAL..., dead..., FULL...
+                slots[sub, :n_p] = o[:, :n_p]
+                slot_kind[sub, :n_p] = PARTIAL
+                slots[sub, n_p + n_dead:] = o[:, n_p:n_s]
+                slot_kind[sub, n_p + n_dead:] = FULL
+            alive = slot_kind[:, :pg] != _DEAD
+            groups.append(_Group(
+                heads=torch.as_tensor(sel // nq, device=dev),
+                q_blocks=torch.as_tensor(sel % nq, device=dev),
+                kv_blocks=torch.as_tensor(slots, device=dev),
+                alive=torch.as_tensor(alive, device=dev),
+                num_masked=int(pg),
+            ))
+        return groups
+
+    # ---- masks ----------------------------------------------------------------------------
+    def allowed(self, mask_mod, g: _Group, rows: slice, s0: int, s1: int) -> torch.Tensor:
+        """bool [R, qb, (s1 - s0) * kb]: allowed token pairs in slots [s0, s1) (masked part)."""
+        return _allowed(mask_mod, self, g.heads[rows], g.q_blocks[rows], g.kv_blocks[rows, s0:s1],
+                        g.alive[rows, s0:s1])
+
+    def blocked(self, mask_mod, g: _Group, rows: slice, s0: int, s1: int) -> torch.Tensor | None:
+        """bool [R, qb, cols] (True = masked) for slots [s0, s1), or None if none is masked."""
+        s1 = min(s1, g.num_masked)
+        if s1 <= s0:
+            return None
+        if g.blocked is not None:
+            kb = self.kv_block_size
+            return g.blocked[rows, :, s0 * kb:s1 * kb]
+        return ~self.allowed(mask_mod, g, rows, s0, s1)
+
+    # ---- chunking ---------------------------------------------------------------------
+    def chunks(self, g: _Group, batch: int, chunk_elements: int):
+        """Yield ``(rows: slice, segments: list[(s0, s1)])`` covering group ``g``."""
+        qb, kb = self.q_block_size, self.kv_block_size
+        per_slot = batch * qb * kb
+        slots_per_seg = max(1, chunk_elements // per_slot)
+        S = g.num_slots
+        if S <= slots_per_seg:
+            segs = [(0, S)]
+            rows_per_chunk = max(1, chunk_elements // (per_slot * S))
+        else:
+            segs = [(a, min(S, a + slots_per_seg)) for a in range(0, S, slots_per_seg)]
+            rows_per_chunk = 1
+        for r0 in range(0, g.num_rows, rows_per_chunk):
+            yield slice(r0, min(g.num_rows, r0 + rows_per_chunk)), segs
+
+
+def _geometric_buckets(smax: int, n: int) -> np.ndarray:
+    """Ascending slot counts ending at >= smax, about ``n`` of them, ratio-spaced."""
+    if smax <= n:
+        return np.arange(1, smax + 1, dtype=np.int64)
+    if n <= 1:
+        return np.array([smax], dtype=np.int64)
+    ratio = smax ** (1.0 / (n - 1))
+    vals = sorted({max(1, int(math.ceil(ratio ** i))) for i in range(n)} | {smax})
+    return np.array(vals, dtype=np.int64)
+
+
+def mask_mod_for(cp, device):
+    """``cp.mask_mod_on(device)`` (parameter tensors on the kernel's device) when the compiled
+    pattern has it, else ``cp.mask_mod``."""
+    on = getattr(cp, "mask_mod_on", None)
+    return on(torch.device(device)) if on is not None else cp.mask_mod
+
+
+_PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def plan_for(layout, num_heads: int, device, mask_mod) -> Plan:
+    """The cached ``Plan`` of ``layout`` for ``num_heads`` query heads on ``device``."""
+    device = torch.device(device)
+    per_layout = _PLANS.setdefault(layout, {})
+    key = (num_heads, str(device))
+    plan = per_layout.get(key)
+    if plan is None:
+        plan = per_layout[key] = Plan(layout, num_heads, device, mask_mod)
+    return plan
+
+
+def _allowed(mask_mod, dims, heads, q_blocks, kv_blocks, alive) -> torch.Tensor:
+    """bool [R, qb, S * kb]: ``mask_mod`` over the token pairs of R rows of tiles.
+
+    ``heads``, ``q_blocks``: int64 [R]; ``kv_blocks``: int64 [R, S]; ``alive``: bool [R, S]
+    (False slots are not allowed). ``mask_mod`` sees only real indices: padded query rows
+    reuse the last real row, keys past KV_LEN are not allowed.
+    """
+    qb, kb = dims.q_block_size, dims.kv_block_size
+    dev = heads.device
+    qtok = (q_blocks[:, None] * qb + torch.arange(qb, device=dev)).clamp_(max=dims.q_len - 1)
+    kvtok = (kv_blocks[:, :, None] * kb + torch.arange(kb, device=dev)).flatten(1)
+    valid = (kvtok < dims.kv_len) & alive.repeat_interleave(kb, dim=1)
+    kvtok = kvtok.clamp(max=dims.kv_len - 1)
+    b = torch.zeros((), dtype=torch.int64, device=dev)
+    m = mask_mod(b, heads[:, None, None], qtok[:, :, None], kvtok[:, None, :])
+    m = torch.as_tensor(m, device=dev).to(torch.bool)
+    return torch.broadcast_to(m, (heads.shape[0], qb, kvtok.shape[1])) & valid[:, None, :]
+
+
+_EMPTY_ROWS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def empty_rows(layout, mask_mod, num_heads: int, device, *, chunk_elements: int = CHUNK_ELEMENTS):
+    """Query rows with no allowed key: bool [H, Q_LEN, 1], or None when every row has one.
+
+    Only rows whose query block has PARTIAL tiles and no FULL tile are evaluated (with
+    ``mask_mod``, chunk by chunk); cached per (layout, heads, device).
+    """
+    device = torch.device(device)
+    per = _EMPTY_ROWS.setdefault(layout, {})
+    key = (num_heads, str(device))
+    if key in per:
+        return per[key]
+    kinds = np.asarray(layout.kinds)
+    if kinds.shape[0] != num_heads:
+        kinds = np.broadcast_to(kinds, (num_heads,) + kinds.shape[1:])
+    H, nq, nkv = kinds.shape
+    qb, kb = layout.q_block_size, layout.kv_block_size
+    has_full = (kinds == FULL).any(-1)
+    n_partial = (kinds == PARTIAL).sum(-1)
+    empty = np.repeat(~has_full & (n_partial == 0), qb, axis=1)  # [H, nq * qb]
+    check = ~has_full & (n_partial > 0)
+    order = np.argsort(np.where(kinds == PARTIAL, 0, 1) * nkv + np.arange(nkv), axis=-1, kind="stable")
+    empty_t = torch.as_tensor(empty, device=device)
+    for n_p in np.unique(n_partial[check]):
+        hs, qbs = np.nonzero(check & (n_partial == n_p))
+        kvb = order[hs, qbs, :n_p]
+        step = max(1, chunk_elements // (qb * kb * int(n_p)))
+        for a in range(0, hs.size, step):
+            h_t = torch.as_tensor(hs[a:a + step], device=device)
+            q_t = torch.as_tensor(qbs[a:a + step], device=device)
+            kv_t = torch.as_tensor(kvb[a:a + step], device=device)
+            allowed = _allowed(mask_mod, layout, h_t, q_t, kv_t, torch.ones_like(kv_t, dtype=torch.bool))
+            none = ~allowed.any(-1)  # [R, qb]
+            cols = q_t[:, None] * qb + torch.arange(qb, device=device)
+            empty_t[h_t[:, None], cols] = none
+    out = empty_t[:, :layout.q_len, None]
+    out = out if bool(out.any()) else None
+    per[key] = out
+    return out
+
+
+# ---- kernels -------------------------------------------------------------------------------
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _pad_blocks(x: torch.Tensor, n_blocks: int, block: int, dtype) -> torch.Tensor:
+    """[B, H, L, D] -> [B, H * n_blocks, block, D] (zero-padded, in ``dtype``)."""
+    B, H, L, D = x.shape
+    x = x.to(dtype)
+    if n_blocks * block != L:
+        x = torch.nn.functional.pad(x, (0, 0, 0, n_blocks * block - L))
+    return x.reshape(B, H * n_blocks, block, D)
+
+
+class _Ctx:
+    """Per-call gather state shared by the forward and backward loops."""
+
+    def __init__(self, plan: Plan, B: int, H: int, H_kv: int):
+        self.plan, self.B, self.H, self.H_kv = plan, B, H, H_kv
+        self.group = H // H_kv
+
+    def rows(self, g: _Group, rows: slice):
+        nq, nkv = self.plan.num_q_blocks, self.plan.num_kv_blocks
+        hq = g.heads[rows]
+        q_rows = hq * nq + g.q_blocks[rows]  # [R]
+        kv_rows = ((hq // self.group)[:, None] * nkv + g.kv_blocks[rows]).reshape(-1)  # [R * S]
+        return q_rows, kv_rows
+
+
+def _gather_kv(x: torch.Tensor, kv_rows: torch.Tensor, R: int, S: int, s0: int, s1: int) -> torch.Tensor:
+    """[B, Hkv*nkv, kb, D] -> [B, R, (s1-s0)*kb, D] for slots [s0, s1) of each row."""
+    B, _, kb, D = x.shape
+    idx = kv_rows.view(R, S)[:, s0:s1].reshape(-1)
+    return x.index_select(1, idx).view(B, R, (s1 - s0) * kb, D)
+
+
+def _scores(qg, kg, blocked):
+    """Masked scores ``qg @ kg^T`` (q already scaled): [B, R, qb, cols]."""
+    s = torch.matmul(qg, kg.transpose(-1, -2))
+    if blocked is not None:
+        s[..., :blocked.shape[-1]].masked_fill_(blocked, float("-inf"))
+    return s
+
+
+class _Dropout:
+    """Attention dropout whose masks the backward pass can regenerate: chunk ``n`` of a call
+    draws its keep-mask from a generator seeded with ``seed + n``."""
+
+    def __init__(self, p: float, seed: int | None, device):
+        self.p = float(p)
+        self.seed = seed
+        self.device = device
+        self.count = 0
+
+    def __bool__(self) -> bool:
+        return self.p > 0.0
+
+    def mask(self, shape) -> torch.Tensor:
+        """float [shape]: 0 (dropped) or 1 / (1 - p) (kept)."""
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(self.seed + self.count)
+        self.count += 1
+        keep = torch.rand(shape, generator=gen, device=self.device) >= self.p
+        return keep.to(torch.float32).mul_(1.0 / (1.0 - self.p))
+
+
+def blocksparse_forward(plan: Plan, mask_mod, q, k, v, scale: float, *, need_lse: bool = True,
+                        chunk_elements: int = CHUNK_ELEMENTS, dropout_p: float = 0.0, seed: int = 0):
+    """Forward pass (``dropout_p`` > 0: attention dropout, masks drawn from ``seed``).
+
+    Returns:
+        ``(out, lse)``: out, compute dtype ``[B, H*nq, qb, Dv]``; lse ``[B, H*nq, qb]``, the
+        log-sum-exp of each row's scaled scores (+inf for a row with no allowed key), or
+        None when ``need_lse`` is False.
+    """
+    B, H, Q, D = q.shape
+    H_kv, Dv = k.shape[1], v.shape[-1]
+    cdt = _compute_dtype(q.dtype)
+    qb, kb, nq, nkv = plan.q_block_size, plan.kv_block_size, plan.num_q_blocks, plan.num_kv_blocks
+    qp = _pad_blocks(q, nq, qb, cdt) * scale
+    kp = _pad_blocks(k, nkv, kb, cdt)
+    vp = _pad_blocks(v, nkv, kb, cdt)
+    out = torch.zeros((B, H * nq, qb, Dv), dtype=cdt, device=q.device)
+    lse = torch.full((B, H * nq, qb), float("inf"), dtype=cdt, device=q.device) if need_lse else None
+    cx = _Ctx(plan, B, H, H_kv)
+    inf = float("inf")
+    drop = _Dropout(dropout_p, seed, q.device)
+    for g in plan.groups:
+        S = g.num_slots
+        for rows, segs in plan.chunks(g, B, chunk_elements):
+            q_rows, kv_rows = cx.rows(g, rows)
+            R = q_rows.shape[0]
+            qg = qp.index_select(1, q_rows)  # [B, R, qb, D]
+            if len(segs) == 1:
+                kg = _gather_kv(kp, kv_rows, R, S, 0, S)
+                vg = _gather_kv(vp, kv_rows, R, S, 0, S)
+                blocked = plan.blocked(mask_mod, g, rows, 0, S)
+                s = _scores(qg, kg, blocked)
+                # (amax, sub_, exp_, sum measured faster than torch.softmax on CPU)
+                m = s.amax(-1, keepdim=True)
+                m.masked_fill_(m == -inf, 0.0)  # a row with no allowed key: exp(-inf) = 0
+                s.sub_(m).exp_()
+                den = s.sum(-1, keepdim=True)
+                if drop:
+                    s.mul_(drop.mask(s.shape))
+                o = torch.matmul(s, vg)
+                del s
+                o.div_(den.clamp(min=torch.finfo(cdt).tiny))  # an empty row: 0 / tiny = 0
+                if need_lse:
+                    m = (m + torch.log(den)).squeeze(-1)
+                    m.masked_fill_(m == -inf, inf)
+            else:  # one long row at a time, online softmax over kv segments
+                run_max = torch.full((B, R, qb, 1), -inf, dtype=cdt, device=q.device)
+                run_sum = torch.zeros((B, R, qb, 1), dtype=cdt, device=q.device)
+                o = torch.zeros((B, R, qb, Dv), dtype=cdt, device=q.device)
+                for s0, s1 in segs:
+                    kg = _gather_kv(kp, kv_rows, R, S, s0, s1)
+                    vg = _gather_kv(vp, kv_rows, R, S, s0, s1)
+                    s = _scores(qg, kg, plan.blocked(mask_mod, g, rows, s0, s1))
+                    new_max = torch.maximum(run_max, s.amax(-1, keepdim=True))
+                    safe = new_max.masked_fill(new_max == -inf, 0.0)
+                    alpha = torch.exp(run_max - safe)
+                    s.sub_(safe).exp_()
+                    run_sum = run_sum * alpha + s.sum(-1, keepdim=True)
+                    if drop:
+                        s.mul_(drop.mask(s.shape))
+                    o = o * alpha + torch.matmul(s, vg)
+                    run_max = new_max
+                    del s
+                nz = run_sum > 0
+                denom = torch.where(nz, run_sum, torch.ones_like(run_sum))
+                o = torch.where(nz, o / denom, torch.zeros_like(o))
+                m = torch.where(nz, run_max + torch.log(denom), torch.full_like(run_max, inf)).squeeze(-1)
+            out.index_copy_(1, q_rows, o)
+            if need_lse:
+                lse.index_copy_(1, q_rows, m)
+    return out, lse
+
+
+def blocksparse_backward(plan: Plan, mask_mod, q, k, v, out, lse, dout, scale: float, *,
+                         chunk_elements: int = CHUNK_ELEMENTS, dropout_p: float = 0.0, seed: int = 0):
+    """Backward pass (FlashAttention-style recomputation).
+
+    Args:
+        out, lse: as returned by ``blocksparse_forward``.
+        dout: float [B, H, Q_LEN, Dv].
+
+    Returns:
+        dq, dk, dv in the compute dtype, shaped like q, k, v.
+    """
+    B, H, Q, D = q.shape
+    H_kv, KV, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    cdt = out.dtype
+    qb, kb, nq, nkv = plan.q_block_size, plan.kv_block_size, plan.num_q_blocks, plan.num_kv_blocks
+    # Augmented operands fold the "- lse" of P = exp(s - lse) into the matmul:
+    # [q * scale, -lse] @ [k, 1]^T = q k^T * scale - lse (an empty row's lse is huge, not inf).
+    qp = _pad_blocks(q, nq, qb, cdt) * scale
+    neg_lse = (-lse).clamp_(min=-torch.finfo(cdt).max / 4)[..., None]
+    qa = torch.cat([qp, neg_lse], dim=-1)  # [B, H*nq, qb, D + 1]
+    kp = _pad_blocks(k, nkv, kb, cdt)
+    ka = torch.nn.functional.pad(kp, (0, 1), value=1.0)  # [B, Hkv*nkv, kb, D + 1]
+    vp = _pad_blocks(v, nkv, kb, cdt)
+    dop = _pad_blocks(dout, nq, qb, cdt)
+    delta = (dop * out).sum(-1)  # [B, H*nq, qb]
+    dq = torch.zeros_like(qp)
+    dk = torch.zeros_like(kp)
+    dv = torch.zeros_like(vp)
+    cx = _Ctx(plan, B, H, H_kv)
+    drop = _Dropout(dropout_p, seed, q.device)  # same seeds, same chunk order: same masks
+    for g in plan.groups:
+        S = g.num_slots
+        for rows, segs in plan.chunks(g, B, chunk_elements):
+            q_rows, kv_rows = cx.rows(g, rows)
+            R = q_rows.shape[0]
+            qag = qa.index_select(1, q_rows)
+            qg = qag[..., :D]
+            dog = dop.index_select(1, q_rows)
+            delta_g = delta.index_select(1, q_rows)[..., None]
+            dqg = None
+            for s0, s1 in segs:
+                kag = _gather_kv(ka, kv_rows, R, S, s0, s1)
+                vg = _gather_kv(vp, kv_rows, R, S, s0, s1)
+                p = _scores(qag, kag, plan.blocked(mask_mod, g, rows, s0, s1)).exp_()  # probabilities
+                ds = torch.matmul(dog, vg.transpose(-1, -2))  # dP (of the dropped-out P)
+                if drop:
+                    z = drop.mask(p.shape)
+                    dvg = torch.matmul((p * z).transpose(-1, -2), dog)  # [B, R, cols, Dv]
+                    ds.mul_(z)
+                    del z
+                else:
+                    dvg = torch.matmul(p.transpose(-1, -2), dog)
+                ds.sub_(delta_g).mul_(p)  # dS = P * (dP - delta), delta = rowsum(dO * O)
+                del p
+                kg = kag[..., :D]
+                part = torch.matmul(ds, kg)
+                dqg = part if dqg is None else dqg.add_(part)
+                dkg = torch.matmul(ds.transpose(-1, -2), qg)  # q is pre-scaled
+                del ds
+                idx = kv_rows.view(R, S)[:, s0:s1].reshape(-1)
+                n = idx.shape[0]
+                dk.index_add_(1, idx, dkg.reshape(B, n, kb, D))
+                dv.index_add_(1, idx, dvg.reshape(B, n, kb, Dv))
+            dq.index_add_(1, q_rows, dqg)
+    dq = dq.mul_(scale).view(B, H, nq * qb, D)[:, :, :Q]
+    dk = dk.view(B, H_kv, nkv * kb, D)[:, :, :KV]
+    dv = dv.view(B, H_kv, nkv * kb, Dv)[:, :, :KV]
+    return dq, dk, dv
+
+
+class _BlockSparseAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, plan, mask_mod, scale, chunk_elements, dropout_p, seed):
+        out, lse = blocksparse_forward(plan, mask_mod, q, k, v, scale, chunk_elements=chunk_elements,
+                                       dropout_p=dropout_p, seed=seed)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.plan, ctx.mask_mod, ctx.scale, ctx.chunk_elements = plan, mask_mod, scale, chunk_elements
+        ctx.dropout_p, ctx.seed = dropout_p, seed
+        B, H, Q, _ = q.shape
+        return out.view(B, H, -1, out.shape[-1])[:, :, :Q].to(q.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = blocksparse_backward(ctx.plan, ctx.mask_mod, q, k, v, out, lse, dout, ctx.scale,
+                                          chunk_elements=ctx.chunk_elements, dropout_p=ctx.dropout_p,
+                                          seed=ctx.seed)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
+
+
+def blocksparse_attention(cp, q, k, v, scale: float, *, dropout_p: float = 0.0,
+                          chunk_elements: int = CHUNK_ELEMENTS):
+    """Block-sparse attention of a compiled pattern (shapes checked by the caller).
+
+    Args:
+        cp: a CompiledPattern (uses ``cp.layout`` and ``cp.mask_mod``).
+        q: float [B, H, Q_LEN, D]; k: [B, H_kv, KV_LEN, D]; v: [B, H_kv, KV_LEN, Dv].
+        scale: multiplier of ``q k^T``.
+        dropout_p: attention dropout probability (on the softmax probabilities; the masks
+            come from torch's default generator, so ``torch.manual_seed`` makes them repeat).
+        chunk_elements: score elements per chunk (memory knob).
+
+    Returns:
+        [B, H, Q_LEN, Dv] in q's dtype; differentiable in q, k, v.
+    """
+    B, H, Q, _ = q.shape
+    mask_mod = mask_mod_for(cp, q.device)
+    plan = plan_for(cp.layout, H, q.device, mask_mod)
+    seed = int(torch.randint(0, 2**62, ())) if dropout_p > 0 else 0
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _BlockSparseAttention.apply(q, k, v, plan, mask_mod, scale, chunk_elements,
+                                           float(dropout_p), seed)
+    out, _ = blocksparse_forward(plan, mask_mod, q, k, v, scale, need_lse=False,
+                                 chunk_elements=chunk_elements, dropout_p=dropout_p, seed=seed)
+    return out.view(B, H, -1, out.shape[-1])[:, :, :Q].to(q.dtype)

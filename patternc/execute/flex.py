@@ -1,0 +1,64 @@
+"""The ``flex`` backend: ``torch.compile(flex_attention, fullgraph=True)`` with the pattern's
+``BlockMask`` (``cp.block_mask(device)``).
+
+* The compiled function is built once per device and reused for every pattern; pattern
+  parameters live in tensors inside ``mask_mod``, so a new window size is not a recompile
+  (new lengths may be, as for any ``torch.compile``d function).
+* Forward on CPU and CUDA; backward on CUDA only: FlexAttention has no CPU backward, so a
+  CPU call that needs gradients is refused with P352 (``auto`` never picks flex there).
+* FlexAttention's CPU kernel takes float32 / bfloat16 / float16 only (no float64).
+* Rows with no allowed key: torch 2.13 already returns 0 there; patternc also zeroes them
+  explicitly (``masked_fill``), so the guarantee does not rest on a kernel detail.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_COMPILED: dict[str, object] = {}
+
+
+def compiled_flex_attention(device):
+    """``torch.compile(flex_attention, fullgraph=True)``, one per device (cached)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    key = str(torch.device(device))
+    fn = _COMPILED.get(key)
+    if fn is None:
+        # CPU: static shapes. torch 2.13's CPU flex template fails to compile (C++ error,
+        # `cur_kvSplitSize5` undeclared) when a shape change, e.g. a new head count, turns on
+        # automatic dynamic shapes; dynamic=False recompiles per shape instead.
+        dynamic = False if torch.device(device).type == "cpu" else None
+        fn = _COMPILED[key] = torch.compile(flex_attention, fullgraph=True, dynamic=dynamic)
+    return fn
+
+
+def block_mask_for(cp, device):
+    """``cp.block_mask(device)``, cached on the compiled pattern per device when possible."""
+    device = torch.device(device)
+    try:
+        cache = vars(cp).setdefault("_patternc_block_masks", {})
+    except TypeError:  # no __dict__: no cache
+        return cp.block_mask(device)
+    bm = cache.get(str(device))
+    if bm is None:
+        bm = cache[str(device)] = cp.block_mask(device)
+    return bm
+
+
+def flex_attention(cp, q, k, v, scale: float, *, empty_rows=None):
+    """FlexAttention with the compiled pattern's BlockMask.
+
+    Args:
+        q: float [B, H, Q_LEN, D]; k: [B, H_kv, KV_LEN, D]; v: [B, H_kv, KV_LEN, Dv].
+        empty_rows: bool [H|1, Q_LEN, 1] rows with no allowed key, or None.
+
+    Returns:
+        [B, H, Q_LEN, Dv] in q's dtype.
+    """
+    bm = block_mask_for(cp, q.device)
+    fn = compiled_flex_attention(q.device)
+    out = fn(q, k, v, block_mask=bm, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+    if empty_rows is not None:
+        out = out.masked_fill(empty_rows, 0.0)
+    return out

@@ -1,0 +1,69 @@
+"""The ``sdpa`` backend: torch's ``scaled_dot_product_attention``.
+
+* A pattern that is exactly ``causal`` runs SDPA with ``is_causal=True`` (no mask tensor;
+  SDPA's causal mask is ``tril(ones(Q_LEN, KV_LEN))``, i.e. ``kv_idx <= q_idx`` with queries
+  and keys aligned at 0, which is SPEC §1's ``causal`` also when Q_LEN != KV_LEN).
+* Any other pattern runs SDPA with the dense boolean mask ``[H, Q_LEN, KV_LEN]`` (from
+  ``cp.dense_mask()``, cached per device): the small-size reference, and the "dense" baseline
+  that ``patternc run`` times. It materialises Q_LEN x KV_LEN booleans per head, so it is
+  refused (P353) above ``DENSE_MASK_LIMIT`` elements.
+* Rows with no allowed key: their mask row is opened (so SDPA's softmax stays finite) and
+  their output is set to 0 afterwards, so values are 0 and gradients finite (zero).
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import numpy as np
+import torch
+
+#: largest dense mask (H * Q_LEN * KV_LEN booleans) the masked SDPA path builds
+DENSE_MASK_LIMIT = 1 << 31
+
+_MASKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def dense_mask_elements(cp, num_heads: int) -> int:
+    heads = cp.layout.num_heads if cp.layout.num_heads == num_heads else 1
+    return heads * cp.q_len * cp.kv_len
+
+
+def dense_mask_tensors(cp, device):
+    """``(mask, empty)``: bool ``[H|1, Q_LEN, KV_LEN]`` with empty rows opened, and bool
+    ``[H|1, Q_LEN, 1]`` marking rows with no allowed key (None when there are none)."""
+    device = torch.device(device)
+    per = _MASKS.setdefault(cp.layout, {})
+    hit = per.get(str(device))
+    if hit is None:
+        dense = np.asarray(cp.dense_mask(), dtype=bool)
+        mask = torch.from_numpy(np.ascontiguousarray(dense)).to(device)
+        empty = ~mask.any(-1, keepdim=True)
+        if bool(empty.any()):
+            mask = mask | empty
+        else:
+            empty = None
+        hit = per[str(device)] = (mask, empty)
+    return hit
+
+
+def sdpa_attention(cp, q, k, v, scale: float, *, use_causal: bool, dropout_p: float = 0.0):
+    """SDPA with ``is_causal`` (``use_causal``) or with the dense mask of ``cp``.
+
+    Args:
+        q: float [B, H, Q_LEN, D]; k: [B, H_kv, KV_LEN, D]; v: [B, H_kv, KV_LEN, Dv].
+
+    Returns:
+        [B, H, Q_LEN, Dv] in q's dtype.
+    """
+    F = torch.nn.functional
+    gqa = k.shape[1] != q.shape[1]
+    if use_causal:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa,
+                                              dropout_p=dropout_p)
+    mask, empty = dense_mask_tensors(cp, q.device)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa,
+                                         dropout_p=dropout_p)
+    if empty is not None:
+        out = out.masked_fill(empty, 0.0)
+    return out
