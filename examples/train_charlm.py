@@ -171,11 +171,19 @@ def build_model(pattern, args):
 
 
 def capture_qkv(attn, x):
-    """q, k, v (float32 [B, H, L, D]) that ``attn`` computes for input x [B, L, E]."""
+    """q, k, v (float [B, H, L, D]) that ``attn`` (a ``SparseSelfAttention``) computes for
+    x [B, L, E]: its q/k/v projections split into ``num_heads`` heads, as its forward does.
+    ``save_qkv`` checks the result against the module's own output."""
     fn = getattr(attn, "qkv", None)
     if callable(fn):
         return fn(x)
-    raise SystemExit("error: this patternc.nn.SparseSelfAttention has no qkv(x) method; cannot save q/k/v")
+    B, L, E = x.shape
+    H = attn.num_heads
+
+    def heads(t):
+        return t.view(B, L, H, E // H).transpose(1, 2)
+
+    return heads(attn.q_proj(x)), heads(attn.k_proj(x)), heads(attn.v_proj(x))
 
 
 # ---- one run ---------------------------------------------------------------------------------------------------
@@ -294,7 +302,16 @@ def save_qkv(model, windows, args, path: Path, meta: dict) -> dict:
         idx = torch.from_numpy(windows[:1, :-1].astype(np.int64))
         x = model.hidden(idx, upto=layer)
         blk = model.blocks[layer]
-        q, k, v = (t.contiguous().float() for t in capture_qkv(blk.attn, blk.ln1(x)))
+        xin = blk.ln1(x)
+        q, k, v = (t.contiguous().float() for t in capture_qkv(blk.attn, xin))
+        # the captured q/k/v must be the module's: attention on them + out_proj == its output
+        cp = blk.attn.compiled(args.seq_len) if hasattr(blk.attn, "compiled") else None
+        if cp is not None:
+            o = cp.attention(q, k, v).transpose(1, 2).reshape(xin.shape)
+            ref = blk.attn(xin)
+            err = float((blk.attn.out_proj(o) - ref).abs().max() / ref.abs().max())
+            if err > 1e-4:
+                raise SystemExit(f"error: captured q/k/v do not reproduce the layer's output (rel. error {err:.1e})")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     save_file({"q": q, "k": k, "v": v}, str(tmp), metadata={k2: str(v2) for k2, v2 in {**meta, "layer": layer}.items()})
