@@ -170,7 +170,25 @@ class PatternError(ValueError):
 
 
 class PatternWarning(UserWarning):
-    """Emitted by ``patternc.parse`` for W-coded diagnostics (the message is the rendering)."""
+    """A W-coded diagnostic issued through Python's ``warnings`` (by ``parse``, ``compile``,
+    ``analyze``). ``str()`` is the rendering; ``.diagnostic`` the ``Diagnostic`` itself.
+
+    Args:
+        diagnostic: a ``Diagnostic`` (or, for plain messages, a str).
+    """
+
+    def __init__(self, diagnostic):
+        if not isinstance(diagnostic, Diagnostic):
+            diagnostic = Diagnostic("W000", str(diagnostic), None, None, severity="warning")
+        self.diagnostic = diagnostic
+        super().__init__(diagnostic.render())
+
+
+def warn(diagnostic: "Diagnostic", stacklevel: int = 3) -> None:
+    """Issue a W-coded diagnostic as a ``PatternWarning``."""
+    import warnings
+
+    warnings.warn(PatternWarning(diagnostic), stacklevel=stacklevel)
 
 
 def did_you_mean(name: str, candidates) -> str | None:
