@@ -351,6 +351,10 @@ class Elaborator:
             a_parts = [self.text(c) for c in and_child.children]
             alt = "(" + " | ".join(parts[:-1] + [a_parts[0]]) + ") & " + " & ".join(a_parts[1:])
             help_ += f", or `{alt}` to apply `&` to the whole union"
+        elif node.children[0] is and_child and len(node.children) > 1:
+            a_parts = [self.text(c) for c in and_child.children]
+            alt = " & ".join(a_parts[:-1]) + " & (" + " | ".join([a_parts[-1]] + parts[1:]) + ")"
+            help_ += f", or `{alt}` to apply `&` to the whole union"
         self.warnings.append(Diagnostic(
             "W001", f"`&` binds tighter than `|`: this is read as `{shown}`", span_of(node), help_,
             severity="warning", filename=self.filename, source=self.source))

@@ -174,12 +174,12 @@ class PatternWarning(UserWarning):
     ``analyze``). ``str()`` is the rendering; ``.diagnostic`` the ``Diagnostic`` itself.
 
     Args:
-        diagnostic: a ``Diagnostic`` (or, for plain messages, a str).
+        diagnostic: a ``Diagnostic`` with a W code.
     """
 
     def __init__(self, diagnostic):
         if not isinstance(diagnostic, Diagnostic):
-            diagnostic = Diagnostic("W000", str(diagnostic), None, None, severity="warning")
+            raise TypeError("PatternWarning takes a Diagnostic with a W code")
         self.diagnostic = diagnostic
         super().__init__(diagnostic.render())
 
