@@ -63,7 +63,16 @@ def to_block_mask(layout: BlockLayout, mask_mod, device="cpu") -> BlockMask:
     def t(x):
         return torch.from_numpy(x).to(device)[None]
 
-    return BlockMask.from_kv_blocks(
+    bm = BlockMask.from_kv_blocks(
         t(kv_num), t(kv_idx), t(full_num), t(full_idx),
         BLOCK_SIZE=layout.block_size, mask_mod=mask_mod, seq_lengths=(layout.q_len, layout.kv_len),
+        compute_q_blocks=False,
     )
+    # The transposed (q) lists that backward kernels read, from the kinds in numpy: torch's
+    # own transpose (dense scatter + argsort) costs ~1 s at 1024 x 1024 tiles, this ~20 ms.
+    kinds_t = kinds.transpose(0, 2, 1)
+    q_num, q_idx = ordered_lists(kinds_t == PARTIAL)
+    full_q_num, full_q_idx = ordered_lists(kinds_t == FULL)
+    bm.q_num_blocks, bm.q_indices = t(q_num), t(q_idx)
+    bm.full_q_num_blocks, bm.full_q_indices = t(full_q_num), t(full_q_idx)
+    return bm

@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import tempfile
 import time
 import zipfile
 from functools import cached_property
@@ -69,7 +68,7 @@ def layer_pattern(p: Pattern, *, q_len: int, kv_len: int, layer: int) -> Pattern
     return normalize(bind_lengths(normalize(select_layer(p, layer)), q_len, kv_len))
 
 
-def compile(p_or_source, *, q_len: int, kv_len: int | None = None, num_heads: int | None = None,
+def compile(p_or_source, *, q_len: int, kv_len: int | None = None, num_heads: int = 1,
             block_size=128, layer: int = 0, params: dict | None = None) -> "CompiledPattern":
     """Compile one layer of a pattern to an exact block layout (and, on demand, a mask_mod
     and a FlexAttention BlockMask).
@@ -78,8 +77,10 @@ def compile(p_or_source, *, q_len: int, kv_len: int | None = None, num_heads: in
         p_or_source: a ``Pattern`` or pattern source text (an expression or a whole file).
         q_len: Q_LEN, tokens (>= 1).
         kv_len: KV_LEN, tokens (default: ``q_len``). Queries and keys are aligned at 0.
-        num_heads: H. Head ``h`` uses entry ``h mod m`` of each ``heads(...)``. Default: the
-            pattern's head period (the lcm of its ``heads`` arities; 1 without ``heads``).
+        num_heads: H (default 1, SPEC §2). Head ``h`` uses entry ``h mod m`` of each
+            ``heads(...)``. When H is smaller than the pattern's head period (the lcm of its
+            ``heads`` arities) only heads 0..H-1 are compiled and a ``PatternWarning`` (W003)
+            says so; ``None`` means "the head period".
         block_size: ``BLOCK_SIZE``, an int or ``(Q_BLOCK_SIZE, KV_BLOCK_SIZE)``, tokens.
         layer: which layer of a ``layers(...)`` stack (entry ``layer mod m``), >= 0.
         params: values for the source's ``param``s (source text only).
@@ -131,6 +132,16 @@ def compile(p_or_source, *, q_len: int, kv_len: int | None = None, num_heads: in
     except PatternError as e:
         raise attach_source(e, source_text, "<string>") from None
     H = pattern.num_heads if num_heads is None else _check_count("num_heads", num_heads, 1, "heads")
+    if H < pattern.num_heads:
+        import warnings
+
+        from .errors import PatternWarning
+
+        warnings.warn(PatternWarning(Diagnostic(
+            "W003", f"the pattern has {pattern.num_heads} different heads but num_heads={H}: only heads "
+            f"0..{H - 1} are compiled", None, f"pass num_heads={pattern.num_heads} (--heads {pattern.num_heads}) "
+            "to compile all of them", severity="warning", filename=source_text and "<string>" or "<pattern>")),
+            stacklevel=2)
     nq, nk = -(-q_len // qb), -(-kv_len // kb)
     if H * nq * nk > MAX_TILES:
         raise PatternError(Diagnostic(
@@ -171,6 +182,11 @@ class CompiledPattern:
         self.params = params
         self.compile_seconds = 0.0
         self._mask_mods: dict = {}
+
+    def __getstate__(self):  # mask_mods are closures over tensors: rebuilt on demand, not pickled
+        state = dict(self.__dict__)
+        state["_mask_mods"] = {}
+        return state
 
     # ---- predicates ------------------------------------------------------------------------------
     @cached_property
@@ -310,20 +326,9 @@ class CompiledPattern:
         }
         blob = np.frombuffer(json.dumps(meta, sort_keys=True).encode("utf-8"), dtype=np.uint8)
         path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".patternc-", suffix=".tmp", dir=folder)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez_compressed(f, kinds=np.asarray(self.layout.kinds), meta=blob)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        from .fileio import atomic_write
+
+        atomic_write(path, lambda f: np.savez_compressed(f, kinds=np.asarray(self.layout.kinds), meta=blob))
 
 
 def _bad_artifact(path, why: str) -> PatternError:

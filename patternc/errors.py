@@ -151,6 +151,15 @@ class PatternError(ValueError):
         self.diagnostics = list(diagnostics)
         super().__init__("\n\n".join(d.render() for d in self.diagnostics))
 
+    def with_source(self, text: str, filename: str = "<string>") -> "PatternError":
+        """This error with ``text`` attached to diagnostics that point into it but were
+        raised without it (P301 when lengths are bound), so they render the source line."""
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+        for d in self.diagnostics:
+            if d.source is None and d.span is not None:
+                d.source, d.filename = text, filename
+        return PatternError(self.diagnostics)
+
     @property
     def code(self) -> str:
         return self.diagnostics[0].code
@@ -161,11 +170,34 @@ class PatternError(ValueError):
 
 
 class PatternWarning(UserWarning):
-    """Emitted by ``patternc.parse`` for W-coded diagnostics (the message is the rendering)."""
+    """A W-coded diagnostic issued through Python's ``warnings`` (by ``parse``, ``compile``,
+    ``analyze``). ``str()`` is the rendering; ``.diagnostic`` the ``Diagnostic`` itself.
+
+    Args:
+        diagnostic: a ``Diagnostic`` with a W code.
+    """
+
+    def __init__(self, diagnostic):
+        if not isinstance(diagnostic, Diagnostic):
+            raise TypeError("PatternWarning takes a Diagnostic with a W code")
+        self.diagnostic = diagnostic
+        super().__init__(diagnostic.render())
+
+
+def warn(diagnostic: "Diagnostic", stacklevel: int = 3) -> None:
+    """Issue a W-coded diagnostic as a ``PatternWarning``."""
+    import warnings
+
+    warnings.warn(PatternWarning(diagnostic), stacklevel=stacklevel)
 
 
 def did_you_mean(name: str, candidates) -> str | None:
-    """``"did you mean `x`?"`` for the closest candidate, or None."""
+    """``"did you mean `x`?"`` for the closest candidate, or None.
+
+    Example:
+        >>> did_you_mean("locl", ["local", "chunk"])
+        'did you mean `local`?'
+    """
     cands = sorted(set(candidates))
     m = difflib.get_close_matches(name, cands, n=1, cutoff=0.6)
     if not m:

@@ -131,14 +131,16 @@ class _Formatter:
         trailing = [c for c in comments if c.line == last_line]
         inner = [c for c in comments if c.line != last_line]
         if inner and isinstance(expr, Tree) and expr.data in _CHAINS:
-            return self.chain_with_comments(head, expr, comments)
+            out = self.chain_with_comments(head, expr, comments)
+            if out is not None:
+                return out
         before = [_comment_text(c) for c in inner]
         body = (head + self.expr(expr, 0, len(head))).split("\n")
         if trailing:
             body[-1] += "  " + "  ".join(_comment_text(c) for c in trailing)
         return before + body
 
-    def chain_with_comments(self, head: str, expr: Tree, comments: list[Token]) -> list[str]:
+    def chain_with_comments(self, head: str, expr: Tree, comments: list[Token]) -> list[str] | None:
         """One operand per line. A comment after code stays at the end of the operand line it
         followed; a comment on its own line (or inside a multi-line operand) goes on its own
         line before the operand that follows it."""
@@ -153,6 +155,8 @@ class _Formatter:
                 k += 1
             own_line = not self.lines[c.line - 1][: c.column - 1].strip()
             (trailing if c.line == ends[k] and not own_line else leading)[k].append(c)
+        if not any(leading[1:]) and not any(trailing[:-1]):
+            return None  # every comment goes before the statement or after it: the usual layout
         out = [_comment_text(c) for c in leading[0]]
         for k, o in enumerate(operands):
             if k == 0:

@@ -270,7 +270,7 @@ def _kinds_from_counts(cnt: np.ndarray, area: np.ndarray) -> np.ndarray:
     return np.where(cnt == 0, EMPTY, np.where(cnt == area, FULL, PARTIAL)).astype(np.uint8)
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=16)
 def _d_prefix(p: Pattern, q_len: int, kv_len: int, code: int = 0) -> np.ndarray:
     """int64 [Q_LEN + KV_LEN]: ps[t] = allowed differences among d = -(KV_LEN-1) ... t-KV_LEN."""
     d = np.arange(-(kv_len - 1), q_len, dtype=np.int64)
@@ -645,8 +645,16 @@ class SweepPlan:
     q_len: int
     kv_len: int
 
-    def _prefix_table(self, codes: np.ndarray) -> np.ndarray:
+    def _prefix_table(self, codes) -> np.ndarray:
         return np.stack([_d_prefix(self.skeleton, self.q_len, self.kv_len, int(c)) for c in codes])
+
+    def _all_codes_table(self) -> np.ndarray | None:
+        """int64 [2**atoms, Q_LEN + KV_LEN] prefix sums for every atom assignment, when small
+        (built per ``counts`` call, not kept: plans are cached, tables would pile up)."""
+        n = 1 << len(self.atoms)
+        if n * (self.q_len + self.kv_len) > MAX_TABLE_ENTRIES:
+            return None
+        return self._prefix_table(range(n))
 
     def counts(self, q0, q1, k0, k1) -> np.ndarray:
         out = np.zeros(q0.size, dtype=np.int64)
@@ -657,27 +665,31 @@ class SweepPlan:
             pq0, pq1, pk0, pk1, owner = _split(q0, q1, k0, k1, int((q1 - q0).max()), max_cols)
             return np.bincount(owner, weights=self.counts(pq0, pq1, pk0, pk1), minlength=q0.size).astype(np.int64)
         step = max(1, BATCH_ELEMENTS // (W * nb))
+        table = self._all_codes_table()
         for s in range(0, q0.size, step):
             sl = slice(s, s + step)
-            out[sl] = self._counts_batch(q0[sl], q1[sl], k0[sl], k1[sl], W)
+            out[sl] = self._counts_batch(q0[sl], q1[sl], k0[sl], k1[sl], W, table)
         return out
 
-    def _counts_batch(self, q0, q1, k0, k1, W) -> np.ndarray:
+    def _counts_batch(self, q0, q1, k0, k1, W, table) -> np.ndarray:
         Q, K = self.q_len, self.kv_len
         cols = k0[:, None] + np.arange(W, dtype=np.int64)  # [n, W]
         cvalid = cols < k1[:, None]
-        cols = np.minimum(cols, K - 1)
+        np.minimum(cols, K - 1, out=cols)
         r0 = np.broadcast_to(q0[:, None], cols.shape)
         r1 = np.broadcast_to(q1[:, None], cols.shape)
-        bps = [r0, r1]
-        for x in self.i_breaks:
-            bps.append(np.clip(np.int64(x), r0, r1))
+        # breakpoints strictly inside [r0, r1] (only they need sorting)
+        mids = [np.clip(np.int64(x), r0, r1) for x in self.i_breaks]
         for kind, payload in self.atoms:
             if kind == "chunk":
                 start = (cols // payload) * payload
-                bps.append(np.clip(start, r0, r1))
-                bps.append(np.clip(start + payload, r0, r1))
-        B = np.sort(np.stack(bps, axis=-1), axis=-1)  # [n, W, nb]
+                mids.append(np.clip(start, r0, r1))
+                mids.append(np.clip(start + payload, r0, r1))
+        parts = [r0[..., None]]
+        if mids:
+            parts.append(np.sort(np.stack(mids, axis=-1), axis=-1))
+        parts.append(r1[..., None])
+        B = np.concatenate(parts, axis=-1)  # [n, W, nb], ascending
         s, e = B[..., :-1], B[..., 1:]
         valid = (e > s) & cvalid[..., None]
         code = np.zeros(s.shape, dtype=np.int64)
@@ -690,25 +702,32 @@ class SweepPlan:
             else:
                 v = (s // payload) == (cc // payload)
             code |= v.astype(np.int64) << k
-        present = np.unique(code[valid])
-        if present.size == 0:
-            return np.zeros(q0.size, dtype=np.int64)
-        table = self._prefix_table(present)
-        row = np.searchsorted(present, code)
-        row = np.minimum(row, present.size - 1)
-        hi = e - 1 - cc + K  # index of d = e - 1 - j, plus one
-        lo = s - cc + (K - 1)
-        hi = np.clip(hi, 0, Q + K - 1)
-        lo = np.clip(lo, 0, Q + K - 1)
-        cnt = table[row, hi] - table[row, lo]
-        return np.where(valid, cnt, 0).sum(axis=(1, 2))
+        if table is None:
+            present = np.flatnonzero(np.bincount(code[valid], minlength=1 << len(self.atoms)))
+            if present.size == 0:
+                return np.zeros(q0.size, dtype=np.int64)
+            table = self._prefix_table(present)
+            code = np.minimum(np.searchsorted(present, code), present.size - 1)
+        width = Q + K
+        base = code * width
+        hi = e - cc  # index of d = e - 1 - j in the prefix sums, plus one: (e - 1 - j) + K
+        hi += K - 1
+        lo = s - cc
+        lo += K - 1
+        np.clip(hi, 0, width - 1, out=hi)
+        np.clip(lo, 0, width - 1, out=lo)
+        flat = table.ravel()
+        cnt = flat[base + hi] - flat[base + lo]
+        cnt[~valid] = 0
+        return cnt.sum(axis=(1, 2))
 
 
+MAX_TABLE_ENTRIES = 1 << 21
 MAX_SWEEP_ATOMS = 10
 MAX_I_BREAKS = 64
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=16)
 def sweep_plan(p: Pattern, q_len: int, kv_len: int) -> SweepPlan | None:
     """The column-sweep plan of ``p``, or None when ``p`` reads ``random`` or a mixed
     ``blocks`` (or has too many atoms / query breakpoints to sweep cheaply)."""

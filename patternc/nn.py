@@ -128,6 +128,24 @@ class SparseSelfAttention(nn.Module):
             self._compiled.popitem(last=False)
         return cp
 
+    def qkv(self, x: torch.Tensor):
+        """The projected queries, keys and values this module attends with.
+
+        Args:
+            x: float [B, L, E].
+
+        Returns:
+            (q, k, v), each float [B, H, L, E // H] (what ``forward`` passes to attention;
+            ``examples/train_charlm.py --save-qkv`` saves them for ``patternc run --input``).
+        """
+        B, L, _ = x.shape
+        H, Dh = self.num_heads, self.head_dim
+
+        def heads(t):
+            return t.view(B, L, H, Dh).transpose(1, 2)
+
+        return heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Self-attention under the pattern.
 
@@ -147,12 +165,7 @@ class SparseSelfAttention(nn.Module):
                 "P350", f"SparseSelfAttention expects x of shape [B, L, {self.embed_dim}], got "
                 f"[{', '.join(str(d) for d in x.shape)}]", filename="patternc.nn.SparseSelfAttention"))
         B, L, E = x.shape
-        H, Dh = self.num_heads, self.head_dim
-
-        def heads(t):
-            return t.view(B, L, H, Dh).transpose(1, 2)
-
-        q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
+        q, k, v = self.qkv(x)
         cp = self.compiled(L, x.device)
         out, self.last_backend = attention(cp, q, k, v, backend=self.backend, return_backend=True,
                                            dropout_p=self.dropout if self.training else 0.0)

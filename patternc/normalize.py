@@ -10,6 +10,7 @@ tests check this against the oracle on random IR. ``bind_lengths`` substitutes `
 from __future__ import annotations
 
 import functools
+import math
 
 from . import ir
 from .errors import Diagnostic, PatternError
@@ -194,26 +195,36 @@ def context_simplify(p):
 
 
 def factor_common(p):
-    """``(a & c) | (b & c) -> (a | b) & c`` and ``(a | c) & (b | c) -> (a & b) | c`` (the
-    operand shared by the most operands first; ties broken by canonical order)."""
-    if isinstance(p, (And, Or)):
-        inner = Or if isinstance(p, And) else And
-        groups = [c for c in p.items if isinstance(c, inner)]
-        if len(groups) < 2:
-            return None
-        count: dict = {}
-        for g in groups:
-            for x in set(g.items):
-                count[x] = count.get(x, 0) + 1
-        shared = [x for x, n in count.items() if n >= 2]
-        if not shared:
-            return None
-        x = min(shared, key=lambda y: (-count[y], _sort_key(y)))
-        sharing = [g for g in groups if x in g.items]
-        rests = tuple(inner(tuple(y for y in g.items if y != x)) for g in sharing)
-        factored = inner((type(p)(rests), x))
-        others = tuple(c for c in p.items if not (isinstance(c, inner) and x in c.items))
-        return type(p)(others + (factored,)) if others else factored
+    """``(a & c) | (b & c) -> (a | b) & c`` and ``(a | c) & (b | c) -> (a & b) | c``.
+
+    Shared operands are taken most-shared first (ties in canonical order); each operand of
+    ``p`` joins at most one group per rewrite, so a wide ``|`` is factored in one step."""
+    if not isinstance(p, (And, Or)):
+        return None
+    inner = Or if isinstance(p, And) else And
+    groups = [k for k, c in enumerate(p.items) if isinstance(c, inner)]
+    if len(groups) < 2:
+        return None
+    holders: dict = {}
+    for k in groups:
+        for x in set(p.items[k].items):
+            holders.setdefault(x, []).append(k)
+    shared = [x for x, ks in holders.items() if len(ks) >= 2]
+    if not shared:
+        return None
+    shared.sort(key=lambda y: (-len(holders[y]), _sort_key(y)))
+    taken: set = set()
+    factored = []
+    for x in shared:
+        ks = [k for k in holders[x] if k not in taken]
+        if len(ks) < 2:
+            continue
+        taken.update(ks)
+        rests = tuple(inner(tuple(y for y in p.items[k].items if y != x)) for k in ks)
+        factored.append(inner((type(p)(rests), x)))
+    others = tuple(c for k, c in enumerate(p.items) if k not in taken)
+    out = others + tuple(factored)
+    return type(p)(out) if len(out) > 1 else out[0]
 
 
 def factor_choice(p):
@@ -233,28 +244,33 @@ def factor_choice(p):
 
 def merge_choices(p):
     """``heads(a, b) & heads(c, d) -> heads(a & c, b & d)`` for entries of equal count (also
-    ``|`` and ``layers``); ``blocks(b, x) & blocks(b, y) -> blocks(b, x & y)`` (also ``|``)."""
-    if isinstance(p, (And, Or)):
-        op = type(p)
-        for cls in (Heads, Layers):
-            by_len: dict = {}
-            for c in p.items:
-                if isinstance(c, cls):
-                    by_len.setdefault(len(c.items), []).append(c)
-            for m, group in by_len.items():
-                if len(group) >= 2:
-                    merged = cls(tuple(op(tuple(g.items[k] for g in group)) for k in range(m)))
-                    rest = tuple(c for c in p.items if not any(c is g for g in group))
-                    return op(rest + (merged,))
-        by_b: dict = {}
-        for c in p.items:
-            if isinstance(c, Blocks):
-                by_b.setdefault(c.b, []).append(c)
-        for b, group in by_b.items():
-            if len(group) >= 2:
-                merged = Blocks(b, op(tuple(g.child for g in group)))
-                rest = tuple(c for c in p.items if not any(c is g for g in group))
-                return op(rest + (merged,))
+    ``|`` and ``layers``); ``blocks(b, x) & blocks(b, y) -> blocks(b, x & y)`` (also ``|``).
+    Every group is merged in one rewrite."""
+    if not isinstance(p, (And, Or)):
+        return None
+    op = type(p)
+    groups: dict = {}
+    for c in p.items:
+        if isinstance(c, (Heads, Layers)):
+            groups.setdefault((type(c), len(c.items)), []).append(c)
+        elif isinstance(c, Blocks):
+            groups.setdefault((Blocks, c.b), []).append(c)
+    if not any(len(g) >= 2 for g in groups.values()):
+        return None
+    out = []
+    done = set()
+    for c in p.items:
+        key = (type(c), len(c.items)) if isinstance(c, (Heads, Layers)) else ((Blocks, c.b) if isinstance(c, Blocks) else None)
+        group = groups.get(key) if key is not None else None
+        if not group or len(group) < 2:
+            out.append(c)
+        elif key not in done:
+            done.add(key)
+            if key[0] is Blocks:
+                out.append(Blocks(key[1], op(tuple(g.child for g in group))))
+            else:
+                out.append(key[0](tuple(op(tuple(g.items[k] for g in group)) for k in range(key[1]))))
+    return op(tuple(out)) if len(out) > 1 else out[0]
 
 
 def nested_choice(p):
@@ -270,6 +286,83 @@ def nested_choice(p):
                 changed = True
         if changed:
             return type(p)(tuple(kids))
+
+
+def _const_args(p: Prim) -> bool:
+    return not any(isinstance(v, IntExpr) for _k, v in p.args)
+
+
+MERGE_TRIES = 4  # chunk / strided candidates tried per primitive (they merge only when sizes divide)
+
+
+def _merge_two(op, a: Prim, b: Prim):
+    """One primitive equal to ``a op b`` (op: And / Or) for two constant primitives of the
+    same kind, or None."""
+    if a.name != b.name or not (_const_args(a) and _const_args(b)):
+        return None
+    x, y = dict(a.args), dict(b.args)
+    pick = min if op is And else max
+    n = a.name
+    if n == "local":  # nested windows around the diagonal
+        return Prim(n, (("w", pick(x["w"], y["w"])),))
+    if n == "band":  # both intervals contain j = i, so their union is an interval too
+        return Prim(n, (("left", pick(x["left"], y["left"])), ("right", pick(x["right"], y["right"]))))
+    if n in ("sink", "prefix"):
+        return Prim(n, (("n", pick(x["n"], y["n"])),))
+    if n == "global":
+        if "n" in x and "n" in y:  # (i<a or j<a) and (i<b or j<b) == i<min or j<min
+            return Prim(n, (("n", pick(x["n"], y["n"])),))
+        if op is Or:  # union of the global positions (global(n=k) is positions 0 .. k-1)
+            px = set(x["at"]) if "at" in x else (set(range(x["n"])) if x["n"] <= 1024 else None)
+            py = set(y["at"]) if "at" in y else (set(range(y["n"])) if y["n"] <= 1024 else None)
+            if px is not None and py is not None:
+                return Prim(n, (("at", tuple(sorted(px | py))),))
+        return None
+    if n == "strided":  # i-j divisible by both <=> by their lcm; s1 | s2 means strided(s2) <= strided(s1)
+        s1, s2 = x["s"], y["s"]
+        if op is And:
+            return Prim(n, (("s", math.lcm(s1, s2)),))
+        if s2 % s1 == 0 or s1 % s2 == 0:
+            return Prim(n, (("s", math.gcd(s1, s2)),))
+        return None
+    if n == "chunk":  # l1 | l2: every chunk of l1 lies inside one chunk of l2
+        l1, l2 = x["l"], y["l"]
+        if l2 % l1 == 0 or l1 % l2 == 0:
+            return Prim(n, (("l", min(l1, l2) if op is And else max(l1, l2)),))
+    return None
+
+
+_ALWAYS_MERGE = {"local", "band", "sink", "prefix"}  # any two constant ones merge
+
+
+def merge_primitives(p):
+    """Constant primitives of one kind under ``&`` / ``|`` become one:
+    ``local(w=3) & local(w=5) -> local(w=3)``, ``strided(s=2) & strided(s=3) -> strided(s=6)``,
+    ``global(at=[0]) | global(at=[5]) -> global(at=[0, 5])``, ``chunk(4) | chunk(8) -> chunk(8)``
+    (every mergeable pair in one rewrite, so a wide ``|`` takes one step)."""
+    if isinstance(p, (And, Or)):
+        op = type(p)
+        out: list = []
+        slots: dict = {}  # name -> indices in out of primitives of that name
+        changed = False
+        for c in p.items:
+            if isinstance(c, Prim):
+                # at most MERGE_TRIES candidates: chunk / strided merge only when sizes divide,
+                # and a wide `|` of unrelated sizes must not cost quadratic time
+                cands = slots.get(c.name, ())
+                for k in (cands[:1] if c.name in _ALWAYS_MERGE else cands[:MERGE_TRIES]):
+                    m = _merge_two(op, out[k], c)
+                    if m is not None:
+                        out[k] = m
+                        changed = True
+                        break
+                else:
+                    slots.setdefault(c.name, []).append(len(out))
+                    out.append(c)
+            else:
+                out.append(c)
+        if changed:
+            return op(tuple(out))
 
 
 def negate_blocks(p):
@@ -293,6 +386,7 @@ PASSES = [
     ("merge_choices", merge_choices),
     ("nested_choice", nested_choice),
     ("negate_blocks", negate_blocks),
+    ("merge_primitives", merge_primitives),
     ("simplify_primitive", simplify_primitive),
     ("simplify_blocks", simplify_blocks),
     ("unwrap_trivial", unwrap_trivial),
@@ -302,17 +396,26 @@ PASSES = [
 
 @functools.lru_cache(maxsize=65536)
 def normalize(p: Pattern) -> Pattern:
-    """The canonical form of ``p``: passes applied bottom-up until none fires."""
-    kids = p.children()
-    if kids:
-        new = tuple(normalize(c) for c in kids)
-        if new != kids or any(a is not b for a, b in zip(new, kids)):
-            p = p.with_children(new)
-    for _name, rewrite in PASSES:
-        r = rewrite(p)
-        if r is not None and r != p:
-            return normalize(r)
-    return p
+    """The canonical form of ``p``: passes applied bottom-up until none fires.
+
+    Example:
+        >>> from patternc.ir import CAUSAL, And, Prim
+        >>> str(normalize(And((CAUSAL, And((Prim("local", (("w", 4),)), CAUSAL))))))
+        'local(w=4) & causal'
+    """
+    while True:  # iterative at the root: a wide `|` may take many rewrites
+        kids = p.children()
+        if kids:
+            new = tuple(normalize(c) for c in kids)
+            if any(a is not b for a, b in zip(new, kids)):
+                p = p.with_children(new)
+        for _name, rewrite in PASSES:
+            r = rewrite(p)
+            if r is not None and r != p:
+                p = r
+                break
+        else:
+            return p
 
 
 def run_passes_traced(p: Pattern) -> list[tuple[str, str]]:
@@ -349,15 +452,21 @@ def bind_lengths(p: Pattern, q_len: int, kv_len: int, *, normalized: bool = True
     return normalize(bound) if normalized else bound
 
 
-def _eval(v, env, where):
+def _eval(v, env, where, span=None):
+    from .primitives import MAX_INT
+
+    at = f"at q_len={env['q_len']}, kv_len={env['kv_len']}"
     try:
         out = ir.eval_int(v, env)
     except ZeroDivisionError:
-        raise PatternError(Diagnostic("P301", f"`{where}` divides by zero at q_len={env['q_len']}, kv_len={env['kv_len']}",
-                                      None, "guard the divisor, e.g. `max(1, ...)`")) from None
+        raise PatternError(Diagnostic("P301", f"`{where}` divides by zero {at}",
+                                      span, "guard the divisor, e.g. `max(1, ...)`")) from None
     except ValueError as e:
-        raise PatternError(Diagnostic("P301", f"`{where}`: {e} at q_len={env['q_len']}, kv_len={env['kv_len']}",
-                                      None, "guard the argument, e.g. `max(0, ...)`")) from None
+        raise PatternError(Diagnostic("P301", f"`{where}`: {e} {at}",
+                                      span, "guard the argument, e.g. `max(0, ...)`")) from None
+    if abs(out) > MAX_INT:
+        raise PatternError(Diagnostic("P301", f"`{where}` computes {out} {at}, too large for a length or parameter "
+                                      "(the limit is 2^31 - 1)", span, "bound it, e.g. `min(q_len, ...)`"))
     return out
 
 
@@ -367,7 +476,7 @@ def _bind(p: Pattern, env: dict) -> Pattern:
     if isinstance(p, Prim):
         if not any(isinstance(v, IntExpr) for _, v in p.args):
             return p
-        vals = tuple((k, _eval(v, env, to_text(p)) if isinstance(v, IntExpr) else v) for k, v in p.args)
+        vals = tuple((k, _eval(v, env, to_text(p), p.span) if isinstance(v, IntExpr) else v) for k, v in p.args)
         problems = check_values(p.name, dict(vals))
         if problems:
             _k, msg, help_ = problems[0]
@@ -375,7 +484,7 @@ def _bind(p: Pattern, env: dict) -> Pattern:
                                           f"kv_len={env['kv_len']})", p.span, help_))
         return Prim(p.name, vals, span=p.span)
     if isinstance(p, Blocks):
-        b = _eval(p.b, env, to_text(p)) if isinstance(p.b, IntExpr) else p.b
+        b = _eval(p.b, env, to_text(p), p.span) if isinstance(p.b, IntExpr) else p.b
         if b < 1:
             raise PatternError(Diagnostic("P301", f"`blocks` size computed as {b} at q_len={env['q_len']}, kv_len={env['kv_len']}; it must be >= 1",
                                           p.span, "guard it, e.g. `max(1, ...)`"))

@@ -4,8 +4,13 @@
 The elaborator (``patternc.elaborate``) turns the tree into the IR.
 
 Newlines end statements, except inside brackets, after a binary operator, ``=`` or ``,``,
-or before a line that starts with ``|``, ``&``, ``+``, ``-``, ``*``, ``//`` or ``%``
-(``LineJoiner``), so long expressions can be broken over lines naturally.
+or before a line that starts with ``|``, ``&``, ``+``, ``-``, ``*``, ``//``, ``%``, ``=``,
+``,`` or a closing bracket (``LineJoiner``), so long expressions can be broken over lines
+naturally.
+
+``parse_tree_with_comments`` also returns the comments (for ``patternc fmt``). Syntax errors
+are labelled by ``SYNTAX_EXAMPLES`` (Lark's ``match_examples``) plus bracket matching and the
+end-of-input cases; the codes are listed in ``docs/diagnostics.md``.
 """
 
 from __future__ import annotations

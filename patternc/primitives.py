@@ -151,6 +151,10 @@ def check_values(name: str, values: dict) -> list[tuple[str, str, str]]:
     Returns:
         A list of ``(param, message, help)`` for each violated constraint (empty when valid);
         ``param`` is None for a constraint between several parameters.
+
+    Example:
+        >>> check_values("local", {"w": 0})[0][1]
+        '`local(w=0)` is out of range: w must be >= 1'
     """
     spec = PRIMITIVES[name]
     params = {p.name: p for p in spec.params}

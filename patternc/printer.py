@@ -9,7 +9,7 @@ Primitive arguments are printed as keywords in registry order, defaults omitted
 from __future__ import annotations
 
 from . import ir
-from .ir import And, Blocks, Diff, Heads, IntExpr, Layers, Not, Or, Pattern, Prim
+from .ir import And, Blocks, Diff, Heads, Layers, Not, Or, Pattern, Prim
 from .primitives import PRIMITIVES
 
 _INT_PREC = {"+": 3, "-": 3, "*": 2, "//": 2, "%": 2}
@@ -62,7 +62,13 @@ def _prec(p: Pattern) -> int:
 
 
 def to_text(p: Pattern) -> str:
-    """Canonical text of ``p`` (iterative over ``|``/``&`` chains, recursive over nesting)."""
+    """Canonical text of ``p`` (iterative over ``|``/``&`` chains, recursive over nesting).
+
+    Example:
+        >>> from patternc import parse
+        >>> to_text(parse("causal & (strided(64) | local(128))"))
+        '(local(w=128) | strided(s=64)) & causal'
+    """
     if isinstance(p, Prim):
         return prim_text(p)
     if isinstance(p, Or):

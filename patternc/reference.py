@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from .ir import And, Blocks, Diff, Heads, Layers, Not, Or, Pattern, Prim, select_layer
+from .errors import PatternError
 from .normalize import bind_lengths
 
 
@@ -131,5 +132,10 @@ def dense_mask(p_or_source, *, q_len: int, kv_len: int | None = None, num_heads:
     if q_len < 1 or kv_len < 1 or num_heads < 1:
         raise ValueError(f"q_len, kv_len and num_heads must be >= 1, got {q_len}, {kv_len}, {num_heads}")
     p = _as_pattern(p_or_source, params)
-    p = bind_lengths(select_layer(p, layer), q_len, kv_len, normalized=False)
+    try:
+        p = bind_lengths(select_layer(p, layer), q_len, kv_len, normalized=False)
+    except PatternError as e:
+        if isinstance(p_or_source, str):
+            raise e.with_source(p_or_source) from None
+        raise
     return np.stack([_eval(p, h, q_len, kv_len) for h in range(num_heads)])

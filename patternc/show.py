@@ -32,8 +32,6 @@ Details
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -465,27 +463,12 @@ def save_png(p: Picture, path, *, dpi: int = 110) -> Path:
     fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), frameon=False, fontsize=9,
                title=sub, title_fontsize=9)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                fig.savefig(f, format="png", dpi=dpi)
-            os.chmod(tmp, 0o666 & ~_umask())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        from .fileio import atomic_write
+
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
     finally:
         plt.close(fig)
     return path
-
-
-def _umask() -> int:
-    old = os.umask(0o22)
-    os.umask(old)
-    return old
 
 
 def _hex_rgb(colours) -> np.ndarray:

@@ -257,3 +257,30 @@ def test_block_bound_exact_on_block_patterns_and_layers_verdicts():
     # a bound that cannot decide says so
     u = analyze("local(w=16) & causal", seq_len=4096, engine="block-bound", block_size=64, layers=400)
     assert not u.exact and u.lower_bound <= 273 and (u.upper_bound is None or u.upper_bound >= 273)
+
+
+# ---- the token engine's gather paths: runs across blocks, arithmetic progressions ---------------------
+TOKEN_CASES = [
+    "strided(s=3) | local(w=2)",                           # progressions reaching both ends
+    "(strided(s=5) & causal) | local(w=3)",
+    "(strided(s=7) - causal) | band(left=2, right=0)",     # a progression to the end only
+    "layers(strided(s=4) & causal, local(w=2) | strided(s=9))",
+    "heads(strided(s=6), local(w=40)) & causal | sink(n=2)",  # long runs over several blocks
+    "prefix(n=50) | (chunk(l=24) & causal)",
+]
+
+
+@pytest.mark.parametrize("src", TOKEN_CASES)
+def test_token_engine_block_sizes_against_oracle(src):
+    for n in (97, 130):
+        dist = oracle_dist(src, n, heads=2)
+        for mode in ("earlier", "all"):
+            truth = oracle_min_layers(dist, mode)
+            for bs in (4, 16, 64):
+                r = analyze(src, seq_len=n, pairs=mode, engine="exact-token", block_size=bs, num_heads=2)
+                assert r.min_layers == truth, (n, mode, bs)
+                if truth is not None:
+                    assert dist[r.witness.i, r.witness.j] == truth
+                    check_path(src, n, 2, r.witness.path, r.witness.i, r.witness.j)
+                else:
+                    assert dist[r.witness.i, r.witness.j] < 0

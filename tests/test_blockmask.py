@@ -54,6 +54,13 @@ def assert_same_block_mask(ours, ref):
     # the transposed (q) lists that flex_attention's backward uses
     assert torch.equal(ours.q_num_blocks, ref.q_num_blocks)
     assert torch.equal(ours.full_q_num_blocks, ref.full_q_num_blocks)
+    assert rows_as_sets(ours.q_num_blocks, ours.q_indices) == rows_as_sets(ref.q_num_blocks, ref.q_indices)
+    assert rows_as_sets(ours.full_q_num_blocks, ours.full_q_indices) == \
+        rows_as_sets(ref.full_q_num_blocks, ref.full_q_indices)
+    for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_num_blocks",
+                 "q_indices", "full_q_num_blocks", "full_q_indices"):
+        a, b = getattr(ours, name), getattr(ref, name)
+        assert (a.dtype, a.shape, a.device) == (b.dtype, b.shape, b.device), name
 
 
 def mask_mod_dense(cp, h):
@@ -64,7 +71,8 @@ def mask_mod_dense(cp, h):
 
 @pytest.mark.parametrize("src", SOURCES)
 def test_block_mask_equals_create_block_mask(src):
-    for q_len, kv_len, bs in [(97, 97, 16), (130, 130, 64), (191, 232, (64, 128)), (232, 97, 128), (130, 191, (16, 32))]:
+    for q_len, kv_len, bs in [(1, 97, 16), (97, 97, 16), (130, 130, 64), (191, 232, (64, 128)), (232, 97, 128),
+                              (130, 191, (16, 32)), (1000, 1000, 128), (1000, 232, 64)]:
         cp = compile_quiet(src, q_len=q_len, kv_len=kv_len, block_size=bs)
         H = cp.num_heads
         ref = create_block_mask(cp.mask_mod, 1, H, q_len, kv_len, device="cpu", BLOCK_SIZE=bs)
@@ -129,7 +137,7 @@ def test_mask_mod_on_another_device_object_is_cached():
 def test_flex_attention_eager_uses_mask_mod():
     from torch.nn.attention.flex_attention import flex_attention
 
-    cp = compile_quiet("heads(local(w=3) & causal, sink(n=2) | causal)", q_len=40, kv_len=40, block_size=16)
+    cp = compile_quiet("heads(local(w=3) & causal, sink(n=2) | causal)", q_len=40, kv_len=40, block_size=16, num_heads=2)
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 2, 40, 8, dtype=torch.float64) for _ in range(3))
     out = flex_attention(q, k, v, block_mask=cp.block_mask())
@@ -156,3 +164,24 @@ def test_changing_window_does_not_recompile():
         got = compiled(cp.mask_mod, q, kv).numpy()
         np.testing.assert_array_equal(got, oracle(f"local(w={w}) & causal", q_len=64)[0])
     assert counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_block_mask_on_cuda_with_compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    src = "heads(local(w=64) & causal, strided(s=32) & causal | sink(n=4), blocks(64, random(r=2)) | causal)"
+    cp = compile_quiet(src, q_len=1000, kv_len=1000, block_size=128)
+    bm = cp.block_mask("cuda")
+    assert bm.kv_num_blocks.device.type == "cuda"
+    ref_bm = create_block_mask(cp.mask_mod_on("cuda"), 1, cp.num_heads, 1000, 1000, device="cuda", BLOCK_SIZE=128)
+    assert_same_block_mask(bm.to("cpu"), ref_bm.to("cpu"))
+    fa = torch.compile(flex_attention, fullgraph=True, dynamic=False)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 1000, 64, device="cuda", dtype=torch.float16) for _ in range(3))
+    out = fa(q, k, v, block_mask=bm)
+    mask = torch.from_numpy(cp.dense_mask()).to("cuda")[None]
+    s = (q.double() @ k.double().transpose(-1, -2)) / 8
+    ref = torch.softmax(s.masked_fill(~mask, float("-inf")), dim=-1) @ v.double()
+    torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)

@@ -111,8 +111,13 @@ def test_pattern_attributes_and_summary():
     assert "strided(s=16) & causal" in repr(cp)
 
 
-def test_num_heads_defaults_to_the_head_period():
-    cp = patternc.compile("heads(causal, local(w=2), none, causal, local(w=2), none)", q_len=32, block_size=8)
+def test_num_heads_default_is_one_and_warns_below_the_head_period():
+    src = "heads(causal, local(w=2), none, causal, local(w=2), none)"
+    with pytest.warns(patternc.PatternWarning, match="W003"):
+        cp = patternc.compile(src, q_len=32, block_size=8)  # SPEC §2: num_heads=1
+    assert cp.num_heads == 1
+    np.testing.assert_array_equal(cp.dense_mask()[0], patternc.reference.dense_mask("causal", q_len=32)[0])
+    cp = patternc.compile(src, q_len=32, block_size=8, num_heads=None)
     assert cp.num_heads == 3  # the normaliser folds the repeated entries: period 3
     cp2 = patternc.compile("heads(causal, all)", q_len=32, block_size=8, num_heads=5)
     assert cp2.num_heads == 5
@@ -128,13 +133,23 @@ def test_is_causal_only():
 
 def test_mask_numpy_matches_oracle():
     src = "heads(local(w=5) & causal, strided(s=4) | sink(n=2), blocks(4, random(r=1)))"
-    cp = patternc.compile(src, q_len=50, kv_len=70, block_size=16)
+    cp = patternc.compile(src, q_len=50, kv_len=70, block_size=16, num_heads=None)
     ref = dense_mask(src, q_len=50, kv_len=70, num_heads=3)
     q = np.arange(50)[:, None]
     kv = np.arange(70)[None, :]
     for h in range(3):
         np.testing.assert_array_equal(cp.mask_numpy(h, q, kv), ref[h])
     assert cp.mask_numpy(1, np.int64(9), np.int64(1)).shape == ()
+
+
+def test_pickle_keeps_the_layout_and_drops_mask_mods():
+    import pickle
+
+    cp = patternc.compile("sink(n=2) | local(w=5) & causal", q_len=40, block_size=16)
+    cp._mask_mods["cpu"] = lambda *a: None  # stands for a built mask_mod (a closure)
+    back = pickle.loads(pickle.dumps(cp))
+    assert back.source == cp.source and back._mask_mods == {}
+    np.testing.assert_array_equal(back.layout.kinds, cp.layout.kinds)
 
 
 def test_layouts_are_cached_and_read_only():
@@ -176,7 +191,7 @@ def test_params_bind_file_parameters():
 
 
 def test_save_and_load_roundtrip(tmp_path):
-    cp = patternc.compile("heads(local(w=16), strided(s=8)) & causal", q_len=200, kv_len=150, block_size=(32, 16))
+    cp = patternc.compile("heads(local(w=16), strided(s=8)) & causal", q_len=200, kv_len=150, block_size=(32, 16), num_heads=2)
     path = tmp_path / "layout.npz"
     cp.save(path)
     assert [p.name for p in tmp_path.iterdir()] == ["layout.npz"]
@@ -249,3 +264,31 @@ def test_large_compile_stays_in_tiles():
     # keys at distances 512, 768, ... <= i (distances 0 and 256 are inside the window)
     strided_beyond = np.maximum(i // 256 - 1, 0).sum()
     assert cp.allowed_pairs == local + strided_beyond
+
+
+# ---- the exact counting engines against brute force ----------------------------------------------
+
+
+@pytest.mark.parametrize("src", [
+    "fixed(l=10, c=2) & causal", "(summary(l=6, c=2) & strided(s=5)) | (chunk(l=11) & ~band(left=2, right=1))",
+    "(chunk(l=7) - summary(l=7, c=2)) | (prefix(n=9) & ~causal)", "global(at=[3, 40, 41]) & local(w=9) | sink(n=2)",
+    "(random(r=3) & causal) | (random(r=2, seed=5) & ~local(w=30))", "blocks(3, random(r=2) & causal) | local(w=4)",
+])
+@pytest.mark.parametrize("small_tables", [False, True])
+def test_rect_counts_engines_agree_with_brute_force(src, small_tables, monkeypatch):
+    from patternc import lower
+
+    if small_tables:  # force the "present atom assignments only" path of the column sweep
+        monkeypatch.setattr(lower, "MAX_TABLE_ENTRIES", 0)
+    q_len, kv_len = 150, 170
+    p = patternc.compile(src, q_len=q_len, kv_len=kv_len).pattern
+    rng = np.random.default_rng(7)
+    for n in (5, 300):  # few rectangles (loops) and many (2-D prefix sums over segments)
+        q0 = rng.integers(0, q_len, n)
+        q1 = np.minimum(q_len, q0 + rng.integers(1, 60, n))
+        k0 = rng.integers(0, kv_len, n)
+        k1 = np.minimum(kv_len, k0 + rng.integers(1, 60, n))
+        got = lower.rect_counts(p, q0, q1, k0, k1, q_len, kv_len)
+        ref = dense_mask(p, q_len=q_len, kv_len=kv_len)[0]
+        want = [ref[a:b, c:d].sum() for a, b, c, d in zip(q0, q1, k0, k1)]
+        np.testing.assert_array_equal(got, want)

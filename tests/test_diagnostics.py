@@ -45,6 +45,7 @@ EXPECTED = {
     "missing_operand": ("P109", 1),
     "expected_name": ("P110", 1),
     "two_final_expressions": ("P111", 1),
+    "no_final_expression": ("P111", 1),
     "incomplete_statement": ("P112", 1),
     "def_without_parens": ("P112", 1),
     "unknown_primitive": ("P201", 1),

@@ -116,16 +116,47 @@ def test_layout_table(source, expected):
     assert _comments(expected) == _comments(source)
 
 
-@settings(max_examples=40)
-@given(p=patterns(), spaces=st.lists(st.sampled_from(["", " ", "  ", "\t"]), min_size=1, max_size=5))
-def test_fmt_of_generated_patterns(p, spaces):
-    text = str(p)
-    # disturb the spacing: insert blanks around operators and commas
-    for k, tok in enumerate(["|", "&", ",", "("]):
-        text = text.replace(tok, spaces[k % len(spaces)] + tok + spaces[(k + 1) % len(spaces)])
+_BREAKS = st.sampled_from(["", " ", "  ", "\t", "\n", "\n\n", "  # c\n", "\n# own line\n"])
+
+
+@settings(max_examples=60, deadline=None)
+@given(p=patterns(), breaks=st.lists(_BREAKS, min_size=1, max_size=8), name=st.booleans())
+def test_fmt_of_generated_patterns(p, breaks, name):
+    """Canonical text with blanks, new lines and comments inserted where the grammar allows
+    them (after `|`, `&`, `(` and `,`) formats idempotently, keeps every comment and means the
+    same pattern."""
+    text, k = [], 0
+    for ch in str(p):
+        text.append(ch)
+        if ch in "|&(,":
+            text.append(breaks[k % len(breaks)])
+            k += 1
+    text = "".join(text)
+    if name:
+        text = "# head\nlet x = " + text + "  # tail\nx"
     once = format_source(text)
     assert format_source(once) == once
+    assert _comments(once) == _comments(text)
     assert patternc.parse(once) == patternc.parse(text) == patternc.parse(str(p))
+
+
+# fuzz-found regressions: a statement whose comments all move before it keeps the usual layout
+REGRESSIONS = [
+    "def f(a,\n b=2) = ~(\t(\n\n~chunk(  # c14\n1))) & local(\n\nw=a)\nf(3)",
+    "layers(sink(\tn=7 + kv_len * min(3, 5)) - band(min(min(5, 8),  # c88\n max(  # c51\n5, 2147)) % 2147, 1),"
+    "  # c29\n (fixed(l=5, c=1)),\n\n causal) - (~none) - (chunk(l=5)) - chunk(1) - ~chunk(\tl=2147 % isqrt(5 // 2) + 1)"
+    " | layers(random(1), none)",
+    "def f(a, b=2) = (~dilated(max(1, q_len), max(1,  # c16\n 21474 + 21474 % q_len)) & layers(all\n) |\n"
+    " (local(isqrt(2147483))) - (\nfixed(isqrt(kv_len), c=2))) & local(w=a)\nf(2)",
+]
+
+
+@pytest.mark.parametrize("source", REGRESSIONS)
+def test_fmt_regressions(source):
+    once = format_source(source)
+    assert format_source(once) == once
+    assert _comments(once) == _comments(source)
+    assert patternc.parse(once) == patternc.parse(source)
 
 
 # ---- the command -------------------------------------------------------------------------------

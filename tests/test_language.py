@@ -59,7 +59,7 @@ CANONICAL = [
     ("param w = 128\nlocal(w) & causal", "local(w=128) & causal"),
     ("let win = local(w=4)\nwin & causal", "local(w=4) & causal"),
     ("def sh(s) = heads(strided(s), strided(2*s))\nsh(4) & causal", "heads(strided(s=4), strided(s=8)) & causal"),
-    ("def f(a, b=2) = local(w=a * b)\nf(3) | f(b=1, a=5)", "local(w=5) | local(w=6)"),
+    ("def f(a, b=2) = local(w=a * b)\nf(3) | f(b=1, a=5)", "local(w=6)"),
     ("fixed(128, 8) & causal", "(chunk(l=128) | summary(l=128, c=8)) & causal"),
     # normalisation (SPEC §1.4)
     ("causal | causal", "causal"),
@@ -90,6 +90,12 @@ CANONICAL = [
     ("blocks(4, all)", "all"),
     ("~blocks(2, causal)", "blocks(2, ~causal)"),
     ("blocks(2, causal) | blocks(2, sink(1))", "blocks(2, sink(n=1) | causal)"),
+    ("local(w=3) & local(w=5)", "local(w=3)"),
+    ("local(w=3) | local(w=5) | band(left=1, right=7)", "band(left=1, right=7) | local(w=5)"),
+    ("strided(s=2) & strided(s=3)", "strided(s=6)"),
+    ("strided(s=2) | strided(s=4)", "strided(s=2)"),
+    ("chunk(4) | chunk(8) | chunk(3)", "chunk(l=3) | chunk(l=8)"),
+    ("global(at=[0]) | global(at=[5]) | sink(1) | sink(3)", "global(at=[0, 5]) | sink(n=3)"),
 ]
 
 
@@ -200,8 +206,9 @@ def test_oracle_errors():
     with pytest.raises(ValueError):
         dense_mask("causal", q_len=0)
     with pytest.raises(PatternError) as e:
-        dense_mask("local(w=q_len - 4)", q_len=3)
+        dense_mask("local(w=q_len - 4) & causal", q_len=3)
     assert e.value.code == "P301"
+    assert str(e.value).splitlines()[3:5] == ["1 | local(w=q_len - 4) & causal", "  | ^^^^^^^^^^^^^^^^^^"]
 
 
 # ---- API -----------------------------------------------------------------------------------------
@@ -234,6 +241,15 @@ def test_warnings_are_pattern_warnings():
         patternc.parse("causal | prefix(n=8)")  # the prefix-LM is bidirectional on purpose
         patternc.parse("(sink(n=1) | local(w=1)) | causal")  # proven causal: no warning
     assert not w
+
+
+@pytest.mark.parametrize("module", ["api", "reference", "formatter", "printer", "normalize", "errors", "primitives"])
+def test_doctests(module):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(f"patternc.{module}"))
+    assert result.attempted > 0 and result.failed == 0
 
 
 def test_import_patternc_does_not_import_torch():
@@ -309,7 +325,7 @@ def test_random_text_never_crashes(text):
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.sampled_from(TOKENS), max_size=20).map("".join))
 def test_check_command_never_crashes(text):
-    rc = main(["check", "--json", "-e", text])
+    rc = main(["check", "--json", f"--expr={text}"])  # the = form: the text may start with `-`
     assert rc in (ExitCode.OK, ExitCode.PROBLEMS)
 
 

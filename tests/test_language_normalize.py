@@ -89,10 +89,15 @@ PASS_EXAMPLES = [
     Not(Blocks(3, CAUSAL)),
     Or((_p("local", w=2), And((_p("local", w=2), _p("sink", n=3))))),
     And((_p("band", left=1, right=2), And((CAUSAL, _p("sink", n=3))))),
+    And((_p("local", w=3), _p("local", w=5), _p("strided", s=2), _p("strided", s=3), _p("chunk", l=2), _p("chunk", l=4))),
+    Or((_p("band", left=1, right=3), _p("band", left=2, right=0), _p("global", at=(0,)), _p("global", at=(5, 1)),
+        _p("strided", s=2), _p("strided", s=4), _p("chunk", l=3), _p("chunk", l=6), _p("sink", n=1), _p("sink", n=2))),
+    And((_p("global", n=1), _p("global", n=3), _p("prefix", n=2), _p("prefix", n=4), _p("strided", s=2), _p("strided", s=4))),
+    Or((_p("chunk", l=3), _p("chunk", l=4), _p("strided", s=2), _p("strided", s=3), _p("global", n=2), _p("global", at=(3,)))),
 ]
 
 
-@settings(max_examples=80, **SETTINGS)
+@settings(max_examples=200, **SETTINGS)
 @given(patterns(max_leaves=6))
 def test_every_rewrite_keeps_the_predicate(p):
     assert checked_normalize(p, set()) == normalize(p)
@@ -105,7 +110,7 @@ def test_every_pass_fires_on_the_examples_and_keeps_the_predicate():
     assert fired == {n for n, _ in PASSES}, sorted({n for n, _ in PASSES} - fired)
 
 
-@settings(max_examples=80, **SETTINGS)
+@settings(max_examples=150, **SETTINGS)
 @given(patterns())
 def test_normalize_keeps_the_predicate_and_is_a_normal_form(p):
     q = normalize(p)
@@ -114,7 +119,7 @@ def test_normalize_keeps_the_predicate_and_is_a_normal_form(p):
     assert_same_predicate(p, q, what="normalize")
 
 
-@settings(max_examples=100, **SETTINGS)
+@settings(max_examples=150, **SETTINGS)
 @given(patterns())
 def test_print_parse_round_trip(p):
     with warnings.catch_warnings():
@@ -140,3 +145,15 @@ def test_symbolic_lengths_through_combinators(source):
     raw = elaborate(source).pattern
     assert_same_predicate(raw, p, what=source)
     assert patternc.parse(str(p)) == p
+
+
+def test_wide_operands_normalise_iteratively():
+    """A wide `|` takes many root rewrites; they must not recurse (one rewrite per step would
+    overflow the stack), and the result keeps the predicate."""
+    p = patternc.parse(" | ".join(f"local(w={i + 1})" for i in range(5000)))
+    assert str(p) == "local(w=5000)"
+    src = " | ".join(f"(blocks({i % 7 + 1}, sink({i % 5})) & strided({i % 3 + 1}))" for i in range(600))
+    raw = elaborate(src).pattern
+    q = normalize(raw)
+    assert normal_form_problems(q) == []
+    assert_same_predicate(raw, q, lengths=[(16, 16), (9, 20)], what="wide")

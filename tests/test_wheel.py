@@ -30,12 +30,18 @@ def _env():
 
 
 def test_wheel_installs_and_parses_outside_the_checkout(tmp_path):
-    pytest.importorskip("hatchling")
     dist = tmp_path / "dist"
-    build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
-         "-w", str(dist), str(ROOT)],
-        capture_output=True, text=True, env=_env(), cwd=tmp_path)
+    try:
+        import hatchling  # noqa: F401  (the build backend: build offline, without isolation)
+
+        cmd = ["--no-build-isolation", "--no-index"]
+        env = _env()
+    except ImportError:  # let pip fetch the backend into an isolated build environment
+        cmd, env = [], {k: v for k, v in _env().items() if k != "PIP_NO_INDEX"}
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", *cmd, "-w", str(dist), str(ROOT)],
+                           capture_output=True, text=True, env=env, cwd=tmp_path)
+    if build.returncode != 0 and not cmd:
+        pytest.skip("hatchling is not installed and cannot be fetched: " + build.stderr[-300:])
     assert build.returncode == 0, build.stdout + build.stderr
     [wheel] = list(dist.glob("patternc-*.whl"))
 

@@ -30,7 +30,7 @@ __all__ = ["analyze", "ReachReport", "Witness", "Hop", "ENGINES", "TOKEN_AUTO_LI
 ENGINES = ("auto", "exact-shift", "exact-token", "block-bound", "networkx")
 TOKEN_AUTO_LIMIT = 32768   # tokens: auto uses exact-token up to here (R needs n^2/8 bytes)
 TOKEN_MAX = 65536          # tokens: exact-token refuses beyond (512 MiB per bit matrix)
-PATH_MAX_CELLS = 1 << 31   # layers x tokens: single-source reach sets kept for a witness path
+PATH_MAX_CELLS = 1 << 28   # layers x tokens: single-source reach sets kept for a witness path
 
 
 def _arg_error(message: str, help_: str) -> PatternError:
@@ -115,9 +115,15 @@ def analyze(p_or_source, *, seq_len: int, layers: int | None = None, num_heads: 
         msg = (f"the pattern has {pattern.num_heads} different heads but num_heads={num_heads}: only heads "
                f"0..{num_heads - 1} are analysed; pass num_heads={pattern.num_heads} (--heads) for all of them")
         notes.append(msg)
-        warnings.warn(PatternWarning(msg), stacklevel=2)
+        warnings.warn(PatternWarning(Diagnostic("W003", msg, None, None,
+                                                severity="warning", filename="<pattern>")), stacklevel=2)
     stack = Stack(pattern, seq_len, num_heads)
-    out = _run(stack, pairs, engine, layers, block_size, notes)
+    from .tiles import LayoutUnavailable
+
+    try:
+        out = _run(stack, pairs, engine, layers, block_size, notes)
+    except LayoutUnavailable as e:
+        raise _engine_error(str(e), "analyse a shorter sequence, or a shift-invariant pattern (exact-shift)") from None
     out.pattern = str(pattern)
     out.seconds = time.perf_counter() - t0
     return out
@@ -174,9 +180,9 @@ def _witness_success(stack, i, j, K, path_fn, layers, exact=True):
     if path is not None:
         assert stack.validate_path(path, i, j), "engine produced an invalid witness path"
     if layers is None or K <= layers:
-        what = "needs" if exact else "is proven within"
         reason = (f"the pair that needs the most layers: {K}" if exact
-                  else f"{what} {K} layers (a bound: the farthest pair the proof covers last)")
+                  else f"connected within {K} layers by the path below; the proof covers this pair last "
+                       f"(a bound: the exact number may be smaller)")
         if K == 0:
             reason = "a single position: nothing to connect"
         return Witness(i, j, True, K, path, reason)
@@ -255,14 +261,30 @@ def _from_shift(stack, mode, layers, res, notes) -> ReachReport:
                            lower_bound=K, upper_bound=K, notes=notes)
     # a bound (mixed directions, monotone paths disagree with the line)
     lo, up = res.lower, res.upper
-    reachable = layers is not None and up is not None and up <= layers
-    decided = layers is None or reachable or lo > layers
     if layers is None:
-        reachable = up is not None
-        decided = up is not None
-    notes.append("bound from monotone paths (upper) and paths on the unbounded line (lower); "
-                 "use exact-token (n <= %d) for the exact value" % TOKEN_MAX)
-    w = None
+        reachable = decided = up is not None
+    else:
+        reachable = up is not None and up <= layers
+        decided = reachable or lo > layers
+    notes.append("bound: monotone paths give the upper bound, paths on the unbounded line the lower bound; "
+                 f"use exact-token (n <= {TOKEN_MAX}) for the exact value")
+    if reachable:
+        i, j = res.hardest
+        w = _witness_success(stack, i, j, up, res.path_fn, layers, exact=False)
+    elif layers is not None and lo > layers:
+        i, j = res.lower_pair
+        w = Witness(i, j, False, None, None,
+                    f"key {j} cannot reach query {i} within {layers} layers: even on the unbounded line "
+                    f"i - j = {i - j} needs {lo} steps")
+    elif up is not None:
+        i, j = res.hardest
+        w = Witness(i, j, False, None, None,
+                    f"not proven within {layers} layers: monotone paths need {up} for this pair, the line "
+                    f"allows {lo}; the exact answer needs engine='exact-token'")
+    else:
+        i, j = res.lower_pair
+        w = Witness(i, j, False, None, None,
+                    "not proven: no monotone path connects some pair; the exact answer needs engine='exact-token'")
     return ReachReport(up, layers, reachable, mode, False, "shift-bound", w, n, stack.num_heads,
                        lower_bound=lo, upper_bound=up, decided=decided, notes=notes)
 
@@ -273,7 +295,7 @@ def _from_block(stack, mode, layers, block_size, notes) -> ReachReport:
     n = stack.n
     ba = BlockAnalysis(stack, block_size)
     res = ba.run(mode)
-    notes.append(f"block size {res.block_size} tokens ({ba.nb} blocks)")
+    notes.append(f"block size {res.block_size} token{'s' if res.block_size != 1 else ''} ({ba.nb} blocks)")
     if res.never:
         i, j = res.unreachable
         reason = f"key {j} never reaches query {i}: {res.reason}"

@@ -318,6 +318,7 @@ class ShiftResult:
     unreachable: tuple[int, int] | None
     reason: str | None
     path_fn: object = None
+    lower_pair: tuple[int, int] | None = None
 
 
 class ShiftAnalysis:
@@ -379,8 +380,30 @@ class ShiftAnalysis:
         if mmax is not None and mmax == zmax:
             # the witness: a delta whose lower bound is the maximum (its mono path has as many hops)
             return self._finish(dpos, dneg, mode, exact=True, select=(zpos, zneg))
+        # a bound: witnesses for both ends (the pair the monotone paths cover last, with its
+        # path; a pair whose line distance is the lower bound)
+        hardest = path_fn = None
+        if mmax is not None:
+            hardest = self._far_pair(dpos, dneg, mmax)
+            path_fn = lambda i_, j_, K_: self.path(dpos, dneg, i_, j_, K_)
+        lower_pair = self._far_pair(zpos, zneg, zmax)
         return ShiftResult(exact=False, min_layers=mmax, lower=zmax, upper=mmax, never=False,
-                           hardest=None, unreachable=None, reason=None)
+                           hardest=hardest, unreachable=None, reason=None, path_fn=path_fn,
+                           lower_pair=lower_pair)
+
+    @staticmethod
+    def _far_pair(dpos, dneg, K):
+        """The farthest pair (then smallest i) whose difference has distance K."""
+        cands = []
+        hp = np.flatnonzero(dpos == K)
+        if len(hp):
+            cands.append((-int(hp[-1]), int(hp[-1]), 0))
+        if dneg is not None:
+            hn = np.flatnonzero(dneg == K)
+            if len(hn):
+                cands.append((-int(hn[-1]), 0, int(hn[-1])))
+        _, i, j = min(cands)
+        return (i, j)
 
     # -- helpers -------------------------------------------------------------------------------------
     def _finish(self, dpos, dneg, mode, exact, select=None) -> ShiftResult:
@@ -389,17 +412,7 @@ class ShiftAnalysis:
         spos, sneg = select if select is not None else (dpos, dneg)
         K = max(int(spos.max()), int(sneg.max()) if sneg is not None else 0)
         # farthest delta with distance K, then smallest i: delta >= 0 -> (delta, 0); < 0 -> (0, -delta)
-        cands = []
-        hp = np.flatnonzero(spos == K)
-        if len(hp):
-            dl = int(hp[-1])
-            cands.append((-dl, dl, 0))
-        if sneg is not None:
-            hn = np.flatnonzero(sneg == K)
-            if len(hn):
-                dl = int(hn[-1])
-                cands.append((-dl, 0, dl))
-        _, i, j = min(cands)
+        i, j = self._far_pair(spos, sneg, K)
         return ShiftResult(exact=True, min_layers=K, lower=K, upper=K, never=False, hardest=(i, j),
                            unreachable=None, reason=None,
                            path_fn=lambda i_, j_, K_: self.path(dpos, dneg, i_, j_, K_))

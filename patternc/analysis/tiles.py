@@ -28,6 +28,10 @@ from ..layout import EMPTY, FULL, PARTIAL, BlockLayout
 ADAPTER_MAX_PAIRS = 1 << 30
 
 
+class LayoutUnavailable(ValueError):
+    """No layout can be built at this size (the built-in classifier is quadratic)."""
+
+
 @dataclass
 class LayerTiles:
     """Union over heads of one layer's tiles (see the module docstring).
@@ -76,7 +80,8 @@ def layer_tiles(stack, entry: int, block_size: int, *, prefer: str = "auto") -> 
         prefer: ``"auto"`` (the compiler when present), ``"compiler"`` or ``"adapter"``.
 
     Raises:
-        ValueError: the adapter would evaluate more than ``ADAPTER_MAX_PAIRS`` pairs.
+        LayoutUnavailable: no compiler, and the adapter would evaluate more than
+            ``ADAPTER_MAX_PAIRS`` pairs.
     """
     comp = _compiler() if prefer in ("auto", "compiler") else None
     if prefer == "compiler" and comp is None:
@@ -104,8 +109,8 @@ def layer_tiles(stack, entry: int, block_size: int, *, prefer: str = "auto") -> 
 def _adapter_tiles(stack, entry: int, block_size: int) -> LayerTiles:
     n, b = stack.n, block_size
     if n * n > ADAPTER_MAX_PAIRS:
-        raise ValueError(f"the built-in layout classifier evaluates every pair; {n} tokens is too many "
-                         "(it needs patternc.compiler)")
+        raise LayoutUnavailable(f"the built-in layout classifier evaluates every token pair; {n} tokens is too "
+                                "many without patternc.compiler")
     nb = -(-n // b)
     full = np.zeros((nb, nb), dtype=bool)
     nonempty = np.zeros((nb, nb), dtype=bool)

@@ -34,6 +34,8 @@ ALL_ONES = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 # Refuse to cache more PARTIAL pairs than this (int32 indices: 4 bytes each).
 MAX_PARTIAL_PAIRS = 1 << 28
+# Refuse when the bit matrices would need more than this many bytes.
+MAX_BYTES = 6 << 30
 
 
 class TooLarge(ValueError):
@@ -92,16 +94,71 @@ def required_words(rows: np.ndarray, n: int, W: int, mode: str) -> np.ndarray:
 
 
 # ---- adjacency -----------------------------------------------------------------------------------------
+# Runs of at least this many consecutive keys in one row are answered by prefix / suffix ORs
+# of the key blocks (two gathers) instead of one gather per key.
+LONG_RUN = 4
+
+
 @dataclass
-class _PartialRow:
-    rows: np.ndarray    # intp [u]: global query rows that have at least one PARTIAL edge
-    starts: np.ndarray  # intp [u]: reduceat offsets into cols
-    cols: np.ndarray    # intp [nnz]: key positions, grouped by row
-    blocks: np.ndarray  # intp [k]: the key blocks involved
+class _Gather:
+    """Rows of one query block that OR together rows of one source array."""
+
+    rows: np.ndarray    # intp [u]: global query rows, ascending
+    starts: np.ndarray  # intp [u]: reduceat offsets into idx
+    idx: np.ndarray     # intp [k]: rows of the source array (token positions, or key blocks for "bor")
+    blocks: np.ndarray  # intp [k]: the key block each item reads (for skipping empty sources)
+
+    @classmethod
+    def build(cls, rows, idx, blocks):
+        if len(rows) == 0:
+            return None
+        starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
+        return cls(rows[starts].astype(np.intp), starts.astype(np.intp), idx.astype(np.intp), blocks.astype(np.intp))
+
+
+# A row whose isolated keys form one arithmetic progression of at least this many keys that
+# runs to the start (or the end) of the sequence reads one cumulative OR along the residue
+# class instead (strided patterns: one gather per row instead of n / s).
+LONG_AP = 8
+
+
+def stride_or(src: np.ndarray, m: int, reverse: bool, a: int, z: int) -> np.ndarray:
+    """Cumulative OR along residue classes mod m, on words a .. z-1 (zeros elsewhere):
+    ``out[x] = OR_{t >= 0} src[x - t m]`` (``reverse``: ``src[x + t m]``), rows of ``src``."""
+    N, W = src.shape
+    rows = -(-N // m) * m
+    buf = np.zeros((rows, W), dtype=src.dtype)
+    if z > a:
+        part = np.zeros((rows, z - a), dtype=src.dtype)
+        part[:N] = src[:, a:z]
+        g = part.reshape(rows // m, m, z - a)
+        if reverse:
+            g = np.bitwise_or.accumulate(g[::-1], axis=0)[::-1]
+        else:
+            g = np.bitwise_or.accumulate(g, axis=0)
+        buf[:, a:z] = g.reshape(rows, z - a)
+    return buf[:N]
+
+
+def stride_or_bool(v: np.ndarray, m: int, reverse: bool) -> np.ndarray:
+    N = len(v)
+    rows = -(-N // m) * m
+    buf = np.zeros(rows, dtype=bool)
+    buf[:N] = v
+    g = buf.reshape(rows // m, m)
+    g = np.logical_or.accumulate(g[::-1], axis=0)[::-1] if reverse else np.logical_or.accumulate(g, axis=0)
+    return g.reshape(rows)[:N]
 
 
 class Adjacency:
     """One layer's edges grouped by query block: FULL key blocks and PARTIAL pairs.
+
+    A row's PARTIAL keys are cut into runs of consecutive positions. A run of
+    ``LONG_RUN`` keys or more is answered from per-block prefix ORs (``pre[x]`` = OR of the
+    block's rows up to x), suffix ORs (``suf[x]``: from x to the block's end) and whole
+    block ORs (``bor``) for the blocks it covers in between; shorter runs, and long runs
+    strictly inside one block, gather their keys one by one (``src``). So a causal diagonal
+    tile costs one gather per row, not one per pair.
 
     Args:
         tiles: the layer's ``LayerTiles``.
@@ -114,13 +171,18 @@ class Adjacency:
         self.n, self.b, self.nb = n, b, nb
         self.full = [np.flatnonzero(tiles.full[I]) for I in range(nb)]
         partial = tiles.partial
-        self.partial: list[_PartialRow | None] = []
+        self.partial: list[dict | None] = []
+        self.blocks: list[np.ndarray | None] = []
         self.nnz = 0
+        pre_blocks, suf_blocks = set(), set()
+        spre, ssuf = set(), set()
+        wide = np.zeros(nb, dtype=bool)
         offs = np.arange(b, dtype=np.int64)
         for I in range(nb):
             pj = np.flatnonzero(partial[I])
             if len(pj) == 0:
                 self.partial.append(None)
+                self.blocks.append(None)
                 continue
             kv = (pj[:, None] * b + offs[None, :]).ravel()
             kv = kv[kv < n]
@@ -133,50 +195,136 @@ class Adjacency:
                 raise TooLarge(f"more than {max_pairs} PARTIAL token pairs")
             if len(r) == 0:
                 self.partial.append(None)
+                self.blocks.append(None)
                 continue
-            starts = np.flatnonzero(np.r_[True, r[1:] != r[:-1]])
-            self.partial.append(_PartialRow(rows=(q0 + r[starts]).astype(np.intp), starts=starts.astype(np.intp),
-                                            cols=kv[c].astype(np.intp), blocks=pj.astype(np.intp)))
+            g = self._runs(q0 + r, kv[c])
+            pre_blocks.update(np.unique(g["pre"].blocks).tolist() if g["pre"] is not None else ())
+            suf_blocks.update(np.unique(g["suf"].blocks).tolist() if g["suf"] is not None else ())
+            self.partial.append(g)
+            blk = [x.blocks for k, x in g.items() if x is not None and not isinstance(k, tuple)]
+            self.blocks.append(np.unique(np.concatenate(blk)) if blk else None)
+            for k in g:
+                if isinstance(k, tuple):
+                    (spre if k[0] == "spre" else ssuf).add(k[1])
+                    wide[I] = True
+        self.involved = [np.union1d(self.full[I], self.blocks[I] if self.blocks[I] is not None else [])
+                         .astype(np.intp) for I in range(nb)]
+        self.wide = wide
+        self.spre_strides = sorted(spre)
+        self.ssuf_strides = sorted(ssuf)
+        self.pre_blocks = np.array(sorted(pre_blocks), dtype=np.intp)
+        self.suf_blocks = np.array(sorted(suf_blocks), dtype=np.intp)
 
-    def propagate(self, src: np.ndarray, out: np.ndarray) -> None:
-        """``out[i] |= OR_{p: edge p -> i} src[p]`` for uint64 [N, W] arrays (N = nb * b)."""
-        nb, b, n = self.nb, self.b, self.n
-        W = src.shape[1]
-        bor = np.bitwise_or.reduce(src.reshape(nb, b, W), axis=1)
-        nzw = bor != 0
-        has = nzw.any(axis=1)
-        if not has.any():
-            return
-        lo = np.where(has, nzw.argmax(axis=1), W)
-        hi = np.where(has, W - nzw[:, ::-1].argmax(axis=1), 0)
-        for I in range(nb):
-            fl = self.full[I]
-            if len(fl):
-                fl = fl[has[fl]]
-                if len(fl):
-                    a, z = int(lo[fl].min()), int(hi[fl].max())
-                    acc = np.bitwise_or.reduce(bor[fl, a:z], axis=0)
-                    out[I * b:min(n, (I + 1) * b), a:z] |= acc
-            pr = self.partial[I]
-            if pr is not None:
-                pb = pr.blocks[has[pr.blocks]]
-                if len(pb):
-                    a, z = int(lo[pb].min()), int(hi[pb].max())
-                    g = src[pr.cols, a:z]
-                    out[pr.rows, a:z] |= np.bitwise_or.reduceat(g, pr.starts, axis=0)
+    def _runs(self, rows: np.ndarray, cols: np.ndarray) -> dict:
+        """Split row-major (row, key) pairs into the four gather kinds."""
+        n, b = self.n, self.b
+        brk = np.r_[True, (rows[1:] != rows[:-1]) | (cols[1:] != cols[:-1] + 1)]
+        si = np.flatnonzero(brk)
+        ei = np.r_[si[1:] - 1, len(rows) - 1]
+        rr, s, e = rows[si], cols[si], cols[ei]
+        length = e - s + 1
+        Bs, Be = s // b, e // b
+        bstart = Bs * b
+        bend = np.minimum(n, (Be + 1) * b) - 1
+        long_ = length >= LONG_RUN
+        same = Bs == Be
+        use_pre = long_ & (~same | (s == bstart))           # ends at e: prefix of block Be
+        use_suf = long_ & (~same | (e == bend)) & ~(same & (s == bstart))  # starts at s: suffix of block Bs
+        inner = long_ & same & (s != bstart) & (e != bend)
+        single_run = ~long_ | inner
+        # singles: the pairs of short runs and of long runs strictly inside one block
+        run_of = np.cumsum(brk) - 1
+        keep = single_run[run_of]
+        srows, scols, aps = self._aps(rows[keep], cols[keep])
+        out = {"src": _Gather.build(srows, scols, scols // b)}
+        out.update(aps)
+        out["pre"] = _Gather.build(rr[use_pre], e[use_pre], Be[use_pre])
+        out["suf"] = _Gather.build(rr[use_suf], s[use_suf], Bs[use_suf])
+        # whole blocks strictly between Bs and Be
+        span = np.where(long_ & ~same, Be - Bs - 1, 0)
+        if span.sum():
+            mrows = np.repeat(rr, span)
+            first = np.repeat(Bs + 1, span)
+            k = np.arange(int(span.sum())) - np.repeat(np.cumsum(span) - span, span)
+            mblocks = first + k
+            out["bor"] = _Gather.build(mrows, mblocks, mblocks)
+        else:
+            out["bor"] = None
+        # each kind's items must be ordered by row for reduceat; they are (row-major input)
+        return out
+
+    def _aps(self, rows, cols):
+        """Take out rows whose isolated keys are one arithmetic progression reaching the
+        start (``("spre", m)``: OR of the class up to the last key) or the end
+        (``("ssuf", m)``: from the first key on)."""
+        n, b = self.n, self.b
+        if len(rows) < LONG_AP:
+            return rows, cols, {}
+        st = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
+        cnt = np.diff(np.r_[st, len(rows)])
+        d = np.diff(cols)
+        cross = rows[1:] != rows[:-1]
+        big = np.iinfo(np.int64).max
+        starts = np.minimum(st, len(d) - 1)
+        rmin = np.minimum.reduceat(np.where(cross, big, d), starts)
+        rmax = np.maximum.reduceat(np.where(cross, -1, d), starts)
+        ok = (cnt >= LONG_AP) & (rmin == rmax) & (rmin > 0)
+        if not ok.any():
+            return rows, cols, {}
+        first, last = cols[st], cols[st + cnt - 1]
+        to_start = ok & (first - rmin < 0)
+        to_end = ok & ~to_start & (last + rmin >= n)
+        out = {}
+        for kind, sel, pos in (("spre", to_start, last), ("ssuf", to_end, first)):
+            for m in np.unique(rmin[sel]):
+                k = sel & (rmin == m)
+                out[(kind, int(m))] = _Gather.build(rows[st[k]], pos[k], pos[k] // b)
+        taken = np.repeat(to_start | to_end, cnt)
+        return rows[~taken], cols[~taken], out
+
+    def prepare(self, src, regs, lo, hi, has, PRE, SUF) -> list:
+        """Fill the prefix / suffix ORs this layer reads, over each key block's active words.
+
+        Returns the regions written, ``(array, block, a, z)``, to be zeroed after the layer
+        (the arrays must read as zero outside what this layer wrote)."""
+        b = self.b
+        written = []
+        for arr, blocks, rev in ((PRE, self.pre_blocks, False), (SUF, self.suf_blocks, True)):
+            if len(blocks) == 0:
+                continue
+            for J in blocks[has[blocks]]:
+                a, z = int(lo[J]), int(hi[J])
+                part = src[J * b:(J + 1) * b, a:z]
+                if rev:
+                    arr[J * b:(J + 1) * b, a:z] = np.bitwise_or.accumulate(part[::-1], axis=0)[::-1]
+                else:
+                    arr[J * b:(J + 1) * b, a:z] = np.bitwise_or.accumulate(part, axis=0)
+                written.append((arr, int(J), a, z))
+        return written
 
     def step_bool(self, v: np.ndarray) -> np.ndarray:
         """One layer for a single source: bool [N] -> bool [N] (residual included)."""
         nb, b, n = self.nb, self.b, self.n
         out = v.copy()
-        bany = v.reshape(nb, b).any(axis=1)
+        vb = v.reshape(nb, b)
+        bany = vb.any(axis=1)
+        pre = np.logical_or.accumulate(vb, axis=1).ravel()
+        suf = np.logical_or.accumulate(vb[:, ::-1], axis=1)[:, ::-1].ravel()
+        srcs = {"src": v, "pre": pre, "suf": suf, "bor": bany}
+        for m in self.spre_strides:
+            srcs[("spre", m)] = stride_or_bool(v, m, False)
+        for m in self.ssuf_strides:
+            srcs[("ssuf", m)] = stride_or_bool(v, m, True)
         for I in range(nb):
             fl = self.full[I]
             if len(fl) and bany[fl].any():
                 out[I * b:min(n, (I + 1) * b)] = True
             pr = self.partial[I]
-            if pr is not None and bany[pr.blocks].any():
-                out[pr.rows] |= np.logical_or.reduceat(v[pr.cols], pr.starts)
+            if pr is None:
+                continue
+            for kind, g in pr.items():
+                if g is not None:
+                    out[g.rows] |= np.logical_or.reduceat(srcs[kind][g.idx], g.starts)
         return out
 
 
@@ -241,6 +389,12 @@ def reach(adjs: list[Adjacency], n: int, mode: str, *, max_levels: int | None = 
     b, nb = adjs[0].b, adjs[0].nb
     N = nb * b
     W = -(-n // 64)
+    matrices = 2 + (P == 1) + any(len(x.pre_blocks) for x in adjs) + any(len(x.suf_blocks) for x in adjs) \
+        + max(len(x.spre_strides) + len(x.ssuf_strides) for x in adjs)
+    need = matrices * N * W * 8
+    if need > MAX_BYTES:
+        raise TooLarge(f"{matrices} bit matrices of {N} x {W} words need {need / 2**30:.1f} GiB "
+                       f"(limit {MAX_BYTES / 2**30:.0f} GiB)")
     R = np.zeros((N, W), dtype=np.uint64)
     ar = np.arange(n)
     R[ar, ar // 64] = ONE << (ar % 64).astype(np.uint64)
@@ -253,6 +407,8 @@ def reach(adjs: list[Adjacency], n: int, mode: str, *, max_levels: int | None = 
     D_cur = R.copy()
     D_next = np.zeros_like(R) if P == 1 else None
     bor = np.zeros((nb, W), dtype=np.uint64)
+    PRE = np.zeros_like(R) if any(len(x.pre_blocks) for x in adjs) else None
+    SUF = np.zeros_like(R) if any(len(x.suf_blocks) for x in adjs) else None
     level = 0
     grew_in_cycle = False
     while True:
@@ -272,23 +428,38 @@ def reach(adjs: list[Adjacency], n: int, mode: str, *, max_levels: int | None = 
         has = hi > lo
         new_regions = {}
         last_new = []
+        prepared = adj.prepare(src, regs, lo, hi, has, PRE, SUF)
+        any_has = bool(has.any())
+        gA = int(lo[has].min()) if any_has else 0
+        gZ = int(hi[has].max()) if any_has else 0
+        arrays = {"src": src, "pre": PRE, "suf": SUF, "bor": bor}
+        if any_has:
+            for m in adj.spre_strides:
+                arrays[("spre", m)] = stride_or(src, m, False, gA, gZ)
+            for m in adj.ssuf_strides:
+                arrays[("ssuf", m)] = stride_or(src, m, True, gA, gZ)
         for I in range(nb):
             q0, q1 = I * b, min(n, (I + 1) * b)
             if q0 >= n:
                 break
+            inv = adj.involved[I]
+            inv = inv[has[inv]] if len(inv) else inv
+            wide = adj.wide[I] and any_has
+            if len(inv) == 0 and not wide:
+                continue
+            a, z = (int(lo[inv].min()), int(hi[inv].max())) if len(inv) else (W, 0)
+            if wide:
+                a, z = min(a, gA), max(z, gZ)
             fl = adj.full[I]
             fl = fl[has[fl]] if len(fl) else fl
-            pr = adj.partial[I]
-            pb = pr.blocks[has[pr.blocks]] if pr is not None else fl[:0]
-            if len(fl) == 0 and len(pb) == 0:
-                continue
-            inv = np.concatenate([fl, pb]) if len(pb) else fl
-            a, z = int(lo[inv].min()), int(hi[inv].max())
             C = np.zeros((q1 - q0, z - a), dtype=np.uint64)
             if len(fl):
                 C |= np.bitwise_or.reduce(bor[fl, a:z], axis=0)
-            if len(pb):
-                C[pr.rows - q0] |= np.bitwise_or.reduceat(src[pr.cols, a:z], pr.starts, axis=0)
+            pr = adj.partial[I]
+            if pr is not None:
+                for kind, g in pr.items():
+                    if g is not None:
+                        C[g.rows - q0] |= np.bitwise_or.reduceat(arrays[kind][g.idx, a:z], g.starts, axis=0)
             C &= ~R[q0:q1, a:z]
             cols = np.flatnonzero(C.any(axis=0))
             if len(cols) == 0:
@@ -296,8 +467,8 @@ def reach(adjs: list[Adjacency], n: int, mode: str, *, max_levels: int | None = 
             a2, z2 = a + int(cols[0]), a + int(cols[-1]) + 1
             C = C[:, cols[0]:cols[-1] + 1]
             R[q0:q1, a2:z2] |= C
-            got = popcount(C & required_block(np.arange(q0, q1), a2, z2, n, mode)).sum(axis=1)
-            missing[q0:q1] -= got.astype(np.int64)
+            got = _required_popcount(C, q0, q1, a2, z2, n, mode)
+            missing[q0:q1] -= got
             total_missing -= int(got.sum())
             if P == 1:
                 D_next[q0:q1, a2:z2] = C
@@ -305,6 +476,8 @@ def reach(adjs: list[Adjacency], n: int, mode: str, *, max_levels: int | None = 
             last_new.append((q0, q1, a2, C))
         for J, (a, z) in regs.items():
             bor[J, a:z] = 0
+        for arr, J, a, z in prepared:
+            arr[J * b:(J + 1) * b, a:z] = 0
         level += 1
         grew_in_cycle |= bool(new_regions)
         if total_missing == 0:
@@ -320,6 +493,19 @@ def reach(adjs: list[Adjacency], n: int, mode: str, *, max_levels: int | None = 
                 return TokenResult(None, True, level, unreachable=_nearest_missing(R, inc, n, W, mode),
                                    stalled_at=level - P)
             grew_in_cycle = False
+
+
+def _required_popcount(C, q0, q1, a, z, n, mode):
+    """int64 [q1 - q0]: required bits of C (rows q0.., words a..z-1) per row; the mask is only
+    built where the words meet the rows' diagonal words (``earlier``) or the last word."""
+    if mode == "earlier":
+        if z <= q0 // 64:          # every word lies strictly below every row's diagonal word
+            return popcount(C).sum(axis=1).astype(np.int64)
+        if a > (q1 - 1) // 64:     # every word lies above: nothing required
+            return np.zeros(q1 - q0, dtype=np.int64)
+    elif z <= (n - 1) // 64:
+        return popcount(C).sum(axis=1).astype(np.int64)
+    return popcount(C & required_block(np.arange(q0, q1), a, z, n, mode)).sum(axis=1).astype(np.int64)
 
 
 def _regions_of(src, nb, b, W):
