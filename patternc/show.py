@@ -45,6 +45,7 @@ TOKEN_CHARS_UNICODE = ("·", "█")  # masked, allowed
 TOKEN_CHARS_ASCII = (".", "#")
 DENSE_EVAL_LIMIT = 1 << 22  # H * Q_LEN * KV_LEN up to which cp.dense_mask() is used for the token view
 PNG_TOKEN_LIMIT = 1024  # auto view: token mask in a PNG up to this length
+MAX_PNG_PANELS = 16  # distinct head pictures drawn in one PNG (the rest are named in the caption)
 TICK = 10  # characters between axis labels
 
 # PNG colours (colour-blind safe: Okabe-Ito blue / orange, light grey)
@@ -399,6 +400,8 @@ def save_png(p: Picture, path, *, dpi: int = 110) -> Path:
 
     path = Path(path)
     groups = _head_groups(p, True)
+    omitted = groups[MAX_PNG_PANELS:]
+    groups = groups[:MAX_PNG_PANELS]
     n = len(groups)
     ncols = min(n, 4)
     nrows = -(-n // ncols)
@@ -460,6 +463,9 @@ def save_png(p: Picture, path, *, dpi: int = 110) -> Path:
         handles = [Patch(facecolor=TOKEN_COLOUR, label="allowed token pair")] + [
             Patch(facecolor=TILE_TINT[k], edgecolor="#555555", label=f"{name} tile")
             for k, name in ((FULL, "FULL"), (PARTIAL, "PARTIAL"), (EMPTY, "EMPTY"))]
+    if omitted:
+        rest = [h for hs, _ in omitted for h in hs]
+        sub += f"\n{len(rest)} more head(s) not drawn ({_short_list(sorted(rest))}): pick one with --head"
     fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), frameon=False, fontsize=9,
                title=sub, title_fontsize=9)
     try:

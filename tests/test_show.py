@@ -206,3 +206,13 @@ def test_import_show_does_not_import_torch_or_matplotlib():
     code = ("import sys, patternc.show; "
             "assert 'torch' not in sys.modules and 'matplotlib' not in sys.modules, sorted(sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_png_with_many_heads_draws_sixteen_panels_and_names_the_rest(tmp_path):
+    from patternc.show import MAX_PNG_PANELS
+
+    src = "heads(" + ", ".join(f"local(w={w})" for w in range(1, 19)) + ") & causal"
+    pic = picture(src, q_len=32, block_size=8, target="png")
+    assert len(pic.heads) == 18 and MAX_PNG_PANELS == 16
+    w, h = _png_size(save_png(pic, tmp_path / "many.png"))
+    assert w > h > 1000, "a 4 x 4 grid of panels"
