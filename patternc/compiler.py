@@ -333,7 +333,8 @@ class CompiledPattern:
 
 def _bad_artifact(path, why: str) -> PatternError:
     return PatternError(Diagnostic("P304", f"{path} is not a valid patternc compiled layout: {why}", None,
-                                   "recreate it with `patternc compile ... -o FILE` or CompiledPattern.save"))
+                                   "recreate it with `patternc compile ... -o FILE` or CompiledPattern.save",
+                                   filename=os.fspath(path)))
 
 
 def load_compiled(path, *, verify: bool = True) -> CompiledPattern:
@@ -366,7 +367,9 @@ def load_compiled(path, *, verify: bool = True) -> CompiledPattern:
     except (FileNotFoundError, IsADirectoryError, PermissionError):
         raise
     except (ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile, UnicodeDecodeError) as e:
-        raise _bad_artifact(path, f"{type(e).__name__}: {e}") from None
+        # numpy's message for a non-npz file advises allow_pickle: never pass that advice on
+        why = "not an .npz archive" if "pickle" in str(e) or isinstance(e, zipfile.BadZipFile) else f"{type(e).__name__}: {e}"
+        raise _bad_artifact(path, why) from None
     if not isinstance(meta, dict) or meta.get("format") != ARTIFACT_FORMAT:
         raise _bad_artifact(path, f"metadata 'format' is not {ARTIFACT_FORMAT!r}")
     if meta.get("format_version") != ARTIFACT_VERSION:

@@ -184,13 +184,6 @@ class PatternWarning(UserWarning):
         super().__init__(diagnostic.render())
 
 
-def warn(diagnostic: "Diagnostic", stacklevel: int = 3) -> None:
-    """Issue a W-coded diagnostic as a ``PatternWarning``."""
-    import warnings
-
-    warnings.warn(PatternWarning(diagnostic), stacklevel=stacklevel)
-
-
 def did_you_mean(name: str, candidates) -> str | None:
     """``"did you mean `x`?"`` for the closest candidate, or None.
 
