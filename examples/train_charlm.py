@@ -19,6 +19,12 @@ differs: ``causal`` for dense, the Sparse Transformer's ``fixed`` and ``strided`
 (``examples/sparse_transformer_fixed.pattern``, ``examples/sparse_transformer_strided.pattern``)
 for the sparse runs. The optimiser is AdamW with a linear warm-up and cosine decay.
 
+The runs train in lockstep (iteration t of every run back to back, on the same batch), so a
+machine that gets busier slows every run alike, and by default on one thread each
+(``--threads 1``): the timings then compare the attention algorithms rather than thread
+scheduling (on a busy 2-core machine, two threads made the block-sparse kernel's many small
+ops wait on each other, 3.5x slower, while SDPA's one fused op barely noticed).
+
 Reported per run: held-out bits per byte (mean cross-entropy over every position of
 ``--eval-windows`` held-out windows of ``--seq-len`` bytes, divided by ln 2), seconds per
 training iteration (median over the iterations after ``--warmup-iters``; forward + backward +
@@ -58,8 +64,8 @@ import numpy as np
 
 DEFAULT_PATTERNS = [
     "dense=causal",
-    f"fixed={HERE / 'sparse_transformer_fixed.pattern'}",
-    f"strided={HERE / 'sparse_transformer_strided.pattern'}",
+    "fixed=examples/sparse_transformer_fixed.pattern",
+    "strided=examples/sparse_transformer_strided.pattern",
 ]
 EXCLUDED_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "encodings", "__pycache__"}
 
@@ -171,11 +177,19 @@ def build_model(pattern, args):
 
 
 def capture_qkv(attn, x):
-    """q, k, v (float32 [B, H, L, D]) that ``attn`` computes for input x [B, L, E]."""
+    """q, k, v (float [B, H, L, D]) that ``attn`` (a ``SparseSelfAttention``) computes for
+    x [B, L, E]: its q/k/v projections split into ``num_heads`` heads, as its forward does.
+    ``save_qkv`` checks the result against the module's own output."""
     fn = getattr(attn, "qkv", None)
     if callable(fn):
         return fn(x)
-    raise SystemExit("error: this patternc.nn.SparseSelfAttention has no qkv(x) method; cannot save q/k/v")
+    B, L, E = x.shape
+    H = attn.num_heads
+
+    def heads(t):
+        return t.view(B, L, H, E // H).transpose(1, 2)
+
+    return heads(attn.q_proj(x)), heads(attn.k_proj(x)), heads(attn.v_proj(x))
 
 
 # ---- one run ---------------------------------------------------------------------------------------------------
@@ -294,7 +308,16 @@ def save_qkv(model, windows, args, path: Path, meta: dict) -> dict:
         idx = torch.from_numpy(windows[:1, :-1].astype(np.int64))
         x = model.hidden(idx, upto=layer)
         blk = model.blocks[layer]
-        q, k, v = (t.contiguous().float() for t in capture_qkv(blk.attn, blk.ln1(x)))
+        xin = blk.ln1(x)
+        q, k, v = (t.contiguous().float() for t in capture_qkv(blk.attn, xin))
+        # the captured q/k/v must be the module's: attention on them + out_proj == its output
+        cp = blk.attn.compiled(args.seq_len) if hasattr(blk.attn, "compiled") else None
+        if cp is not None:
+            o = cp.attention(q, k, v).transpose(1, 2).reshape(xin.shape)
+            ref = blk.attn(xin)
+            err = float((blk.attn.out_proj(o) - ref).abs().max() / ref.abs().max())
+            if err > 1e-4:
+                raise SystemExit(f"error: captured q/k/v do not reproduce the layer's output (rel. error {err:.1e})")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     save_file({"q": q, "k": k, "v": v}, str(tmp), metadata={k2: str(v2) for k2, v2 in {**meta, "layer": layer}.items()})
@@ -321,8 +344,6 @@ def parse_patterns(items) -> list[tuple[str, str]]:
         name, eq, src = item.partition("=")
         if not eq or not name.isidentifier() or not src.strip():
             raise SystemExit(f"error: --patterns expects NAME=SOURCE (a .pattern file or an expression), got {item!r}")
-        if not _is_file(src) and _is_file(str(HERE.parent / src)):
-            src = str(HERE.parent / src)
         out.append((name, src))
     return out
 
@@ -333,20 +354,24 @@ def build_parser() -> argparse.ArgumentParser:
                     help="runs to compare: NAME=a .pattern file or an expression (default: dense, fixed, strided)")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="NAME=INT",
                     help="override a `param` of the pattern files (repeatable; names a file does not declare are ignored)")
-    ap.add_argument("--steps", type=int, default=200, help="training iterations per run (default 200)")
+    ap.add_argument("--steps", type=int, default=250, help="training iterations per run (default 250)")
     ap.add_argument("--seq-len", type=int, default=2048, help="context length in bytes (default 2048)")
     ap.add_argument("--batch", type=int, default=4, help="sequences per iteration (default 4)")
     ap.add_argument("--d-model", type=int, default=128, help="model width (default 128)")
     ap.add_argument("--layers", type=int, default=2, help="transformer blocks (default 2)")
     ap.add_argument("--heads", type=int, default=4, help="attention heads (default 4)")
-    ap.add_argument("--block-size", type=int, default=64, help="BLOCK_SIZE of the sparse layouts, tokens (default 64)")
+    ap.add_argument("--block-size", type=int, default=32,
+                    help="BLOCK_SIZE of the layouts, tokens (default 32: the fixed pattern's 32 summary "
+                         "columns are then whole tiles)")
     ap.add_argument("--backend", default="auto", help="attention backend of SparseSelfAttention (default auto)")
     ap.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
     ap.add_argument("--lr-warmup", type=int, default=20, help="warm-up iterations (default 20)")
     ap.add_argument("--eval-windows", type=int, default=16, help="held-out windows of --seq-len bytes (default 16)")
     ap.add_argument("--warmup-iters", type=int, default=5, help="iterations left out of the timing (default 5)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (default 1: timings then compare the attention algorithms, not "
+                         "thread scheduling; 0 = torch's choice)")
     ap.add_argument("--max-bytes", type=int, default=None, help="cap each split of the corpus (bytes)")
     ap.add_argument("--out", type=Path, default=Path("runs/charlm.json"), help="results JSON (default runs/charlm.json)")
     ap.add_argument("--save-qkv", type=Path, metavar="PATH.safetensors",
@@ -388,8 +413,9 @@ def main(argv=None) -> int:
 
     import patternc
 
-    if args.threads:
+    if args.threads and args.threads > 0:
         torch.set_num_threads(args.threads)
+    load_before = _loadavg()
     t0 = time.perf_counter()
     corpus = load_corpus(args.max_bytes)
     windows = eval_windows(corpus["heldout"], args.seq_len, args.eval_windows)
@@ -433,7 +459,8 @@ def main(argv=None) -> int:
                  "heldout_rule": "crc32(relative path) % 10 == 0"},
         "environment": {"python": platform.python_version(), "torch": torch.__version__,
                         "patternc": patternc.__version__, "threads": torch.get_num_threads(),
-                        "machine": platform.machine(), "processor": platform.processor() or None},
+                        "machine": platform.machine(), "processor": platform.processor() or None,
+                        "cpu_count": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": _loadavg()},
         "results": results,
         "qkv": qkv_info,
         "seconds_total": time.perf_counter() - t0,
@@ -448,15 +475,32 @@ def main(argv=None) -> int:
     return 0
 
 
-def _is_file(src: str) -> bool:
+def _loadavg():
+    """1/5/15-minute load averages (None where the OS has none): a busy machine slows every
+    run; lockstep training keeps the s/iter ratios comparable, not the absolute times."""
     try:
-        return "\n" not in src and Path(src).is_file()
-    except OSError:  # an expression too long to be a file name
-        return False
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+def _pattern_file(src: str) -> Path | None:
+    """The file ``src`` names (relative to the working directory, or to the repository root
+    as the defaults are), or None when ``src`` is an expression."""
+    if "\n" in src or "(" in src:
+        return None
+    for p in (Path(src), HERE.parent / src):
+        try:
+            if p.is_file():
+                return p
+        except OSError:  # too long to be a file name
+            return None
+    return None
 
 
 def _text(src: str) -> str:
-    return Path(src).read_text(encoding="utf-8") if _is_file(src) else src
+    f = _pattern_file(src)
+    return f.read_text(encoding="utf-8") if f is not None else src
 
 
 def _declared(text: str, sets: dict) -> dict:

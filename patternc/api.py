@@ -55,7 +55,7 @@ def parse(source, *, params: dict | None = None, filename: str | None = None) ->
         source = decode_source(source, filename or "<bytes>")
     p, res = analyse_source(source, params=params, filename=filename)
     for w in res.warnings:
-        warnings.warn(PatternWarning(w.render()), stacklevel=2)
+        warnings.warn(PatternWarning(w), stacklevel=2)
     return p
 
 

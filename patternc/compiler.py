@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import tempfile
 import time
 import zipfile
 from functools import cached_property
@@ -141,7 +140,8 @@ def compile(p_or_source, *, q_len: int, kv_len: int | None = None, num_heads: in
         warnings.warn(PatternWarning(Diagnostic(
             "W003", f"the pattern has {pattern.num_heads} different heads but num_heads={H}: only heads "
             f"0..{H - 1} are compiled", None, f"pass num_heads={pattern.num_heads} (--heads {pattern.num_heads}) "
-            "to compile all of them", severity="warning").render()), stacklevel=2)
+            "to compile all of them", severity="warning", filename=source_text and "<string>" or "<pattern>")),
+            stacklevel=2)
     nq, nk = -(-q_len // qb), -(-kv_len // kb)
     if H * nq * nk > MAX_TILES:
         raise PatternError(Diagnostic(
@@ -326,25 +326,15 @@ class CompiledPattern:
         }
         blob = np.frombuffer(json.dumps(meta, sort_keys=True).encode("utf-8"), dtype=np.uint8)
         path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".patternc-", suffix=".tmp", dir=folder)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez_compressed(f, kinds=np.asarray(self.layout.kinds), meta=blob)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        from .fileio import atomic_write
+
+        atomic_write(path, lambda f: np.savez_compressed(f, kinds=np.asarray(self.layout.kinds), meta=blob))
 
 
 def _bad_artifact(path, why: str) -> PatternError:
     return PatternError(Diagnostic("P304", f"{path} is not a valid patternc compiled layout: {why}", None,
-                                   "recreate it with `patternc compile ... -o FILE` or CompiledPattern.save"))
+                                   "recreate it with `patternc compile ... -o FILE` or CompiledPattern.save",
+                                   filename=os.fspath(path)))
 
 
 def load_compiled(path, *, verify: bool = True) -> CompiledPattern:
@@ -377,7 +367,9 @@ def load_compiled(path, *, verify: bool = True) -> CompiledPattern:
     except (FileNotFoundError, IsADirectoryError, PermissionError):
         raise
     except (ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile, UnicodeDecodeError) as e:
-        raise _bad_artifact(path, f"{type(e).__name__}: {e}") from None
+        # numpy's message for a non-npz file advises allow_pickle: never pass that advice on
+        why = "not an .npz archive" if "pickle" in str(e) or isinstance(e, zipfile.BadZipFile) else f"{type(e).__name__}: {e}"
+        raise _bad_artifact(path, why) from None
     if not isinstance(meta, dict) or meta.get("format") != ARTIFACT_FORMAT:
         raise _bad_artifact(path, f"metadata 'format' is not {ARTIFACT_FORMAT!r}")
     if meta.get("format_version") != ARTIFACT_VERSION:

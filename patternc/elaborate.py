@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from dataclasses import dataclass, field
 
 from lark import Token, Tree
@@ -133,7 +132,6 @@ class Elaborator:
     # ---- statements ------------------------------------------------------------------------
     def run(self, tree: Tree, env: dict, overrides: dict) -> tuple[Pattern, dict]:
         items = tree.children
-        finals = [it for it in items if isinstance(it, Tree) and it.data == "final_expr"]
         if not items:
             raise PatternError(empty_source_diagnostic(self.source, self.filename))
         declared = {}
@@ -352,6 +350,10 @@ class Elaborator:
         if node.children[-1] is and_child:
             a_parts = [self.text(c) for c in and_child.children]
             alt = "(" + " | ".join(parts[:-1] + [a_parts[0]]) + ") & " + " & ".join(a_parts[1:])
+            help_ += f", or `{alt}` to apply `&` to the whole union"
+        elif node.children[0] is and_child and len(node.children) > 1:
+            a_parts = [self.text(c) for c in and_child.children]
+            alt = " & ".join(a_parts[:-1]) + " & (" + " | ".join([a_parts[-1]] + parts[1:]) + ")"
             help_ += f", or `{alt}` to apply `&` to the whole union"
         self.warnings.append(Diagnostic(
             "W001", f"`&` binds tighter than `|`: this is read as `{shown}`", span_of(node), help_,
@@ -747,6 +749,12 @@ def elaborate(text: str, *, params: dict | None = None, filename: str = "<string
         if abs(v) > MAX_INT:
             raise PatternError(Diagnostic("P213", f"parameter `{k}` = {v} is too large (the limit is 2^31 - 1)", None,
                                           "use a smaller value", filename=filename))
+        if k in PRIMITIVES or k in INT_FUNCTION_NAMES or k in BUILTIN_INTS:
+            what = "the length" if k in BUILTIN_INTS else "a built-in"
+            raise PatternError(Diagnostic("P214", f"cannot set `{k}`: it is {what} name, not a `param`", None,
+                                          "q_len / kv_len come from the lengths you compile for (--seq-len, --kv-len)"
+                                          if k in BUILTIN_INTS else "set only the source's `param`s",
+                                          filename=filename, source=text))
         overrides[k] = v
     declared_names = {str(it.children[0]) for it in tree.children if it.data == "param_stmt"}
     for k, v in overrides.items():

@@ -170,7 +170,18 @@ class PatternError(ValueError):
 
 
 class PatternWarning(UserWarning):
-    """Emitted by ``patternc.parse`` for W-coded diagnostics (the message is the rendering)."""
+    """A W-coded diagnostic issued through Python's ``warnings`` (by ``parse``, ``compile``,
+    ``analyze``). ``str()`` is the rendering; ``.diagnostic`` the ``Diagnostic`` itself.
+
+    Args:
+        diagnostic: a ``Diagnostic`` with a W code.
+    """
+
+    def __init__(self, diagnostic):
+        if not isinstance(diagnostic, Diagnostic):
+            raise TypeError("PatternWarning takes a Diagnostic with a W code")
+        self.diagnostic = diagnostic
+        super().__init__(diagnostic.render())
 
 
 def did_you_mean(name: str, candidates) -> str | None:

@@ -148,11 +148,17 @@ class BlockLayout:
         return self._full_lists[1]
 
     # ---- counts and densities ------------------------------------------------------------------
+    def _block_extents(self) -> tuple[np.ndarray, np.ndarray]:
+        """int64 [num_q_blocks], int64 [num_kv_blocks]: real tokens in each block (clipped)."""
+        qs = np.minimum(self.q_block_size, self.q_len - np.arange(self.num_q_blocks, dtype=np.int64) * self.q_block_size)
+        ks = np.minimum(self.kv_block_size, self.kv_len - np.arange(self.num_kv_blocks, dtype=np.int64) * self.kv_block_size)
+        return qs, ks
+
     def tile_token_counts(self) -> np.ndarray:
-        """int64 [num_q_blocks, num_kv_blocks]: real token pairs in each tile (clipped)."""
-        qs = np.minimum(self.q_block_size, self.q_len - np.arange(self.num_q_blocks) * self.q_block_size)
-        ks = np.minimum(self.kv_block_size, self.kv_len - np.arange(self.num_kv_blocks) * self.kv_block_size)
-        return np.outer(qs, ks).astype(np.int64)
+        """int64 [num_q_blocks, num_kv_blocks]: real token pairs in each tile (clipped).
+        Allocates one int64 per tile; ``block_density`` does not need it."""
+        qs, ks = self._block_extents()
+        return np.outer(qs, ks)
 
     @property
     def full_blocks(self) -> int:
@@ -175,8 +181,15 @@ class BlockLayout:
         Q_LEN*KV_LEN*H, clipped at the real lengths (unlike ``BlockMask.sparsity()``)."""
         if self.q_len == 0 or self.kv_len == 0:
             return 0.0
-        tokens = self.tile_token_counts()
-        computed = ((self.kinds != EMPTY) * tokens).sum()
+        qs, ks = self._block_extents()
+        # sum over computed tiles of rows(q block) * cols(kv block), in chunks of query-block
+        # rows so the int64 temporaries stay small even at millions of tiles
+        computed = 0
+        step = max(1, (1 << 20) // max(1, self.num_kv_blocks))
+        for h in range(self.num_heads):
+            for r in range(0, self.num_q_blocks, step):
+                rows = (self.kinds[h, r:r + step] != EMPTY).astype(np.int64)
+                computed += int(qs[r:r + step] @ (rows @ ks))
         return float(computed) / float(self.num_heads * self.q_len * self.kv_len)
 
     # ---- flex conventions ------------------------------------------------------------------------

@@ -452,15 +452,21 @@ def bind_lengths(p: Pattern, q_len: int, kv_len: int, *, normalized: bool = True
     return normalize(bound) if normalized else bound
 
 
-def _eval(v, env, where):
+def _eval(v, env, where, span=None):
+    from .primitives import MAX_INT
+
+    at = f"at q_len={env['q_len']}, kv_len={env['kv_len']}"
     try:
         out = ir.eval_int(v, env)
     except ZeroDivisionError:
-        raise PatternError(Diagnostic("P301", f"`{where}` divides by zero at q_len={env['q_len']}, kv_len={env['kv_len']}",
-                                      None, "guard the divisor, e.g. `max(1, ...)`")) from None
+        raise PatternError(Diagnostic("P301", f"`{where}` divides by zero {at}",
+                                      span, "guard the divisor, e.g. `max(1, ...)`")) from None
     except ValueError as e:
-        raise PatternError(Diagnostic("P301", f"`{where}`: {e} at q_len={env['q_len']}, kv_len={env['kv_len']}",
-                                      None, "guard the argument, e.g. `max(0, ...)`")) from None
+        raise PatternError(Diagnostic("P301", f"`{where}`: {e} {at}",
+                                      span, "guard the argument, e.g. `max(0, ...)`")) from None
+    if abs(out) > MAX_INT:
+        raise PatternError(Diagnostic("P301", f"`{where}` computes {out} {at}, too large for a length or parameter "
+                                      "(the limit is 2^31 - 1)", span, "bound it, e.g. `min(q_len, ...)`"))
     return out
 
 
@@ -470,7 +476,7 @@ def _bind(p: Pattern, env: dict) -> Pattern:
     if isinstance(p, Prim):
         if not any(isinstance(v, IntExpr) for _, v in p.args):
             return p
-        vals = tuple((k, _eval(v, env, to_text(p)) if isinstance(v, IntExpr) else v) for k, v in p.args)
+        vals = tuple((k, _eval(v, env, to_text(p), p.span) if isinstance(v, IntExpr) else v) for k, v in p.args)
         problems = check_values(p.name, dict(vals))
         if problems:
             _k, msg, help_ = problems[0]
@@ -478,7 +484,7 @@ def _bind(p: Pattern, env: dict) -> Pattern:
                                           f"kv_len={env['kv_len']})", p.span, help_))
         return Prim(p.name, vals, span=p.span)
     if isinstance(p, Blocks):
-        b = _eval(p.b, env, to_text(p)) if isinstance(p.b, IntExpr) else p.b
+        b = _eval(p.b, env, to_text(p), p.span) if isinstance(p.b, IntExpr) else p.b
         if b < 1:
             raise PatternError(Diagnostic("P301", f"`blocks` size computed as {b} at q_len={env['q_len']}, kv_len={env['kv_len']}; it must be >= 1",
                                           p.span, "guard it, e.g. `max(1, ...)`"))

@@ -32,8 +32,6 @@ Details
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +45,7 @@ TOKEN_CHARS_UNICODE = ("·", "█")  # masked, allowed
 TOKEN_CHARS_ASCII = (".", "#")
 DENSE_EVAL_LIMIT = 1 << 22  # H * Q_LEN * KV_LEN up to which cp.dense_mask() is used for the token view
 PNG_TOKEN_LIMIT = 1024  # auto view: token mask in a PNG up to this length
+MAX_PNG_PANELS = 16  # distinct head pictures drawn in one PNG (the rest are named in the caption)
 TICK = 10  # characters between axis labels
 
 # PNG colours (colour-blind safe: Okabe-Ito blue / orange, light grey)
@@ -73,6 +72,8 @@ class Picture:
         density: token density in [0, 1] (allowed pairs / (H * Q_LEN * KV_LEN)).
         block_density: block density in [0, 1] (tokens of computed tiles, clipped).
         merge: tiles per character along each axis in the terminal block view (1 = exact).
+        counts: FULL / PARTIAL / EMPTY tile counts over all heads.
+        layer_canonical: for a ``layers(...)`` pattern, the canonical text of the drawn layer.
     """
 
     canonical: str
@@ -90,6 +91,7 @@ class Picture:
     block_density: float = 0.0
     merge: int = 1
     counts: dict = field(default_factory=dict)
+    layer_canonical: str | None = None  # the drawn layer's own text, for layers(...) patterns
 
 
 class ShowError(ValueError):
@@ -189,6 +191,11 @@ def picture(p_or_source, *, q_len: int, kv_len: int | None = None, num_heads: in
                   block_density=float(cp.block_density),
                   counts={"full_blocks": lay.full_blocks, "partial_blocks": lay.partial_blocks,
                           "empty_blocks": lay.empty_blocks})
+    if p.num_layers > 1:
+        from .ir import select_layer
+        from .normalize import normalize
+
+        pic.layer_canonical = str(normalize(select_layer(p, layer)))
     if view == "tokens":
         pic.window = tuple(window) if window is not None else (0, q_len, 0, kv_len)
         pic.tokens = _token_window(cp, heads, pic.window, H)
@@ -280,8 +287,10 @@ def header_lines(p: Picture) -> list[str]:
     qb, kb = p.block_size
     bs = str(qb) if qb == kb else f"({qb}, {kb})"
     c = p.counts
+    layer = [f"{f'layer {p.layer}':<15}{p.layer_canonical}"] if p.layer_canonical else []
     return [
         f"pattern        {p.canonical}",
+        *layer,
         f"Q_LEN {p.q_len}  KV_LEN {p.kv_len}  BLOCK_SIZE {bs}  heads {p.num_heads}  layer {p.layer}",
         f"token density {_pct(p.density)}  block density {_pct(p.block_density)}  "
         f"FULL {c['full_blocks']}  PARTIAL {c['partial_blocks']}  EMPTY {c['empty_blocks']} (tiles, all heads)",
@@ -356,6 +365,7 @@ def to_json(p: Picture, *, ascii_only: bool = True, png: str | None = None) -> d
         "num_heads": p.num_heads,
         "block_size": [qb, kb],
         "layer": p.layer,
+        "layer_canonical": p.layer_canonical,
         "view": p.view,
         "window": list(p.window) if p.window else None,
         "merge": p.merge,
@@ -390,6 +400,8 @@ def save_png(p: Picture, path, *, dpi: int = 110) -> Path:
 
     path = Path(path)
     groups = _head_groups(p, True)
+    omitted = groups[MAX_PNG_PANELS:]
+    groups = groups[:MAX_PNG_PANELS]
     n = len(groups)
     ncols = min(n, 4)
     nrows = -(-n // ncols)
@@ -438,7 +450,8 @@ def save_png(p: Picture, path, *, dpi: int = 110) -> Path:
         ax.xaxis.tick_top()
         ax.set_title(("head " if len(hs) == 1 else "heads ") + _short_list(hs), fontsize=10)
     bs = str(qb) if qb == kb else f"({qb}, {kb})"
-    sub = (f"Q_LEN {p.q_len}, KV_LEN {p.kv_len}, BLOCK_SIZE {bs}, layer {p.layer}, {p.num_heads} head(s)\n"
+    layer = f"layer {p.layer} = {p.layer_canonical}" if p.layer_canonical else f"layer {p.layer}"
+    sub = (f"Q_LEN {p.q_len}, KV_LEN {p.kv_len}, BLOCK_SIZE {bs}, {layer}, {p.num_heads} head(s)\n"
            f"token density {_pct(p.density)}   block density {_pct(p.block_density)}   "
            f"FULL {p.counts['full_blocks']}  PARTIAL {p.counts['partial_blocks']}  EMPTY {p.counts['empty_blocks']} tiles")
     fig.suptitle("\n".join(title_lines) + "\n", fontsize=11, fontfamily="monospace")
@@ -450,30 +463,18 @@ def save_png(p: Picture, path, *, dpi: int = 110) -> Path:
         handles = [Patch(facecolor=TOKEN_COLOUR, label="allowed token pair")] + [
             Patch(facecolor=TILE_TINT[k], edgecolor="#555555", label=f"{name} tile")
             for k, name in ((FULL, "FULL"), (PARTIAL, "PARTIAL"), (EMPTY, "EMPTY"))]
+    if omitted:
+        rest = [h for hs, _ in omitted for h in hs]
+        sub += f"\n{len(rest)} more head(s) not drawn ({_short_list(sorted(rest))}): pick one with --head"
     fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), frameon=False, fontsize=9,
                title=sub, title_fontsize=9)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                fig.savefig(f, format="png", dpi=dpi)
-            os.chmod(tmp, 0o666 & ~_umask())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        from .fileio import atomic_write
+
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
     finally:
         plt.close(fig)
     return path
-
-
-def _umask() -> int:
-    old = os.umask(0o22)
-    os.umask(old)
-    return old
 
 
 def _hex_rgb(colours) -> np.ndarray:

@@ -71,7 +71,7 @@ def claims_of(path: Path) -> list[Claim]:
 
 def load(path: Path, params=None):
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # prefix_lm draws W002 on purpose
+        warnings.simplefilter("ignore")  # warnings are checked once, in test_check
         return patternc.load(path, params=params)
 
 
@@ -123,9 +123,9 @@ def test_example_header_and_claims(path):
 def test_check(path, capsys):
     from patternc.cli import main
 
-    p = load(path)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("error")  # an example draws no warning (W001 / W002)
+        p = patternc.load(path)
         assert patternc.parse(str(p)) == p, "canonical text round-trips"
     assert main(["check", str(path)]) == 0
     out = capsys.readouterr().out
@@ -289,6 +289,12 @@ def test_run_matches_float64_reference(path):
     assert torch.isfinite(out).all()
     rel = (out.double() - want).abs().max() / want.abs().max().clamp_min(1e-12)
     assert rel <= 1e-5, f"{path.name}: relative error {rel:.2e}"
+
+
+def test_examples_are_formatted(capsys):
+    from patternc.cli import main
+
+    assert main(["fmt", "--check", *map(str, EXAMPLES)]) == 0, capsys.readouterr().out
 
 
 def test_docs_list_every_example():

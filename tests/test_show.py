@@ -54,6 +54,16 @@ def test_token_picture_reads_back_as_the_oracle_mask(src, q_len, kv_len, heads, 
     assert seen == set(range(heads))
 
 
+@pytest.mark.parametrize("layer", [0, 1, 2, 5])
+def test_layer_of_a_stack(layer, capsys):
+    src = "layers(local(w=3) & causal, causal, strided(s=4) & causal)"
+    code, out, _ = _cli(capsys, "show", "-e", src, "--seq-len", "14", "--layer", str(layer), "--ascii")
+    assert code == 0
+    (grid,) = parse_text_grid(out).values()
+    assert np.array_equal(grid == "#", reference.dense_mask(src, q_len=14, layer=layer)[0])
+    assert out.splitlines()[1] == f"layer {layer}        " + ["local(w=3) & causal", "causal", "strided(s=4) & causal"][layer % 3]
+
+
 def test_identical_heads_are_drawn_once(capsys):
     code, out, _ = _cli(capsys, "show", "-e", "heads(causal, local(w=2), causal)", "--seq-len", "6", "--heads", "4")
     assert code == 0
@@ -196,3 +206,13 @@ def test_import_show_does_not_import_torch_or_matplotlib():
     code = ("import sys, patternc.show; "
             "assert 'torch' not in sys.modules and 'matplotlib' not in sys.modules, sorted(sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_png_with_many_heads_draws_sixteen_panels_and_names_the_rest(tmp_path):
+    from patternc.show import MAX_PNG_PANELS
+
+    src = "heads(" + ", ".join(f"local(w={w})" for w in range(1, 19)) + ") & causal"
+    pic = picture(src, q_len=32, block_size=8, target="png")
+    assert len(pic.heads) == 18 and MAX_PNG_PANELS == 16
+    w, h = _png_size(save_png(pic, tmp_path / "many.png"))
+    assert w > 1500 and h > 1500, "a 4 x 4 grid of panels (one row would be about 600 px high)"

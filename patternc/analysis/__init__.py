@@ -115,7 +115,8 @@ def analyze(p_or_source, *, seq_len: int, layers: int | None = None, num_heads: 
         msg = (f"the pattern has {pattern.num_heads} different heads but num_heads={num_heads}: only heads "
                f"0..{num_heads - 1} are analysed; pass num_heads={pattern.num_heads} (--heads) for all of them")
         notes.append(msg)
-        warnings.warn(PatternWarning(msg), stacklevel=2)
+        warnings.warn(PatternWarning(Diagnostic("W003", msg, None, None,
+                                                severity="warning", filename="<pattern>")), stacklevel=2)
     stack = Stack(pattern, seq_len, num_heads)
     from .tiles import LayoutUnavailable
 

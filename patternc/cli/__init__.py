@@ -41,8 +41,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    import warnings
+
+    from . import common
+
     try:
-        code = args.func(args)
+        with warnings.catch_warnings(record=True) as records:
+            warnings.simplefilter("always")
+            common.start_capture(records)
+            code = args.func(args)
+            if not getattr(args, "json", False):
+                common.emit_diagnostics([], False)  # warnings no command printed itself
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         code = ExitCode.USAGE

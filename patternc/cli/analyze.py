@@ -71,7 +71,8 @@ def run(args) -> int:
             raise
         seconds = time.perf_counter() - t0
         if args.json:
-            obj = {"ok": True, **report.to_json(), "seconds": round(seconds, 6),
+            failed = args.layers is not None and not report.reachable
+            obj = {"ok": not failed, **report.to_json(), "seconds": round(seconds, 6),
                    "diagnostics": [w.to_json() for w in res.warnings]}
             print_json(obj)
         else:

@@ -39,6 +39,8 @@ def parse_sets(sets) -> dict:
         name = name.strip()
         if not eq or not name.isidentifier():
             raise UsageError(f"--set expects NAME=INT, got {s!r}")
+        if name in out:
+            raise UsageError(f"--set {name} is given twice ({out[name]} and {val.strip()}); give each param once")
         try:
             out[name] = int(val.strip().replace("_", ""))
         except ValueError:
@@ -70,17 +72,81 @@ def read_source(args) -> Source:
     return Source(decode_source(data, name), name, params)
 
 
+# Warnings raised through Python's ``warnings`` while a command runs (``PatternWarning``s from
+# parse / compile / analyze) are collected by ``patternc.cli.main`` and shown like every other
+# diagnostic: rendered on stderr, or inside the command's JSON object; each once.
+_captured: list | None = None
+_shown: set = set()
+
+
+def start_capture(records: list) -> None:
+    global _captured
+    _captured = records
+    _shown.clear()
+
+
+def pending_warnings() -> list[Diagnostic]:
+    """Captured PatternWarnings not shown yet (and marks them shown)."""
+    from ..errors import PatternWarning
+
+    out = []
+    for w in _captured or []:
+        if isinstance(w.message, PatternWarning):
+            d = w.message.diagnostic
+            key = (d.code, d.message)
+            if key not in _shown:
+                _shown.add(key)
+                out.append(d)
+    return out
+
+
 def emit_diagnostics(diags, as_json: bool) -> None:
     """Text diagnostics go to stderr (JSON mode embeds them in the command's object)."""
     if as_json:
+        for d in diags:
+            _shown.add((d.code, d.message))
         return
+    fresh = []
     for d in diags:
+        key = (d.code, d.message)
+        if d.severity != "warning" or key not in _shown:
+            _shown.add(key)
+            fresh.append(d)
+    for d in fresh + pending_warnings():
         print(d.render(), file=sys.stderr)
         print(file=sys.stderr)
 
 
+def _json_default(o):
+    return str(o)
+
+
+def _finite(obj):
+    """JSON has no NaN/Infinity: write them as null (strict parsers reject the tokens)."""
+    import math
+
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def print_json(obj) -> None:
-    print(json.dumps(obj, indent=2, sort_keys=False))
+    """Print one JSON object; captured warnings are added to its ``diagnostics``."""
+    if isinstance(obj, dict):
+        diags = obj.get("diagnostics")
+        if isinstance(diags, list):
+            for d in diags:
+                if isinstance(d, dict):
+                    _shown.add((d.get("code"), d.get("message")))
+        extra = pending_warnings()
+        if extra:
+            obj = dict(obj)
+            obj["diagnostics"] = list(diags or []) + [d.to_json() for d in extra]
+    print(json.dumps(_finite(obj), indent=2, sort_keys=False, default=_json_default, allow_nan=False))
 
 
 def usage_error(message: str, as_json: bool) -> int:

@@ -11,9 +11,7 @@ already formatted, 1 a syntax error or (with ``--check``) a file that would chan
 from __future__ import annotations
 
 import difflib
-import os
 import sys
-import tempfile
 
 from ..errors import ExitCode, PatternError
 from .common import print_json, report_errors
@@ -39,26 +37,11 @@ def _read(path: str) -> str:
 
 
 def write_atomic(path: str, text: str) -> None:
-    """Replace ``path`` with ``text`` (UTF-8) so that readers see the old or the new file,
-    never a half-written one; the file's permission bits are kept."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".patternc-fmt-", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.chmod(tmp, os.stat(path).st_mode & 0o7777)
-        except OSError:
-            pass
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    """Replace ``path`` with ``text`` (UTF-8) atomically, keeping its permission bits and
+    writing through symlinks (``patternc.fileio.atomic_write``)."""
+    from ..fileio import atomic_write_text
+
+    atomic_write_text(path, text)
 
 
 def run(args) -> int:

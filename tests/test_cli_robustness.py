@@ -1,0 +1,111 @@
+"""Regression tests for problems a fresh-eyes review found: built-in names in params, values
+computed from the lengths, file writing (symlinks, modes, devices), warnings in the CLI's
+outputs, and the JSON ``ok`` field of failed checks."""
+
+import json
+import os
+import stat
+
+import numpy as np
+import pytest
+
+import patternc
+from patternc.cli import main
+from patternc.fileio import atomic_write_text
+from patternc.layout import BlockLayout
+
+
+def run_json(capsys, argv, err=None):
+    rc = main(argv + ["--json"])
+    captured = capsys.readouterr()
+    if err is not None:
+        err.append(captured.err)
+    return rc, json.loads(captured.out)
+
+
+@pytest.mark.parametrize("name", ["q_len", "kv_len", "local", "isqrt"])
+def test_params_cannot_override_built_in_names(name):
+    with pytest.raises(patternc.PatternError) as e:
+        patternc.parse("local(w=q_len // 4)", params={name: 4})
+    assert e.value.code == "P214" and f"`{name}`" in str(e.value)
+
+
+def test_set_of_a_length_name_is_an_error_not_a_silent_override(capsys):
+    rc, obj = run_json(capsys, ["compile", "-e", "local(w=q_len // 4)", "--set", "q_len=4", "--seq-len", "64"])
+    assert rc == 1 and obj["ok"] is False and obj["diagnostics"][0]["code"] == "P214"
+    # and without the override the window really is q_len // 4 = 16 tokens
+    cp = patternc.compile("local(w=q_len // 4)", q_len=64, block_size=16)
+    np.testing.assert_array_equal(cp.dense_mask(), patternc.reference.dense_mask("local(w=16)", q_len=64))
+
+
+def test_repeated_set_is_a_usage_error(capsys):
+    assert main(["check", "-e", "local(w=w)", "--set", "w=3", "--set", "w=4"]) == 2
+
+
+def test_values_computed_from_lengths_respect_the_int_limit():
+    with pytest.raises(patternc.PatternError) as e:
+        patternc.compile("local(w=q_len * q_len * q_len)", q_len=2000)
+    assert e.value.code == "P301" and "8000000000" in str(e.value)
+    assert " --> <string>:1:1" in str(e.value)  # the diagnostic keeps its place
+
+
+def test_division_by_zero_at_bind_time_points_at_the_source():
+    with pytest.raises(patternc.PatternError) as e:
+        patternc.compile("local(w=q_len // (q_len - 16))", q_len=16)
+    assert e.value.code == "P301" and "^" in str(e.value)
+
+
+def test_atomic_write_follows_symlinks_and_honours_umask(tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    link = tmp_path / "link.pattern"
+    link.symlink_to(real / "t.pattern")
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(link, "causal\n")
+    finally:
+        os.umask(old)
+    assert link.is_symlink() and (real / "t.pattern").read_text() == "causal\n"
+    assert stat.S_IMODE((real / "t.pattern").stat().st_mode) == 0o644
+    assert sorted(p.name for p in real.iterdir()) == ["t.pattern"]  # no temporary left
+
+
+def test_compile_output_keeps_the_file_mode_and_writes_through_links(tmp_path, capsys):
+    target = tmp_path / "a.npz"
+    target.write_bytes(b"old")
+    os.chmod(target, 0o640)
+    link = tmp_path / "l.npz"
+    link.symlink_to(target)
+    assert main(["compile", "-e", "causal", "--seq-len", "10", "-o", str(link)]) == 0
+    assert link.is_symlink() and stat.S_IMODE(target.stat().st_mode) == 0o640
+    assert patternc.load_compiled(target).source == "causal"
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full") or not stat.S_ISCHR(os.stat("/dev/full").st_mode),
+                    reason="needs the /dev/full device")
+def test_compile_output_to_a_full_device_fails_cleanly(capsys):
+    assert main(["compile", "-e", "causal", "--seq-len", "10", "-o", "/dev/full"]) == 2
+    assert stat.S_ISCHR(os.stat("/dev/full").st_mode)  # the device node was not replaced
+
+
+def test_cli_json_carries_library_warnings(capsys):
+    err = []
+    rc, obj = run_json(capsys, ["compile", "-e", "heads(causal, local(w=2), none)", "--seq-len", "64", "--heads", "2"], err)
+    assert rc == 0 and "W003" in [d["code"] for d in obj["diagnostics"]]
+    assert err == [""]  # nothing on stderr in JSON mode
+
+
+def test_analyze_json_ok_is_false_when_the_property_fails(capsys):
+    rc, obj = run_json(capsys, ["analyze", "-e", "local(w=2) & causal", "--seq-len", "10", "--layers", "3"])
+    assert rc == 1 and obj["ok"] is False and obj["reachable"] is False and obj["min_layers"] == 9
+    rc, obj = run_json(capsys, ["analyze", "-e", "local(w=2) & causal", "--seq-len", "10", "--layers", "9"])
+    assert rc == 0 and obj["ok"] is True
+
+
+def test_block_density_matches_a_per_tile_count():
+    rng = np.random.default_rng(0)
+    kinds = rng.integers(0, 3, size=(3, 7, 5)).astype(np.uint8)
+    lay = BlockLayout(kinds=kinds, q_len=97, kv_len=70, q_block_size=16, kv_block_size=16)
+    tokens = lay.tile_token_counts()
+    want = sum(float(tokens[kinds[h] != 0].sum()) for h in range(3)) / (3 * 97 * 70)
+    assert lay.block_density == pytest.approx(want, rel=1e-12)
