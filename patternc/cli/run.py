@@ -135,6 +135,26 @@ def _check_input_shapes(path, tensors, B, H, H_kv, N, M, D, Dv):
                 "k [B, H_kv, KV_LEN, D], v [B, H_kv, KV_LEN, Dv])")
 
 
+class _NoBar:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, n=1):
+        pass
+
+
+def _progress(total):
+    """A tqdm bar on stderr (shown only when stderr is a terminal); none without tqdm."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _NoBar()
+    return tqdm(total=total, desc="patternc run", file=sys.stderr, leave=False, disable=None)
+
+
 def _sync(device):
     import torch
 
@@ -264,10 +284,7 @@ def run(args) -> int:
         ref_chunk = max(1, min(N, (256 << 20) // max(1, 8 * B * H * M)))
         steps = (1 + args.repeats) * (2 if do_dense else 1) + (math.ceil(N / ref_chunk) if args.check else 0)
 
-        from tqdm import tqdm
-
-        with torch.no_grad(), tqdm(total=steps, desc="patternc run", file=sys.stderr, leave=False,
-                                   disable=None) as bar:
+        with torch.no_grad(), _progress(steps) as bar:
             out_holder = {}
 
             def call():
