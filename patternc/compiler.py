@@ -273,12 +273,17 @@ class CompiledPattern:
 
         return to_block_mask(self.layout, self.mask_mod_on(device), device=device)
 
-    def attention(self, q, k, v, *, scale=None, backend="auto"):
-        """Sparse attention with this layer's pattern: q [B, H, Q_LEN, D], k [B, H, KV_LEN, D],
-        v [B, H, KV_LEN, Dv] -> [B, H, Q_LEN, Dv] (see ``patternc.execute``)."""
+    def attention(self, q, k, v, *, scale=None, backend="auto", return_backend=False, dropout_p=0.0):
+        """Sparse attention with this layer's pattern: q float [B, H, Q_LEN, D], k [B, H_kv, KV_LEN, D],
+        v [B, H_kv, KV_LEN, Dv] -> [B, H, Q_LEN, Dv] (H_kv divides H: grouped-query attention).
+
+        ``backend``: "auto", "flex", "blocksparse" or "sdpa"; ``return_backend=True`` also
+        returns the name of the one that ran. Raises PatternError P350-P353 for inputs that do
+        not fit. See ``patternc.execute.attention`` and docs/execution.md."""
         from .execute import attention
 
-        return attention(self, q, k, v, scale=scale, backend=backend)
+        return attention(self, q, k, v, scale=scale, backend=backend, return_backend=return_backend,
+                         dropout_p=dropout_p)
 
     # ---- reporting ---------------------------------------------------------------------------------
     def summary(self) -> dict:

@@ -1,0 +1,32 @@
+"""FlexAttention past torch's recompile limit: still exact (eager fallback), never a crash."""
+
+import warnings
+
+import pytest
+import torch
+
+import patternc
+
+
+@pytest.mark.slow
+def test_flex_keeps_working_past_the_recompile_limit(monkeypatch):
+    import patternc.execute.flex as flex
+
+    cp = patternc.compile("local(w=8) & causal", q_len=32, block_size=16)
+    x = torch.randn(1, 2, 32, 16)
+    cp.attention(x, x, x, backend="flex")  # first compile (raises torch's limit to ours)
+    cfg = torch._dynamo.config
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    assert getattr(cfg, name) >= flex.RECOMPILE_LIMIT
+    monkeypatch.setattr(cfg, name, 1)  # now every new shape is past the limit
+    monkeypatch.setattr(flex, "_warned_eager", False)
+    torch.manual_seed(0)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        for L in (40, 48, 56):
+            cp = patternc.compile("local(w=8) & causal", q_len=L, block_size=16)
+            q, k, v = (torch.randn(1, 2, L, 16) for _ in range(3))
+            out = cp.attention(q, k, v, backend="flex")
+            ref = cp.attention(q.double(), k.double(), v.double(), backend="sdpa")
+            assert float((out.double() - ref).abs().max()) < 1e-5
+    assert any("uncompiled" in str(w.message) for w in rec)
