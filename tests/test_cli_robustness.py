@@ -109,3 +109,15 @@ def test_block_density_matches_a_per_tile_count():
     tokens = lay.tile_token_counts()
     want = sum(float(tokens[kinds[h] != 0].sum()) for h in range(3)) / (3 * 97 * 70)
     assert lay.block_density == pytest.approx(want, rel=1e-12)
+
+
+def test_run_check_with_nan_inputs_fails_with_valid_json(tmp_path, capsys):
+    pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    k = rng.standard_normal((1, 2, 64, 8)).astype(np.float32)
+    q = np.full_like(k, np.nan)
+    np.savez(tmp_path / "nan.npz", q=q, k=k, v=k)
+    rc, obj = run_json(capsys, ["run", "-e", "local(w=8) & causal", "--seq-len", "64", "--heads", "2",
+                                "--head-dim", "8", "--input", str(tmp_path / "nan.npz"), "--check", "--repeats", "1"])
+    assert rc == 1 and obj["ok"] is False and obj["check_passed"] is False
+    assert obj["max_abs_error"] is None  # NaN, written as null: never a perfect 0

@@ -322,13 +322,16 @@ def run(args) -> int:
                     e = min(N, a + ref_chunk)
                     ref = reference_attention(q[:, :, a:e], k, v, lambda s0, s1: rows(a + s0, a + s1))
                     diff = out[:, :, a:e].to(torch.float64) - ref
-                    max_abs = max(max_abs, float(diff.abs().max()))
+                    chunk_max = float(diff.abs().max())
+                    # NaN must stick (max() would drop it and report a perfect 0)
+                    max_abs = chunk_max if math.isnan(chunk_max) or math.isnan(max_abs) else max(max_abs, chunk_max)
                     sq_err += float((diff * diff).sum())
                     sq_ref += float((ref * ref).sum())
                     bar.update(1)
                 rel = math.sqrt(sq_err) / math.sqrt(sq_ref) if sq_ref > 0 else math.sqrt(sq_err)
                 tol = TOLERANCE[dtype_name]
-                result.update(max_abs_error=max_abs, rel_error=rel, tolerance=tol, check_passed=rel <= tol)
+                passed = bool(rel <= tol and math.isfinite(max_abs))
+                result.update(max_abs_error=max_abs, rel_error=rel, tolerance=tol, check_passed=passed, ok=passed)
 
         if args.json:
             print_json(result)
