@@ -2,8 +2,8 @@
 
 The reachability engines need the predicate of SPEC §1 at chosen token pairs (a row of a
 layer, the tiles of a layout, one hop of a witness path) without materialising
-``[Q_LEN, KV_LEN]``. ``evaluate`` is a numpy broadcasting evaluator written straight from
-the SPEC §1.1 table (the same table as ``patternc.reference``, which is its test oracle);
+``[Q_LEN, KV_LEN]``. ``evaluate`` is the compiler's numpy broadcasting evaluator
+(``patternc.lower.evaluate``, tested against the oracle ``patternc.reference``) per head;
 ``explain`` names the part of a pattern that allows one pair, e.g. ``strided(s=8) & causal``
 for the hop (i=16, j=0) of ``(local(w=9) | strided(s=8)) & causal``.
 
@@ -17,61 +17,7 @@ import functools
 
 import numpy as np
 
-from ..ir import And, Blocks, Diff, Heads, Layers, Not, Or, Pattern, Prim
-
-
-@functools.lru_cache(maxsize=8)
-def _random_table(r: int, seed: int, q_len: int, kv_len: int) -> np.ndarray:
-    """int64 [Q_LEN, min(r, KV_LEN)]: the keys ``random(r, seed)`` draws per query row."""
-    from ..reference import random_keys
-
-    rows = random_keys(r, seed, q_len, kv_len)
-    if not rows or len(rows[0]) == 0:
-        return np.zeros((q_len, 0), dtype=np.int64)
-    return np.stack(rows).astype(np.int64)
-
-
-def _prim(p: Prim, i: np.ndarray, j: np.ndarray, q_len: int, kv_len: int) -> np.ndarray:
-    a = p.argdict
-    n = p.name
-    shape = np.broadcast_shapes(np.shape(i), np.shape(j))
-    if n == "all":
-        return np.ones(shape, dtype=bool)
-    if n == "none":
-        return np.zeros(shape, dtype=bool)
-    if n == "causal":
-        return j <= i
-    if n == "local":
-        return np.abs(i - j) < a["w"]
-    if n == "band":
-        return (i - a["left"] <= j) & (j <= i + a["right"])
-    if n == "strided":
-        return (i - j) % a["s"] == 0
-    if n == "dilated":
-        d = i - j
-        return (d % a["d"] == 0) & (np.abs(d) < a["w"] * a["d"])
-    if n == "chunk":
-        return (i // a["l"]) == (j // a["l"])
-    if n == "summary":
-        l, c, g = a["l"], a["c"], a["g"]
-        jm = j % l
-        return np.broadcast_to((l - (g + 1) * c <= jm) & (jm < l - g * c), shape)
-    if n == "sink":
-        return np.broadcast_to(j < a["n"], shape)
-    if n == "global":
-        if "n" in a:
-            return (i < a["n"]) | (j < a["n"])
-        pos = np.asarray(a["at"], dtype=np.int64)
-        return np.isin(i, pos) | np.isin(j, pos)
-    if n == "prefix":
-        return (i < a["n"]) & (j < a["n"])
-    if n == "random":
-        table = _random_table(a["r"], a["seed"], q_len, kv_len)
-        if table.shape[1] == 0:
-            return np.zeros(shape, dtype=bool)
-        ib, jb = np.broadcast_arrays(i, j)
-        return (table[ib] == jb[..., None]).any(axis=-1)
-    raise ValueError(f"unknown primitive {n}")
+from ..ir import And, Blocks, Diff, Heads, Layers, Or, Pattern, select_head
 
 
 def evaluate(p: Pattern, head: int, i, j, q_len: int, kv_len: int) -> np.ndarray:
@@ -106,32 +52,19 @@ def evaluate(p: Pattern, head: int, i, j, q_len: int, kv_len: int) -> np.ndarray
 
 
 def _eval(p, h, i, j, q_len, kv_len):
-    if isinstance(p, Prim):
-        return _prim(p, i, j, q_len, kv_len)
-    if isinstance(p, Not):
-        return ~_eval(p.child, h, i, j, q_len, kv_len)
-    if isinstance(p, Diff):
-        return _eval(p.left, h, i, j, q_len, kv_len) & ~_eval(p.right, h, i, j, q_len, kv_len)
-    if isinstance(p, And):
-        out = None
-        for c in p.items:
-            v = _eval(c, h, i, j, q_len, kv_len)
-            out = v if out is None else out & v
-        return out if out is not None else np.ones(np.broadcast_shapes(i.shape, j.shape), dtype=bool)
-    if isinstance(p, Or):
-        out = None
-        for c in p.items:
-            v = _eval(c, h, i, j, q_len, kv_len)
-            out = v if out is None else out | v
-        return out if out is not None else np.zeros(np.broadcast_shapes(i.shape, j.shape), dtype=bool)
-    if isinstance(p, Heads):
-        return _eval(p.items[h % len(p.items)], h, i, j, q_len, kv_len)
-    if isinstance(p, Blocks):
-        b = p.b
-        return _eval(p.child, h, i // b, j // b, -(-q_len // b), -(-kv_len // b))
-    if isinstance(p, Layers):
+    """One head of the pattern, evaluated by the compiler's numpy evaluator (``lower.evaluate``,
+    itself tested against the oracle), broadcast to the full shape."""
+    from ..lower import evaluate as evaluate_head
+
+    if any(isinstance(n, Layers) for n in p.walk()):
         raise ValueError("select a layer first (patternc.ir.select_layer)")
-    raise ValueError(f"not a pattern node: {p!r}")
+    out = evaluate_head(_head(p, h), i, j, q_len, kv_len)
+    return np.broadcast_to(out, np.broadcast_shapes(np.shape(i), np.shape(j)))
+
+
+@functools.lru_cache(maxsize=4096)
+def _head(p: Pattern, h: int) -> Pattern:
+    return select_head(p, h)
 
 
 def _holds(p, h, i, j, q_len, kv_len) -> bool:
