@@ -218,14 +218,9 @@ def _from_token(stack, mode, layers, block_size, notes) -> ReachReport:
     res = tok.reach(adjs, n, mode)
     if res.never:
         i, j = res.unreachable
-        reason = (f"key {j} never reaches query {i}: the reachable set stops growing after {res.stalled_at} "
-                  f"layer{'s' if res.stalled_at != 1 else ''} ({_cycle_text(stack)})")
-        hint = _never_hint(stack, i, j)
-        if hint:
-            reason += f"; {hint}"
-        w = Witness(i, j, False, None, None, reason)
-        return ReachReport(None, layers, False, mode, True, "exact-token", w, n, stack.num_heads,
-                           never=True, notes=notes)
+        why = (f"the reachable set stops growing after {res.stalled_at} "
+               f"layer{'s' if res.stalled_at != 1 else ''} ({_cycle_text(stack)})")
+        return _never_report(stack, i, j, why, "exact-token", layers, mode, notes)
     K = res.min_layers
     i, j = res.hardest
     w = _witness_success(stack, i, j, K, _path_fn_token(stack, adjs), layers)
@@ -244,6 +239,16 @@ def _never_hint(stack, i, j):
     if not any(bool(stack.attend(m, np.int64(i), np.int64(j))) for m in range(stack.period)):
         return f"no layer lets query {i} attend key {j} directly, and no chain of hops connects them"
     return None
+
+
+def _never_report(stack, i, j, why, engine, layers, mode, notes) -> ReachReport:
+    """The exact "never" report: key j cannot reach query i at any depth, and why."""
+    reason = f"key {j} never reaches query {i}: {why}"
+    hint = _never_hint(stack, i, j)
+    if hint:
+        reason += f"; {hint}"
+    w = Witness(i, j, False, None, None, reason)
+    return ReachReport(None, layers, False, mode, True, engine, w, stack.n, stack.num_heads, never=True, notes=notes)
 
 
 def _from_shift(stack, mode, layers, res, notes) -> ReachReport:
@@ -298,13 +303,7 @@ def _from_block(stack, mode, layers, block_size, notes) -> ReachReport:
     notes.append(f"block size {res.block_size} token{'s' if res.block_size != 1 else ''} ({ba.nb} blocks)")
     if res.never:
         i, j = res.unreachable
-        reason = f"key {j} never reaches query {i}: {res.reason}"
-        hint = _never_hint(stack, i, j)
-        if hint:
-            reason += f"; {hint}"
-        w = Witness(i, j, False, None, None, reason)
-        return ReachReport(None, layers, False, mode, True, "block-bound", w, n, stack.num_heads, never=True,
-                           notes=notes)
+        return _never_report(stack, i, j, res.reason, "block-bound", layers, mode, notes)
     lo, up = res.lower, res.upper
     if res.exact:
         i, j = res.hardest
@@ -344,13 +343,8 @@ def _from_graph(stack, mode, layers, notes) -> ReachReport:
     res, g = graph.run(stack, mode)
     if res.never:
         i, j = res.unreachable
-        reason = f"key {j} never reaches query {i}: no path in the layered graph ({_cycle_text(stack)})"
-        hint = _never_hint(stack, i, j)
-        if hint:
-            reason += f"; {hint}"
-        w = Witness(i, j, False, None, None, reason)
-        return ReachReport(None, layers, False, mode, True, "networkx", w, n, stack.num_heads, never=True,
-                           notes=notes)
+        return _never_report(stack, i, j, f"no path in the layered graph ({_cycle_text(stack)})", "networkx",
+                             layers, mode, notes)
     K = res.min_layers
     i, j = res.hardest
     w = _witness_success(stack, i, j, K, g.path, layers)
