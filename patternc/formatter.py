@@ -16,10 +16,18 @@ names stay), not the canonical IR that ``str(pattern)`` prints. The rules:
   fit puts one argument per line;
 * comments: an own-line comment stays on its own line before the statement that follows it
   (or at the end of the file); a comment after code stays at the end of that line, two
-  spaces after the code. When a statement whose top-level expression is a chain
-  (``a | b | c``) has comments on inner lines, each operand gets its own line and keeps the
-  comment of the line it ended on; any other comment inside a multi-line statement moves
-  to its own line just before the statement.
+  spaces after the code, and a statement's trailing comment stays at the end of the
+  statement. A comment *inside* an expression stays on the line of the code it followed:
+  every node around it is laid out broken at its *gaps* (a chain one operand per line with
+  the operator first, a group as ``(`` / body / ``)``, a call or list one item per line), and
+  the comment ends the line of the operand, ``(`` or item before it (a comment after an
+  operator goes with the operand before the operator); own-line comments stay on their own
+  line there. A commented group first (or last) in a chain hugs a short comment-free rest:
+  ``(\n    a  # c\n    | b\n) & causal``. Only a comment where no layout has a line break
+  (in ``let x =`` / ``def f(...) =`` heads, after a prefix operator, between a name and its
+  ``(`` or ``=``, inside ``f()``) moves to its own line just before the statement, and a
+  second comment after code in the same gap (``f(x  # a\n, # b\n y)``) goes on its own line.
+  Statements without inner comments are laid out as if there were none.
 
 ``format_source(format_source(x)) == format_source(x)``, and the result parses to the same
 pattern (tests/test_fmt.py checks both on every example and golden input).
@@ -75,6 +83,11 @@ class _Formatter:
     def __init__(self, text: str, comments: list[Token]):
         self.lines = text.split("\n")
         self.comments = comments
+        # the source with every comment blanked out (the same offsets), to find brackets
+        code = list(text)
+        for c in comments:
+            code[c.start_pos:c.end_pos] = " " * (c.end_pos - c.start_pos)
+        self.code = "".join(code)
 
     # ---- statements and comments ----------------------------------------------------------------
     def run(self, tree: Tree) -> str:
@@ -127,48 +140,165 @@ class _Formatter:
         else:  # final_expr
             head, expr = "", it.children[0]
         expr = _parenthesise(expr)
-        last_line = _last_code_line(span_of(it))
-        trailing = [c for c in comments if c.line == last_line]
-        inner = [c for c in comments if c.line != last_line]
-        if inner and isinstance(expr, Tree) and expr.data in _CHAINS:
-            out = self.chain_with_comments(head, expr, comments)
-            if out is not None:
-                return out
-        before = [_comment_text(c) for c in inner]
-        body = (head + self.expr(expr, 0, len(head))).split("\n")
+        end = span_of(it).end
+        trailing = [c for c in comments if c.start_pos >= end]
+        self.gaps: dict[tuple[int, int], list[Token]] = {}
+        self.hot: set[int] = set()
+        before = []  # comments that no line break of the layout can carry: before the statement
+        start = span_of(expr).start
+        for c in comments:
+            if c.start_pos < end and not (c.start_pos > start and self._place(expr, c)):
+                before.append(_comment_text(c))
+        if id(expr) in self.hot:
+            body = self.lay(expr, 0, len(head))
+            body[0] = (head + body[0][0], body[0][1])
+            body = [code + ("  " + note if note else "") for code, note in body]
+        else:
+            body = (head + self.expr(expr, 0, len(head))).split("\n")
         if trailing:
             body[-1] += "  " + "  ".join(_comment_text(c) for c in trailing)
         return before + body
 
-    def chain_with_comments(self, head: str, expr: Tree, comments: list[Token]) -> list[str] | None:
-        """One operand per line. A comment after code stays at the end of the operand line it
-        followed; a comment on its own line (or inside a multi-line operand) goes on its own
-        line before the operand that follows it."""
-        op = _CHAINS[expr.data]
-        operands = expr.children
-        ends = [_last_code_line(span_of(o)) for o in operands]
-        leading: list[list[Token]] = [[] for _ in operands]
-        trailing: list[list[Token]] = [[] for _ in operands]
-        for c in comments:
-            k = 0
-            while k < len(operands) - 1 and ends[k] < c.line:
-                k += 1
-            own_line = not self.lines[c.line - 1][: c.column - 1].strip()
-            (trailing if c.line == ends[k] and not own_line else leading)[k].append(c)
-        if not any(leading[1:]) and not any(trailing[:-1]):
-            return None  # every comment goes before the statement or after it: the usual layout
-        out = [_comment_text(c) for c in leading[0]]
-        for k, o in enumerate(operands):
-            if k == 0:
-                line = head + self.expr(o, 0, len(head))
+    # ---- comments inside an expression --------------------------------------------------------------
+    # A comment inside an expression belongs to a *gap* of the innermost node around it: between
+    # two operands of a chain, after the opening bracket, between two arguments or list items,
+    # before the closing bracket. Every node on the way down is "hot": laid out broken, so that
+    # the gap becomes a line break and the comment stays on the line of the code it followed.
+
+    def _place(self, node, c: Token) -> bool:
+        """Record ``c`` in the gap of ``node`` (or a descendant) it lies in; False when that
+        place has no line break in any layout (after a prefix operator, between a name and
+        its ``(`` or ``=``, inside an empty call)."""
+        pos = c.start_pos
+        if not isinstance(node, Tree):
+            return False
+        d, kids = node.data, node.children
+        items = self._items(node)
+        if items is None:  # a leaf, an argument or a prefix: only its last child can break
+            s = span_of(kids[-1])
+            if d in ("pos_arg", "kw_arg", "prefix") and s.start <= pos < s.end and self._place(kids[-1], c):
+                self.hot.add(id(node))
+                return True
+            return False
+        for it in items:
+            s = span_of(it)
+            if s.start <= pos < s.end:
+                if not self._place(it, c):
+                    return False
+                self.hot.add(id(node))
+                return True
+        gap = sum(1 for it in items if span_of(it).end <= pos)
+        if d in ("call", "int_list", "paren"):
+            if not items:
+                return False
+            opener = self.code.index("(" if d != "int_list" else "[", node.meta.start_pos)
+            if pos < opener:
+                return False
+        self.gaps.setdefault((id(node), gap), []).append(c)
+        self.hot.add(id(node))
+        return True
+
+    @staticmethod
+    def _items(node):
+        """The children of ``node`` that gaps separate, or None for a node without gaps."""
+        if not isinstance(node, Tree):
+            return None
+        d, kids = node.data, node.children
+        if d in _CHAINS or d == "int_list":
+            return kids
+        if d in _OP_CHAINS:
+            return kids[::2]
+        if d == "paren":
+            return kids[:1]
+        if d == "call":
+            return kids[1].children if len(kids) > 1 else []
+        return None
+
+    def _own_line(self, c: Token) -> bool:
+        return not self.lines[c.line - 1][: c.column - 1].strip()
+
+    def _gap(self, node, k: int, lines: list, indent: int) -> None:
+        """Append the comments of gap ``k`` of ``node``: the first at the end of the last line
+        when it followed code in the source, the others on their own lines at ``indent``."""
+        for n, c in enumerate(self.gaps.get((id(node), k), [])):
+            if n == 0 and not self._own_line(c) and lines and lines[-1][1] is None:
+                lines[-1] = (lines[-1][0], _comment_text(c))
             else:
-                out += [" " * INDENT + _comment_text(c) for c in leading[k]]
-                prefix = " " * INDENT + op + " "
-                line = prefix + self.expr(o, INDENT, len(prefix))
-            lines = line.split("\n")
-            if trailing[k]:
-                lines[-1] += "  " + "  ".join(_comment_text(c) for c in trailing[k])
-            out += lines
+                lines.append((" " * indent + _comment_text(c), None))
+
+    def sub(self, node, indent: int, col: int) -> list[tuple[str, str | None]]:
+        """``node`` as (code, comment) lines: the first line starts at ``col`` (no indent)."""
+        if id(node) in self.hot:
+            return self.lay(node, indent, col)
+        return [(line, None) for line in self.expr(node, indent, col).split("\n")]
+
+    def lay(self, node, indent: int, col: int) -> list[tuple[str, str | None]]:
+        """A hot ``node`` broken at its gaps, each comment kept on the line it followed. Its
+        last line never carries a comment (the gaps are all inside it)."""
+        d, kids = node.data, node.children
+        if d == "pos_arg":
+            return self.sub(kids[0], indent, col)
+        if d == "prefix":
+            ops = "".join(str(t) for t in kids[:-1])
+            out = self.sub(kids[-1], indent, col + len(ops))
+            out[0] = (ops + out[0][0], out[0][1])
+            return out
+        if d in _CHAINS or d in _OP_CHAINS:
+            return self.lay_chain(node, indent, col)
+        inner = indent + INDENT
+        if d == "paren":
+            out = [("(", None)]
+            self._gap(node, 0, out, inner)
+            body = self.sub(kids[0], inner, inner)
+            out += [(" " * inner + body[0][0], body[0][1])] + body[1:]
+            self._gap(node, 1, out, inner)
+            return out + [(" " * indent + ")", None)]
+        # call or int_list: one item per line, each followed by a comma
+        if d == "call":
+            opener, items, closer = f"{kids[0]}(", kids[1].children, ")"
+        else:
+            opener, items, closer = "[", kids, "]"
+        out = [(opener, None)]
+        self._gap(node, 0, out, inner)
+        for k, a in enumerate(items):
+            pre = f"{a.children[0]}=" if a.data == "kw_arg" else ""
+            value = a.children[-1] if a.data in ("kw_arg", "pos_arg") else a
+            body = self.sub(value, inner, inner + len(pre))
+            body[-1] = (body[-1][0] + ",", body[-1][1])
+            out += [(" " * inner + pre + body[0][0], body[0][1])] + body[1:]
+            self._gap(node, k + 1, out, inner)
+        return out + [(" " * indent + closer, None)]
+
+    def lay_chain(self, node, indent: int, col: int) -> list[tuple[str, str | None]]:
+        """A hot chain: one operand per line, the operator first (as ``expr`` breaks a long
+        chain), or a hot bracketed first (last) operand hugging a short comment-free rest
+        (start), as in ``(\n    a  # c\n    | b\n) & causal``."""
+        d, kids = node.data, node.children
+        if d in _CHAINS:
+            ops, operands = [_CHAINS[d]] * (len(kids) - 1), kids
+        else:
+            ops, operands = [str(t) for t in kids[1::2]], kids[::2]
+        quiet = not any((id(node), k) in self.gaps for k in range(1, len(operands)))
+        hot = [id(o) in self.hot for o in operands]
+        if quiet and hot[0] and not any(hot[1:]) and _bracketed(operands[0]):
+            rest = "".join(f" {op} {self.flat(o)}" for op, o in zip(ops, operands[1:]))
+            out = self.sub(operands[0], indent, col)
+            if len(rest) <= WIDTH // 3 and len(out[-1][0]) + len(rest) <= WIDTH:
+                out[-1] = (out[-1][0] + rest, None)
+                return out
+        if quiet and hot[-1] and not any(hot[:-1]) and _bracketed(operands[-1]):
+            start = "".join(f"{self.flat(o)} {op} " for o, op in zip(operands, ops))
+            if len(start) <= WIDTH // 3 and col + len(start) < WIDTH:
+                out = self.sub(operands[-1], indent, col + len(start))
+                out[0] = (start + out[0][0], out[0][1])
+                return out
+        cont = indent if col == indent and indent > 0 else indent + INDENT
+        out = self.sub(operands[0], cont, col)
+        for k in range(1, len(operands)):
+            self._gap(node, k, out, cont)
+            prefix = " " * cont + ops[k - 1] + " "
+            body = self.sub(operands[k], cont, len(prefix))
+            out += [(prefix + body[0][0], body[0][1])] + body[1:]
         return out
 
     def def_param(self, dp: Tree) -> str:
@@ -271,6 +401,13 @@ def _parenthesise(node):
     if node.data == "or_expr":
         kids = [Tree("paren", [c], meta=c.meta) if isinstance(c, Tree) and c.data == "and_expr" else c for c in kids]
     return Tree(node.data, kids, meta=node.meta)
+
+
+def _bracketed(node) -> bool:
+    """Whether ``node`` (behind prefix operators) is a call, list or parenthesis."""
+    while isinstance(node, Tree) and node.data == "prefix":
+        node = node.children[-1]
+    return isinstance(node, Tree) and node.data in ("call", "int_list", "paren")
 
 
 def _comment_text(tok: Token) -> str:

@@ -101,7 +101,7 @@ LAYOUT = [
     ("a & b | c & d", "(a & b) | (c & d)\n"),
     ("let y = local(w=1)  # c1\n  | local(w=2)  # c2\n  # c3\n  | local(w=3)\ny",
      "let y = local(w=1)  # c1\n    | local(w=2)  # c2\n    # c3\n    | local(w=3)\ny\n"),
-    ("let y = blocks(4,  # inside\n  local(w=1))\ny", "# inside\nlet y = blocks(4, local(w=1))\ny\n"),
+    ("let y = blocks(4,  # inside\n  local(w=1))\ny", "let y = blocks(\n    4,  # inside\n    local(w=1),\n)\ny\n"),
     ("heads(" + ", ".join(f"local(w={1000 + i})" for i in range(8)) + ") & causal",
      "heads(\n" + "".join(f"    local(w={1000 + i}),\n" for i in range(8)) + ") & causal\n"),
     ("let u = " + " | ".join(f"local(w={100000 + i})" for i in range(7)),
@@ -137,7 +137,76 @@ def test_fmt_of_generated_patterns(p, breaks, name):
     once = format_source(text)
     assert format_source(once) == once
     assert _comments(once) == _comments(text)
+    # every comment after code stays after code (none is hoisted onto its own line)
+    assert _after_code(once) == _after_code(text)
     assert patternc.parse(once) == patternc.parse(text) == patternc.parse(str(p))
+
+
+def _after_code(text):
+    """The comments that follow code on their line."""
+    return sorted(str(c).rstrip() for c in parse_tree_with_comments(text)[1]
+                  if text.split("\n")[c.line - 1][: c.column - 1].strip())
+
+
+# comments inside an expression stay on the line of the code they followed
+COMMENTED = [
+    # the reported case: an operand-per-line group, then a short tail and the statement's comment
+    ("( window # win\n | stride_heads(s=w) # strides\n) & causal # final",
+     "(\n    window  # win\n    | stride_heads(s=w)  # strides\n) & causal  # final\n"),
+    # without inner comments a short statement stays on one line
+    ("(window\n | stride_heads(s=w)\n) & causal # final", "(window | stride_heads(s=w)) & causal  # final\n"),
+    # a comment after the operator goes with the operand before it
+    ("a |  # after op\n b", "a  # after op\n    | b\n"),
+    # after the last operand of a group, before its `)`
+    ("(a | b  # last\n) & c", "(\n    a | b  # last\n) & c\n"),
+    # a commented group as the last operand
+    ("causal & (local(w=4)  # near\n | sink(1))",
+     "causal & (\n    local(w=4)  # near\n    | sink(1)\n)\n"),
+    # a commented group in the middle of a chain: one operand per line
+    ("a | (b  # in\n | c) | d", "a\n    | (\n        b  # in\n        | c\n    )\n    | d\n"),
+    # nested groups
+    ("((a  # deep\n | b) & c) | d  # end",
+     "(\n    (\n        a  # deep\n        | b\n    ) & c\n) | d  # end\n"),
+    # call arguments: after the `(`, after an argument (and its comma), own-line comments
+    ("heads(local(w=1),  # one\n  local(w=2)  # two\n) & causal",
+     "heads(\n    local(w=1),  # one\n    local(w=2),  # two\n) & causal\n"),
+    ("heads(  # open\n local(w=1),\n # own line\n local(w=2))",
+     "heads(  # open\n    local(w=1),\n    # own line\n    local(w=2),\n)\n"),
+    # inside an integer argument and inside a keyword argument's list
+    ("strided(2 *  # twice\n s)", "strided(\n    2  # twice\n    * s,\n)\n"),
+    ("global(at=[0,  # zero\n 64])", "global(\n    at=[\n        0,  # zero\n        64,\n    ],\n)\n"),
+    # behind a prefix operator
+    ("~(a  # x\n | b)", "~(\n    a  # x\n    | b\n)\n"),
+    # two comments after code in one gap: the second goes on its own line (one comment a line)
+    ("f(x  # c1\n , # c2\n y)", "f(\n    x,  # c1\n    # c2\n    y,\n)\n"),
+    # places no layout breaks at move before the statement (as own-line comments)
+    ("let x =  # head\n a | b", "# head\nlet x = a | b\n"),
+    ("def f(a,  # p\n b) = a", "# p\ndef f(a, b) = a\n"),
+    ("g(f  # name\n (x), k  # kw\n = 1)", "# name\n# kw\ng(f(x), k=1)\n"),
+    ("f(  # empty\n)", "# empty\nf()\n"),
+]
+
+
+@pytest.mark.parametrize("source, expected", COMMENTED)
+def test_comments_inside_expressions(source, expected):
+    once = format_source(source)
+    assert once == expected
+    assert format_source(once) == once
+    assert _comments(once) == _comments(source)
+    assert _outcome(once)[:2] == _outcome(source)[:2]  # the same pattern (or the same error)
+
+
+def test_reported_case_file(tmp_path, capsys):
+    f = tmp_path / "c.pattern"
+    f.write_text("param w = 8\nlet window = local(w) & causal\n"
+                 "def stride_heads(s) = heads(strided(s), strided(2*s))\n"
+                 "( window # win\n | stride_heads(s=w) # strides\n) & causal # final\n")
+    before = patternc.parse(f.read_text())
+    assert main(["fmt", str(f)]) == 0
+    assert f.read_text().splitlines()[-4:] == [
+        "(", "    window  # win", "    | stride_heads(s=w)  # strides", ") & causal  # final"]
+    assert patternc.parse(f.read_text()) == before
+    assert main(["fmt", "--check", str(f)]) == 0
 
 
 # fuzz-found regressions: a statement whose comments all move before it keeps the usual layout
