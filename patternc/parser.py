@@ -20,7 +20,7 @@ from importlib import resources
 from pathlib import Path
 
 from lark import Lark, Token, Tree
-from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
+from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput
 
 from .errors import Diagnostic, PatternError
 from .ir import Span
@@ -85,8 +85,7 @@ class LineJoiner:
             yield tok
 
 
-@functools.lru_cache(maxsize=1)
-def get_parser() -> Lark:
+def _build_parser(**extra) -> Lark:
     return Lark(
         grammar_path().read_text(encoding="utf-8"),
         parser="lalr",
@@ -94,7 +93,13 @@ def get_parser() -> Lark:
         postlex=LineJoiner(),
         propagate_positions=True,
         maybe_placeholders=False,
+        **extra,
     )
+
+
+@functools.lru_cache(maxsize=1)
+def get_parser() -> Lark:
+    return _build_parser()
 
 
 class _CommentSink:
@@ -115,15 +120,7 @@ _COMMENTS = _CommentSink()
 @functools.lru_cache(maxsize=1)
 def get_comment_parser() -> Lark:
     """Like ``get_parser``, but the lexer hands every comment to ``_COMMENTS``."""
-    return Lark(
-        grammar_path().read_text(encoding="utf-8"),
-        parser="lalr",
-        lexer="basic",
-        postlex=LineJoiner(),
-        propagate_positions=True,
-        maybe_placeholders=False,
-        lexer_callbacks={"COMMENT": _COMMENTS},
-    )
+    return _build_parser(lexer_callbacks={"COMMENT": _COMMENTS})
 
 
 # --- syntax error labelling -----------------------------------------------------------------
