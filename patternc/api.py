@@ -32,8 +32,8 @@ def parse(source, *, params: dict | None = None, filename: str | None = None) ->
     """Parse pattern source text into its canonical ``Pattern`` (``str(p)`` is canonical).
 
     Args:
-        source: pattern text (a whole ``.pattern`` file or one expression), or a Pattern
-            (returned unchanged).
+        source: pattern text (a whole ``.pattern`` file or one expression), UTF-8 bytes, or a
+            Pattern (returned unchanged; ``params`` are then an error).
         params: overrides for the source's ``param`` defaults (name -> int); names the source
             does not declare become integer names it may use.
         filename: shown in diagnostics (default ``<string>``).
@@ -50,13 +50,28 @@ def parse(source, *, params: dict | None = None, filename: str | None = None) ->
         '(local(w=128) | strided(s=64)) & causal'
     """
     if isinstance(source, Pattern):
+        if params:
+            from .errors import Diagnostic, PatternError
+
+            raise PatternError(Diagnostic("P214", "params apply to source text; this is already a Pattern", None,
+                                          "pass the source text with params=..., or bind the params when parsing"))
         return source
-    if isinstance(source, bytes):
-        source = decode_source(source, filename or "<bytes>")
-    p, res = analyse_source(source, params=params, filename=filename)
+    p, res = parse_source(source, params=params, filename=filename)
     for w in res.warnings:
         warnings.warn(PatternWarning(w), stacklevel=2)
     return p
+
+
+def parse_source(source, *, params: dict | None = None, filename: str | None = None):
+    """Text or UTF-8 bytes -> ``(canonical Pattern, ParseResult)`` without issuing warnings
+    (the caller decides how to show ``ParseResult.warnings``).
+
+    Raises:
+        PatternError: P108 for bytes that are not UTF-8, and any P1xx / P2xx diagnostic.
+    """
+    if isinstance(source, bytes):
+        source = decode_source(source, filename or "<bytes>")
+    return analyse_source(source, params=params, filename=filename)
 
 
 def load(path, *, params: dict | None = None) -> Pattern:

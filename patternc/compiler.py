@@ -18,13 +18,14 @@ import functools
 import json
 import os
 import time
+import warnings
 import zipfile
 from functools import cached_property
 
 import numpy as np
 
 from . import ir
-from .errors import Diagnostic, PatternError
+from .errors import Diagnostic, PatternError, PatternWarning
 from .ir import Pattern, select_layer
 from .layout import EMPTY, FULL, PARTIAL, BlockLayout, normalize_block_size
 from .normalize import bind_lengths, normalize
@@ -53,19 +54,9 @@ def _layout_cached(pattern: Pattern, q_len: int, kv_len: int, qb: int, kb: int, 
     return lower_to_layout(pattern, q_len, kv_len, (qb, kb), num_heads)
 
 
-def attach_source(e: PatternError, text: str | None, filename: str) -> PatternError:
-    """Give diagnostics raised after parsing (P301 at bind time) the source they point into."""
-    if text is None:
-        return e
-    for d in e.diagnostics:
-        if d.source is None and d.span is not None:
-            d.source, d.filename = text, filename
-    return PatternError(e.diagnostics)
-
-
 def layer_pattern(p: Pattern, *, q_len: int, kv_len: int, layer: int) -> Pattern:
     """The canonical pattern of one layer with ``q_len``/``kv_len`` bound (P301 on bad values)."""
-    return normalize(bind_lengths(normalize(select_layer(p, layer)), q_len, kv_len))
+    return bind_lengths(normalize(select_layer(p, layer)), q_len, kv_len)
 
 
 def compile(p_or_source, *, q_len: int, kv_len: int | None = None, num_heads: int = 1,
@@ -114,29 +105,23 @@ def compile(p_or_source, *, q_len: int, kv_len: int | None = None, num_heads: in
         raise _arg_error(str(e), "use block_size=128 or a pair such as (64, 128)") from None
     source_text = None
     if isinstance(p_or_source, Pattern):
-        if params:
-            raise _arg_error("params apply to source text; this is already a Pattern",
-                             "bind parameters with patternc.parse(source, params=...)")
-        full = normalize(p_or_source)
-    else:
         from .api import parse
 
-        full = parse(p_or_source, params=params)
-        source_text = p_or_source if isinstance(p_or_source, str) else None
-        if source_text is not None:
-            from .api import analyse_source
+        full = normalize(parse(p_or_source, params=params))  # params with a Pattern: P214
+        params = {}
+    else:
+        from .api import parse_source
 
-            params = analyse_source(source_text, params=params)[1].params  # defaults included
+        full, res = parse_source(p_or_source, params=params)
+        for w in res.warnings:
+            warnings.warn(PatternWarning(w), stacklevel=2)
+        source_text, params = res.source, res.params  # params: the declared ones, defaults included
     try:
         pattern = layer_pattern(full, q_len=q_len, kv_len=kv_len, layer=layer)
     except PatternError as e:
-        raise attach_source(e, source_text, "<string>") from None
+        raise (e.with_source(source_text) if source_text is not None else e) from None
     H = pattern.num_heads if num_heads is None else _check_count("num_heads", num_heads, 1, "heads")
     if H < pattern.num_heads:
-        import warnings
-
-        from .errors import PatternWarning
-
         warnings.warn(PatternWarning(Diagnostic(
             "W003", f"the pattern has {pattern.num_heads} different heads but num_heads={H}: only heads "
             f"0..{H - 1} are compiled", None, f"pass num_heads={pattern.num_heads} (--heads {pattern.num_heads}) "

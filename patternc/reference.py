@@ -14,16 +14,6 @@ from .errors import PatternError
 from .normalize import bind_lengths
 
 
-def _as_pattern(p_or_source, params) -> Pattern:
-    if isinstance(p_or_source, Pattern):
-        if params:
-            raise ValueError("params apply to source text; this is already a Pattern")
-        return p_or_source
-    from . import parse
-
-    return parse(p_or_source, params=params)
-
-
 def random_keys(r: int, seed: int, q_len: int, kv_len: int) -> list[np.ndarray]:
     """The keys ``random(r, seed)`` draws for each query row (SPEC §1.1): one PCG64 stream,
     rows 0..Q_LEN-1 in order, ``choice(KV_LEN, size=min(r, KV_LEN), replace=False)``."""
@@ -131,7 +121,9 @@ def dense_mask(p_or_source, *, q_len: int, kv_len: int | None = None, num_heads:
     kv_len = q_len if kv_len is None else kv_len
     if q_len < 1 or kv_len < 1 or num_heads < 1:
         raise ValueError(f"q_len, kv_len and num_heads must be >= 1, got {q_len}, {kv_len}, {num_heads}")
-    p = _as_pattern(p_or_source, params)
+    from .api import parse
+
+    p = parse(p_or_source, params=params)
     try:
         p = bind_lengths(select_layer(p, layer), q_len, kv_len, normalized=False)
     except PatternError as e:

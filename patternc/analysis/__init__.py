@@ -21,7 +21,6 @@ import time
 import warnings
 
 from ..errors import Diagnostic, PatternError, PatternWarning
-from ..ir import Pattern
 from .model import MODES, Hop, Stack
 from .report import ReachReport, Witness
 
@@ -39,17 +38,6 @@ def _arg_error(message: str, help_: str) -> PatternError:
 
 def _engine_error(message: str, help_: str) -> PatternError:
     return PatternError(Diagnostic("P402", message, None, help_, filename="<analyze>"))
-
-
-def _as_pattern(p_or_source, params) -> Pattern:
-    if isinstance(p_or_source, Pattern):
-        if params:
-            raise _arg_error("params apply to source text; this is already a Pattern",
-                             "pass the source text, or bind the params when parsing")
-        return p_or_source
-    from ..api import parse
-
-    return parse(p_or_source, params=params)
 
 
 def _check_int(name, v, minimum, allow_none=False):
@@ -109,7 +97,9 @@ def analyze(p_or_source, *, seq_len: int, layers: int | None = None, num_heads: 
 
         hint = did_you_mean(str(engine), ENGINES)
         raise _arg_error(f"unknown engine {engine!r}", hint or f"choose one of {', '.join(ENGINES)}")
-    pattern = _as_pattern(p_or_source, params)
+    from ..api import parse
+
+    pattern = parse(p_or_source, params=params)
     notes = []
     if pattern.num_heads > num_heads:
         msg = (f"the pattern has {pattern.num_heads} different heads but num_heads={num_heads}: only heads "

@@ -54,7 +54,7 @@ def _check_lengths(args):
 def run(args) -> int:
     def body(src):
         from ..api import analyse_source
-        from ..compiler import attach_source, compile as compile_pattern
+        from ..compiler import compile as compile_pattern
 
         _check_lengths(args)
         block_size = parse_block_size(args.block_size)
@@ -65,7 +65,7 @@ def run(args) -> int:
         except PatternError as e:
             if e.code in ("P302", "P303"):  # lengths / block size from the command line
                 raise UsageError(e.diagnostic.message + (f" ({e.diagnostic.help})" if e.diagnostic.help else "")) from None
-            raise attach_source(e, src.text, src.filename) from None
+            raise e.with_source(src.text, src.filename) from None
         cp.params = dict(res.params)
         summary = cp.summary()
         if args.output:

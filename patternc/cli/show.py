@@ -48,16 +48,6 @@ def parse_block_size(text: str):
     return vals[0] if len(vals) == 1 else (vals[0], vals[1])
 
 
-def _with_source(e: PatternError, src) -> PatternError:
-    """Point a compile-time diagnostic (P301: a parameter out of range at these lengths)
-    into the user's source when the compiler can."""
-    try:
-        from ..compiler import attach_source
-    except ImportError:
-        return e
-    return attach_source(e, src.text, src.filename)
-
-
 def _ascii_only(args) -> bool:
     if args.ascii:
         return True
@@ -85,7 +75,7 @@ def run(args) -> int:
             if e.code in ("P302", "P303"):  # lengths / heads / block size from the command line
                 d = e.diagnostic
                 raise UsageError(d.message + (f" ({d.help})" if d.help else "")) from None
-            raise _with_source(e, src) from None
+            raise e.with_source(src.text, src.filename) from None
         png = None
         if args.png:
             try:
