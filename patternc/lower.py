@@ -271,7 +271,13 @@ def _kinds_from_counts(cnt: np.ndarray, area: np.ndarray) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=16)
-def _d_prefix(p: Pattern, q_len: int, kv_len: int, code: int = 0) -> np.ndarray:
+def _d_prefix(p: Pattern, q_len: int, kv_len: int) -> np.ndarray:
+    """``_d_prefix_uncached`` for the plain difference lowering, cached per pattern/lengths
+    (the sweep's per-assignment tables are not cached: they would pin memory and never hit)."""
+    return _d_prefix_uncached(p, q_len, kv_len, 0)
+
+
+def _d_prefix_uncached(p: Pattern, q_len: int, kv_len: int, code: int) -> np.ndarray:
     """int64 [Q_LEN + KV_LEN]: ps[t] = allowed differences among d = -(KV_LEN-1) ... t-KV_LEN."""
     d = np.arange(-(kv_len - 1), q_len, dtype=np.int64)
     f = _full(evaluate(p, d, 0, q_len, kv_len, code), d.shape)
@@ -646,7 +652,7 @@ class SweepPlan:
     kv_len: int
 
     def _prefix_table(self, codes) -> np.ndarray:
-        return np.stack([_d_prefix(self.skeleton, self.q_len, self.kv_len, int(c)) for c in codes])
+        return np.stack([_d_prefix_uncached(self.skeleton, self.q_len, self.kv_len, int(c)) for c in codes])
 
     def _all_codes_table(self) -> np.ndarray | None:
         """int64 [2**atoms, Q_LEN + KV_LEN] prefix sums for every atom assignment, when small
