@@ -167,11 +167,17 @@ class CompiledPattern:
         self.params = params
         self.compile_seconds = 0.0
         self._mask_mods: dict = {}
+        self._block_masks: dict = {}
 
-    def __getstate__(self):  # mask_mods are closures over tensors: rebuilt on demand, not pickled
+    def __getstate__(self):  # mask_mods / BlockMasks hold closures and tensors: rebuilt on demand
         state = dict(self.__dict__)
         state["_mask_mods"] = {}
+        state["_block_masks"] = {}
         return state
+
+    def __setstate__(self, state):
+        state.setdefault("_block_masks", {})
+        self.__dict__.update(state)
 
     # ---- predicates ------------------------------------------------------------------------------
     @cached_property
@@ -253,10 +259,16 @@ class CompiledPattern:
     def block_mask(self, device="cpu"):
         """FlexAttention ``BlockMask`` (batch 1, H heads) built from the layout with
         ``BlockMask.from_kv_blocks``, carrying ``mask_mod_on(device)``; equal to
-        ``create_block_mask(self.mask_mod, 1, H, Q_LEN, KV_LEN, BLOCK_SIZE=self.block_size)``."""
+        ``create_block_mask(self.mask_mod, 1, H, Q_LEN, KV_LEN, BLOCK_SIZE=self.block_size)``.
+        Built once per device and cached on this object (not pickled)."""
+        import torch
+
         from .blockmask import to_block_mask
 
-        return to_block_mask(self.layout, self.mask_mod_on(device), device=device)
+        key = str(torch.device(device))
+        if key not in self._block_masks:
+            self._block_masks[key] = to_block_mask(self.layout, self.mask_mod_on(device), device=device)
+        return self._block_masks[key]
 
     def attention(self, q, k, v, *, scale=None, backend="auto", return_backend=False, dropout_p=0.0):
         """Sparse attention with this layer's pattern: q float [B, H, Q_LEN, D], k [B, H_kv, KV_LEN, D],

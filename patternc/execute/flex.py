@@ -48,19 +48,6 @@ def compiled_flex_attention(device):
     return fn
 
 
-def block_mask_for(cp, device):
-    """``cp.block_mask(device)``, cached on the compiled pattern per device when possible."""
-    device = torch.device(device)
-    try:
-        cache = vars(cp).setdefault("_patternc_block_masks", {})
-    except TypeError:  # no __dict__: no cache
-        return cp.block_mask(device)
-    bm = cache.get(str(device))
-    if bm is None:
-        bm = cache[str(device)] = cp.block_mask(device)
-    return bm
-
-
 def flex_attention(cp, q, k, v, scale: float, *, empty_rows=None):
     """FlexAttention with the compiled pattern's BlockMask.
 
@@ -71,7 +58,7 @@ def flex_attention(cp, q, k, v, scale: float, *, empty_rows=None):
     Returns:
         [B, H, Q_LEN, Dv] in q's dtype.
     """
-    bm = block_mask_for(cp, q.device)
+    bm = cp.block_mask(q.device)
     fn = compiled_flex_attention(q.device)
     gqa = k.shape[1] != q.shape[1]
     try:
