@@ -111,12 +111,14 @@ class SparseSelfAttention(nn.Module):
 
     # ---- compiled patterns ----------------------------------------------------------------
     def compiled(self, seq_len: int, device="cpu"):
-        """The ``CompiledPattern`` for ``Q_LEN = KV_LEN = seq_len`` (cached per (length, device)).
+        """The ``CompiledPattern`` for ``Q_LEN = KV_LEN = seq_len``, cached per length; the
+        per-device ``mask_mod`` and ``BlockMask`` are cached inside it (so block masks are
+        cached per (length, device)). ``device`` is accepted for symmetry and not needed.
 
         Raises:
             PatternError: a parameter out of range at this length (P301) and other P3xx.
         """
-        key = (int(seq_len), str(torch.device(device)))
+        key = int(seq_len)
         cp = self._compiled.get(key)
         if cp is not None:
             self._compiled.move_to_end(key)
