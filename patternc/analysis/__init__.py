@@ -108,12 +108,7 @@ def analyze(p_or_source, *, seq_len: int, layers: int | None = None, num_heads: 
         warnings.warn(PatternWarning(Diagnostic("W003", msg, None, None,
                                                 severity="warning", filename="<pattern>")), stacklevel=2)
     stack = Stack(pattern, seq_len, num_heads)
-    from .tiles import LayoutUnavailable
-
-    try:
-        out = _run(stack, pairs, engine, layers, block_size, notes)
-    except LayoutUnavailable as e:
-        raise _engine_error(str(e), "analyse a shorter sequence, or a shift-invariant pattern (exact-shift)") from None
+    out = _run(stack, pairs, engine, layers, block_size, notes)
     out.pattern = str(pattern)
     out.seconds = time.perf_counter() - t0
     return out
