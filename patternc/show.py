@@ -43,7 +43,6 @@ from .layout import EMPTY, FULL, PARTIAL, normalize_block_size
 BLOCK_CHARS = {FULL: "#", PARTIAL: "+", EMPTY: "."}
 TOKEN_CHARS_UNICODE = ("·", "█")  # masked, allowed
 TOKEN_CHARS_ASCII = (".", "#")
-DENSE_EVAL_LIMIT = 1 << 22  # H * Q_LEN * KV_LEN up to which cp.dense_mask() is used for the token view
 PNG_TOKEN_LIMIT = 1024  # auto view: token mask in a PNG up to this length
 MAX_PNG_PANELS = 16  # distinct head pictures drawn in one PNG (the rest are named in the caption)
 TICK = 10  # characters between axis labels
@@ -205,27 +204,11 @@ def picture(p_or_source, *, q_len: int, kv_len: int | None = None, num_heads: in
 
 
 def _token_window(cp, heads, window, H) -> np.ndarray:
-    """bool [len(heads), q1 - q0, k1 - k0]: the exact mask of the window."""
+    """bool [len(heads), q1 - q0, k1 - k0]: the exact mask of the window (the compiler's
+    torch-free predicate on just these positions)."""
     q0, q1, k0, k1 = window
-    if H * cp.layout.q_len * cp.layout.kv_len <= DENSE_EVAL_LIMIT:
-        return np.asarray(cp.dense_mask(), dtype=bool)[heads, q0:q1, k0:k1]
-    mask_numpy = getattr(cp, "mask_numpy", None)  # the compiler's torch-free predicate
-    if mask_numpy is not None:
-        qi, ki = np.arange(q0, q1, dtype=np.int64)[:, None], np.arange(k0, k1, dtype=np.int64)[None, :]
-        return np.stack([mask_numpy(h, qi, ki) for h in heads])
-    import torch
-    from torch.nn.attention.flex_attention import create_mask
-
-    mask_mod = cp.mask_mod
-    out = []
-    for h in heads:
-        def shifted(b, hh, q_idx, kv_idx, _h=h):
-            return mask_mod(b, hh + _h, q_idx + q0, kv_idx + k0)
-
-        with torch.no_grad():
-            m = create_mask(shifted, 1, 1, q1 - q0, k1 - k0, device="cpu")
-        out.append(m[0, 0].numpy().astype(bool))
-    return np.stack(out)
+    qi, ki = np.arange(q0, q1, dtype=np.int64)[:, None], np.arange(k0, k1, dtype=np.int64)[None, :]
+    return np.stack([cp.mask_numpy(h, qi, ki) for h in heads])
 
 
 # ---- terminal -------------------------------------------------------------------------------------------------
