@@ -99,7 +99,7 @@ def test_merged_block_picture():
 
 
 def test_window_zoom_at_length_past_the_dense_limit_matches_the_oracle(capsys):
-    """2100^2 > DENSE_EVAL_LIMIT: the window comes from mask_mod, not cp.dense_mask()."""
+    """A window of a 2100-token pattern is evaluated on its own positions (mask_numpy), never the whole mask."""
     src, n = "(local(w=8) | strided(s=16) | sink(n=3)) & causal", 2100
     code, out, _ = _cli(capsys, "show", "-e", src, "--seq-len", str(n), "--window", "2040:2064,1990:2100", "--ascii")
     assert code == 0
