@@ -13,32 +13,10 @@ block lists and applies only ``mask_mod``.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch.nn.attention.flex_attention import BlockMask
 
-from .layout import FULL, PARTIAL, BlockLayout
-
-
-def ordered_lists(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """FlexAttention's ``(num_blocks, indices)`` of a boolean tile mask, without sorting.
-
-    Args:
-        mask: bool [H, num_q_blocks, num_kv_blocks].
-
-    Returns:
-        counts int32 [H, num_q_blocks]; indices int32 [H, num_q_blocks, num_kv_blocks] with
-        the selected kv block indices ascending first in each row, then zero padding.
-    """
-    counts = mask.sum(axis=-1, dtype=np.int32)
-    idx = np.zeros(mask.shape, dtype=np.int32)
-    h, q, k = np.nonzero(mask)  # row-major: k ascends within each (h, q)
-    if k.size:
-        row_start = np.cumsum(counts.ravel()) - counts.ravel()
-        row = h * mask.shape[1] + q
-        pos = np.arange(k.size) - row_start[row]
-        idx[h, q, pos] = k
-    return counts, idx
+from .layout import FULL, PARTIAL, BlockLayout, ordered_lists
 
 
 def to_block_mask(layout: BlockLayout, mask_mod, device="cpu") -> BlockMask:

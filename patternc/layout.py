@@ -72,15 +72,25 @@ def normalize_block_size(block_size) -> tuple[int, int]:
     return pair
 
 
-def _indices_from(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Counts int32 [H, nq] and sorted indices int32 [H, nq, nkv] of True entries per row."""
+def ordered_lists(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """FlexAttention's ``(num_blocks, indices)`` of a boolean tile mask, without sorting.
+
+    Args:
+        mask: bool [H, num_q_blocks, num_kv_blocks].
+
+    Returns:
+        counts int32 [H, num_q_blocks]; indices int32 [H, num_q_blocks, num_kv_blocks] with
+        the selected kv block indices ascending first in each row, then zero padding.
+    """
     counts = mask.sum(axis=-1, dtype=np.int32)
-    # stable argsort of "not selected" puts selected columns first, in ascending order
-    order = np.argsort(~mask, axis=-1, kind="stable").astype(np.int32)
-    nkv = mask.shape[-1]
-    valid = np.arange(nkv, dtype=np.int32) < counts[..., None]
-    indices = np.where(valid, order, 0).astype(np.int32)
-    return counts, indices
+    idx = np.zeros(mask.shape, dtype=np.int32)
+    h, q, k = np.nonzero(mask)  # row-major: k ascends within each (h, q)
+    if k.size:
+        row_start = np.cumsum(counts.ravel()) - counts.ravel()
+        row = h * mask.shape[1] + q
+        pos = np.arange(k.size) - row_start[row]
+        idx[h, q, pos] = k
+    return counts, idx
 
 
 @dataclass(frozen=True, eq=False)
@@ -121,11 +131,11 @@ class BlockLayout:
     # ---- FlexAttention lists (derived) -----------------------------------------------------
     @cached_property
     def _partial_lists(self):
-        return _indices_from(self.kinds == PARTIAL)
+        return ordered_lists(self.kinds == PARTIAL)
 
     @cached_property
     def _full_lists(self):
-        return _indices_from(self.kinds == FULL)
+        return ordered_lists(self.kinds == FULL)
 
     @property
     def kv_num_blocks(self) -> np.ndarray:
