@@ -93,6 +93,22 @@ def ordered_lists(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return counts, idx
 
 
+def merge_kinds(k: np.ndarray, fq: int, fk: int) -> np.ndarray:
+    """uint8 [ceil(nq/fq), ceil(nk/fk)] from uint8 kinds [nq, nk]: groups of fq x fk tiles
+    become FULL if all FULL, EMPTY if all EMPTY, else PARTIAL (for pictures)."""
+    if fq == 1 and fk == 1:
+        return k
+    nq, nk = k.shape
+    pq, pk = -(-nq // fq) * fq, -(-nk // fk) * fk
+    all_full = np.ones((pq, pk), dtype=bool)
+    all_empty = np.ones((pq, pk), dtype=bool)
+    all_full[:nq, :nk] = k == FULL
+    all_empty[:nq, :nk] = k == EMPTY
+    af = all_full.reshape(pq // fq, fq, pk // fk, fk).all(axis=(1, 3))
+    ae = all_empty.reshape(pq // fq, fq, pk // fk, fk).all(axis=(1, 3))
+    return np.where(af, FULL, np.where(ae, EMPTY, PARTIAL)).astype(np.uint8)
+
+
 @dataclass(frozen=True, eq=False)
 class BlockLayout:
     """Tile kinds of one layer of a pattern, per head (see the module docstring).
@@ -269,25 +285,13 @@ class BlockLayout:
 
     # ---- pictures --------------------------------------------------------------------------------
     def ascii(self, head: int = 0, max_blocks: int = 64) -> str:
-        """Text picture of one head: '#' FULL, '+' PARTIAL, '.' EMPTY; one char per tile
-        (tiles are merged, taking the strongest kind, when there are more than max_blocks)."""
-        k = self.kinds[head]
-        nq, nk = k.shape
-        sq = max(1, -(-nq // max_blocks))
-        sk = max(1, -(-nk // max_blocks))
-        rows = []
-        for r in range(0, nq, sq):
-            line = []
-            for c in range(0, nk, sk):
-                t = k[r : r + sq, c : c + sk]
-                if (t == FULL).all():
-                    line.append("#")
-                elif (t == EMPTY).all():
-                    line.append(".")
-                else:
-                    line.append("+")
-            rows.append("".join(line))
-        return "\n".join(rows)
+        """Text picture of one head, one character per tile: '#' FULL, '+' PARTIAL, '.' EMPTY.
+        With more than ``max_blocks`` tiles a side, neighbouring tiles are merged: '#' if all
+        merged tiles are FULL, '.' if all are EMPTY, '+' otherwise."""
+        nq, nk = self.kinds.shape[1:]
+        merged = merge_kinds(self.kinds[head], max(1, -(-nq // max_blocks)), max(1, -(-nk // max_blocks)))
+        chars = np.array([".", "+", "#"])  # indexed by EMPTY, PARTIAL, FULL
+        return "\n".join("".join(row) for row in chars[merged])
 
     def __repr__(self) -> str:
         return (

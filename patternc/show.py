@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .layout import EMPTY, FULL, PARTIAL, normalize_block_size
+from .layout import EMPTY, FULL, PARTIAL, merge_kinds, normalize_block_size
 
 BLOCK_CHARS = {FULL: "#", PARTIAL: "+", EMPTY: "."}
 TOKEN_CHARS_UNICODE = ("·", "█")  # masked, allowed
@@ -214,21 +214,6 @@ def _token_window(cp, heads, window, H) -> np.ndarray:
 # ---- terminal -------------------------------------------------------------------------------------------------
 
 
-def _merge_kinds(k: np.ndarray, f: int) -> np.ndarray:
-    """uint8 [ceil(nq/f), ceil(nk/f)]: FULL if all FULL, EMPTY if all EMPTY, else PARTIAL."""
-    if f == 1:
-        return k
-    nq, nk = k.shape
-    pq, pk = -(-nq // f) * f, -(-nk // f) * f
-    all_full = np.ones((pq, pk), dtype=bool)
-    all_empty = np.ones((pq, pk), dtype=bool)
-    all_full[:nq, :nk] = k == FULL
-    all_empty[:nq, :nk] = k == EMPTY
-    af = all_full.reshape(pq // f, f, pk // f, f).all(axis=(1, 3))
-    ae = all_empty.reshape(pq // f, f, pk // f, f).all(axis=(1, 3))
-    return np.where(af, FULL, np.where(ae, EMPTY, PARTIAL)).astype(np.uint8)
-
-
 def _ruler(n_cells: int, start: int, step: int, indent: int) -> list[str]:
     """Two lines: labels every TICK cells (value = start + cell * step) and tick marks."""
     labels = [" "] * (n_cells + 12)
@@ -245,7 +230,7 @@ def _grid_rows(p: Picture, i: int, ascii_only: bool) -> list[str]:
     if p.view == "tokens":
         chars = TOKEN_CHARS_ASCII if ascii_only else TOKEN_CHARS_UNICODE
         return ["".join(chars[1] if x else chars[0] for x in row) for row in p.tokens[i]]
-    k = _merge_kinds(p.kinds[p.heads[i]], p.merge)
+    k = merge_kinds(p.kinds[p.heads[i]], p.merge, p.merge)
     return ["".join(BLOCK_CHARS[int(x)] for x in row) for row in k]
 
 

@@ -20,7 +20,8 @@ if importlib.util.find_spec("patternc.compiler") is None:  # show draws compiled
     pytest.skip("patternc.compiler has not landed yet (issue 3)", allow_module_level=True)
 
 from patternc.cli import main  # noqa: E402
-from patternc.show import _merge_kinds, parse_text_grid, parse_window, picture, save_png, to_text  # noqa: E402
+from patternc.layout import merge_kinds  # noqa: E402
+from patternc.show import parse_text_grid, parse_window, picture, save_png, to_text  # noqa: E402
 
 TOKEN_CASES = [
     # source, q_len, kv_len, heads, block_size
@@ -95,7 +96,7 @@ def test_merged_block_picture():
         tile = kinds[4 * r:4 * r + 4, 4 * c:4 * c + 4]
         want = "#" if (tile == 2).all() else "." if (tile == 0).all() else "+"
         assert grid[r, c] == want, (r, c)
-    assert np.array_equal(_merge_kinds(kinds, 1), kinds)
+    assert np.array_equal(merge_kinds(kinds, 1, 1), kinds)
 
 
 def test_window_zoom_at_length_past_the_dense_limit_matches_the_oracle(capsys):
