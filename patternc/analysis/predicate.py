@@ -18,6 +18,7 @@ import functools
 import numpy as np
 
 from ..ir import And, Blocks, Diff, Heads, Layers, Or, Pattern, select_head
+from ..printer import _prec
 
 
 def evaluate(p: Pattern, head: int, i, j, q_len: int, kv_len: int) -> np.ndarray:
@@ -114,19 +115,9 @@ def _why(p, h, i, j, q_len, kv_len) -> tuple[str, int]:
         left, lp = _why(p.left, h, i, j, q_len, kv_len)
         return f"{f'({left})' if lp > 2 else left} - {_paren(p.right, 2)}", 2
     text = str(p)
-    return text, _precedence(p)
-
-
-def _precedence(p) -> int:
-    if isinstance(p, Or):
-        return 4
-    if isinstance(p, And):
-        return 3
-    if isinstance(p, Diff):
-        return 2
-    return 0
+    return text, _prec(p)
 
 
 def _paren(p, level) -> str:
     text = str(p)
-    return f"({text})" if _precedence(p) >= level else text
+    return f"({text})" if _prec(p) >= level else text
