@@ -5,7 +5,8 @@ canonical IR (``parse`` / ``load``), compiled analytically to FlexAttention-styl
 layouts (``compile``), executed with torch (``CompiledPattern.attention``), and analysed
 for reachability through a layer stack (``analyze``). See SPEC §2 and ``docs/``.
 
-``import patternc`` does not import torch; execution imports it on first use.
+``import patternc`` does not import torch (execution imports it on first use), nor numpy:
+the layout, oracle, compiler, analysis and ``nn`` load when first used.
 """
 
 from __future__ import annotations
@@ -13,8 +14,6 @@ from __future__ import annotations
 from .api import load, parse
 from .errors import Diagnostic, ExitCode, PatternError, PatternWarning
 from .ir import Pattern
-from .layout import EMPTY, FULL, PARTIAL, BlockLayout
-from . import reference
 
 __version__ = "0.1.0"
 
@@ -25,6 +24,10 @@ __all__ = [
 ]
 
 _LAZY = {
+    "BlockLayout": ("layout", "BlockLayout"),
+    "EMPTY": ("layout", "EMPTY"),
+    "PARTIAL": ("layout", "PARTIAL"),
+    "FULL": ("layout", "FULL"),
     "compile": ("compiler", "compile"),
     "CompiledPattern": ("compiler", "CompiledPattern"),
     "load_compiled": ("compiler", "load_compiled"),
@@ -39,8 +42,8 @@ def __getattr__(name):
 
         mod, attr = _LAZY[name]
         return getattr(importlib.import_module(f".{mod}", __name__), attr)
-    if name == "nn":
+    if name in ("nn", "reference"):
         import importlib
 
-        return importlib.import_module(".nn", __name__)
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'patternc' has no attribute {name!r}")

@@ -121,3 +121,14 @@ def test_run_check_with_nan_inputs_fails_with_valid_json(tmp_path, capsys):
                                 "--head-dim", "8", "--input", str(tmp_path / "nan.npz"), "--check", "--repeats", "1"])
     assert rc == 1 and obj["ok"] is False and obj["check_passed"] is False
     assert obj["max_abs_error"] is None  # NaN, written as null: never a perfect 0
+
+
+def test_import_patternc_loads_neither_torch_nor_numpy():
+    import subprocess
+    import sys
+
+    code = ("import sys, patternc; patternc.parse('(local(w=128) | strided(s=64)) & causal'); "
+            "print('torch' in sys.modules, 'numpy' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1])).stdout.split()
+    assert out == ["False", "False"]
