@@ -180,3 +180,17 @@ def report_errors(diags: list[Diagnostic], as_json: bool, extra: dict | None = N
     else:
         emit_diagnostics(diags, False)
     return ExitCode.PROBLEMS
+
+
+def parse_block_size(text: str):
+    """``--block-size`` of compile / show / run: ``B``, or ``Q,KV`` (``QxKV`` too) -> int or
+    (Q_BLOCK_SIZE, KV_BLOCK_SIZE) tokens. Raises UsageError (exit 2)."""
+    parts = [t.strip() for t in str(text).lower().replace("x", ",").split(",")]
+    try:
+        vals = [int(t) for t in parts]
+    except ValueError:
+        raise UsageError(f"--block-size expects B or Q,KV (integers, e.g. 128 or 64,128), got {text!r}") from None
+    if len(vals) not in (1, 2) or min(vals) < 1:
+        raise UsageError(f"--block-size expects one or two integers >= 1 (e.g. 128 or 64,128), got {text!r}")
+    return vals[0] if len(vals) == 1 else (vals[0], vals[1])
+

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 from ..errors import ExitCode, PatternError
-from .common import UsageError, add_source_args, emit_diagnostics, print_json, run_guarded
+from .common import UsageError, add_source_args, emit_diagnostics, parse_block_size, print_json, run_guarded
 
 MAX_PICTURE_BLOCKS = 64  # ascii pictures for layouts up to this many blocks per side
 MAX_PICTURE_HEADS = 4
@@ -27,17 +27,6 @@ def register(sub) -> None:
     p.add_argument("--layer", type=int, default=0, metavar="L", help="which layer of a layers(...) stack (default 0)")
     p.add_argument("-o", "--output", metavar="OUT", help="write the compiled layout here (.npz, written atomically)")
     p.set_defaults(func=run)
-
-
-def parse_block_size(text: str):
-    parts = [s.strip() for s in str(text).split(",")]
-    try:
-        vals = [int(s) for s in parts]
-    except ValueError:
-        raise UsageError(f"--block-size expects an int or Q,KV (e.g. 128 or 64,128), got {text!r}") from None
-    if len(vals) not in (1, 2) or min(vals) < 1:
-        raise UsageError(f"--block-size expects one or two positive ints (e.g. 128 or 64,128), got {text!r}")
-    return vals[0] if len(vals) == 1 else (vals[0], vals[1])
 
 
 def _check_lengths(args):

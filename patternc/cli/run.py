@@ -18,7 +18,7 @@ import sys
 import time
 
 from ..errors import ExitCode
-from .common import UsageError, add_source_args, emit_diagnostics, print_json, run_guarded
+from .common import UsageError, add_source_args, emit_diagnostics, parse_block_size, print_json, run_guarded
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 BACKENDS = ("auto", "flex", "blocksparse", "sdpa")
@@ -39,7 +39,8 @@ def register(sub) -> None:
     p.add_argument("--batch", type=int, metavar="B", help="batch size (default 1)")
     p.add_argument("--dtype", choices=DTYPES, help="tensor dtype (default float32, or the --input file's)")
     p.add_argument("--backend", choices=BACKENDS, default="auto", help="execution backend (default auto)")
-    p.add_argument("--block-size", type=int, default=128, metavar="B", help="BLOCK_SIZE in tokens (default 128)")
+    p.add_argument("--block-size", default="128", metavar="B|Q,KV",
+                   help="BLOCK_SIZE in tokens, or Q_BLOCK_SIZE,KV_BLOCK_SIZE (default 128)")
     p.add_argument("--layer", type=int, default=0, help="entry of layers(...) to run (default 0)")
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--repeats", type=int, default=5, metavar="R", help="timed calls after one warm-up (default 5)")
@@ -210,7 +211,8 @@ def run(args) -> int:
 
         pattern, res = analyse_source(src.text, params=src.params, filename=src.filename)
         emit_diagnostics(res.warnings, args.json)
-        for name in ("--seq-len", "--kv-len", "--heads", "--kv-heads", "--head-dim", "--batch", "--block-size"):
+        args.block_size = parse_block_size(args.block_size)
+        for name in ("--seq-len", "--kv-len", "--heads", "--kv-heads", "--head-dim", "--batch"):
             _positive(name, getattr(args, name[2:].replace("-", "_")))
         if args.repeats < 1:
             raise UsageError(f"--repeats must be >= 1, got {args.repeats}")

@@ -7,7 +7,7 @@ import shutil
 import sys
 
 from ..errors import ExitCode, PatternError
-from .common import UsageError, add_source_args, emit_diagnostics, print_json, run_guarded
+from .common import UsageError, add_source_args, emit_diagnostics, parse_block_size, print_json, run_guarded
 
 
 def register(sub) -> None:
@@ -35,17 +35,6 @@ def register(sub) -> None:
     p.add_argument("--ascii", action="store_true", help="draw the token mask with # and . instead of █ and ·")
     p.add_argument("--png", metavar="PATH", help="write a PNG (matplotlib) instead of the terminal picture")
     p.set_defaults(func=run)
-
-
-def parse_block_size(text: str):
-    parts = [t.strip() for t in text.replace("x", ",").split(",")]
-    try:
-        vals = [int(t) for t in parts]
-    except ValueError:
-        raise UsageError(f"--block-size expects B or Q_BLOCK,KV_BLOCK (integers), got {text!r}") from None
-    if len(vals) not in (1, 2) or min(vals) < 1:
-        raise UsageError(f"--block-size expects B or Q_BLOCK,KV_BLOCK (integers >= 1), got {text!r}")
-    return vals[0] if len(vals) == 1 else (vals[0], vals[1])
 
 
 def _ascii_only(args) -> bool:
