@@ -226,6 +226,14 @@ def _never_hint(stack, i, j):
     return None
 
 
+def _bound_verdict(layers, lo, up) -> tuple[bool, bool]:
+    """(reachable, decided) from proven bounds lo <= min_layers <= up (up None: unproven)."""
+    if layers is None:
+        return up is not None, up is not None
+    reachable = up is not None and up <= layers
+    return reachable, reachable or lo > layers
+
+
 def _never_report(stack, i, j, why, engine, layers, mode, notes) -> ReachReport:
     """The exact "never" report: key j cannot reach query i at any depth, and why."""
     reason = f"key {j} never reaches query {i}: {why}"
@@ -251,11 +259,7 @@ def _from_shift(stack, mode, layers, res, notes) -> ReachReport:
                            lower_bound=K, upper_bound=K, notes=notes)
     # a bound (mixed directions, monotone paths disagree with the line)
     lo, up = res.lower, res.upper
-    if layers is None:
-        reachable = decided = up is not None
-    else:
-        reachable = up is not None and up <= layers
-        decided = reachable or lo > layers
+    reachable, decided = _bound_verdict(layers, lo, up)
     notes.append("bound: monotone paths give the upper bound, paths on the unbounded line the lower bound; "
                  f"use exact-token (n <= {TOKEN_MAX}) for the exact value")
     if reachable:
@@ -296,11 +300,7 @@ def _from_block(stack, mode, layers, block_size, notes) -> ReachReport:
         return ReachReport(up, layers, _verdict(layers, up, False), mode, True, "block-bound", w, n,
                            stack.num_heads, lower_bound=lo, upper_bound=up, notes=notes)
     # a bound
-    if layers is None:
-        reachable, decided = up is not None, up is not None
-    else:
-        reachable = up is not None and up <= layers
-        decided = reachable or lo > layers
+    reachable, decided = _bound_verdict(layers, lo, up)
     if reachable or (layers is None and up is not None):
         i, j = res.hardest
         w = _witness_success(stack, i, j, up, res.path_fn, layers, exact=False)
