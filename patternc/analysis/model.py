@@ -18,8 +18,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..ir import Pattern, select_head, select_layer
-from ..normalize import bind_lengths, normalize
+from ..ir import Pattern
 from .predicate import evaluate, explain
 
 MODES = ("earlier", "all")
@@ -67,12 +66,14 @@ class Stack:
         self.period = self.pattern.num_layers
         self.layer_patterns = []
         self.heads = []
+        from ..compiler import layer_pattern
+        from ..lower import head_patterns
+
         for m in range(self.period):
-            lp = bind_lengths(select_layer(self.pattern, m), self.n, self.n)
+            lp = layer_pattern(self.pattern, q_len=self.n, kv_len=self.n, layer=m)
             self.layer_patterns.append(lp)
             seen = {}
-            for h in range(self.num_heads):
-                hp = normalize(select_head(lp, h))
+            for h, hp in enumerate(head_patterns(lp, self.num_heads)):  # heads past the period repeat
                 seen.setdefault(hp, h)
             self.heads.append([(h, hp) for hp, h in seen.items()])
 
