@@ -132,3 +132,9 @@ def test_import_patternc_loads_neither_torch_nor_numpy():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1])).stdout.split()
     assert out == ["False", "False"]
+
+
+@pytest.mark.parametrize("width", ["0", "-5", "7"])
+def test_show_rejects_a_width_too_small_to_draw(width, capsys):
+    assert main(["show", "-e", "causal", "--seq-len", "10", "--width", width]) == 2
+    assert "--width" in capsys.readouterr().err

@@ -53,6 +53,8 @@ def run(args) -> int:
             raise UsageError("--seq-len and --kv-len must be >= 1 token")
         pattern, res = analyse_source(src.text, params=src.params, filename=src.filename)
         emit_diagnostics(res.warnings, args.json)
+        if args.width is not None and args.width < 8:
+            raise UsageError(f"--width must be at least 8 columns, got {args.width}")
         width = args.width or max(20, shutil.get_terminal_size((100, 24)).columns - 8)
         try:
             pic = picture(pattern, q_len=args.seq_len, kv_len=args.kv_len, num_heads=args.heads, head=args.head,
