@@ -84,6 +84,17 @@ def absorption(p):
             return type(p)(tuple(keep))
 
 
+def causal_band(p):
+    """band(left=l, right=r) & causal -> band(left=l, right=0) & causal (j <= i already bounds
+    the right side), which ``simplify_primitive`` then writes as ``local(w=l+1) & causal``."""
+    if isinstance(p, And) and ir.CAUSAL in p.items:
+        items = tuple(Prim("band", (("left", c.arg("left")), ("right", 0)))
+                      if isinstance(c, Prim) and c.name == "band" and _is_const(c.arg("right")) and c.arg("right") > 0
+                      else c for c in p.items)
+        if items != p.items:
+            return And(items)
+
+
 def causal_absorption(p):
     """X & causal -> X when X provably allows only j <= i."""
     from .elaborate import proves_causal
@@ -134,6 +145,9 @@ def simplify_primitive(p):
             return Prim("local", (("w", a["w"]),))
         if a["w"] == 1:
             return Prim("local", (("w", 1),))
+    if p.name == "band" and a["right"] == 0 and a["left"] > 0:
+        # i - l <= j <= i  is  |i - j| < l + 1 and j <= i: one canonical text for the causal window
+        return And((Prim("local", (("w", a["left"] + 1),)), ir.CAUSAL))
     if p.name == "strided" and a["s"] == 1:
         return ALL
     if p.name == "chunk" and a["l"] == 1:
@@ -379,6 +393,7 @@ PASSES = [
     ("identity_and_annihilator", identity_and_annihilator),
     ("complement", complement),
     ("absorption", absorption),
+    ("causal_band", causal_band),
     ("causal_absorption", causal_absorption),
     ("context_simplify", context_simplify),
     ("factor_common", factor_common),
