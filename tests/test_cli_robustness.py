@@ -138,3 +138,16 @@ def test_import_patternc_loads_neither_torch_nor_numpy():
 def test_show_rejects_a_width_too_small_to_draw(width, capsys):
     assert main(["show", "-e", "causal", "--seq-len", "10", "--width", width]) == 2
     assert "--width" in capsys.readouterr().err
+
+
+def test_run_takes_its_lengths_from_the_input_file(tmp_path, capsys):
+    pytest.importorskip("torch")
+    rng = np.random.default_rng(1)
+    q = rng.standard_normal((1, 2, 70, 8)).astype(np.float32)
+    k = rng.standard_normal((1, 2, 50, 8)).astype(np.float32)
+    np.savez(tmp_path / "qkv.npz", q=q, k=k, v=k)
+    rc, obj = run_json(capsys, ["run", "-e", "local(w=16) & causal", "--input", str(tmp_path / "qkv.npz"),
+                                "--check", "--repeats", "1", "--threads", "1", "--block-size", "16"])
+    assert rc == 0 and obj["check_passed"] is True
+    assert (obj["shape"]["q_len"], obj["shape"]["kv_len"], obj["shape"]["heads"]) == (70, 50, 2)
+    assert main(["run", "-e", "causal", "--heads", "2", "--head-dim", "8"]) == 2  # no lengths at all

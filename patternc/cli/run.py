@@ -31,8 +31,8 @@ def register(sub) -> None:
                        description="Execute attention under a pattern, time it against dense SDPA with the "
                                    "same mask, and (--check) compare it with a float64 reference.")
     add_source_args(p)
-    p.add_argument("--seq-len", type=int, required=True, metavar="N", help="Q_LEN in tokens")
-    p.add_argument("--kv-len", type=int, metavar="M", help="KV_LEN in tokens (default: N)")
+    p.add_argument("--seq-len", type=int, metavar="N", help="Q_LEN in tokens (default: from --input, else required)")
+    p.add_argument("--kv-len", type=int, metavar="M", help="KV_LEN in tokens (default: from --input, else N)")
     p.add_argument("--heads", type=int, metavar="H", help="query heads (default: from --input, else required)")
     p.add_argument("--kv-heads", type=int, metavar="H_KV", help="key/value heads, dividing H (grouped-query; default H)")
     p.add_argument("--head-dim", type=int, metavar="D", help="head dimension (default: from --input, else required)")
@@ -48,6 +48,9 @@ def register(sub) -> None:
     p.add_argument("--no-dense", action="store_true", help="skip timing dense SDPA")
     p.add_argument("--input", metavar="F", help="a .safetensors / .npz / .pt file with tensors q, k, v")
     p.add_argument("--seed", type=int, default=0, help="seed of the random q/k/v (default 0)")
+    p.add_argument("--threads", type=int, metavar="T",
+                   help="torch CPU threads (default: torch's choice). On a busy machine 1 is often faster "
+                        "for the block-sparse kernel: its many small ops wait for descheduled threads")
     p.set_defaults(func=run)
 
 
@@ -212,8 +215,10 @@ def run(args) -> int:
         pattern, res = analyse_source(src.text, params=src.params, filename=src.filename)
         emit_diagnostics(res.warnings, args.json)
         args.block_size = parse_block_size(args.block_size)
-        for name in ("--seq-len", "--kv-len", "--heads", "--kv-heads", "--head-dim", "--batch"):
+        for name in ("--seq-len", "--kv-len", "--heads", "--kv-heads", "--head-dim", "--batch", "--threads"):
             _positive(name, getattr(args, name[2:].replace("-", "_")))
+        if args.threads:
+            torch.set_num_threads(args.threads)
         if args.repeats < 1:
             raise UsageError(f"--repeats must be >= 1, got {args.repeats}")
         if args.layer < 0:
@@ -224,10 +229,9 @@ def run(args) -> int:
             raise UsageError(f"--device: {e}") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise UsageError("--device cuda: no CUDA device is available")
-        N = args.seq_len
-        M = args.kv_len or N
-
         tensors = load_input(args.input) if args.input else None
+        if tensors is None and args.seq_len is None:
+            raise UsageError("--seq-len is required (or give --input, whose q sets it)")
         if tensors is not None:
             q0 = tensors["q"]
             if q0.dim() != 4 or tensors["k"].dim() != 4 or tensors["v"].dim() != 4:
@@ -235,6 +239,12 @@ def run(args) -> int:
                                  "k [B, H_kv, KV_LEN, D], v [B, H_kv, KV_LEN, Dv]; got "
                                  f"{_shape_str(q0.shape)}, {_shape_str(tensors['k'].shape)}, "
                                  f"{_shape_str(tensors['v'].shape)}")
+            N = args.seq_len or q0.shape[2]
+            M = args.kv_len or (tensors["k"].shape[2] if args.seq_len is None else N)
+        else:
+            N = args.seq_len
+            M = args.kv_len or N
+        if tensors is not None:
             B = args.batch or q0.shape[0]
             H = args.heads or q0.shape[1]
             D = args.head_dim or q0.shape[3]
