@@ -20,9 +20,7 @@ import warnings
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-import patternc  # noqa: E402
 from patternc.analysis import analyze  # noqa: E402
-from patternc.analysis import tiles as _tiles  # noqa: E402
 
 
 def timed(fn, *a, **k):
@@ -49,8 +47,6 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="smaller networkx comparison")
     args = ap.parse_args(argv)
-    comp = _tiles._compiler()
-    print(f"layouts from: {'patternc.compiler' if comp else 'built-in classifier (no patternc.compiler)'}")
     print(f"cpus: {os.cpu_count()}")
 
     print("\n1. n = 16384, (local(w=128) | strided(s=128)) & causal, --layers 2 (target < 30 s)")
