@@ -151,3 +151,11 @@ def test_run_takes_its_lengths_from_the_input_file(tmp_path, capsys):
     assert rc == 0 and obj["check_passed"] is True
     assert (obj["shape"]["q_len"], obj["shape"]["kv_len"], obj["shape"]["heads"]) == (70, 50, 2)
     assert main(["run", "-e", "causal", "--heads", "2", "--head-dim", "8"]) == 2  # no lengths at all
+
+
+def test_analyze_cli_engine_choices_match_the_library():
+    # the CLI keeps its own tuple so `patternc check` does not import the analysis at start-up
+    from patternc.analysis import ENGINES
+    from patternc.cli.analyze import ENGINE_CHOICES
+
+    assert tuple(ENGINE_CHOICES) == tuple(ENGINES)
