@@ -27,7 +27,7 @@ MiB = 1 << 20
 
 def clear_caches():
     import patternc.compiler as C
-    import patternc.lower as L
+    import patternc.lower.lowering as L
 
     C._layout_cached.cache_clear()
     L._d_prefix.cache_clear()
@@ -90,7 +90,7 @@ def bench_mid(n: int, repeat: int, compiled_baseline: bool):
         return c.block_mask("cpu")
 
     t_ours, bm = best_of(ours, repeat)
-    from patternc.blockmask import to_block_mask
+    from patternc.execute.blockmask import to_block_mask
 
     cp2 = patternc.compile(PATTERN, q_len=n, block_size=128)
     # the BlockMask alone from an existing layout (cp.block_mask() caches it per device, so

@@ -11,9 +11,9 @@ the layout, oracle, compiler, analysis and ``nn`` load when first used.
 
 from __future__ import annotations
 
-from .api import load, parse
 from .errors import Diagnostic, ExitCode, PatternError, PatternWarning
-from .ir import Pattern
+from .ir.nodes import Pattern
+from .source import load, parse
 
 __version__ = "0.1.0"
 
@@ -24,10 +24,10 @@ __all__ = [
 ]
 
 _LAZY = {
-    "BlockLayout": ("layout", "BlockLayout"),
-    "EMPTY": ("layout", "EMPTY"),
-    "PARTIAL": ("layout", "PARTIAL"),
-    "FULL": ("layout", "FULL"),
+    "BlockLayout": ("lower.layout", "BlockLayout"),
+    "EMPTY": ("lower.layout", "EMPTY"),
+    "PARTIAL": ("lower.layout", "PARTIAL"),
+    "FULL": ("lower.layout", "FULL"),
     "compile": ("compiler", "compile"),
     "CompiledPattern": ("compiler", "CompiledPattern"),
     "load_compiled": ("compiler", "load_compiled"),

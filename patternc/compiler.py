@@ -24,11 +24,12 @@ from functools import cached_property
 
 import numpy as np
 
-from . import ir
 from .errors import Diagnostic, PatternError, PatternWarning
-from .ir import Pattern, select_layer
-from .layout import EMPTY, FULL, PARTIAL, BlockLayout, normalize_block_size
-from .normalize import bind_lengths, normalize
+from .ir import nodes as ir
+from .ir.nodes import Pattern
+from .ir.normalize import normalize
+from .ir.specialize import specialize
+from .lower.layout import EMPTY, FULL, PARTIAL, BlockLayout, normalize_block_size
 
 ARTIFACT_FORMAT = "patternc.compiled"
 ARTIFACT_VERSION = 1
@@ -49,14 +50,9 @@ def _check_count(name: str, v, minimum: int, unit: str) -> int:
 
 @functools.lru_cache(maxsize=32)
 def _layout_cached(pattern: Pattern, q_len: int, kv_len: int, qb: int, kb: int, num_heads: int) -> BlockLayout:
-    from .lower import lower_to_layout
+    from .lower.lowering import lower_to_layout
 
     return lower_to_layout(pattern, q_len, kv_len, (qb, kb), num_heads)
-
-
-def layer_pattern(p: Pattern, *, q_len: int, kv_len: int, layer: int) -> Pattern:
-    """The canonical pattern of one layer with ``q_len``/``kv_len`` bound (P301 on bad values)."""
-    return bind_lengths(normalize(select_layer(p, layer)), q_len, kv_len)
 
 
 def compile(p_or_source, *, q_len: int, kv_len: int | None = None, num_heads: int = 1,
@@ -105,19 +101,19 @@ def compile(p_or_source, *, q_len: int, kv_len: int | None = None, num_heads: in
         raise _arg_error(str(e), "use block_size=128 or a pair such as (64, 128)") from None
     source_text = None
     if isinstance(p_or_source, Pattern):
-        from .api import parse
+        from .source.frontdoor import parse
 
         full = normalize(parse(p_or_source, params=params))  # params with a Pattern: P214
         params = {}
     else:
-        from .api import parse_source
+        from .source.frontdoor import parse_source
 
         full, res = parse_source(p_or_source, params=params)
         for w in res.warnings:
             warnings.warn(PatternWarning(w), stacklevel=2)
         source_text, params = res.source, res.params  # params: the declared ones, defaults included
     try:
-        pattern = layer_pattern(full, q_len=q_len, kv_len=kv_len, layer=layer)
+        pattern = specialize(full, q_len=q_len, kv_len=kv_len, layer=layer)
     except PatternError as e:
         raise (e.with_source(source_text) if source_text is not None else e) from None
     H = pattern.num_heads if num_heads is None else _check_count("num_heads", num_heads, 1, "heads")
@@ -183,7 +179,7 @@ class CompiledPattern:
     @cached_property
     def head_patterns(self) -> list[Pattern]:
         """The head-free pattern of heads 0 .. min(H, period) - 1 (head h uses entry h mod period)."""
-        from .lower import head_patterns
+        from .ir.specialize import head_patterns
 
         return head_patterns(self.pattern, self.num_heads)
 
@@ -200,11 +196,9 @@ class CompiledPattern:
 
     def mask_mod_on(self, device="cpu"):
         """The ``mask_mod`` with its parameter tensors and tables on ``device`` (cached)."""
-        import torch
+        from .execute.maskmod import device_key, lower_to_mask_mod
 
-        from .maskmod import lower_to_mask_mod
-
-        key = str(torch.device(device))
+        key = device_key(device)
         if key not in self._mask_mods:
             self._mask_mods[key] = lower_to_mask_mod(self.pattern, self.q_len, self.kv_len, device=device)
         return self._mask_mods[key]
@@ -220,7 +214,7 @@ class CompiledPattern:
         Returns:
             bool array of shape ``broadcast(q_idx, kv_idx)``.
         """
-        from .lower import evaluate
+        from .lower.lowering import evaluate
 
         ph = self.head_patterns[h % len(self.head_patterns)]
         q_idx, kv_idx = np.asarray(q_idx, dtype=np.int64), np.asarray(kv_idx, dtype=np.int64)
@@ -230,7 +224,7 @@ class CompiledPattern:
     def dense_mask(self) -> np.ndarray:
         """bool [H, Q_LEN, KV_LEN]: FULL tiles from the layout, PARTIAL tiles by the predicate
         (materialises Q_LEN x KV_LEN per head: small sizes)."""
-        from .lower import dense_from_layout
+        from .lower.lowering import dense_from_layout
 
         return dense_from_layout(self.head_patterns, self.layout)
 
@@ -238,7 +232,7 @@ class CompiledPattern:
     @cached_property
     def allowed_pairs(self) -> int:
         """Exact number of allowed (h, i, j) token pairs over all heads."""
-        from .lower import count_allowed
+        from .lower.lowering import count_allowed
 
         per = [count_allowed(ph, self.layout, h) for h, ph in enumerate(self.head_patterns)]
         period = len(per)
@@ -261,11 +255,10 @@ class CompiledPattern:
         ``BlockMask.from_kv_blocks``, carrying ``mask_mod_on(device)``; equal to
         ``create_block_mask(self.mask_mod, 1, H, Q_LEN, KV_LEN, BLOCK_SIZE=self.block_size)``.
         Built once per device and cached on this object (not pickled)."""
-        import torch
+        from .execute.blockmask import to_block_mask
+        from .execute.maskmod import device_key
 
-        from .blockmask import to_block_mask
-
-        key = str(torch.device(device))
+        key = device_key(device)
         if key not in self._block_masks:
             self._block_masks[key] = to_block_mask(self.layout, self.mask_mod_on(device), device=device)
         return self._block_masks[key]
@@ -390,7 +383,7 @@ def load_compiled(path, *, verify: bool = True) -> CompiledPattern:
         raise _bad_artifact(path, f"kinds is {kinds.dtype} {list(kinds.shape)}, expected uint8 {[H, nq, nk]}")
     if not np.isin(kinds, (EMPTY, PARTIAL, FULL)).all():
         raise _bad_artifact(path, "kinds holds values outside EMPTY=0, PARTIAL=1, FULL=2")
-    from .api import parse
+    from .source.frontdoor import parse
 
     try:
         pattern = parse(canonical)
@@ -411,4 +404,4 @@ def load_compiled(path, *, verify: bool = True) -> CompiledPattern:
     return cp
 
 
-__all__ = ["compile", "CompiledPattern", "load_compiled", "layer_pattern"]
+__all__ = ["compile", "CompiledPattern", "load_compiled"]

@@ -13,9 +13,19 @@ import enum
 import unicodedata
 from dataclasses import dataclass, field
 
-from .ir import Span
-
 TAB_WIDTH = 4
+
+
+@dataclass(frozen=True)
+class Span:
+    """A source range: 1-based line/column, end exclusive; offsets are 0-based characters."""
+
+    start: int
+    end: int
+    line: int
+    column: int
+    end_line: int
+    end_column: int
 
 
 class ExitCode(enum.IntEnum):

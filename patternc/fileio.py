@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import stat
 import tempfile
-from typing import Callable, IO
+from typing import IO, Callable
 
 
 def _umask() -> int:

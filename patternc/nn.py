@@ -21,10 +21,10 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from . import api
 from .errors import Diagnostic, PatternError
-from .ir import Pattern
-from .layout import normalize_block_size
+from .ir.nodes import Pattern
+from .lower.layout import normalize_block_size
+from .source import frontdoor as api
 
 __all__ = ["SparseSelfAttention"]
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .ir import And, Blocks, Diff, Heads, Layers, Not, Or, Pattern, Prim, select_layer
-from .errors import PatternError
-from .normalize import bind_lengths
+from .errors import Diagnostic, PatternError
+from .ir.nodes import And, Blocks, Diff, Heads, Layers, Not, Or, Pattern, Prim
+from .ir.specialize import bind_lengths, select_layer
 
 
 def random_keys(r: int, seed: int, q_len: int, kv_len: int) -> list[np.ndarray]:
@@ -92,6 +92,21 @@ def _eval(p: Pattern, h: int, q_len: int, kv_len: int) -> np.ndarray:
     raise TypeError(f"not a pattern: {p!r}")
 
 
+def _elaborated(p_or_source, params) -> Pattern:
+    """The pattern as the elaborator built it, *not normalised*: the oracle must not share the
+    normaliser's rewrites with the compiler, or a wrong rewrite would pass every comparison."""
+    if isinstance(p_or_source, Pattern):
+        if params:
+            raise PatternError(Diagnostic("P214", "params apply to source text; this is already a Pattern", None,
+                                          "pass the source text with params=..."))
+        return p_or_source
+    from .lang.elaborate import elaborate
+    from .lang.parser import decode_source
+
+    text = decode_source(p_or_source, "<bytes>") if isinstance(p_or_source, bytes) else p_or_source
+    return elaborate(text, params=params).pattern
+
+
 def dense_mask(p_or_source, *, q_len: int, kv_len: int | None = None, num_heads: int = 1,
                layer: int = 0, params: dict | None = None) -> np.ndarray:
     """The allowed token pairs of one layer, straight from SPEC §1.1.
@@ -121,9 +136,7 @@ def dense_mask(p_or_source, *, q_len: int, kv_len: int | None = None, num_heads:
     kv_len = q_len if kv_len is None else kv_len
     if q_len < 1 or kv_len < 1 or num_heads < 1:
         raise ValueError(f"q_len, kv_len and num_heads must be >= 1, got {q_len}, {kv_len}, {num_heads}")
-    from .api import parse
-
-    p = parse(p_or_source, params=params)
+    p = _elaborated(p_or_source, params)
     try:
         p = bind_lengths(select_layer(p, layer), q_len, kv_len, normalized=False)
     except PatternError as e:

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .layout import EMPTY, FULL, PARTIAL, merge_kinds, normalize_block_size
+from .lower.layout import EMPTY, FULL, PARTIAL, merge_kinds, normalize_block_size
 
 BLOCK_CHARS = {FULL: "#", PARTIAL: "+", EMPTY: "."}
 TOKEN_CHARS_UNICODE = ("·", "█")  # masked, allowed
@@ -153,7 +153,7 @@ def picture(p_or_source, *, q_len: int, kv_len: int | None = None, num_heads: in
     """
     import patternc
 
-    from .api import parse
+    from .source.frontdoor import parse
 
     kv_len = q_len if kv_len is None else kv_len
     if q_len < 1 or kv_len < 1:
@@ -191,8 +191,8 @@ def picture(p_or_source, *, q_len: int, kv_len: int | None = None, num_heads: in
                   counts={"full_blocks": lay.full_blocks, "partial_blocks": lay.partial_blocks,
                           "empty_blocks": lay.empty_blocks})
     if p.num_layers > 1:
-        from .ir import select_layer
-        from .normalize import normalize
+        from .ir.normalize import normalize
+        from .ir.specialize import select_layer
 
         pic.layer_canonical = str(normalize(select_layer(p, layer)))
     if view == "tokens":

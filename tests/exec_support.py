@@ -9,7 +9,7 @@ independently of the analytic compiler (its layouts and mask_mods).
 from __future__ import annotations
 
 import patternc
-from patternc.layout import BlockLayout
+from patternc.lower.layout import BlockLayout
 
 
 class StandIn:

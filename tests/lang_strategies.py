@@ -1,4 +1,4 @@
-"""Hypothesis strategies over the pattern IR (``patternc.ir``).
+"""Hypothesis strategies over the pattern IR (``patternc.ir.nodes``).
 
 ``patterns()`` draws well-formed, *unnormalised* IR: every primitive of the registry with
 valid arguments (sized so that lengths of 1-16 tokens exercise them), sometimes symbolic
@@ -12,7 +12,7 @@ from __future__ import annotations
 from hypothesis import strategies as st
 
 from patternc import ir
-from patternc.ir import And, Blocks, Diff, Heads, Layers, Not, Or, Prim
+from patternc.ir.nodes import And, Blocks, Diff, Heads, Layers, Not, Or, Prim
 
 Q, KV = ir.Var("q_len"), ir.Var("kv_len")
 

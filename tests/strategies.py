@@ -1,16 +1,16 @@
-"""Hypothesis strategies over the pattern IR (``patternc.ir``).
+"""Hypothesis strategies over the pattern IR (``patternc.ir.nodes``).
 
 ``primitives()`` draws every primitive of SPEC §1.1 with valid arguments scaled for lengths
 up to ~1000 tokens; ``patterns()`` composes them with ``~``, ``-``, ``&``, ``|``, ``heads``
 and ``blocks`` (``layers`` optional). Nodes are built directly (not via text), so they are
-not normalised: consumers that need canonical IR call ``patternc.normalize.normalize``.
+not normalised: consumers that need canonical IR call ``patternc.ir.normalize.normalize``.
 """
 
 from __future__ import annotations
 
 from hypothesis import strategies as st
 
-from patternc.ir import ALL, CAUSAL, NONE, And, Blocks, Diff, Heads, Layers, Not, Or, Prim
+from patternc.ir.nodes import ALL, CAUSAL, NONE, And, Blocks, Diff, Heads, Layers, Not, Or, Prim
 
 small = st.integers(min_value=1, max_value=40)
 

@@ -12,7 +12,7 @@ import pytest
 import patternc
 from patternc.cli import main
 from patternc.fileio import atomic_write_text
-from patternc.layout import BlockLayout
+from patternc.lower.layout import BlockLayout
 
 
 def run_json(capsys, argv, err=None):

@@ -9,7 +9,7 @@ import pytest
 
 import patternc
 from patternc.cli import main
-from patternc.layout import BlockLayout
+from patternc.lower.layout import BlockLayout
 from patternc.reference import dense_mask
 
 JSON_FIELDS = ("canonical", "q_len", "kv_len", "num_heads", "block_size", "num_q_blocks", "num_kv_blocks",

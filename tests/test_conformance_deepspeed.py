@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import patternc
-from patternc.layout import EMPTY, FULL
+from patternc.lower.layout import EMPTY, FULL
 
 ROOT = Path(__file__).resolve().parents[1]
 

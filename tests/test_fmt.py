@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 import patternc
 from patternc.cli import main
 from patternc.errors import PatternError, PatternWarning
-from patternc.formatter import WIDTH, format_source
-from patternc.parser import parse_tree_with_comments
+from patternc.lang.formatter import WIDTH, format_source
+from patternc.lang.parser import parse_tree_with_comments
 
 from lang_strategies import patterns
 

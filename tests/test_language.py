@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 import patternc
 from patternc.cli import main
 from patternc.errors import ExitCode, PatternError, PatternWarning
-from patternc.normalize import normal_form_problems
+from patternc.ir.normalize import normal_form_problems
 from patternc.reference import dense_mask, random_keys
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -244,7 +244,7 @@ def test_warnings_are_pattern_warnings():
     assert not w
 
 
-@pytest.mark.parametrize("module", ["api", "reference", "formatter", "printer", "normalize", "errors", "primitives"])
+@pytest.mark.parametrize("module", ["source.frontdoor", "reference", "lang.formatter", "ir.printer", "ir.normalize", "errors", "ir.primitives"])
 def test_doctests(module):
     import doctest
     import importlib

@@ -21,7 +21,7 @@ import pytest
 
 import patternc
 from patternc.errors import PatternError
-from patternc.primitives import PRIMITIVES
+from patternc.ir.primitives import PRIMITIVES
 from patternc.reference import dense_mask
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -123,9 +123,10 @@ _EXAMPLE = re.compile(r"```pattern\n(?P<src>.*?)```\n+```text\n(?P<out>.*?)```",
 def _language_codes():
     """Every P1xx/P2xx/W0xx the language modules can raise (found in their source)."""
     codes = set()
-    for mod in ("parser", "elaborate", "normalize", "primitives", "api", "errors"):
+    for mod in ("lang/parser", "lang/elaborate", "ir/normalize", "ir/primitives", "ir/specialize",
+                "source/frontdoor", "source/lint", "errors"):
         codes |= set(re.findall(r'"([PW][0-2]\d\d)"', (ROOT / "patternc" / f"{mod}.py").read_text()))
-    codes |= set(re.findall(r'"(P3\d\d)"', (ROOT / "patternc" / "normalize.py").read_text()))
+    codes |= set(re.findall(r'"(P3\d\d)"', (ROOT / "patternc" / "ir" / "specialize.py").read_text()))
     return codes - {"P900"}
 
 

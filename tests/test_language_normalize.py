@@ -17,9 +17,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 import patternc
-from patternc.elaborate import elaborate
-from patternc.ir import And, Blocks, Diff, Heads, Layers, Not, Or, Prim, Var
-from patternc.normalize import PASSES, ir_problems, normal_form_problems, normalize
+from patternc.lang.elaborate import elaborate
+from patternc.ir.nodes import And, Blocks, Diff, Heads, Layers, Not, Or, Prim, Var
+from patternc.ir.normalize import PASSES, ir_problems, normal_form_problems, normalize
 from patternc.reference import dense_mask
 
 from lang_strategies import LENGTHS, patterns

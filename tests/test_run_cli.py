@@ -11,7 +11,6 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import patternc  # noqa: E402
-import patternc.cli.run as run_cli  # noqa: E402
 from patternc.cli import main  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::patternc.PatternWarning")

@@ -20,7 +20,7 @@ if importlib.util.find_spec("patternc.compiler") is None:  # show draws compiled
     pytest.skip("patternc.compiler has not landed yet (issue 3)", allow_module_level=True)
 
 from patternc.cli import main  # noqa: E402
-from patternc.layout import merge_kinds  # noqa: E402
+from patternc.lower.layout import merge_kinds  # noqa: E402
 from patternc.show import parse_text_grid, parse_window, picture, save_png, to_text  # noqa: E402
 
 TOKEN_CASES = [

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import site
 import subprocess
 import sys
 import venv
@@ -46,8 +47,15 @@ def test_wheel_installs_and_parses_outside_the_checkout(tmp_path):
     [wheel] = list(dist.glob("patternc-*.whl"))
 
     env_dir = tmp_path / "venv"
-    venv.EnvBuilder(system_site_packages=True, with_pip=False).create(env_dir)
+    venv.EnvBuilder(system_site_packages=False, with_pip=False).create(env_dir)
     py = env_dir / ("Scripts" if os.name == "nt" else "bin") / "python"
+    # The wheel's dependencies (lark, numpy, networkx) come from the environment running the
+    # tests (CI's venv), never from the base interpreter, which may have nothing installed: a
+    # .pth line adds that environment's site-packages after the new venv's own, so the
+    # installed wheel still shadows the checkout.
+    inner = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    Path(inner, "_outer_env.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     install = subprocess.run(
         [sys.executable, "-m", "pip", "--python", str(py), "install", "--no-deps", "--no-index", str(wheel)],
         capture_output=True, text=True, env=_env(), cwd=tmp_path)
@@ -65,7 +73,7 @@ def test_wheel_installs_and_parses_outside_the_checkout(tmp_path):
     if example is not None:
         files.append(Path(shutil.copy(example, work / example.name)))
     code = (
-        "import sys, patternc, patternc.parser as P\n"
+        "import sys, patternc, patternc.lang.parser as P\n"
         "assert str(P.grammar_path()).startswith(sys.prefix), P.grammar_path()\n"
         "assert 'site-packages' in patternc.__file__, patternc.__file__\n"
         "for f in sys.argv[1:]:\n"

@@ -97,7 +97,7 @@ def analyze(p_or_source, *, seq_len: int, layers: int | None = None, num_heads: 
 
         hint = did_you_mean(str(engine), ENGINES)
         raise _arg_error(f"unknown engine {engine!r}", hint or f"choose one of {', '.join(ENGINES)}")
-    from ..api import parse
+    from ..source.frontdoor import parse
 
     pattern = parse(p_or_source, params=params)
     notes = []
@@ -217,7 +217,7 @@ def _never_hint(stack, i, j):
     """A structural reason when one is plain (sound: ``proves_causal`` is a proof)."""
     import numpy as np
 
-    from ..elaborate import proves_causal
+    from ..ir.facts import proves_causal
 
     if j > i and all(proves_causal(lp) for lp in stack.layer_patterns):
         return "every layer is causal (j <= i), so no information flows from a later key to an earlier query"

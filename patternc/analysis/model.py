@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..ir import Pattern
+from ..ir.nodes import Pattern
 from .predicate import evaluate, explain
 
 MODES = ("earlier", "all")
@@ -66,11 +66,10 @@ class Stack:
         self.period = self.pattern.num_layers
         self.layer_patterns = []
         self.heads = []
-        from ..compiler import layer_pattern
-        from ..lower import head_patterns
+        from ..ir.specialize import head_patterns, specialize
 
         for m in range(self.period):
-            lp = layer_pattern(self.pattern, q_len=self.n, kv_len=self.n, layer=m)
+            lp = specialize(self.pattern, q_len=self.n, kv_len=self.n, layer=m)
             self.layer_patterns.append(lp)
             seen = {}
             for h, hp in enumerate(head_patterns(lp, self.num_heads)):  # heads past the period repeat

@@ -17,8 +17,9 @@ import functools
 
 import numpy as np
 
-from ..ir import And, Blocks, Diff, Heads, Layers, Or, Pattern, select_head
-from ..printer import _prec
+from ..ir.nodes import And, Blocks, Diff, Heads, Layers, Or, Pattern
+from ..ir.printer import _prec
+from ..ir.specialize import select_head
 
 
 def evaluate(p: Pattern, head: int, i, j, q_len: int, kv_len: int) -> np.ndarray:
@@ -55,10 +56,10 @@ def evaluate(p: Pattern, head: int, i, j, q_len: int, kv_len: int) -> np.ndarray
 def _eval(p, h, i, j, q_len, kv_len):
     """One head of the pattern, evaluated by the compiler's numpy evaluator (``lower.evaluate``,
     itself tested against the oracle), broadcast to the full shape."""
-    from ..lower import evaluate as evaluate_head
+    from ..lower.lowering import evaluate as evaluate_head
 
     if any(isinstance(n, Layers) for n in p.walk()):
-        raise ValueError("select a layer first (patternc.ir.select_layer)")
+        raise ValueError("select a layer first (patternc.ir.specialize.select_layer)")
     out = evaluate_head(_head(p, h), i, j, q_len, kv_len)
     return np.broadcast_to(out, np.broadcast_shapes(np.shape(i), np.shape(j)))
 

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..ir import And, Blocks, Diff, Not, Or, Pattern, Prim
+from ..ir.nodes import And, Blocks, Diff, Not, Or, Pattern, Prim
 from .predicate import evaluate
 
 

@@ -20,7 +20,8 @@ from typing import Callable
 
 import numpy as np
 
-from ..layout import EMPTY, FULL, PARTIAL, BlockLayout
+from ..lower.layout import EMPTY, FULL, PARTIAL, BlockLayout
+
 
 @dataclass
 class LayerTiles:

@@ -13,7 +13,13 @@ import time
 import warnings
 
 from ..errors import ExitCode, PatternError, PatternWarning
-from .common import UsageError, emit_diagnostics, add_source_args, print_json, run_guarded
+from .common import (
+    UsageError,
+    add_source_args,
+    emit_diagnostics,
+    print_json,
+    run_guarded,
+)
 
 ENGINE_CHOICES = ("auto", "exact-shift", "exact-token", "block-bound", "networkx")
 
@@ -51,7 +57,7 @@ def run(args) -> int:
 
     def body(src):
         from ..analysis import analyze
-        from ..api import analyse_source
+        from ..source.frontdoor import analyse_source
 
         t0 = time.perf_counter()
         pattern, res = analyse_source(src.text, params=src.params, filename=src.filename)

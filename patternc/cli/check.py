@@ -14,8 +14,8 @@ def register(sub) -> None:
 
 def run(args) -> int:
     def body(src):
-        from ..api import analyse_source
-        from ..properties import properties
+        from ..source.frontdoor import analyse_source
+        from ..source.properties import properties
 
         pattern, res = analyse_source(src.text, params=src.params, filename=src.filename)
         props = properties(pattern)

@@ -50,7 +50,7 @@ def parse_sets(sets) -> dict:
 
 def read_source(args) -> Source:
     """Read FILE / -e / stdin. Raises UsageError (unreadable) or PatternError (bad UTF-8)."""
-    from ..parser import decode_source, too_large_diagnostic, MAX_SOURCE_BYTES
+    from ..lang.parser import MAX_SOURCE_BYTES, decode_source, too_large_diagnostic
 
     params = parse_sets(args.sets)
     if args.expr is not None:

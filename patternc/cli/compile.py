@@ -6,7 +6,14 @@ from __future__ import annotations
 import os
 
 from ..errors import ExitCode, PatternError
-from .common import UsageError, add_source_args, emit_diagnostics, parse_block_size, print_json, run_guarded
+from .common import (
+    UsageError,
+    add_source_args,
+    emit_diagnostics,
+    parse_block_size,
+    print_json,
+    run_guarded,
+)
 
 MAX_PICTURE_BLOCKS = 64  # ascii pictures for layouts up to this many blocks per side
 MAX_PICTURE_HEADS = 4
@@ -42,8 +49,8 @@ def _check_lengths(args):
 
 def run(args) -> int:
     def body(src):
-        from ..api import analyse_source
         from ..compiler import compile as compile_pattern
+        from ..source.frontdoor import analyse_source
 
         _check_lengths(args)
         block_size = parse_block_size(args.block_size)

@@ -30,7 +30,7 @@ def register(sub) -> None:
 
 
 def _read(path: str) -> str:
-    from ..parser import decode_source
+    from ..lang.parser import decode_source
 
     data = sys.stdin.buffer.read() if path == "-" else open(path, "rb").read()
     return decode_source(data, "<stdin>" if path == "-" else path)
@@ -45,7 +45,7 @@ def write_atomic(path: str, text: str) -> None:
 
 
 def run(args) -> int:
-    from ..formatter import format_source
+    from ..lang.formatter import format_source
 
     if args.expr is not None and args.files:
         return _usage("give FILE... or -e EXPR, not both", args.json)

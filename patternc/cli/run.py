@@ -18,7 +18,14 @@ import sys
 import time
 
 from ..errors import ExitCode
-from .common import UsageError, add_source_args, emit_diagnostics, parse_block_size, print_json, run_guarded
+from .common import (
+    UsageError,
+    add_source_args,
+    emit_diagnostics,
+    parse_block_size,
+    print_json,
+    run_guarded,
+)
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 BACKENDS = ("auto", "flex", "blocksparse", "sdpa")
@@ -207,10 +214,10 @@ def run(args) -> int:
     def body(src):
         import torch
 
-        from ..api import analyse_source
         from ..execute import attention, choose_backend
         from ..execute.reference import reference_attention
         from ..execute.sdpa import DENSE_MASK_LIMIT
+        from ..source.frontdoor import analyse_source
 
         pattern, res = analyse_source(src.text, params=src.params, filename=src.filename)
         emit_diagnostics(res.warnings, args.json)

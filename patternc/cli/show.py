@@ -7,7 +7,14 @@ import shutil
 import sys
 
 from ..errors import ExitCode, PatternError
-from .common import UsageError, add_source_args, emit_diagnostics, parse_block_size, print_json, run_guarded
+from .common import (
+    UsageError,
+    add_source_args,
+    emit_diagnostics,
+    parse_block_size,
+    print_json,
+    run_guarded,
+)
 
 
 def register(sub) -> None:
@@ -46,8 +53,8 @@ def _ascii_only(args) -> bool:
 
 def run(args) -> int:
     def body(src):
-        from ..api import analyse_source
         from ..show import ShowError, picture, save_png, to_json, to_text
+        from ..source.frontdoor import analyse_source
 
         if args.seq_len < 1 or (args.kv_len is not None and args.kv_len < 1):
             raise UsageError("--seq-len and --kv-len must be >= 1 token")

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..layout import FULL, PARTIAL
+from ..lower.layout import FULL, PARTIAL
 
 #: score-matrix elements per chunk (``B * rows * qb * cols``); 2**20 floats = 4 MiB, about an L2
 #: cache: measured faster than larger chunks (batched matmuls stay in cache)

@@ -74,7 +74,9 @@ def flex_attention(cp, q, k, v, scale: float, *, empty_rows=None):
                           "running FlexAttention uncompiled (exact, slower). Use backend='blocksparse' on CPU "
                           "for many lengths.", RuntimeWarning, stacklevel=3)
             _warned_eager = True
-        from torch.nn.attention.flex_attention import flex_attention as eager_flex_attention
+        from torch.nn.attention.flex_attention import (
+            flex_attention as eager_flex_attention,
+        )
 
         out = eager_flex_attention(q, k, v, block_mask=bm, scale=scale, enable_gqa=gqa)
     if empty_rows is not None:

@@ -12,9 +12,21 @@ from __future__ import annotations
 import functools
 import math
 
-from . import ir
-from .errors import Diagnostic, PatternError
-from .ir import ALL, NONE, And, Blocks, Diff, Heads, IntExpr, Layers, Not, Or, Pattern, Prim
+from . import nodes as ir
+from .nodes import (
+    ALL,
+    NONE,
+    And,
+    Blocks,
+    Diff,
+    Heads,
+    IntExpr,
+    Layers,
+    Not,
+    Or,
+    Pattern,
+    Prim,
+)
 from .primitives import check_values
 
 
@@ -97,7 +109,7 @@ def causal_band(p):
 
 def causal_absorption(p):
     """X & causal -> X when X provably allows only j <= i."""
-    from .elaborate import proves_causal
+    from .facts import proves_causal
 
     if isinstance(p, And) and ir.CAUSAL in p.items and len(p.items) > 1:
         others = [c for c in p.items if c != ir.CAUSAL]
@@ -449,66 +461,6 @@ def run_passes_traced(p: Pattern) -> list[tuple[str, str]]:
                 changed = True
                 break
     return trace
-
-
-# ---- binding lengths ---------------------------------------------------------------------------------
-def bind_lengths(p: Pattern, q_len: int, kv_len: int, *, normalized: bool = True) -> Pattern:
-    """Substitute ``q_len`` / ``kv_len`` (tokens; block counts inside ``blocks(b, ...)``),
-    check the resulting parameter values, and normalise (unless ``normalized=False``: the
-    oracle evaluates the bound pattern as it is).
-
-    Raises:
-        PatternError: P301 when a parameter computed from the lengths is out of range or
-            divides by zero.
-    """
-    if not p.is_symbolic() and not any(isinstance(n, Blocks) and isinstance(n.b, IntExpr) for n in p.walk()):
-        return p
-    bound = _bind(p, {"q_len": q_len, "kv_len": kv_len})
-    return normalize(bound) if normalized else bound
-
-
-def _eval(v, env, where, span=None):
-    from .primitives import MAX_INT
-
-    at = f"at q_len={env['q_len']}, kv_len={env['kv_len']}"
-    try:
-        out = ir.eval_int(v, env)
-    except ZeroDivisionError:
-        raise PatternError(Diagnostic("P301", f"`{where}` divides by zero {at}",
-                                      span, "guard the divisor, e.g. `max(1, ...)`")) from None
-    except ValueError as e:
-        raise PatternError(Diagnostic("P301", f"`{where}`: {e} {at}",
-                                      span, "guard the argument, e.g. `max(0, ...)`")) from None
-    if abs(out) > MAX_INT:
-        raise PatternError(Diagnostic("P301", f"`{where}` computes {out} {at}, too large for a length or parameter "
-                                      "(the limit is 2^31 - 1)", span, "bound it, e.g. `min(q_len, ...)`"))
-    return out
-
-
-def _bind(p: Pattern, env: dict) -> Pattern:
-    from .printer import to_text
-
-    if isinstance(p, Prim):
-        if not any(isinstance(v, IntExpr) for _, v in p.args):
-            return p
-        vals = tuple((k, _eval(v, env, to_text(p), p.span) if isinstance(v, IntExpr) else v) for k, v in p.args)
-        problems = check_values(p.name, dict(vals))
-        if problems:
-            _k, msg, help_ = problems[0]
-            raise PatternError(Diagnostic("P301", f"{msg} (computed from `{to_text(p)}` at q_len={env['q_len']}, "
-                                          f"kv_len={env['kv_len']})", p.span, help_))
-        return Prim(p.name, vals, span=p.span)
-    if isinstance(p, Blocks):
-        b = _eval(p.b, env, to_text(p), p.span) if isinstance(p.b, IntExpr) else p.b
-        if b < 1:
-            raise PatternError(Diagnostic("P301", f"`blocks` size computed as {b} at q_len={env['q_len']}, kv_len={env['kv_len']}; it must be >= 1",
-                                          p.span, "guard it, e.g. `max(1, ...)`"))
-        inner = {"q_len": -(-env["q_len"] // b), "kv_len": -(-env["kv_len"] // b)}
-        return Blocks(b, _bind(p.child, inner), span=p.span)
-    kids = p.children()
-    if not kids:
-        return p
-    return p.with_children(tuple(_bind(c, env) for c in kids))
 
 
 # ---- invariants (checked by the tests, between passes and on every normalised result) ------------------

@@ -8,8 +8,8 @@ Primitive arguments are printed as keywords in registry order, defaults omitted
 
 from __future__ import annotations
 
-from . import ir
-from .ir import And, Blocks, Diff, Heads, Layers, Not, Or, Pattern, Prim
+from . import nodes as ir
+from .nodes import And, Blocks, Diff, Heads, Layers, Not, Or, Pattern, Prim
 from .primitives import PRIMITIVES
 
 _INT_PREC = {"+": 3, "-": 3, "*": 2, "//": 2, "%": 2}

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch.nn.attention.flex_attention import BlockMask
 
-from .layout import FULL, PARTIAL, BlockLayout, ordered_lists
+from ..lower.layout import FULL, PARTIAL, BlockLayout, ordered_lists
 
 
 def to_block_mask(layout: BlockLayout, mask_mod, device="cpu") -> BlockMask:

@@ -21,18 +21,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Iterator, Union
 
-
-@dataclass(frozen=True)
-class Span:
-    """A source range: 1-based line/column, end exclusive; offsets are 0-based characters."""
-
-    start: int
-    end: int
-    line: int
-    column: int
-    end_line: int
-    end_column: int
-
+from ..errors import Span
 
 # ---------------------------------------------------------------------------------------------
 # integer expressions (only what survives constant folding: anything mentioning q_len / kv_len)
@@ -293,23 +282,3 @@ class Blocks(Pattern):
 ALL = Prim("all")
 NONE = Prim("none")
 CAUSAL = Prim("causal")
-
-
-def select_layer(p: Pattern, layer: int) -> Pattern:
-    """Replace every ``layers(p0, …)`` by its entry ``layer mod m`` (SPEC §1.1)."""
-    if isinstance(p, Layers):
-        return select_layer(p.items[layer % len(p.items)], layer)
-    kids = p.children()
-    if not kids:
-        return p
-    return p.with_children(tuple(select_layer(c, layer) for c in kids))
-
-
-def select_head(p: Pattern, head: int) -> Pattern:
-    """Replace every ``heads(p0, …)`` by its entry ``head mod m``."""
-    if isinstance(p, Heads):
-        return select_head(p.items[head % len(p.items)], head)
-    kids = p.children()
-    if not kids:
-        return p
-    return p.with_children(tuple(select_head(c, head) for c in kids))

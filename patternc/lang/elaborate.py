@@ -16,12 +16,23 @@ from dataclasses import dataclass, field
 
 from lark import Token, Tree
 
-from . import ir
-from .errors import Diagnostic, PatternError, did_you_mean
-from .ir import And, Blocks, Diff, Heads, IntExpr, Layers, Not, Or, Pattern, Prim, Span
-from .parser import MAX_NESTING, empty_source_diagnostic, parse_tree, prelude_path, span_of
-from .primitives import BUILTIN_INTS, INT_FUNCTION_NAMES, MAX_INT, PRIMITIVES, check_values
-
+from ..errors import Diagnostic, PatternError, Span, did_you_mean
+from ..ir import nodes as ir
+from ..ir.nodes import And, Blocks, Diff, Heads, IntExpr, Layers, Not, Or, Pattern, Prim
+from ..ir.primitives import (
+    BUILTIN_INTS,
+    INT_FUNCTION_NAMES,
+    MAX_INT,
+    PRIMITIVES,
+    check_values,
+)
+from .parser import (
+    MAX_NESTING,
+    empty_source_diagnostic,
+    parse_tree,
+    prelude_path,
+    span_of,
+)
 
 # Bounds on what a source may expand to once `let`s are substituted and `def`s called: a
 # short source can describe an exponentially large tree (`let a1 = a0 | ~a0`, ...), and every
@@ -473,7 +484,7 @@ class Elaborator:
                               f"e.g. `{spec.example}`")
             elif not _is_int(v):
                 self.fail("P207", f"`{name}` expects an integer for `{p.name}`, got {_describe(v)}", vspan,
-                          f"e.g. `{spec.example}`" + (f"; to combine patterns use `|` or `&`" if isinstance(v, Pattern) else ""))
+                          f"e.g. `{spec.example}`" + ("; to combine patterns use `|` or `&`" if isinstance(v, Pattern) else ""))
             values[p.name] = (v, vspan)
         for key, msg, help_ in check_values(name, {k: v for k, (v, _s) in values.items() if not isinstance(v, Pattern)}):
             self.fail("P208", msg, values[key][1] if key is not None else span, help_)
@@ -496,7 +507,7 @@ class Elaborator:
                           did_you_mean(key, ["n", "at"]) or "use `n=` (the first n positions) or `at=[...]` (listed positions)")
             if bound:
                 other = next(iter(bound))
-                self.fail("P204", f"`global` takes `n=` or `at=`, not both" if other != key else f"argument `{key}` of `global` is given twice",
+                self.fail("P204", "`global` takes `n=` or `at=`, not both" if other != key else f"argument `{key}` of `global` is given twice",
                           span_of(a), "e.g. `global(n=2)` or `global(at=[0, 100])`")
             if key == "at" and not isinstance(v, tuple):
                 self.fail("P207", f"`global(at=...)` expects a list of positions, got {_describe(v)}", span_of(t), "e.g. `global(at=[0, 100])`")
@@ -607,127 +618,6 @@ def prelude_env() -> dict:
     return env
 
 
-# ---- causality check for W002 ----------------------------------------------------------------------
-def proves_causal(p: Pattern) -> bool:
-    """Sound syntactic proof that p allows only j <= i (True means proven)."""
-    if isinstance(p, Prim):
-        a = p.argdict
-        if p.name in ("causal", "none"):
-            return True
-        if p.name == "local" and a.get("w") == 1:
-            return True
-        if p.name == "band" and a.get("right") == 0:
-            return True
-        if p.name == "chunk" and a.get("l") == 1:
-            return True
-        if p.name == "dilated" and a.get("w") == 1:
-            return True
-        if p.name in ("sink", "prefix") and a.get("n") in (0, 1):  # j < 1 means j = 0 <= i
-            return True
-        if p.name == "random" and a.get("r") == 0:
-            return True
-        if p.name == "global" and (a.get("n") == 0 or a.get("at") == ()):
-            return True
-        return False
-    if isinstance(p, And):
-        return any(proves_causal(c) for c in p.items)
-    if isinstance(p, (Or, Heads, Layers)):
-        return all(proves_causal(c) for c in p.items)
-    if isinstance(p, Diff):
-        return proves_causal(p.left)
-    if isinstance(p, Blocks):
-        return p.b == 1 and proves_causal(p.child)
-    return False
-
-
-def _uses_causal(p: Pattern) -> bool:
-    return any(isinstance(n, Prim) and n.name == "causal" for n in p.walk())
-
-
-# Primitives that exist to open bidirectional attention: `causal | prefix(n)` is the prefix-LM
-# and `causal | global(...)` adds global tokens on purpose, so they do not draw W002.
-_BIDIRECTIONAL_ON_PURPOSE = ("prefix", "global")
-
-
-def causal_warning(p: Pattern, source: str, filename: str) -> Diagnostic | None:
-    """W002: ``p`` uses ``causal`` yet the oracle finds a query attending a later key.
-
-    Silent when a proof of causality exists (on the elaborated or the normalised IR), when
-    the probe finds no witness, or when the parts that break causality are all ``prefix`` /
-    ``global`` primitives (deliberately bidirectional)."""
-    if not _uses_causal(p) or proves_causal(p):
-        return None
-    from .normalize import normalize
-    from .properties import later_key_witness
-
-    q = normalize(p)
-    if proves_causal(q):
-        return None
-    witness = later_key_witness(q)
-    if witness is None:
-        return None
-    node = p
-    culprit = None
-    while True:
-        if isinstance(node, (Or, Heads, Layers)):
-            bad = [c for c in node.items if not proves_causal(c)]
-            if bad and isinstance(node, Or) and all(
-                    isinstance(c, Prim) and c.name in _BIDIRECTIONAL_ON_PURPOSE for c in bad):
-                return None
-            with_causal = [c for c in bad if _uses_causal(c)]
-            if with_causal and len(bad) == 1:
-                node = with_causal[0]
-                continue
-            culprit = (node, bad[0]) if bad else None
-            break
-        if isinstance(node, And):
-            inner = [c for c in node.items if _uses_causal(c)]
-            if len(inner) == 1:
-                node = inner[0]
-                continue
-            culprit = (node, node)
-            break
-        if isinstance(node, Diff):
-            node = node.left
-            continue
-        culprit = (node, node)
-        break
-    where, bad = culprit if culprit else (p, p)
-    span = bad.span or where.span or p.span
-    bad_text = _snippet(source, span) if span else str(bad)
-    eg = f" (e.g. query {witness['i']} attends key {witness['j']}"
-    eg += f" in head {witness['head']}" if q.num_heads > 1 else ""
-    eg += f" of layer {witness['layer']})" if q.num_layers > 1 else ")"
-    if isinstance(bad, Blocks):
-        msg = f"`{bad_text}` uses `causal` at block level, so its diagonal blocks still let queries attend later keys (j > i){eg}"
-        help_ = "every token pair of a kept block is kept (as in DeepSpeed's 'unidirectional' layouts); add `& causal` outside `blocks(...)` for token-level causality"
-    else:
-        msg = f"the pattern uses `causal`, but `{bad_text}` still lets queries attend later keys (j > i){eg}"
-        whole = _snippet(source, p.span) if p.span else str(p)
-        help_ = f"apply `causal` to everything: `({whole}) & causal`" if isinstance(where, Or) else "add `& causal` to that part"
-        if isinstance(where, Or):
-            union = [_snippet(source, c.span) if c.span else str(c) for c in where.items]
-            stripped = [t for t in (_strip_causal(u) for u in union) if t != "causal"]
-            inner = " | ".join(stripped)
-            if len(stripped) > 1:
-                help_ = f"apply `causal` to the whole union: `({inner}) & causal`"
-            else:
-                help_ = f"`| causal` keeps everything `{inner}` allows; did you mean `{inner} & causal`?"
-    return Diagnostic("W002", msg, span, help_, severity="warning", filename=filename, source=source)
-
-
-def _snippet(source: str, span: Span) -> str:
-    return " ".join(source[span.start:span.end].split())
-
-
-def _strip_causal(text: str) -> str:
-    t = text.strip()
-    for suf in (" & causal", "& causal"):
-        if t.endswith(suf):
-            return t[: -len(suf)].strip()
-    return t
-
-
 # ---- entry point -------------------------------------------------------------------------------------
 def elaborate(text: str, *, params: dict | None = None, filename: str = "<string>") -> ParseResult:
     """Parse and elaborate ``text`` into an (unnormalised) IR.
@@ -776,6 +666,5 @@ def elaborate(text: str, *, params: dict | None = None, filename: str = "<string
         raise PatternError(Diagnostic("P214", f"parameter `{k}` is set but the pattern never uses it", None,
                                       did_you_mean(k, cands) or (f"the pattern's params are {', '.join(sorted(declared_names))}" if declared_names else "the pattern declares no `param`"),
                                       filename=filename, source=text))
-    w = causal_warning(pattern, text, filename)
-    warnings = list(el.warnings) + ([w] if w else [])
+    warnings = list(el.warnings)
     return ParseResult(pattern=pattern, warnings=warnings, source=text, filename=filename, params=declared)

@@ -16,8 +16,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .ir import And, Blocks, Diff, Heads, Layers, Not, Or, Pattern, Prim
-from .lower import random_flat_keys
+from ..ir.nodes import And, Blocks, Diff, Heads, Layers, Not, Or, Pattern, Prim
+from ..lower.lowering import random_flat_keys
+
+
+def device_key(device) -> str:
+    """The canonical name of a torch device (``"cpu"``, ``"cuda:0"``): the key of per-device caches."""
+    return str(torch.device(device))
 
 
 def lower_to_mask_mod(p: Pattern, q_len: int, kv_len: int, device="cpu"):

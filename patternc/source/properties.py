@@ -1,8 +1,8 @@
 """Properties of a pattern shown by ``patternc check``: causal, symmetric, heads, layers.
 
 ``causal`` / ``symmetric`` are first attempted as proofs over the IR (sound: ``True`` means
-the property holds at every length). Without a proof the pattern is probed with the oracle
-(``patternc.reference.dense_mask``) at a length a little larger than its largest parameter
+the property holds at every length). Without a proof the pattern is probed with the lowering
+evaluator (``patternc.lower.lowering.evaluate``) at a length a little larger than its largest parameter
 (``probe_length``), over every head and layer of its period: ``False`` then comes with a
 concrete witness, and a property neither proven nor refuted is ``None`` ("unknown").
 """
@@ -11,30 +11,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from .elaborate import proves_causal
-from .ir import And, Blocks, Diff, Heads, Layers, Not, Or, Pattern, Prim
+from ..ir.facts import proves_causal, proves_symmetric
+from ..ir.nodes import Blocks, Pattern, Prim
 
-_SYMMETRIC_PRIMS = {"all", "none", "local", "strided", "dilated", "chunk", "global", "prefix"}
 PROBE_MIN = 64  # tokens
 PROBE_MAX = 1024  # tokens: the probe materialises [H, n, n] booleans per layer
 PROBE_BUDGET = 1 << 25  # at most this many (layer, head, i, j) evaluated by one probe
-
-
-def proves_symmetric(p: Pattern) -> bool:
-    """Sound syntactic proof that attend(i, j) == attend(j, i) at every length."""
-    if isinstance(p, Prim):
-        if p.name == "band":
-            return p.arg("left") == p.arg("right")
-        return p.name in _SYMMETRIC_PRIMS
-    if isinstance(p, Not):
-        return proves_symmetric(p.child)
-    if isinstance(p, Diff):
-        return proves_symmetric(p.left) and proves_symmetric(p.right)
-    if isinstance(p, (And, Or, Heads, Layers)):
-        return all(proves_symmetric(c) for c in p.items)
-    if isinstance(p, Blocks):
-        return proves_symmetric(p.child)
-    return False
 
 
 def probe_length(p: Pattern) -> int:
@@ -61,12 +43,13 @@ def probe_length(p: Pattern) -> int:
 
 
 def probe(p: Pattern, check) -> list | None:
-    """Evaluate ``check(mask) -> (h, i, j) | None`` on the oracle's mask of every layer of the
+    """Evaluate ``check(mask) -> (h, i, j) | None`` on the evaluated mask of every layer of the
     period at ``probe_length(p)``; return ``[layer, h, i, j]`` of the first witness, or None
     (also when the pattern cannot be evaluated at that length, e.g. a symbolic argument out of
     range)."""
-    from .errors import PatternError
-    from .reference import dense_mask
+    from ..errors import PatternError
+    from ..ir.specialize import head_patterns, specialize
+    from ..lower.lowering import evaluate
 
     n = probe_length(p)
     heads, layers = p.num_heads, p.num_layers
@@ -76,9 +59,14 @@ def probe(p: Pattern, check) -> list | None:
         return None
     for layer in range(layers):
         try:
-            m = dense_mask(p, q_len=n, num_heads=heads, layer=layer)
+            lp = specialize(p, q_len=n, kv_len=n, layer=layer)
         except (PatternError, ValueError, ZeroDivisionError):
             return None
+        i = np.arange(n)[:, None]
+        j = np.arange(n)[None, :]
+        per_head = head_patterns(lp, heads)
+        m = np.stack([np.broadcast_to(evaluate(per_head[h % len(per_head)], i, j, n, n), (n, n))
+                      for h in range(heads)])
         bad = check(m)
         if bad is not None:
             return [layer, *bad]
@@ -96,7 +84,7 @@ def _asym(m):
 
 
 def later_key_witness(p: Pattern) -> dict | None:
-    """``{"layer", "head", "i", "j"}`` with j > i allowed, found by the oracle, or None."""
+    """``{"layer", "head", "i", "j"}`` with j > i allowed, found by evaluation, or None."""
     w = probe(p, _later)
     return dict(zip(("layer", "head", "i", "j"), w)) if w else None
 

@@ -6,17 +6,20 @@ import functools
 import warnings
 from pathlib import Path
 
-from .elaborate import ParseResult, elaborate
-from .errors import PatternWarning
-from .ir import Pattern
-from .normalize import normalize
-from .parser import decode_source
+from ..errors import PatternWarning
+from ..ir.nodes import Pattern
+from ..ir.normalize import normalize
+from ..lang.elaborate import ParseResult, elaborate
+from ..lang.parser import decode_source
+from .lint import lint
 
 
 @functools.lru_cache(maxsize=512)
 def _analyse_cached(source: str, params: tuple, filename: str) -> tuple[Pattern, ParseResult]:
     res = elaborate(source, params=dict(params), filename=filename)
-    return normalize(res.pattern), res
+    canonical = normalize(res.pattern)
+    res.warnings.extend(lint(res.pattern, res.source, filename))
+    return canonical, res
 
 
 def analyse_source(source: str, *, params: dict | None = None, filename: str | None = None):
@@ -51,7 +54,7 @@ def parse(source, *, params: dict | None = None, filename: str | None = None) ->
     """
     if isinstance(source, Pattern):
         if params:
-            from .errors import Diagnostic, PatternError
+            from ..errors import Diagnostic, PatternError
 
             raise PatternError(Diagnostic("P214", "params apply to source text; this is already a Pattern", None,
                                           "pass the source text with params=..., or bind the params when parsing"))

@@ -34,7 +34,20 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .ir import ALL, NONE, And, Blocks, Diff, Heads, Layers, Not, Or, Pattern, Prim, select_head
+from ..ir.nodes import (
+    ALL,
+    NONE,
+    And,
+    Blocks,
+    Diff,
+    Heads,
+    Layers,
+    Not,
+    Or,
+    Pattern,
+    Prim,
+)
+from ..ir.specialize import head_patterns
 from .layout import EMPTY, FULL, PARTIAL, BlockLayout, normalize_block_size
 
 MAYBE = 3  # internal only: never stored in a BlockLayout
@@ -161,13 +174,13 @@ def _pure(s: frozenset) -> str | None:
 @functools.lru_cache(maxsize=8)
 def random_flat_keys(r: int, seed: int, q_len: int, kv_len: int) -> np.ndarray:
     """int64 [Q_LEN * min(r, KV_LEN)] sorted ``i * KV_LEN + j`` of the pairs ``random(r, seed)``
-    draws (SPEC §1.1, drawn by ``patternc.reference.random_keys``)."""
-    from .reference import random_keys
-
+    draws (SPEC §1.1: one PCG64(seed) generator, rows 0, 1, … in order, ``choice`` without
+    replacement)."""
     m = min(r, kv_len)
     if m == 0 or q_len == 0:
         return np.zeros(0, dtype=np.int64)
-    keys = np.concatenate(random_keys(r, seed, q_len, kv_len)).astype(np.int64)
+    rng = np.random.Generator(np.random.PCG64(seed))
+    keys = np.concatenate([rng.choice(kv_len, size=m, replace=False) for _ in range(q_len)]).astype(np.int64)
     rows = np.repeat(np.arange(q_len, dtype=np.int64), m)
     flat = rows * kv_len + keys
     flat.sort()
@@ -790,14 +803,6 @@ def _atomize(p: Pattern, atoms: list, keys: dict) -> Pattern:
 
 # ---------------------------------------------------------------------------------------------
 # whole layouts
-
-
-def head_patterns(p: Pattern, num_heads: int) -> list[Pattern]:
-    """The head-free pattern of each head ``h < min(num_heads, period)`` (normalised)."""
-    from .normalize import normalize
-
-    period = p.num_heads
-    return [normalize(select_head(p, h)) for h in range(min(num_heads, period))]
 
 
 def lower_to_layout(p: Pattern, q_len: int, kv_len: int, block_size, num_heads: int) -> BlockLayout:

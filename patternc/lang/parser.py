@@ -22,8 +22,7 @@ from pathlib import Path
 from lark import Lark, Token, Tree
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput
 
-from .errors import Diagnostic, PatternError
-from .ir import Span
+from ..errors import Diagnostic, PatternError, Span
 
 MAX_SOURCE_BYTES = 1 << 20  # 1 MiB: patterns are small; this bounds time and memory
 MAX_NESTING = 100  # brackets / calls / parentheses deep
@@ -39,7 +38,7 @@ def _grammar_dir() -> Path:
             return Path(str(pkg))
     except (ModuleNotFoundError, TypeError):  # pragma: no cover
         pass
-    return Path(__file__).resolve().parent.parent / "grammars"
+    return Path(__file__).resolve().parents[2] / "grammars"
 
 
 def grammar_path() -> Path:

@@ -1,0 +1,106 @@
+"""Specialisation: one step from a whole pattern to what one compile needs.
+
+A pattern may mention ``q_len``/``kv_len`` (SPEC §1.3) and hold ``layers(…)`` / ``heads(…)``
+choices. ``specialize`` selects the layer, binds the lengths (checking every computed
+parameter, P301) and normalises; ``head_patterns`` then splits the per-head choice. Everything
+downstream (lowering, ``mask_mod``, analysis) starts from these.
+"""
+
+from __future__ import annotations
+
+from ..errors import Diagnostic, PatternError
+from . import nodes as ir
+from .nodes import Blocks, Heads, IntExpr, Layers, Pattern, Prim
+from .normalize import normalize
+from .primitives import MAX_INT, check_values
+from .printer import to_text
+
+
+def select_layer(p: Pattern, layer: int) -> Pattern:
+    """Replace every ``layers(p0, …)`` by its entry ``layer mod m`` (SPEC §1.1)."""
+    if isinstance(p, Layers):
+        return select_layer(p.items[layer % len(p.items)], layer)
+    kids = p.children()
+    if not kids:
+        return p
+    return p.with_children(tuple(select_layer(c, layer) for c in kids))
+
+
+def select_head(p: Pattern, head: int) -> Pattern:
+    """Replace every ``heads(p0, …)`` by its entry ``head mod m``."""
+    if isinstance(p, Heads):
+        return select_head(p.items[head % len(p.items)], head)
+    kids = p.children()
+    if not kids:
+        return p
+    return p.with_children(tuple(select_head(c, head) for c in kids))
+
+
+def bind_lengths(p: Pattern, q_len: int, kv_len: int, *, normalized: bool = True) -> Pattern:
+    """Substitute ``q_len`` / ``kv_len`` (tokens; block counts inside ``blocks(b, ...)``),
+    check the resulting parameter values, and normalise (unless ``normalized=False``: the
+    oracle evaluates the bound pattern as it is).
+
+    Raises:
+        PatternError: P301 when a parameter computed from the lengths is out of range or
+            divides by zero.
+    """
+    if not p.is_symbolic() and not any(isinstance(n, Blocks) and isinstance(n.b, IntExpr) for n in p.walk()):
+        return p
+    bound = _bind(p, {"q_len": q_len, "kv_len": kv_len})
+    return normalize(bound) if normalized else bound
+
+
+def _eval(v, env, where, span=None):
+    at = f"at q_len={env['q_len']}, kv_len={env['kv_len']}"
+    try:
+        out = ir.eval_int(v, env)
+    except ZeroDivisionError:
+        raise PatternError(Diagnostic("P301", f"`{where}` divides by zero {at}",
+                                      span, "guard the divisor, e.g. `max(1, ...)`")) from None
+    except ValueError as e:
+        raise PatternError(Diagnostic("P301", f"`{where}`: {e} {at}",
+                                      span, "guard the argument, e.g. `max(0, ...)`")) from None
+    if abs(out) > MAX_INT:
+        raise PatternError(Diagnostic("P301", f"`{where}` computes {out} {at}, too large for a length or parameter "
+                                      "(the limit is 2^31 - 1)", span, "bound it, e.g. `min(q_len, ...)`"))
+    return out
+
+
+def _bind(p: Pattern, env: dict) -> Pattern:
+    if isinstance(p, Prim):
+        if not any(isinstance(v, IntExpr) for _, v in p.args):
+            return p
+        vals = tuple((k, _eval(v, env, to_text(p), p.span) if isinstance(v, IntExpr) else v) for k, v in p.args)
+        problems = check_values(p.name, dict(vals))
+        if problems:
+            _k, msg, help_ = problems[0]
+            raise PatternError(Diagnostic("P301", f"{msg} (computed from `{to_text(p)}` at q_len={env['q_len']}, "
+                                          f"kv_len={env['kv_len']})", p.span, help_))
+        return Prim(p.name, vals, span=p.span)
+    if isinstance(p, Blocks):
+        b = _eval(p.b, env, to_text(p), p.span) if isinstance(p.b, IntExpr) else p.b
+        if b < 1:
+            raise PatternError(Diagnostic("P301", f"`blocks` size computed as {b} at q_len={env['q_len']}, kv_len={env['kv_len']}; it must be >= 1",
+                                          p.span, "guard it, e.g. `max(1, ...)`"))
+        inner = {"q_len": -(-env["q_len"] // b), "kv_len": -(-env["kv_len"] // b)}
+        return Blocks(b, _bind(p.child, inner), span=p.span)
+    kids = p.children()
+    if not kids:
+        return p
+    return p.with_children(tuple(_bind(c, env) for c in kids))
+
+
+def specialize(p: Pattern, *, q_len: int, kv_len: int, layer: int = 0) -> Pattern:
+    """The canonical pattern of one layer with ``q_len``/``kv_len`` bound (tokens).
+
+    Raises:
+        PatternError: P301 when a parameter computed from the lengths is out of range.
+    """
+    return bind_lengths(normalize(select_layer(p, layer)), q_len, kv_len)
+
+
+def head_patterns(p: Pattern, num_heads: int) -> list[Pattern]:
+    """The head-free pattern of each head ``h < min(num_heads, period)`` (normalised)."""
+    period = p.num_heads
+    return [normalize(select_head(p, h)) for h in range(min(num_heads, period))]
