@@ -112,6 +112,7 @@ def compile(p_or_source, *, q_len: int, kv_len: int | None = None, num_heads: in
         for w in res.warnings:
             warnings.warn(PatternWarning(w), stacklevel=2)
         source_text, params = res.source, res.params  # params: the declared ones, defaults included
+    terms = ir.score_terms(full)  # SPEC §1.8: beside the layout, never part of the predicate
     try:
         pattern = specialize(full, q_len=q_len, kv_len=kv_len, layer=layer)
     except PatternError as e:
@@ -130,7 +131,7 @@ def compile(p_or_source, *, q_len: int, kv_len: int | None = None, num_heads: in
             f"use a larger block_size (e.g. {max(qb, kb) * 4}) or shorter lengths"))
     layout = _layout_cached(pattern, q_len, kv_len, qb, kb, H)
     cp = CompiledPattern(pattern=pattern, q_len=q_len, kv_len=kv_len, num_heads=H, block_size=(qb, kb),
-                         layer=layer, layout=layout, params=dict(params or {}))
+                         layer=layer, layout=layout, params=dict(params or {}), score_terms=terms)
     cp.compile_seconds = time.perf_counter() - t0
     return cp
 
@@ -139,8 +140,13 @@ class CompiledPattern:
     """One layer of a pattern, compiled at fixed lengths and block size.
 
     Attributes:
-        pattern: the canonical layer ``Pattern`` (after ``select_layer`` and ``bind_lengths``).
-        source: its canonical text (``str(pattern)``).
+        pattern: the canonical layer ``Pattern`` (after ``select_layer`` and ``bind_lengths``):
+            the predicate only, without score terms.
+        score_terms: the score terms (SPEC §1.8), a tuple of ``patternc.ir.Term`` in
+            canonical order (``softcap``, then ``alibi``); ``()`` when none. Every backend
+            applies them; layouts, masks and reachability ignore them.
+        source: the canonical text of the layer, score terms included
+            (``str(pattern) + " with ..."``).
         q_len, kv_len: Q_LEN, KV_LEN (tokens).
         num_heads: H.
         block_size: (Q_BLOCK_SIZE, KV_BLOCK_SIZE), tokens.
@@ -151,9 +157,10 @@ class CompiledPattern:
     """
 
     def __init__(self, *, pattern: Pattern, q_len: int, kv_len: int, num_heads: int, block_size: tuple,
-                 layer: int, layout: BlockLayout, params: dict):
-        self.pattern = pattern
-        self.source = str(pattern)
+                 layer: int, layout: BlockLayout, params: dict, score_terms: tuple = ()):
+        self.pattern = ir.strip_terms(pattern)
+        self.score_terms = tuple(score_terms) or ir.score_terms(pattern)
+        self.source = str(ir.with_terms(self.pattern, self.score_terms))
         self.q_len = q_len
         self.kv_len = kv_len
         self.num_heads = num_heads
@@ -185,8 +192,9 @@ class CompiledPattern:
 
     @property
     def is_causal_only(self) -> bool:
-        """True iff the layer pattern is exactly ``causal`` (executors may use is_causal SDPA)."""
-        return self.pattern == ir.CAUSAL
+        """True iff the layer pattern is exactly ``causal`` and has no score terms (executors
+        may use is_causal SDPA)."""
+        return self.pattern == ir.CAUSAL and not self.score_terms
 
     @property
     def mask_mod(self):
@@ -277,10 +285,14 @@ class CompiledPattern:
 
     # ---- reporting ---------------------------------------------------------------------------------
     def summary(self) -> dict:
-        """A JSON-ready dict: canonical, lengths, heads, block size and counts, densities, time."""
+        """A JSON-ready dict: canonical (score terms included), score_terms, lengths, heads,
+        block size and counts, densities, time."""
+        from .ir.terms import terms_json
+
         lay = self.layout
         return {
             "canonical": self.source,
+            "score_terms": terms_json(self.score_terms, num_heads=self.num_heads),
             "q_len": self.q_len,
             "kv_len": self.kv_len,
             "num_heads": self.num_heads,
@@ -397,7 +409,7 @@ def load_compiled(path, *, verify: bool = True) -> CompiledPattern:
             bad = int((fresh.layout.kinds != kinds).sum())
             raise _bad_artifact(path, f"{bad} tile kinds differ from its pattern `{canonical}`")
         layout = fresh.layout
-        pattern = fresh.pattern
+        pattern = ir.with_terms(fresh.pattern, ir.score_terms(pattern))
     cp = CompiledPattern(pattern=pattern, q_len=q_len, kv_len=kv_len, num_heads=H, block_size=(qb, kb),
                          layer=layer, layout=layout, params=params)
     cp.compile_seconds = time.perf_counter() - t0

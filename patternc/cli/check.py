@@ -17,16 +17,22 @@ def run(args) -> int:
         from ..source.frontdoor import analyse_source
         from ..source.properties import properties
 
+        from ..ir.nodes import score_terms
+        from ..ir.terms import terms_json
+
         pattern, res = analyse_source(src.text, params=src.params, filename=src.filename)
         props = properties(pattern)
+        terms = score_terms(pattern)
         if args.json:
             print_json({"ok": True, "canonical": str(pattern), "diagnostics": [w.to_json() for w in res.warnings],
-                        **props, "params": res.params})
+                        **props, "score_terms": terms_json(terms), "params": res.params})
         else:
             emit_diagnostics(res.warnings, False)
             print(f"canonical: {pattern}")
             for line in property_lines(props):
                 print(line)
+            if terms:
+                print("score terms: " + ", ".join(str(t) for t in terms))
             if res.params:
                 print("params: " + ", ".join(f"{k}={v}" for k, v in res.params.items()))
         return ExitCode.OK

@@ -83,11 +83,23 @@ def run(args) -> int:
     return run_guarded(args, body)
 
 
+def _terms_line(terms) -> str:
+    parts = []
+    for t in terms:
+        extra = ""
+        if "slopes" in t:
+            shown = ", ".join(f"{m:.6g}" for m in t["slopes"][:8]) + (", ..." if len(t["slopes"]) > 8 else "")
+            extra = f" (ALiBi slopes per head: {shown})"
+        parts.append(t["text"] + extra)
+    return "score terms: " + ", ".join(parts)
+
+
 def _render(cp, s) -> str:
     qb, kb = s["block_size"]
     lines = [
         f"canonical: {s['canonical']}",
         f"layer: {s['layer']}" if s["layer"] else None,
+        _terms_line(s["score_terms"]) if s["score_terms"] else None,
         f"Q_LEN x KV_LEN: {s['q_len']} x {s['kv_len']} tokens, heads: {s['num_heads']}",
         f"BLOCK_SIZE: {qb} x {kb} tokens -> {s['num_q_blocks']} x {s['num_kv_blocks']} blocks per head",
         f"tiles: {s['full_blocks']} FULL, {s['partial_blocks']} PARTIAL, {s['empty_blocks']} EMPTY",

@@ -4,7 +4,8 @@ A ``Pattern`` is a frozen tree denoting ``attend(l, h, i, j)`` (SPEC §1). This 
 the nodes, the primitive registry (``primitives``: parameters, ranges, docs of every
 primitive), the canonical printer, the normaliser (an ordered list of named passes), the
 syntactic facts the passes and lints rely on (``facts``: causal, symmetric), and
-specialisation (``specialize``: select a layer, bind ``q_len``/``kv_len``, split heads).
+specialisation (``specialize``: select a layer, bind ``q_len``/``kv_len``, split heads), and
+the score terms beside the predicate (``terms``: ``softcap``, ``alibi`` and ALiBi's slopes).
 Nothing here imports Lark, numpy or torch.
 """
 
@@ -28,13 +29,19 @@ from .nodes import (
     Or,
     Pattern,
     Prim,
+    Scored,
+    Term,
     Var,
     eval_int,
     free_vars,
+    score_terms,
+    strip_terms,
+    with_terms,
 )
 from .normalize import PASSES, normalize
 from .primitives import MAX_INT, PRIMITIVES
 from .printer import to_text
+from .terms import SCORE_TERMS, TERM_ORDER, alibi_slopes
 from .specialize import (
     bind_lengths,
     head_patterns,
@@ -47,5 +54,6 @@ __all__ = [
     "ALL", "CAUSAL", "NONE", "And", "BinOp", "Blocks", "Diff", "Fn", "Heads", "IntExpr", "Layers", "Lit", "Not",
     "Or", "Pattern", "Prim", "Var", "eval_int", "free_vars", "PASSES", "normalize", "MAX_INT", "PRIMITIVES",
     "to_text", "bind_lengths", "head_patterns", "select_head", "select_layer", "specialize",
-    "proves_causal", "proves_symmetric",
+    "proves_causal", "proves_symmetric", "Scored", "Term", "score_terms", "strip_terms", "with_terms",
+    "SCORE_TERMS", "TERM_ORDER", "alibi_slopes",
 ]

@@ -7,13 +7,15 @@ check`` rely on. They read only the IR, so they live beside it (standard library
 
 from __future__ import annotations
 
-from .nodes import And, Blocks, Diff, Heads, Layers, Not, Or, Pattern, Prim
+from .nodes import And, Blocks, Diff, Heads, Layers, Not, Or, Pattern, Prim, Scored
 
 _SYMMETRIC_PRIMS = {"all", "none", "local", "strided", "dilated", "chunk", "global", "prefix"}
 
 
 def proves_causal(p: Pattern) -> bool:
     """Sound syntactic proof that p allows only j <= i (True means proven)."""
+    if isinstance(p, Scored):  # score terms do not change the predicate
+        return proves_causal(p.pattern)
     if isinstance(p, Prim):
         a = p.argdict
         if p.name in ("causal", "none"):
@@ -46,6 +48,8 @@ def proves_causal(p: Pattern) -> bool:
 
 def proves_symmetric(p: Pattern) -> bool:
     """Sound syntactic proof that attend(i, j) == attend(j, i) at every length."""
+    if isinstance(p, Scored):
+        return proves_symmetric(p.pattern)
     if isinstance(p, Prim):
         if p.name == "band":
             return p.arg("left") == p.arg("right")

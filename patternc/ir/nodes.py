@@ -282,3 +282,76 @@ class Blocks(Pattern):
 ALL = Prim("all")
 NONE = Prim("none")
 CAUSAL = Prim("causal")
+
+
+# ---------------------------------------------------------------------------------------------
+# score terms (SPEC §1.8): how a kept pair's score changes before the softmax
+
+
+@dataclass(frozen=True)
+class Term:
+    """One score term, ``softcap(c)`` or ``alibi(max_bias)`` (registry: ``ir.terms``).
+
+    Not a ``Pattern``: a term never says which pairs attend. ``args`` are ``(param, value)``
+    pairs in the registry's order with defaults filled in (integers; constants only).
+    """
+
+    name: str
+    args: tuple = ()
+    span: Span | None = field(default=None, compare=False, repr=False)
+
+    def arg(self, name, default=None):
+        for k, v in self.args:
+            if k == name:
+                return v
+        return default
+
+    @property
+    def argdict(self) -> dict:
+        return dict(self.args)
+
+    def __str__(self) -> str:
+        from .printer import term_text
+
+        return term_text(self)
+
+
+@dataclass(frozen=True)
+class Scored(Pattern):
+    """``pattern with t1, t2``: the root of a pattern that carries score terms (SPEC §1.8).
+
+    Shape decision (docs/language.md, "Score terms"): the terms sit in one node at the root,
+    beside the predicate, never inside it. ``Scored`` only ever appears at the root (the
+    grammar puts ``with`` after the final expression), ``terms`` is non-empty, in the
+    canonical order of ``ir.terms.TERM_ORDER`` with each name at most once. Everything that
+    reads the predicate (``select_layer`` / ``select_head``, hence specialisation, the
+    lowering, ``mask_mod``, layouts, the oracle and reachability) sees ``pattern`` alone:
+    ``select_layer`` drops the node, and ``strip_terms`` / ``score_terms`` split it.
+    Normalisation rewrites ``pattern`` and keeps ``terms``.
+    """
+
+    pattern: Pattern
+    terms: tuple = ()
+    span: Span | None = field(default=None, compare=False, repr=False)
+
+    def children(self):
+        return (self.pattern,)
+
+    def with_children(self, children):
+        return Scored(children[0], self.terms, span=self.span)
+
+
+def strip_terms(p: Pattern) -> Pattern:
+    """The predicate of ``p`` without its score terms (``p`` itself when it has none)."""
+    return p.pattern if isinstance(p, Scored) else p
+
+
+def score_terms(p: Pattern) -> tuple:
+    """The score terms of ``p`` (``Term`` tuple in canonical order; ``()`` when none)."""
+    return p.terms if isinstance(p, Scored) else ()
+
+
+def with_terms(p: Pattern, terms) -> Pattern:
+    """``p`` (its own terms replaced) carrying ``terms``; ``terms`` empty: the bare predicate."""
+    p = strip_terms(p)
+    return Scored(p, tuple(terms)) if terms else p

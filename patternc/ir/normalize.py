@@ -497,8 +497,31 @@ def ir_problems(p: Pattern) -> list[str]:
                 out.append(f"blocks size {n.b!r} must be an integer >= 1")
         elif isinstance(n, (Not, Diff)):
             pass
+        elif isinstance(n, ir.Scored):
+            out += _scored_problems(n, root=n is p)
         else:
             out.append(f"unknown node {type(n).__name__}")
+    return out
+
+
+def _scored_problems(n, root: bool) -> list[str]:
+    from .terms import SCORE_TERMS, TERM_ORDER, check_term_values
+
+    out = [] if root else ["score terms (Scored) below the root"]
+    names = [t.name for t in n.terms if isinstance(t, ir.Term)]
+    if len(names) != len(n.terms) or not names:
+        return out + ["Scored needs a non-empty tuple of Term"]
+    if any(name not in SCORE_TERMS for name in names):
+        return out + [f"unknown score term in {names}"]
+    if names != sorted(set(names), key=TERM_ORDER.index):
+        out.append(f"score terms {names} repeated or not in the order {TERM_ORDER}")
+    for t in n.terms:
+        if tuple(k for k, _ in t.args) != tuple(q.name for q in SCORE_TERMS[t.name].params):
+            out.append(f"{t.name}: arguments {t.args} not in registry order")
+        elif not all(isinstance(v, int) and not isinstance(v, bool) for _k, v in t.args):
+            out.append(f"{t.name}: arguments must be integer constants")
+        else:
+            out += [f"{t.name}: {msg}" for _k, msg, _h in check_term_values(t.name, t.argdict)]
     return out
 
 

@@ -4,12 +4,13 @@ warning W001). ``parse(to_text(p)) == p`` for every normalised pattern.
 
 Primitive arguments are printed as keywords in registry order, defaults omitted
 (``summary(l=8, c=1)``, ``random(r=3)``); ``blocks`` takes its block size positionally.
+Score terms follow ``with`` in canonical order (``... with softcap(c=50), alibi()``).
 """
 
 from __future__ import annotations
 
 from . import nodes as ir
-from .nodes import And, Blocks, Diff, Heads, Layers, Not, Or, Pattern, Prim
+from .nodes import And, Blocks, Diff, Heads, Layers, Not, Or, Pattern, Prim, Scored, Term
 from .primitives import PRIMITIVES
 
 _INT_PREC = {"+": 3, "-": 3, "*": 2, "//": 2, "%": 2}
@@ -49,6 +50,16 @@ def prim_text(p: Prim) -> str:
     return f"{p.name}({', '.join(parts)})" if parts else p.name
 
 
+def term_text(t: Term) -> str:
+    """A score term as keywords, defaults omitted, always with parentheses (``alibi()``,
+    ``softcap(c=50)``) so it never reads as a pattern name."""
+    from .terms import SCORE_TERMS
+
+    defaults = {q.name: q.default for q in SCORE_TERMS[t.name].params}
+    parts = [f"{k}={int_text(v)}" for k, v in t.args if not (defaults.get(k) is not None and v == defaults[k])]
+    return f"{t.name}({', '.join(parts)})"
+
+
 def _prec(p: Pattern) -> int:
     if isinstance(p, Or):
         return 4
@@ -71,6 +82,8 @@ def to_text(p: Pattern) -> str:
     """
     if isinstance(p, Prim):
         return prim_text(p)
+    if isinstance(p, Scored):  # only at the root: `with` binds loosest, no parentheses needed
+        return to_text(p.pattern) + " with " + ", ".join(term_text(t) for t in p.terms)
     if isinstance(p, Or):
         return " | ".join(_wrap(c, 3) if not isinstance(c, And) else f"({to_text(c)})" for c in p.items)
     if isinstance(p, And):

@@ -10,14 +10,20 @@ from __future__ import annotations
 
 from ..errors import Diagnostic, PatternError
 from . import nodes as ir
-from .nodes import Blocks, Heads, IntExpr, Layers, Pattern, Prim
+from .nodes import Blocks, Heads, IntExpr, Layers, Pattern, Prim, Scored
 from .normalize import normalize
 from .primitives import MAX_INT, check_values
 from .printer import to_text
 
 
 def select_layer(p: Pattern, layer: int) -> Pattern:
-    """Replace every ``layers(p0, …)`` by its entry ``layer mod m`` (SPEC §1.1)."""
+    """Replace every ``layers(p0, …)`` by its entry ``layer mod m`` (SPEC §1.1).
+
+    The result is the layer's *predicate*: score terms (``Scored``, SPEC §1.8) are dropped,
+    so everything specialised from here on (layouts, ``mask_mod``, the oracle, analysis)
+    never sees them; ``compile`` keeps them beside the layout (``cp.score_terms``)."""
+    if isinstance(p, Scored):
+        return select_layer(p.pattern, layer)
     if isinstance(p, Layers):
         return select_layer(p.items[layer % len(p.items)], layer)
     kids = p.children()
@@ -27,7 +33,9 @@ def select_layer(p: Pattern, layer: int) -> Pattern:
 
 
 def select_head(p: Pattern, head: int) -> Pattern:
-    """Replace every ``heads(p0, …)`` by its entry ``head mod m``."""
+    """Replace every ``heads(p0, …)`` by its entry ``head mod m`` (score terms dropped)."""
+    if isinstance(p, Scored):
+        return select_head(p.pattern, head)
     if isinstance(p, Heads):
         return select_head(p.items[head % len(p.items)], head)
     kids = p.children()

@@ -18,7 +18,7 @@ from lark import Token, Tree
 
 from ..errors import Diagnostic, PatternError, Span, did_you_mean
 from ..ir import nodes as ir
-from ..ir.nodes import And, Blocks, Diff, Heads, IntExpr, Layers, Not, Or, Pattern, Prim
+from ..ir.nodes import And, Blocks, Diff, Heads, IntExpr, Layers, Not, Or, Pattern, Prim, Scored, Term
 from ..ir.primitives import (
     BUILTIN_INTS,
     INT_FUNCTION_NAMES,
@@ -26,6 +26,7 @@ from ..ir.primitives import (
     PRIMITIVES,
     check_values,
 )
+from ..ir.terms import SCORE_TERMS, TERM_ORDER, check_term_values
 from .parser import (
     MAX_NESTING,
     empty_source_diagnostic,
@@ -161,6 +162,9 @@ class Elaborator:
                     self.fail("P206", f"the final expression is {_describe(val)}, but a pattern was expected", span_of(it),
                               "end the source with a pattern, e.g. `local(w=128) & causal`")
                 result = val
+                if len(it.children) > 1:  # `... with TERM, TERM` (SPEC §1.8)
+                    terms = self.score_terms(it.children[1], env)
+                    result = Scored(val, terms, span=span_of(it))
                 continue
             name_tok = it.children[0]
             name = str(name_tok)
@@ -192,7 +196,7 @@ class Elaborator:
                     seen = set()
                     for dp in it.children[1].children:
                         pname = str(dp.children[0])
-                        if pname in PRIMITIVES or pname in INT_FUNCTION_NAMES or pname in BUILTIN_INTS:
+                        if pname in PRIMITIVES or pname in INT_FUNCTION_NAMES or pname in BUILTIN_INTS or pname in SCORE_TERMS:
                             self.fail("P211", f"`{pname}` is a built-in name and cannot be a parameter name",
                                       span_of(dp.children[0]), f"choose another name, e.g. `my_{pname}`")
                         if pname in seen:
@@ -214,7 +218,7 @@ class Elaborator:
         return result, declared
 
     def check_new_name(self, name, tok, env):
-        if name in PRIMITIVES or name in INT_FUNCTION_NAMES or name in BUILTIN_INTS:
+        if name in PRIMITIVES or name in INT_FUNCTION_NAMES or name in BUILTIN_INTS or name in SCORE_TERMS:
             self.fail("P211", f"`{name}` is a built-in name and cannot be redefined", span_of(tok),
                       f"choose another name, e.g. `my_{name}`")
         b = env.get(name)
@@ -268,6 +272,8 @@ class Elaborator:
             return self.call_prim(name, [], node)
         if name in INT_FUNCTION_NAMES:
             self.fail("P203", f"`{name}` is a function and needs arguments", span_of(node), f"call it: `{name}(...)`")
+        if name in SCORE_TERMS:
+            self.term_as_pattern(name, node)
         if name in self._defining:
             self.fail("P210", f"`{name}` is defined in terms of itself", span_of(node), "a definition can only use names defined before it")
         cands = list(env) + list(PRIMITIVES) + list(BUILTIN_INTS)
@@ -392,6 +398,8 @@ class Elaborator:
             return self.call_int_fn(name, args, node, env)
         if name in PRIMITIVES:
             return self.call_prim(name, args, node, env)
+        if name in SCORE_TERMS:
+            self.term_as_pattern(name, node)
         if name in self._defining:
             self.fail("P210", f"`{name}` calls itself: recursion is not supported", span_of(node),
                       "patterns are finite expressions")
@@ -521,6 +529,66 @@ class Elaborator:
         for k2, msg, help_ in check_values("global", {key: v}):
             self.fail("P208", msg, vspan, help_)
         return Prim("global", ((key, v),), span=span)
+
+    # ---- score terms (SPEC §1.8) -----------------------------------------------------------------
+    def term_as_pattern(self, name, node):
+        spec = SCORE_TERMS[name]
+        self.fail("P217", f"`{name}` is a score term, not a pattern: it changes scores, it does not choose pairs",
+                  span_of(node), f"write it after the final expression with `with`: e.g. `local(w=128) & causal with {spec.example}`")
+
+    def score_terms(self, node, env) -> tuple:
+        """``with t1, t2`` -> ``Term``s in canonical order (each name at most once)."""
+        seen: dict[str, Term] = {}
+        for tnode in node.children:
+            t = self.score_term(tnode, env)
+            if t.name in seen:
+                first = seen[t.name].span
+                where = f" (first given at line {first.line}, column {first.column})" if first else ""
+                self.fail("P219", f"the score term `{t.name}` is given twice{where}", t.span,
+                          f"give each score term once: keep one `{t.name}(...)`")
+            seen[t.name] = t
+        return tuple(seen[n] for n in TERM_ORDER if n in seen)
+
+    def score_term(self, node, env) -> Term:
+        name_tok = node.children[0]
+        name = str(name_tok)
+        span = span_of(node)
+        args = []
+        if len(node.children) > 1:
+            for a in node.children[1].children:
+                if a.data == "kw_arg":
+                    args.append((str(a.children[0]), a.children[1], a))
+                else:
+                    args.append((None, a.children[0], a))
+        if name not in SCORE_TERMS:
+            terms = ", ".join(f"`{s.example}`" for s in SCORE_TERMS.values())
+            b = env.get(name)
+            if name in PRIMITIVES or (b is not None and isinstance(b.value, (Pattern, DefV))):
+                self.fail("P218", f"`{name}` is a pattern, not a score term: only score terms may follow `with`", span,
+                          f"combine patterns with `&` / `|` before `with`; the score terms are {terms}")
+            self.fail("P201", f"unknown score term `{name}`", span_of(name_tok),
+                      did_you_mean(name, list(SCORE_TERMS)) or f"the score terms are {terms}")
+        spec = SCORE_TERMS[name]
+        params = [p.name for p in spec.params]
+        bound = self._bind(name, params, args, node, env)
+        values = {}
+        for p in spec.params:
+            if p.name not in bound:
+                if p.required:
+                    self.fail("P203", f"`{name}` is missing its argument `{p.name}`" + (f" ({p.doc})" if p.doc else ""), span,
+                              f"e.g. `{spec.example}`")
+                values[p.name] = (p.default, span)
+                continue
+            v, vspan = bound[p.name]
+            if isinstance(v, IntExpr):
+                self.fail("P207", f"`{name}({p.name}=...)` must be a constant; it cannot depend on q_len / kv_len", vspan,
+                          f"use an integer literal or a `param`, e.g. `{spec.example}`")
+            if not _is_int(v):
+                self.fail("P207", f"`{name}` expects an integer for `{p.name}`, got {_describe(v)}", vspan, f"e.g. `{spec.example}`")
+            values[p.name] = (v, vspan)
+        for key, msg, help_ in check_term_values(name, {k: v for k, (v, _s) in values.items()}):
+            self.fail("P208", msg, values[key][1], help_)
+        return Term(name, tuple((p.name, values[p.name][0]) for p in spec.params), span=span)
 
     def call_def(self, d: DefV, args, node, env):
         names = [p for p, _ in d.params]

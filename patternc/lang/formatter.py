@@ -28,6 +28,9 @@ names stay), not the canonical IR that ``str(pattern)`` prints. The rules:
   ``(`` or ``=``, inside ``f()``) moves to its own line just before the statement, and a
   second comment after code in the same gap (``f(x  # a\n, # b\n y)``) goes on its own line.
   Statements without inner comments are laid out as if there were none.
+* score terms: `` with t1, t2`` ends the final expression's last line (on a line of its own,
+  indented, when it does not fit), each term with parentheses (``alibi()``); a comment
+  among the terms moves to its own line before the statement.
 
 ``format_source(format_source(x)) == format_source(x)``, and the result parses to the same
 pattern (tests/test_fmt.py checks both on every example and golden input).
@@ -137,8 +140,9 @@ class _Formatter:
             if len(it.children) == 3:
                 params = ", ".join(self.def_param(dp) for dp in it.children[1].children)
             head, expr = f"def {it.children[0]}({params}) = ", it.children[-1]
-        else:  # final_expr
+        else:  # final_expr, maybe with score terms
             head, expr = "", it.children[0]
+        terms = it.children[1] if kind == "final_expr" and len(it.children) > 1 else None
         expr = _parenthesise(expr)
         end = span_of(it).end
         trailing = [c for c in comments if c.start_pos >= end]
@@ -155,9 +159,20 @@ class _Formatter:
             body = [code + ("  " + note if note else "") for code, note in body]
         else:
             body = (head + self.expr(expr, 0, len(head))).split("\n")
+        if terms is not None:  # `with t1, t2` after the expression, or on its own line when long
+            tail = "with " + ", ".join(self.term(t) for t in terms.children)
+            if len(body[-1]) + 1 + len(tail) <= WIDTH and "#" not in body[-1]:
+                body[-1] += " " + tail
+            else:
+                body.append(" " * INDENT + tail)
         if trailing:
             body[-1] += "  " + "  ".join(_comment_text(c) for c in trailing)
         return before + body
+
+    def term(self, t: Tree) -> str:
+        """A score term, always with parentheses (``alibi()``), arguments as written."""
+        args = ", ".join(self.flat(a) for a in t.children[1].children) if len(t.children) > 1 else ""
+        return f"{t.children[0]}({args})"
 
     # ---- comments inside an expression --------------------------------------------------------------
     # A comment inside an expression belongs to a *gap* of the innermost node around it: between

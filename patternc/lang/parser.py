@@ -5,7 +5,7 @@ The elaborator (``patternc.elaborate``) turns the tree into the IR.
 
 Newlines end statements, except inside brackets, after a binary operator, ``=`` or ``,``,
 or before a line that starts with ``|``, ``&``, ``+``, ``-``, ``*``, ``//``, ``%``, ``=``,
-``,`` or a closing bracket (``LineJoiner``), so long expressions can be broken over lines
+``,``, ``with`` or a closing bracket (``LineJoiner``), so long expressions can be broken over lines
 naturally.
 
 ``parse_tree_with_comments`` also returns the comments (for ``patternc fmt``). Syntax errors
@@ -49,8 +49,8 @@ def prelude_path() -> Path:
     return _grammar_dir() / "prelude.pattern"
 
 
-_JOIN_AFTER = {"_OR", "_AND", "PLUS", "MINUS", "MUL_OP", "TILDE", "EQUAL", "COMMA", "LPAR", "LSQB"}
-_JOIN_BEFORE = {"_OR", "_AND", "PLUS", "MINUS", "MUL_OP", "RPAR", "RSQB", "COMMA", "EQUAL"}
+_JOIN_AFTER = {"_OR", "_AND", "PLUS", "MINUS", "MUL_OP", "TILDE", "EQUAL", "COMMA", "LPAR", "LSQB", "_WITH"}
+_JOIN_BEFORE = {"_OR", "_AND", "PLUS", "MINUS", "MUL_OP", "RPAR", "RSQB", "COMMA", "EQUAL", "_WITH"}
 _OPEN = {"LPAR": "RPAR", "LSQB": "RSQB"}
 _CLOSE = {"RPAR", "RSQB"}
 
@@ -162,7 +162,7 @@ TERMINAL_NAMES = {
     "NAME": "a name", "INT": "an integer", "LPAR": "`(`", "RPAR": "`)`", "LSQB": "`[`",
     "RSQB": "`]`", "COMMA": "`,`", "EQUAL": "`=`", "_OR": "`|`", "_AND": "`&`", "PLUS": "`+`",
     "MINUS": "`-`", "MUL_OP": "`*`, `//` or `%`", "TILDE": "`~`", "_NL": "a new line",
-    "$END": "the end of the input", "PARAM": "`param`", "LET": "`let`", "DEF": "`def`",
+    "$END": "the end of the input", "PARAM": "`param`", "LET": "`let`", "DEF": "`def`", "_WITH": "`with`",
 }
 
 _STATEMENT_PUNCT = {"EQUAL", "LPAR"}  # what a half-written `let x` / `def f` waits for
@@ -285,6 +285,10 @@ def syntax_diagnostic(err: UnexpectedInput, text: str, filename: str) -> Diagnos
             want = ")" if opener.type == "LPAR" else "]"
             return diag("P102", f"`{tok.value}` does not match the `{opener.value}` opened at line {opener.line}, "
                         f"column {opener.column}", span, f"close it with `{want}`")
+    if tok.type == "_WITH":
+        return diag("P113", "unexpected `with`: score terms follow only the final pattern expression", span,
+                    "write `with softcap(...)` / `with alibi(...)` once, after the source's last expression "
+                    "(not inside `let`, `def`, `param` or brackets)")
     label = _label(err)
     if label is None:  # a parser state no example covers: say what was expected
         return diag("P113", f"unexpected {shown}: expected {_expected_text(expected)}", span,

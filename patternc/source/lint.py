@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from ..errors import Diagnostic, Span
 from ..ir.facts import proves_causal
-from ..ir.nodes import And, Blocks, Diff, Heads, Layers, Or, Pattern, Prim
+from ..ir.nodes import And, Blocks, Diff, Heads, Layers, Or, Pattern, Prim, strip_terms
 from ..ir.normalize import normalize
 
 
 def lint(p: Pattern, source: str, filename: str) -> list[Diagnostic]:
-    """Warnings for the elaborated pattern ``p`` (its spans point into ``source``)."""
-    w = causal_warning(p, source, filename)
+    """Warnings for the elaborated pattern ``p`` (its spans point into ``source``; score
+    terms play no part: they do not change the predicate)."""
+    w = causal_warning(strip_terms(p), source, filename)
     return [w] if w else []
 
 

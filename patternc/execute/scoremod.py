@@ -1,0 +1,152 @@
+"""Score terms in torch (SPEC §1.8): the kernels' per-element score transform and its
+derivative, FlexAttention's ``score_mod``, and SDPA's float bias.
+
+For a kept pair, ``s = scale * (q_i . k_j)``, then in this order:
+
+* ``softcap(c)``: ``s <- c * tanh(s / c)``; ``d/ds = 1 - tanh(s / c)^2``;
+* ``alibi(max_bias)``: ``s <- s + m_h * (j - i)`` with ``m = alibi_slopes(H, max_bias)``
+  (``patternc.ir.terms``) and positions ``i = q_idx + q_offset``, ``j = kv_idx + kv_offset``
+  (SPEC §1.6); ``d/ds = 1``.
+
+``ScoreTerms`` is what a kernel calls on a chunk of raw scores: ``apply_(s, heads, q_pos,
+kv_pos)`` transforms ``s`` in place and returns the factor its backward multiplies ``dS`` by
+(``1 - tanh^2``, or None when the derivative is 1). Positions are always the ORIGINAL token
+positions of the rows and columns, whatever order a kernel gathers them in, so the same call
+is right under execution plans that permute queries or keys.
+
+Importing this module imports torch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..ir.terms import alibi_slopes
+
+
+class ScoreTerms:
+    """The score terms of one compiled layer, ready for a kernel on one device.
+
+    Attributes:
+        cap: the softcap ``c`` (float) or None.
+        slopes: float64 ``[H]`` ALiBi slopes of the query heads (CPU tensor), or None.
+        q_offset, kv_offset: tokens added to query rows / key columns to get positions.
+        terms: the ``ir.Term`` tuple this was built from.
+    """
+
+    def __init__(self, terms, num_heads: int, *, q_offset: int = 0, kv_offset: int = 0, head_offset: int = 0):
+        self.terms = tuple(terms)
+        self.cap = None
+        self.slopes = None
+        for t in self.terms:
+            if t.name == "softcap":
+                self.cap = float(t.arg("c"))
+            elif t.name == "alibi":
+                # head h of this compile is head head_offset + h of the pattern (SPEC §1.6)
+                m = alibi_slopes(num_heads + head_offset, int(t.arg("max_bias")))[head_offset:]
+                self.slopes = torch.tensor(m, dtype=torch.float64)
+            else:  # pragma: no cover - the elaborator admits only registered terms
+                raise ValueError(f"unknown score term {t.name!r}")
+        self.q_offset, self.kv_offset = int(q_offset), int(kv_offset)
+        self._slopes_on: dict = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.terms)
+
+    def slopes_on(self, device, dtype) -> torch.Tensor:
+        key = (str(device), dtype)
+        t = self._slopes_on.get(key)
+        if t is None:
+            t = self._slopes_on[key] = self.slopes.to(device=device, dtype=dtype)
+        return t
+
+    def alibi_bias(self, heads: torch.Tensor, q_pos: torch.Tensor, kv_pos: torch.Tensor, dtype) -> torch.Tensor:
+        """``m_h * (j - i)``: float ``[R, qb, cols]`` for query heads ``heads`` int64 [R], query
+        positions ``q_pos`` int64 [R, qb] and key positions ``kv_pos`` int64 [R, cols] (rows and
+        columns of the compile; offsets are added here). ``j - i`` is formed in integers, so
+        the bias is exact up to one rounding of the product."""
+        delta = (kv_pos[:, None, :] + (self.kv_offset - self.q_offset)) - q_pos[:, :, None]
+        m = self.slopes_on(q_pos.device, dtype).index_select(0, heads)
+        return delta.to(dtype).mul_(m[:, None, None])
+
+    def apply_(self, s: torch.Tensor, heads: torch.Tensor, q_pos: torch.Tensor, kv_pos: torch.Tensor):
+        """Transform raw scores in place: ``s`` float ``[B, R, qb, cols]`` (already scaled).
+
+        Args:
+            heads: int64 [R], the query head of each row tile.
+            q_pos: int64 [R, qb], query row of each score row (0-based, without q_offset).
+            kv_pos: int64 [R, cols], key column of each score column (without kv_offset).
+
+        Returns:
+            The derivative factor ``1 - tanh(s / c)^2`` float [B, R, qb, cols] for the backward
+            (``dS_raw = dS * factor``), or None when no term bends the score (ALiBi alone).
+        """
+        factor = None
+        if self.cap is not None:
+            c = self.cap
+            s.div_(c).tanh_()
+            factor = 1.0 - s * s
+            s.mul_(c)
+        if self.slopes is not None:
+            s.add_(self.alibi_bias(heads, q_pos, kv_pos, s.dtype))
+        return factor
+
+
+def tile_positions(q_blocks: torch.Tensor, kv_blocks: torch.Tensor, qb: int, kb: int):
+    """Token rows / columns of gathered tiles: ``q_blocks`` int64 [R] -> [R, qb];
+    ``kv_blocks`` int64 [R, S] -> [R, S * kb] (natural order; a plan passes its own)."""
+    dev = q_blocks.device
+    q_pos = q_blocks[:, None] * qb + torch.arange(qb, device=dev)
+    kv_pos = (kv_blocks[:, :, None] * kb + torch.arange(kb, device=dev)).reshape(kv_blocks.shape[0], -1)
+    return q_pos, kv_pos
+
+
+def score_terms_for(cp, num_heads: int) -> ScoreTerms | None:
+    """The ``ScoreTerms`` of a compiled layer for ``num_heads`` query heads (cached on
+    ``cp``), or None when it has none."""
+    terms = tuple(getattr(cp, "score_terms", ()) or ())
+    if not terms:
+        return None
+    cache = cp.__dict__.setdefault("_score_terms_cache", {})
+    st = cache.get(num_heads)
+    if st is None:
+        st = cache[num_heads] = ScoreTerms(terms, num_heads, q_offset=getattr(cp, "q_offset", 0),
+                                           kv_offset=getattr(cp, "kv_offset", 0),
+                                           head_offset=getattr(cp, "head_offset", 0))
+    return st
+
+
+def make_score_mod(st: ScoreTerms, device, dtype=torch.float32):
+    """FlexAttention ``score_mod(score, b, h, q_idx, kv_idx)`` applying ``st``.
+
+    The cap, the slopes and the offsets live in tensors captured by the closure, so a new
+    cap or slope set of the same shape does not recompile a ``torch.compile``d
+    FlexAttention (it guards on tensor metadata, not values). ``__name__`` names the terms.
+    """
+    device = torch.device(device)
+    cap = torch.tensor(st.cap if st.cap is not None else 1.0, dtype=dtype, device=device)
+    slopes = st.slopes_on(device, dtype) if st.slopes is not None else None
+    off = torch.tensor(st.kv_offset - st.q_offset, dtype=torch.int64, device=device)
+    use_cap = st.cap is not None
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        if use_cap:
+            score = cap * torch.tanh(score / cap)
+        if slopes is not None:
+            score = score + slopes[h] * (kv_idx - q_idx + off).to(score.dtype)
+        return score
+
+    score_mod.__name__ = score_mod.__qualname__ = "score_mod_" + "_".join(t.name for t in st.terms)
+    return score_mod
+
+
+def sdpa_bias(st: ScoreTerms, mask: torch.Tensor, dtype) -> torch.Tensor:
+    """SDPA's float ``attn_mask``: ``m_h * (j - i)`` where ``mask`` (bool [H|1, Q_LEN, KV_LEN])
+    allows, ``-inf`` elsewhere; only ALiBi can be a bias (softcap is not additive)."""
+    Hm, Q, KV = mask.shape
+    H = st.slopes.shape[0]
+    dev = mask.device
+    q_pos = torch.arange(Q, device=dev).expand(H, Q)
+    kv_pos = torch.arange(KV, device=dev).expand(H, KV)
+    bias = st.alibi_bias(torch.arange(H, device=dev), q_pos, kv_pos, dtype)  # [H, Q, KV]
+    return bias.masked_fill_(~mask, float("-inf"))
