@@ -339,7 +339,9 @@ def run(args) -> int:
                 max_abs = 0.0
                 for a in range(0, N, ref_chunk):
                     e = min(N, a + ref_chunk)
-                    ref = reference_attention(q[:, :, a:e], k, v, lambda s0, s1: rows(a + s0, a + s1))
+                    ref = reference_attention(q[:, :, a:e], k, v, lambda s0, s1: rows(a + s0, a + s1),
+                                              score_terms=cp.score_terms, q_offset=a + getattr(cp, "q_offset", 0),
+                                              kv_offset=getattr(cp, "kv_offset", 0))
                     diff = out[:, :, a:e].to(torch.float64) - ref
                     chunk_max = float(diff.abs().max())
                     # NaN must stick (max() would drop it and report a perfect 0)

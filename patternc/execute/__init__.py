@@ -117,7 +117,7 @@ def choose_backend(cp, q, k, v, *, dropout_p: float = 0.0, explain: bool = False
     Returns:
         The backend name, or ``(name, reason)`` with ``explain=True``.
     """
-    if getattr(cp, "is_causal_only", False):
+    if getattr(cp, "is_causal_only", False):  # False when the pattern has score terms
         name, why = "sdpa", "the pattern is exactly `causal`: SDPA is_causal"
     elif q.device.type == "cpu":
         name, why = "blocksparse", "CPU: patternc's block-sparse kernel (no compile, has a backward)"
@@ -137,8 +137,10 @@ def attention(cp, q, k, v, *, scale: float | None = None, backend: str = "auto",
               return_backend: bool = False, dropout_p: float = 0.0):
     """Attention of q over k, v where the compiled pattern allows it.
 
-    ``out[b, h, i] = sum_j softmax_j(q[b, h, i] . k[b, g(h), j] * scale | allowed(h, i, j)) v[b, g(h), j]``
-    with ``g(h) = h // (H // H_kv)`` (grouped-query attention, as SDPA's ``enable_gqa``).
+    ``out[b, h, i] = sum_j softmax_j(terms(q[b, h, i] . k[b, g(h), j] * scale) | allowed(h, i, j)) v[b, g(h), j]``
+    with ``g(h) = h // (H // H_kv)`` (grouped-query attention, as SDPA's ``enable_gqa``) and
+    ``terms`` the pattern's score terms (SPEC §1.8: ``softcap``, then ``alibi``; identity
+    when it has none), applied by every backend.
 
     Args:
         cp: a ``patternc.CompiledPattern`` (``patternc.compile(..., q_len=Q_LEN, kv_len=KV_LEN,
@@ -159,7 +161,8 @@ def attention(cp, q, k, v, *, scale: float | None = None, backend: str = "auto",
     Raises:
         PatternError: P350 / P351 inputs that do not fit (see ``check_inputs``); P352 an
             unknown backend, or ``flex`` asked for a CPU call that needs gradients, for
-            float64 on CPU or for dropout; P353 ``sdpa`` with a dense mask too large to build.
+            float64 on CPU or for dropout, or ``sdpa`` for a pattern with ``softcap``; P353
+            ``sdpa`` with a dense mask too large to build.
     """
     if backend not in BACKENDS:
         from ..errors import did_you_mean
@@ -204,6 +207,9 @@ def _run_flex(cp, q, k, v, scale):
 def _run_sdpa(cp, q, k, v, scale, dropout_p=0.0):
     from .sdpa import DENSE_MASK_LIMIT, dense_mask_elements, sdpa_attention
 
+    if any(t.name == "softcap" for t in getattr(cp, "score_terms", ())):
+        raise _error("P352", "backend 'sdpa' cannot apply `softcap`: SDPA takes an additive bias, and "
+                     "c * tanh(s / c) is not one", help="use backend='blocksparse' or 'flex' (or 'auto')")
     if getattr(cp, "is_causal_only", False):
         return sdpa_attention(cp, q, k, v, scale, use_causal=True, dropout_p=dropout_p)
     n = dense_mask_elements(cp, q.shape[1])

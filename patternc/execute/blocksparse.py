@@ -480,9 +480,22 @@ class _Dropout:
         return keep.to(torch.float32).mul_(1.0 / (1.0 - self.p))
 
 
+def _term_positions(plan: Plan, g: _Group, rows: slice, s0: int, s1: int):
+    """``(heads [R], q_pos [R, qb], kv_pos [R, cols])`` of a chunk's scores, for score terms:
+    the query head of each row tile and the token rows / columns (natural order) of slots
+    [s0, s1)."""
+    from .scoremod import tile_positions
+
+    q_pos, kv_pos = tile_positions(g.q_blocks[rows], g.kv_blocks[rows, s0:s1], plan.q_block_size,
+                                   plan.kv_block_size)
+    return g.heads[rows], q_pos, kv_pos
+
+
 def blocksparse_forward(plan: Plan, mask_mod, q, k, v, scale: float, *, need_lse: bool = True,
-                        chunk_elements: int = CHUNK_ELEMENTS, dropout_p: float = 0.0, seed: int = 0):
-    """Forward pass (``dropout_p`` > 0: attention dropout, masks drawn from ``seed``).
+                        chunk_elements: int = CHUNK_ELEMENTS, dropout_p: float = 0.0, seed: int = 0,
+                        terms=None):
+    """Forward pass (``dropout_p`` > 0: attention dropout, masks drawn from ``seed``;
+    ``terms``: a ``scoremod.ScoreTerms`` applied to the raw scores before the mask).
 
     Returns:
         ``(out, lse)``: out, compute dtype ``[B, H*nq, qb, Dv]``; lse ``[B, H*nq, qb]``, the
@@ -512,6 +525,8 @@ def blocksparse_forward(plan: Plan, mask_mod, q, k, v, scale: float, *, need_lse
                 vg = _gather_kv(vp, kv_rows, R, S, 0, S)
                 mk = plan.mask(mask_mod, g, rows, 0, S)
                 s = torch.matmul(qg, kg.transpose(-1, -2))
+                if terms:
+                    terms.apply_(s, *_term_positions(plan, g, rows, 0, S))
                 if mk is not None:
                     mk.fill_scores(s)
                 # (amax, sub_, exp_, sum measured faster than torch.softmax on CPU)
@@ -536,6 +551,8 @@ def blocksparse_forward(plan: Plan, mask_mod, q, k, v, scale: float, *, need_lse
                     vg = _gather_kv(vp, kv_rows, R, S, s0, s1)
                     mk = plan.mask(mask_mod, g, rows, s0, s1)
                     s = torch.matmul(qg, kg.transpose(-1, -2))
+                    if terms:
+                        terms.apply_(s, *_term_positions(plan, g, rows, s0, s1))
                     if mk is not None:
                         mk.fill_scores(s)
                     new_max = torch.maximum(run_max, s.amax(-1, keepdim=True))
@@ -559,8 +576,11 @@ def blocksparse_forward(plan: Plan, mask_mod, q, k, v, scale: float, *, need_lse
 
 
 def blocksparse_backward(plan: Plan, mask_mod, q, k, v, out, lse, dout, scale: float, *,
-                         chunk_elements: int = CHUNK_ELEMENTS, dropout_p: float = 0.0, seed: int = 0):
-    """Backward pass (FlashAttention-style recomputation).
+                         chunk_elements: int = CHUNK_ELEMENTS, dropout_p: float = 0.0, seed: int = 0,
+                         terms=None):
+    """Backward pass (FlashAttention-style recomputation). With score terms the raw scores
+    are recomputed, transformed (``terms.apply_``) and ``dS`` is multiplied by the terms'
+    derivative (softcap: ``1 - tanh^2``) before it flows into dq and dk.
 
     Args:
         out, lse: as returned by ``blocksparse_forward``.
@@ -602,7 +622,14 @@ def blocksparse_backward(plan: Plan, mask_mod, q, k, v, out, lse, dout, scale: f
                 kag = _gather_kv(ka, kv_rows, R, S, s0, s1)
                 vg = _gather_kv(vp, kv_rows, R, S, s0, s1)
                 # probabilities P = exp(q k^T * scale - lse), masked entries 0
-                p = _exp_probs(torch.matmul(qag, kag.transpose(-1, -2)), None, plan.mask(mask_mod, g, rows, s0, s1))
+                factor = None
+                if terms:  # P = exp(terms(q k^T * scale) - lse)
+                    s = torch.matmul(qg, kag[..., :D].transpose(-1, -2))
+                    factor = terms.apply_(s, *_term_positions(plan, g, rows, s0, s1))
+                    p = _exp_probs(s.add_(qag[..., D:]), None, plan.mask(mask_mod, g, rows, s0, s1))
+                    del s
+                else:
+                    p = _exp_probs(torch.matmul(qag, kag.transpose(-1, -2)), None, plan.mask(mask_mod, g, rows, s0, s1))
                 ds = torch.matmul(dog, vg.transpose(-1, -2))  # dP (of the dropped-out P)
                 if drop:
                     z = drop.mask(p.shape)
@@ -613,6 +640,9 @@ def blocksparse_backward(plan: Plan, mask_mod, q, k, v, out, lse, dout, scale: f
                     dvg = torch.matmul(p.transpose(-1, -2), dog)
                 ds.sub_(delta_g).mul_(p)  # dS = P * (dP - delta), delta = rowsum(dO * O)
                 del p
+                if factor is not None:  # through the softcap: d(c tanh(s/c))/ds = 1 - tanh^2
+                    ds.mul_(factor)
+                    del factor
                 kg = kag[..., :D]
                 part = torch.matmul(ds, kg)
                 dqg = part if dqg is None else dqg.add_(part)
@@ -631,12 +661,12 @@ def blocksparse_backward(plan: Plan, mask_mod, q, k, v, out, lse, dout, scale: f
 
 class _BlockSparseAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, plan, mask_mod, scale, chunk_elements, dropout_p, seed):
+    def forward(ctx, q, k, v, plan, mask_mod, scale, chunk_elements, dropout_p, seed, terms):
         out, lse = blocksparse_forward(plan, mask_mod, q, k, v, scale, chunk_elements=chunk_elements,
-                                       dropout_p=dropout_p, seed=seed)
+                                       dropout_p=dropout_p, seed=seed, terms=terms)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.plan, ctx.mask_mod, ctx.scale, ctx.chunk_elements = plan, mask_mod, scale, chunk_elements
-        ctx.dropout_p, ctx.seed = dropout_p, seed
+        ctx.dropout_p, ctx.seed, ctx.terms = dropout_p, seed, terms
         B, H, Q, _ = q.shape
         return out.view(B, H, -1, out.shape[-1])[:, :, :Q].to(q.dtype)
 
@@ -646,8 +676,8 @@ class _BlockSparseAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = blocksparse_backward(ctx.plan, ctx.mask_mod, q, k, v, out, lse, dout, ctx.scale,
                                           chunk_elements=ctx.chunk_elements, dropout_p=ctx.dropout_p,
-                                          seed=ctx.seed)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
+                                          seed=ctx.seed, terms=ctx.terms)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None
 
 
 def blocksparse_attention(cp, q, k, v, scale: float, *, dropout_p: float = 0.0,
@@ -655,7 +685,7 @@ def blocksparse_attention(cp, q, k, v, scale: float, *, dropout_p: float = 0.0,
     """Block-sparse attention of a compiled pattern (shapes checked by the caller).
 
     Args:
-        cp: a CompiledPattern (uses ``cp.layout`` and ``cp.mask_mod``).
+        cp: a CompiledPattern (uses ``cp.layout``, ``cp.mask_mod`` and ``cp.score_terms``).
         q: float [B, H, Q_LEN, D]; k: [B, H_kv, KV_LEN, D]; v: [B, H_kv, KV_LEN, Dv].
         scale: multiplier of ``q k^T``.
         dropout_p: attention dropout probability (on the softmax probabilities; the masks
@@ -669,9 +699,12 @@ def blocksparse_attention(cp, q, k, v, scale: float, *, dropout_p: float = 0.0,
     mask_mod = mask_mod_for(cp, q.device)
     plan = plan_for(cp.layout, H, q.device, mask_mod)
     seed = int(torch.randint(0, 2**62, ())) if dropout_p > 0 else 0
+    from .scoremod import score_terms_for
+
+    terms = score_terms_for(cp, H)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return _BlockSparseAttention.apply(q, k, v, plan, mask_mod, scale, chunk_elements,
-                                           float(dropout_p), seed)
+                                           float(dropout_p), seed, terms)
     out, _ = blocksparse_forward(plan, mask_mod, q, k, v, scale, need_lse=False,
-                                 chunk_elements=chunk_elements, dropout_p=dropout_p, seed=seed)
+                                 chunk_elements=chunk_elements, dropout_p=dropout_p, seed=seed, terms=terms)
     return out.view(B, H, -1, out.shape[-1])[:, :, :Q].to(q.dtype)

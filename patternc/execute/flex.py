@@ -8,6 +8,8 @@
 * Forward on CPU and CUDA; backward on CUDA only: FlexAttention has no CPU backward, so a
   CPU call that needs gradients is refused with P352 (``auto`` never picks flex there).
 * FlexAttention's CPU kernel takes float32 / bfloat16 / float16 only (no float64).
+* Score terms (SPEC §1.8) run as FlexAttention's ``score_mod`` (``score_mod_for``), built
+  from ``cp.score_terms`` with the cap and ALiBi slopes in tensors.
 * Rows with no allowed key: torch 2.13 already returns 0 there; patternc also zeroes them
   explicitly (``masked_fill``), so the guarantee does not rest on a kernel detail.
 """
@@ -49,7 +51,8 @@ def compiled_flex_attention(device):
 
 
 def flex_attention(cp, q, k, v, scale: float, *, empty_rows=None):
-    """FlexAttention with the compiled pattern's BlockMask.
+    """FlexAttention with the compiled pattern's BlockMask (and, when the pattern has score
+    terms, their generated ``score_mod``: ``score_mod_for``).
 
     Args:
         q: float [B, H, Q_LEN, D]; k: [B, H_kv, KV_LEN, D]; v: [B, H_kv, KV_LEN, Dv].
@@ -61,8 +64,9 @@ def flex_attention(cp, q, k, v, scale: float, *, empty_rows=None):
     bm = cp.block_mask(q.device)
     fn = compiled_flex_attention(q.device)
     gqa = k.shape[1] != q.shape[1]
+    score_mod = score_mod_for(cp, q.shape[1], q.device)
     try:
-        out = fn(q, k, v, block_mask=bm, scale=scale, enable_gqa=gqa)
+        out = fn(q, k, v, score_mod=score_mod, block_mask=bm, scale=scale, enable_gqa=gqa)
     except torch._dynamo.exc.FailOnRecompileLimitHit:
         # Past RECOMPILE_LIMIT shapes: eager FlexAttention is still exact (our BlockMask
         # carries a mask_mod that matches it tile for tile), only slower.
@@ -78,7 +82,23 @@ def flex_attention(cp, q, k, v, scale: float, *, empty_rows=None):
             flex_attention as eager_flex_attention,
         )
 
-        out = eager_flex_attention(q, k, v, block_mask=bm, scale=scale, enable_gqa=gqa)
+        out = eager_flex_attention(q, k, v, score_mod=score_mod, block_mask=bm, scale=scale, enable_gqa=gqa)
     if empty_rows is not None:
         out = out.masked_fill(empty_rows, 0.0)
     return out
+
+
+def score_mod_for(cp, num_heads: int, device):
+    """The ``score_mod`` of ``cp.score_terms`` for ``num_heads`` query heads on ``device``
+    (cached on ``cp``), or None when the pattern has no score terms. Its cap, slopes and
+    offsets are tensors (``scoremod.make_score_mod``): another cap is not a recompile."""
+    from .scoremod import make_score_mod, score_terms_for
+
+    st = score_terms_for(cp, num_heads)
+    if st is None:
+        return None
+    cache = cp.__dict__.setdefault("_score_mods", {})
+    key = (num_heads, str(torch.device(device)))
+    if key not in cache:
+        cache[key] = make_score_mod(st, device)
+    return cache[key]

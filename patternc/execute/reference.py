@@ -1,7 +1,7 @@
 """The float64 dense reference attention: the numerical oracle every backend is tested against.
 
-``reference_attention`` computes ``softmax(q k^T * scale + mask) v`` in float64 with plain
-torch ops (differentiable, so tests also compare gradients through it). A query row with no
+``reference_attention`` computes ``softmax(terms(q k^T * scale) + mask) v`` in float64 with plain
+torch ops (``terms``: the score terms of SPEC §1.8, when given) (differentiable, so tests also compare gradients through it). A query row with no
 allowed key yields 0, with finite (zero) gradients. For long sequences the mask can be given
 as a function of a query range and the work is done in query chunks, so memory stays
 ``O(H * chunk * KV_LEN)`` instead of ``O(H * Q_LEN * KV_LEN)``.
@@ -38,7 +38,37 @@ def expand_kv_heads(x, num_heads: int):
     return x.repeat_interleave(num_heads // h_kv, dim=1)
 
 
-def reference_attention(q, k, v, mask, *, scale: float | None = None, q_chunk: int | None = None):
+def apply_score_terms(s, terms, *, rows, num_heads: int, q_offset: int = 0, kv_offset: int = 0):
+    """SPEC §1.8's table, literally, on float64 scores ``s`` [B, H, len(rows), KV_LEN]:
+    ``softcap(c)``: s = c * tanh(s / c); then ``alibi(max_bias)``: s = s + m_h * (j - i) with
+    i = row + q_offset, j = column + kv_offset and m = ``alibi_slopes(H, max_bias)``.
+
+    Args:
+        terms: ``patternc.ir.Term`` tuple (any order is applied in the SPEC's order).
+        rows: int64 tensor of the query rows of ``s``.
+    """
+    import torch
+
+    from ..ir.terms import TERM_ORDER, alibi_slopes
+
+    by_name = {t.name: t for t in terms}
+    for name in TERM_ORDER:
+        t = by_name.get(name)
+        if t is None:
+            continue
+        if name == "softcap":
+            c = float(t.arg("c"))
+            s = c * torch.tanh(s / c)
+        elif name == "alibi":
+            m = torch.tensor(alibi_slopes(num_heads, t.arg("max_bias")), dtype=s.dtype, device=s.device)
+            i = (rows.to(s.device) + q_offset).to(s.dtype)
+            j = (torch.arange(s.shape[-1], device=s.device) + kv_offset).to(s.dtype)
+            s = s + m[:, None, None] * (j[None, None, :] - i[None, :, None])
+    return s
+
+
+def reference_attention(q, k, v, mask, *, scale: float | None = None, q_chunk: int | None = None,
+                        score_terms=(), q_offset: int = 0, kv_offset: int = 0):
     """Dense masked attention in float64 (the oracle for numerics).
 
     Args:
@@ -51,6 +81,10 @@ def reference_attention(q, k, v, mask, *, scale: float | None = None, q_chunk: i
         scale: multiplier of ``q k^T`` (default ``1 / sqrt(D)``).
         q_chunk: query rows per step (default: all rows at once for a tensor mask, 256 for a
             callable).
+        score_terms: ``patternc.ir.Term`` tuple (``cp.score_terms``) applied to the kept
+            pairs' scores before the softmax (``apply_score_terms``); ALiBi's slopes are those
+            of H = q's head count.
+        q_offset, kv_offset: positions of query row 0 and key column 0 (SPEC §1.6; ALiBi).
 
     Returns:
         float64 [B, H, Q_LEN, Dv]; rows with no allowed key are 0.
@@ -84,6 +118,9 @@ def reference_attention(q, k, v, mask, *, scale: float | None = None, q_chunk: i
         end = min(Q, start + q_chunk)
         m = _as_bool_tensor(rows(start, end), q.device)  # [H|1, rows, KV]
         s = torch.matmul(q64[:, :, start:end], k64.transpose(-1, -2)) * scale
+        if score_terms:
+            s = apply_score_terms(s, score_terms, rows=torch.arange(start, end), num_heads=H,
+                                  q_offset=q_offset, kv_offset=kv_offset)
         s = s.masked_fill(~m, float("-inf"))
         has_any = m.any(-1, keepdim=True)  # [H|1, rows, 1]
         # an empty row would be softmax(-inf...) = NaN: give it zeros, keep gradients finite

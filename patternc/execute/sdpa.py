@@ -7,6 +7,9 @@
   ``cp.dense_mask()``, cached per device): the small-size reference, and the "dense" baseline
   that ``patternc run`` times. It materialises Q_LEN x KV_LEN booleans per head, so it is
   refused (P353) above ``DENSE_MASK_LIMIT`` elements.
+* Score terms: ``alibi`` becomes a float ``attn_mask`` (``m_h * (j - i)`` where allowed,
+  ``-inf`` elsewhere: ``scoremod.sdpa_bias``); ``softcap`` is not additive, so ``sdpa``
+  refuses it (P352) and ``auto`` never picks ``sdpa`` for a pattern with score terms.
 * Rows with no allowed key: their mask row is opened (so SDPA's softmax stays finite) and
   their output is set to 0 afterwards, so values are 0 and gradients finite (zero).
 """
@@ -56,7 +59,8 @@ def _mask_pair(dense: np.ndarray, device):
 
 
 def sdpa_attention(cp, q, k, v, scale: float, *, use_causal: bool, dropout_p: float = 0.0):
-    """SDPA with ``is_causal`` (``use_causal``) or with the dense mask of ``cp``.
+    """SDPA with ``is_causal`` (``use_causal``) or with the dense mask of ``cp`` (plus ALiBi's
+    float bias when ``cp`` has ``alibi``; ``softcap`` is not applied here: callers refuse it).
 
     Args:
         q: float [B, H, Q_LEN, D]; k: [B, H_kv, KV_LEN, D]; v: [B, H_kv, KV_LEN, Dv].
@@ -70,6 +74,13 @@ def sdpa_attention(cp, q, k, v, scale: float, *, use_causal: bool, dropout_p: fl
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa,
                                               dropout_p=dropout_p)
     mask, empty = dense_mask_tensors(cp, q.device)
+    from .scoremod import score_terms_for, sdpa_bias
+
+    terms = score_terms_for(cp, q.shape[1])
+    if terms:  # ALiBi as a float bias (-inf where masked); softcap is refused by the caller
+        if mask.shape[0] != q.shape[1]:
+            mask = mask.expand(q.shape[1], -1, -1)
+        mask = sdpa_bias(terms, mask, q.dtype)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa,
                                          dropout_p=dropout_p)
     if empty is not None:
