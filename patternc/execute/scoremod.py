@@ -117,23 +117,29 @@ def score_terms_for(cp, num_heads: int) -> ScoreTerms | None:
 
 
 def make_score_mod(st: ScoreTerms, device, dtype=torch.float32):
-    """FlexAttention ``score_mod(score, b, h, q_idx, kv_idx)`` applying ``st``.
+    """FlexAttention ``score_mod(score, b, h, q_idx, kv_idx)`` applying ``st``: the registry's
+    formulas (``ir.terms.SCORE_TERMS[name].formula``) composed in ``TERM_ORDER``.
 
     The cap, the slopes and the offsets live in tensors captured by the closure, so a new
     cap or slope set of the same shape does not recompile a ``torch.compile``d
     FlexAttention (it guards on tensor metadata, not values). ``__name__`` names the terms.
     """
+    from ..ir.terms import SCORE_TERMS
+
     device = torch.device(device)
-    cap = torch.tensor(st.cap if st.cap is not None else 1.0, dtype=dtype, device=device)
-    slopes = st.slopes_on(device, dtype) if st.slopes is not None else None
+    fns = []
+    for t in st.terms:
+        a = {k: torch.tensor(float(v), dtype=dtype, device=device) for k, v in t.args}
+        fns.append(SCORE_TERMS[t.name].formula(torch, a))
+    slopes = st.slopes_on(device, dtype) if st.slopes is not None else torch.zeros(1, dtype=dtype, device=device)
+    per_head = st.slopes is not None
     off = torch.tensor(st.kv_offset - st.q_offset, dtype=torch.int64, device=device)
-    use_cap = st.cap is not None
 
     def score_mod(score, b, h, q_idx, kv_idx):
-        if use_cap:
-            score = cap * torch.tanh(score / cap)
-        if slopes is not None:
-            score = score + slopes[h] * (kv_idx - q_idx + off).to(score.dtype)
+        m = slopes[h] if per_head else slopes[0]
+        d = (kv_idx - q_idx + off).to(score.dtype)
+        for f in fns:
+            score = f(score, m, d)
         return score
 
     score_mod.__name__ = score_mod.__qualname__ = "score_mod_" + "_".join(t.name for t in st.terms)

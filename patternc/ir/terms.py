@@ -13,32 +13,77 @@ term                 s becomes                           parameters
 
 Masked pairs stay ``-inf``. Terms are written after the final expression:
 ``(local(w=4096) & causal) with softcap(c=50)``. They are checked and documented from this
-table the way primitives are from ``primitives.PRIMITIVES`` (same ``PrimSpec`` / ``Param``
-shape: parameters, minimum, default, docs, source), so "did you mean", the printer and the
-language reference share it. Standard library only.
+table the way primitives are from ``primitives.PRIMITIVES`` (``TermSpec``, the shape of
+``PrimSpec``: parameters, minimum, default, docs, source and ONE formula over an array
+namespace), so "did you mean", the printer, the language reference and the FlexAttention
+``score_mod`` share it. Standard library only.
 """
 
 from __future__ import annotations
 
-from .primitives import Param, PrimSpec
+from dataclasses import dataclass
+from typing import Callable
 
-SCORE_TERMS: dict[str, PrimSpec] = {
+from .primitives import Param
+
+
+@dataclass(frozen=True)
+class TermSpec:
+    """One score term: parameters, docs and its ONE formula (the shape of ``PrimSpec``).
+
+    Attributes:
+        name: the name in the language.
+        params: parameters (positional order), with defaults, minima and docs.
+        effect: what ``s`` becomes, as text (docs, ``patternc check``).
+        source: the published model / paper it comes from.
+        example: a short source example.
+        formula: ``formula(xp, a) -> f(s, m, d)``: the new score from the score ``s``, the
+            head's ALiBi slope ``m`` and the position difference ``d = j - i``, written against
+            an array namespace ``xp`` with ``tanh`` (torch works as it is). FlexAttention's
+            ``score_mod`` and SDPA's bias evaluate it; the block-sparse kernel runs an
+            in-place equivalent (``execute.scoremod.ScoreTerms.apply_``) and the float64
+            reference is written by hand from SPEC §1.8, so a wrong formula is caught.
+        uses_slopes: the term reads ``m`` (ALiBi): kernels build ``alibi_slopes(H, ...)``.
+    """
+
+    name: str
+    params: tuple[Param, ...]
+    effect: str
+    source: str = ""
+    example: str = ""
+    formula: Callable | None = None
+    uses_slopes: bool = False
+
+
+def _f_softcap(xp, a):
+    c = a["c"]
+    return lambda s, m, d: c * xp.tanh(s / c)
+
+
+def _f_alibi(xp, a):
+    return lambda s, m, d: s + m * d
+
+
+SCORE_TERMS: dict[str, TermSpec] = {
     s.name: s
     for s in [
-        PrimSpec(
+        TermSpec(
             "softcap",
             (Param("c", minimum=1, unit="", doc="the cap: scores end in (-c, c)"),),
-            "s -> c * tanh(s / c)",
+            "s -> c * tanh(s / c)  (d/ds = 1 - tanh(s / c)^2)",
             "Gemma 2 attention-logit soft-capping (Gemma Team 2024, §2: c = 50); Grok-1 (c = 30)",
             "softcap(c=50)",
+            formula=_f_softcap,
         ),
-        PrimSpec(
+        TermSpec(
             "alibi",
             (Param("max_bias", default=8, minimum=1, unit="",
                    doc="the first head's slope is 2^(-max_bias / H) for H a power of two"),),
             "s -> s + m_h * (j - i)",
             "ALiBi, Press et al. 2022 (ofirpress/attention_with_linear_biases); BLOOM, MPT",
             "alibi(max_bias=8)",
+            formula=_f_alibi,
+            uses_slopes=True,
         ),
     ]
 }
