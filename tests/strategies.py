@@ -75,3 +75,23 @@ BLOCK_SIZES = (16, 64, 128, (64, 128))
 
 lengths = st.sampled_from(LENGTHS)
 block_sizes = st.sampled_from(BLOCK_SIZES)
+
+
+def score_terms() -> st.SearchStrategy:
+    """A non-empty tuple of score terms (SPEC §1.8) in canonical order, each at most once."""
+    from patternc.ir.nodes import Term
+
+    softcap = st.integers(1, 100).map(lambda c: Term("softcap", (("c", c),)))
+    alibi = st.integers(1, 16).map(lambda b: Term("alibi", (("max_bias", b),)))
+    return st.one_of(
+        softcap.map(lambda t: (t,)),
+        alibi.map(lambda t: (t,)),
+        st.tuples(softcap, alibi),
+    )
+
+
+def scored_patterns(max_leaves: int = 6) -> st.SearchStrategy:
+    """``pattern with terms``: random patterns (layers included) carrying score terms."""
+    from patternc.ir.nodes import Scored
+
+    return st.tuples(patterns(max_leaves, with_layers=True), score_terms()).map(lambda t: Scored(*t))
