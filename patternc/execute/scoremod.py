@@ -63,29 +63,35 @@ class ScoreTerms:
     def alibi_bias(self, heads: torch.Tensor, q_pos: torch.Tensor, kv_pos: torch.Tensor, dtype) -> torch.Tensor:
         """``m_h * (j - i)``: float ``[R, qb, cols]`` for query heads ``heads`` int64 [R], query
         positions ``q_pos`` int64 [R, qb] and key positions ``kv_pos`` int64 [R, cols] (rows and
-        columns of the compile; offsets are added here). ``j - i`` is formed in integers, so
-        the bias is exact up to one rounding of the product."""
-        delta = (kv_pos[:, None, :] + (self.kv_offset - self.q_offset)) - q_pos[:, :, None]
+        columns of the compile; offsets are added here). ``j - i`` is an exact integer in the
+        float dtype (positions below 2^24 in float32), so the bias has one rounding, of the
+        product: never the cancellation of two large biases."""
+        qf = (q_pos + self.q_offset).to(dtype)
+        kf = (kv_pos + self.kv_offset).to(dtype)
         m = self.slopes_on(q_pos.device, dtype).index_select(0, heads)
-        return delta.to(dtype).mul_(m[:, None, None])
+        return (kf[:, None, :] - qf[:, :, None]).mul_(m[:, None, None])
 
-    def apply_(self, s: torch.Tensor, heads: torch.Tensor, q_pos: torch.Tensor, kv_pos: torch.Tensor):
+    def apply_(self, s: torch.Tensor, heads: torch.Tensor, q_pos: torch.Tensor, kv_pos: torch.Tensor, *,
+               grad: bool = False):
         """Transform raw scores in place: ``s`` float ``[B, R, qb, cols]`` (already scaled).
 
         Args:
             heads: int64 [R], the query head of each row tile.
             q_pos: int64 [R, qb], query row of each score row (0-based, without q_offset).
             kv_pos: int64 [R, cols], key column of each score column (without kv_offset).
+            grad: also return the derivative factor (the backward pass).
 
         Returns:
-            The derivative factor ``1 - tanh(s / c)^2`` float [B, R, qb, cols] for the backward
+            With ``grad``: the derivative ``1 - tanh(s / c)^2`` float [B, R, qb, cols]
             (``dS_raw = dS * factor``), or None when no term bends the score (ALiBi alone).
+            Without: None.
         """
         factor = None
         if self.cap is not None:
             c = self.cap
             s.div_(c).tanh_()
-            factor = 1.0 - s * s
+            if grad:
+                factor = 1.0 - s * s
             s.mul_(c)
         if self.slopes is not None:
             s.add_(self.alibi_bias(heads, q_pos, kv_pos, s.dtype))
