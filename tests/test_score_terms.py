@@ -368,3 +368,28 @@ def test_cli_check_compile_and_run(capsys):
                  "--head-dim", "16", "--check", "--repeats", "1", "--no-dense", "--json"]) == 0
     js = json.loads(capsys.readouterr().out)
     assert js["check_passed"] and js["pattern"].endswith("with softcap(c=3), alibi()")
+
+
+@pytest.mark.parametrize("order", ["natural", "permuted"])
+def test_kernel_score_transform_matches_the_table(order):
+    """``ScoreTerms.apply_`` (the kernels' in-place transform, both ALiBi paths: two broadcasts
+    for natural tiles, the exact bias for tiles whose rows an execution plan reordered) and its
+    derivative, in float32, against SPEC §1.8 evaluated in float64."""
+    from patternc.execute.scoremod import ScoreTerms
+
+    terms = score_terms(_quiet_parse("all with softcap(c=20), alibi(max_bias=8)"))
+    st = ScoreTerms(terms, 6, q_offset=100, kv_offset=7)
+    g = torch.Generator().manual_seed(5)
+    R, qb, cols, L = 5, 16, 48, 4096
+    heads = torch.randint(0, 6, (R,), generator=g)
+    if order == "natural":
+        q_pos = torch.randint(0, L // qb, (R, 1), generator=g) * qb + torch.arange(qb)
+    else:
+        q_pos = torch.randint(0, L, (R, qb), generator=g)
+    kv_pos = torch.randint(0, L, (R, cols), generator=g)
+    raw = torch.randn(2, R, qb, cols, generator=g, dtype=torch.float64) * 60
+    m = torch.tensor(alibi_slopes(6), dtype=torch.float64)[heads]
+    want = 20 * torch.tanh(raw / 20) + m[:, None, None] * ((kv_pos + 7)[:, None, :] - (q_pos + 100)[:, :, None])
+    got = st.apply_(raw.float(), heads, q_pos, kv_pos)
+    assert float((got.double() - want).abs().max()) < 2e-4 * max(1.0, float(want.abs().max()) / 100)
+    torch.testing.assert_close(st.derivative(raw.float()).double(), 1 - torch.tanh(raw / 20) ** 2, atol=1e-6, rtol=0)

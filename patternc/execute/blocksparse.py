@@ -625,7 +625,9 @@ def blocksparse_backward(plan: Plan, mask_mod, q, k, v, out, lse, dout, scale: f
                 factor = None
                 if terms:  # P = exp(terms(q k^T * scale) - lse)
                     s = torch.matmul(qg, kag[..., :D].transpose(-1, -2))
-                    factor = terms.apply_(s, *_term_positions(plan, g, rows, s0, s1), grad=True)
+                    pos = _term_positions(plan, g, rows, s0, s1)
+                    factor = terms.derivative(s, *pos)
+                    terms.apply_(s, *pos)
                     p = _exp_probs(s.add_(qag[..., D:]), None, plan.mask(mask_mod, g, rows, s0, s1))
                     del s
                 else:
