@@ -195,7 +195,7 @@ def _reference_rows(cp, H, device):
     """mask(q_start, q_end) -> bool [H, rows, KV_LEN] from ``cp.mask_mod`` (no full mask)."""
     import torch
 
-    from ..execute.blocksparse import mask_mod_for
+    from ..execute.common import mask_mod_for
 
     mask_mod = mask_mod_for(cp, device)
     h = torch.arange(H, device=device)[:, None, None]
