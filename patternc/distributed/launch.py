@@ -90,3 +90,67 @@ def spawn(fn, nproc: int, *args, timeout: float = 300.0, threads: int = 1) -> li
                     p.kill()
                     p.join(5)
         return [torch.load(Path(outdir) / f"rank{r}.pt", weights_only=False) for r in range(nproc)]
+
+
+# ---- `patternc run --nproc N` ---------------------------------------------------------------
+def _run_worker(rank: int, world: int, cp, q, k, v, dout, balance: str, repeats: int) -> dict:
+    """One rank of ``run_local``: shard, time the forward (``repeats`` calls after a warm-up,
+    a barrier before each), then one forward + backward for the backward's bytes and time."""
+    import statistics
+
+    from .context import ContextParallel
+
+    ctx = ContextParallel(cp, balance=balance)
+    q_l, k_l, v_l = ctx.shard(q), ctx.shard(k), ctx.shard(v)
+    times = []
+    with torch.no_grad():
+        for i in range(repeats + 1):
+            dist.barrier()
+            t0 = time.perf_counter()
+            out_l = ctx.attention(q_l, k_l, v_l)
+            if i:
+                times.append(time.perf_counter() - t0)
+    q_g, k_g, v_g = (x.clone().requires_grad_() for x in (q_l, k_l, v_l))
+    o = ctx.attention(q_g, k_g, v_g)
+    dist.barrier()
+    t0 = time.perf_counter()
+    o.backward(ctx.shard(dout))
+    backward = time.perf_counter() - t0
+    full = ctx.unshard(out_l)
+    return dict(stats=ctx.stats, forward_seconds=statistics.median(times), backward_seconds=backward,
+                out=full if rank == 0 else None)
+
+
+def run_local(cp, q, k, v, nproc: int, *, balance: str = "tiles", repeats: int = 3, threads: int = 1,
+              timeout: float = 600.0, seed: int = 0) -> dict:
+    """Context-parallel attention of ``cp`` over ``nproc`` local gloo processes.
+
+    Args:
+        cp: a ``CompiledPattern`` with Q_LEN = KV_LEN.
+        q: float [B, H, L, D]; k: [B, H_kv, L, D]; v: [B, H_kv, L, Dv] (CPU; each worker
+            receives them whole and keeps its shard).
+        nproc: number of processes.
+        balance: ``"tiles"`` or ``"contiguous"``.
+        repeats: timed forward calls per rank (after one warm-up).
+        threads: torch threads per process.
+        timeout: seconds for the whole run.
+        seed: seed of the output gradient used for the one timed backward.
+
+    Returns:
+        ``{"ranks": [per-rank stats + forward_seconds / backward_seconds], "out": [B, H, L, Dv]
+        (rank 0's unsharded output), "contiguous_imbalance": float}``.
+
+    Raises:
+        TimeoutError, RuntimeError: see ``spawn``.
+    """
+    from .balance import make_schedule
+
+    g = torch.Generator().manual_seed(seed + 1)
+    dout = torch.randn(q.shape[:-1] + (v.shape[-1],), generator=g).to(q.dtype)
+    res = spawn(_run_worker, nproc, cp, q, k, v, dout, balance, repeats, timeout=timeout, threads=threads)
+    ranks = [dict(r["stats"], forward_seconds=r["forward_seconds"], backward_seconds=r["backward_seconds"])
+             for r in res]
+    lay = cp.layout
+    contiguous = make_schedule(lay.kinds, world=nproc, seq_len=cp.q_len, q_block_size=lay.q_block_size,
+                               kv_block_size=lay.kv_block_size, balance="contiguous")
+    return {"ranks": ranks, "out": res[0]["out"], "contiguous_imbalance": contiguous.imbalance}
