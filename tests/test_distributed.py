@@ -168,3 +168,73 @@ def test_schedule_at_ragged_lengths_covers_every_position():
 def test_bad_balance():
     with pytest.raises(ValueError, match="balance"):
         _schedule("causal", "zigzag", seq_len=256)
+
+
+# ---- in this process: errors and a group of one ------------------------------------------------
+def test_needs_a_process_group():
+    from patternc.distributed import ContextParallel
+
+    if dist.is_initialized():  # pragma: no cover
+        pytest.skip("a process group is already initialised in this process")
+    cp = patternc.compile("causal", q_len=64, block_size=16)
+    with pytest.raises(patternc.PatternError, match=r"P380.*process group"):
+        ContextParallel(cp)
+
+
+def test_group_of_one(tmp_path):
+    from patternc.distributed import ContextParallel
+
+    if dist.is_initialized():  # pragma: no cover
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        cp = patternc.compile("local(w=20) & causal", q_len=100, num_heads=2, block_size=16)
+        ctx = ContextParallel(cp)
+        q, k, v, dout = _inputs(100, 2, 2, 7)
+        assert torch.equal(ctx.shard(q), q)
+        out = ctx.attention(q, k, v)
+        torch.testing.assert_close(out, cp.attention(q, k, v, backend="blocksparse"), atol=1e-6, rtol=1e-6)
+        assert ctx.stats["bytes_received_forward"] == 0 and ctx.stats["allgather_bytes"] == 0
+        with pytest.raises(patternc.PatternError, match=r"P381.*100 tokens"):
+            ctx.shard(q[:, :, :50])
+        with pytest.raises(patternc.PatternError, match="P381"):
+            ctx.unshard(out[:, :, :3])
+        with pytest.raises(patternc.PatternError, match="P350"):
+            ctx.attention(q[:, :, :50], k, v)
+        with pytest.raises(patternc.PatternError, match="P380.*KV_LEN"):
+            ContextParallel(patternc.compile("causal", q_len=64, kv_len=80))
+    finally:
+        dist.destroy_process_group()
+
+
+# ---- `patternc run --nproc N` -----------------------------------------------------------------
+def test_run_nproc_prints_the_per_rank_table_and_checks(capsys):
+    from patternc.cli import main
+
+    code = main(["run", "-e", "local(w=40) & causal", "--seq-len", "300", "--heads", "2", "--head-dim", "8",
+                 "--block-size", "32", "--nproc", "2", "--repeats", "1", "--check"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    lines = out.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.split()[:2] == ["rank", "positions"])
+    rows = [line.split() for line in lines[head + 1:head + 3]]
+    assert [r[0] for r in rows] == ["0", "1"]
+    assert sum(int(r[1]) for r in rows) == 300
+    cp = patternc.compile("local(w=40) & causal", q_len=300, num_heads=2, block_size=32)
+    assert sum(int(r[3]) for r in rows) == int((cp.layout.kinds != 0).sum())
+    assert "check vs the single-process result" in out and "ok)" in out
+    assert "computed tiles max/mean" in out and "all-gather" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--kv-len", "200"], "--kv-len 200 must equal --seq-len 300"),
+    (["--backend", "sdpa"], "--backend sdpa"),
+    (["--nproc", "0"], "--nproc must be >= 1"),
+])
+def test_run_nproc_usage_errors(capsys, argv, message):
+    from patternc.cli import main
+
+    base = ["run", "-e", "causal", "--seq-len", "300", "--heads", "1", "--head-dim", "8", "--nproc", "2"]
+    code = main(base + argv)
+    assert code == 2
+    assert message in capsys.readouterr().err

@@ -122,7 +122,7 @@ def _run_worker(rank: int, world: int, cp, q, k, v, dout, balance: str, repeats:
 
 
 def run_local(cp, q, k, v, nproc: int, *, balance: str = "tiles", repeats: int = 3, threads: int = 1,
-              timeout: float = 600.0, seed: int = 0) -> dict:
+              timeout: float = 600.0, seed: int = 0, check: bool = False) -> dict:
     """Context-parallel attention of ``cp`` over ``nproc`` local gloo processes.
 
     Args:
@@ -135,10 +135,14 @@ def run_local(cp, q, k, v, nproc: int, *, balance: str = "tiles", repeats: int =
         threads: torch threads per process.
         timeout: seconds for the whole run.
         seed: seed of the output gradient used for the one timed backward.
+        check: also compare the unsharded output with the single-process result of the same
+            kernel (computed here, in the calling process).
 
     Returns:
         ``{"ranks": [per-rank stats + forward_seconds / backward_seconds], "out": [B, H, L, Dv]
-        (rank 0's unsharded output), "contiguous_imbalance": float}``.
+        (rank 0's unsharded output), "contiguous_imbalance": float}``; with ``check``, also
+        ``max_abs_error`` and ``rel_error`` (Frobenius norm of the difference / of the
+        single-process output).
 
     Raises:
         TimeoutError, RuntimeError: see ``spawn``.
@@ -153,4 +157,12 @@ def run_local(cp, q, k, v, nproc: int, *, balance: str = "tiles", repeats: int =
     lay = cp.layout
     contiguous = make_schedule(lay.kinds, world=nproc, seq_len=cp.q_len, q_block_size=lay.q_block_size,
                                kv_block_size=lay.kv_block_size, balance="contiguous")
-    return {"ranks": ranks, "out": res[0]["out"], "contiguous_imbalance": contiguous.imbalance}
+    out = {"ranks": ranks, "out": res[0]["out"], "contiguous_imbalance": contiguous.imbalance}
+    if check:
+        with torch.no_grad():
+            want = cp.attention(q, k, v, backend="blocksparse").to(torch.float64)
+        diff = out["out"].to(torch.float64) - want
+        norm = float(want.norm())
+        out["max_abs_error"] = float(diff.abs().max()) if diff.numel() else 0.0
+        out["rel_error"] = float(diff.norm()) / norm if norm > 0 else float(diff.norm())
+    return out
