@@ -392,3 +392,17 @@ def test_plans_are_cached_per_device_and_heads():
         bsm.plan_for(cp.layout, 4, "cpu", cp.mask_mod)
     # the plan computes exactly the listed tiles (no merging needed here)
     assert p1.computed_tiles == int((cp.layout.kinds != patternc.EMPTY).sum())
+
+
+def test_compiled_pattern_satisfies_the_executor_protocol():
+    from patternc.execute.common import Compiled
+
+    cp = patternc.compile("local(w=4) & causal", q_len=16, block_size=4)
+    assert isinstance(cp, Compiled)
+    for name in ("q_len", "kv_len", "num_heads", "layout", "pattern", "is_causal_only", "mask_mod_on",
+                 "block_mask", "dense_mask"):
+        assert name in set(Compiled.__annotations__) | set(vars(Compiled)), name
+    assert not isinstance(object(), Compiled)
+    from exec_support import StandIn
+
+    assert isinstance(StandIn("causal", q_len=8, block_size=4), Compiled)

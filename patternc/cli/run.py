@@ -58,6 +58,11 @@ def register(sub) -> None:
     p.add_argument("--threads", type=int, metavar="T",
                    help="torch CPU threads (default: torch's choice). On a busy machine 1 is often faster "
                         "for the block-sparse kernel: its many small ops wait for descheduled threads")
+    p.add_argument("--nproc", type=int, metavar="N",
+                   help="context parallel: shard the sequence over N local gloo processes; prints per-rank "
+                        "balance and bytes (with --check: against the single-process result)")
+    p.add_argument("--balance", choices=("tiles", "contiguous"), default="tiles",
+                   help="with --nproc: equal computed tiles per rank (default) or equal contiguous chunks")
     p.set_defaults(func=run)
 
 
@@ -195,7 +200,7 @@ def _reference_rows(cp, H, device):
     """mask(q_start, q_end) -> bool [H, rows, KV_LEN] from ``cp.mask_mod`` (no full mask)."""
     import torch
 
-    from ..execute.blocksparse import mask_mod_for
+    from ..execute.common import mask_mod_for
 
     mask_mod = mask_mod_for(cp, device)
     h = torch.arange(H, device=device)[:, None, None]
@@ -284,6 +289,11 @@ def run(args) -> int:
             k = torch.randn(B, H_kv, M, D, generator=gen)
             v = torch.randn(B, H_kv, M, Dv, generator=gen)
             q, k, v = (t.to(device=device, dtype=dtype) for t in (q, k, v))
+
+        if args.nproc is not None:
+            from .run_cp import run_nproc
+
+            return run_nproc(args, cp, q, k, v, dtype_name)
 
         backend, reason = (args.backend, "chosen with --backend") if args.backend != "auto" else \
             choose_backend(cp, q, k, v, explain=True)
