@@ -1,6 +1,7 @@
 """Test support for execution tests: a CompiledPattern built from the oracle alone.
 
-``StandIn`` has the attributes of ``patternc.CompiledPattern`` that execution uses, built
+``StandIn`` has the members of ``patternc.CompiledPattern`` that execution uses (it satisfies
+the executor's ``patternc.execute.common.Compiled`` protocol), built
 the slow, obvious way (``patternc.reference.dense_mask`` + ``BlockLayout.from_dense`` + a
 ``mask_mod`` that indexes the dense table). Running the backends on it checks execution
 independently of the analytic compiler (its layouts and mask_mods).
@@ -17,12 +18,15 @@ class StandIn:
         import torch
 
         kv_len = q_len if kv_len is None else kv_len
-        self.pattern = patternc.parse(source, params=params)
+        from patternc.ir.nodes import score_terms, strip_terms
+
+        parsed = patternc.parse(source, params=params)
+        self.pattern, self.score_terms = strip_terms(parsed), score_terms(parsed)
         self._dense = patternc.reference.dense_mask(self.pattern, q_len=q_len, kv_len=kv_len,
                                                     num_heads=num_heads, layer=layer)
         self.layout = BlockLayout.from_dense(self._dense, block_size)
         self.num_heads, self.q_len, self.kv_len = num_heads, q_len, kv_len
-        self.is_causal_only = str(self.pattern) == "causal"
+        self.is_causal_only = str(self.pattern) == "causal" and not self.score_terms
         self.density = float(self._dense.mean())
         self.block_density = self.layout.block_density
         table = torch.from_numpy(self._dense)
@@ -36,6 +40,9 @@ class StandIn:
 
         mask_mod.__name__ = str(self.pattern)
         self.mask_mod = mask_mod
+
+    def mask_mod_on(self, device="cpu"):
+        return self.mask_mod  # its table follows the indices' device
 
     def dense_mask(self):
         return self._dense.copy()

@@ -95,3 +95,10 @@ def test_facts_hold_on_the_oracle(p):
                 assert (d % step == 0)
     if step is not None and reads == "j":
         assert (m[:, step:] == m[:, :-step]).all()
+
+
+def test_the_strategy_module_meets_every_rule_between_parameters():
+    from strategies import REPAIR, leaf_names
+
+    assert set(leaf_names()) == {c.name for c in CASES}
+    assert {n for n, s in PRIMITIVES.items() if s.constraint is not None} <= set(REPAIR)

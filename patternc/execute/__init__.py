@@ -24,11 +24,12 @@ import math
 import torch
 
 from ..errors import Diagnostic, PatternError
+from .common import Compiled
 
 BACKENDS = ("auto", "flex", "blocksparse", "sdpa")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-__all__ = ["attention", "choose_backend", "check_inputs", "BACKENDS", "reference_attention"]
+__all__ = ["attention", "choose_backend", "check_inputs", "BACKENDS", "Compiled", "reference_attention"]
 
 
 def _error(code: str, message: str, help: str | None = None) -> PatternError:
@@ -39,7 +40,7 @@ def _shape(x) -> str:
     return "[" + ", ".join(str(d) for d in x.shape) + "]"
 
 
-def check_inputs(cp, q, k, v) -> None:
+def check_inputs(cp: Compiled, q, k, v) -> None:
     """Check q, k, v against the compiled pattern.
 
     Args:
@@ -69,6 +70,14 @@ def check_inputs(cp, q, k, v) -> None:
     Bk, H_kv, KV, Dk = k.shape
     Dv = v.shape[-1]
     q_len, kv_len = cp.q_len, cp.kv_len
+    if Q != q_len and q.shape[1] == q_len and k.shape[1] == kv_len and v.shape[1] == kv_len:
+        # [B, L, H, D] (the layout of HF projections before .transpose(1, 2), of xformers and
+        # of flash-attn), not [B, H, L, D]: say so instead of suggesting q_len=H
+        raise _error("P350", f"q, k, v look like [B, L, H, D] (sequence before heads): q {_shape(q)}, "
+                     f"k {_shape(k)}, v {_shape(v)} for Q_LEN={q_len}, KV_LEN={kv_len}; patternc takes "
+                     "[B, H, L, D], as scaled_dot_product_attention and flex_attention do",
+                     help="pass q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2) (and transpose the "
+                          "result back with out.transpose(1, 2))")
     if Q != q_len:
         raise _error("P350", f"q has Q_LEN={Q}, but the pattern was compiled for Q_LEN={q_len}: "
                      f"expected q [B, H, {q_len}, D], got {_shape(q)}",
@@ -90,7 +99,7 @@ def check_inputs(cp, q, k, v) -> None:
         raise _error("P350", f"empty dimension in q {_shape(q)}, k {_shape(k)}, v {_shape(v)}")
     layout_heads = cp.layout.num_heads
     if H != layout_heads:
-        head_free = layout_heads == 1 and getattr(cp.pattern, "num_heads", 1) == 1
+        head_free = layout_heads == 1 and cp.pattern.num_heads == 1
         if not head_free:
             raise _error("P350", f"q has H={H} heads, but the pattern was compiled for num_heads={layout_heads}: "
                          f"expected q [B, {layout_heads}, {q_len}, D], got {_shape(q)}",
@@ -101,7 +110,7 @@ def _needs_grad(q, k, v) -> bool:
     return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
 
 
-def choose_backend(cp, q, k, v, *, dropout_p: float = 0.0, explain: bool = False):
+def choose_backend(cp: Compiled, q, k, v, *, dropout_p: float = 0.0, explain: bool = False):
     """The backend ``backend="auto"`` runs for these inputs.
 
     Policy (measured with torch 2.13; numbers in ``docs/execution.md``):
@@ -117,7 +126,7 @@ def choose_backend(cp, q, k, v, *, dropout_p: float = 0.0, explain: bool = False
     Returns:
         The backend name, or ``(name, reason)`` with ``explain=True``.
     """
-    if getattr(cp, "is_causal_only", False):  # False when the pattern has score terms
+    if cp.is_causal_only:
         name, why = "sdpa", "the pattern is exactly `causal`: SDPA is_causal"
     elif q.device.type == "cpu":
         name, why = "blocksparse", "CPU: patternc's block-sparse kernel (no compile, has a backward)"
@@ -133,7 +142,7 @@ def choose_backend(cp, q, k, v, *, dropout_p: float = 0.0, explain: bool = False
     return (name, why) if explain else name
 
 
-def attention(cp, q, k, v, *, scale: float | None = None, backend: str = "auto",
+def attention(cp: Compiled, q, k, v, *, scale: float | None = None, backend: str = "auto",
               return_backend: bool = False, dropout_p: float = 0.0):
     """Attention of q over k, v where the compiled pattern allows it.
 
@@ -169,7 +178,18 @@ def attention(cp, q, k, v, *, scale: float | None = None, backend: str = "auto",
 
         raise _error("P352", f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}",
                      help=did_you_mean(str(backend), BACKENDS) or "use backend='auto'")
+    amp = _autocast_dtype(q)
+    if amp is not None:
+        # Under torch.autocast, attention is a lower-precision op (as SDPA is on autocast's
+        # list): q, k, v are cast to the autocast dtype (float64 stays float64, as autocast
+        # leaves it), and the backend runs with autocast off, so its own float32
+        # accumulation is not re-cast behind its back. The result is in that dtype.
+        q, k, v = (x.to(amp) if x.is_floating_point() and x.dtype != torch.float64 else x for x in (q, k, v))
     check_inputs(cp, q, k, v)
+    if amp is not None:
+        with torch.autocast(q.device.type, enabled=False):
+            return attention(cp, q, k, v, scale=scale, backend=backend, return_backend=return_backend,
+                             dropout_p=dropout_p)
     if not 0.0 <= float(dropout_p) < 1.0:
         raise _error("P352", f"dropout_p must be in [0, 1), got {dropout_p}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
@@ -188,15 +208,32 @@ def attention(cp, q, k, v, *, scale: float | None = None, backend: str = "auto",
     return (out, name) if return_backend else out
 
 
+def _autocast_dtype(q) -> "torch.dtype | None":
+    """The dtype ``torch.autocast`` casts to on q's device, or None when it is off."""
+    if not isinstance(q, torch.Tensor):
+        return None
+    dev = q.device.type
+    try:
+        if not torch.is_autocast_enabled(dev):
+            return None
+    except RuntimeError:  # a device type autocast does not know
+        return None
+    return torch.get_autocast_dtype(dev)
+
+
 def _run_flex(cp, q, k, v, scale):
-    from .blocksparse import empty_rows, mask_mod_for
+    from .common import empty_rows, mask_mod_for
     from .flex import flex_attention
 
     if q.device.type == "cpu" and _needs_grad(q, k, v):
         raise _error("P352", "backend 'flex' has no backward on CPU (FlexAttention's CPU kernel is "
                      "forward-only) and these inputs require gradients",
-                     help="use backend='blocksparse' (or 'auto') to train on CPU, or wrap the call "
-                          "in torch.no_grad()")
+                     help="use backend='blocksparse' (or 'auto') to train on CPU; for inference "
+                          "wrap the call in torch.no_grad() or pass q.detach(), k.detach(), v.detach()")
+    if q.device.type == "cpu":
+        # No gradient is needed here (checked above), but torch's CPU flex kernel refuses any
+        # input with requires_grad=True even under torch.no_grad(): detaching is exact then.
+        q, k, v = q.detach(), k.detach(), v.detach()
     if q.device.type == "cpu" and q.dtype == torch.float64:
         raise _error("P352", "backend 'flex' does not take float64 on CPU (FlexAttention's CPU kernel "
                      "supports float32, bfloat16, float16)", help="use backend='blocksparse' or 'sdpa'")
@@ -210,7 +247,7 @@ def _run_sdpa(cp, q, k, v, scale, dropout_p=0.0):
     if any(t.name == "softcap" for t in getattr(cp, "score_terms", ())):
         raise _error("P352", "backend 'sdpa' cannot apply `softcap`: SDPA takes an additive bias, and "
                      "c * tanh(s / c) is not one", help="use backend='blocksparse' or 'flex' (or 'auto')")
-    if getattr(cp, "is_causal_only", False):
+    if cp.is_causal_only:
         return sdpa_attention(cp, q, k, v, scale, use_causal=True, dropout_p=dropout_p)
     n = dense_mask_elements(cp, q.shape[1])
     if n > DENSE_MASK_LIMIT:
