@@ -423,9 +423,12 @@ def _term_positions(plan: Plan, g: _Group, rows: slice, s0: int, s1: int):
 
 def blocksparse_forward(plan: Plan, mask_mod, q, k, v, scale: float, *, need_lse: bool = True,
                         chunk_elements: int = CHUNK_ELEMENTS, dropout_p: float = 0.0, seed: int = 0,
-                        terms=None):
+                        score_mod=None):
     """Forward pass (``dropout_p`` > 0: attention dropout, masks drawn from ``seed``;
-    ``terms``: a ``scoremod.ScoreTerms`` applied to the raw scores before the mask).
+    ``score_mod``: score terms, ``score_mod(scores, heads, q_pos, kv_pos) -> scores`` on every
+    chunk of scaled scores before the mask (in place allowed; ``heads`` int64 [R], ``q_pos``
+    int64 [R, qb], ``kv_pos`` int64 [R, cols]: natural token rows / columns), e.g. a
+    ``scoremod.ScoreTerms``).
 
     Returns:
         ``(out, lse)``: out, compute dtype ``[B, H*nq, qb, Dv]``; lse ``[B, H*nq, qb]``, the
@@ -455,8 +458,8 @@ def blocksparse_forward(plan: Plan, mask_mod, q, k, v, scale: float, *, need_lse
                 vg = _gather_kv(vp, kv_rows, R, S, 0, S)
                 mk = plan.mask(mask_mod, g, rows, 0, S)
                 s = torch.matmul(qg, kg.transpose(-1, -2))
-                if terms:
-                    terms.apply_(s, *_term_positions(plan, g, rows, 0, S))
+                if score_mod is not None:
+                    s = score_mod(s, *_term_positions(plan, g, rows, 0, S))
                 if mk is not None:
                     mk.fill_scores(s)
                 # (amax, sub_, exp_, sum measured faster than torch.softmax on CPU)
@@ -481,8 +484,8 @@ def blocksparse_forward(plan: Plan, mask_mod, q, k, v, scale: float, *, need_lse
                     vg = _gather_kv(vp, kv_rows, R, S, s0, s1)
                     mk = plan.mask(mask_mod, g, rows, s0, s1)
                     s = torch.matmul(qg, kg.transpose(-1, -2))
-                    if terms:
-                        terms.apply_(s, *_term_positions(plan, g, rows, s0, s1))
+                    if score_mod is not None:
+                        s = score_mod(s, *_term_positions(plan, g, rows, s0, s1))
                     if mk is not None:
                         mk.fill_scores(s)
                     new_max = torch.maximum(run_max, s.amax(-1, keepdim=True))
@@ -507,9 +510,10 @@ def blocksparse_forward(plan: Plan, mask_mod, q, k, v, scale: float, *, need_lse
 
 def blocksparse_backward(plan: Plan, mask_mod, q, k, v, out, lse, dout, scale: float, *,
                          chunk_elements: int = CHUNK_ELEMENTS, dropout_p: float = 0.0, seed: int = 0,
-                         terms=None):
-    """Backward pass (FlashAttention-style recomputation). With score terms the raw scores
-    are recomputed, transformed (``terms.apply_``) and ``dS`` is multiplied by the terms'
+                         score_mod=None):
+    """Backward pass (FlashAttention-style recomputation). With ``score_mod`` the raw scores
+    are recomputed, transformed and ``dS`` is multiplied by ``score_mod.derivative(raw, ...)``
+    when it has one and it is not None (none: the transform is additive), the terms'
     derivative (softcap: ``1 - tanh^2``) before it flows into dq and dk.
 
     Args:
@@ -553,11 +557,12 @@ def blocksparse_backward(plan: Plan, mask_mod, q, k, v, out, lse, dout, scale: f
                 vg = _gather_kv(vp, kv_rows, R, S, s0, s1)
                 # probabilities P = exp(q k^T * scale - lse), masked entries 0
                 factor = None
-                if terms:  # P = exp(terms(q k^T * scale) - lse)
+                if score_mod is not None:  # P = exp(score_mod(q k^T * scale) - lse)
                     s = torch.matmul(qg, kag[..., :D].transpose(-1, -2))
                     pos = _term_positions(plan, g, rows, s0, s1)
-                    factor = terms.derivative(s, *pos)
-                    terms.apply_(s, *pos)
+                    deriv = getattr(score_mod, "derivative", None)
+                    factor = deriv(s, *pos) if deriv is not None else None
+                    s = score_mod(s, *pos)
                     p = _exp_probs(s.add_(qag[..., D:]), None, plan.mask(mask_mod, g, rows, s0, s1))
                     del s
                 else:
@@ -593,12 +598,12 @@ def blocksparse_backward(plan: Plan, mask_mod, q, k, v, out, lse, dout, scale: f
 
 class _BlockSparseAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, plan, mask_mod, scale, chunk_elements, dropout_p, seed, terms):
+    def forward(ctx, q, k, v, plan, mask_mod, scale, chunk_elements, dropout_p, seed, score_mod):
         out, lse = blocksparse_forward(plan, mask_mod, q, k, v, scale, chunk_elements=chunk_elements,
-                                       dropout_p=dropout_p, seed=seed, terms=terms)
+                                       dropout_p=dropout_p, seed=seed, score_mod=score_mod)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.plan, ctx.mask_mod, ctx.scale, ctx.chunk_elements = plan, mask_mod, scale, chunk_elements
-        ctx.dropout_p, ctx.seed, ctx.terms = dropout_p, seed, terms
+        ctx.dropout_p, ctx.seed, ctx.score_mod = dropout_p, seed, score_mod
         B, H, Q, _ = q.shape
         return out.view(B, H, -1, out.shape[-1])[:, :, :Q].to(q.dtype)
 
@@ -611,7 +616,7 @@ class _BlockSparseAttention(torch.autograd.Function):
         with torch.autocast(q.device.type, enabled=False):
             dq, dk, dv = blocksparse_backward(ctx.plan, ctx.mask_mod, q, k, v, out, lse, dout, ctx.scale,
                                               chunk_elements=ctx.chunk_elements, dropout_p=ctx.dropout_p,
-                                              seed=ctx.seed, terms=ctx.terms)
+                                              seed=ctx.seed, score_mod=ctx.score_mod)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None
 
 
@@ -636,10 +641,10 @@ def blocksparse_attention(cp, q, k, v, scale: float, *, dropout_p: float = 0.0,
     seed = int(torch.randint(0, 2**62, ())) if dropout_p > 0 else 0
     from .scoremod import score_terms_for
 
-    terms = score_terms_for(cp, H)
+    score_mod = score_terms_for(cp, H)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return _BlockSparseAttention.apply(q, k, v, plan, mask_mod, scale, chunk_elements,
-                                           float(dropout_p), seed, terms)
+                                           float(dropout_p), seed, score_mod)
     out, _ = blocksparse_forward(plan, mask_mod, q, k, v, scale, need_lse=False,
-                                 chunk_elements=chunk_elements, dropout_p=dropout_p, seed=seed, terms=terms)
+                                 chunk_elements=chunk_elements, dropout_p=dropout_p, seed=seed, score_mod=score_mod)
     return out.view(B, H, -1, out.shape[-1])[:, :, :Q].to(q.dtype)

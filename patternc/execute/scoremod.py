@@ -56,6 +56,10 @@ class ScoreTerms:
     def __bool__(self) -> bool:
         return bool(self.terms)
 
+    def __call__(self, s, heads, q_pos, kv_pos):
+        """The block-sparse kernel's ``score_mod`` hook: ``apply_`` (in place), returns ``s``."""
+        return self.apply_(s, heads, q_pos, kv_pos)
+
     def slopes_on(self, device, dtype) -> torch.Tensor:
         key = (str(device), dtype)
         t = self._slopes_on.get(key)
@@ -120,7 +124,7 @@ class ScoreTerms:
             if t is not None:  # the backward's derivative already computed tanh(s / c)
                 s.copy_(t)
             else:
-                s.div_(self.cap).tanh_()
+                s.mul_(1.0 / self.cap).tanh_()
             alpha = self.cap
         if self.slopes is not None:
             return self.add_alibi_(s, heads, q_pos, kv_pos, alpha=alpha)
@@ -131,7 +135,7 @@ class ScoreTerms:
         None when it is 1 (ALiBi alone)."""
         if self.cap is None:
             return None
-        t = torch.div(s, self.cap).tanh_()
+        t = torch.mul(s, 1.0 / self.cap).tanh_()
         # kept for the ``apply_`` on the same scores that follows in the backward pass
         self._local.tanh = (id(s), s.data_ptr(), s._version, s.shape, t)
         return torch.addcmul(self._one(s), t, t, value=-1.0)
