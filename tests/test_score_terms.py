@@ -393,3 +393,9 @@ def test_kernel_score_transform_matches_the_table(order):
     got = st.apply_(raw.float(), heads, q_pos, kv_pos)
     assert float((got.double() - want).abs().max()) < 2e-4 * max(1.0, float(want.abs().max()) / 100)
     torch.testing.assert_close(st.derivative(raw.float()).double(), 1 - torch.tanh(raw / 20) ** 2, atol=1e-6, rtol=0)
+    pre = st.prescaled()  # the kernel's variant: scores arrive divided by the cap
+    assert pre.prescale == pytest.approx(1 / 20)
+    got = pre.apply_((raw / 20).float(), heads, q_pos, kv_pos)
+    assert float((got.double() - want).abs().max()) < 2e-4 * max(1.0, float(want.abs().max()) / 100)
+    torch.testing.assert_close(pre.derivative((raw / 20).float()).double(), 20 * (1 - torch.tanh(raw / 20) ** 2),
+                               atol=2e-5, rtol=0)

@@ -642,6 +642,8 @@ def blocksparse_attention(cp, q, k, v, scale: float, *, dropout_p: float = 0.0,
     from .scoremod import score_terms_for
 
     score_mod = score_terms_for(cp, H)
+    if score_mod is not None:  # softcap: the kernel's matmul divides by the cap (one pass fewer)
+        scale, score_mod = scale * score_mod.prescale, score_mod.prescaled()
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return _BlockSparseAttention.apply(q, k, v, plan, mask_mod, scale, chunk_elements,
                                            float(dropout_p), seed, score_mod)

@@ -52,6 +52,26 @@ class ScoreTerms:
         self.q_offset, self.kv_offset = int(q_offset), int(kv_offset)
         self._slopes_on: dict = {}
         self._local = threading.local()  # per thread: tanh(s / c) from ``derivative``
+        #: True: the kernel's scores arrive already divided by the cap (``prescaled``)
+        self.scores_over_cap = False
+
+    def prescaled(self) -> "ScoreTerms":
+        """The same terms for a kernel run with ``scale / c`` (``prescale``): its matmul then
+        yields ``u = s / c`` and the transform is ``c * tanh(u)`` (+ ALiBi) with derivative
+        ``c * (1 - tanh(u)^2)``, which keeps dq and dk exact (they use the scale the scores
+        were made with) and saves the ``* 1/c`` pass over the scores. Without a cap: self."""
+        if self.cap is None:
+            return self
+        twin = object.__new__(ScoreTerms)
+        twin.__dict__.update(self.__dict__)
+        twin._local = threading.local()
+        twin.scores_over_cap = True
+        return twin
+
+    @property
+    def prescale(self) -> float:
+        """What a kernel multiplies its scale by for ``prescaled()``: ``1 / c`` (1 without a cap)."""
+        return 1.0 / self.cap if self.cap is not None else 1.0
 
     def __bool__(self) -> bool:
         return bool(self.terms)
@@ -115,14 +135,18 @@ class ScoreTerms:
             kv_pos: int64 [R, cols], key column of each score column (without kv_offset).
 
         Returns:
-            ``s``. Passes over ``s``: softcap 2 (``div_``, ``tanh_``; the ``* c`` rides in
-            ALiBi's first update, or is a third), ALiBi 2.
+            The transformed scores: ``s`` itself, or (backward, right after ``derivative`` on
+            ``s``) the tanh tensor ``derivative`` made, transformed in its place. Passes over
+            the scores: softcap 2 (``* 1/c``, ``tanh_``; 1 when ``prescaled``; the ``* c``
+            rides in ALiBi's first update, or is one more), ALiBi 2.
         """
         alpha = 1.0
         if self.cap is not None:
             t = self._take_tanh(s)
             if t is not None:  # the backward's derivative already computed tanh(s / c)
-                s.copy_(t)
+                s = t
+            elif self.scores_over_cap:
+                s.tanh_()
             else:
                 s.mul_(1.0 / self.cap).tanh_()
             alpha = self.cap
@@ -131,17 +155,15 @@ class ScoreTerms:
         return s.mul_(alpha) if alpha != 1.0 else s
 
     def derivative(self, s: torch.Tensor, heads=None, q_pos=None, kv_pos=None) -> torch.Tensor | None:
-        """``d terms(s) / ds`` for raw scores ``s``: ``1 - tanh(s / c)^2`` (a new tensor), or
-        None when it is 1 (ALiBi alone)."""
+        """``d terms(s) / ds`` for raw scores ``s``: ``1 - tanh(s / c)^2`` (``prescaled``:
+        ``c * (1 - tanh(s)^2)``), a new tensor; None when it is 1 (ALiBi alone)."""
         if self.cap is None:
             return None
-        t = torch.mul(s, 1.0 / self.cap).tanh_()
+        t = torch.tanh(s) if self.scores_over_cap else torch.mul(s, 1.0 / self.cap).tanh_()
         # kept for the ``apply_`` on the same scores that follows in the backward pass
         self._local.tanh = (id(s), s.data_ptr(), s._version, s.shape, t)
-        return torch.addcmul(self._one(s), t, t, value=-1.0)
-
-    def _one(self, s):
-        return torch.ones((), dtype=s.dtype, device=s.device)
+        k = self.cap if self.scores_over_cap else 1.0
+        return torch.addcmul(torch.full((), k, dtype=s.dtype, device=s.device), t, t, value=-k)
 
     def _take_tanh(self, s):
         hit = getattr(self._local, "tanh", None)
