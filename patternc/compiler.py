@@ -49,14 +49,46 @@ def _check_count(name: str, v, minimum: int, unit: str) -> int:
 
 
 @functools.lru_cache(maxsize=32)
-def _layout_cached(pattern: Pattern, q_len: int, kv_len: int, qb: int, kb: int, num_heads: int) -> BlockLayout:
+def _layout_cached(pattern: Pattern, q_len: int, kv_len: int, qb: int, kb: int, num_heads: int,
+                   q_offset: int = 0, kv_offset: int = 0) -> BlockLayout:
     from .lower.lowering import lower_to_layout
 
-    return lower_to_layout(pattern, q_len, kv_len, (qb, kb), num_heads)
+    return lower_to_layout(pattern, q_len, kv_len, (qb, kb), num_heads, q_offset=q_offset, kv_offset=kv_offset)
+
+
+def block_offset_unit(pattern: Pattern) -> int:
+    """The least common multiple, over every ``blocks(b, …)`` of ``pattern``, of the product of
+    the block sizes enclosing and including it: offsets must be multiples of it (SPEC §1.6;
+    inside ``blocks(b1, blocks(b2, …))`` an offset is ``offset / b1`` blocks at the inner level).
+    1 when there is no ``blocks``."""
+    import math
+
+    def walk(p: Pattern, scale: int) -> int:
+        if isinstance(p, ir.Blocks) and isinstance(p.b, int):
+            return math.lcm(scale * p.b, walk(p.child, scale * p.b))
+        out = 1
+        for c in p.children():
+            out = math.lcm(out, walk(c, scale))
+        return out
+
+    return walk(pattern, 1)
+
+
+def _check_block_offsets(pattern: Pattern, q_offset: int, kv_offset: int) -> None:
+    """P302 unless every ``blocks(b, …)`` has its block size dividing both offsets (SPEC §1.6)."""
+    unit = block_offset_unit(pattern)
+    if q_offset % unit or kv_offset % unit:
+        node = next(n for n in pattern.walk() if isinstance(n, ir.Blocks))
+        raise PatternError(Diagnostic(
+            "P302", f"q_offset={q_offset}, kv_offset={kv_offset} are not multiples of {unit} tokens, the block "
+            f"size of `blocks` in this pattern", node.span,
+            f"inside `blocks(b, …)` offsets must be whole blocks: round each offset down to a multiple of {unit} "
+            f"and compile the rows / columns in between as well"))
 
 
 def compile(p_or_source, *, q_len: int, kv_len: int | None = None, num_heads: int = 1,
-            block_size=128, layer: int = 0, params: dict | None = None) -> "CompiledPattern":
+            block_size=128, layer: int = 0, params: dict | None = None, q_offset: int = 0,
+            kv_offset: int = 0, head_offset: int = 0) -> "CompiledPattern":
     """Compile one layer of a pattern to an exact block layout (and, on demand, a mask_mod
     and a FlexAttention BlockMask).
 
@@ -71,6 +103,16 @@ def compile(p_or_source, *, q_len: int, kv_len: int | None = None, num_heads: in
         block_size: ``BLOCK_SIZE``, an int or ``(Q_BLOCK_SIZE, KV_BLOCK_SIZE)``, tokens.
         layer: which layer of a ``layers(...)`` stack (entry ``layer mod m``), >= 0.
         params: values for the source's ``param``s (source text only).
+        q_offset: position of query row 0 (SPEC §1.6, tokens, >= 0): row r is position
+            ``r + q_offset``. A decode step with t cached tokens: ``q_len=1, kv_len=t + 1,
+            q_offset=t``; chunked prefill: ``q_offset = kv_len - q_len``.
+        kv_offset: position of key column 0 (tokens, >= 0): a rolling cache that keeps
+            only the last ``kv_len`` keys passes the position of the oldest key kept.
+            The built-ins ``q_len``/``kv_len`` are the position extents ``q_offset + q_len``,
+            ``kv_offset + kv_len``, so the rows of an offset compile equal the corresponding
+            rows of the compile over the whole sequence.
+        head_offset: head h of the compile is head ``head_offset + h`` of the pattern (a
+            tensor-parallel rank holding heads ``head_offset …`` of a ``heads(…)`` pattern).
 
     Returns:
         CompiledPattern whose ``layout.kinds`` equal, tile for tile, the classification of
@@ -78,7 +120,8 @@ def compile(p_or_source, *, q_len: int, kv_len: int | None = None, num_heads: in
 
     Raises:
         PatternError: P1xx/P2xx for bad source; P301 when a parameter computed from the
-            lengths is out of range; P302 for bad lengths, heads, layer or block size; P303
+            lengths is out of range; P302 for bad lengths, offsets, heads, layer or block size
+            (offsets inside ``blocks(b, …)`` must be multiples of b); P303
             when the layout would have more than 2**28 tiles.
 
     Example:
@@ -95,6 +138,9 @@ def compile(p_or_source, *, q_len: int, kv_len: int | None = None, num_heads: in
     q_len = _check_count("q_len", q_len, 1, "tokens")
     kv_len = q_len if kv_len is None else _check_count("kv_len", kv_len, 1, "tokens")
     layer = _check_count("layer", layer, 0, "layers")
+    q_offset = _check_count("q_offset", q_offset, 0, "tokens")
+    kv_offset = _check_count("kv_offset", kv_offset, 0, "tokens")
+    head_offset = _check_count("head_offset", head_offset, 0, "heads")
     try:
         qb, kb = normalize_block_size(block_size)
     except (ValueError, TypeError) as e:
@@ -113,9 +159,15 @@ def compile(p_or_source, *, q_len: int, kv_len: int | None = None, num_heads: in
             warnings.warn(PatternWarning(w), stacklevel=2)
         source_text, params = res.source, res.params  # params: the declared ones, defaults included
     try:
-        pattern = specialize(full, q_len=q_len, kv_len=kv_len, layer=layer)
+        pattern = specialize(full, q_len=q_offset + q_len, kv_len=kv_offset + kv_len, layer=layer)
+        if q_offset or kv_offset:
+            _check_block_offsets(pattern, q_offset, kv_offset)
     except PatternError as e:
         raise (e.with_source(source_text) if source_text is not None else e) from None
+    if head_offset:
+        from .ir.specialize import shift_heads
+
+        pattern = normalize(shift_heads(pattern, head_offset))
     H = pattern.num_heads if num_heads is None else _check_count("num_heads", num_heads, 1, "heads")
     if H < pattern.num_heads:
         warnings.warn(PatternWarning(Diagnostic(
@@ -128,9 +180,10 @@ def compile(p_or_source, *, q_len: int, kv_len: int | None = None, num_heads: in
         raise PatternError(Diagnostic(
             "P303", f"the layout would have {H} x {nq} x {nk} = {H * nq * nk:,} tiles (limit {MAX_TILES:,})", None,
             f"use a larger block_size (e.g. {max(qb, kb) * 4}) or shorter lengths"))
-    layout = _layout_cached(pattern, q_len, kv_len, qb, kb, H)
+    layout = _layout_cached(pattern, q_len, kv_len, qb, kb, H, q_offset, kv_offset)
     cp = CompiledPattern(pattern=pattern, q_len=q_len, kv_len=kv_len, num_heads=H, block_size=(qb, kb),
-                         layer=layer, layout=layout, params=dict(params or {}))
+                         layer=layer, layout=layout, params=dict(params or {}), q_offset=q_offset,
+                         kv_offset=kv_offset, head_offset=head_offset)
     cp.compile_seconds = time.perf_counter() - t0
     return cp
 
@@ -141,7 +194,10 @@ class CompiledPattern:
     Attributes:
         pattern: the canonical layer ``Pattern`` (after ``select_layer`` and ``bind_lengths``).
         source: its canonical text (``str(pattern)``).
-        q_len, kv_len: Q_LEN, KV_LEN (tokens).
+        q_len, kv_len: Q_LEN, KV_LEN (tokens: rows and columns).
+        q_offset, kv_offset: positions of row 0 and column 0 (SPEC §1.6, tokens).
+        head_offset: head h here is head ``head_offset + h`` of the source pattern (``pattern``
+            already has its ``heads(…)`` rotated accordingly).
         num_heads: H.
         block_size: (Q_BLOCK_SIZE, KV_BLOCK_SIZE), tokens.
         layer: the layer index this was compiled for.
@@ -151,11 +207,15 @@ class CompiledPattern:
     """
 
     def __init__(self, *, pattern: Pattern, q_len: int, kv_len: int, num_heads: int, block_size: tuple,
-                 layer: int, layout: BlockLayout, params: dict):
+                 layer: int, layout: BlockLayout, params: dict, q_offset: int = 0, kv_offset: int = 0,
+                 head_offset: int = 0):
         self.pattern = pattern
         self.source = str(pattern)
         self.q_len = q_len
         self.kv_len = kv_len
+        self.q_offset = q_offset
+        self.kv_offset = kv_offset
+        self.head_offset = head_offset
         self.num_heads = num_heads
         self.block_size = tuple(block_size)
         self.layer = layer
@@ -185,8 +245,9 @@ class CompiledPattern:
 
     @property
     def is_causal_only(self) -> bool:
-        """True iff the layer pattern is exactly ``causal`` (executors may use is_causal SDPA)."""
-        return self.pattern == ir.CAUSAL
+        """True iff the layer pattern is exactly ``causal`` with rows and columns aligned
+        (``q_offset == kv_offset``): then SDPA's top-left ``is_causal`` is the predicate."""
+        return self.pattern == ir.CAUSAL and self.q_offset == self.kv_offset
 
     @property
     def mask_mod(self):
@@ -200,7 +261,8 @@ class CompiledPattern:
 
         key = device_key(device)
         if key not in self._mask_mods:
-            self._mask_mods[key] = lower_to_mask_mod(self.pattern, self.q_len, self.kv_len, device=device)
+            self._mask_mods[key] = lower_to_mask_mod(self.pattern, self.q_len, self.kv_len, device=device,
+                                                     q_offset=self.q_offset, kv_offset=self.kv_offset)
         return self._mask_mods[key]
 
     def mask_numpy(self, h: int, q_idx, kv_idx) -> np.ndarray:
@@ -208,8 +270,8 @@ class CompiledPattern:
 
         Args:
             h: head index (>= 0).
-            q_idx: int64 array, query indices in [0, Q_LEN).
-            kv_idx: int64 array, key indices in [0, KV_LEN), broadcastable with ``q_idx``.
+            q_idx: int64 array, query rows in [0, Q_LEN) (position ``q_idx + q_offset``).
+            kv_idx: int64 array, key columns in [0, KV_LEN), broadcastable with ``q_idx``.
 
         Returns:
             bool array of shape ``broadcast(q_idx, kv_idx)``.
@@ -218,7 +280,8 @@ class CompiledPattern:
 
         ph = self.head_patterns[h % len(self.head_patterns)]
         q_idx, kv_idx = np.asarray(q_idx, dtype=np.int64), np.asarray(kv_idx, dtype=np.int64)
-        out = evaluate(ph, q_idx, kv_idx, self.q_len, self.kv_len)
+        out = evaluate(ph, q_idx + self.q_offset, kv_idx + self.kv_offset, self.q_offset + self.q_len,
+                       self.kv_offset + self.kv_len)
         return np.array(np.broadcast_to(out, np.broadcast(q_idx, kv_idx).shape), dtype=bool)
 
     def dense_mask(self) -> np.ndarray:
@@ -286,6 +349,9 @@ class CompiledPattern:
             "num_heads": self.num_heads,
             "block_size": list(self.block_size),
             "layer": self.layer,
+            "q_offset": self.q_offset,
+            "kv_offset": self.kv_offset,
+            "head_offset": self.head_offset,
             "num_q_blocks": lay.num_q_blocks,
             "num_kv_blocks": lay.num_kv_blocks,
             "density": self.density,
@@ -298,7 +364,9 @@ class CompiledPattern:
         }
 
     def __repr__(self) -> str:
-        return (f"CompiledPattern({self.source!r}, Q_LEN={self.q_len}, KV_LEN={self.kv_len}, H={self.num_heads}, "
+        offsets = "".join(f", {k}={getattr(self, k)}" for k in ("q_offset", "kv_offset", "head_offset")
+                          if getattr(self, k))
+        return (f"CompiledPattern({self.source!r}, Q_LEN={self.q_len}, KV_LEN={self.kv_len}{offsets}, H={self.num_heads}, "
                 f"BLOCK_SIZE={self.block_size}, layer={self.layer}, full={self.layout.full_blocks}, "
                 f"partial={self.layout.partial_blocks}, block_density={self.block_density:.4f})")
 
@@ -318,6 +386,7 @@ class CompiledPattern:
             "format": ARTIFACT_FORMAT, "format_version": ARTIFACT_VERSION, "patternc_version": __version__,
             "canonical": self.source, "params": dict(self.params), "q_len": self.q_len, "kv_len": self.kv_len,
             "num_heads": self.num_heads, "block_size": list(self.block_size), "layer": self.layer,
+            "q_offset": self.q_offset, "kv_offset": self.kv_offset, "head_offset": self.head_offset,
         }
         blob = np.frombuffer(json.dumps(meta, sort_keys=True).encode("utf-8"), dtype=np.uint8)
         path = os.fspath(path)
@@ -371,13 +440,14 @@ def load_compiled(path, *, verify: bool = True) -> CompiledPattern:
         raise _bad_artifact(path, f"format_version {meta.get('format_version')!r} (this patternc reads {ARTIFACT_VERSION})")
     try:
         q_len, kv_len, H, layer = (int(meta[k]) for k in ("q_len", "kv_len", "num_heads", "layer"))
+        q_off, kv_off = int(meta.get("q_offset", 0)), int(meta.get("kv_offset", 0))
         qb, kb = normalize_block_size(tuple(meta["block_size"]))
         canonical = str(meta["canonical"])
         params = {str(k): int(v) for k, v in dict(meta.get("params") or {}).items()}
     except (KeyError, TypeError, ValueError) as e:
         raise _bad_artifact(path, f"bad metadata: {type(e).__name__}: {e}") from None
-    if min(q_len, kv_len, H) < 1:
-        raise _bad_artifact(path, "lengths and num_heads must be >= 1")
+    if min(q_len, kv_len, H) < 1 or min(q_off, kv_off) < 0:
+        raise _bad_artifact(path, "lengths and num_heads must be >= 1, offsets >= 0")
     nq, nk = -(-q_len // qb), -(-kv_len // kb)
     if kinds.dtype != np.uint8 or kinds.shape != (H, nq, nk):
         raise _bad_artifact(path, f"kinds is {kinds.dtype} {list(kinds.shape)}, expected uint8 {[H, nq, nk]}")
@@ -390,16 +460,20 @@ def load_compiled(path, *, verify: bool = True) -> CompiledPattern:
     except PatternError as e:
         raise _bad_artifact(path, f"its pattern does not parse: {e.diagnostic.message}") from None
     kinds.setflags(write=False)
-    layout = BlockLayout(kinds=kinds, q_len=q_len, kv_len=kv_len, q_block_size=qb, kv_block_size=kb)
+    layout = BlockLayout(kinds=kinds, q_len=q_len, kv_len=kv_len, q_block_size=qb, kv_block_size=kb,
+                         q_offset=q_off, kv_offset=kv_off)
     if verify:
-        fresh = compile(pattern, q_len=q_len, kv_len=kv_len, num_heads=H, block_size=(qb, kb))
+        # the stored canonical text already has any head_offset applied: compile it unshifted
+        fresh = compile(pattern, q_len=q_len, kv_len=kv_len, num_heads=H, block_size=(qb, kb),
+                        q_offset=q_off, kv_offset=kv_off)
         if not np.array_equal(fresh.layout.kinds, kinds):
             bad = int((fresh.layout.kinds != kinds).sum())
             raise _bad_artifact(path, f"{bad} tile kinds differ from its pattern `{canonical}`")
         layout = fresh.layout
         pattern = fresh.pattern
     cp = CompiledPattern(pattern=pattern, q_len=q_len, kv_len=kv_len, num_heads=H, block_size=(qb, kb),
-                         layer=layer, layout=layout, params=params)
+                         layer=layer, layout=layout, params=params, q_offset=q_off, kv_offset=kv_off,
+                         head_offset=int(meta.get("head_offset", 0)))
     cp.compile_seconds = time.perf_counter() - t0
     return cp
 

@@ -108,19 +108,25 @@ def _elaborated(p_or_source, params) -> Pattern:
 
 
 def dense_mask(p_or_source, *, q_len: int, kv_len: int | None = None, num_heads: int = 1,
-               layer: int = 0, params: dict | None = None) -> np.ndarray:
-    """The allowed token pairs of one layer, straight from SPEC §1.1.
+               layer: int = 0, params: dict | None = None, q_offset: int = 0, kv_offset: int = 0,
+               head_offset: int = 0) -> np.ndarray:
+    """The allowed token pairs of one layer, straight from SPEC §1.1 and §1.6.
 
     Args:
         p_or_source: a ``Pattern`` or pattern source text.
-        q_len: Q_LEN, tokens (>= 1).
-        kv_len: KV_LEN, tokens (default: q_len).
-        num_heads: H; head h uses entry ``h mod m`` of every ``heads(...)``.
+        q_len: Q_LEN, tokens (>= 1): query rows.
+        kv_len: KV_LEN, tokens (default: q_len): key columns.
+        num_heads: H; head h uses entry ``(h + head_offset) mod m`` of every ``heads(...)``.
         layer: which entry of every ``layers(...)`` applies (``layer mod m``).
         params: values for the source's ``param``s.
+        q_offset, kv_offset: row r is position ``r + q_offset``, column c position
+            ``c + kv_offset`` (§1.6). Written literally from the SPEC: the mask over the whole
+            position extents ``q_offset + q_len`` x ``kv_offset + kv_len`` (``q_len``/``kv_len``
+            built-ins bound to the extents), then its last rows and columns.
+        head_offset: head h is head ``head_offset + h`` of the pattern (§1.6).
 
     Returns:
-        bool [H, Q_LEN, KV_LEN]; True = query i may attend key j.
+        bool [H, Q_LEN, KV_LEN]; True = query row r may attend key column c.
 
     Raises:
         PatternError: invalid source, or a parameter out of range at these lengths (P301).
@@ -136,11 +142,14 @@ def dense_mask(p_or_source, *, q_len: int, kv_len: int | None = None, num_heads:
     kv_len = q_len if kv_len is None else kv_len
     if q_len < 1 or kv_len < 1 or num_heads < 1:
         raise ValueError(f"q_len, kv_len and num_heads must be >= 1, got {q_len}, {kv_len}, {num_heads}")
+    if min(q_offset, kv_offset, head_offset) < 0:
+        raise ValueError(f"offsets must be >= 0, got {q_offset}, {kv_offset}, {head_offset}")
     p = _elaborated(p_or_source, params)
+    Q, K = q_offset + q_len, kv_offset + kv_len  # position extents
     try:
-        p = bind_lengths(select_layer(p, layer), q_len, kv_len, normalized=False)
+        p = bind_lengths(select_layer(p, layer), Q, K, normalized=False)
     except PatternError as e:
         if isinstance(p_or_source, str):
             raise e.with_source(p_or_source) from None
         raise
-    return np.stack([_eval(p, h, q_len, kv_len) for h in range(num_heads)])
+    return np.stack([_eval(p, head_offset + h, Q, K)[q_offset:, kv_offset:] for h in range(num_heads)])

@@ -128,7 +128,8 @@ def parse_window(text: str, q_len: int, kv_len: int) -> tuple[int, int, int, int
 
 def picture(p_or_source, *, q_len: int, kv_len: int | None = None, num_heads: int | None = None,
             head: int | None = None, block_size=128, layer: int = 0, params: dict | None = None,
-            window=None, view: str = "auto", width: int = 100, target: str = "terminal") -> Picture:
+            window=None, view: str = "auto", width: int = 100, target: str = "terminal", q_offset: int = 0,
+            kv_offset: int = 0) -> Picture:
     """Compile one layer and collect what to draw.
 
     Args:
@@ -143,6 +144,8 @@ def picture(p_or_source, *, q_len: int, kv_len: int | None = None, num_heads: in
         view: ``"auto"``, ``"tokens"`` or ``"blocks"``.
         width: characters available for the picture (terminal target).
         target: ``"terminal"`` or ``"png"``: decides the auto view.
+        q_offset, kv_offset: positions of row 0 / column 0 (SPEC §1.6, tokens); the picture
+            shows rows and columns (window ranges are rows / columns too).
 
     Returns:
         A ``Picture``.
@@ -172,7 +175,8 @@ def picture(p_or_source, *, q_len: int, kv_len: int | None = None, num_heads: in
         raise ShowError(f"--heads must be >= 1, got {H}")
     if head is not None and not 0 <= head < H:
         raise ShowError(f"--head {head} is out of range: the layer has {H} head(s) (0..{H - 1})")
-    cp = patternc.compile(p, q_len=q_len, kv_len=kv_len, num_heads=H, block_size=bs, layer=layer)
+    cp = patternc.compile(p, q_len=q_len, kv_len=kv_len, num_heads=H, block_size=bs, layer=layer,
+                          q_offset=q_offset, kv_offset=kv_offset)
     lay = cp.layout
     if isinstance(window, str):
         window = parse_window(window, q_len, kv_len)

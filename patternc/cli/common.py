@@ -194,3 +194,23 @@ def parse_block_size(text: str):
         raise UsageError(f"--block-size expects one or two integers >= 1 (e.g. 128 or 64,128), got {text!r}")
     return vals[0] if len(vals) == 1 else (vals[0], vals[1])
 
+
+
+def add_offset_args(p: argparse.ArgumentParser) -> None:
+    """``--q-offset`` / ``--kv-offset`` (SPEC §1.6) of compile, show, analyze and run."""
+    p.add_argument("--q-offset", type=int, default=0, metavar="T",
+                   help="position of query row 0 in tokens (default 0); a decode step after T cached "
+                        "tokens: --seq-len 1 --kv-len T+1 --q-offset T")
+    p.add_argument("--kv-offset", type=int, default=0, metavar="T",
+                   help="position of key column 0 in tokens (default 0): the oldest key a rolling cache keeps")
+
+
+def offsets_of(args) -> dict:
+    """``{"q_offset": …, "kv_offset": …}`` from the command line. Raises UsageError (exit 2)."""
+    out = {}
+    for name in ("q_offset", "kv_offset"):
+        v = getattr(args, name, 0) or 0
+        if v < 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 0 tokens, got {v}")
+        out[name] = v
+    return out

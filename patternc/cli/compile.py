@@ -8,8 +8,10 @@ import os
 from ..errors import ExitCode, PatternError
 from .common import (
     UsageError,
+    add_offset_args,
     add_source_args,
     emit_diagnostics,
+    offsets_of,
     parse_block_size,
     print_json,
     run_guarded,
@@ -32,6 +34,7 @@ def register(sub) -> None:
     p.add_argument("--block-size", default="128", metavar="B|Q,KV",
                    help="BLOCK_SIZE in tokens: one int, or Q_BLOCK_SIZE,KV_BLOCK_SIZE (default 128)")
     p.add_argument("--layer", type=int, default=0, metavar="L", help="which layer of a layers(...) stack (default 0)")
+    add_offset_args(p)
     p.add_argument("-o", "--output", metavar="OUT", help="write the compiled layout here (.npz, written atomically)")
     p.set_defaults(func=run)
 
@@ -57,7 +60,7 @@ def run(args) -> int:
         pattern, res = analyse_source(src.text, params=src.params, filename=src.filename)
         try:
             cp = compile_pattern(pattern, q_len=args.seq_len, kv_len=args.kv_len, num_heads=args.heads,
-                                 block_size=block_size, layer=args.layer)
+                                 block_size=block_size, layer=args.layer, **offsets_of(args))
         except PatternError as e:
             if e.code in ("P302", "P303"):  # lengths / block size from the command line
                 raise UsageError(e.diagnostic.message + (f" ({e.diagnostic.help})" if e.diagnostic.help else "")) from None
@@ -89,6 +92,8 @@ def _render(cp, s) -> str:
         f"canonical: {s['canonical']}",
         f"layer: {s['layer']}" if s["layer"] else None,
         f"Q_LEN x KV_LEN: {s['q_len']} x {s['kv_len']} tokens, heads: {s['num_heads']}",
+        (f"offsets: rows are positions {s['q_offset']}..{s['q_offset'] + s['q_len'] - 1}, columns "
+         f"{s['kv_offset']}..{s['kv_offset'] + s['kv_len'] - 1}") if s["q_offset"] or s["kv_offset"] else None,
         f"BLOCK_SIZE: {qb} x {kb} tokens -> {s['num_q_blocks']} x {s['num_kv_blocks']} blocks per head",
         f"tiles: {s['full_blocks']} FULL, {s['partial_blocks']} PARTIAL, {s['empty_blocks']} EMPTY",
         f"token density: {100 * s['density']:.3f}%   block density: {100 * s['block_density']:.3f}%",

@@ -20,8 +20,10 @@ import time
 from ..errors import ExitCode
 from .common import (
     UsageError,
+    add_offset_args,
     add_source_args,
     emit_diagnostics,
+    offsets_of,
     parse_block_size,
     print_json,
     run_guarded,
@@ -49,6 +51,7 @@ def register(sub) -> None:
     p.add_argument("--block-size", default="128", metavar="B|Q,KV",
                    help="BLOCK_SIZE in tokens, or Q_BLOCK_SIZE,KV_BLOCK_SIZE (default 128)")
     p.add_argument("--layer", type=int, default=0, help="entry of layers(...) to run (default 0)")
+    add_offset_args(p)
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--repeats", type=int, default=5, metavar="R", help="timed calls after one warm-up (default 5)")
     p.add_argument("--check", action="store_true", help="compare with the float64 reference attention")
@@ -273,7 +276,8 @@ def run(args) -> int:
         dtype = getattr(torch, dtype_name)
 
         t0 = time.perf_counter()
-        cp = _compile(pattern, q_len=N, kv_len=M, num_heads=H, block_size=args.block_size, layer=args.layer)
+        cp = _compile(pattern, q_len=N, kv_len=M, num_heads=H, block_size=args.block_size, layer=args.layer,
+                      **offsets_of(args))
         compile_seconds = time.perf_counter() - t0
 
         if tensors is not None:

@@ -9,8 +9,10 @@ import sys
 from ..errors import ExitCode, PatternError
 from .common import (
     UsageError,
+    add_offset_args,
     add_source_args,
     emit_diagnostics,
+    offsets_of,
     parse_block_size,
     print_json,
     run_guarded,
@@ -31,6 +33,7 @@ def register(sub) -> None:
                    help="number of heads (default: the pattern's own head count, from heads(...))")
     p.add_argument("--head", type=int, metavar="h", help="draw only head h (default: every head)")
     p.add_argument("--layer", type=int, default=0, metavar="l", help="entry of layers(...) to draw (default 0)")
+    add_offset_args(p)
     p.add_argument("--block-size", default="128", metavar="B",
                    help="BLOCK_SIZE in tokens: B, or Q_BLOCK,KV_BLOCK (default 128)")
     p.add_argument("--window", metavar="Q0:Q1,K0:K1",
@@ -66,7 +69,8 @@ def run(args) -> int:
         try:
             pic = picture(pattern, q_len=args.seq_len, kv_len=args.kv_len, num_heads=args.heads, head=args.head,
                           block_size=parse_block_size(args.block_size), layer=args.layer, window=args.window,
-                          view=args.view, width=width, target="png" if args.png else "terminal")
+                          view=args.view, width=width, target="png" if args.png else "terminal",
+                          **offsets_of(args))
         except ShowError as e:
             raise UsageError(str(e)) from None
         except PatternError as e:

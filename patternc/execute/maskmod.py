@@ -25,15 +25,19 @@ def device_key(device) -> str:
     return str(torch.device(device))
 
 
-def lower_to_mask_mod(p: Pattern, q_len: int, kv_len: int, device="cpu"):
+def lower_to_mask_mod(p: Pattern, q_len: int, kv_len: int, device="cpu", *, q_offset: int = 0,
+                      kv_offset: int = 0):
     """Build the ``mask_mod`` of one layer of a pattern.
 
     Args:
         p: a layer-free Pattern with concrete arguments (``heads`` allowed; head ``h`` uses
             entry ``h mod m``).
-        q_len: Q_LEN, tokens (sizes the lookup tables of ``random`` / ``global(at=...)``).
-        kv_len: KV_LEN, tokens.
+        q_len: Q_LEN, tokens (rows; with ``q_offset`` sizes the lookup tables of
+            ``random`` / ``global(at=...)``).
+        kv_len: KV_LEN, tokens (columns).
         device: where the parameter tensors and tables live (the device of the kernel).
+        q_offset, kv_offset: positions of row 0 / column 0 (SPEC §1.6): the predicate is
+            evaluated at ``(q_idx + q_offset, kv_idx + kv_offset)``, HF transformers' convention.
 
     Returns:
         ``mask_mod(b, h, q_idx, kv_idx) -> bool tensor``; ``b`` is ignored; ``h``, ``q_idx``,
@@ -51,15 +55,23 @@ def lower_to_mask_mod(p: Pattern, q_len: int, kv_len: int, device="cpu"):
                 [0, 0, 1, 1]], dtype=torch.int32)
     """
     device = torch.device(device)
-    fn = _build(p, q_len, kv_len, device)
+    fn = _build(p, q_offset + q_len, kv_offset + kv_len, device)
+    if q_offset or kv_offset:
+        qo, ko = _t(q_offset, device), _t(kv_offset, device)
 
-    def mask_mod(b, h, q_idx, kv_idx):
-        if not isinstance(h, torch.Tensor):
-            h = torch.as_tensor(h, device=device)
-        return fn(h, q_idx, kv_idx)
+        def mask_mod(b, h, q_idx, kv_idx):
+            if not isinstance(h, torch.Tensor):
+                h = torch.as_tensor(h, device=device)
+            return fn(h, q_idx + qo, kv_idx + ko)
+    else:
+        def mask_mod(b, h, q_idx, kv_idx):
+            if not isinstance(h, torch.Tensor):
+                h = torch.as_tensor(h, device=device)
+            return fn(h, q_idx, kv_idx)
 
     mask_mod.__name__ = mask_mod.__qualname__ = str(p)
-    mask_mod.__doc__ = f"FlexAttention mask_mod of the pattern `{p}` (Q_LEN={q_len}, KV_LEN={kv_len})."
+    where = f", q_offset={q_offset}, kv_offset={kv_offset}" if q_offset or kv_offset else ""
+    mask_mod.__doc__ = f"FlexAttention mask_mod of the pattern `{p}` (Q_LEN={q_len}, KV_LEN={kv_len}{where})."
     return mask_mod
 
 

@@ -36,6 +36,29 @@ def select_head(p: Pattern, head: int) -> Pattern:
     return p.with_children(tuple(select_head(c, head) for c in kids))
 
 
+def shift_heads(p: Pattern, head_offset: int) -> Pattern:
+    """Head ``h`` of the result is head ``head_offset + h`` of ``p`` (SPEC §1.6): every
+    ``heads(p0, …, pm-1)`` is rotated to ``heads(p_o, p_(o+1), …)`` with ``o = head_offset mod m``.
+    A tensor-parallel rank holding heads ``o … o + H - 1`` compiles ``shift_heads(p, o)``.
+
+    Example:
+        >>> from patternc.source.frontdoor import parse
+        >>> str(shift_heads(parse("heads(causal, all, none)"), 4))
+        'heads(all, none, causal)'
+    """
+    if head_offset == 0:
+        return p
+    if isinstance(p, Heads):
+        m = len(p.items)
+        o = head_offset % m
+        items = tuple(shift_heads(c, head_offset) for c in p.items[o:] + p.items[:o])
+        return Heads(items, span=p.span)
+    kids = p.children()
+    if not kids:
+        return p
+    return p.with_children(tuple(shift_heads(c, head_offset) for c in kids))
+
+
 def bind_lengths(p: Pattern, q_len: int, kv_len: int, *, normalized: bool = True) -> Pattern:
     """Substitute ``q_len`` / ``kv_len`` (tokens; block counts inside ``blocks(b, ...)``),
     check the resulting parameter values, and normalise (unless ``normalized=False``: the
