@@ -313,30 +313,128 @@ class CompiledPattern:
         return self.layout.block_density
 
     # ---- torch -------------------------------------------------------------------------------------
-    def block_mask(self, device="cpu"):
+    def block_mask(self, device="cpu", *, documents=None, key_padding_mask=None):
         """FlexAttention ``BlockMask`` (batch 1, H heads) built from the layout with
         ``BlockMask.from_kv_blocks``, carrying ``mask_mod_on(device)``; equal to
         ``create_block_mask(self.mask_mod, 1, H, Q_LEN, KV_LEN, BLOCK_SIZE=self.block_size)``.
-        Built once per device and cached on this object (not pickled)."""
+        Built once per device and cached on this object (not pickled).
+
+        With run-time data (``documents`` ids [B, P] / [P] or lengths, ``key_padding_mask``
+        bool [B, KV_LEN], SPEC §1.7) the BlockMask has batch B, is built from
+        ``layout_for(...)`` in O(B * (tiles + documents)) and equals ``create_block_mask`` of
+        ``mask_mod_for(...)`` with that B; it is not cached (the data changes per batch).
+
+        Raises:
+            PatternError: P360-P362 for missing or malformed run-time data."""
         from .execute.blockmask import to_block_mask
         from .execute.maskmod import device_key
 
+        if documents is not None or key_padding_mask is not None or self.needs:
+            kp, docs = self.runtime_inputs(documents=documents, key_padding_mask=key_padding_mask)
+            if kp is not None or docs is not None:
+                return to_block_mask(self._layout_for(kp, docs), self._mask_mod_for(device, kp, docs), device=device)
         key = device_key(device)
         if key not in self._block_masks:
             self._block_masks[key] = to_block_mask(self.layout, self.mask_mod_on(device), device=device)
         return self._block_masks[key]
 
-    def attention(self, q, k, v, *, scale=None, backend="auto", return_backend=False, dropout_p=0.0):
+    def attention(self, q, k, v, *, scale=None, backend="auto", return_backend=False, dropout_p=0.0,
+                  documents=None, key_padding_mask=None):
         """Sparse attention with this layer's pattern: q float [B, H, Q_LEN, D], k [B, H_kv, KV_LEN, D],
         v [B, H_kv, KV_LEN, Dv] -> [B, H, Q_LEN, Dv] (H_kv divides H: grouped-query attention).
 
         ``backend``: "auto", "flex", "blocksparse" or "sdpa"; ``return_backend=True`` also
-        returns the name of the one that ran. Raises PatternError P350-P353 for inputs that do
-        not fit. See ``patternc.execute.attention`` and docs/execution.md."""
+        returns the name of the one that ran. ``key_padding_mask``: bool [B, KV_LEN], True =
+        real key (SPEC §1.7); ``documents``: ids [B, P] / [P] or lengths per row (SPEC §1.7).
+        Raises PatternError P350-P353 for inputs that do not fit, P360-P362 for run-time data.
+        See ``patternc.execute.attention`` and docs/execution.md, docs/runtime.md."""
         from .execute import attention
 
         return attention(self, q, k, v, scale=scale, backend=backend, return_backend=return_backend,
-                         dropout_p=dropout_p)
+                         dropout_p=dropout_p, documents=documents, key_padding_mask=key_padding_mask)
+
+    # ---- run-time data (SPEC §1.7) -------------------------------------------------------------------
+    @cached_property
+    def needs(self) -> frozenset:
+        """The run-time inputs the pattern requires: ``frozenset({"documents"})`` when it uses
+        ``document`` / ``per_document``, else empty. (``key_padding_mask`` is always optional.)"""
+        names = {n.name for n in self.pattern.walk() if isinstance(n, ir.Prim)}
+        return frozenset({"documents"}) if names & {"document", "per_document"} else frozenset()
+
+    def runtime_inputs(self, *, documents=None, key_padding_mask=None, batch: int | None = None):
+        """Check run-time data: ``(key_padding bool [B, KV_LEN] | None, documents int64 [B|1, P] | None)``.
+
+        Raises:
+            PatternError: P360 the pattern needs ``documents`` and none were given; P361 bad
+                documents; P362 a bad key_padding_mask (shapes, dtypes, batch sizes).
+        """
+        from .lower.runtime import check_documents, check_key_padding
+
+        kp = None if key_padding_mask is None else check_key_padding(key_padding_mask, self.kv_len, batch)
+        if kp is not None and batch is None:
+            batch = kp.shape[0]
+        docs = None
+        if "documents" in self.needs:
+            if documents is None:
+                raise PatternError(Diagnostic(
+                    "P360", f"the pattern `{self.source}` uses `document` and needs run-time `documents`, but "
+                    "none were given", None, "pass documents=ids [B, P] (or [P], or lengths [[l0, l1, ...]]) to "
+                    "attention / block_mask / layout_for (CLI: --documents L1,L2,...)", filename="<pattern>"))
+            docs = check_documents(documents, max(self.q_offset + self.q_len, self.kv_offset + self.kv_len), batch)
+            if kp is not None and docs.shape[0] not in (1, kp.shape[0]):
+                raise PatternError(Diagnostic("P361", f"documents has {docs.shape[0]} rows but key_padding_mask "
+                                              f"{kp.shape[0]}", None, "give both one row per batch element"))
+        return kp, docs
+
+    def layout_for(self, *, documents=None, key_padding_mask=None) -> BlockLayout:
+        """The layout of a batch with run-time data (SPEC §1.7): kinds uint8 [B, H,
+        num_q_blocks, num_kv_blocks], built in O(B * (tiles + documents)) from the static
+        layout (``self.layout``, computed once) without Q_LEN x KV_LEN work.
+
+        Args:
+            documents: ids int [B, P] / [P], or lengths per row [[l0, l1, ...], ...] (P in positions).
+            key_padding_mask: bool [B, KV_LEN], True = real key.
+
+        Returns:
+            ``self.layout`` when no run-time data applies, else a BlockLayout with a batch axis.
+
+        Raises:
+            PatternError: P360-P362 (see ``runtime_inputs``).
+        """
+        kp, docs = self.runtime_inputs(documents=documents, key_padding_mask=key_padding_mask)
+        return self._layout_for(kp, docs)
+
+    def _layout_for(self, kp, docs) -> BlockLayout:
+        from .lower.runtime import key_padding_kinds
+
+        lay = self.layout
+        if kp is None and docs is None:
+            return lay
+        kinds = lay.kinds
+        if docs is not None:
+            from .lower.documents import document_kinds
+
+            kinds = document_kinds(self, docs)
+        if kp is not None:
+            kinds = key_padding_kinds(kinds, kp, lay, self.head_patterns)
+        kinds = np.ascontiguousarray(kinds, dtype=np.uint8)
+        kinds.setflags(write=False)
+        return BlockLayout(kinds=kinds, q_len=lay.q_len, kv_len=lay.kv_len, q_block_size=lay.q_block_size,
+                           kv_block_size=lay.kv_block_size, q_offset=lay.q_offset, kv_offset=lay.kv_offset)
+
+    def mask_mod_for(self, device="cpu", *, documents=None, key_padding_mask=None):
+        """The ``mask_mod(b, h, q_idx, kv_idx)`` of a batch with run-time data (reads ``b``);
+        ``mask_mod_on(device)`` when there is none."""
+        kp, docs = self.runtime_inputs(documents=documents, key_padding_mask=key_padding_mask)
+        return self._mask_mod_for(device, kp, docs)
+
+    def _mask_mod_for(self, device, kp, docs):
+        if kp is None and docs is None:
+            return self.mask_mod_on(device)
+        from .execute.maskmod import lower_to_mask_mod
+
+        return lower_to_mask_mod(self.pattern, self.q_len, self.kv_len, device=device, q_offset=self.q_offset,
+                                 kv_offset=self.kv_offset, key_padding=kp, documents=docs)
 
     # ---- reporting ---------------------------------------------------------------------------------
     def summary(self) -> dict:

@@ -26,7 +26,7 @@ def device_key(device) -> str:
 
 
 def lower_to_mask_mod(p: Pattern, q_len: int, kv_len: int, device="cpu", *, q_offset: int = 0,
-                      kv_offset: int = 0):
+                      kv_offset: int = 0, key_padding=None, documents=None):
     """Build the ``mask_mod`` of one layer of a pattern.
 
     Args:
@@ -38,6 +38,8 @@ def lower_to_mask_mod(p: Pattern, q_len: int, kv_len: int, device="cpu", *, q_of
         device: where the parameter tensors and tables live (the device of the kernel).
         q_offset, kv_offset: positions of row 0 / column 0 (SPEC §1.6): the predicate is
             evaluated at ``(q_idx + q_offset, kv_idx + kv_offset)``, HF transformers' convention.
+        key_padding: bool [B, KV_LEN] (True = real key, SPEC §1.7), ANDed in at ``[b, kv_idx]``;
+            the mask_mod then reads its ``b`` argument.
 
     Returns:
         ``mask_mod(b, h, q_idx, kv_idx) -> bool tensor``; ``b`` is ignored; ``h``, ``q_idx``,
@@ -55,19 +57,27 @@ def lower_to_mask_mod(p: Pattern, q_len: int, kv_len: int, device="cpu", *, q_of
                 [0, 0, 1, 1]], dtype=torch.int32)
     """
     device = torch.device(device)
-    fn = _build(p, q_offset + q_len, kv_offset + kv_len, device)
-    if q_offset or kv_offset:
-        qo, ko = _t(q_offset, device), _t(kv_offset, device)
+    if documents is not None:
+        from .documents import documents_context
 
-        def mask_mod(b, h, q_idx, kv_idx):
-            if not isinstance(h, torch.Tensor):
-                h = torch.as_tensor(h, device=device)
-            return fn(h, q_idx + qo, kv_idx + ko)
+        with documents_context(documents, device):
+            fn = _build(p, q_offset + q_len, kv_offset + kv_len, device)
     else:
-        def mask_mod(b, h, q_idx, kv_idx):
-            if not isinstance(h, torch.Tensor):
-                h = torch.as_tensor(h, device=device)
-            return fn(h, q_idx, kv_idx)
+        fn = _build(p, q_offset + q_len, kv_offset + kv_len, device)
+    shifted = bool(q_offset or kv_offset)
+    qo, ko = (_t(q_offset, device), _t(kv_offset, device)) if shifted else (None, None)
+    kp = None if key_padding is None else torch.as_tensor(key_padding, device=device).to(torch.bool)
+    kmax = kv_len - 1
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        if not isinstance(h, torch.Tensor):
+            h = torch.as_tensor(h, device=device)
+        if not isinstance(b, torch.Tensor):
+            b = torch.as_tensor(b, device=device)
+        out = fn(h, q_idx + qo, kv_idx + ko, b) if shifted else fn(h, q_idx, kv_idx, b)
+        if kp is not None:
+            out = out & kp[b, kv_idx.clamp(0, kmax)]
+        return out
 
     mask_mod.__name__ = mask_mod.__qualname__ = str(p)
     where = f", q_offset={q_offset}, kv_offset={kv_offset}" if q_offset or kv_offset else ""
@@ -84,18 +94,18 @@ def _build(p: Pattern, q_len: int, kv_len: int, dev):
         return _prim(p, q_len, kv_len, dev)
     if isinstance(p, Not):
         f = _build(p.child, q_len, kv_len, dev)
-        return lambda h, q, kv: ~f(h, q, kv)
+        return lambda h, q, kv, b: ~f(h, q, kv, b)
     if isinstance(p, Diff):
         f, g = _build(p.left, q_len, kv_len, dev), _build(p.right, q_len, kv_len, dev)
-        return lambda h, q, kv: f(h, q, kv) & ~g(h, q, kv)
+        return lambda h, q, kv, b: f(h, q, kv, b) & ~g(h, q, kv, b)
     if isinstance(p, (And, Or)):
         fs = [_build(c, q_len, kv_len, dev) for c in p.items]
         conj = isinstance(p, And)
 
-        def junction(h, q, kv):
-            out = fs[0](h, q, kv)
+        def junction(h, q, kv, b):
+            out = fs[0](h, q, kv, b)
             for f in fs[1:]:
-                out = (out & f(h, q, kv)) if conj else (out | f(h, q, kv))
+                out = (out & f(h, q, kv, b)) if conj else (out | f(h, q, kv, b))
             return out
 
         return junction
@@ -103,18 +113,18 @@ def _build(p: Pattern, q_len: int, kv_len: int, dev):
         fs = [_build(c, q_len, kv_len, dev) for c in p.items]
         m = len(fs)
 
-        def per_head(h, q, kv):
+        def per_head(h, q, kv, b):
             hm = h % m
-            out = fs[0](h, q, kv)
+            out = fs[0](h, q, kv, b)
             for k in range(1, m):
-                out = torch.where(hm == k, fs[k](h, q, kv), out)
+                out = torch.where(hm == k, fs[k](h, q, kv, b), out)
             return out
 
         return per_head
     if isinstance(p, Blocks):
-        b = _t(p.b, dev)
+        bs = _t(p.b, dev)
         f = _build(p.child, -(-q_len // p.b), -(-kv_len // p.b), dev)
-        return lambda h, q, kv: f(h, q // b, kv // b)
+        return lambda h, q, kv, b: f(h, q // bs, kv // bs, b)
     if isinstance(p, Layers):
         raise ValueError("select a layer before building a mask_mod")
     raise TypeError(f"not a pattern: {p!r}")
@@ -124,53 +134,53 @@ def _prim(p: Prim, q_len: int, kv_len: int, dev):
     a = p.argdict
     n = p.name
     if n == "all":
-        return lambda h, q, kv: torch.ones_like(q - kv, dtype=torch.bool)
+        return lambda h, q, kv, b: torch.ones_like(q - kv, dtype=torch.bool)
     if n == "none":
-        return lambda h, q, kv: torch.zeros_like(q - kv, dtype=torch.bool)
+        return lambda h, q, kv, b: torch.zeros_like(q - kv, dtype=torch.bool)
     if n == "causal":
-        return lambda h, q, kv: kv <= q
+        return lambda h, q, kv, b: kv <= q
     if n == "local":
         w = _t(a["w"], dev)
-        return lambda h, q, kv: (q - kv).abs() < w
+        return lambda h, q, kv, b: (q - kv).abs() < w
     if n == "band":
         left, right = _t(a["left"], dev), _t(a["right"], dev)
-        return lambda h, q, kv: (q - kv <= left) & (kv - q <= right)
+        return lambda h, q, kv, b: (q - kv <= left) & (kv - q <= right)
     if n == "strided":
         s = _t(a["s"], dev)
-        return lambda h, q, kv: (q - kv) % s == 0
+        return lambda h, q, kv, b: (q - kv) % s == 0
     if n == "dilated":
         d, span = _t(a["d"], dev), _t(a["w"] * a["d"], dev)
-        return lambda h, q, kv: ((q - kv) % d == 0) & ((q - kv).abs() < span)
+        return lambda h, q, kv, b: ((q - kv) % d == 0) & ((q - kv).abs() < span)
     if n == "chunk":
         l = _t(a["l"], dev)
-        return lambda h, q, kv: q // l == kv // l
+        return lambda h, q, kv, b: q // l == kv // l
     if n == "summary":
         l, c, g = a["l"], a["c"], a["g"]
         lt, lo, hi = _t(l, dev), _t(l - (g + 1) * c, dev), _t(l - g * c, dev)
 
-        def summary(h, q, kv):
+        def summary(h, q, kv, b):
             jm = kv % lt
             return (jm >= lo) & (jm < hi) & (q >= 0)
 
         return summary
     if n == "sink":
         k = _t(a["n"], dev)
-        return lambda h, q, kv: (kv < k) & (q >= 0)
+        return lambda h, q, kv, b: (kv < k) & (q >= 0)
     if n == "prefix":
         k = _t(a["n"], dev)
-        return lambda h, q, kv: (q < k) & (kv < k)
+        return lambda h, q, kv, b: (q < k) & (kv < k)
     if n == "global":
         if "n" in a:
             k = _t(a["n"], dev)
-            return lambda h, q, kv: (q < k) | (kv < k)
+            return lambda h, q, kv, b: (q < k) | (kv < k)
         at = np.asarray(a["at"], dtype=np.int64)
         mq, mk = _marks(at, q_len, dev), _marks(at, kv_len, dev)
         qmax, kmax = q_len - 1, kv_len - 1
-        return lambda h, q, kv: mq[q.clamp(0, qmax)] | mk[kv.clamp(0, kmax)]
+        return lambda h, q, kv, b: mq[q.clamp(0, qmax)] | mk[kv.clamp(0, kmax)]
     if n == "random":
         table = _random_table(a["r"], a["seed"], q_len, kv_len, dev)
         qmax, kmax = q_len - 1, kv_len - 1
-        return lambda h, q, kv: table[q.clamp(0, qmax), kv.clamp(0, kmax)]
+        return lambda h, q, kv, b: table[q.clamp(0, qmax), kv.clamp(0, kmax)]
     raise ValueError(f"unknown primitive {n!r}")
 
 

@@ -62,28 +62,60 @@ def check_key_padding(key_padding_mask, kv_len: int, batch: int | None = None) -
     return m
 
 
-def key_padding_kinds(kinds: np.ndarray, key_padding: np.ndarray, kv_block_size: int) -> np.ndarray:
-    """Tile kinds ANDed with key padding: uint8 [B, H, nq, nkv].
+def key_padding_kinds(kinds: np.ndarray, key_padding: np.ndarray, layout, head_patterns) -> np.ndarray:
+    """Tile kinds ANDed with key padding, exactly: uint8 [B, H, nq, nkv].
 
     Args:
         kinds: uint8 [H, nq, nkv] or [B, H, nq, nkv], the pattern's kinds (clipped tiles).
         key_padding: bool [B, KV_LEN], True = real key.
-        kv_block_size: KV_BLOCK_SIZE, tokens.
+        layout: the static ``BlockLayout`` (block sizes, lengths, offsets).
+        head_patterns: head-free pattern per head (head h uses entry ``h mod len``); used to
+            count the allowed pairs of the few tiles the padding leaves undecided.
 
-    Per batch row and key block: no real key -> every tile of the column EMPTY; some but not
-    all of the block's (clipped) keys real -> FULL tiles become PARTIAL; all real -> unchanged.
+    Per batch row and key block: no real key -> every tile of the column EMPTY; all keys real
+    -> unchanged; some real: FULL -> PARTIAL, EMPTY stays, and a PARTIAL tile is counted over
+    the runs of real keys in its block (``rect_counts``: no token-pair work for the
+    primitives' closed forms) -> PARTIAL if any allowed pair remains, else EMPTY.
     """
+    from .lowering import Grid, rect_counts
+
     B, K = key_padding.shape
+    kb = layout.kv_block_size
     nk = kinds.shape[-1]
-    starts = np.arange(nk, dtype=np.int64) * kv_block_size
-    extent = np.minimum(kv_block_size, K - starts)
+    starts = np.arange(nk, dtype=np.int64) * kb
+    ends = np.minimum(starts + kb, K)
     ps = np.zeros((B, K + 1), dtype=np.int64)
     np.cumsum(key_padding, axis=1, out=ps[:, 1:])
-    real = ps[:, np.minimum(starts + kv_block_size, K)] - ps[:, starts]  # [B, nk]
+    real = ps[:, ends] - ps[:, starts]  # [B, nk]
     none = (real == 0)[:, None, None, :]
-    some = (real < extent)[:, None, None, :]
+    some = ((real > 0) & (real < ends - starts))[:, None, None, :]
     k = np.broadcast_to(kinds if kinds.ndim == 4 else kinds[None], (B,) + kinds.shape[-3:])
     out = np.where(none, EMPTY, np.where(some & (k == FULL), PARTIAL, k)).astype(np.uint8)
+    undecided = some & (k == PARTIAL)
+    if not undecided.any():
+        return out
+    g = Grid.uniform(layout.q_len, layout.kv_len, layout.q_block_size, kb, layout.q_offset, layout.kv_offset)
+    Qe, Ke = g.q_len, g.kv_len
+    for b in np.flatnonzero(undecided.any(axis=(1, 2, 3))):
+        row = key_padding[b].astype(np.int8)
+        edges = np.diff(np.concatenate([[0], row, [0]]))
+        rs, re = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)  # runs of real keys (columns)
+        hh, aa, cc = np.nonzero(undecided[b])
+        r0 = np.searchsorted(re, starts[cc], side="right")
+        r1 = np.searchsorted(rs, ends[cc], side="left")
+        n = np.maximum(r1 - r0, 0)
+        owner = np.repeat(np.arange(cc.size), n)
+        r = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n) + np.repeat(r0, n)
+        c0 = np.maximum(rs[r], starts[cc[owner]]) + layout.kv_offset
+        c1 = np.minimum(re[r], ends[cc[owner]]) + layout.kv_offset
+        cnt = np.zeros(cc.size, dtype=np.int64)
+        for h in np.unique(hh % len(head_patterns)):
+            sel = (hh[owner] % len(head_patterns)) == h
+            if sel.any():
+                a = aa[owner[sel]]
+                got = rect_counts(head_patterns[h], g.q0[a], g.q1[a], c0[sel], c1[sel], Qe, Ke)
+                cnt += np.bincount(owner[sel], weights=got, minlength=cc.size).astype(np.int64)
+        out[b, hh, aa, cc] = np.where(cnt > 0, PARTIAL, EMPTY)
     return out
 
 
