@@ -22,7 +22,8 @@ from patternc.ir.nodes import And, Blocks, Diff, Heads, Layers, Not, Or, Prim, V
 from patternc.ir.normalize import PASSES, ir_problems, normal_form_problems, normalize
 from patternc.reference import dense_mask
 
-from lang_strategies import LENGTHS, patterns
+from strategies import LANG_LENGTHS as LENGTHS
+from strategies import lang_patterns as patterns
 
 pytestmark = pytest.mark.filterwarnings("ignore::patternc.errors.PatternWarning")
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])

@@ -67,6 +67,7 @@ def run(args) -> int:
             raise e.with_source(src.text, src.filename) from None
         cp.params = dict(res.params)
         summary = cp.summary()
+        summary["num_layers"] = pattern.num_layers  # of the whole pattern (`layer` picks entry layer mod it)
         if args.output:
             try:
                 cp.save(args.output)
@@ -90,7 +91,8 @@ def _render(cp, s) -> str:
     qb, kb = s["block_size"]
     lines = [
         f"canonical: {s['canonical']}",
-        f"layer: {s['layer']}" if s["layer"] else None,
+        (f"layer: {s['layer']} (entry {s['layer'] % s['num_layers']} of {s['num_layers']})"
+         if s["num_layers"] > 1 else f"layer: {s['layer']}") if s["layer"] or s["num_layers"] > 1 else None,
         f"Q_LEN x KV_LEN: {s['q_len']} x {s['kv_len']} tokens, heads: {s['num_heads']}",
         (f"offsets: rows are positions {s['q_offset']}..{s['q_offset'] + s['q_len'] - 1}, columns "
          f"{s['kv_offset']}..{s['kv_offset'] + s['kv_len'] - 1}") if s["q_offset"] or s["kv_offset"] else None,

@@ -331,6 +331,7 @@ def run(args) -> int:
                 "density": float(cp.density), "block_density": float(cp.block_density),
                 "first_call_seconds": first, "compile_seconds": compile_seconds,
                 "repeats": args.repeats, "dtype": dtype_name, "device": str(device),
+                "layer": args.layer, "num_layers": pattern.num_layers, "layer_pattern": str(cp.pattern),
                 "shape": {"batch": B, "heads": H, "kv_heads": H_kv, "q_len": N, "kv_len": M,
                           "head_dim": D, "v_head_dim": Dv, "block_size": args.block_size},
             }
@@ -372,6 +373,8 @@ def run(args) -> int:
 
 def _print_text(r, B, H, H_kv, N, M, D, Dv) -> None:
     print(f"pattern: {r['pattern']}")
+    if r["num_layers"] > 1:  # a layers(...) stack: say which entry ran (--layer L runs entry L mod m)
+        print(f"layer: {r['layer']} (entry {r['layer'] % r['num_layers']} of {r['num_layers']}): {r['layer_pattern']}")
     print(f"shape: q [{B}, {H}, {N}, {D}], k/v [{B}, {H_kv}, {M}, {D}/{Dv}], {r['dtype']} on {r['device']}")
     print(f"density: token {100 * r['density']:.2f}%, block {100 * r['block_density']:.2f}%")
     print(f"backend: {r['backend']} ({r['backend_reason']})")

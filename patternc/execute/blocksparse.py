@@ -644,9 +644,12 @@ class _BlockSparseAttention(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = blocksparse_backward(ctx.plan, ctx.mask_mod, q, k, v, out, lse, dout, ctx.scale,
-                                          chunk_elements=ctx.chunk_elements, dropout_p=ctx.dropout_p,
-                                          seed=ctx.seed)
+        # backward() may run inside torch.autocast: the kernel accumulates in its own compute
+        # dtype and must not have its matmuls re-cast (index_add_ needs matching dtypes)
+        with torch.autocast(q.device.type, enabled=False):
+            dq, dk, dv = blocksparse_backward(ctx.plan, ctx.mask_mod, q, k, v, out, lse, dout, ctx.scale,
+                                              chunk_elements=ctx.chunk_elements, dropout_p=ctx.dropout_p,
+                                              seed=ctx.seed)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
 
 

@@ -27,11 +27,17 @@ from .nodes import (
     Pattern,
     Prim,
 )
-from .primitives import check_values
+from .primitives import MAX_INT, check_values
 
 
 def _is_const(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _fits(*values: int) -> bool:
+    """A rewrite may only write integers the parser accepts (``<= MAX_INT``, SPEC §1.4:
+    the canonical text re-parses); one that would need a larger one is not made."""
+    return all(abs(v) <= MAX_INT for v in values)
 
 
 # ---- passes ------------------------------------------------------------------------------------------
@@ -157,14 +163,14 @@ def simplify_primitive(p):
             return Prim("local", (("w", a["w"]),))
         if a["w"] == 1:
             return Prim("local", (("w", 1),))
-    if p.name == "band" and a["right"] == 0 and a["left"] > 0:
+    if p.name == "band" and a["right"] == 0 and a["left"] > 0 and _fits(a["left"] + 1):
         # i - l <= j <= i  is  |i - j| < l + 1 and j <= i: one canonical text for the causal window
         return And((Prim("local", (("w", a["left"] + 1),)), ir.CAUSAL))
     if p.name == "strided" and a["s"] == 1:
         return ALL
     if p.name == "chunk" and a["l"] == 1:
         return Prim("local", (("w", 1),))
-    if p.name == "band" and a["left"] == a["right"]:
+    if p.name == "band" and a["left"] == a["right"] and _fits(a["left"] + 1):
         return Prim("local", (("w", a["left"] + 1),))
     if p.name == "summary" and a["c"] * (a["g"] + 1) == a["l"] and a["g"] == 0:
         return ALL
@@ -191,7 +197,7 @@ def simplify_blocks(p):
             return p.child
         if _is_const(p.b) and p.b == 1:
             return p.child
-        if isinstance(p.child, Blocks) and _is_const(p.b) and _is_const(p.child.b):
+        if isinstance(p.child, Blocks) and _is_const(p.b) and _is_const(p.child.b) and _fits(p.b * p.child.b):
             return Blocks(p.b * p.child.b, p.child.child)
 
 
@@ -347,7 +353,8 @@ def _merge_two(op, a: Prim, b: Prim):
     if n == "strided":  # i-j divisible by both <=> by their lcm; s1 | s2 means strided(s2) <= strided(s1)
         s1, s2 = x["s"], y["s"]
         if op is And:
-            return Prim(n, (("s", math.lcm(s1, s2)),))
+            lcm = math.lcm(s1, s2)
+            return Prim(n, (("s", lcm),)) if _fits(lcm) else None
         if s2 % s1 == 0 or s1 % s2 == 0:
             return Prim(n, (("s", math.gcd(s1, s2)),))
         return None
