@@ -28,7 +28,7 @@ from .errors import Diagnostic, PatternError, PatternWarning
 from .ir import nodes as ir
 from .ir.nodes import Pattern
 from .ir.normalize import normalize
-from .ir.specialize import head_cycle_warning, specialize
+from .ir.specialize import head_cycle_warning, specialize, substitute_document, uses_documents
 from .lower.layout import EMPTY, FULL, PARTIAL, BlockLayout, normalize_block_size
 
 ARTIFACT_FORMAT = "patternc.compiled"
@@ -168,6 +168,17 @@ def compile(p_or_source, *, q_len: int, kv_len: int | None = None, num_heads: in
         from .ir.specialize import shift_heads
 
         pattern = normalize(shift_heads(pattern, head_offset))
+    static = pattern
+    if uses_documents(pattern):
+        for node in pattern.walk():
+            if isinstance(node, ir.Blocks) and uses_documents(node.child):
+                e = PatternError(Diagnostic(
+                    "P302", "`document` inside `blocks(b, …)` is not supported: documents are runs of tokens, "
+                    "not of blocks", node.span, "move `document` out of `blocks(…)`, e.g. `blocks(b, p) & document`"))
+                raise (e.with_source(source_text) if source_text is not None else e) from None
+        # the static layout: every pair some split into documents can allow (an upper bound;
+        # ``layout_for(documents=…)`` is exact per batch)
+        static = normalize(ir.Or((substitute_document(pattern, ir.ALL), substitute_document(pattern, ir.NONE))))
     H = pattern.num_heads if num_heads is None else _check_count("num_heads", num_heads, 1, "heads")
     if H < pattern.num_heads:
         warnings.warn(PatternWarning(Diagnostic(
@@ -183,7 +194,7 @@ def compile(p_or_source, *, q_len: int, kv_len: int | None = None, num_heads: in
         raise PatternError(Diagnostic(
             "P303", f"the layout would have {H} x {nq} x {nk} = {H * nq * nk:,} tiles (limit {MAX_TILES:,})", None,
             f"use a larger block_size (e.g. {max(qb, kb) * 4}) or shorter lengths"))
-    layout = _layout_cached(pattern, q_len, kv_len, qb, kb, H, q_offset, kv_offset)
+    layout = _layout_cached(static, q_len, kv_len, qb, kb, H, q_offset, kv_offset)
     cp = CompiledPattern(pattern=pattern, q_len=q_len, kv_len=kv_len, num_heads=H, block_size=(qb, kb),
                          layer=layer, layout=layout, params=dict(params or {}), q_offset=q_offset,
                          kv_offset=kv_offset, head_offset=head_offset)
@@ -246,6 +257,26 @@ class CompiledPattern:
 
         return head_patterns(self.pattern, self.num_heads)
 
+    @cached_property
+    def document_parts(self) -> tuple[Pattern, Pattern] | None:
+        """``(p[document := all], p[document := none])`` for a pattern that reads ``document``
+        (SPEC §1.7; see ``patternc.lower.documents``), else None."""
+        if not uses_documents(self.pattern):
+            return None
+        return substitute_document(self.pattern, ir.ALL), substitute_document(self.pattern, ir.NONE)
+
+    @cached_property
+    def static_pattern(self) -> Pattern:
+        """The pattern ``layout`` and the densities describe: ``pattern`` itself, or for a pattern
+        with ``document`` the union over every split into documents, ``p[document := all] |
+        p[document := none]`` (an upper bound; ``layout_for(documents=…)`` is exact)."""
+        parts = self.document_parts
+        return self.pattern if parts is None else normalize(ir.Or(parts))
+
+    def _part_layout(self, part: Pattern) -> BlockLayout:
+        qb, kb = self.block_size
+        return _layout_cached(part, self.q_len, self.kv_len, qb, kb, self.num_heads, self.q_offset, self.kv_offset)
+
     @property
     def is_causal_only(self) -> bool:
         """True iff the layer pattern is exactly ``causal`` with rows and columns aligned
@@ -287,12 +318,38 @@ class CompiledPattern:
                        self.kv_offset + self.kv_len)
         return np.array(np.broadcast_to(out, np.broadcast(q_idx, kv_idx).shape), dtype=bool)
 
-    def dense_mask(self) -> np.ndarray:
+    def dense_mask(self, *, documents=None, key_padding_mask=None) -> np.ndarray:
         """bool [H, Q_LEN, KV_LEN]: FULL tiles from the layout, PARTIAL tiles by the predicate
-        (materialises Q_LEN x KV_LEN per head: small sizes)."""
+        (materialises Q_LEN x KV_LEN per head: small sizes). With run-time data (SPEC §1.7)
+        bool [B, H, Q_LEN, KV_LEN].
+
+        Raises:
+            PatternError: P360 when the pattern reads ``document`` and no documents are given.
+        """
         from .lower.lowering import dense_from_layout
 
-        return dense_from_layout(self.head_patterns, self.layout)
+        if documents is None and key_padding_mask is None and not self.needs:
+            return dense_from_layout(self.head_patterns, self.layout)
+        kp, docs = self.runtime_inputs(documents=documents, key_padding_mask=key_padding_mask)
+        return self._dense_runtime(kp, docs)
+
+    def _dense_runtime(self, kp, docs) -> np.ndarray:
+        from .ir.specialize import head_patterns
+        from .lower.lowering import dense_from_layout
+
+        if docs is not None:
+            from .lower.documents import dense_with_documents
+
+            pa, pn = self.document_parts
+            dense = dense_with_documents(
+                docs, dense_from_layout(head_patterns(pa, self.num_heads), self._part_layout(pa)),
+                dense_from_layout(head_patterns(pn, self.num_heads), self._part_layout(pn)),
+                self.q_offset, self.kv_offset)
+        else:
+            dense = dense_from_layout(self.head_patterns, self.layout)[None]
+        if kp is not None:
+            dense = dense & kp[:, None, None, :]
+        return dense
 
     # ---- densities -------------------------------------------------------------------------------
     @cached_property
@@ -300,13 +357,18 @@ class CompiledPattern:
         """Exact number of allowed (h, i, j) token pairs over all heads."""
         from .lower.lowering import count_allowed
 
-        per = [count_allowed(ph, self.layout, h) for h, ph in enumerate(self.head_patterns)]
+        from .ir.specialize import head_patterns
+
+        heads = self.head_patterns if self.document_parts is None else head_patterns(self.static_pattern,
+                                                                                        self.num_heads)
+        per = [count_allowed(ph, self.layout, h) for h, ph in enumerate(heads)]
         period = len(per)
         return int(sum(per[h % period] for h in range(self.num_heads)))
 
     @property
     def density(self) -> float:
-        """Token density: allowed token pairs / (H * Q_LEN * KV_LEN), in [0, 1]."""
+        """Token density: allowed token pairs / (H * Q_LEN * KV_LEN), in [0, 1] (of
+        ``static_pattern``: an upper bound for a pattern with ``document``)."""
         return self.allowed_pairs / float(self.num_heads * self.q_len * self.kv_len)
 
     @property
@@ -361,8 +423,7 @@ class CompiledPattern:
     def needs(self) -> frozenset:
         """The run-time inputs the pattern requires: ``frozenset({"documents"})`` when it uses
         ``document`` / ``per_document``, else empty. (``key_padding_mask`` is always optional.)"""
-        names = {n.name for n in self.pattern.walk() if isinstance(n, ir.Prim)}
-        return frozenset({"documents"}) if names & {"document", "per_document"} else frozenset()
+        return frozenset({"documents"}) if uses_documents(self.pattern) else frozenset()
 
     def runtime_inputs(self, *, documents=None, key_padding_mask=None, batch: int | None = None):
         """Check run-time data: ``(key_padding bool [B, KV_LEN] | None, documents int64 [B|1, P] | None)``.
@@ -414,12 +475,21 @@ class CompiledPattern:
         if kp is None and docs is None:
             return lay
         kinds = lay.kinds
+        counter, heads = None, self.head_patterns
         if docs is not None:
-            from .lower.documents import document_kinds
+            from .ir.specialize import head_patterns
+            from .lower.documents import doc_rect_counts, document_kinds
 
-            kinds = document_kinds(self, docs)
+            pa, pn = self.document_parts
+            ha, hn = head_patterns(pa, self.num_heads), head_patterns(pn, self.num_heads)
+            kinds = document_kinds(docs, self._part_layout(pa), self._part_layout(pn), ha, hn)
+            Qe, Ke = self.q_offset + self.q_len, self.kv_offset + self.kv_len
+
+            def counter(b, h, q0, q1, k0, k1):
+                return doc_rect_counts(ha[h % len(ha)], hn[h % len(hn)], q0, q1, k0, k1, Qe, Ke,
+                                       docs[min(b, docs.shape[0] - 1)])
         if kp is not None:
-            kinds = key_padding_kinds(kinds, kp, lay, self.head_patterns)
+            kinds = key_padding_kinds(kinds, kp, lay, heads, counter)
         kinds = np.ascontiguousarray(kinds, dtype=np.uint8)
         kinds.setflags(write=False)
         return BlockLayout(kinds=kinds, q_len=lay.q_len, kv_len=lay.kv_len, q_block_size=lay.q_block_size,

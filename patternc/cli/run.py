@@ -20,8 +20,10 @@ import time
 from ..errors import ExitCode
 from .common import (
     UsageError,
+    add_documents_arg,
     add_offset_args,
     add_source_args,
+    documents_of,
     emit_diagnostics,
     offsets_of,
     parse_block_size,
@@ -52,6 +54,7 @@ def register(sub) -> None:
                    help="BLOCK_SIZE in tokens, or Q_BLOCK_SIZE,KV_BLOCK_SIZE (default 128)")
     p.add_argument("--layer", type=int, default=0, help="entry of layers(...) to run (default 0)")
     add_offset_args(p)
+    add_documents_arg(p)
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--repeats", type=int, default=5, metavar="R", help="timed calls after one warm-up (default 5)")
     p.add_argument("--check", action="store_true", help="compare with the float64 reference attention")
@@ -194,13 +197,14 @@ def _time(fn, repeats, device, bar):
     return first, statistics.median(times)
 
 
-def _reference_rows(cp, H, device):
-    """mask(q_start, q_end) -> bool [H, rows, KV_LEN] from ``cp.mask_mod`` (no full mask)."""
+def _reference_rows(cp, H, device, docs=None):
+    """mask(q_start, q_end) -> bool [H, rows, KV_LEN] from ``cp.mask_mod`` (no full mask);
+    with ``docs`` (one row of lengths) the mask_mod of that packed row."""
     import torch
 
     from ..execute.blocksparse import mask_mod_for
 
-    mask_mod = mask_mod_for(cp, device)
+    mask_mod = mask_mod_for(cp, device) if docs is None else cp.mask_mod_for(device, documents=docs)
     h = torch.arange(H, device=device)[:, None, None]
     kv = torch.arange(cp.kv_len, device=device)[None, None, :]
     b = torch.zeros((), dtype=torch.int64, device=device)
@@ -239,6 +243,7 @@ def run(args) -> int:
             raise UsageError(f"--device: {e}") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise UsageError("--device cuda: no CUDA device is available")
+        docs = documents_of(args)
         tensors = load_input(args.input) if args.input else None
         if tensors is None and args.seq_len is None:
             raise UsageError("--seq-len is required (or give --input, whose q sets it)")
@@ -311,7 +316,7 @@ def run(args) -> int:
             out_holder = {}
 
             def call():
-                out_holder["out"] = attention(cp, q, k, v, backend=backend)
+                out_holder["out"] = attention(cp, q, k, v, backend=backend, documents=docs)
 
             first, seconds = _time(call, args.repeats, device, bar)
             dense_seconds = None
@@ -320,8 +325,16 @@ def run(args) -> int:
 
                 scale = 1.0 / math.sqrt(D)
 
-                def dense():  # SDPA with the dense boolean mask (also for `causal`)
-                    sdpa_attention(cp, q, k, v, scale, use_causal=False)
+                if docs is not None:
+                    from ..execute.sdpa import sdpa_attention_masked
+
+                    dense_t = torch.from_numpy(cp.dense_mask(documents=docs)).to(device)
+
+                    def dense():  # SDPA with the dense boolean mask of the packed row
+                        sdpa_attention_masked(q, k, v, dense_t, scale)
+                else:
+                    def dense():  # SDPA with the dense boolean mask (also for `causal`)
+                        sdpa_attention(cp, q, k, v, scale, use_causal=False)
 
                 _, dense_seconds = _time(dense, args.repeats, device, bar)
             result = {
@@ -332,6 +345,7 @@ def run(args) -> int:
                 "first_call_seconds": first, "compile_seconds": compile_seconds,
                 "repeats": args.repeats, "dtype": dtype_name, "device": str(device),
                 "layer": args.layer, "num_layers": pattern.num_layers, "layer_pattern": str(cp.pattern),
+                "q_offset": cp.q_offset, "kv_offset": cp.kv_offset, "documents": docs[0] if docs else None,
                 "shape": {"batch": B, "heads": H, "kv_heads": H_kv, "q_len": N, "kv_len": M,
                           "head_dim": D, "v_head_dim": Dv, "block_size": args.block_size},
             }
@@ -339,7 +353,7 @@ def run(args) -> int:
                 result["dense_note"] = dense_note
             if args.check:
                 out = out_holder["out"]
-                rows = _reference_rows(cp, H, device)
+                rows = _reference_rows(cp, H, device, docs)
                 sq_err = sq_ref = 0.0
                 max_abs = 0.0
                 for a in range(0, N, ref_chunk):

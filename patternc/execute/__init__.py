@@ -289,17 +289,8 @@ def _run_batched(cp, name, q, k, v, scale, dropout_p, kp, docs):
 
 
 def _dense_runtime(cp, layout, kp, docs):
-    """bool [B, H, Q_LEN, KV_LEN]: the pattern with run-time data, from the mask_mod's numpy twin
-    (small sizes: the sdpa backend and tests)."""
-    if docs is not None:
-        from ..lower.documents import dense_with_documents
-
-        base = dense_with_documents(cp, docs)
-    else:
-        base = cp.dense_mask()[None]
-    if kp is not None:
-        base = base & kp[:, None, None, :]
-    return base
+    """bool [B, H, Q_LEN, KV_LEN]: the pattern with run-time data (small sizes: sdpa, tests)."""
+    return cp._dense_runtime(kp, docs)
 
 
 def _autocast_dtype(q) -> "torch.dtype | None":

@@ -58,13 +58,13 @@ def lower_to_mask_mod(p: Pattern, q_len: int, kv_len: int, device="cpu", *, q_of
                 [0, 0, 1, 1]], dtype=torch.int32)
     """
     device = torch.device(device)
-    if documents is not None:
-        from .documents import documents_context
-
-        with documents_context(documents, device):
-            fn = _build(p, q_offset + q_len, kv_offset + kv_len, device)
-    else:
+    global _DOCS
+    _DOCS = None if documents is None else torch.as_tensor(np.ascontiguousarray(documents), dtype=torch.int64,
+                                                           device=device)
+    try:
         fn = _build(p, q_offset + q_len, kv_offset + kv_len, device)
+    finally:
+        _DOCS = None
     shifted = bool(q_offset or kv_offset)
     qo, ko = (_t(q_offset, device), _t(kv_offset, device)) if shifted else (None, None)
     kp = None if key_padding is None else torch.as_tensor(key_padding, device=device).to(torch.bool)
@@ -84,6 +84,27 @@ def lower_to_mask_mod(p: Pattern, q_len: int, kv_len: int, device="cpu", *, q_of
     where = f", q_offset={q_offset}, kv_offset={kv_offset}" if q_offset or kv_offset else ""
     mask_mod.__doc__ = f"FlexAttention mask_mod of the pattern `{p}` (Q_LEN={q_len}, KV_LEN={kv_len}{where})."
     return mask_mod
+
+
+#: the run-time ``documents`` (int64 [B|1, P]) of the mask_mod being built (set only while
+#: ``lower_to_mask_mod`` builds its closures)
+_DOCS = None
+
+
+def _document(dev):
+    """``document``: ``documents[b, q] == documents[b, kv]`` (positions clamped to P - 1; a
+    single row serves every b)."""
+    from ..errors import Diagnostic, PatternError
+
+    docs = _DOCS
+    if docs is None:
+        raise PatternError(Diagnostic("P360", "`document` needs run-time `documents` (SPEC §1.7)", None,
+                                      "use cp.mask_mod_for(documents=...) / cp.block_mask(documents=...)"))
+    rows, top = docs.shape[0], docs.shape[1] - 1
+    if rows == 1:
+        row = docs[0]
+        return lambda h, q, kv, b: row[q.clamp(0, top)] == row[kv.clamp(0, top)]
+    return lambda h, q, kv, b: docs[b, q.clamp(0, top)] == docs[b, kv.clamp(0, top)]
 
 
 def _t(v, device) -> torch.Tensor:
@@ -167,6 +188,8 @@ def _prim(p: Prim, q_len: int, kv_len: int, dev):
     """The registry's formula with every integer parameter a 0-d tensor (a new value is not a
     recompile); a primitive that ignores an index still broadcasts over it (FlexAttention and
     direct ``mask_mod(0, h, q[:, None], kv[None, :])`` calls expect the full shape)."""
+    if p.name == "document":
+        return _document(dev)
     spec = PRIMITIVES.get(p.name)
     if spec is None or spec.formula is None:
         raise ValueError(f"unknown primitive {p.name!r}")

@@ -62,7 +62,8 @@ def check_key_padding(key_padding_mask, kv_len: int, batch: int | None = None) -
     return m
 
 
-def key_padding_kinds(kinds: np.ndarray, key_padding: np.ndarray, layout, head_patterns) -> np.ndarray:
+def key_padding_kinds(kinds: np.ndarray, key_padding: np.ndarray, layout, head_patterns,
+                      counter=None) -> np.ndarray:
     """Tile kinds ANDed with key padding, exactly: uint8 [B, H, nq, nkv].
 
     Args:
@@ -71,6 +72,8 @@ def key_padding_kinds(kinds: np.ndarray, key_padding: np.ndarray, layout, head_p
         layout: the static ``BlockLayout`` (block sizes, lengths, offsets).
         head_patterns: head-free pattern per head (head h uses entry ``h mod len``); used to
             count the allowed pairs of the few tiles the padding leaves undecided.
+        counter: ``counter(b, h, q0, q1, k0, k1) -> int64 counts`` replacing ``rect_counts`` of
+            ``head_patterns[h]`` (patterns with documents count per batch row).
 
     Per batch row and key block: no real key -> every tile of the column EMPTY; all keys real
     -> unchanged; some real: FULL -> PARTIAL, EMPTY stays, and a PARTIAL tile is counted over
@@ -113,7 +116,10 @@ def key_padding_kinds(kinds: np.ndarray, key_padding: np.ndarray, layout, head_p
             sel = (hh[owner] % len(head_patterns)) == h
             if sel.any():
                 a = aa[owner[sel]]
-                got = rect_counts(head_patterns[h], g.q0[a], g.q1[a], c0[sel], c1[sel], Qe, Ke)
+                if counter is None:
+                    got = rect_counts(head_patterns[h], g.q0[a], g.q1[a], c0[sel], c1[sel], Qe, Ke)
+                else:
+                    got = counter(b, h, g.q0[a], g.q1[a], c0[sel], c1[sel])
                 cnt += np.bincount(owner[sel], weights=got, minlength=cc.size).astype(np.int64)
         out[b, hh, aa, cc] = np.where(cnt > 0, PARTIAL, EMPTY)
     return out
