@@ -213,3 +213,44 @@ def test_layout_for_documents_scales_with_tiles_not_tokens():
             & (rows[:, None] - cols[None, :] < 1024)
         want = 2 if m.all() else (0 if not m.any() else 1)
         assert lay.kinds[0, 0, a, c] == want
+
+
+def _cli(capsys, *argv):
+    from patternc.cli import main
+
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_run_with_documents_checks_against_the_reference(capsys):
+    import json
+
+    code, out, err = _cli(capsys, "run", "-e", "document & local(w=64) & causal", "--documents", "100,300,24",
+                          "--heads", "2", "--head-dim", "16", "--check", "--repeats", "1", "--json")
+    assert code == 0, err
+    obj = json.loads(out)
+    assert obj["check_passed"] and obj["shape"]["q_len"] == 424 and obj["documents"] == [100, 300, 24]
+
+
+def test_cli_documents_set_the_length_and_a_different_one_is_a_usage_error(capsys):
+    import json
+
+    code, out, _ = _cli(capsys, "compile", "-e", "document & causal", "--documents", "40,24", "--block-size", "16",
+                        "--json")
+    assert code == 0
+    obj = json.loads(out)
+    ref = dense_mask("document & causal", q_len=64, documents=[[40, 24]])[0]
+    lay = BlockLayout.from_dense(ref, 16)
+    assert obj["q_len"] == 64 and obj["needs"] == ["documents"]
+    assert obj["document_blocks"]["partial_blocks"] == lay.partial_blocks
+    assert obj["document_blocks"]["full_blocks"] == lay.full_blocks
+    code, _, err = _cli(capsys, "compile", "-e", "document & causal", "--documents", "40,24", "--seq-len", "60")
+    assert code == 2 and "differs from the sum" in err
+    code, _, err = _cli(capsys, "run", "-e", "document & causal", "--seq-len", "16", "--heads", "1", "--head-dim",
+                        "8", "--repeats", "1")
+    assert code == 1 and "P360" in err
+    code, out, _ = _cli(capsys, "check", "-e", "document & causal")
+    assert code == 0 and "needs: documents" in out
+    code, out, _ = _cli(capsys, "show", "-e", "document & causal", "--documents", "3,5", "--ascii")
+    assert code == 0 and "starting at positions 0, 3" in out and "\n3>...#" in out
