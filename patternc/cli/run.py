@@ -196,31 +196,12 @@ def _time(fn, repeats, device, bar):
     return first, statistics.median(times)
 
 
-def _reference_rows(cp, H, device):
-    """mask(q_start, q_end) -> bool [H, rows, KV_LEN] from ``cp.mask_mod`` (no full mask)."""
-    import torch
-
-    from ..execute.blocksparse import mask_mod_for
-
-    mask_mod = mask_mod_for(cp, device)
-    h = torch.arange(H, device=device)[:, None, None]
-    kv = torch.arange(cp.kv_len, device=device)[None, None, :]
-    b = torch.zeros((), dtype=torch.int64, device=device)
-
-    def rows(a, e):
-        qi = torch.arange(a, e, device=device)[None, :, None]
-        m = torch.as_tensor(mask_mod(b, h, qi, kv), device=device).to(torch.bool)
-        return torch.broadcast_to(m, (H, e - a, cp.kv_len))
-
-    return rows
-
-
 def run(args) -> int:
     def body(src):
         import torch
 
         from ..execute import attention, choose_backend
-        from ..execute.reference import reference_attention
+        from ..execute.reference import compare_with_reference, reference_chunk_rows
         from ..execute.sdpa import DENSE_MASK_LIMIT
         from ..source.frontdoor import analyse_source
 
@@ -310,7 +291,7 @@ def run(args) -> int:
             dense_note = (f"skipped: the dense mask and scores need about {dense_bytes / 2**30:.1f} GiB, "
                           "more than half the available memory")
         do_dense = dense_note is None
-        ref_chunk = max(1, min(N, (256 << 20) // max(1, 8 * B * H * M)))
+        ref_chunk = reference_chunk_rows(B, H, M, N)
         steps = (1 + args.repeats) * (2 if do_dense else 1) + (math.ceil(N / ref_chunk) if args.check else 0)
 
         with torch.no_grad(), _progress(steps) as bar:
@@ -344,21 +325,8 @@ def run(args) -> int:
             if dense_note:
                 result["dense_note"] = dense_note
             if args.check:
-                out = out_holder["out"]
-                rows = _reference_rows(cp, H, device)
-                sq_err = sq_ref = 0.0
-                max_abs = 0.0
-                for a in range(0, N, ref_chunk):
-                    e = min(N, a + ref_chunk)
-                    ref = reference_attention(q[:, :, a:e], k, v, lambda s0, s1: rows(a + s0, a + s1))
-                    diff = out[:, :, a:e].to(torch.float64) - ref
-                    chunk_max = float(diff.abs().max())
-                    # NaN must stick (max() would drop it and report a perfect 0)
-                    max_abs = chunk_max if math.isnan(chunk_max) or math.isnan(max_abs) else max(max_abs, chunk_max)
-                    sq_err += float((diff * diff).sum())
-                    sq_ref += float((ref * ref).sum())
-                    bar.update(1)
-                rel = math.sqrt(sq_err) / math.sqrt(sq_ref) if sq_ref > 0 else math.sqrt(sq_err)
+                errors = compare_with_reference(cp, q, k, v, out_holder["out"], on_chunk=bar.update)
+                max_abs, rel = errors["max_abs_error"], errors["rel_error"]
                 tol = TOLERANCE[dtype_name]
                 passed = bool(rel <= tol and math.isfinite(max_abs))
                 result.update(max_abs_error=max_abs, rel_error=rel, tolerance=tol, check_passed=passed, ok=passed)

@@ -24,11 +24,12 @@ import math
 import torch
 
 from ..errors import Diagnostic, PatternError
+from .common import Compiled
 
 BACKENDS = ("auto", "flex", "blocksparse", "sdpa")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-__all__ = ["attention", "choose_backend", "check_inputs", "BACKENDS", "reference_attention"]
+__all__ = ["attention", "choose_backend", "check_inputs", "BACKENDS", "Compiled", "reference_attention"]
 
 
 def _error(code: str, message: str, help: str | None = None) -> PatternError:
@@ -39,7 +40,7 @@ def _shape(x) -> str:
     return "[" + ", ".join(str(d) for d in x.shape) + "]"
 
 
-def check_inputs(cp, q, k, v) -> None:
+def check_inputs(cp: Compiled, q, k, v) -> None:
     """Check q, k, v against the compiled pattern.
 
     Args:
@@ -98,7 +99,7 @@ def check_inputs(cp, q, k, v) -> None:
         raise _error("P350", f"empty dimension in q {_shape(q)}, k {_shape(k)}, v {_shape(v)}")
     layout_heads = cp.layout.num_heads
     if H != layout_heads:
-        head_free = layout_heads == 1 and getattr(cp.pattern, "num_heads", 1) == 1
+        head_free = layout_heads == 1 and cp.pattern.num_heads == 1
         if not head_free:
             raise _error("P350", f"q has H={H} heads, but the pattern was compiled for num_heads={layout_heads}: "
                          f"expected q [B, {layout_heads}, {q_len}, D], got {_shape(q)}",
@@ -109,7 +110,7 @@ def _needs_grad(q, k, v) -> bool:
     return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
 
 
-def choose_backend(cp, q, k, v, *, dropout_p: float = 0.0, explain: bool = False):
+def choose_backend(cp: Compiled, q, k, v, *, dropout_p: float = 0.0, explain: bool = False):
     """The backend ``backend="auto"`` runs for these inputs.
 
     Policy (measured with torch 2.13; numbers in ``docs/execution.md``):
@@ -125,7 +126,7 @@ def choose_backend(cp, q, k, v, *, dropout_p: float = 0.0, explain: bool = False
     Returns:
         The backend name, or ``(name, reason)`` with ``explain=True``.
     """
-    if getattr(cp, "is_causal_only", False):
+    if cp.is_causal_only:
         name, why = "sdpa", "the pattern is exactly `causal`: SDPA is_causal"
     elif q.device.type == "cpu":
         name, why = "blocksparse", "CPU: patternc's block-sparse kernel (no compile, has a backward)"
@@ -141,7 +142,7 @@ def choose_backend(cp, q, k, v, *, dropout_p: float = 0.0, explain: bool = False
     return (name, why) if explain else name
 
 
-def attention(cp, q, k, v, *, scale: float | None = None, backend: str = "auto",
+def attention(cp: Compiled, q, k, v, *, scale: float | None = None, backend: str = "auto",
               return_backend: bool = False, dropout_p: float = 0.0):
     """Attention of q over k, v where the compiled pattern allows it.
 
@@ -218,7 +219,7 @@ def _autocast_dtype(q) -> "torch.dtype | None":
 
 
 def _run_flex(cp, q, k, v, scale):
-    from .blocksparse import empty_rows, mask_mod_for
+    from .common import empty_rows, mask_mod_for
     from .flex import flex_attention
 
     if q.device.type == "cpu" and _needs_grad(q, k, v):
@@ -240,7 +241,7 @@ def _run_flex(cp, q, k, v, scale):
 def _run_sdpa(cp, q, k, v, scale, dropout_p=0.0):
     from .sdpa import DENSE_MASK_LIMIT, dense_mask_elements, sdpa_attention
 
-    if getattr(cp, "is_causal_only", False):
+    if cp.is_causal_only:
         return sdpa_attention(cp, q, k, v, scale, use_causal=True, dropout_p=dropout_p)
     n = dense_mask_elements(cp, q.shape[1])
     if n > DENSE_MASK_LIMIT:
