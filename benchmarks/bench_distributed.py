@@ -56,7 +56,8 @@ def _allgather_baseline(ctx, q_l, k_l, v_l, scale):
     import torch.distributed as dist
 
     from patternc.distributed.context import _LocalLayout
-    from patternc.execute.blocksparse import Plan, blocksparse_forward, mask_mod_for
+    from patternc.execute.blocksparse import Plan, blocksparse_forward
+    from patternc.execute.common import mask_mod_for
 
     cp, s, r = ctx.cp, ctx.schedule, ctx.rank
     N, H = cp.q_len, q_l.shape[1]
