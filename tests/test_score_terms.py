@@ -399,3 +399,51 @@ def test_kernel_score_transform_matches_the_table(order):
     assert float((got.double() - want).abs().max()) < 2e-4 * max(1.0, float(want.abs().max()) / 100)
     torch.testing.assert_close(pre.derivative((raw / 20).float()).double(), 20 * (1 - torch.tanh(raw / 20) ** 2),
                                atol=2e-5, rtol=0)
+
+
+# ---- positions (SPEC §1.6) and run-time data (§1.7) with terms ----------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["blocksparse", "sdpa"])
+def test_offsets_rows_equal_the_full_compile(backend):
+    """ALiBi reads positions: a compile with q_offset / kv_offset gives the rows of the full one."""
+    src = "(local(w=40) | sink(n=2)) & causal with alibi(max_bias=4)"
+    N, H = 130, 3
+    q, k, v = _inputs(1, H, H, N, N, 16, torch.float64, logit_scale=2.0)
+    full = patternc.compile(src, q_len=N, num_heads=H, block_size=32).attention(q, k, v, backend=backend)
+    t = 77  # chunked prefill of rows 77..129 against the whole cache
+    part = patternc.compile(src, q_len=N - t, kv_len=N, q_offset=t, num_heads=H, block_size=32)
+    torch.testing.assert_close(part.attention(q[:, :, t:], k, v, backend=backend), full[:, :, t:])
+    s = 50  # a rolling window cache holding keys 50..129
+    roll = patternc.compile(src.replace("sink(n=2)", "none"), q_len=N - 90, kv_len=N - s, q_offset=90,
+                            kv_offset=s, num_heads=H, block_size=16)
+    ref = patternc.compile(src.replace("sink(n=2)", "none"), q_len=N, num_heads=H, block_size=16)
+    torch.testing.assert_close(roll.attention(q[:, :, 90:], k[:, :, s:], v[:, :, s:], backend=backend),
+                               ref.attention(q, k, v, backend=backend)[:, :, 90:])
+
+
+def test_head_offset_takes_the_later_slopes():
+    src = "local(w=20) & causal with alibi()"
+    q, k, v = _inputs(1, 6, 6, 64, 64, 16, torch.float64)
+    full = patternc.compile(src, q_len=64, num_heads=6, block_size=16).attention(q, k, v, backend="blocksparse")
+    rank1 = patternc.compile(src, q_len=64, num_heads=3, head_offset=3, block_size=16)
+    # tensor-parallel rank 1 of 2 holds heads 3..5: their slopes are those of the 6-head model
+    torch.testing.assert_close(rank1.attention(q[:, 3:], k[:, 3:], v[:, 3:], backend="blocksparse"), full[:, 3:])
+
+
+@pytest.mark.parametrize("backend", ["blocksparse", "sdpa"])
+def test_key_padding_and_documents_keep_the_terms(backend):
+    src = "document & causal with alibi(max_bias=2)" if backend == "sdpa" else \
+        "document & causal with softcap(c=3), alibi(max_bias=2)"
+    N, H = 70, 2
+    cp = patternc.compile(src, q_len=N, num_heads=H, block_size=16)
+    q, k, v = _inputs(2, H, H, N, N, 16, torch.float64, logit_scale=3.0)
+    docs = torch.tensor([[0] * 30 + [1] * 40, [0] * 50 + [1] * 20])
+    kpm = torch.ones(2, N, dtype=torch.bool)
+    kpm[1, :5] = False
+    out = cp.attention(q, k, v, backend=backend, documents=docs, key_padding_mask=kpm)
+    for b in range(2):
+        d = docs[b].numpy()
+        mask = (d[:, None] == d[None, :]) & np.tril(np.ones((N, N), bool)) & kpm[b].numpy()[None, :]
+        ref = reference_attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], mask[None], score_terms=cp.score_terms)
+        assert _rel(out[b:b + 1], ref) < 1e-12

@@ -38,7 +38,8 @@ def expand_kv_heads(x, num_heads: int):
     return x.repeat_interleave(num_heads // h_kv, dim=1)
 
 
-def apply_score_terms(s, terms, *, rows, num_heads: int, q_offset: int = 0, kv_offset: int = 0):
+def apply_score_terms(s, terms, *, rows, num_heads: int, q_offset: int = 0, kv_offset: int = 0,
+                      head_offset: int = 0):
     """SPEC §1.8's table, literally, on float64 scores ``s`` [B, H, len(rows), KV_LEN]:
     ``softcap(c)``: s = c * tanh(s / c); then ``alibi(max_bias)``: s = s + m_h * (j - i) with
     i = row + q_offset, j = column + kv_offset and m = ``alibi_slopes(H, max_bias)``.
@@ -46,6 +47,8 @@ def apply_score_terms(s, terms, *, rows, num_heads: int, q_offset: int = 0, kv_o
     Args:
         terms: ``patternc.ir.Term`` tuple (any order is applied in the SPEC's order).
         rows: int64 tensor of the query rows of ``s``.
+        head_offset: head h of ``s`` is head ``head_offset + h`` of the pattern (SPEC §1.6):
+            ALiBi's slopes are those of the first ``head_offset + num_heads`` heads, from there.
     """
     import torch
 
@@ -60,7 +63,8 @@ def apply_score_terms(s, terms, *, rows, num_heads: int, q_offset: int = 0, kv_o
             c = float(t.arg("c"))
             s = c * torch.tanh(s / c)
         elif name == "alibi":
-            m = torch.tensor(alibi_slopes(num_heads, t.arg("max_bias")), dtype=s.dtype, device=s.device)
+            m = torch.tensor(alibi_slopes(head_offset + num_heads, t.arg("max_bias"))[head_offset:],
+                             dtype=s.dtype, device=s.device)
             i = (rows.to(s.device) + q_offset).to(s.dtype)
             j = (torch.arange(s.shape[-1], device=s.device) + kv_offset).to(s.dtype)
             s = s + m[:, None, None] * (j[None, None, :] - i[None, :, None])
@@ -68,7 +72,7 @@ def apply_score_terms(s, terms, *, rows, num_heads: int, q_offset: int = 0, kv_o
 
 
 def reference_attention(q, k, v, mask, *, scale: float | None = None, q_chunk: int | None = None,
-                        score_terms=(), q_offset: int = 0, kv_offset: int = 0):
+                        score_terms=(), q_offset: int = 0, kv_offset: int = 0, head_offset: int = 0):
     """Dense masked attention in float64 (the oracle for numerics).
 
     Args:
@@ -85,6 +89,7 @@ def reference_attention(q, k, v, mask, *, scale: float | None = None, q_chunk: i
             pairs' scores before the softmax (``apply_score_terms``); ALiBi's slopes are those
             of H = q's head count.
         q_offset, kv_offset: positions of query row 0 and key column 0 (SPEC §1.6; ALiBi).
+        head_offset: head h of q is head ``head_offset + h`` of the pattern (ALiBi's slopes).
 
     Returns:
         float64 [B, H, Q_LEN, Dv]; rows with no allowed key are 0.
@@ -120,7 +125,7 @@ def reference_attention(q, k, v, mask, *, scale: float | None = None, q_chunk: i
         s = torch.matmul(q64[:, :, start:end], k64.transpose(-1, -2)) * scale
         if score_terms:
             s = apply_score_terms(s, score_terms, rows=torch.arange(start, end), num_heads=H,
-                                  q_offset=q_offset, kv_offset=kv_offset)
+                                  q_offset=q_offset, kv_offset=kv_offset, head_offset=head_offset)
         s = s.masked_fill(~m, float("-inf"))
         has_any = m.any(-1, keepdim=True)  # [H|1, rows, 1]
         # an empty row would be softmax(-inf...) = NaN: give it zeros, keep gradients finite
@@ -141,14 +146,15 @@ def reference_chunk_rows(batch: int, num_heads: int, kv_len: int, q_len: int) ->
     return max(1, min(q_len, REFERENCE_CHUNK_BYTES // max(1, 8 * batch * num_heads * kv_len)))
 
 
-def pattern_rows(cp, num_heads: int, device) -> Callable:
+def pattern_rows(cp, num_heads: int, device, documents=None) -> Callable:
     """``rows(q_start, q_end) -> bool [H, rows, KV_LEN]`` of a compiled pattern, evaluated with
-    its ``mask_mod`` on ``device`` (no full ``[H, Q_LEN, KV_LEN]`` mask is built)."""
+    its ``mask_mod`` on ``device`` (no full ``[H, Q_LEN, KV_LEN]`` mask is built); with
+    ``documents`` (one packed row, SPEC §1.7) the mask_mod of that row."""
     import torch
 
     from .common import mask_mod_for
 
-    mask_mod = mask_mod_for(cp, device)
+    mask_mod = mask_mod_for(cp, device) if documents is None else cp.mask_mod_for(device, documents=documents)
     h = torch.arange(num_heads, device=device)[:, None, None]
     kv = torch.arange(cp.kv_len, device=device)[None, None, :]
     b = torch.zeros((), dtype=torch.int64, device=device)
@@ -161,9 +167,11 @@ def pattern_rows(cp, num_heads: int, device) -> Callable:
     return rows
 
 
-def compare_with_reference(cp, q, k, v, out, *, scale: float | None = None, on_chunk: Callable | None = None) -> dict:
+def compare_with_reference(cp, q, k, v, out, *, scale: float | None = None, on_chunk: Callable | None = None,
+                           documents=None) -> dict:
     """The error of an attention result against the float64 reference of the same pattern
-    (its score terms and offsets included), computed in query chunks (memory about ``REFERENCE_CHUNK_BYTES``, never the full mask).
+    (its score terms and offsets included), computed in query chunks (memory about
+    ``REFERENCE_CHUNK_BYTES``, never the full mask).
 
     Args:
         cp: the compiled pattern ``out`` was computed with (``execute.common.Compiled``).
@@ -171,6 +179,8 @@ def compare_with_reference(cp, q, k, v, out, *, scale: float | None = None, on_c
         out: the result to check, [B, H, Q_LEN, Dv] (any float dtype).
         scale: the scale ``out`` used (default ``1 / sqrt(D)``).
         on_chunk: called with no argument after each chunk (a progress bar).
+        documents: run-time documents of one packed row shared by the batch (SPEC §1.7), for a
+            pattern with ``document``.
 
     Returns:
         ``{"max_abs_error": float, "rel_error": float}``: the largest absolute difference
@@ -181,14 +191,14 @@ def compare_with_reference(cp, q, k, v, out, *, scale: float | None = None, on_c
 
     B, H, N, _ = q.shape
     chunk = reference_chunk_rows(B, H, k.shape[2], N)
-    rows = pattern_rows(cp, H, q.device)
+    rows = pattern_rows(cp, H, q.device, documents)
     sq_err = sq_ref = 0.0
     max_abs = 0.0
     for a in range(0, N, chunk):
         e = min(N, a + chunk)
         ref = reference_attention(q[:, :, a:e], k, v, lambda s0, s1, a=a: rows(a + s0, a + s1), scale=scale,
                                   score_terms=cp.score_terms, q_offset=a + getattr(cp, "q_offset", 0),
-                                  kv_offset=getattr(cp, "kv_offset", 0))
+                                  kv_offset=getattr(cp, "kv_offset", 0), head_offset=getattr(cp, "head_offset", 0))
         diff = out[:, :, a:e].to(torch.float64) - ref
         chunk_max = float(diff.abs().max())
         # NaN must stick (max() would drop it and report a perfect 0)

@@ -23,6 +23,8 @@ import weakref
 import numpy as np
 import torch
 
+from .scoremod import sdpa_bias
+
 #: largest dense mask (H * Q_LEN * KV_LEN booleans) the masked SDPA path builds
 DENSE_MASK_LIMIT = 1 << 31
 #: dense masks up to this many booleans are cached per (layout, device); larger ones are
@@ -80,7 +82,7 @@ def sdpa_attention(cp, q, k, v, scale: float, *, use_causal: bool, dropout_p: fl
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa,
                                               dropout_p=dropout_p)
     mask, empty = dense_mask_tensors(cp, q.device)
-    from .scoremod import score_terms_for, sdpa_bias
+    from .scoremod import score_terms_for
 
     terms = score_terms_for(cp, q.shape[1])
     if terms:  # ALiBi as a float bias (-inf where masked); softcap is refused by the caller
@@ -92,3 +94,23 @@ def sdpa_attention(cp, q, k, v, scale: float, *, use_causal: bool, dropout_p: fl
     if empty is not None:
         out = out.masked_fill(empty, 0.0)
     return out
+
+
+def sdpa_attention_masked(q, k, v, dense, scale: float, *, dropout_p: float = 0.0, terms=None):
+    """SDPA with an explicit bool mask ``dense`` [B|1, H|1, Q_LEN, KV_LEN] (run-time data);
+    rows with no allowed key are opened for the softmax and set to 0 afterwards. ``terms``
+    (``scoremod.ScoreTerms``, ALiBi only: the caller refuses softcap) become a float bias.
+
+    Returns:
+        [B, H, Q_LEN, Dv] in q's dtype.
+    """
+    F = torch.nn.functional
+    empty = ~dense.any(-1, keepdim=True)
+    mask = dense | empty
+    if terms:
+        H, Q, KV = q.shape[1], dense.shape[-2], dense.shape[-1]
+        bias = sdpa_bias(terms, torch.ones(H, Q, KV, dtype=torch.bool, device=dense.device), q.dtype)
+        mask = bias.masked_fill(~mask, float("-inf"))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1],
+                                         dropout_p=dropout_p)
+    return out.masked_fill(empty, 0.0)
