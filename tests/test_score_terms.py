@@ -447,3 +447,21 @@ def test_key_padding_and_documents_keep_the_terms(backend):
         mask = (d[:, None] == d[None, :]) & np.tril(np.ones((N, N), bool)) & kpm[b].numpy()[None, :]
         ref = reference_attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], mask[None], score_terms=cp.score_terms)
         assert _rel(out[b:b + 1], ref) < 1e-12
+
+
+def test_nn_decode_with_terms_equals_the_full_forward():
+    """A KV-cache decode (q_offset) sees the same ALiBi biases and cap as the whole sequence."""
+    from patternc.nn import KVCache, SparseSelfAttention
+
+    torch.manual_seed(0)
+    layer = SparseSelfAttention(16, 2, "local(w=24) & causal with softcap(c=2), alibi(max_bias=3)",
+                                block_size=16).double().eval()
+    x = torch.randn(1, 50, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = layer(x)
+        cache = KVCache()
+        steps = [layer(x[:, :20], kv_cache=cache)] + [layer(x[:, t:t + 1], kv_cache=cache) for t in range(20, 50)]
+        plain = SparseSelfAttention(16, 2, "local(w=24) & causal", block_size=16).double().eval()
+        plain.load_state_dict(layer.state_dict())
+        assert _rel(plain(x), full) > 1e-3  # the terms matter here
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-10, atol=1e-10)
