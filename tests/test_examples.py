@@ -27,6 +27,8 @@ import pytest
 
 import patternc
 from patternc import BlockLayout, reference
+from patternc.ir.nodes import score_terms
+from patternc.ir.terms import alibi_slopes
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "examples").glob("*.pattern"))
@@ -251,12 +253,21 @@ def test_analyze_claims(path):
 # ---- run -------------------------------------------------------------------------------------------------------
 
 
-def _reference_attention(q, k, v, mask):
-    """float64 softmax attention over the allowed keys; rows without keys give 0."""
+def _reference_attention(q, k, v, mask, terms=()):
+    """float64 softmax attention over the allowed keys, score terms applied (SPEC §1.8 by hand);
+    rows without keys give 0."""
     import torch
 
     q, k, v = (t.double() for t in (q, k, v))
     scores = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
+    for t in terms:  # SPEC §1.8, in its order: softcap, then alibi
+        if t.name == "softcap":
+            c = t.arg("c")
+            scores = c * torch.tanh(scores / c)
+        elif t.name == "alibi":
+            slopes = torch.tensor(alibi_slopes(q.shape[1], t.arg("max_bias")), dtype=torch.float64)
+            pos = torch.arange(q.shape[2], dtype=torch.float64)
+            scores = scores + slopes[:, None, None] * (pos[None, None, :] - pos[None, :, None])
     m = torch.as_tensor(mask)[None]  # [1, H, Q, KV]
     scores = scores.masked_fill(~m, float("-inf"))
     has_key = m.any(-1, keepdim=True)
@@ -284,7 +295,7 @@ def test_run_matches_float64_reference(path):
         if (e.name or "").startswith("patternc"):
             pytest.skip(f"{e.name} has not landed yet (issue 4)")
         raise
-    want = _reference_attention(q, k, v, reference.dense_mask(p, q_len=q_len, num_heads=heads))
+    want = _reference_attention(q, k, v, reference.dense_mask(p, q_len=q_len, num_heads=heads), score_terms(p))
     assert out.shape == want.shape and out.dtype == torch.float32
     assert torch.isfinite(out).all()
     rel = (out.double() - want).abs().max() / want.abs().max().clamp_min(1e-12)
