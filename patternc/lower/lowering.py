@@ -90,10 +90,15 @@ class Grid:
     kv_len: int
 
     @classmethod
-    def uniform(cls, q_len: int, kv_len: int, q_block: int, kv_block: int) -> "Grid":
-        q0 = np.arange(0, q_len, q_block, dtype=np.int64)
-        k0 = np.arange(0, kv_len, kv_block, dtype=np.int64)
-        return cls(q0, np.minimum(q0 + q_block, q_len), k0, np.minimum(k0 + kv_block, kv_len), q_len, kv_len)
+    def uniform(cls, q_len: int, kv_len: int, q_block: int, kv_block: int, q_offset: int = 0,
+                kv_offset: int = 0) -> "Grid":
+        """Tiles of Q_LEN rows x KV_LEN columns whose row 0 / column 0 stand at positions
+        ``q_offset`` / ``kv_offset`` (SPEC §1.6); the index space is the position extents
+        ``q_offset + q_len`` x ``kv_offset + kv_len``."""
+        qe, ke = q_offset + q_len, kv_offset + kv_len
+        q0 = np.arange(q_offset, qe, q_block, dtype=np.int64)
+        k0 = np.arange(kv_offset, ke, kv_block, dtype=np.int64)
+        return cls(q0, np.minimum(q0 + q_block, qe), k0, np.minimum(k0 + kv_block, ke), qe, ke)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -375,20 +380,26 @@ def _lower_random(r: int, seed: int, g: Grid) -> np.ndarray:
     flat = random_flat_keys(r, seed, g.q_len, g.kv_len)
     if flat.size == 0:
         return kinds
+    # the pairs inside the grid's rows (with offsets the grid is a sub-grid, SPEC §1.6)
+    lo, hi = np.searchsorted(flat, [int(g.q0[0]) * g.kv_len, int(g.q1[-1]) * g.kv_len])
     partition = bool((g.q0[1:] == g.q1[:-1]).all() and (g.k0[1:] == g.k1[:-1]).all())
     if partition:  # cut between tile rows, about RANDOM_CHUNK pairs per step
         starts = np.searchsorted(flat, g.q0 * g.kv_len)
-        cuts = [0]
+        cuts = [int(lo)]
         for row_start in starts[1:].tolist():
             if row_start - cuts[-1] >= RANDOM_CHUNK:
                 cuts.append(row_start)
-        cuts.append(flat.size)
+        cuts.append(int(hi))
     else:
-        cuts = [0, flat.size]
+        cuts = [int(lo), int(hi)]
     area_q, area_k = g.q1 - g.q0, g.k1 - g.k0
     out = kinds.reshape(-1)
     for s0, s1 in zip(cuts[:-1], cuts[1:]):
         rows, cols = np.divmod(flat[s0:s1], g.kv_len)
+        inside = (cols >= g.k0[0]) & (cols < g.k1[-1])
+        if not inside.all():
+            rows, cols = rows[inside], cols[inside]
+        del inside
         # tiles holding row x: q0[a] <= x < q1[a], a contiguous range of a (q0, q1 sorted)
         ra0, ra1 = np.searchsorted(g.q1, rows, side="right"), np.searchsorted(g.q0, rows, side="right")
         ca0, ca1 = np.searchsorted(g.k1, cols, side="right"), np.searchsorted(g.k0, cols, side="right")
@@ -403,6 +414,8 @@ def _lower_random(r: int, seed: int, g: Grid) -> np.ndarray:
             dr, dc = np.divmod(local, np.repeat(np.maximum(nc, 1), per))
             ids = (ra0[owner] + dr) * nk + ca0[owner] + dc
         del ra0, ra1, ca0, ca1
+        if ids.size == 0:
+            continue
         u, c = np.unique(ids, return_counts=True)
         del ids
         a, k = np.divmod(u, nk)
@@ -857,20 +870,23 @@ def _atomize(p: Pattern, atoms: list, keys: dict) -> Pattern:
 # whole layouts
 
 
-def lower_to_layout(p: Pattern, q_len: int, kv_len: int, block_size, num_heads: int) -> BlockLayout:
+def lower_to_layout(p: Pattern, q_len: int, kv_len: int, block_size, num_heads: int, *,
+                    q_offset: int = 0, kv_offset: int = 0) -> BlockLayout:
     """Exact ``BlockLayout`` of a layer-free, length-bound pattern (SPEC §3).
 
     Args:
-        p: Pattern without ``layers``/symbolic lengths (``heads`` allowed).
-        q_len, kv_len: Q_LEN, KV_LEN (tokens, >= 1).
+        p: Pattern without ``layers``/symbolic lengths (``heads`` allowed), bound at the
+            position extents ``q_offset + q_len``, ``kv_offset + kv_len``.
+        q_len, kv_len: Q_LEN, KV_LEN (rows and columns, tokens, >= 1).
         block_size: int or (Q_BLOCK_SIZE, KV_BLOCK_SIZE), tokens.
         num_heads: H; head h uses entry ``h mod m`` of each ``heads(...)``.
+        q_offset, kv_offset: positions of row 0 / column 0 (SPEC §1.6, tokens, >= 0).
 
     Returns:
-        BlockLayout with kinds uint8 [H, num_q_blocks, num_kv_blocks].
+        BlockLayout with kinds uint8 [H, num_q_blocks, num_kv_blocks] (tiles of rows x columns).
     """
     qb, kb = normalize_block_size(block_size)
-    g = Grid.uniform(q_len, kv_len, qb, kb)
+    g = Grid.uniform(q_len, kv_len, qb, kb, q_offset, kv_offset)
     per_head = []
     seen: dict = {}
     for ph in head_patterns(p, num_heads):
@@ -884,17 +900,19 @@ def lower_to_layout(p: Pattern, q_len: int, kv_len: int, block_size, num_heads: 
         kinds = np.stack([per_head[h % period] for h in range(num_heads)])
     kinds = np.ascontiguousarray(kinds, dtype=np.uint8)
     kinds.setflags(write=False)
-    return BlockLayout(kinds=kinds, q_len=q_len, kv_len=kv_len, q_block_size=qb, kv_block_size=kb)
+    return BlockLayout(kinds=kinds, q_len=q_len, kv_len=kv_len, q_block_size=qb, kv_block_size=kb,
+                       q_offset=q_offset, kv_offset=kv_offset)
 
 
 def count_allowed(p: Pattern, layout: BlockLayout, head: int) -> int:
     """Exact number of allowed token pairs of head-free pattern ``p`` (head ``head`` of
     ``layout``): analytically where possible, else FULL tiles plus PARTIAL tiles counted."""
-    Q, K = layout.q_len, layout.kv_len
+    qo, ko = layout.q_offset, layout.kv_offset
+    Q, K = qo + layout.q_len, ko + layout.kv_len  # position extents
     if _countable(p, Q, K):
-        return int(rect_counts(p, [0], [Q], [0], [K], Q, K)[0])
+        return int(rect_counts(p, [qo], [Q], [ko], [K], Q, K)[0])
     kinds = layout.kinds[head]
-    g = Grid.uniform(Q, K, layout.q_block_size, layout.kv_block_size)
+    g = Grid.uniform(layout.q_len, layout.kv_len, layout.q_block_size, layout.kv_block_size, qo, ko)
     area = (g.q1 - g.q0)[:, None] * (g.k1 - g.k0)[None, :]
     total = int(area[kinds == FULL].sum())
     a, c = np.nonzero(kinds == PARTIAL)
@@ -905,8 +923,9 @@ def count_allowed(p: Pattern, layout: BlockLayout, head: int) -> int:
 def dense_from_layout(p_heads: list[Pattern], layout: BlockLayout) -> np.ndarray:
     """bool [H, Q_LEN, KV_LEN]: FULL tiles filled, PARTIAL tiles evaluated (small sizes)."""
     H, Q, K = layout.num_heads, layout.q_len, layout.kv_len
+    qo, ko = layout.q_offset, layout.kv_offset
     qb, kb = layout.block_size
-    g = Grid.uniform(Q, K, qb, kb)
+    g = Grid.uniform(Q, K, qb, kb, qo, ko)
     out = np.zeros((H, Q, K), dtype=bool)
     for h in range(H):
         ph = p_heads[h % len(p_heads)]
@@ -917,10 +936,10 @@ def dense_from_layout(p_heads: list[Pattern], layout: BlockLayout) -> np.ndarray
         if a.size == 0:
             continue
         q0, q1, k0, k1 = g.q0[a], g.q1[a], g.k0[c], g.k1[c]
-        for sl, m in _eval_rects(ph, q0, q1, k0, k1, Q, K):
-            ii = q0[sl, None, None] + np.arange(m.shape[1])[None, :, None]
-            jj = k0[sl, None, None] + np.arange(m.shape[2])[None, None, :]
-            ok = (ii < q1[sl, None, None]) & (jj < k1[sl, None, None])
+        for sl, m in _eval_rects(ph, q0, q1, k0, k1, g.q_len, g.kv_len):
+            ii = q0[sl, None, None] - qo + np.arange(m.shape[1])[None, :, None]
+            jj = k0[sl, None, None] - ko + np.arange(m.shape[2])[None, None, :]
+            ok = (ii < q1[sl, None, None] - qo) & (jj < k1[sl, None, None] - ko)
             ii, jj = np.broadcast_arrays(ii, jj)
             out[h, ii[ok], jj[ok]] = m[ok]
     return out
