@@ -107,6 +107,7 @@ def _torch_cp(src, cp, q, k, v, repeats, dist):
 
     world = dist.get_world_size()
     mesh = init_device_mesh("cpu", (world,))
+    N = q.shape[2]
     # the global BlockMask only carries mask_mod and the shape here (each rank builds its own
     # with torch's compiled create_block_mask); patternc's is built without evaluating the mask
     # (eager create_block_mask would materialise [H, N, N] booleans: 1 GiB at N = 16384, H = 4)

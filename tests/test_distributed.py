@@ -109,6 +109,10 @@ def _nn_inputs():
     return torch.randn(2, NN_LEN, 16, generator=g), torch.randn(2, NN_LEN, 16, generator=g)
 
 
+def _nn_padding():
+    return torch.arange(NN_LEN)[None, :] < torch.tensor([NN_LEN, 211])[:, None]  # row 1 left 89 pad keys
+
+
 def _nn_case(ContextParallel):
     """Two SparseSelfAttention layers (different patterns) on 4 ranks, one ContextParallel's
     positions for both; parameter gradients summed over the ranks (as DDP would)."""
@@ -117,7 +121,8 @@ def _nn_case(ContextParallel):
     for layer in model:
         layer.context_parallel = ctx
     x, g = _nn_inputs()
-    y_l = model(ctx.shard(x, dim=1))
+    kp = _nn_padding()
+    y_l = model[1](model[0](ctx.shard(x, dim=1), key_padding_mask=kp), key_padding_mask=kp)
     (y_l * ctx.shard(g, dim=1)).sum().backward()
     grads = []
     for p in model.parameters():
@@ -212,7 +217,8 @@ def test_runtime_data_equals_single_process(ranks, case):
 def test_nn_layers_context_parallel(ranks):
     model = _nn_model()
     x, g = _nn_inputs()
-    y = model(x)
+    kp = _nn_padding()
+    y = model[1](model[0](x, key_padding_mask=kp), key_padding_mask=kp)
     (y * g).sum().backward()
     y_cp, grads = ranks[0]["nn"]
     torch.testing.assert_close(y_cp, y.detach(), atol=1e-5, rtol=1e-5)
