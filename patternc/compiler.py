@@ -169,6 +169,8 @@ class CompiledPattern:
         state = dict(self.__dict__)
         state["_mask_mods"] = {}
         state["_block_masks"] = {}
+        for k in [k for k in state if k == "plan" or k.startswith("_plan_")]:
+            del state[k]  # plans cache kernel terms (tensors, closures): recomputed on demand
         return state
 
     def __setstate__(self, state):
@@ -228,6 +230,27 @@ class CompiledPattern:
 
         return dense_from_layout(self.head_patterns, self.layout)
 
+    # ---- execution plan (SPEC §6) -----------------------------------------------------------------
+    @cached_property
+    def plan(self):
+        """The execution plan (``patternc.lower.planner.ExecutionPlan``): disjoint terms, each
+        in the query / key order where its pairs fill the fewest tiles; ``plan.terms``,
+        ``plan.computed_tiles``, ``plan.natural_tiles``. Computed on first use (cached)."""
+        return self.plan_for("auto")
+
+    def plan_for(self, mode: str = "auto"):
+        """``"auto"``: ``self.plan``; ``"natural"``: one term in natural order."""
+        from .lower.planner import plan_layer
+
+        key = "_plan_" + mode
+        if key not in self.__dict__:
+            if mode not in ("auto", "natural"):
+                raise PatternError(Diagnostic("P352", f"unknown plan {mode!r}; expected 'auto' or 'natural'",
+                                              None, "use plan='auto' (default) or plan='natural'"))
+            self.__dict__[key] = plan_layer(self.head_patterns, np.asarray(self.layout.kinds), self.q_len,
+                                            self.kv_len, self.block_size, self.num_heads, mode=mode)
+        return self.__dict__[key]
+
     # ---- densities -------------------------------------------------------------------------------
     @cached_property
     def allowed_pairs(self) -> int:
@@ -263,17 +286,19 @@ class CompiledPattern:
             self._block_masks[key] = to_block_mask(self.layout, self.mask_mod_on(device), device=device)
         return self._block_masks[key]
 
-    def attention(self, q, k, v, *, scale=None, backend="auto", return_backend=False, dropout_p=0.0):
+    def attention(self, q, k, v, *, scale=None, backend="auto", return_backend=False, dropout_p=0.0,
+                  plan="auto"):
         """Sparse attention with this layer's pattern: q float [B, H, Q_LEN, D], k [B, H_kv, KV_LEN, D],
         v [B, H_kv, KV_LEN, Dv] -> [B, H, Q_LEN, Dv] (H_kv divides H: grouped-query attention).
 
         ``backend``: "auto", "flex", "blocksparse" or "sdpa"; ``return_backend=True`` also
         returns the name of the one that ran. Raises PatternError P350-P353 for inputs that do
-        not fit. See ``patternc.execute.attention`` and docs/execution.md."""
+        not fit. ``plan``: "auto" (``self.plan``) or "natural" (SPEC §6). See
+        ``patternc.execute.attention`` and docs/execution.md."""
         from .execute import attention
 
         return attention(self, q, k, v, scale=scale, backend=backend, return_backend=return_backend,
-                         dropout_p=dropout_p)
+                         dropout_p=dropout_p, plan=plan)
 
     # ---- reporting ---------------------------------------------------------------------------------
     def summary(self) -> dict:

@@ -133,8 +133,11 @@ def choose_backend(cp, q, k, v, *, dropout_p: float = 0.0, explain: bool = False
     return (name, why) if explain else name
 
 
+PLANS = ("auto", "natural")
+
+
 def attention(cp, q, k, v, *, scale: float | None = None, backend: str = "auto",
-              return_backend: bool = False, dropout_p: float = 0.0):
+              return_backend: bool = False, dropout_p: float = 0.0, plan: str = "auto"):
     """Attention of q over k, v where the compiled pattern allows it.
 
     ``out[b, h, i] = sum_j softmax_j(q[b, h, i] . k[b, g(h), j] * scale | allowed(h, i, j)) v[b, g(h), j]``
@@ -151,6 +154,10 @@ def attention(cp, q, k, v, *, scale: float | None = None, backend: str = "auto",
         return_backend: also return the name of the backend that ran.
         dropout_p: attention dropout on the softmax probabilities (training; ``sdpa`` and
             ``blocksparse`` only). Default 0.
+        plan: ``"auto"`` (default): run ``cp.plan``, the pattern as disjoint terms each in
+            its cheapest token order, merged through the log-sum-exp (SPEC §6;
+            ``blocksparse``); ``"natural"``: one term in natural order. ``sdpa`` is dense and
+            ``flex`` runs the natural BlockMask either way.
 
     Returns:
         [B, H, Q_LEN, Dv] in q's dtype (a row with no allowed key is 0), or
@@ -167,6 +174,11 @@ def attention(cp, q, k, v, *, scale: float | None = None, backend: str = "auto",
         raise _error("P352", f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}",
                      help=did_you_mean(str(backend), BACKENDS) or "use backend='auto'")
     check_inputs(cp, q, k, v)
+    if plan not in PLANS:
+        from ..errors import did_you_mean
+
+        raise _error("P352", f"unknown plan {plan!r}; expected one of {', '.join(PLANS)}",
+                     help=did_you_mean(str(plan), PLANS) or "use plan='auto' (default) or plan='natural'")
     if not 0.0 <= float(dropout_p) < 1.0:
         raise _error("P352", f"dropout_p must be in [0, 1), got {dropout_p}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
@@ -179,7 +191,7 @@ def attention(cp, q, k, v, *, scale: float | None = None, backend: str = "auto",
     elif name == "blocksparse":
         from .blocksparse import blocksparse_attention
 
-        out = blocksparse_attention(cp, q, k, v, scale, dropout_p=dropout_p)
+        out = blocksparse_attention(cp, q, k, v, scale, dropout_p=dropout_p, plan=plan)
     else:
         out = _run_sdpa(cp, q, k, v, scale, dropout_p)
     return (out, name) if return_backend else out
