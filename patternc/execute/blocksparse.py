@@ -110,6 +110,19 @@ MAX_GROUPS = 128
 
 _DEAD = 3  # a padding slot: masked out entirely
 
+#: ATen's fused CPU flash-attention kernels (forward returns the log-sum-exp). Each chunk of
+#: rows is one call with the gathered k/v and the tile masks as an additive bias: one fused pass
+#: over the scores instead of ~7 elementwise ones (measured 4-6x faster per chunk, and far less
+#: sensitive to a loaded machine: one parallel region per chunk instead of one per op).
+_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_FLASH_BW = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+#: use the fused kernel where it applies (CPU, float32 compute, cached masks, no dropout, no
+#: score_mod); set False to run the unfused torch path everywhere
+USE_FLASH = True
+#: score-sized elements per fused call (the fused kernel never materialises them; this bounds
+#: the gathered k/v and the bias)
+FLASH_CHUNK_ELEMENTS = 1 << 23
+
 
 @dataclass
 class _Group:
@@ -123,6 +136,8 @@ class _Group:
     shared_bias: torch.Tensor | None = None  # 0 allowed, -inf not
     shared_keep: torch.Tensor | None = None  # 1 allowed, 0 not
     tile_ids: torch.Tensor | None = None
+    flash_bias: torch.Tensor | None = None  # shared masks: float32 [1, 1, qb, S * kb] (FULL slots 0)
+    empty: torch.Tensor | None = None  # bool [G or 1, qb]: rows with no allowed key (None: none)
 
     @property
     def num_slots(self) -> int:
@@ -219,6 +234,22 @@ class Plan:
         if shared < sum(ids is not None for ids in per_group):
             self.table_keep, self.table_bias = keep, bias
         self.mask_mode = f"cached ({len(tiles)} distinct tiles)"
+        for g in self.groups:
+            P, S = g.num_masked, g.num_slots
+            if not P:
+                continue
+            if g.shared_bias is not None:
+                fb = torch.zeros((qb, S * kb), dtype=torch.float32, device=self.device)
+                fb[:, :P * kb] = g.shared_bias
+                g.flash_bias = fb[None, None]
+                if P == S:
+                    g.empty = (g.shared_keep.amax(-1) == 0)[None]
+            elif P == S:
+                row_any = keep.amax(-1) > 0  # [T, qb]
+                g.empty = ~row_any[g.tile_ids].any(1)  # [G, qb]
+        for g in self.groups:
+            if g.empty is not None and not bool(g.empty.any()):
+                g.empty = None
 
     # ---- grouping ---------------------------------------------------------------------
     def _build_groups(self, kinds: np.ndarray, max_groups: int) -> list[_Group]:
@@ -302,6 +333,25 @@ class Plan:
             keep = self.table_keep.index_select(0, flat).view(R, n, -1, kb).permute(0, 2, 1, 3)
             return _Mask(bias=bias, keep=keep, tiled=True)
         return _Mask(blocked=~self.allowed(mask_mod, g, rows, s0, s1))
+
+    def bias_for_flash(self, g: _Group, rows: slice) -> "torch.Tensor | None":
+        """float32 additive mask (0 / -inf) over all slots of ``rows``, broadcastable to
+        ``[B, R, qb, S * kb]``, for the fused kernel (None: no masked slot)."""
+        if not g.num_masked:
+            return None
+        if g.flash_bias is not None:
+            return g.flash_bias
+        kb, P, S = self.kv_block_size, g.num_masked, g.num_slots
+        ids = g.tile_ids[rows]
+        R = ids.shape[0]
+        b = self.table_bias.index_select(0, ids.reshape(-1)).view(R, P, -1, kb).permute(0, 2, 1, 3)
+        out = torch.zeros((R, b.shape[1], S * kb), dtype=torch.float32, device=self.device)
+        out[:, :, :P * kb] = b.reshape(R, b.shape[1], P * kb)
+        return out[None]
+
+    def flash_ok(self) -> bool:
+        """True when every masked tile's mask is cached (the fused kernel takes them as a bias)."""
+        return self.mask_mode != "evaluated per call"
 
     # ---- chunking ---------------------------------------------------------------------
     def chunks(self, g: _Group, batch: int, chunk_elements: int):
@@ -546,6 +596,25 @@ class _Positions:
         return h, qi, ki
 
 
+def _use_flash(plan: Plan, q, v, cdt, score_mod, dropout_p) -> bool:
+    return (USE_FLASH and _FLASH is not None and _FLASH_BW is not None and q.device.type == "cpu"
+            and q.shape[-1] == v.shape[-1]  # the fused kernel needs one head size for q, k, v
+            and cdt == torch.float32 and score_mod is None and not dropout_p and plan.flash_ok())
+
+
+def _flash_chunks(plan: Plan, cx: "_Ctx", g_list, B: int):
+    """Yield ``(group, rows, q_rows, kv_rows)`` in chunks of at most ``FLASH_CHUNK_ELEMENTS``
+    score-sized elements (whole rows: the fused kernel runs over any number of keys)."""
+    qb, kb = plan.q_block_size, plan.kv_block_size
+    for g in g_list:
+        per_row = B * qb * kb * g.num_slots
+        step = max(1, FLASH_CHUNK_ELEMENTS // per_row)
+        for r0 in range(0, g.num_rows, step):
+            rows = slice(r0, min(g.num_rows, r0 + step))
+            q_rows, kv_rows = cx.rows(g, rows)
+            yield g, rows, q_rows, kv_rows
+
+
 def blocksparse_forward(plan: Plan, mask_mod, q, k, v, scale: float, *, need_lse: bool = True,
                         chunk_elements: int = CHUNK_ELEMENTS, dropout_p: float = 0.0, seed: int = 0,
                         score_mod=None, positions: "_Positions | None" = None):
@@ -571,6 +640,20 @@ def blocksparse_forward(plan: Plan, mask_mod, q, k, v, scale: float, *, need_lse
     drop = _Dropout(dropout_p, seed, q.device)
     if score_mod is not None and positions is None:
         positions = _Positions(plan)
+    if _use_flash(plan, q, v, cdt, score_mod, dropout_p):
+        for g, rows, q_rows, kv_rows in _flash_chunks(plan, cx, g_list=plan.groups, B=B):
+            S, R = g.num_slots, q_rows.shape[0]
+            o, m = _FLASH(qp.index_select(1, q_rows), _gather_kv(kp, kv_rows, R, S, 0, S),
+                          _gather_kv(vp, kv_rows, R, S, 0, S), 0.0, False,
+                          attn_mask=plan.bias_for_flash(g, rows), scale=1.0)
+            if g.empty is not None:  # the fused kernel gives 0 and lse 0 there
+                e = g.empty if g.empty.shape[0] == 1 else g.empty[rows]
+                m = m.masked_fill(e[None], inf)
+                o = o.masked_fill(e[None, :, :, None], 0.0)
+            out.index_copy_(1, q_rows, o)
+            if need_lse:
+                lse.index_copy_(1, q_rows, m)
+        return out, lse
     for g in plan.groups:
         S = g.num_slots
         for rows, segs in plan.chunks(g, B, chunk_elements):
@@ -667,6 +750,22 @@ def blocksparse_backward(plan: Plan, mask_mod, q, k, v, out, lse, dout, scale: f
     drop = _Dropout(dropout_p, seed, q.device)  # same seeds, same chunk order: same masks
     if score_mod is not None and positions is None:
         positions = _Positions(plan)
+    if _use_flash(plan, q, v, cdt, score_mod, dropout_p):
+        qp = qa[..., :D].contiguous()
+        lse_f = lse.contiguous()
+        for g, rows, q_rows, kv_rows in _flash_chunks(plan, cx, g_list=plan.groups, B=B):
+            S, R = g.num_slots, q_rows.shape[0]
+            dqg, dkg, dvg = _FLASH_BW(dop.index_select(1, q_rows), qp.index_select(1, q_rows),
+                                      _gather_kv(kp, kv_rows, R, S, 0, S), _gather_kv(vp, kv_rows, R, S, 0, S),
+                                      out.index_select(1, q_rows), lse_f.index_select(1, q_rows), 0.0, False,
+                                      attn_mask=plan.bias_for_flash(g, rows), scale=1.0)
+            dq.index_add_(1, q_rows, dqg)
+            dk.index_add_(1, kv_rows, dkg.reshape(B, R * S, kb, D))
+            dv.index_add_(1, kv_rows, dvg.reshape(B, R * S, kb, Dv))
+        dq = dq.mul_(scale).view(B, H, nq * qb, D)[:, :, :Q]
+        dk = dk.view(B, H_kv, nkv * kb, D)[:, :, :KV]
+        dv = dv.view(B, H_kv, nkv * kb, Dv)[:, :, :KV]
+        return dq, dk, dv
     for g in plan.groups:
         S = g.num_slots
         for rows, segs in plan.chunks(g, B, chunk_elements):

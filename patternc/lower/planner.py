@@ -57,7 +57,7 @@ import numpy as np
 
 from ..ir.nodes import And, Diff, Or, Pattern, Prim
 from .layout import EMPTY, FULL, PARTIAL, BlockLayout
-from .lowering import evaluate, lower_to_layout
+from .lowering import evaluate, lower_to_layout, support
 
 #: most disjuncts after distributing ``&`` over ``|``
 MAX_DISJUNCTS = 16
@@ -351,6 +351,62 @@ def kinds_in_order(p: Pattern, q_perm: np.ndarray, kv_perm: np.ndarray, q_len: i
     return kinds[None]
 
 
+def _residue_segments(length: int, s: int, block: int):
+    """Per block of the residue order of ``range(length)``: arrays (block, r, a0, a1) of the
+    residue-class runs it holds (positions r + s*a, a in [a0, a1))."""
+    r = np.arange(min(s, length), dtype=np.int64)
+    sizes = -(-(length - r) // s)
+    start = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    nb = -(-length // block)
+    lo = np.arange(nb, dtype=np.int64)[:, None] * block
+    hi = np.minimum(lo + block, length)
+    a0 = np.maximum(lo - start[None, :], 0)
+    a1 = np.minimum(hi - start[None, :], sizes[None, :])
+    b, c = np.nonzero(a1 > a0)
+    return b, r[c], a0[b, c], a1[b, c]
+
+
+def residue_kinds(p: Pattern, q_len: int, kv_len: int, stride: int, block_size) -> np.ndarray:
+    """``kinds_in_order`` for a pattern that reads only ``d = i - j`` with both axes in residue
+    order mod ``stride``, without ``Q_LEN x KV_LEN`` work.
+
+    A tile's rows are runs ``i = r1 + s*a`` (a in [a0, a1)), its columns runs ``j = r2 + s*b``;
+    for a pair of runs the pairs with ``a - b = t`` all have ``d = r1 - r2 + s*t`` and there are
+    ``min(a1, b1 + t) - max(a0, b0 + t)`` of them, so a tile's kept pairs are a sum over
+    ``t`` (length <= QB + KB per run pair) of that count times the predicate on ``d``.
+    """
+    qb, kb = block_size
+    s = stride
+    nq, nk = -(-q_len // qb), -(-kv_len // kb)
+    d = np.arange(-(kv_len - 1), q_len, dtype=np.int64)
+    pd = np.broadcast_to(evaluate(p, d, np.int64(0), q_len, kv_len), d.shape).astype(np.int64)
+    off = kv_len - 1
+    qs = _residue_segments(q_len, s, qb)
+    ks = _residue_segments(kv_len, s, kb)
+    # all (q run, kv run) pairs, grouped by q block x kv block
+    iq = np.repeat(np.arange(qs[0].size), ks[0].size)
+    ik = np.tile(np.arange(ks[0].size), qs[0].size)
+    kept = np.zeros(nq * nk, dtype=np.int64)
+    area = np.zeros(nq * nk, dtype=np.int64)
+    step = max(1, (1 << 22) // (qb + kb))
+    for c0 in range(0, iq.size, step):
+        a_ = iq[c0:c0 + step]
+        b_ = ik[c0:c0 + step]
+        tile = qs[0][a_] * nk + ks[0][b_]
+        r1, a0, a1 = qs[1][a_], qs[2][a_], qs[3][a_]
+        r2, b0, b1 = ks[1][b_], ks[2][b_], ks[3][b_]
+        np.add.at(area, tile, (a1 - a0) * (b1 - b0))
+        tlo = a0 - b1 + 1
+        n = (a1 - a0) + (b1 - b0) - 1
+        rep = np.repeat(np.arange(tlo.size), n)
+        t = tlo[rep] + (np.arange(rep.size) - np.repeat(np.cumsum(n) - n, n))
+        mult = np.minimum(a1[rep], b1[rep] + t) - np.maximum(a0[rep], b0[rep] + t)
+        dd = r1[rep] - r2[rep] + s * t
+        kept += np.bincount(tile[rep], weights=mult * pd[dd + off], minlength=nq * nk).astype(np.int64)
+    kinds = np.where(kept == 0, EMPTY, np.where(kept == area, FULL, PARTIAL)).astype(np.uint8)
+    return kinds.reshape(1, nq, nk)
+
+
 def _trim(kinds: np.ndarray, q_total: int, kv_total: int, block_size):
     """Drop trailing EMPTY query-block rows and key-block columns: (kinds, q_count, kv_count)."""
     k = kinds[0]
@@ -382,6 +438,8 @@ class _Budget:
 def _kinds_cached(p: Pattern, qo: Order, ko: Order, q_len: int, kv_len: int, block_size) -> np.ndarray:
     if qo == NATURAL and ko == NATURAL:
         return _natural_kinds(p, q_len, kv_len, block_size)
+    if qo.kind == "residue" and qo == ko and support(p) == frozenset("d"):
+        return residue_kinds(p, q_len, kv_len, qo.stride, block_size)
     return kinds_in_order(p, qo.permutation(q_len, "q"), ko.permutation(kv_len, "kv"), q_len, kv_len, block_size)
 
 
