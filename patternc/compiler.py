@@ -28,7 +28,7 @@ from .errors import Diagnostic, PatternError, PatternWarning
 from .ir import nodes as ir
 from .ir.nodes import Pattern
 from .ir.normalize import normalize
-from .ir.specialize import specialize
+from .ir.specialize import head_cycle_warning, specialize
 from .lower.layout import EMPTY, FULL, PARTIAL, BlockLayout, normalize_block_size
 
 ARTIFACT_FORMAT = "patternc.compiled"
@@ -123,6 +123,9 @@ def compile(p_or_source, *, q_len: int, kv_len: int | None = None, num_heads: in
             f"0..{H - 1} are compiled", None, f"pass num_heads={pattern.num_heads} (--heads {pattern.num_heads}) "
             "to compile all of them", severity="warning", filename=source_text and "<string>" or "<pattern>")),
             stacklevel=2)
+    cycle = head_cycle_warning(pattern.num_heads, H, filename=source_text and "<string>" or "<pattern>")
+    if cycle is not None:
+        warnings.warn(PatternWarning(cycle), stacklevel=2)
     nq, nk = -(-q_len // qb), -(-kv_len // kb)
     if H * nq * nk > MAX_TILES:
         raise PatternError(Diagnostic(
@@ -376,7 +379,10 @@ def load_compiled(path, *, verify: bool = True) -> CompiledPattern:
     t0 = time.perf_counter()
     path = os.fspath(path)
     try:
-        with np.load(path, allow_pickle=False) as z:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):  # a bare .npy array (or a memmap)
+            raise _bad_artifact(path, f"a single {type(loaded).__name__} (.npy), not an .npz archive")
+        with loaded as z:
             names = set(z.files)
             if not {"kinds", "meta"} <= names:
                 raise _bad_artifact(path, f"expected arrays 'kinds' and 'meta', found {sorted(names)}")

@@ -160,18 +160,30 @@ class SparseSelfAttention(nn.Module):
         Raises:
             PatternError: P350 ``x`` not of shape [B, L, embed_dim]; P3xx from compiling at L.
         """
-        from .execute import attention
-
         if x.dim() != 3 or x.shape[-1] != self.embed_dim:
             raise PatternError(Diagnostic(
                 "P350", f"SparseSelfAttention expects x of shape [B, L, {self.embed_dim}], got "
                 f"[{', '.join(str(d) for d in x.shape)}]", filename="patternc.nn.SparseSelfAttention"))
         B, L, E = x.shape
         q, k, v = self.qkv(x)
-        cp = self.compiled(L, x.device)
+        out = self._attend(q, k, v)
+        return self.out_proj(out.transpose(1, 2).reshape(B, L, E))
+
+    @torch.compiler.disable
+    def _attend(self, q, k, v):
+        """Attention of [B, H, L, D] q, k, v under the pattern compiled at L.
+
+        Kept out of ``torch.compile`` graphs: compiling the pattern at a new length is numpy
+        and Python (the lowering, the plan, ``time.perf_counter``), which dynamo cannot trace,
+        and the block-sparse kernel loops over a data-dependent tile plan. A compiled model
+        runs its projections compiled and this call eagerly (one graph break); the compiled
+        ``flex`` backend still compiles its own kernel."""
+        from .execute import attention
+
+        cp = self.compiled(q.shape[2], q.device)
         out, self.last_backend = attention(cp, q, k, v, backend=self.backend, return_backend=True,
                                            dropout_p=self.dropout if self.training else 0.0)
-        return self.out_proj(out.transpose(1, 2).reshape(B, L, E))
+        return out
 
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, pattern={str(self.pattern)!r}, "

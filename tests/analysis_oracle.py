@@ -1,11 +1,10 @@
 """Test helpers for the reachability tests: an oracle written from SPEC §4 with dense numpy
 matrices built by ``patternc.reference.dense_mask`` (independent of the engines'
-evaluators), and hypothesis strategies producing pattern source text."""
+evaluators); the pattern strategies are in ``strategies.py``."""
 
 from __future__ import annotations
 
 import numpy as np
-from hypothesis import strategies as st
 
 import patternc
 from patternc.reference import dense_mask
@@ -59,62 +58,3 @@ def check_path(src, n, heads, path, i, j):
             assert hop.via == "residual"
         pos = hop.to_pos
     assert pos == i
-
-
-# ---- strategies ---------------------------------------------------------------------------------------
-def _leaf():
-    return st.one_of(
-        st.just("causal"),
-        st.just("all"),
-        st.builds(lambda w: f"local(w={w})", st.integers(1, 6)),
-        st.builds(lambda l, r: f"band(left={l}, right={r})", st.integers(0, 3), st.integers(0, 3)),
-        st.builds(lambda s: f"strided(s={s})", st.integers(1, 6)),
-        st.builds(lambda w, d: f"dilated(w={w}, d={d})", st.integers(1, 3), st.integers(1, 3)),
-        st.builds(lambda l: f"chunk(l={l})", st.integers(1, 8)),
-        st.builds(lambda l, c: f"summary(l={l}, c={min(c, l)})", st.integers(1, 8), st.integers(1, 3)),
-        st.builds(lambda k: f"sink(n={k})", st.integers(0, 3)),
-        st.builds(lambda k: f"global(n={k})", st.integers(0, 2)),
-        st.builds(lambda k: f"prefix(n={k})", st.integers(0, 5)),
-        st.builds(lambda r, s: f"random(r={r}, seed={s})", st.integers(0, 2), st.integers(0, 3)),
-    )
-
-
-def _shift_leaf():
-    return st.one_of(
-        st.just("causal"),
-        st.builds(lambda w: f"local(w={w})", st.integers(1, 6)),
-        st.builds(lambda l, r: f"band(left={l}, right={r})", st.integers(0, 4), st.integers(0, 4)),
-        st.builds(lambda s: f"strided(s={s})", st.integers(1, 7)),
-        st.builds(lambda w, d: f"dilated(w={w}, d={d})", st.integers(1, 3), st.integers(1, 4)),
-    )
-
-
-def _combine(children):
-    return st.one_of(
-        st.builds(lambda a, b: f"({a}) | ({b})", children, children),
-        st.builds(lambda a, b: f"({a}) & ({b})", children, children),
-        st.builds(lambda a, b: f"({a}) - ({b})", children, children),
-        st.builds(lambda a: f"~({a})", children),
-    )
-
-
-def layer_patterns(shift_only=False):
-    leaf = _shift_leaf() if shift_only else _leaf()
-    return st.recursive(leaf, _combine, max_leaves=4)
-
-
-@st.composite
-def patterns(draw, shift_only=False):
-    """Source text: one pattern, or heads(...)/layers(...) of a few, optionally & causal."""
-    body = layer_patterns(shift_only)
-    kind = draw(st.sampled_from(["plain", "plain", "heads", "layers"]))
-    if kind == "plain":
-        p = draw(body)
-    else:
-        items = draw(st.lists(body, min_size=2, max_size=3))
-        p = f"{kind}({', '.join(items)})"
-    if draw(st.booleans()):
-        p = f"({p}) & causal"
-    if not shift_only and draw(st.integers(0, 5)) == 0:
-        p = f"blocks({draw(st.integers(1, 3))}, {p})"
-    return p

@@ -14,7 +14,7 @@ from torch.nn.attention.flex_attention import create_block_mask  # noqa: E402
 
 import patternc  # noqa: E402
 from patternc.reference import dense_mask  # noqa: E402
-from strategies import patterns  # noqa: E402
+from strategies import layout_patterns as patterns  # noqa: E402
 
 SOURCES = [
     "all", "causal", "local(w=7) & causal", "band(left=3, right=9)", "strided(s=5)", "dilated(w=3, d=4)",

@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 import patternc
 from patternc import BlockLayout, PatternError
 from patternc.reference import dense_mask
-from strategies import BLOCK_SIZES, block_sizes, lengths, patterns
+from strategies import BLOCK_SIZES, block_sizes, lengths
+from strategies import layout_patterns as patterns
 
 PRIMITIVE_SOURCES = [
     "all", "none", "causal", "local(w=1)", "local(w=7)", "local(w=130)", "band(left=3, right=0)",
@@ -87,7 +88,7 @@ def test_random_compositions_match_oracle(p, q_len, kv_len, bs):
 
 
 @settings(max_examples=40, deadline=None)
-@given(p=patterns(with_layers=True), layer=st.integers(0, 3), heads=st.integers(1, 4))
+@given(p=patterns(layers=True), layer=st.integers(0, 3), heads=st.integers(1, 4))
 def test_layers_and_explicit_heads_match_oracle(p, layer, heads):
     check_against_oracle(p, 130, 97, 16, num_heads=heads, layer=layer)
 

@@ -79,11 +79,14 @@ EXPECTED = {
     "tabs_crlf_warning": ("W001", 0),
     "block_level_causal": ("W002", 0),
     "causal_union": ("W002", 0),
+    "unused_param": ("W005", 0),
+    "set_unused_param": ("W006", 0),
 }
 
 ARGS = {
     "set_unknown_param": ["--set", "wdth=64"],
     "set_not_an_int": ["--set", "w=big"],
+    "set_unused_param": ["--set", "s=32"],
 }
 
 # Inputs too large to keep in the repository: generated into a temporary folder.

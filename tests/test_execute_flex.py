@@ -43,9 +43,15 @@ def test_flex_forward_matches_reference():
     assert _rel(out, ref) <= 1e-5
     empty = torch.from_numpy(~dense.any(-1))
     assert empty.any() and (out[0][empty] == 0).all()
-    # bfloat16 through the same kernel family
-    qb, kb, vb = _qkv(torch.bfloat16)
+    # bfloat16 through the same kernel family, with inputs that require grad: the P352 advice
+    # for them ("wrap the call in torch.no_grad()") must work (issue 9 item 10)
+    qb, kb, vb = (x.requires_grad_() for x in _qkv(torch.bfloat16))
     with torch.no_grad():
         outb = attention(cp, qb, kb, vb, backend="flex")
     assert outb.dtype == torch.bfloat16
-    assert _rel(outb, reference_attention(qb, kb, vb, dense)) <= 2e-2
+    assert _rel(outb, reference_attention(qb.detach(), kb.detach(), vb.detach(), dense)) <= 2e-2
+    # torch.autocast: float32 inputs run as bfloat16 (the same compiled kernel), issue 9 item 2
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        outa = attention(cp, q, k, v, backend="flex")
+    assert outa.dtype == torch.bfloat16
+    assert _rel(outa, reference_attention(*(x.to(torch.bfloat16) for x in (q, k, v)), dense)) <= 2e-2

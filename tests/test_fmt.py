@@ -17,7 +17,7 @@ from patternc.errors import PatternError, PatternWarning
 from patternc.lang.formatter import WIDTH, format_source
 from patternc.lang.parser import parse_tree_with_comments
 
-from lang_strategies import patterns
+from strategies import lang_patterns as patterns
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = Path(__file__).parent / "golden" / "diagnostics"

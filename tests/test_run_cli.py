@@ -126,3 +126,17 @@ def test_usage_and_pattern_errors(capsys):
     capsys.readouterr()
     assert main(["run", "-e", "causl", "--seq-len", "8", "--heads", "1", "--head-dim", "4"]) == 1
     assert "did you mean `causal`" in capsys.readouterr().err
+
+
+def test_run_names_the_layer_of_a_layers_pattern(capsys):
+    """Issue 9 item 7: `run` on layers(...) says which entry ran (as `compile` does)."""
+    src = "layers(local(w=4) & causal, strided(s=3) & causal)"
+    args = ["-e", src, "--seq-len", "40", "--heads", "1", "--head-dim", "8", "--repeats", "1",
+            "--no-dense", "--block-size", "16"]
+    code, r = run_json(capsys, *args, "--layer", "3", "--check")
+    assert code == 0 and r["check_passed"]
+    assert (r["layer"], r["num_layers"], r["layer_pattern"]) == (3, 2, "strided(s=3) & causal")
+    # the density reported is that entry's (the oracle for layer 3 = entry 1)
+    assert r["density"] == pytest.approx(patternc.reference.dense_mask(src, q_len=40, layer=3).mean())
+    assert main(["run", *args]) == 0
+    assert "layer: 0 (entry 0 of 2): local(w=4) & causal" in capsys.readouterr().out.splitlines()

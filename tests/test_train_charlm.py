@@ -65,3 +65,25 @@ def test_quick_run(tmp_path):
         src = ROOT / "examples" / "sparse_transformer_fixed.pattern"
         assert main(["run", str(src), "--input", str(qkv), "--seq-len", "256", "--heads", "2", "--head-dim", "16",
                      "--block-size", "32", "--check"]) == 0
+
+
+def test_readme_follow_up_reads_what_the_readme_command_writes():
+    """Issue 9 item 3: the README's training command must save the q/k/v file that its
+    follow-up `patternc run ... --input FILE` reads (without --save-qkv nothing is saved)."""
+    import re
+    import shlex
+
+    from patternc.cli import build_parser
+
+    text = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
+    train = re.findall(r"`(python examples/train_charlm\.py[^`]*)`", text)
+    follow = re.findall(r"`(patternc run [^`]*--input [^`]*)`", text)
+    assert train and follow, "the README shows the training command and its follow-up"
+    targs = train_charlm.build_parser().parse_args(shlex.split(train[0])[2:])
+    rargs = build_parser().parse_args(shlex.split(follow[0])[1:])
+    assert targs.save_qkv is not None, "the README's training command saves q/k/v"
+    assert Path(rargs.input) == targs.save_qkv
+    # the saved layer is the first sparse run's: the pattern the follow-up runs
+    runs = dict(train_charlm.parse_patterns(targs.patterns))
+    first_sparse = next(n for n, src in runs.items() if src != "causal")
+    assert (targs.qkv_from or first_sparse) == "fixed" and runs["fixed"] == rargs.file

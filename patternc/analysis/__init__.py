@@ -107,6 +107,12 @@ def analyze(p_or_source, *, seq_len: int, layers: int | None = None, num_heads: 
         notes.append(msg)
         warnings.warn(PatternWarning(Diagnostic("W003", msg, None, None,
                                                 severity="warning", filename="<pattern>")), stacklevel=2)
+    from ..ir.specialize import head_cycle_warning
+
+    cycle = head_cycle_warning(pattern.num_heads, num_heads)
+    if cycle is not None:
+        notes.append(cycle.message)
+        warnings.warn(PatternWarning(cycle), stacklevel=2)
     stack = Stack(pattern, seq_len, num_heads)
     out = _run(stack, pairs, engine, layers, block_size, notes)
     out.pattern = str(pattern)

@@ -38,14 +38,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..ir.nodes import And, Blocks, Diff, Not, Or, Pattern, Prim
+from ..ir.primitives import PRIMITIVES
+from ..lower.lowering import evaluate as evaluate_head
 from .predicate import evaluate
 
 
 class NotShiftInvariant(ValueError):
     """The pattern depends on positions, not only on ``i - j`` (names the primitive)."""
-
-
-_SHIFT_PRIMS = {"all", "none", "causal", "local", "band", "strided", "dilated"}
 
 
 # ---- difference sets --------------------------------------------------------------------------------------
@@ -67,27 +66,14 @@ def diff_set(p: Pattern, n: int) -> tuple[np.ndarray, set[int]]:
 
 def _ediff(p, d, n, hints):
     if isinstance(p, Prim):
-        a = p.argdict
-        name = p.name
-        if name == "all":
+        spec = PRIMITIVES[p.name]
+        if spec.reads in ("", "d"):  # shift-invariant: the formula at (i, j) = (d, 0)
+            step = spec.stride(p.argdict)
+            if step is not None:
+                hints.add(step)
+            return np.broadcast_to(evaluate_head(p, d, 0, n, n), d.shape).copy()
+        if spec.full_at(p.argdict, n):  # constant over the whole square at this length
             return np.ones(d.shape, dtype=bool)
-        if name == "none":
-            return np.zeros(d.shape, dtype=bool)
-        if name == "causal":
-            return d >= 0
-        if name == "local":
-            return np.abs(d) < a["w"]
-        if name == "band":
-            return (-a["right"] <= d) & (d <= a["left"])
-        if name == "strided":
-            hints.add(a["s"])
-            return d % a["s"] == 0
-        if name == "dilated":
-            hints.add(a["d"])
-            return (d % a["d"] == 0) & (np.abs(d) < a["w"] * a["d"])
-        const = _constant_prim(p, n)
-        if const is not None:
-            return np.full(d.shape, const, dtype=bool)
         raise NotShiftInvariant(f"`{p}` depends on positions, not only on i - j")
     if isinstance(p, Not):
         return ~_ediff(p.child, d, n, hints)
@@ -107,21 +93,6 @@ def _ediff(p, d, n, hints):
         v = bool(evaluate(p.child, 0, 0, 0, 1, 1))
         return np.full(d.shape, v, dtype=bool)
     raise NotShiftInvariant(f"`{p}` depends on positions, not only on i - j")
-
-
-def _constant_prim(p: Prim, n: int):
-    a = p.argdict
-    if p.name == "chunk" and a["l"] >= n:
-        return True
-    if p.name in ("sink", "prefix") and a["n"] >= n:
-        return True
-    if p.name == "global" and "n" in a and a["n"] >= n:
-        return True
-    if p.name == "global" and "at" in a and set(range(n)) <= set(a["at"]):
-        return True
-    if p.name == "random" and a["r"] >= n:
-        return True
-    return None
 
 
 # ---- arithmetic-progression covers and sumsets -------------------------------------------------------------

@@ -35,7 +35,20 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue
         mod.register(sub)
+    _finish_help(sub)
     return parser
+
+
+def _finish_help(sub) -> None:
+    """Every subcommand's ``--help`` opens with a plain-text description: its one-line help
+    when it has none of its own, and never the reST markup (double backticks) of the
+    docstrings some descriptions are taken from."""
+    helps = {a.dest: a.help for a in sub._choices_actions}
+    for name, p in sub.choices.items():
+        text = p.description or helps.get(name)
+        if text:
+            text = text.replace("``", "")
+            p.description = text[0].upper() + text[1:]
 
 
 def main(argv=None) -> int:

@@ -7,7 +7,10 @@ from .common import add_source_args, emit_diagnostics, print_json, run_guarded
 
 
 def register(sub) -> None:
-    p = sub.add_parser("check", help="parse and validate a pattern; print its canonical form and properties")
+    p = sub.add_parser("check", help="parse and validate a pattern; print its canonical form and properties",
+                       description="Parse and validate a pattern; print its canonical form and its properties "
+                                   "(causal, symmetric, heads, layers), with a witness pair for each property "
+                                   "that does not hold. Exit 1 when the pattern has errors.")
     add_source_args(p)
     p.set_defaults(func=run)
 

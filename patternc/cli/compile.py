@@ -68,6 +68,7 @@ def run(args) -> int:
             raise e.with_source(src.text, src.filename) from None
         cp.params = dict(res.params)
         summary = cp.summary()
+        summary["num_layers"] = pattern.num_layers  # of the whole pattern (`layer` picks entry layer mod it)
         t0 = time.perf_counter()
         plan = cp.plan_for(args.plan)
         plan_seconds = time.perf_counter() - t0
@@ -96,7 +97,8 @@ def _render(cp, s) -> str:
     qb, kb = s["block_size"]
     lines = [
         f"canonical: {s['canonical']}",
-        f"layer: {s['layer']}" if s["layer"] else None,
+        (f"layer: {s['layer']} (entry {s['layer'] % s['num_layers']} of {s['num_layers']})"
+         if s["num_layers"] > 1 else f"layer: {s['layer']}") if s["layer"] or s["num_layers"] > 1 else None,
         f"Q_LEN x KV_LEN: {s['q_len']} x {s['kv_len']} tokens, heads: {s['num_heads']}",
         f"BLOCK_SIZE: {qb} x {kb} tokens -> {s['num_q_blocks']} x {s['num_kv_blocks']} blocks per head",
         f"tiles: {s['full_blocks']} FULL, {s['partial_blocks']} PARTIAL, {s['empty_blocks']} EMPTY",

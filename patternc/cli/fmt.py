@@ -19,7 +19,10 @@ from .common import print_json, report_errors
 
 def register(sub) -> None:
     p = sub.add_parser("fmt", help="rewrite pattern files in the canonical layout (comments kept)",
-                       description=__doc__.split("\n\n")[0])
+                       description="Rewrite pattern files in the canonical layout, comments kept: each FILE "
+                                   "in place (atomically; an unchanged file is not touched); -e EXPR and '-' "
+                                   "print the result on stdout. Exit 1 on a syntax error or, with --check, "
+                                   "a file that would change.")
     p.add_argument("files", nargs="*", metavar="FILE", help="files to format in place ('-' reads standard input)")
     p.add_argument("-e", "--expr", help="format a pattern given on the command line (printed on stdout)")
     mode = p.add_mutually_exclusive_group()

@@ -58,6 +58,11 @@ def register(sub) -> None:
     p.add_argument("--threads", type=int, metavar="T",
                    help="torch CPU threads (default: torch's choice). On a busy machine 1 is often faster "
                         "for the block-sparse kernel: its many small ops wait for descheduled threads")
+    p.add_argument("--nproc", type=int, metavar="N",
+                   help="context parallel: shard the sequence over N local gloo processes; prints per-rank "
+                        "balance and bytes (with --check: against the single-process result)")
+    p.add_argument("--balance", choices=("tiles", "contiguous"), default="tiles",
+                   help="with --nproc: equal computed tiles per rank (default) or equal contiguous chunks")
     p.set_defaults(func=run)
 
 
@@ -285,6 +290,11 @@ def run(args) -> int:
             v = torch.randn(B, H_kv, M, Dv, generator=gen)
             q, k, v = (t.to(device=device, dtype=dtype) for t in (q, k, v))
 
+        if args.nproc is not None:
+            from .run_cp import run_nproc
+
+            return run_nproc(args, cp, q, k, v, dtype_name)
+
         backend, reason = (args.backend, "chosen with --backend") if args.backend != "auto" else \
             choose_backend(cp, q, k, v, explain=True)
         if backend == "flex" and device.type == "cpu" and dtype == torch.float64:
@@ -327,6 +337,7 @@ def run(args) -> int:
                 "density": float(cp.density), "block_density": float(cp.block_density),
                 "first_call_seconds": first, "compile_seconds": compile_seconds,
                 "repeats": args.repeats, "dtype": dtype_name, "device": str(device),
+                "layer": args.layer, "num_layers": pattern.num_layers, "layer_pattern": str(cp.pattern),
                 "shape": {"batch": B, "heads": H, "kv_heads": H_kv, "q_len": N, "kv_len": M,
                           "head_dim": D, "v_head_dim": Dv, "block_size": args.block_size},
             }
@@ -368,6 +379,8 @@ def run(args) -> int:
 
 def _print_text(r, B, H, H_kv, N, M, D, Dv) -> None:
     print(f"pattern: {r['pattern']}")
+    if r["num_layers"] > 1:  # a layers(...) stack: say which entry ran (--layer L runs entry L mod m)
+        print(f"layer: {r['layer']} (entry {r['layer'] % r['num_layers']} of {r['num_layers']}): {r['layer_pattern']}")
     print(f"shape: q [{B}, {H}, {N}, {D}], k/v [{B}, {H_kv}, {M}, {D}/{Dv}], {r['dtype']} on {r['device']}")
     print(f"density: token {100 * r['density']:.2f}%, block {100 * r['block_density']:.2f}%")
     print(f"backend: {r['backend']} ({r['backend_reason']})")

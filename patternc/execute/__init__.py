@@ -69,6 +69,14 @@ def check_inputs(cp, q, k, v) -> None:
     Bk, H_kv, KV, Dk = k.shape
     Dv = v.shape[-1]
     q_len, kv_len = cp.q_len, cp.kv_len
+    if Q != q_len and q.shape[1] == q_len and k.shape[1] == kv_len and v.shape[1] == kv_len:
+        # [B, L, H, D] (the layout of HF projections before .transpose(1, 2), of xformers and
+        # of flash-attn), not [B, H, L, D]: say so instead of suggesting q_len=H
+        raise _error("P350", f"q, k, v look like [B, L, H, D] (sequence before heads): q {_shape(q)}, "
+                     f"k {_shape(k)}, v {_shape(v)} for Q_LEN={q_len}, KV_LEN={kv_len}; patternc takes "
+                     "[B, H, L, D], as scaled_dot_product_attention and flex_attention do",
+                     help="pass q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2) (and transpose the "
+                          "result back with out.transpose(1, 2))")
     if Q != q_len:
         raise _error("P350", f"q has Q_LEN={Q}, but the pattern was compiled for Q_LEN={q_len}: "
                      f"expected q [B, H, {q_len}, D], got {_shape(q)}",
@@ -173,12 +181,23 @@ def attention(cp, q, k, v, *, scale: float | None = None, backend: str = "auto",
 
         raise _error("P352", f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}",
                      help=did_you_mean(str(backend), BACKENDS) or "use backend='auto'")
+    amp = _autocast_dtype(q)
+    if amp is not None:
+        # Under torch.autocast, attention is a lower-precision op (as SDPA is on autocast's
+        # list): q, k, v are cast to the autocast dtype (float64 stays float64, as autocast
+        # leaves it), and the backend runs with autocast off, so its own float32
+        # accumulation is not re-cast behind its back. The result is in that dtype.
+        q, k, v = (x.to(amp) if x.is_floating_point() and x.dtype != torch.float64 else x for x in (q, k, v))
     check_inputs(cp, q, k, v)
     if plan not in PLANS:
         from ..errors import did_you_mean
 
         raise _error("P352", f"unknown plan {plan!r}; expected one of {', '.join(PLANS)}",
                      help=did_you_mean(str(plan), PLANS) or "use plan='auto' (default) or plan='natural'")
+    if amp is not None:
+        with torch.autocast(q.device.type, enabled=False):
+            return attention(cp, q, k, v, scale=scale, backend=backend, return_backend=return_backend,
+                             dropout_p=dropout_p, plan=plan)
     if not 0.0 <= float(dropout_p) < 1.0:
         raise _error("P352", f"dropout_p must be in [0, 1), got {dropout_p}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
@@ -197,6 +216,19 @@ def attention(cp, q, k, v, *, scale: float | None = None, backend: str = "auto",
     return (out, name) if return_backend else out
 
 
+def _autocast_dtype(q) -> "torch.dtype | None":
+    """The dtype ``torch.autocast`` casts to on q's device, or None when it is off."""
+    if not isinstance(q, torch.Tensor):
+        return None
+    dev = q.device.type
+    try:
+        if not torch.is_autocast_enabled(dev):
+            return None
+    except RuntimeError:  # a device type autocast does not know
+        return None
+    return torch.get_autocast_dtype(dev)
+
+
 def _run_flex(cp, q, k, v, scale):
     from .blocksparse import empty_rows, mask_mod_for
     from .flex import flex_attention
@@ -204,8 +236,12 @@ def _run_flex(cp, q, k, v, scale):
     if q.device.type == "cpu" and _needs_grad(q, k, v):
         raise _error("P352", "backend 'flex' has no backward on CPU (FlexAttention's CPU kernel is "
                      "forward-only) and these inputs require gradients",
-                     help="use backend='blocksparse' (or 'auto') to train on CPU, or wrap the call "
-                          "in torch.no_grad()")
+                     help="use backend='blocksparse' (or 'auto') to train on CPU; for inference "
+                          "wrap the call in torch.no_grad() or pass q.detach(), k.detach(), v.detach()")
+    if q.device.type == "cpu":
+        # No gradient is needed here (checked above), but torch's CPU flex kernel refuses any
+        # input with requires_grad=True even under torch.no_grad(): detaching is exact then.
+        q, k, v = q.detach(), k.detach(), v.detach()
     if q.device.type == "cpu" and q.dtype == torch.float64:
         raise _error("P352", "backend 'flex' does not take float64 on CPU (FlexAttention's CPU kernel "
                      "supports float32, bfloat16, float16)", help="use backend='blocksparse' or 'sdpa'")

@@ -860,17 +860,9 @@ class Term:
         return cls(layout=layout, mask_mod=mm, q_order=qo, kv_order=ko, heads=ho)
 
 
-_TERM_PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
 def _term_plan(term: Term, num_heads: int, device) -> Plan:
-    per = _TERM_PLANS.setdefault(term.layout, {})
-    key = (num_heads, str(torch.device(device)), id(term.mask_mod))
-    plan = per.get(key)
-    if plan is None:
-        per.clear()  # one mask_mod per layout at a time
-        plan = per[key] = Plan(term.layout, num_heads, device, term.mask_mod)
-    return plan
+    """The cached gather ``Plan`` of a term (``plan_for``: per layout object, heads, device)."""
+    return plan_for(term.layout, num_heads, device, term.mask_mod)
 
 
 def _gather(x: torch.Tensor, heads, order, dim_heads=1, dim_len=2) -> torch.Tensor:
@@ -1026,8 +1018,11 @@ class _TermsAttention(torch.autograd.Function):
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
         terms, scale, score_mod, chunk_elements, dropout_p, seed = ctx.args
-        dq, dk, dv = terms_backward(q, k, v, terms, scale, out, lse, dout.to(out.dtype), score_mod=score_mod,
-                                    chunk_elements=chunk_elements, dropout_p=dropout_p, seed=seed)
+        # backward() may run inside torch.autocast: the kernel accumulates in its own compute
+        # dtype and must not have its matmuls re-cast (index_add_ needs matching dtypes)
+        with torch.autocast(q.device.type, enabled=False):
+            dq, dk, dv = terms_backward(q, k, v, terms, scale, out, lse, dout.to(out.dtype), score_mod=score_mod,
+                                        chunk_elements=chunk_elements, dropout_p=dropout_p, seed=seed)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..ir.nodes import And, Blocks, Diff, Heads, Layers, Not, Or, Pattern, Prim
+from ..ir.primitives import PRIMITIVES
 from ..lower.lowering import random_flat_keys
 
 
@@ -108,58 +109,56 @@ def _build(p: Pattern, q_len: int, kv_len: int, dev):
     raise TypeError(f"not a pattern: {p!r}")
 
 
+class TorchArrays:
+    """The registry's array namespace on torch (see ``patternc.ir.primitives``): the formula's
+    parameters are 0-d int64 tensors on ``device``; position sets and ``random``'s draws are
+    bool lookup tables indexed by the (clamped) indices, built once here, outside any trace.
+
+    Attributes:
+        q_len, kv_len: Q_LEN and KV_LEN of the index space (tokens, or blocks inside ``blocks``).
+        device: where the tensors live.
+    """
+
+    abs = staticmethod(torch.abs)
+
+    def __init__(self, q_len: int, kv_len: int, device):
+        self.q_len, self.kv_len, self.device = q_len, kv_len, device
+
+    @staticmethod
+    def const(value: bool):
+        if value:
+            return lambda i, j: torch.ones_like(i - j, dtype=torch.bool)
+        return lambda i, j: torch.zeros_like(i - j, dtype=torch.bool)
+
+    def index_set(self, positions, axis: str):
+        length = self.q_len if axis == "q" else self.kv_len
+        marks, top = _marks(np.asarray(positions, dtype=np.int64), length, self.device), length - 1
+        return lambda x: marks[x.clamp(0, top)]
+
+    def random_pairs(self, r, seed):
+        table = _random_table(int(r), int(seed), self.q_len, self.kv_len, self.device)
+        qmax, kmax = self.q_len - 1, self.kv_len - 1
+        return lambda i, j: table[i.clamp(0, qmax), j.clamp(0, kmax)]
+
+
 def _prim(p: Prim, q_len: int, kv_len: int, dev):
-    a = p.argdict
-    n = p.name
-    if n == "all":
-        return lambda h, q, kv: torch.ones_like(q - kv, dtype=torch.bool)
-    if n == "none":
-        return lambda h, q, kv: torch.zeros_like(q - kv, dtype=torch.bool)
-    if n == "causal":
-        return lambda h, q, kv: kv <= q
-    if n == "local":
-        w = _t(a["w"], dev)
-        return lambda h, q, kv: (q - kv).abs() < w
-    if n == "band":
-        left, right = _t(a["left"], dev), _t(a["right"], dev)
-        return lambda h, q, kv: (q - kv <= left) & (kv - q <= right)
-    if n == "strided":
-        s = _t(a["s"], dev)
-        return lambda h, q, kv: (q - kv) % s == 0
-    if n == "dilated":
-        d, span = _t(a["d"], dev), _t(a["w"] * a["d"], dev)
-        return lambda h, q, kv: ((q - kv) % d == 0) & ((q - kv).abs() < span)
-    if n == "chunk":
-        l = _t(a["l"], dev)
-        return lambda h, q, kv: q // l == kv // l
-    if n == "summary":
-        l, c, g = a["l"], a["c"], a["g"]
-        lt, lo, hi = _t(l, dev), _t(l - (g + 1) * c, dev), _t(l - g * c, dev)
-
-        def summary(h, q, kv):
-            jm = kv % lt
-            return (jm >= lo) & (jm < hi) & (q >= 0)
-
-        return summary
-    if n == "sink":
-        k = _t(a["n"], dev)
-        return lambda h, q, kv: (kv < k) & (q >= 0)
-    if n == "prefix":
-        k = _t(a["n"], dev)
-        return lambda h, q, kv: (q < k) & (kv < k)
-    if n == "global":
-        if "n" in a:
-            k = _t(a["n"], dev)
-            return lambda h, q, kv: (q < k) | (kv < k)
-        at = np.asarray(a["at"], dtype=np.int64)
-        mq, mk = _marks(at, q_len, dev), _marks(at, kv_len, dev)
-        qmax, kmax = q_len - 1, kv_len - 1
-        return lambda h, q, kv: mq[q.clamp(0, qmax)] | mk[kv.clamp(0, kmax)]
-    if n == "random":
-        table = _random_table(a["r"], a["seed"], q_len, kv_len, dev)
-        qmax, kmax = q_len - 1, kv_len - 1
-        return lambda h, q, kv: table[q.clamp(0, qmax), kv.clamp(0, kmax)]
-    raise ValueError(f"unknown primitive {n!r}")
+    """The registry's formula with every integer parameter a 0-d tensor (a new value is not a
+    recompile); a primitive that ignores an index still broadcasts over it (FlexAttention and
+    direct ``mask_mod(0, h, q[:, None], kv[None, :])`` calls expect the full shape)."""
+    spec = PRIMITIVES.get(p.name)
+    if spec is None or spec.formula is None:
+        raise ValueError(f"unknown primitive {p.name!r}")
+    args = {k: (_t(v, dev) if isinstance(v, int) else v) for k, v in p.args}
+    pred = spec.formula(TorchArrays(q_len, kv_len, dev), args)
+    reads_q = spec.reads == "" or any(c in spec.reads for c in "dix")
+    reads_kv = spec.reads == "" or any(c in spec.reads for c in "djx")
+    if reads_q and reads_kv:
+        return lambda h, q, kv: pred(q, kv)
+    if reads_kv:
+        return lambda h, q, kv: pred(q, kv) & (q >= 0)
+    if reads_q:
+        return lambda h, q, kv: pred(q, kv) & (kv >= 0)
+    return lambda h, q, kv: pred(q, kv) & (q >= 0) & (kv >= 0)
 
 
 def _marks(at: np.ndarray, length: int, dev) -> torch.Tensor:

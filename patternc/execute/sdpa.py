@@ -7,6 +7,8 @@
   ``cp.dense_mask()``, cached per device): the small-size reference, and the "dense" baseline
   that ``patternc run`` times. It materialises Q_LEN x KV_LEN booleans per head, so it is
   refused (P353) above ``DENSE_MASK_LIMIT`` elements.
+* A scale <= 0 (legal: 0 averages the allowed values) on the ``is_causal`` path: torch
+  2.13 returns NaN there, so q is multiplied by the scale first and SDPA gets scale 1.
 * Rows with no allowed key: their mask row is opened (so SDPA's softmax stays finite) and
   their output is set to 0 afterwards, so values are 0 and gradients finite (zero).
 """
@@ -67,6 +69,10 @@ def sdpa_attention(cp, q, k, v, scale: float, *, use_causal: bool, dropout_p: fl
     F = torch.nn.functional
     gqa = k.shape[1] != q.shape[1]
     if use_causal:
+        if scale <= 0:
+            # torch 2.13's is_causal path returns NaN for scale <= 0 (a legal scale: 0 gives
+            # the mean of the allowed values); scaling q first and passing 1 is exact
+            q, scale = q * scale, 1.0
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa,
                                               dropout_p=dropout_p)
     mask, empty = dense_mask_tensors(cp, q.device)

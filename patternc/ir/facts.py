@@ -8,31 +8,14 @@ check`` rely on. They read only the IR, so they live beside it (standard library
 from __future__ import annotations
 
 from .nodes import And, Blocks, Diff, Heads, Layers, Not, Or, Pattern, Prim
-
-_SYMMETRIC_PRIMS = {"all", "none", "local", "strided", "dilated", "chunk", "global", "prefix"}
+from .primitives import PRIMITIVES
 
 
 def proves_causal(p: Pattern) -> bool:
     """Sound syntactic proof that p allows only j <= i (True means proven)."""
     if isinstance(p, Prim):
-        a = p.argdict
-        if p.name in ("causal", "none"):
-            return True
-        if p.name == "local" and a.get("w") == 1:
-            return True
-        if p.name == "band" and a.get("right") == 0:
-            return True
-        if p.name == "chunk" and a.get("l") == 1:
-            return True
-        if p.name == "dilated" and a.get("w") == 1:
-            return True
-        if p.name in ("sink", "prefix") and a.get("n") in (0, 1):  # j < 1 means j = 0 <= i
-            return True
-        if p.name == "random" and a.get("r") == 0:
-            return True
-        if p.name == "global" and (a.get("n") == 0 or a.get("at") == ()):
-            return True
-        return False
+        spec = PRIMITIVES.get(p.name)
+        return spec is not None and bool(spec.causal_if(p.argdict))
     if isinstance(p, And):
         return any(proves_causal(c) for c in p.items)
     if isinstance(p, (Or, Heads, Layers)):
@@ -47,9 +30,8 @@ def proves_causal(p: Pattern) -> bool:
 def proves_symmetric(p: Pattern) -> bool:
     """Sound syntactic proof that attend(i, j) == attend(j, i) at every length."""
     if isinstance(p, Prim):
-        if p.name == "band":
-            return p.arg("left") == p.arg("right")
-        return p.name in _SYMMETRIC_PRIMS
+        spec = PRIMITIVES.get(p.name)
+        return spec is not None and bool(spec.symmetric_if(p.argdict))
     if isinstance(p, Not):
         return proves_symmetric(p.child)
     if isinstance(p, Diff):

@@ -3,7 +3,9 @@ returning ``None`` for "no change" (tinygrad style). ``normalize(p)`` applies th
 to a fixed point; the result is the canonical IR that ``str()`` prints (SPEC §1.4).
 
 Every pass preserves the predicate ``attend(l, h, i, j)`` for all lengths; the property
-tests check this against the oracle on random IR. ``bind_lengths`` substitutes ``q_len`` /
+tests check this against the oracle on random IR. No rewrite drops a parameter that depends
+on ``q_len`` / ``kv_len`` (``keeps_length_checks``): its range is checked when the lengths are
+bound, on every branch, as a literal's is at parse time. ``bind_lengths`` substitutes ``q_len`` /
 ``kv_len`` once the lengths are known and re-checks parameter ranges (P301).
 """
 
@@ -27,11 +29,17 @@ from .nodes import (
     Pattern,
     Prim,
 )
-from .primitives import check_values
+from .primitives import MAX_INT, check_values
 
 
 def _is_const(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _fits(*values: int) -> bool:
+    """A rewrite may only write integers the parser accepts (``<= MAX_INT``, SPEC §1.4:
+    the canonical text re-parses); one that would need a larger one is not made."""
+    return all(abs(v) <= MAX_INT for v in values)
 
 
 # ---- passes ------------------------------------------------------------------------------------------
@@ -157,14 +165,14 @@ def simplify_primitive(p):
             return Prim("local", (("w", a["w"]),))
         if a["w"] == 1:
             return Prim("local", (("w", 1),))
-    if p.name == "band" and a["right"] == 0 and a["left"] > 0:
+    if p.name == "band" and a["right"] == 0 and a["left"] > 0 and _fits(a["left"] + 1):
         # i - l <= j <= i  is  |i - j| < l + 1 and j <= i: one canonical text for the causal window
         return And((Prim("local", (("w", a["left"] + 1),)), ir.CAUSAL))
     if p.name == "strided" and a["s"] == 1:
         return ALL
     if p.name == "chunk" and a["l"] == 1:
         return Prim("local", (("w", 1),))
-    if p.name == "band" and a["left"] == a["right"]:
+    if p.name == "band" and a["left"] == a["right"] and _fits(a["left"] + 1):
         return Prim("local", (("w", a["left"] + 1),))
     if p.name == "summary" and a["c"] * (a["g"] + 1) == a["l"] and a["g"] == 0:
         return ALL
@@ -191,7 +199,7 @@ def simplify_blocks(p):
             return p.child
         if _is_const(p.b) and p.b == 1:
             return p.child
-        if isinstance(p.child, Blocks) and _is_const(p.b) and _is_const(p.child.b):
+        if isinstance(p.child, Blocks) and _is_const(p.b) and _is_const(p.child.b) and _fits(p.b * p.child.b):
             return Blocks(p.b * p.child.b, p.child.child)
 
 
@@ -347,7 +355,8 @@ def _merge_two(op, a: Prim, b: Prim):
     if n == "strided":  # i-j divisible by both <=> by their lcm; s1 | s2 means strided(s2) <= strided(s1)
         s1, s2 = x["s"], y["s"]
         if op is And:
-            return Prim(n, (("s", math.lcm(s1, s2)),))
+            lcm = math.lcm(s1, s2)
+            return Prim(n, (("s", lcm),)) if _fits(lcm) else None
         if s2 % s1 == 0 or s1 % s2 == 0:
             return Prim(n, (("s", math.gcd(s1, s2)),))
         return None
@@ -422,6 +431,28 @@ PASSES = [
 
 
 @functools.lru_cache(maxsize=65536)
+def _length_checks(p: Pattern) -> frozenset:
+    """The parameters of ``p`` that depend on ``q_len`` / ``kv_len``: ``(primitive, argument,
+    expression)`` and ``("blocks", "b", expression)``. They are range-checked only when the
+    lengths are bound (P301), so no rewrite may drop one: ``all | local(w=q_len // 2)`` keeps
+    its second operand until then, and at q_len=1 it is refused like ``all | local(w=0)``."""
+    own: set = set()
+    if isinstance(p, Prim):
+        own = {(p.name, k, v) for k, v in p.args if isinstance(v, IntExpr)}
+    elif isinstance(p, Blocks) and isinstance(p.b, IntExpr):
+        own = {("blocks", "b", p.b)}
+    for c in p.children():
+        own |= _length_checks(c)
+    return frozenset(own)
+
+
+def keeps_length_checks(before: Pattern, after: Pattern) -> bool:
+    """True when the rewrite ``before -> after`` keeps every length-dependent parameter."""
+    need = _length_checks(before)
+    return not need or need <= _length_checks(after)
+
+
+@functools.lru_cache(maxsize=65536)
 def normalize(p: Pattern) -> Pattern:
     """The canonical form of ``p``: passes applied bottom-up until none fires.
 
@@ -438,7 +469,7 @@ def normalize(p: Pattern) -> Pattern:
                 p = p.with_children(new)
         for _name, rewrite in PASSES:
             r = rewrite(p)
-            if r is not None and r != p:
+            if r is not None and r != p and keeps_length_checks(p, r):
                 p = r
                 break
         else:
@@ -455,7 +486,7 @@ def run_passes_traced(p: Pattern) -> list[tuple[str, str]]:
         changed = False
         for name, rewrite in PASSES:
             r = rewrite(p)
-            if r is not None and r != p:
+            if r is not None and r != p and keeps_length_checks(p, r):
                 p = r
                 trace.append((name, to_text(p)))
                 changed = True
@@ -522,7 +553,7 @@ def normal_form_problems(p: Pattern) -> list[str]:
                 out.append(f"{name} with {len(n.items)} operand(s)")
             if any(type(c) is type(n) for c in n.items):
                 out.append(f"{name} not flattened")
-            if ALL in n.items or NONE in n.items:
+            if (ALL in n.items or NONE in n.items) and not _length_checks(n):
                 out.append(f"{name} contains all/none")
             if list(n.items) != sorted(set(n.items), key=_sort_key):
                 out.append(f"{name} operands not unique and sorted")
@@ -533,10 +564,10 @@ def normal_form_problems(p: Pattern) -> list[str]:
             if m < 2 or any(m % k == 0 and n.items == n.items[:k] * (m // k) for k in range(1, m)):
                 out.append(f"{name} with a shorter period: {n}")
         if isinstance(n, Blocks):
-            if n.child in (ALL, NONE) or (_is_const(n.b) and n.b == 1):
+            if (n.child in (ALL, NONE) and not _length_checks(n)) or (_is_const(n.b) and n.b == 1):
                 out.append(f"trivial blocks: {n}")
         for pass_name, rewrite in PASSES:
             r = rewrite(n)
-            if r is not None and r != n:
+            if r is not None and r != n and keeps_length_checks(n, r):
                 out.append(f"pass {pass_name} still applies to {n}")
     return out

@@ -104,3 +104,20 @@ def head_patterns(p: Pattern, num_heads: int) -> list[Pattern]:
     """The head-free pattern of each head ``h < min(num_heads, period)`` (normalised)."""
     period = p.num_heads
     return [normalize(select_head(p, h)) for h in range(min(num_heads, period))]
+
+
+def head_cycle_warning(period: int, num_heads: int, *, filename: str = "<pattern>") -> Diagnostic | None:
+    """W004: ``num_heads`` above the pattern's head period ``period`` (the lcm of its
+    ``heads(…)`` arities) but not a multiple of it. Head h uses entry h mod period, so the
+    last cycle stops part-way and the entries are not used equally often, which is rarely
+    meant. None when ``num_heads`` is a multiple of ``period`` (or at most ``period``: W003
+    covers fewer heads)."""
+    if num_heads <= period or num_heads % period == 0:
+        return None
+    r = num_heads % period
+    lo, hi = (num_heads // period) * period, num_heads - 1
+    return Diagnostic(
+        "W004", f"num_heads={num_heads} is not a multiple of the pattern's {period} different heads: head h "
+        f"uses entry h mod {period}, so heads {lo}..{hi} repeat only entries 0..{r - 1}",
+        None, f"use num_heads={lo} or {lo + period} (--heads), or give `heads(...)` {num_heads} entries",
+        severity="warning", filename=filename)

@@ -146,6 +146,7 @@ class Elaborator:
         if not items:
             raise PatternError(empty_source_diagnostic(self.source, self.filename))
         declared = {}
+        param_bindings = {}  # name -> Binding of each declared `param` (for W005 / W006)
         result = None
         for idx, it in enumerate(items):
             kind = it.data
@@ -168,7 +169,7 @@ class Elaborator:
             if kind == "param_stmt":
                 if name in overrides:
                     val = overrides[name]
-                    env[name] = Binding("param", val, span_of(name_tok), used=True)
+                    env[name] = Binding("param", val, span_of(name_tok))
                     self.expr(it.children[1], env)  # still check the default
                 else:
                     val = self.measure(self.expr(it.children[1], env), span_of(it.children[1]))
@@ -177,6 +178,7 @@ class Elaborator:
                                   "params are integers (window sizes, strides, ...); use `let` to name a pattern")
                     env[name] = Binding("param", val, span_of(name_tok))
                 declared[name] = env[name].value
+                param_bindings[name] = env[name]
             elif kind == "let_stmt":
                 self._defining = {name}
                 if _mentions(it.children[1], name):
@@ -211,7 +213,26 @@ class Elaborator:
             self.fail("P111", "the source has no final pattern expression after its statements", span_of(last),
                       f"end the source with the pattern itself: add a last line `{lets[-1]}`" if lets
                       else "end the source with the pattern itself, e.g. `local(w=128) & causal`")
+        self.unused_param_warnings(param_bindings, overrides)
         return result, declared
+
+    def unused_param_warnings(self, bindings: dict, overrides: dict) -> None:
+        """W005: a `param` the pattern never reads; W006: such a param set from outside
+        (``--set`` / ``params=``), which then changes nothing."""
+        for name, b in bindings.items():
+            if b.used:
+                continue
+            if name in overrides:
+                self.warnings.append(Diagnostic(
+                    "W006", f"`{name}` is set to {overrides[name]} (--set / params=), but `param {name}` is never "
+                    "used: the setting changes nothing", b.span,
+                    f"use `{name}` in the pattern, or drop the setting and the `param {name}` line",
+                    severity="warning", filename=self.filename, source=self.source))
+            else:
+                self.warnings.append(Diagnostic(
+                    "W005", f"`param {name}` is declared but never used", b.span,
+                    f"use `{name}` in the pattern, or remove the `param {name}` line",
+                    severity="warning", filename=self.filename, source=self.source))
 
     def check_new_name(self, name, tok, env):
         if name in PRIMITIVES or name in INT_FUNCTION_NAMES or name in BUILTIN_INTS:
@@ -247,7 +268,8 @@ class Elaborator:
             v = self.expr(c, env)
             if isinstance(v, IntExpr):
                 self.fail("P207", "list positions must be known before compiling (not depend on q_len / kv_len)", span_of(c),
-                          "use integer literals or params")
+                          "the last k positions are `~prefix(n=q_len - k)` (i or j >= q_len - k; for Q_LEN = KV_LEN "
+                          "it is `global(at=[q_len - k, ..., q_len - 1])`); otherwise use integer literals or params")
             if not _is_int(v):
                 self.fail("P207", f"expected an integer in the list, got {_describe(v)}", span_of(c), "lists hold token positions")
             out.append(v)

@@ -59,9 +59,12 @@ def normalize_block_size(block_size) -> tuple[int, int]:
     Raises:
         ValueError: a block size that is not a positive int or a pair of them.
     """
-    if isinstance(block_size, (int, np.integer)) and not isinstance(block_size, bool):
+    def is_int(x) -> bool:  # 12.5, "16" and True are not token counts: refuse, never coerce
+        return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+    if is_int(block_size):
         pair = (int(block_size), int(block_size))
-    elif isinstance(block_size, (tuple, list)) and len(block_size) == 2:
+    elif isinstance(block_size, (tuple, list)) and len(block_size) == 2 and all(map(is_int, block_size)):
         pair = (int(block_size[0]), int(block_size[1]))
     else:
         raise ValueError(

@@ -47,6 +47,7 @@ from ..ir.nodes import (
     Pattern,
     Prim,
 )
+from ..ir.primitives import PRIMITIVES, PrimSpec
 from ..ir.specialize import head_patterns
 from .layout import EMPTY, FULL, PARTIAL, BlockLayout, normalize_block_size
 
@@ -125,28 +126,42 @@ def _expand(p: Prim) -> Pattern | None:
     return None
 
 
-_D_PRIMS = frozenset({"causal", "local", "band", "strided", "dilated"})
-_J_PRIMS = frozenset({"sink", "summary", "_kvlt", "_kvin"})
-_I_PRIMS = frozenset({"_qlt", "_qin"})
+# the lowering's internal one-index atoms (the halves of ``global`` / ``prefix``), in the
+# registry's format so ``support`` and ``evaluate`` treat them like primitives
+_INTERNAL = {
+    s.name: s
+    for s in [
+        PrimSpec("_qlt", (), "i < v", reads="i", formula=lambda xp, a: (lambda v: lambda i, j: i < v)(a["v"])),
+        PrimSpec("_kvlt", (), "j < v", reads="j", formula=lambda xp, a: (lambda v: lambda i, j: j < v)(a["v"])),
+        PrimSpec("_qin", (), "i in v", reads="i",
+                 formula=lambda xp, a: (lambda f: lambda i, j: f(i))(xp.index_set(a["v"], "q"))),
+        PrimSpec("_kvin", (), "j in v", reads="j",
+                 formula=lambda xp, a: (lambda f: lambda i, j: f(j))(xp.index_set(a["v"], "kv"))),
+    ]
+}
+
+
+def _spec(name: str) -> PrimSpec:
+    spec = PRIMITIVES.get(name) or _INTERNAL.get(name)
+    if spec is None or spec.formula is None:
+        raise ValueError(f"unknown primitive {name!r}")
+    return spec
+
+
+_READS = {"": frozenset(), "d": frozenset("d"), "i": frozenset("i"), "j": frozenset("j"),
+          "ij": frozenset("ij"), "x": frozenset("x")}
 
 
 @functools.lru_cache(maxsize=16384)
 def support(p: Pattern) -> frozenset:
-    """What ``p`` reads: a subset of {'d', 'i', 'j', 'x'} ('x': both indices, not via i - j).
+    """What ``p`` reads: a subset of {'d', 'i', 'j', 'x'} ('x': both indices, not via i - j),
+    from the registry's ``reads`` fact of each primitive.
 
     The empty set means a constant (``all`` / ``none``)."""
     if isinstance(p, Prim):
-        if p.name in ("all", "none"):
+        if p.name == "_atom":
             return frozenset()
-        if p.name in _D_PRIMS:
-            return frozenset("d")
-        if p.name in _J_PRIMS:
-            return frozenset("j")
-        if p.name in _I_PRIMS:
-            return frozenset("i")
-        if p.name in ("global", "prefix"):
-            return frozenset("ij")
-        return frozenset("x")  # chunk, random
+        return _READS[_spec(p.name).reads]
     if isinstance(p, Blocks):
         s = support(p.child)
         return s if s <= frozenset("ij") else frozenset("x")
@@ -224,51 +239,47 @@ def evaluate(p: Pattern, i, j, q_len: int, kv_len: int, code: int = 0) -> np.nda
     raise ValueError(f"cannot evaluate {type(p).__name__} here: select a head and a layer first")
 
 
+class NumpyArrays:
+    """The registry's array namespace on numpy (see ``patternc.ir.primitives``): int64
+    ``ndarray`` indices, ``isin`` for position sets, the sorted flat keys of ``random``'s draws.
+
+    Attributes:
+        q_len, kv_len: Q_LEN and KV_LEN of the index space (tokens, or blocks inside ``blocks``).
+    """
+
+    abs = staticmethod(np.abs)
+
+    def __init__(self, q_len: int, kv_len: int):
+        self.q_len, self.kv_len = q_len, kv_len
+
+    @staticmethod
+    def const(value: bool):
+        return lambda i, j: np.full(np.broadcast(i, j).shape, value)
+
+    @staticmethod
+    def index_set(positions, axis: str):
+        pos = np.asarray(positions, dtype=np.int64)
+        return lambda x: np.isin(x, pos)
+
+    def random_pairs(self, r: int, seed: int):
+        q_len, kv_len = self.q_len, self.kv_len
+        flat_keys = random_flat_keys(int(r), int(seed), q_len, kv_len)
+
+        def drawn(i, j):
+            if flat_keys.size == 0:
+                return np.zeros(np.broadcast(i, j).shape, dtype=bool)
+            flat = np.asarray(i, dtype=np.int64) * kv_len + j
+            pos = np.minimum(np.searchsorted(flat_keys, flat), flat_keys.size - 1)
+            return flat_keys[pos] == flat
+
+        return drawn
+
+
 def _eval_prim(p: Prim, i, j, q_len, kv_len, code):
-    n = p.name
-    a = p.argdict
-    if n == "all" or n == "none":
-        return np.full(np.broadcast(i, j).shape, n == "all")
-    if n == "_atom":
-        return np.full(np.broadcast(i, j).shape, bool((code >> a["k"]) & 1))
-    if n == "causal":
-        return np.asarray(j) <= i
-    if n == "local":
-        return np.abs(np.asarray(i) - j) < a["w"]
-    if n == "band":
-        d = np.asarray(i) - j
-        return (d <= a["left"]) & (d >= -a["right"])
-    if n == "strided":
-        return (np.asarray(i) - j) % a["s"] == 0
-    if n == "dilated":
-        d = np.asarray(i) - j
-        return (d % a["d"] == 0) & (np.abs(d) < a["w"] * a["d"])
-    if n == "chunk":
-        return np.asarray(i) // a["l"] == np.asarray(j) // a["l"]
-    if n == "summary":
-        l, c, g = a["l"], a["c"], a["g"]
-        jm = np.asarray(j) % l
-        return (jm >= l - (g + 1) * c) & (jm < l - g * c)
-    if n == "sink":
-        return np.asarray(j) < a["n"]
-    if n == "_qlt":
-        return np.asarray(i) < a["v"]
-    if n == "_kvlt":
-        return np.asarray(j) < a["v"]
-    if n == "_qin":
-        return np.isin(i, np.asarray(a["v"], dtype=np.int64))
-    if n == "_kvin":
-        return np.isin(j, np.asarray(a["v"], dtype=np.int64))
-    if n in ("global", "prefix"):
-        return evaluate(_expand(p), i, j, q_len, kv_len, code)
-    if n == "random":
-        flat_keys = random_flat_keys(a["r"], a["seed"], q_len, kv_len)
-        if flat_keys.size == 0:
-            return np.zeros(np.broadcast(i, j).shape, dtype=bool)
-        flat = np.asarray(i, dtype=np.int64) * kv_len + j
-        pos = np.minimum(np.searchsorted(flat_keys, flat), flat_keys.size - 1)
-        return flat_keys[pos] == flat
-    raise ValueError(f"unknown primitive {n!r}")
+    if p.name == "_atom":
+        return np.full(np.broadcast(i, j).shape, bool((code >> p.arg("k")) & 1))
+    pred = _spec(p.name).formula(NumpyArrays(q_len, kv_len), p.argdict)
+    return pred(np.asarray(i), np.asarray(j))
 
 
 def _full(x, shape) -> np.ndarray:
@@ -392,7 +403,10 @@ def _lower(p: Pattern, g: Grid) -> np.ndarray:
         e = _expand(p)
         if e is not None:
             return _lower(e, g)
-        raise ValueError(f"unknown primitive {p.name!r}")
+        _spec(p.name)  # unknown primitives raise
+        # a primitive with no special tile classification: every tile is decided by counting
+        # (the registry's formula evaluated on the tiles, or the column sweep)
+        return np.full((1, 1), MAYBE, dtype=np.uint8)
     if isinstance(p, Blocks):
         return lower_exact(p.child, g.inner(p.b))
     if isinstance(p, Not):
@@ -876,4 +890,4 @@ def dense_from_layout(p_heads: list[Pattern], layout: BlockLayout) -> np.ndarray
 
 __all__ = ["Grid", "MAYBE", "support", "evaluate", "lower_exact", "lower_to_layout", "rect_counts",
            "brute_counts", "sweep_plan", "SweepPlan", "count_allowed", "dense_from_layout", "head_patterns",
-           "random_flat_keys", "ALL", "NONE"]
+           "random_flat_keys", "NumpyArrays", "ALL", "NONE"]

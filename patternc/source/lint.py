@@ -12,6 +12,7 @@ from ..errors import Diagnostic, Span
 from ..ir.facts import proves_causal
 from ..ir.nodes import And, Blocks, Diff, Heads, Layers, Or, Pattern, Prim
 from ..ir.normalize import normalize
+from ..ir.primitives import PRIMITIVES
 
 
 def lint(p: Pattern, source: str, filename: str) -> list[Diagnostic]:
@@ -24,9 +25,11 @@ def _uses_causal(p: Pattern) -> bool:
     return any(isinstance(n, Prim) and n.name == "causal" for n in p.walk())
 
 
-# Primitives that exist to open bidirectional attention: `causal | prefix(n)` is the prefix-LM
-# and `causal | global(...)` adds global tokens on purpose, so they do not draw W002.
-_BIDIRECTIONAL_ON_PURPOSE = ("prefix", "global")
+def _two_way(c: Pattern) -> bool:
+    """A primitive that exists to open bidirectional attention (the registry's ``two_way``:
+    `causal | prefix(n)` is the prefix-LM, `causal | global(...)` adds global tokens on
+    purpose), so it does not draw W002."""
+    return isinstance(c, Prim) and c.name in PRIMITIVES and PRIMITIVES[c.name].two_way
 
 
 def causal_warning(p: Pattern, source: str, filename: str) -> Diagnostic | None:
@@ -51,7 +54,7 @@ def causal_warning(p: Pattern, source: str, filename: str) -> Diagnostic | None:
         if isinstance(node, (Or, Heads, Layers)):
             bad = [c for c in node.items if not proves_causal(c)]
             if bad and isinstance(node, Or) and all(
-                    isinstance(c, Prim) and c.name in _BIDIRECTIONAL_ON_PURPOSE for c in bad):
+                    _two_way(c) for c in bad):
                 return None
             with_causal = [c for c in bad if _uses_causal(c)]
             if with_causal and len(bad) == 1:

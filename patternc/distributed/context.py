@@ -1,0 +1,439 @@
+"""``ContextParallel``: one sequence's attention over the ranks of a torch.distributed group.
+
+Basics
+    Every rank holds the queries, keys and values of the positions it owns (whole query
+    blocks, chosen by ``patternc.distributed.balance``). ``attention`` brings to each rank
+    exactly the key/value blocks that its computed tiles read, in **one** exchange
+    (``all_to_all_single`` with per-peer split sizes), runs the block-sparse kernel on the
+    rank's query blocks against that buffer, and returns the rank's output rows. The backward
+    pass sends the key/value gradients of the received blocks back to their owners in one
+    reverse exchange, where they are summed into the owners' own gradients.
+
+Details
+    * The schedule (owners, the blocks each rank reads, who sends what to whom) is a pure
+      function of the layout, so every rank computes it alone; construction costs one small
+      collective that checks all ranks compiled the same pattern at the same lengths.
+    * The per-rank kernel is ``patternc.execute.blocksparse`` on a *local layout*: the rows of
+      the owned query blocks and the columns of the read key/value blocks, both in ascending
+      global order (so the one ragged block of the sequence, if read, is last, where the
+      kernel expects padding), with ``mask_mod`` evaluated at the global positions. Rows are
+      complete on their rank (all of a row's keys are in the buffer), so no log-sum-exp merge
+      across ranks is needed and the result equals the single-process one up to float
+      rounding.
+    * K and V travel together: one ``[positions, B, H_kv, D + Dv]`` buffer in the input dtype;
+      gradients travel back in the input dtype and are summed in float32 (float64 stays
+      float64).
+    * Collectives: every rank must call ``attention`` (and ``backward``) with the same B, H,
+      H_kv, D, Dv and dtype, even a rank that owns no position. An exchange that moves nothing
+      on any rank is skipped on all of them (they all know it from the schedule).
+    * GPUs (nccl): the same calls on CUDA tensors; ``all_to_all_single`` is nccl's all-to-all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..errors import Diagnostic, PatternError
+from .balance import BALANCES, TOLERANCE, Schedule, make_schedule
+
+__all__ = ["ContextParallel"]
+
+
+def _error(code: str, message: str, help: str | None = None) -> PatternError:
+    return PatternError(Diagnostic(code, message, help=help, filename="patternc.distributed.ContextParallel"))
+
+
+def _shape(x) -> str:
+    return "[" + ", ".join(str(d) for d in x.shape) + "]"
+
+
+@dataclass(eq=False)
+class _LocalLayout:
+    """The rows and columns of the global layout this rank computes (duck-typed BlockLayout
+    for the kernel's ``Plan``: kinds, lengths and block sizes)."""
+
+    kinds: np.ndarray  # uint8 [H, nq_r, nkv_r]
+    q_len: int
+    kv_len: int
+    q_block_size: int
+    kv_block_size: int
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.kinds.shape[0])
+
+
+class ContextParallel:
+    """Context-parallel attention of one compiled self-attention pattern (SPEC §7).
+
+    Example (run under ``torchrun --nproc-per-node 4``)::
+
+        dist.init_process_group("gloo")
+        cp = patternc.compile("local(w=512) & causal", q_len=16384, num_heads=4)
+        ctx = ContextParallel(cp)                               # balance="tiles"
+        q_l, k_l, v_l = ctx.shard(q), ctx.shard(k), ctx.shard(v)   # [B, H, n_r, D]
+        out_l = ctx.attention(q_l, k_l, v_l)                    # differentiable
+        out = ctx.unshard(out_l)                                # [B, H, 16384, Dv] on every rank
+
+    Args:
+        cp: a ``CompiledPattern`` with Q_LEN = KV_LEN (self-attention over one sequence).
+        group: the torch.distributed process group (default: the default group, which must
+            be initialised: gloo for CPU tensors, nccl for CUDA tensors).
+        balance: ``"tiles"`` (equal computed tiles per rank, from the exact layout) or
+            ``"contiguous"`` (equal chunks of query blocks in order).
+        tolerance: for ``"tiles"``, the accepted imbalance (max / mean computed tiles - 1)
+            before a better-balanced schedule that moves more keys is preferred.
+        owner: int64 [num_q_blocks] ranks of the query blocks, to reuse another
+            ``ContextParallel``'s positions (every layer of a model must shard the residual
+            stream the same way); see ``for_pattern``.
+
+    Attributes:
+        schedule: the ``balance.Schedule`` (identical on every rank).
+        rank, world_size: this process' rank and the group's size.
+        positions: int64 [n_r] the token positions this rank owns, ascending.
+
+    Raises:
+        PatternError: P380 no initialised process group, Q_LEN != KV_LEN, score terms,
+            an unknown balance, or ranks that compiled different patterns or lengths.
+    """
+
+    def __init__(self, cp, group=None, balance: str = "tiles", *, tolerance: float = TOLERANCE,
+                 owner=None):
+        if not dist.is_available() or not dist.is_initialized():
+            raise _error("P380", "context parallel needs an initialised torch.distributed process group",
+                         help='call torch.distributed.init_process_group("gloo") (CPU) or ("nccl") (GPU) '
+                              "first, e.g. under torchrun --nproc-per-node N")
+        if balance not in BALANCES:
+            raise _error("P380", f"unknown balance {balance!r}; expected one of {', '.join(BALANCES)}",
+                         help='balance="tiles" equalises computed tiles per rank')
+        if cp.q_len != cp.kv_len:
+            raise _error("P380", f"context parallel shards one sequence: Q_LEN={cp.q_len} and KV_LEN={cp.kv_len} differ",
+                         help="compile the pattern with kv_len equal to q_len")
+        if getattr(cp, "score_terms", ()):
+            raise _error("P380", "context parallel does not run score terms (with softcap/alibi) yet",
+                         help="run the pattern without its score terms, or on one process")
+        self.cp = cp
+        self.group = group
+        self.balance = balance
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        backend = dist.get_backend(group)
+        self.device = (torch.device("cuda", torch.cuda.current_device()) if str(backend) == "nccl"
+                       else torch.device("cpu"))
+        layout = cp.layout
+        self.seq_len = cp.q_len
+        self.q_block_size, self.kv_block_size = layout.q_block_size, layout.kv_block_size
+        if owner is None:
+            self.schedule = make_schedule(layout.kinds, world=self.world_size, seq_len=self.seq_len,
+                                          q_block_size=self.q_block_size, kv_block_size=self.kv_block_size,
+                                          balance=balance, tolerance=tolerance)
+        else:
+            self.schedule = _schedule_from_owner(layout, owner, self.world_size)
+        self._check_same_everywhere()
+        self._setup()
+        self._plans: dict = {}
+        self._children: dict = {}
+        self._bytes = dict(bytes_sent_forward=0, bytes_received_forward=0, bytes_sent_backward=0,
+                           bytes_received_backward=0, allgather_bytes=0)
+
+    # ---- setup -------------------------------------------------------------------------------
+    def _check_same_everywhere(self) -> None:
+        cp = self.cp
+        key = "|".join(str(x) for x in (cp.pattern, cp.q_len, cp.kv_len, cp.num_heads, self.q_block_size,
+                                         self.kv_block_size, self.schedule.owner.tobytes().hex()))
+        h = int.from_bytes(hashlib.sha256(key.encode()).digest()[:7], "little")
+        t = torch.tensor([h, -h], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        if int(t[0]) != h or int(t[1]) != -h:
+            raise _error("P380", "the ranks compiled different patterns, lengths, heads, block sizes or balances",
+                         help="build ContextParallel from the same patternc.compile(...) call on every rank")
+
+    def _setup(self) -> None:
+        s, r, W = self.schedule, self.rank, self.world_size
+        own = s.positions[r]
+        self.positions = own
+        self._buffer = buf = s.buffer_positions(r)
+        recv = [s.receives(r, p) for p in range(W)]
+        send = [np.searchsorted(own, s.receives(p, r)) for p in range(W)]
+        self._recv_splits = [int(x.size) for x in recv]
+        self._send_splits = [int(x.size) for x in send]
+        self._send_index = np.concatenate(send) if send else np.zeros(0, dtype=np.int64)
+        # buffer slot -> row of cat([own rows, received rows])
+        index = np.empty(buf.size, dtype=np.int64)
+        mine = s.position_owner(buf) == r
+        index[mine] = np.searchsorted(own, buf[mine])
+        recv_all = np.concatenate(recv) if recv else np.zeros(0, dtype=np.int64)
+        order = np.argsort(recv_all, kind="stable")
+        index[~mine] = own.size + order[np.searchsorted(recv_all[order], buf[~mine])]
+        self._buffer_index = index
+        self._exchange_any = int(s.received_positions().sum()) > 0
+        kinds = np.asarray(self.cp.layout.kinds)
+        self._local_layout = _LocalLayout(
+            kinds=np.ascontiguousarray(kinds[:, s.q_blocks[r]][:, :, s.kv_blocks[r]]),
+            q_len=int(own.size), kv_len=int(buf.size),
+            q_block_size=self.q_block_size, kv_block_size=self.kv_block_size)
+
+    def for_pattern(self, cp) -> "ContextParallel":
+        """A ``ContextParallel`` for another pattern at the same length and block size that
+        keeps this one's positions (another layer of the same model); cached per ``cp``."""
+        if cp is self.cp:
+            return self
+        child = self._children.get(id(cp))
+        if child is None or child.cp is not cp:
+            if cp.q_len != self.seq_len or cp.layout.q_block_size != self.q_block_size:
+                raise _error("P380", f"for_pattern needs the same Q_LEN and Q_BLOCK_SIZE ({self.seq_len}, "
+                             f"{self.q_block_size}); got ({cp.q_len}, {cp.layout.q_block_size})")
+            child = ContextParallel(cp, self.group, self.balance, owner=self.schedule.owner)
+            self._children[id(cp)] = child
+        return child
+
+    # ---- shards ------------------------------------------------------------------------------
+    def _index(self, device) -> torch.Tensor:
+        return torch.as_tensor(self.positions, device=device)
+
+    def shard(self, x: torch.Tensor, dim: int = 2) -> torch.Tensor:
+        """This rank's rows of a full-sequence tensor.
+
+        Args:
+            x: any dtype, the sequence (``seq_len`` tokens) on axis ``dim`` (2 for
+                [B, H, L, D] attention inputs; 1 for [B, L, E] hidden states).
+
+        Returns:
+            ``x`` with axis ``dim`` reduced to this rank's ``n_r`` positions (ascending).
+
+        Raises:
+            PatternError: P381 axis ``dim`` is not ``seq_len`` long.
+        """
+        if x.dim() <= dim or x.shape[dim] != self.seq_len:
+            raise _error("P381", f"shard expects the sequence of {self.seq_len} tokens on axis {dim}, got {_shape(x)}",
+                         help="pass the full-sequence tensor, or the axis of the sequence with dim=")
+        return x.index_select(dim, self._index(x.device))
+
+    def unshard(self, x_l: torch.Tensor, dim: int = 2) -> torch.Tensor:
+        """The full-sequence tensor from every rank's shard (an all-gather; every rank gets it).
+
+        Not differentiable: compute losses on the shards (the sum of the ranks' losses is the
+        full loss) and unshard for inspection or output.
+
+        Args:
+            x_l: this rank's shard, its ``n_r`` positions on axis ``dim``; same shape
+                elsewhere, dtype and device on every rank.
+
+        Returns:
+            [..., seq_len, ...] with the positions in order.
+
+        Raises:
+            PatternError: P381 axis ``dim`` is not this rank's ``n_r`` positions long.
+        """
+        n = self.positions.size
+        if x_l.dim() <= dim or x_l.shape[dim] != n:
+            raise _error("P381", f"unshard expects this rank's {n} positions on axis {dim}, got {_shape(x_l)}",
+                         help="pass the output of ctx.attention (or of ctx.shard) on this rank")
+        sizes = [p.size for p in self.schedule.positions]
+        m = max(sizes) if sizes else 0
+        x0 = x_l.detach().movedim(dim, 0)
+        pad = x0.new_zeros((m,) + tuple(x0.shape[1:]))
+        pad[:n] = x0
+        parts = [torch.empty_like(pad) for _ in range(self.world_size)]
+        dist.all_gather(parts, pad.contiguous(), group=self.group)
+        full = x0.new_empty((self.seq_len,) + tuple(x0.shape[1:]))
+        for p, part in enumerate(parts):
+            idx = torch.as_tensor(self.schedule.positions[p], device=full.device)
+            full.index_copy_(0, idx, part[:sizes[p]])
+        return full.movedim(0, dim)
+
+    # ---- attention ---------------------------------------------------------------------------
+    def _plan(self, num_heads: int, device):
+        from ..execute.blocksparse import Plan, mask_mod_for
+
+        key = (num_heads, str(device))
+        got = self._plans.get(key)
+        if got is None:
+            base = mask_mod_for(self.cp, device)
+            qpos = torch.as_tensor(self.positions, device=device)
+            kpos = torch.as_tensor(self._buffer, device=device)
+
+            def mask_mod(b, h, q_idx, kv_idx):
+                return base(b, h, qpos[q_idx], kpos[kv_idx])
+
+            mask_mod.__name__ = f"{getattr(base, '__name__', 'mask_mod')} @ rank {self.rank}"
+            got = self._plans[key] = (Plan(self._local_layout, num_heads, device, mask_mod), mask_mod)
+        return got
+
+    def _check(self, q, k, v) -> None:
+        for name, x in (("q", q), ("k", k), ("v", v)):
+            if not isinstance(x, torch.Tensor) or x.dim() != 4:
+                raise _error("P350", f"{name} must be a 4-D tensor [B, H, n_r, D], got "
+                             f"{_shape(x) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        n = self.positions.size
+        if q.shape[2] != n or k.shape[2] != n or v.shape[2] != n:
+            raise _error("P350", f"rank {self.rank} owns {n} positions: expected q, k, v [B, H, {n}, D], got "
+                         f"{_shape(q)}, {_shape(k)}, {_shape(v)}", help="pass ctx.shard(x) of the full tensors")
+        if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32,
+                                                                    torch.float64):
+            raise _error("P351", f"q, k, v must share one float dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+        if not (q.device == k.device == v.device):
+            raise _error("P351", f"q, k, v are on different devices: {q.device}, {k.device}, {v.device}")
+        B, H, _, D = q.shape
+        if k.shape[0] != B or v.shape[0] != B or k.shape[1] != v.shape[1] or k.shape[3] != D:
+            raise _error("P350", f"q, k, v do not fit together: {_shape(q)}, {_shape(k)}, {_shape(v)}")
+        H_kv = k.shape[1]
+        if H_kv < 1 or H % H_kv:
+            raise _error("P350", f"k/v have H_kv={H_kv} heads, which does not divide q's H={H}")
+        lh = self.cp.layout.num_heads
+        if H != lh and not (lh == 1 and getattr(self.cp.pattern, "num_heads", 1) == 1):
+            raise _error("P350", f"q has H={H} heads, but the pattern was compiled for num_heads={lh}",
+                         help=f"compile the pattern with num_heads={H}")
+
+    def attention(self, q_l: torch.Tensor, k_l: torch.Tensor, v_l: torch.Tensor, *,
+                  scale: float | None = None) -> torch.Tensor:
+        """This rank's rows of the pattern's attention over the whole sequence.
+
+        Args:
+            q_l: float16/bfloat16/float32/float64 [B, H, n_r, D], this rank's queries
+                (``shard(q)``).
+            k_l: same dtype [B, H_kv, n_r, D]; v_l: [B, H_kv, n_r, Dv] (H_kv divides H).
+            scale: multiplier of ``q k^T`` (default ``1 / sqrt(D)``).
+
+        Returns:
+            [B, H, n_r, Dv] in q's dtype, differentiable in q_l, k_l, v_l (the backward runs
+            one reverse exchange: every rank must call backward too).
+
+        Raises:
+            PatternError: P350 shapes that do not fit this rank's positions or the pattern;
+                P351 dtypes or devices.
+        """
+        self._check(q_l, k_l, v_l)
+        scale = 1.0 / math.sqrt(q_l.shape[-1]) if scale is None else float(scale)
+        grad = torch.is_grad_enabled() and (q_l.requires_grad or k_l.requires_grad or v_l.requires_grad)
+        if grad:
+            return _ContextParallelAttention.apply(q_l, k_l, v_l, self, scale)
+        return self._forward(q_l, k_l, v_l, scale, need_lse=False)[0]
+
+    # ---- the exchange ------------------------------------------------------------------------
+    def _row_bytes(self, x: torch.Tensor) -> int:
+        """bytes of one position's row of a [n, B, H_kv, D + Dv] buffer."""
+        return int(x[0].numel() * x.element_size()) if x.shape[0] else int(
+            math.prod(x.shape[1:]) * x.element_size())
+
+    def _exchange(self, rows: torch.Tensor, send_splits, recv_splits) -> torch.Tensor:
+        """All-to-all of ``rows`` [sum(send_splits), ...] -> [sum(recv_splits), ...]."""
+        out = rows.new_empty((sum(recv_splits),) + tuple(rows.shape[1:]))
+        if self._exchange_any:
+            dist.all_to_all_single(out, rows.contiguous(), output_split_sizes=list(recv_splits),
+                                   input_split_sizes=list(send_splits), group=self.group)
+        return out
+
+    def gather_kv(self, k_l: torch.Tensor, v_l: torch.Tensor):
+        """Forward exchange: (k_buf [B, H_kv, m, D], v_buf [B, H_kv, m, Dv]) at the buffer
+        positions (``m`` = every token of the key/value blocks this rank's tiles read)."""
+        D = k_l.shape[-1]
+        own = torch.cat([k_l, v_l], dim=-1).permute(2, 0, 1, 3)  # [n, B, H_kv, D + Dv]
+        send_index = torch.as_tensor(self._send_index, device=own.device)
+        sent = own.index_select(0, send_index)
+        recv = self._exchange(sent, self._send_splits, self._recv_splits)
+        rb = self._row_bytes(own)
+        self._bytes.update(bytes_sent_forward=int(sent.shape[0]) * rb, bytes_received_forward=int(recv.shape[0]) * rb,
+                           allgather_bytes=(self.seq_len - self.positions.size) * rb)
+        buf = torch.cat([own, recv], dim=0).index_select(0, torch.as_tensor(self._buffer_index, device=own.device))
+        buf = buf.permute(1, 2, 0, 3)
+        return buf[..., :D], buf[..., D:]
+
+    def scatter_kv_grad(self, dk_buf: torch.Tensor, dv_buf: torch.Tensor, dtype: torch.dtype):
+        """Backward exchange: the gradients at the buffer positions -> (dk_l, dv_l) of this
+        rank's own positions, summed over every rank that read them (in dk_buf's dtype)."""
+        D = dk_buf.shape[-1]
+        g = torch.cat([dk_buf, dv_buf], dim=-1).permute(2, 0, 1, 3)  # [m, B, H_kv, D + Dv]
+        n = self.positions.size
+        full = g.new_zeros((n + sum(self._recv_splits),) + tuple(g.shape[1:]))
+        full.index_add_(0, torch.as_tensor(self._buffer_index, device=g.device), g)
+        back = full[n:].to(dtype)
+        got = self._exchange(back, self._recv_splits, self._send_splits)
+        rb = self._row_bytes(back)
+        self._bytes.update(bytes_sent_backward=int(back.shape[0]) * rb, bytes_received_backward=int(got.shape[0]) * rb)
+        own = full[:n]
+        own.index_add_(0, torch.as_tensor(self._send_index, device=g.device), got.to(own.dtype))
+        own = own.permute(1, 2, 0, 3)
+        return own[..., :D], own[..., D:]
+
+    def _forward(self, q, k, v, scale, *, need_lse: bool):
+        from ..execute.blocksparse import blocksparse_forward
+
+        B, H, n, _ = q.shape
+        kb, vb = self.gather_kv(k, v)
+        Dv = v.shape[-1]
+        if n == 0 or not self._local_layout.kinds.size:
+            out = q.new_zeros((B, H, n, Dv))
+            return out, None, kb, vb, None
+        plan, mask_mod = self._plan(H, q.device)
+        o, lse = blocksparse_forward(plan, mask_mod, q, kb, vb, scale, need_lse=need_lse)
+        out = o.view(B, H, -1, Dv)[:, :, :n].to(q.dtype)
+        return out, o, kb, vb, lse
+
+    # ---- statistics --------------------------------------------------------------------------
+    @property
+    def stats(self) -> dict:
+        """This rank's numbers (bytes from the most recent forward / backward call; 0 before):
+
+        ``rank``, ``world_size``, ``positions`` (tokens owned), ``q_blocks``, ``kv_blocks_read``,
+        ``computed_tiles`` (over heads), ``positions_received`` / ``positions_sent`` (forward,
+        tokens), ``bytes_sent_forward``, ``bytes_received_forward``, ``bytes_sent_backward``,
+        ``bytes_received_backward``, ``allgather_bytes`` (what an all-gather of K and V would
+        receive), ``imbalance`` (max / mean computed tiles over ranks) and ``method`` (the
+        schedule chosen).
+        """
+        s, r = self.schedule, self.rank
+        return dict(rank=r, world_size=self.world_size, positions=int(self.positions.size),
+                    q_blocks=int(s.q_blocks[r].size), kv_blocks_read=int(s.kv_blocks[r].size),
+                    computed_tiles=int(s.tiles[r]), positions_received=int(sum(self._recv_splits)),
+                    positions_sent=int(sum(self._send_splits)), **self._bytes,
+                    imbalance=round(s.imbalance, 4), method=s.method)
+
+
+def _schedule_from_owner(layout, owner, world: int) -> Schedule:
+    from .balance import _build, block_weights, row_reads
+
+    owner = np.asarray(owner, dtype=np.int64)
+    kinds = np.asarray(layout.kinds)
+    if owner.shape != (kinds.shape[-2],) or (owner.size and (owner.min() < 0 or owner.max() >= world)):
+        raise _error("P380", f"owner must give a rank in [0, {world}) for each of the {kinds.shape[-2]} query blocks")
+    return _build(owner, "given", block_weights(kinds), row_reads(kinds), world, layout.q_len,
+                  layout.q_block_size, layout.kv_block_size)
+
+
+class _ContextParallelAttention(torch.autograd.Function):
+    """Exchange + block-sparse attention; backward: block-sparse backward + reverse exchange."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cpx: ContextParallel, scale: float):
+        out, o, kb, vb, lse = cpx._forward(q, k, v, scale, need_lse=True)
+        ctx.cpx, ctx.scale = cpx, scale
+        ctx.kv_dtype = k.dtype
+        ctx.save_for_backward(q, kb, vb, o if o is not None else q.new_zeros(0),
+                              lse if lse is not None else q.new_zeros(0))
+        ctx.computed = o is not None
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):
+        from ..execute.blocksparse import _compute_dtype, blocksparse_backward
+
+        q, kb, vb, o, lse = ctx.saved_tensors
+        cpx = ctx.cpx
+        if ctx.computed:
+            plan, mask_mod = cpx._plan(q.shape[1], q.device)
+            dq, dkb, dvb = blocksparse_backward(plan, mask_mod, q, kb, vb, o, lse, dout.contiguous(), ctx.scale)
+        else:
+            cdt = _compute_dtype(q.dtype)
+            dq = torch.zeros(q.shape, dtype=cdt, device=q.device)
+            dkb = torch.zeros(kb.shape, dtype=cdt, device=q.device)
+            dvb = torch.zeros(vb.shape, dtype=cdt, device=q.device)
+        dk, dv = cpx.scatter_kv_grad(dkb, dvb, ctx.kv_dtype)
+        return dq.to(q.dtype), dk.to(ctx.kv_dtype), dv.to(ctx.kv_dtype), None, None

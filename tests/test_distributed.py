@@ -1,0 +1,240 @@
+"""Context parallel (SPEC §7) on gloo: 4 local processes, spawned once for the whole module.
+
+Every case runs on 2 ranks (a subgroup of the 4: the ``group=`` argument) or on all 4 and is
+compared here, in the parent, with the single-process result of the same kernel (outputs
+1e-5, q/k/v gradients 1e-4), and its bytes with an independent count from the mask oracle:
+each rank must receive exactly the key/value blocks that hold a key one of its rows attends.
+The schedule's balance is tested without processes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import patternc
+from patternc.distributed import balance as bal
+
+torch = pytest.importorskip("torch")
+dist = pytest.importorskip("torch.distributed")
+if not dist.is_available():  # pragma: no cover
+    pytest.skip("torch.distributed is not available", allow_module_level=True)
+
+# (name, source, seq_len, heads, kv_heads, block_size, balance, world)
+CASES = [
+    ("local2", "local(w=40) & causal", 300, 2, 2, 32, "tiles", 2),
+    ("strided2", "strided(s=24) & causal", 250, 2, 1, 32, "contiguous", 2),
+    ("fixed4", "fixed(l=64, c=8)", 333, 2, 2, 32, "tiles", 4),
+    ("perhead4", "heads(local(w=32) & causal, strided(s=16) & causal, causal, sink(n=5) | local(w=9))",
+     290, 4, 2, 32, "tiles", 4),
+    ("causal4", "causal", 301, 1, 1, 16, "tiles", 4),
+    ("mixed4", "local(w=50) & causal", 230, 2, 2, (32, 16), "tiles", 4),
+    ("idle4", "local(w=16) & causal", 64, 2, 2, 32, "tiles", 4),  # 2 query blocks: 2 ranks own nothing
+    ("prefix4", "prefix(n=40)", 200, 1, 1, 32, "tiles", 4),  # rows past 40 have no key at all
+]
+DIM = 8
+
+
+def _inputs(seq_len, heads, kv_heads, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, heads, seq_len, DIM, generator=g)
+    k = torch.randn(1, kv_heads, seq_len, DIM, generator=g)
+    v = torch.randn(1, kv_heads, seq_len, DIM + 2, generator=g)
+    dout = torch.randn(1, heads, seq_len, DIM + 2, generator=g)
+    return q, k, v, dout
+
+
+def _worker(rank, world):
+    """Every case on its ranks; returns {name: (out, dq, dk, dv, stats)} (full tensors on rank 0 of
+    the case's group, stats of every rank in it)."""
+    from patternc.distributed import ContextParallel
+
+    pair = dist.new_group([0, 1])  # collective: every rank creates it
+    results = {}
+    for n, (name, src, L, H, Hkv, bs, balance, w) in enumerate(CASES):
+        if w == 2 and rank >= 2:
+            continue
+        group = pair if w == 2 else None
+        cp = patternc.compile(src, q_len=L, num_heads=H, block_size=bs)
+        ctx = ContextParallel(cp, group=group, balance=balance)
+        q, k, v, dout = _inputs(L, H, Hkv, n)
+        ql, kl, vl = (ctx.shard(x).requires_grad_() for x in (q, k, v))
+        out_l = ctx.attention(ql, kl, vl)
+        (out_l * ctx.shard(dout)).sum().backward()
+        full = [ctx.unshard(t) for t in (out_l, ql.grad, kl.grad, vl.grad)]
+        stats = [None] * w
+        dist.all_gather_object(stats, ctx.stats, group=group)
+        results[name] = (*full, stats, [p.tolist() for p in ctx.schedule.positions])
+    return results
+
+
+@pytest.fixture(scope="module")
+def ranks():
+    from patternc.distributed.launch import spawn
+
+    return spawn(_worker, 4, timeout=600)
+
+
+def _single(cp, q, k, v, dout):
+    q, k, v = (x.clone().requires_grad_() for x in (q, k, v))
+    out = cp.attention(q, k, v, backend="blocksparse")
+    (out * dout).sum().backward()
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_equals_single_process(ranks, case):
+    name, src, L, H, Hkv, bs, balance, w = case
+    n = CASES.index(case)
+    cp = patternc.compile(src, q_len=L, num_heads=H, block_size=bs)
+    want = _single(cp, *_inputs(L, H, Hkv, n))
+    got = ranks[0][name][:4]
+    for what, a, b, tol in zip(("out", "dq", "dk", "dv"), got, want, (1e-5, 1e-4, 1e-4, 1e-4)):
+        assert a.shape == b.shape, what
+        torch.testing.assert_close(a, b, atol=tol, rtol=tol, msg=f"{name}: {what}")
+    # the ranks of the pair agree with rank 0 (every rank gets the whole unsharded tensor)
+    for r in range(1, w):
+        torch.testing.assert_close(ranks[r][name][0], got[0], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_moves_exactly_the_blocks_read(ranks, case):
+    """bytes received = the tokens of the key blocks holding a key some owned row attends (oracle),
+    minus the rank's own; the backward sends exactly as much back; sums match across ranks."""
+    name, src, L, H, Hkv, bs, balance, w = case
+    stats, positions = ranks[0][name][4], ranks[0][name][5]
+    kb = bs[1] if isinstance(bs, tuple) else bs
+    dense = patternc.reference.dense_mask(src, q_len=L, num_heads=H).any(axis=0)  # [L, L]
+    row_bytes = Hkv * (DIM + DIM + 2) * 4
+    assert sorted(sum(positions, [])) == list(range(L))
+    for r, s in enumerate(stats):
+        own = np.array(positions[r], dtype=np.int64)
+        keys = np.nonzero(dense[own].any(axis=0))[0] if own.size else np.zeros(0, dtype=np.int64)
+        blocks = np.unique(keys // kb)
+        tokens = {t for b in blocks for t in range(b * kb, min(L, (b + 1) * kb))} - set(own.tolist())
+        assert s["positions"] == own.size
+        assert s["bytes_received_forward"] == len(tokens) * row_bytes, (name, r)
+        assert s["bytes_sent_backward"] == s["bytes_received_forward"]
+        assert s["bytes_received_backward"] == s["bytes_sent_forward"]
+        assert s["allgather_bytes"] == (L - own.size) * row_bytes
+        assert s["bytes_received_forward"] <= s["allgather_bytes"]
+    assert sum(s["bytes_sent_forward"] for s in stats) == sum(s["bytes_received_forward"] for s in stats)
+
+
+def test_idle_ranks_participate(ranks):
+    stats = ranks[0]["idle4"][4]
+    assert [s["positions"] for s in stats].count(0) == 2
+    stats = ranks[0]["prefix4"][4]
+    assert sum(s["computed_tiles"] == 0 for s in stats) >= 2  # ranks whose rows attend nothing
+
+
+# ---- the schedule, without processes ---------------------------------------------------------
+def _schedule(src, balance, world=4, seq_len=16384, heads=4, block=128):
+    cp = patternc.compile(src, q_len=seq_len, num_heads=heads, block_size=block)
+    return bal.make_schedule(cp.layout.kinds, world=world, seq_len=seq_len, q_block_size=block,
+                             kv_block_size=block, balance=balance)
+
+
+def test_contiguous_causal_is_one_and_three_quarters_imbalanced():
+    # 128 query blocks, row b computes b + 1 tiles: the last quarter has (97 + 128) * 32 / 2 of 8256 / 4
+    s = _schedule("causal", "contiguous", heads=1)
+    assert s.tiles.tolist() == [528, 1552, 2576, 3600]
+    assert s.imbalance == pytest.approx(3600 / 2064)
+
+
+@pytest.mark.parametrize("src", ["causal", "local(w=512) & causal", "(local(w=128) | strided(s=128)) & causal",
+                                 "fixed(l=256, c=16) & causal", "heads(causal, local(w=256))"])
+def test_tiles_balance_any_pattern(src):
+    s = _schedule(src, "tiles")
+    assert s.imbalance <= 1.05
+    cp = patternc.compile(src, q_len=16384, num_heads=4)
+    assert int(s.tiles.sum()) == int((cp.layout.kinds != 0).sum())
+
+
+def test_local_moves_a_halo():
+    s = _schedule("local(w=512) & causal", "tiles")
+    assert s.method.startswith("contiguous")
+    for r in range(1, 4):  # w - 1 = 511 keys before the first row, rounded up to whole blocks
+        assert s.received_positions()[r] == 512
+    assert s.received_positions()[0] == 0
+
+
+def test_schedule_at_ragged_lengths_covers_every_position():
+    for n in (1, 127, 129, 1000, 4097):
+        s = _schedule("local(w=100) & causal", "tiles", seq_len=n, heads=1)
+        assert np.array_equal(np.sort(np.concatenate(s.positions)), np.arange(n))
+
+
+def test_bad_balance():
+    with pytest.raises(ValueError, match="balance"):
+        _schedule("causal", "zigzag", seq_len=256)
+
+
+# ---- in this process: errors and a group of one ------------------------------------------------
+def test_needs_a_process_group():
+    from patternc.distributed import ContextParallel
+
+    if dist.is_initialized():  # pragma: no cover
+        pytest.skip("a process group is already initialised in this process")
+    cp = patternc.compile("causal", q_len=64, block_size=16)
+    with pytest.raises(patternc.PatternError, match=r"P380.*process group"):
+        ContextParallel(cp)
+
+
+def test_group_of_one(tmp_path):
+    from patternc.distributed import ContextParallel
+
+    if dist.is_initialized():  # pragma: no cover
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        cp = patternc.compile("local(w=20) & causal", q_len=100, num_heads=2, block_size=16)
+        ctx = ContextParallel(cp)
+        q, k, v, dout = _inputs(100, 2, 2, 7)
+        assert torch.equal(ctx.shard(q), q)
+        out = ctx.attention(q, k, v)
+        torch.testing.assert_close(out, cp.attention(q, k, v, backend="blocksparse"), atol=1e-6, rtol=1e-6)
+        assert ctx.stats["bytes_received_forward"] == 0 and ctx.stats["allgather_bytes"] == 0
+        with pytest.raises(patternc.PatternError, match=r"P381.*100 tokens"):
+            ctx.shard(q[:, :, :50])
+        with pytest.raises(patternc.PatternError, match="P381"):
+            ctx.unshard(out[:, :, :3])
+        with pytest.raises(patternc.PatternError, match="P350"):
+            ctx.attention(q[:, :, :50], k, v)
+        with pytest.raises(patternc.PatternError, match="P380.*KV_LEN"):
+            ContextParallel(patternc.compile("causal", q_len=64, kv_len=80))
+    finally:
+        dist.destroy_process_group()
+
+
+# ---- `patternc run --nproc N` -----------------------------------------------------------------
+def test_run_nproc_prints_the_per_rank_table_and_checks(capsys):
+    from patternc.cli import main
+
+    code = main(["run", "-e", "local(w=40) & causal", "--seq-len", "300", "--heads", "2", "--head-dim", "8",
+                 "--block-size", "32", "--nproc", "2", "--repeats", "1", "--check"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    lines = out.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.split()[:2] == ["rank", "positions"])
+    rows = [line.split() for line in lines[head + 1:head + 3]]
+    assert [r[0] for r in rows] == ["0", "1"]
+    assert sum(int(r[1]) for r in rows) == 300
+    cp = patternc.compile("local(w=40) & causal", q_len=300, num_heads=2, block_size=32)
+    assert sum(int(r[3]) for r in rows) == int((cp.layout.kinds != 0).sum())
+    assert "check vs the single-process result" in out and "ok)" in out
+    assert "computed tiles max/mean" in out and "all-gather" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--kv-len", "200"], "--kv-len 200 must equal --seq-len 300"),
+    (["--backend", "sdpa"], "--backend sdpa"),
+    (["--nproc", "0"], "--nproc must be >= 1"),
+])
+def test_run_nproc_usage_errors(capsys, argv, message):
+    from patternc.cli import main
+
+    base = ["run", "-e", "causal", "--seq-len", "300", "--heads", "1", "--head-dim", "8", "--nproc", "2"]
+    code = main(base + argv)
+    assert code == 2
+    assert message in capsys.readouterr().err
