@@ -372,7 +372,8 @@ class CompiledPattern:
                                               None, "use plan='auto' (default) or plan='natural'"))
             # with offsets (decode, chunked prefill) the plan stays natural: such calls are short
             # in one axis, and the planner reasons in positions 0..len-1
-            offsets = bool(getattr(self, "q_offset", 0) or getattr(self, "kv_offset", 0))
+            # (and for patterns with run-time data, `document`: their pairs are known per batch)
+            offsets = bool(getattr(self, "q_offset", 0) or getattr(self, "kv_offset", 0) or self.needs)
             self.__dict__[key] = plan_layer(self.head_patterns, np.asarray(self.layout.kinds), self.q_len,
                                             self.kv_len, self.block_size, self.num_heads,
                                             mode="natural" if offsets else mode)
