@@ -9,6 +9,7 @@ from ..errors import ExitCode, PatternError
 from .common import (
     UsageError,
     add_source_args,
+    check_count,
     emit_diagnostics,
     parse_block_size,
     print_json,
@@ -37,14 +38,10 @@ def register(sub) -> None:
 
 
 def _check_lengths(args):
-    if args.seq_len < 1:
-        raise UsageError(f"--seq-len must be >= 1 token, got {args.seq_len}")
-    if args.kv_len is not None and args.kv_len < 1:
-        raise UsageError(f"--kv-len must be >= 1 token, got {args.kv_len}")
-    if args.heads is not None and args.heads < 1:
-        raise UsageError(f"--heads must be >= 1, got {args.heads}")
-    if args.layer < 0:
-        raise UsageError(f"--layer must be >= 0, got {args.layer}")
+    check_count("--seq-len", args.seq_len, unit="token")
+    check_count("--kv-len", args.kv_len, unit="token")
+    check_count("--heads", args.heads)
+    check_count("--layer", args.layer, minimum=0)
 
 
 def run(args) -> int:

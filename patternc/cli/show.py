@@ -10,6 +10,7 @@ from ..errors import ExitCode, PatternError
 from .common import (
     UsageError,
     add_source_args,
+    check_count,
     emit_diagnostics,
     parse_block_size,
     print_json,
@@ -56,8 +57,8 @@ def run(args) -> int:
         from ..show import ShowError, picture, save_png, to_json, to_text
         from ..source.frontdoor import analyse_source
 
-        if args.seq_len < 1 or (args.kv_len is not None and args.kv_len < 1):
-            raise UsageError("--seq-len and --kv-len must be >= 1 token")
+        check_count("--seq-len", args.seq_len, unit="token")
+        check_count("--kv-len", args.kv_len, unit="token")
         pattern, res = analyse_source(src.text, params=src.params, filename=src.filename)
         emit_diagnostics(res.warnings, args.json)
         if args.width is not None and args.width < 8:
