@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 from patternc import BlockLayout, reference
-
 from patternc.cli import main
 from patternc.lower.layout import merge_kinds
 from patternc.show import parse_text_grid, parse_window, picture, save_png, to_text
