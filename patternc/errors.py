@@ -88,7 +88,7 @@ class Diagnostic:
 
 
 def normalize_newlines(text: str) -> str:
-    """``\r\n`` and lone ``\r`` as ``\n``: the one newline handling of source text (spans,
+    r"""``\r\n`` and lone ``\r`` as ``\n``: the one newline handling of source text (spans,
     line numbers and rendered diagnostics all count lines this way).
 
     Example:
