@@ -20,9 +20,13 @@ import time
 from ..errors import ExitCode
 from .common import (
     UsageError,
+    add_documents_arg,
+    add_offset_args,
     add_source_args,
     check_count,
+    documents_of,
     emit_diagnostics,
+    offsets_of,
     parse_block_size,
     print_json,
     run_guarded,
@@ -50,6 +54,8 @@ def register(sub) -> None:
     p.add_argument("--block-size", default="128", metavar="B|Q,KV",
                    help="BLOCK_SIZE in tokens, or Q_BLOCK_SIZE,KV_BLOCK_SIZE (default 128)")
     p.add_argument("--layer", type=int, default=0, help="entry of layers(...) to run (default 0)")
+    add_offset_args(p)
+    add_documents_arg(p)
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--repeats", type=int, default=5, metavar="R", help="timed calls after one warm-up (default 5)")
     p.add_argument("--check", action="store_true", help="compare with the float64 reference attention")
@@ -216,6 +222,7 @@ def run(args) -> int:
             raise UsageError(f"--device: {e}") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise UsageError("--device cuda: no CUDA device is available")
+        docs = documents_of(args)
         tensors = load_input(args.input) if args.input else None
         if tensors is None and args.seq_len is None:
             raise UsageError("--seq-len is required (or give --input, whose q sets it)")
@@ -253,7 +260,8 @@ def run(args) -> int:
         dtype = getattr(torch, dtype_name)
 
         t0 = time.perf_counter()
-        cp = _compile(pattern, q_len=N, kv_len=M, num_heads=H, block_size=args.block_size, layer=args.layer)
+        cp = _compile(pattern, q_len=N, kv_len=M, num_heads=H, block_size=args.block_size, layer=args.layer,
+                      **offsets_of(args))
         compile_seconds = time.perf_counter() - t0
 
         if tensors is not None:
@@ -292,7 +300,7 @@ def run(args) -> int:
             out_holder = {}
 
             def call():
-                out_holder["out"] = attention(cp, q, k, v, backend=backend)
+                out_holder["out"] = attention(cp, q, k, v, backend=backend, documents=docs)
 
             first, seconds = _time(call, args.repeats, device, bar)
             dense_seconds = None
@@ -301,8 +309,16 @@ def run(args) -> int:
 
                 scale = 1.0 / math.sqrt(D)
 
-                def dense():  # SDPA with the dense boolean mask (also for `causal`)
-                    sdpa_attention(cp, q, k, v, scale, use_causal=False)
+                if docs is not None:
+                    from ..execute.sdpa import sdpa_attention_masked
+
+                    dense_t = torch.from_numpy(cp.dense_mask(documents=docs)).to(device)
+
+                    def dense():  # SDPA with the dense boolean mask of the packed row
+                        sdpa_attention_masked(q, k, v, dense_t, scale)
+                else:
+                    def dense():  # SDPA with the dense boolean mask (also for `causal`)
+                        sdpa_attention(cp, q, k, v, scale, use_causal=False)
 
                 _, dense_seconds = _time(dense, args.repeats, device, bar)
             result = {
@@ -313,13 +329,14 @@ def run(args) -> int:
                 "first_call_seconds": first, "compile_seconds": compile_seconds,
                 "repeats": args.repeats, "dtype": dtype_name, "device": str(device),
                 "layer": args.layer, "num_layers": pattern.num_layers, "layer_pattern": str(cp.pattern),
+                "q_offset": cp.q_offset, "kv_offset": cp.kv_offset, "documents": docs[0] if docs else None,
                 "shape": {"batch": B, "heads": H, "kv_heads": H_kv, "q_len": N, "kv_len": M,
                           "head_dim": D, "v_head_dim": Dv, "block_size": args.block_size},
             }
             if dense_note:
                 result["dense_note"] = dense_note
             if args.check:
-                errors = compare_with_reference(cp, q, k, v, out_holder["out"], on_chunk=bar.update)
+                errors = compare_with_reference(cp, q, k, v, out_holder["out"], on_chunk=bar.update, documents=docs)
                 max_abs, rel = errors["max_abs_error"], errors["rel_error"]
                 tol = TOLERANCE[dtype_name]
                 passed = bool(rel <= tol and math.isfinite(max_abs))

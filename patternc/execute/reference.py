@@ -104,14 +104,15 @@ def reference_chunk_rows(batch: int, num_heads: int, kv_len: int, q_len: int) ->
     return max(1, min(q_len, REFERENCE_CHUNK_BYTES // max(1, 8 * batch * num_heads * kv_len)))
 
 
-def pattern_rows(cp, num_heads: int, device) -> Callable:
+def pattern_rows(cp, num_heads: int, device, documents=None) -> Callable:
     """``rows(q_start, q_end) -> bool [H, rows, KV_LEN]`` of a compiled pattern, evaluated with
-    its ``mask_mod`` on ``device`` (no full ``[H, Q_LEN, KV_LEN]`` mask is built)."""
+    its ``mask_mod`` on ``device`` (no full ``[H, Q_LEN, KV_LEN]`` mask is built); with
+    ``documents`` (one packed row, SPEC §1.7) the mask_mod of that row."""
     import torch
 
     from .common import mask_mod_for
 
-    mask_mod = mask_mod_for(cp, device)
+    mask_mod = mask_mod_for(cp, device) if documents is None else cp.mask_mod_for(device, documents=documents)
     h = torch.arange(num_heads, device=device)[:, None, None]
     kv = torch.arange(cp.kv_len, device=device)[None, None, :]
     b = torch.zeros((), dtype=torch.int64, device=device)
@@ -124,7 +125,8 @@ def pattern_rows(cp, num_heads: int, device) -> Callable:
     return rows
 
 
-def compare_with_reference(cp, q, k, v, out, *, scale: float | None = None, on_chunk: Callable | None = None) -> dict:
+def compare_with_reference(cp, q, k, v, out, *, scale: float | None = None, on_chunk: Callable | None = None,
+                           documents=None) -> dict:
     """The error of an attention result against the float64 reference of the same pattern,
     computed in query chunks (memory about ``REFERENCE_CHUNK_BYTES``, never the full mask).
 
@@ -134,6 +136,8 @@ def compare_with_reference(cp, q, k, v, out, *, scale: float | None = None, on_c
         out: the result to check, [B, H, Q_LEN, Dv] (any float dtype).
         scale: the scale ``out`` used (default ``1 / sqrt(D)``).
         on_chunk: called with no argument after each chunk (a progress bar).
+        documents: run-time documents of one packed row shared by the batch (SPEC §1.7), for a
+            pattern with ``document``.
 
     Returns:
         ``{"max_abs_error": float, "rel_error": float}``: the largest absolute difference
@@ -144,7 +148,7 @@ def compare_with_reference(cp, q, k, v, out, *, scale: float | None = None, on_c
 
     B, H, N, _ = q.shape
     chunk = reference_chunk_rows(B, H, k.shape[2], N)
-    rows = pattern_rows(cp, H, q.device)
+    rows = pattern_rows(cp, H, q.device, documents)
     sq_err = sq_ref = 0.0
     max_abs = 0.0
     for a in range(0, N, chunk):
