@@ -28,7 +28,7 @@ from .errors import Diagnostic, PatternError, PatternWarning
 from .ir import nodes as ir
 from .ir.nodes import Pattern
 from .ir.normalize import normalize
-from .ir.specialize import head_cycle_warning, specialize, substitute_document, uses_documents
+from .ir.specialize import cdiv, head_cycle_warning, specialize, substitute_document, uses_documents
 from .lower.layout import EMPTY, FULL, PARTIAL, BlockLayout, normalize_block_size
 
 ARTIFACT_FORMAT = "patternc.compiled"
@@ -189,7 +189,7 @@ def compile(p_or_source, *, q_len: int, kv_len: int | None = None, num_heads: in
     cycle = head_cycle_warning(pattern.num_heads, H, filename=source_text and "<string>" or "<pattern>")
     if cycle is not None:
         warnings.warn(PatternWarning(cycle), stacklevel=2)
-    nq, nk = -(-q_len // qb), -(-kv_len // kb)
+    nq, nk = cdiv(q_len, qb), cdiv(kv_len, kb)
     if H * nq * nk > MAX_TILES:
         raise PatternError(Diagnostic(
             "P303", f"the layout would have {H} x {nq} x {nk} = {H * nq * nk:,} tiles (limit {MAX_TILES:,})", None,
@@ -383,9 +383,8 @@ class CompiledPattern:
     @cached_property
     def allowed_pairs(self) -> int:
         """Exact number of allowed (h, i, j) token pairs over all heads."""
-        from .lower.lowering import count_allowed
-
         from .ir.specialize import head_patterns
+        from .lower.lowering import count_allowed
 
         heads = self.head_patterns if self.document_parts is None else head_patterns(self.static_pattern,
                                                                                         self.num_heads)
@@ -652,7 +651,7 @@ def load_compiled(path, *, verify: bool = True) -> CompiledPattern:
         raise _bad_artifact(path, f"bad metadata: {type(e).__name__}: {e}") from None
     if min(q_len, kv_len, H) < 1 or min(q_off, kv_off) < 0:
         raise _bad_artifact(path, "lengths and num_heads must be >= 1, offsets >= 0")
-    nq, nk = -(-q_len // qb), -(-kv_len // kb)
+    nq, nk = cdiv(q_len, qb), cdiv(kv_len, kb)
     if kinds.dtype != np.uint8 or kinds.shape != (H, nq, nk):
         raise _bad_artifact(path, f"kinds is {kinds.dtype} {list(kinds.shape)}, expected uint8 {[H, nq, nk]}")
     if not np.isin(kinds, (EMPTY, PARTIAL, FULL)).all():

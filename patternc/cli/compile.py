@@ -12,6 +12,7 @@ from .common import (
     add_documents_arg,
     add_offset_args,
     add_source_args,
+    check_count,
     documents_of,
     emit_diagnostics,
     offsets_of,
@@ -49,14 +50,10 @@ def register(sub) -> None:
 def _check_lengths(args):
     if args.seq_len is None:
         raise UsageError("--seq-len is required (or give --documents, whose sum sets it)")
-    if args.seq_len < 1:
-        raise UsageError(f"--seq-len must be >= 1 token, got {args.seq_len}")
-    if args.kv_len is not None and args.kv_len < 1:
-        raise UsageError(f"--kv-len must be >= 1 token, got {args.kv_len}")
-    if args.heads is not None and args.heads < 1:
-        raise UsageError(f"--heads must be >= 1, got {args.heads}")
-    if args.layer < 0:
-        raise UsageError(f"--layer must be >= 0, got {args.layer}")
+    check_count("--seq-len", args.seq_len, unit="token")
+    check_count("--kv-len", args.kv_len, unit="token")
+    check_count("--heads", args.heads)
+    check_count("--layer", args.layer, minimum=0)
 
 
 def run(args) -> int:

@@ -12,6 +12,7 @@ from .common import (
     add_documents_arg,
     add_offset_args,
     add_source_args,
+    check_count,
     documents_of,
     emit_diagnostics,
     offsets_of,
@@ -99,8 +100,8 @@ def run(args) -> int:
         docs = documents_of(args)
         if args.seq_len is None:
             raise UsageError("--seq-len is required (or give --documents, whose sum sets it)")
-        if args.seq_len < 1 or (args.kv_len is not None and args.kv_len < 1):
-            raise UsageError("--seq-len and --kv-len must be >= 1 token")
+        check_count("--seq-len", args.seq_len, unit="token")
+        check_count("--kv-len", args.kv_len, unit="token")
         pattern, res = analyse_source(src.text, params=src.params, filename=src.filename)
         emit_diagnostics(res.warnings, args.json)
         if args.width is not None and args.width < 8:
