@@ -18,10 +18,9 @@ from patternc.reference import dense_mask as oracle
 
 torch = pytest.importorskip("torch")
 
-from strategies import patterns
-
-from patternc.execute.blocksparse import blocksparse_attention, run_terms
-from patternc.execute.reference import reference_attention
+from patternc.execute.blocksparse import blocksparse_attention, run_terms  # noqa: E402
+from patternc.execute.reference import reference_attention  # noqa: E402
+from strategies import patterns  # noqa: E402
 
 
 def _compile(src, **kw):
