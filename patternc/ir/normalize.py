@@ -476,24 +476,6 @@ def normalize(p: Pattern) -> Pattern:
             return p
 
 
-def run_passes_traced(p: Pattern) -> list[tuple[str, str]]:
-    """For debugging and tests: the (pass name, text after) sequence applied at the root."""
-    from .printer import to_text
-
-    trace = []
-    changed = True
-    while changed:
-        changed = False
-        for name, rewrite in PASSES:
-            r = rewrite(p)
-            if r is not None and r != p and keeps_length_checks(p, r):
-                p = r
-                trace.append((name, to_text(p)))
-                changed = True
-                break
-    return trace
-
-
 # ---- invariants (checked by the tests, between passes and on every normalised result) ------------------
 def ir_problems(p: Pattern) -> list[str]:
     """Well-formedness of any IR, normalised or not: node types, arities, primitive
