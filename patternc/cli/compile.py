@@ -4,6 +4,7 @@ writes the compiled artifact (``.npz``, no pickle) atomically."""
 from __future__ import annotations
 
 import os
+import time
 
 from ..errors import ExitCode, PatternError
 from .common import (
@@ -37,6 +38,9 @@ def register(sub) -> None:
     p.add_argument("--block-size", default="128", metavar="B|Q,KV",
                    help="BLOCK_SIZE in tokens: one int, or Q_BLOCK_SIZE,KV_BLOCK_SIZE (default 128)")
     p.add_argument("--layer", type=int, default=0, metavar="L", help="which layer of a layers(...) stack (default 0)")
+    p.add_argument("--plan", choices=("auto", "natural"), default="auto",
+                   help="execution plan to print: auto (disjoint terms, each in its cheapest token order; "
+                        "default) or natural (one term, the layout as compiled); see docs/execution.md")
     add_offset_args(p)
     add_documents_arg(p)
     p.add_argument("-o", "--output", metavar="OUT", help="write the compiled layout here (.npz, written atomically)")
@@ -77,18 +81,23 @@ def run(args) -> int:
             summary["document_blocks"] = {"full_blocks": lay.full_blocks, "partial_blocks": lay.partial_blocks,
                                           "empty_blocks": lay.empty_blocks, "block_density": lay.block_density}
         summary["num_layers"] = pattern.num_layers  # of the whole pattern (`layer` picks entry layer mod it)
+        t0 = time.perf_counter()
+        plan = cp.plan_for(args.plan)
+        plan_seconds = time.perf_counter() - t0
         if args.output:
             try:
                 cp.save(args.output)
             except OSError as e:
                 raise UsageError(f"cannot write {args.output}: {e.strerror or e}") from None
         if args.json:
-            out = {"ok": True, **summary, "output": os.fspath(args.output) if args.output else None,
+            out = {"ok": True, **summary, "plan": {**plan.to_dict(), "plan_seconds": plan_seconds},
+                   "output": os.fspath(args.output) if args.output else None,
                    "diagnostics": [w.to_json() for w in res.warnings]}
             print_json(out)
         else:
             emit_diagnostics(res.warnings, False)
             print(_render(cp, summary))
+            print(f"\n{plan.describe()}\nplan time: {1000 * plan_seconds:.1f} ms")
             if args.output:
                 print(f"wrote {args.output}")
         return ExitCode.OK
