@@ -64,7 +64,7 @@ def build(pattern_name, pattern, args):
     if pattern is None:
         impl = "sdpa"
     else:
-        impl = f"patternc-example-{pattern_name}"
+        impl = "patternc-example-" + "".join(c if c.isalnum() else "-" for c in pattern_name)
         pt.register(impl, pattern, block_size=args.block_size)
     torch.manual_seed(args.seed)
     cfg._attn_implementation = impl
@@ -167,7 +167,8 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|")
     for r in results:
         sample = r["sample"].replace("|", "\\|").replace("\n", "⏎")[:48]
-        print(f"| {r['run']} | {r['attention']} | {r['heldout_bits_per_byte']:.3f} | {r['seconds_per_iter']:.3f} | "
+        cell, run = r["attention"].replace("|", "\\|"), r["run"].replace("|", "\\|")
+        print(f"| {run} | {cell} | {r['heldout_bits_per_byte']:.3f} | {r['seconds_per_iter']:.3f} | "
               f"{'yes' if r['cache_equals_no_cache'] else 'NO'} | `{sample}` |")
     if args.out:
         args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=2))

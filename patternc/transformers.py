@@ -75,6 +75,11 @@ _HF_BASE_MASKS = (
 )
 
 
+#: transformers' built-in attention / mask implementation names (not to be replaced)
+_HF_NAMES = {"eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3", "flash_attention_4",
+             "paged|eager"}
+
+
 def _error(code: str, message: str, help_: str | None = None) -> PatternError:
     return PatternError(Diagnostic(code, message, None, help_, filename=_WHERE))
 
@@ -219,6 +224,11 @@ class PatternAttention:
 
         if not isinstance(name, str) or not name:
             raise _error("P371", f"the attention name must be a non-empty string, got {name!r}")
+        if "/" in name or "|" in name or name in _HF_NAMES:
+            # HF reads "org/repo" as a Hub kernel and "paged|…" as a paged prefix; its own names stay its own
+            raise _error("P371", f"the attention name {name!r} is taken or has a meaning in transformers "
+                                 "('/' = a Hub kernel repository, '|' = a prefix such as 'paged|', or a built-in name)",
+                         "use a plain name such as 'patternc' or 'patternc-window'")
         if backend not in BACKENDS:
             raise _error("P371", f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}",
                          "use backend='auto'")

@@ -302,6 +302,10 @@ def test_unknown_overlays_and_bad_mappings_are_errors():
     with pytest.raises(patternc.PatternError) as e:
         pt.register("patternc-test-errors2", {"0": "causal"})
     assert e.value.code == "P371"
+    for bad in ("org/patternc", "paged|patternc", "sdpa", ""):
+        with pytest.raises(patternc.PatternError) as e:
+            pt.register(bad, "causal")
+        assert e.value.code == "P371"
     with pytest.raises(patternc.PatternError) as e:
         pt.register("patternc-test-errors3", "locl(w=4) & causal")
     assert e.value.code == "P201"
