@@ -28,7 +28,7 @@ from .errors import Diagnostic, PatternError, PatternWarning
 from .ir import nodes as ir
 from .ir.nodes import Pattern
 from .ir.normalize import normalize
-from .ir.specialize import head_cycle_warning, specialize
+from .ir.specialize import head_cycle_warning, specialize, substitute_document, uses_documents
 from .lower.layout import EMPTY, FULL, PARTIAL, BlockLayout, normalize_block_size
 
 ARTIFACT_FORMAT = "patternc.compiled"
@@ -49,14 +49,46 @@ def _check_count(name: str, v, minimum: int, unit: str) -> int:
 
 
 @functools.lru_cache(maxsize=32)
-def _layout_cached(pattern: Pattern, q_len: int, kv_len: int, qb: int, kb: int, num_heads: int) -> BlockLayout:
+def _layout_cached(pattern: Pattern, q_len: int, kv_len: int, qb: int, kb: int, num_heads: int,
+                   q_offset: int = 0, kv_offset: int = 0) -> BlockLayout:
     from .lower.lowering import lower_to_layout
 
-    return lower_to_layout(pattern, q_len, kv_len, (qb, kb), num_heads)
+    return lower_to_layout(pattern, q_len, kv_len, (qb, kb), num_heads, q_offset=q_offset, kv_offset=kv_offset)
+
+
+def block_offset_unit(pattern: Pattern) -> int:
+    """The least common multiple, over every ``blocks(b, …)`` of ``pattern``, of the product of
+    the block sizes enclosing and including it: offsets must be multiples of it (SPEC §1.6;
+    inside ``blocks(b1, blocks(b2, …))`` an offset is ``offset / b1`` blocks at the inner level).
+    1 when there is no ``blocks``."""
+    import math
+
+    def walk(p: Pattern, scale: int) -> int:
+        if isinstance(p, ir.Blocks) and isinstance(p.b, int):
+            return math.lcm(scale * p.b, walk(p.child, scale * p.b))
+        out = 1
+        for c in p.children():
+            out = math.lcm(out, walk(c, scale))
+        return out
+
+    return walk(pattern, 1)
+
+
+def _check_block_offsets(pattern: Pattern, q_offset: int, kv_offset: int) -> None:
+    """P302 unless every ``blocks(b, …)`` has its block size dividing both offsets (SPEC §1.6)."""
+    unit = block_offset_unit(pattern)
+    if q_offset % unit or kv_offset % unit:
+        node = next(n for n in pattern.walk() if isinstance(n, ir.Blocks))
+        raise PatternError(Diagnostic(
+            "P302", f"q_offset={q_offset}, kv_offset={kv_offset} are not multiples of {unit} tokens, the block "
+            f"size of `blocks` in this pattern", node.span,
+            f"inside `blocks(b, …)` offsets must be whole blocks: round each offset down to a multiple of {unit} "
+            f"and compile the rows / columns in between as well"))
 
 
 def compile(p_or_source, *, q_len: int, kv_len: int | None = None, num_heads: int = 1,
-            block_size=128, layer: int = 0, params: dict | None = None) -> "CompiledPattern":
+            block_size=128, layer: int = 0, params: dict | None = None, q_offset: int = 0,
+            kv_offset: int = 0, head_offset: int = 0) -> "CompiledPattern":
     """Compile one layer of a pattern to an exact block layout (and, on demand, a mask_mod
     and a FlexAttention BlockMask).
 
@@ -71,6 +103,16 @@ def compile(p_or_source, *, q_len: int, kv_len: int | None = None, num_heads: in
         block_size: ``BLOCK_SIZE``, an int or ``(Q_BLOCK_SIZE, KV_BLOCK_SIZE)``, tokens.
         layer: which layer of a ``layers(...)`` stack (entry ``layer mod m``), >= 0.
         params: values for the source's ``param``s (source text only).
+        q_offset: position of query row 0 (SPEC §1.6, tokens, >= 0): row r is position
+            ``r + q_offset``. A decode step with t cached tokens: ``q_len=1, kv_len=t + 1,
+            q_offset=t``; chunked prefill: ``q_offset = kv_len - q_len``.
+        kv_offset: position of key column 0 (tokens, >= 0): a rolling cache that keeps
+            only the last ``kv_len`` keys passes the position of the oldest key kept.
+            The built-ins ``q_len``/``kv_len`` are the position extents ``q_offset + q_len``,
+            ``kv_offset + kv_len``, so the rows of an offset compile equal the corresponding
+            rows of the compile over the whole sequence.
+        head_offset: head h of the compile is head ``head_offset + h`` of the pattern (a
+            tensor-parallel rank holding heads ``head_offset …`` of a ``heads(…)`` pattern).
 
     Returns:
         CompiledPattern whose ``layout.kinds`` equal, tile for tile, the classification of
@@ -78,7 +120,8 @@ def compile(p_or_source, *, q_len: int, kv_len: int | None = None, num_heads: in
 
     Raises:
         PatternError: P1xx/P2xx for bad source; P301 when a parameter computed from the
-            lengths is out of range; P302 for bad lengths, heads, layer or block size; P303
+            lengths is out of range; P302 for bad lengths, offsets, heads, layer or block size
+            (offsets inside ``blocks(b, …)`` must be multiples of b); P303
             when the layout would have more than 2**28 tiles.
 
     Example:
@@ -95,6 +138,9 @@ def compile(p_or_source, *, q_len: int, kv_len: int | None = None, num_heads: in
     q_len = _check_count("q_len", q_len, 1, "tokens")
     kv_len = q_len if kv_len is None else _check_count("kv_len", kv_len, 1, "tokens")
     layer = _check_count("layer", layer, 0, "layers")
+    q_offset = _check_count("q_offset", q_offset, 0, "tokens")
+    kv_offset = _check_count("kv_offset", kv_offset, 0, "tokens")
+    head_offset = _check_count("head_offset", head_offset, 0, "heads")
     try:
         qb, kb = normalize_block_size(block_size)
     except (ValueError, TypeError) as e:
@@ -113,9 +159,26 @@ def compile(p_or_source, *, q_len: int, kv_len: int | None = None, num_heads: in
             warnings.warn(PatternWarning(w), stacklevel=2)
         source_text, params = res.source, res.params  # params: the declared ones, defaults included
     try:
-        pattern = specialize(full, q_len=q_len, kv_len=kv_len, layer=layer)
+        pattern = specialize(full, q_len=q_offset + q_len, kv_len=kv_offset + kv_len, layer=layer)
+        if q_offset or kv_offset:
+            _check_block_offsets(pattern, q_offset, kv_offset)
     except PatternError as e:
         raise (e.with_source(source_text) if source_text is not None else e) from None
+    if head_offset:
+        from .ir.specialize import shift_heads
+
+        pattern = normalize(shift_heads(pattern, head_offset))
+    static = pattern
+    if uses_documents(pattern):
+        for node in pattern.walk():
+            if isinstance(node, ir.Blocks) and uses_documents(node.child):
+                e = PatternError(Diagnostic(
+                    "P302", "`document` inside `blocks(b, …)` is not supported: documents are runs of tokens, "
+                    "not of blocks", node.span, "move `document` out of `blocks(…)`, e.g. `blocks(b, p) & document`"))
+                raise (e.with_source(source_text) if source_text is not None else e) from None
+        # the static layout: every pair some split into documents can allow (an upper bound;
+        # ``layout_for(documents=…)`` is exact per batch)
+        static = normalize(ir.Or((substitute_document(pattern, ir.ALL), substitute_document(pattern, ir.NONE))))
     H = pattern.num_heads if num_heads is None else _check_count("num_heads", num_heads, 1, "heads")
     if H < pattern.num_heads:
         warnings.warn(PatternWarning(Diagnostic(
@@ -131,9 +194,10 @@ def compile(p_or_source, *, q_len: int, kv_len: int | None = None, num_heads: in
         raise PatternError(Diagnostic(
             "P303", f"the layout would have {H} x {nq} x {nk} = {H * nq * nk:,} tiles (limit {MAX_TILES:,})", None,
             f"use a larger block_size (e.g. {max(qb, kb) * 4}) or shorter lengths"))
-    layout = _layout_cached(pattern, q_len, kv_len, qb, kb, H)
+    layout = _layout_cached(static, q_len, kv_len, qb, kb, H, q_offset, kv_offset)
     cp = CompiledPattern(pattern=pattern, q_len=q_len, kv_len=kv_len, num_heads=H, block_size=(qb, kb),
-                         layer=layer, layout=layout, params=dict(params or {}))
+                         layer=layer, layout=layout, params=dict(params or {}), q_offset=q_offset,
+                         kv_offset=kv_offset, head_offset=head_offset)
     cp.compile_seconds = time.perf_counter() - t0
     return cp
 
@@ -144,7 +208,10 @@ class CompiledPattern:
     Attributes:
         pattern: the canonical layer ``Pattern`` (after ``select_layer`` and ``bind_lengths``).
         source: its canonical text (``str(pattern)``).
-        q_len, kv_len: Q_LEN, KV_LEN (tokens).
+        q_len, kv_len: Q_LEN, KV_LEN (tokens: rows and columns).
+        q_offset, kv_offset: positions of row 0 and column 0 (SPEC §1.6, tokens).
+        head_offset: head h here is head ``head_offset + h`` of the source pattern (``pattern``
+            already has its ``heads(…)`` rotated accordingly).
         num_heads: H.
         block_size: (Q_BLOCK_SIZE, KV_BLOCK_SIZE), tokens.
         layer: the layer index this was compiled for.
@@ -154,11 +221,15 @@ class CompiledPattern:
     """
 
     def __init__(self, *, pattern: Pattern, q_len: int, kv_len: int, num_heads: int, block_size: tuple,
-                 layer: int, layout: BlockLayout, params: dict):
+                 layer: int, layout: BlockLayout, params: dict, q_offset: int = 0, kv_offset: int = 0,
+                 head_offset: int = 0):
         self.pattern = pattern
         self.source = str(pattern)
         self.q_len = q_len
         self.kv_len = kv_len
+        self.q_offset = q_offset
+        self.kv_offset = kv_offset
+        self.head_offset = head_offset
         self.num_heads = num_heads
         self.block_size = tuple(block_size)
         self.layer = layer
@@ -186,10 +257,31 @@ class CompiledPattern:
 
         return head_patterns(self.pattern, self.num_heads)
 
+    @cached_property
+    def document_parts(self) -> tuple[Pattern, Pattern] | None:
+        """``(p[document := all], p[document := none])`` for a pattern that reads ``document``
+        (SPEC §1.7; see ``patternc.lower.documents``), else None."""
+        if not uses_documents(self.pattern):
+            return None
+        return substitute_document(self.pattern, ir.ALL), substitute_document(self.pattern, ir.NONE)
+
+    @cached_property
+    def static_pattern(self) -> Pattern:
+        """The pattern ``layout`` and the densities describe: ``pattern`` itself, or for a pattern
+        with ``document`` the union over every split into documents, ``p[document := all] |
+        p[document := none]`` (an upper bound; ``layout_for(documents=…)`` is exact)."""
+        parts = self.document_parts
+        return self.pattern if parts is None else normalize(ir.Or(parts))
+
+    def _part_layout(self, part: Pattern) -> BlockLayout:
+        qb, kb = self.block_size
+        return _layout_cached(part, self.q_len, self.kv_len, qb, kb, self.num_heads, self.q_offset, self.kv_offset)
+
     @property
     def is_causal_only(self) -> bool:
-        """True iff the layer pattern is exactly ``causal`` (executors may use is_causal SDPA)."""
-        return self.pattern == ir.CAUSAL
+        """True iff the layer pattern is exactly ``causal`` with rows and columns aligned
+        (``q_offset == kv_offset``): then SDPA's top-left ``is_causal`` is the predicate."""
+        return self.pattern == ir.CAUSAL and self.q_offset == self.kv_offset
 
     @property
     def mask_mod(self):
@@ -203,7 +295,8 @@ class CompiledPattern:
 
         key = device_key(device)
         if key not in self._mask_mods:
-            self._mask_mods[key] = lower_to_mask_mod(self.pattern, self.q_len, self.kv_len, device=device)
+            self._mask_mods[key] = lower_to_mask_mod(self.pattern, self.q_len, self.kv_len, device=device,
+                                                     q_offset=self.q_offset, kv_offset=self.kv_offset)
         return self._mask_mods[key]
 
     def mask_numpy(self, h: int, q_idx, kv_idx) -> np.ndarray:
@@ -211,8 +304,8 @@ class CompiledPattern:
 
         Args:
             h: head index (>= 0).
-            q_idx: int64 array, query indices in [0, Q_LEN).
-            kv_idx: int64 array, key indices in [0, KV_LEN), broadcastable with ``q_idx``.
+            q_idx: int64 array, query rows in [0, Q_LEN) (position ``q_idx + q_offset``).
+            kv_idx: int64 array, key columns in [0, KV_LEN), broadcastable with ``q_idx``.
 
         Returns:
             bool array of shape ``broadcast(q_idx, kv_idx)``.
@@ -221,15 +314,42 @@ class CompiledPattern:
 
         ph = self.head_patterns[h % len(self.head_patterns)]
         q_idx, kv_idx = np.asarray(q_idx, dtype=np.int64), np.asarray(kv_idx, dtype=np.int64)
-        out = evaluate(ph, q_idx, kv_idx, self.q_len, self.kv_len)
+        out = evaluate(ph, q_idx + self.q_offset, kv_idx + self.kv_offset, self.q_offset + self.q_len,
+                       self.kv_offset + self.kv_len)
         return np.array(np.broadcast_to(out, np.broadcast(q_idx, kv_idx).shape), dtype=bool)
 
-    def dense_mask(self) -> np.ndarray:
+    def dense_mask(self, *, documents=None, key_padding_mask=None) -> np.ndarray:
         """bool [H, Q_LEN, KV_LEN]: FULL tiles from the layout, PARTIAL tiles by the predicate
-        (materialises Q_LEN x KV_LEN per head: small sizes)."""
+        (materialises Q_LEN x KV_LEN per head: small sizes). With run-time data (SPEC §1.7)
+        bool [B, H, Q_LEN, KV_LEN].
+
+        Raises:
+            PatternError: P360 when the pattern reads ``document`` and no documents are given.
+        """
         from .lower.lowering import dense_from_layout
 
-        return dense_from_layout(self.head_patterns, self.layout)
+        if documents is None and key_padding_mask is None and not self.needs:
+            return dense_from_layout(self.head_patterns, self.layout)
+        kp, docs = self.runtime_inputs(documents=documents, key_padding_mask=key_padding_mask)
+        return self._dense_runtime(kp, docs)
+
+    def _dense_runtime(self, kp, docs) -> np.ndarray:
+        from .ir.specialize import head_patterns
+        from .lower.lowering import dense_from_layout
+
+        if docs is not None:
+            from .lower.documents import dense_with_documents
+
+            pa, pn = self.document_parts
+            dense = dense_with_documents(
+                docs, dense_from_layout(head_patterns(pa, self.num_heads), self._part_layout(pa)),
+                dense_from_layout(head_patterns(pn, self.num_heads), self._part_layout(pn)),
+                self.q_offset, self.kv_offset)
+        else:
+            dense = dense_from_layout(self.head_patterns, self.layout)[None]
+        if kp is not None:
+            dense = dense & kp[:, None, None, :]
+        return dense
 
     # ---- densities -------------------------------------------------------------------------------
     @cached_property
@@ -237,13 +357,18 @@ class CompiledPattern:
         """Exact number of allowed (h, i, j) token pairs over all heads."""
         from .lower.lowering import count_allowed
 
-        per = [count_allowed(ph, self.layout, h) for h, ph in enumerate(self.head_patterns)]
+        from .ir.specialize import head_patterns
+
+        heads = self.head_patterns if self.document_parts is None else head_patterns(self.static_pattern,
+                                                                                        self.num_heads)
+        per = [count_allowed(ph, self.layout, h) for h, ph in enumerate(heads)]
         period = len(per)
         return int(sum(per[h % period] for h in range(self.num_heads)))
 
     @property
     def density(self) -> float:
-        """Token density: allowed token pairs / (H * Q_LEN * KV_LEN), in [0, 1]."""
+        """Token density: allowed token pairs / (H * Q_LEN * KV_LEN), in [0, 1] (of
+        ``static_pattern``: an upper bound for a pattern with ``document``)."""
         return self.allowed_pairs / float(self.num_heads * self.q_len * self.kv_len)
 
     @property
@@ -253,30 +378,136 @@ class CompiledPattern:
         return self.layout.block_density
 
     # ---- torch -------------------------------------------------------------------------------------
-    def block_mask(self, device="cpu"):
+    def block_mask(self, device="cpu", *, documents=None, key_padding_mask=None):
         """FlexAttention ``BlockMask`` (batch 1, H heads) built from the layout with
         ``BlockMask.from_kv_blocks``, carrying ``mask_mod_on(device)``; equal to
         ``create_block_mask(self.mask_mod, 1, H, Q_LEN, KV_LEN, BLOCK_SIZE=self.block_size)``.
-        Built once per device and cached on this object (not pickled)."""
+        Built once per device and cached on this object (not pickled).
+
+        With run-time data (``documents`` ids [B, P] / [P] or lengths, ``key_padding_mask``
+        bool [B, KV_LEN], SPEC §1.7) the BlockMask has batch B, is built from
+        ``layout_for(...)`` in O(B * (tiles + documents)) and equals ``create_block_mask`` of
+        ``mask_mod_for(...)`` with that B; it is not cached (the data changes per batch).
+
+        Raises:
+            PatternError: P360-P362 for missing or malformed run-time data."""
         from .execute.blockmask import to_block_mask
         from .execute.maskmod import device_key
 
+        if documents is not None or key_padding_mask is not None or self.needs:
+            kp, docs = self.runtime_inputs(documents=documents, key_padding_mask=key_padding_mask)
+            if kp is not None or docs is not None:
+                return to_block_mask(self._layout_for(kp, docs), self._mask_mod_for(device, kp, docs), device=device)
         key = device_key(device)
         if key not in self._block_masks:
             self._block_masks[key] = to_block_mask(self.layout, self.mask_mod_on(device), device=device)
         return self._block_masks[key]
 
-    def attention(self, q, k, v, *, scale=None, backend="auto", return_backend=False, dropout_p=0.0):
+    def attention(self, q, k, v, *, scale=None, backend="auto", return_backend=False, dropout_p=0.0,
+                  documents=None, key_padding_mask=None):
         """Sparse attention with this layer's pattern: q float [B, H, Q_LEN, D], k [B, H_kv, KV_LEN, D],
         v [B, H_kv, KV_LEN, Dv] -> [B, H, Q_LEN, Dv] (H_kv divides H: grouped-query attention).
 
         ``backend``: "auto", "flex", "blocksparse" or "sdpa"; ``return_backend=True`` also
-        returns the name of the one that ran. Raises PatternError P350-P353 for inputs that do
-        not fit. See ``patternc.execute.attention`` and docs/execution.md."""
+        returns the name of the one that ran. ``key_padding_mask``: bool [B, KV_LEN], True =
+        real key (SPEC §1.7); ``documents``: ids [B, P] / [P] or lengths per row (SPEC §1.7).
+        Raises PatternError P350-P353 for inputs that do not fit, P360-P362 for run-time data.
+        See ``patternc.execute.attention`` and docs/execution.md, docs/runtime.md."""
         from .execute import attention
 
         return attention(self, q, k, v, scale=scale, backend=backend, return_backend=return_backend,
-                         dropout_p=dropout_p)
+                         dropout_p=dropout_p, documents=documents, key_padding_mask=key_padding_mask)
+
+    # ---- run-time data (SPEC §1.7) -------------------------------------------------------------------
+    @cached_property
+    def needs(self) -> frozenset:
+        """The run-time inputs the pattern requires: ``frozenset({"documents"})`` when it uses
+        ``document`` / ``per_document``, else empty. (``key_padding_mask`` is always optional.)"""
+        return frozenset({"documents"}) if uses_documents(self.pattern) else frozenset()
+
+    def runtime_inputs(self, *, documents=None, key_padding_mask=None, batch: int | None = None):
+        """Check run-time data: ``(key_padding bool [B, KV_LEN] | None, documents int64 [B|1, P] | None)``.
+
+        Raises:
+            PatternError: P360 the pattern needs ``documents`` and none were given; P361 bad
+                documents; P362 a bad key_padding_mask (shapes, dtypes, batch sizes).
+        """
+        from .lower.runtime import check_documents, check_key_padding
+
+        kp = None if key_padding_mask is None else check_key_padding(key_padding_mask, self.kv_len, batch)
+        if kp is not None and batch is None:
+            batch = kp.shape[0]
+        docs = None
+        if "documents" in self.needs:
+            if documents is None:
+                raise PatternError(Diagnostic(
+                    "P360", f"the pattern `{self.source}` uses `document` and needs run-time `documents`, but "
+                    "none were given", None, "pass documents=ids [B, P] (or [P], or lengths [[l0, l1, ...]]) to "
+                    "attention / block_mask / layout_for (CLI: --documents L1,L2,...)", filename="<pattern>"))
+            docs = check_documents(documents, max(self.q_offset + self.q_len, self.kv_offset + self.kv_len), batch)
+            if kp is not None and docs.shape[0] not in (1, kp.shape[0]):
+                raise PatternError(Diagnostic("P361", f"documents has {docs.shape[0]} rows but key_padding_mask "
+                                              f"{kp.shape[0]}", None, "give both one row per batch element"))
+        return kp, docs
+
+    def layout_for(self, *, documents=None, key_padding_mask=None) -> BlockLayout:
+        """The layout of a batch with run-time data (SPEC §1.7): kinds uint8 [B, H,
+        num_q_blocks, num_kv_blocks], built in O(B * (tiles + documents)) from the static
+        layout (``self.layout``, computed once) without Q_LEN x KV_LEN work.
+
+        Args:
+            documents: ids int [B, P] / [P], or lengths per row [[l0, l1, ...], ...] (P in positions).
+            key_padding_mask: bool [B, KV_LEN], True = real key.
+
+        Returns:
+            ``self.layout`` when no run-time data applies, else a BlockLayout with a batch axis.
+
+        Raises:
+            PatternError: P360-P362 (see ``runtime_inputs``).
+        """
+        kp, docs = self.runtime_inputs(documents=documents, key_padding_mask=key_padding_mask)
+        return self._layout_for(kp, docs)
+
+    def _layout_for(self, kp, docs) -> BlockLayout:
+        from .lower.runtime import key_padding_kinds
+
+        lay = self.layout
+        if kp is None and docs is None:
+            return lay
+        kinds = lay.kinds
+        counter, heads = None, self.head_patterns
+        if docs is not None:
+            from .ir.specialize import head_patterns
+            from .lower.documents import doc_rect_counts, document_kinds
+
+            pa, pn = self.document_parts
+            ha, hn = head_patterns(pa, self.num_heads), head_patterns(pn, self.num_heads)
+            kinds = document_kinds(docs, self._part_layout(pa), self._part_layout(pn), ha, hn)
+            Qe, Ke = self.q_offset + self.q_len, self.kv_offset + self.kv_len
+
+            def counter(b, h, q0, q1, k0, k1):
+                return doc_rect_counts(ha[h % len(ha)], hn[h % len(hn)], q0, q1, k0, k1, Qe, Ke,
+                                       docs[min(b, docs.shape[0] - 1)])
+        if kp is not None:
+            kinds = key_padding_kinds(kinds, kp, lay, heads, counter)
+        kinds = np.ascontiguousarray(kinds, dtype=np.uint8)
+        kinds.setflags(write=False)
+        return BlockLayout(kinds=kinds, q_len=lay.q_len, kv_len=lay.kv_len, q_block_size=lay.q_block_size,
+                           kv_block_size=lay.kv_block_size, q_offset=lay.q_offset, kv_offset=lay.kv_offset)
+
+    def mask_mod_for(self, device="cpu", *, documents=None, key_padding_mask=None):
+        """The ``mask_mod(b, h, q_idx, kv_idx)`` of a batch with run-time data (reads ``b``);
+        ``mask_mod_on(device)`` when there is none."""
+        kp, docs = self.runtime_inputs(documents=documents, key_padding_mask=key_padding_mask)
+        return self._mask_mod_for(device, kp, docs)
+
+    def _mask_mod_for(self, device, kp, docs):
+        if kp is None and docs is None:
+            return self.mask_mod_on(device)
+        from .execute.maskmod import lower_to_mask_mod
+
+        return lower_to_mask_mod(self.pattern, self.q_len, self.kv_len, device=device, q_offset=self.q_offset,
+                                 kv_offset=self.kv_offset, key_padding=kp, documents=docs)
 
     # ---- reporting ---------------------------------------------------------------------------------
     def summary(self) -> dict:
@@ -289,6 +520,9 @@ class CompiledPattern:
             "num_heads": self.num_heads,
             "block_size": list(self.block_size),
             "layer": self.layer,
+            "q_offset": self.q_offset,
+            "kv_offset": self.kv_offset,
+            "head_offset": self.head_offset,
             "num_q_blocks": lay.num_q_blocks,
             "num_kv_blocks": lay.num_kv_blocks,
             "density": self.density,
@@ -301,7 +535,9 @@ class CompiledPattern:
         }
 
     def __repr__(self) -> str:
-        return (f"CompiledPattern({self.source!r}, Q_LEN={self.q_len}, KV_LEN={self.kv_len}, H={self.num_heads}, "
+        offsets = "".join(f", {k}={getattr(self, k)}" for k in ("q_offset", "kv_offset", "head_offset")
+                          if getattr(self, k))
+        return (f"CompiledPattern({self.source!r}, Q_LEN={self.q_len}, KV_LEN={self.kv_len}{offsets}, H={self.num_heads}, "
                 f"BLOCK_SIZE={self.block_size}, layer={self.layer}, full={self.layout.full_blocks}, "
                 f"partial={self.layout.partial_blocks}, block_density={self.block_density:.4f})")
 
@@ -321,6 +557,7 @@ class CompiledPattern:
             "format": ARTIFACT_FORMAT, "format_version": ARTIFACT_VERSION, "patternc_version": __version__,
             "canonical": self.source, "params": dict(self.params), "q_len": self.q_len, "kv_len": self.kv_len,
             "num_heads": self.num_heads, "block_size": list(self.block_size), "layer": self.layer,
+            "q_offset": self.q_offset, "kv_offset": self.kv_offset, "head_offset": self.head_offset,
         }
         blob = np.frombuffer(json.dumps(meta, sort_keys=True).encode("utf-8"), dtype=np.uint8)
         path = os.fspath(path)
@@ -377,13 +614,14 @@ def load_compiled(path, *, verify: bool = True) -> CompiledPattern:
         raise _bad_artifact(path, f"format_version {meta.get('format_version')!r} (this patternc reads {ARTIFACT_VERSION})")
     try:
         q_len, kv_len, H, layer = (int(meta[k]) for k in ("q_len", "kv_len", "num_heads", "layer"))
+        q_off, kv_off = int(meta.get("q_offset", 0)), int(meta.get("kv_offset", 0))
         qb, kb = normalize_block_size(tuple(meta["block_size"]))
         canonical = str(meta["canonical"])
         params = {str(k): int(v) for k, v in dict(meta.get("params") or {}).items()}
     except (KeyError, TypeError, ValueError) as e:
         raise _bad_artifact(path, f"bad metadata: {type(e).__name__}: {e}") from None
-    if min(q_len, kv_len, H) < 1:
-        raise _bad_artifact(path, "lengths and num_heads must be >= 1")
+    if min(q_len, kv_len, H) < 1 or min(q_off, kv_off) < 0:
+        raise _bad_artifact(path, "lengths and num_heads must be >= 1, offsets >= 0")
     nq, nk = -(-q_len // qb), -(-kv_len // kb)
     if kinds.dtype != np.uint8 or kinds.shape != (H, nq, nk):
         raise _bad_artifact(path, f"kinds is {kinds.dtype} {list(kinds.shape)}, expected uint8 {[H, nq, nk]}")
@@ -396,16 +634,20 @@ def load_compiled(path, *, verify: bool = True) -> CompiledPattern:
     except PatternError as e:
         raise _bad_artifact(path, f"its pattern does not parse: {e.diagnostic.message}") from None
     kinds.setflags(write=False)
-    layout = BlockLayout(kinds=kinds, q_len=q_len, kv_len=kv_len, q_block_size=qb, kv_block_size=kb)
+    layout = BlockLayout(kinds=kinds, q_len=q_len, kv_len=kv_len, q_block_size=qb, kv_block_size=kb,
+                         q_offset=q_off, kv_offset=kv_off)
     if verify:
-        fresh = compile(pattern, q_len=q_len, kv_len=kv_len, num_heads=H, block_size=(qb, kb))
+        # the stored canonical text already has any head_offset applied: compile it unshifted
+        fresh = compile(pattern, q_len=q_len, kv_len=kv_len, num_heads=H, block_size=(qb, kb),
+                        q_offset=q_off, kv_offset=kv_off)
         if not np.array_equal(fresh.layout.kinds, kinds):
             bad = int((fresh.layout.kinds != kinds).sum())
             raise _bad_artifact(path, f"{bad} tile kinds differ from its pattern `{canonical}`")
         layout = fresh.layout
         pattern = fresh.pattern
     cp = CompiledPattern(pattern=pattern, q_len=q_len, kv_len=kv_len, num_heads=H, block_size=(qb, kb),
-                         layer=layer, layout=layout, params=params)
+                         layer=layer, layout=layout, params=params, q_offset=q_off, kv_offset=kv_off,
+                         head_offset=int(meta.get("head_offset", 0)))
     cp.compile_seconds = time.perf_counter() - t0
     return cp
 

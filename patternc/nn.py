@@ -56,6 +56,11 @@ class SparseSelfAttention(nn.Module):
             ``patternc.execute.attention``).
         layer_idx: which entry of ``layers(...)`` this module uses (``layer_idx mod m``).
         params: values for the pattern's ``param``s.
+        context_parallel: a ``patternc.distributed.ContextParallel`` (any layer's, for the
+            full sequence length): ``x`` is then this rank's shard ``[B, n_r, E]``
+            (``ctx.shard(x, dim=1)``) and attention runs context-parallel over the ranks, with
+            the positions of ``context_parallel`` and this module's pattern (see
+            docs/distributed.md). Not pickled; no attention dropout there.
 
     Raises:
         PatternError: the pattern does not parse or check (at construction).
@@ -67,7 +72,8 @@ class SparseSelfAttention(nn.Module):
     """
 
     def __init__(self, embed_dim: int, num_heads: int, pattern, *, block_size=128, bias: bool = True,
-                 dropout: float = 0.0, backend: str = "auto", layer_idx: int = 0, params: dict | None = None):
+                 dropout: float = 0.0, backend: str = "auto", layer_idx: int = 0, params: dict | None = None,
+                 context_parallel=None):
         super().__init__()
         from .execute import BACKENDS
 
@@ -85,6 +91,9 @@ class SparseSelfAttention(nn.Module):
         self.dropout, self.backend, self.layer_idx = float(dropout), backend, layer_idx
         self.source = str(pattern) if isinstance(pattern, Pattern) else pattern
         self.params = dict(params or {})
+        if context_parallel is not None and float(dropout) > 0:
+            raise ValueError("attention dropout is not available with context_parallel; use dropout=0.0")
+        self.context_parallel = context_parallel
         self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
         self.k_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
         self.v_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
@@ -103,6 +112,7 @@ class SparseSelfAttention(nn.Module):
         state = dict(self.__dict__)
         state.pop("pattern", None)
         state.pop("_compiled", None)
+        state["context_parallel"] = None  # holds a process group: set it again after unpickling
         return state
 
     def __setstate__(self, state):
@@ -180,6 +190,10 @@ class SparseSelfAttention(nn.Module):
         ``flex`` backend still compiles its own kernel."""
         from .execute import attention
 
+        ctx = getattr(self, "context_parallel", None)
+        if ctx is not None:  # q, k, v are this rank's positions of ctx.seq_len tokens
+            self.last_backend = "context_parallel"
+            return ctx.for_pattern(self.compiled(ctx.seq_len, q.device)).attention(q, k, v)
         cp = self.compiled(q.shape[2], q.device)
         out, self.last_backend = attention(cp, q, k, v, backend=self.backend, return_backend=True,
                                            dropout_p=self.dropout if self.training else 0.0)

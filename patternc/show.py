@@ -73,6 +73,8 @@ class Picture:
         merge: tiles per character along each axis in the terminal block view (1 = exact).
         counts: FULL / PARTIAL / EMPTY tile counts over all heads.
         layer_canonical: for a ``layers(...)`` pattern, the canonical text of the drawn layer.
+        doc_starts: with run-time ``documents``, the positions where a document starts
+            (drawn as ``v`` above the columns and ``>`` after the row labels).
     """
 
     canonical: str
@@ -91,6 +93,7 @@ class Picture:
     merge: int = 1
     counts: dict = field(default_factory=dict)
     layer_canonical: str | None = None  # the drawn layer's own text, for layers(...) patterns
+    doc_starts: list | None = None  # positions where a packed document starts (SPEC §1.7)
 
 
 class ShowError(ValueError):
@@ -128,7 +131,8 @@ def parse_window(text: str, q_len: int, kv_len: int) -> tuple[int, int, int, int
 
 def picture(p_or_source, *, q_len: int, kv_len: int | None = None, num_heads: int | None = None,
             head: int | None = None, block_size=128, layer: int = 0, params: dict | None = None,
-            window=None, view: str = "auto", width: int = 100, target: str = "terminal") -> Picture:
+            window=None, view: str = "auto", width: int = 100, target: str = "terminal", q_offset: int = 0,
+            kv_offset: int = 0, documents=None) -> Picture:
     """Compile one layer and collect what to draw.
 
     Args:
@@ -143,6 +147,10 @@ def picture(p_or_source, *, q_len: int, kv_len: int | None = None, num_heads: in
         view: ``"auto"``, ``"tokens"`` or ``"blocks"``.
         width: characters available for the picture (terminal target).
         target: ``"terminal"`` or ``"png"``: decides the auto view.
+        q_offset, kv_offset: positions of row 0 / column 0 (SPEC §1.6, tokens); the picture
+            shows rows and columns (window ranges are rows / columns too).
+        documents: one packed row (ids [P] or lengths ``[[l0, l1, ...]]``, SPEC §1.7): the
+            picture is that row's exact layout and mask, with the document boundaries marked.
 
     Returns:
         A ``Picture``.
@@ -172,8 +180,21 @@ def picture(p_or_source, *, q_len: int, kv_len: int | None = None, num_heads: in
         raise ShowError(f"--heads must be >= 1, got {H}")
     if head is not None and not 0 <= head < H:
         raise ShowError(f"--head {head} is out of range: the layer has {H} head(s) (0..{H - 1})")
-    cp = patternc.compile(p, q_len=q_len, kv_len=kv_len, num_heads=H, block_size=bs, layer=layer)
+    cp = patternc.compile(p, q_len=q_len, kv_len=kv_len, num_heads=H, block_size=bs, layer=layer,
+                          q_offset=q_offset, kv_offset=kv_offset)
     lay = cp.layout
+    row_docs = None
+    if documents is not None or cp.needs:
+        lay_b = cp.layout_for(documents=documents)  # P360 / P361 for missing or bad documents
+        if lay_b.batch is not None:
+            from .lower.layout import BlockLayout
+
+            lay = BlockLayout(kinds=lay_b.kinds[0], q_len=lay.q_len, kv_len=lay.kv_len, q_block_size=lay.q_block_size,
+                              kv_block_size=lay.kv_block_size, q_offset=lay.q_offset, kv_offset=lay.kv_offset)
+            from .lower.runtime import check_documents, runs
+
+            ids = check_documents(documents, max(q_offset + q_len, kv_offset + kv_len))[0]
+            row_docs = (documents, runs(ids)[0].tolist())
     if isinstance(window, str):
         window = parse_window(window, q_len, kv_len)
     if window is not None:
@@ -186,8 +207,9 @@ def picture(p_or_source, *, q_len: int, kv_len: int | None = None, num_heads: in
         view = "tokens" if fits else "blocks"
     heads = list(range(H)) if head is None else [head]
     pic = Picture(canonical=str(p), q_len=q_len, kv_len=kv_len, num_heads=H, block_size=bs, layer=layer,
-                  view=view, heads=heads, kinds=np.asarray(lay.kinds), density=float(cp.density),
-                  block_density=float(cp.block_density),
+                  view=view, heads=heads, kinds=np.asarray(lay.kinds),
+                  density=float(cp.density) if row_docs is None else 0.0,
+                  block_density=float(cp.block_density) if row_docs is None else float(lay.block_density),
                   counts={"full_blocks": lay.full_blocks, "partial_blocks": lay.partial_blocks,
                           "empty_blocks": lay.empty_blocks})
     if p.num_layers > 1:
@@ -195,9 +217,26 @@ def picture(p_or_source, *, q_len: int, kv_len: int | None = None, num_heads: in
         from .ir.specialize import select_layer
 
         pic.layer_canonical = str(normalize(select_layer(p, layer)))
+    if row_docs is not None:
+        pic.doc_starts = row_docs[1]
+        if cp.document_parts is not None:  # exact token density of this packed row
+            from .ir.specialize import head_patterns
+            from .lower.documents import doc_rect_counts
+
+            pa, pn = cp.document_parts
+            ha, hn = head_patterns(pa, H), head_patterns(pn, H)
+            Qe, Ke = q_offset + q_len, kv_offset + kv_len
+            total = sum(int(doc_rect_counts(ha[h % len(ha)], hn[h % len(hn)], [q_offset], [Qe], [kv_offset], [Ke],
+                                            Qe, Ke, ids)[0]) for h in range(H))
+            pic.density = total / float(H * q_len * kv_len)
     if view == "tokens":
         pic.window = tuple(window) if window is not None else (0, q_len, 0, kv_len)
-        pic.tokens = _token_window(cp, heads, pic.window, H)
+        if row_docs is not None:
+            q0, q1, k0, k1 = pic.window
+            dense = cp.dense_mask(documents=row_docs[0])[0]
+            pic.tokens = dense[heads][:, q0:q1, k0:k1]
+        else:
+            pic.tokens = _token_window(cp, heads, pic.window, H)
     elif target == "terminal":
         pic.merge = max(1, math.ceil(max(lay.num_q_blocks, lay.num_kv_blocks) / max(1, width)))
     return pic
@@ -256,9 +295,14 @@ def header_lines(p: Picture) -> list[str]:
     bs = str(qb) if qb == kb else f"({qb}, {kb})"
     c = p.counts
     layer = [f"{f'layer {p.layer}':<15}{p.layer_canonical}"] if p.layer_canonical else []
+    docs = []
+    if p.doc_starts is not None:
+        shown = ", ".join(map(str, p.doc_starts[:12])) + (", ..." if len(p.doc_starts) > 12 else "")
+        docs = [f"documents      {len(p.doc_starts)}, starting at positions {shown} (v / > mark the boundaries)"]
     return [
         f"pattern        {p.canonical}",
         *layer,
+        *docs,
         f"Q_LEN {p.q_len}  KV_LEN {p.kv_len}  BLOCK_SIZE {bs}  heads {p.num_heads}  layer {p.layer}",
         f"token density {_pct(p.density)}  block density {_pct(p.block_density)}  "
         f"FULL {c['full_blocks']}  PARTIAL {c['partial_blocks']}  EMPTY {c['empty_blocks']} (tiles, all heads)",
@@ -291,8 +335,27 @@ def to_text(p: Picture, *, ascii_only: bool = False) -> str:
         lines.append("")
         lines.append(("head " if len(hs) == 1 else "heads ") + ", ".join(map(str, hs)))
         lines.extend(_ruler(n_cols, col_start, col_step, indent))
+        if p.doc_starts is None:
+            for r, row in enumerate(rows):
+                lines.append(f"{row_start + r * row_step:>{label_w}} {row}")
+            continue
+        # document boundaries: a column / row holding a document start (positions)
+        qb, kb = p.block_size
+        cu, ru = (1, 1) if p.view == "tokens" else (kb, qb)
+        starts = np.asarray(p.doc_starts)
+
+        def marks(n, start, step, unit, offset):
+            lo = offset + (start + np.arange(n) * step) * unit
+            hi = lo + step * unit
+            return [bool(((starts >= a) & (starts < b)).any()) for a, b in zip(lo, hi)]
+
+        kv_off = getattr(p, "kv_offset", 0)
+        q_off = getattr(p, "q_offset", 0)
+        cm = marks(n_cols, col_start, col_step, cu, kv_off)
+        rm = marks(len(rows), row_start, row_step, ru, q_off)
+        lines.append(" " * indent + "".join("v" if x else " " for x in cm).rstrip())
         for r, row in enumerate(rows):
-            lines.append(f"{row_start + r * row_step:>{label_w}} {row}")
+            lines.append(f"{row_start + r * row_step:>{label_w}}{'>' if rm[r] else ' '}{row}")
     return "\n".join(lines)
 
 

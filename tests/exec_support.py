@@ -1,6 +1,7 @@
 """Test support for execution tests: a CompiledPattern built from the oracle alone.
 
-``StandIn`` has the attributes of ``patternc.CompiledPattern`` that execution uses, built
+``StandIn`` has the members of ``patternc.CompiledPattern`` that execution uses (it satisfies
+the executor's ``patternc.execute.common.Compiled`` protocol), built
 the slow, obvious way (``patternc.reference.dense_mask`` + ``BlockLayout.from_dense`` + a
 ``mask_mod`` that indexes the dense table). Running the backends on it checks execution
 independently of the analytic compiler (its layouts and mask_mods).
@@ -36,6 +37,9 @@ class StandIn:
 
         mask_mod.__name__ = str(self.pattern)
         self.mask_mod = mask_mod
+
+    def mask_mod_on(self, device="cpu"):
+        return self.mask_mod  # its table follows the indices' device
 
     def dense_mask(self):
         return self._dense.copy()

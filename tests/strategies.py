@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from patternc import ir
 from patternc.ir.nodes import CAUSAL, And, Blocks, Diff, Heads, Layers, Not, Or, Prim
-from patternc.ir.primitives import PRIMITIVES, check_values
+from patternc.ir.primitives import PRIMITIVES, RUNTIME_PRIMITIVES, check_values
 
 Q, KV = ir.Var("q_len"), ir.Var("kv_len")
 
@@ -43,8 +43,11 @@ REPAIR = {"summary": _repair_summary}
 
 
 def leaf_names(reads=None) -> list[str]:
-    """Registry names of the leaf primitives (optionally only those whose ``reads`` is in ``reads``)."""
-    return [n for n, s in PRIMITIVES.items() if not s.combinator and (reads is None or s.reads in reads)]
+    """Registry names of the leaf primitives (optionally only those whose ``reads`` is in ``reads``).
+    Primitives that need run-time data (``document``: SPEC §1.7) are left out: they cannot be
+    evaluated alone; ``tests/test_documents.py`` combines them with these patterns."""
+    return [n for n, s in PRIMITIVES.items() if not s.combinator and n not in RUNTIME_PRIMITIVES
+            and (reads is None or s.reads in reads)]
 
 
 def _value(param, scale: int, symbolic: bool):

@@ -13,6 +13,7 @@ RUNS = {
     "bench_compile.py": ["--big", "8192", "--mid", "2048", "--repeat", "1"],
     "bench_analyze.py": ["--quick"],
     "bench_attention.py": ["--quick", "--cpu-only", "--rounds", "1"],
+    "bench_distributed.py": ["--quick"],
 }
 
 

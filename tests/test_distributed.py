@@ -65,7 +65,41 @@ def _worker(rank, world):
         stats = [None] * w
         dist.all_gather_object(stats, ctx.stats, group=group)
         results[name] = (*full, stats, [p.tolist() for p in ctx.schedule.positions])
+    results["nn"] = _nn_case(ContextParallel)
     return results
+
+
+NN_LEN = 300
+
+
+def _nn_model():
+    from patternc.nn import SparseSelfAttention
+
+    torch.manual_seed(0)
+    return torch.nn.Sequential(SparseSelfAttention(16, 2, "local(w=40) & causal", block_size=32),
+                               SparseSelfAttention(16, 2, "strided(s=24) & causal | sink(n=4)", block_size=32))
+
+
+def _nn_inputs():
+    g = torch.Generator().manual_seed(99)
+    return torch.randn(2, NN_LEN, 16, generator=g), torch.randn(2, NN_LEN, 16, generator=g)
+
+
+def _nn_case(ContextParallel):
+    """Two SparseSelfAttention layers (different patterns) on 4 ranks, one ContextParallel's
+    positions for both; parameter gradients summed over the ranks (as DDP would)."""
+    model = _nn_model()
+    ctx = ContextParallel(model[0].compiled(NN_LEN), balance="tiles")
+    for layer in model:
+        layer.context_parallel = ctx
+    x, g = _nn_inputs()
+    y_l = model(ctx.shard(x, dim=1))
+    (y_l * ctx.shard(g, dim=1)).sum().backward()
+    grads = []
+    for p in model.parameters():
+        dist.all_reduce(p.grad)
+        grads.append(p.grad)
+    return ctx.unshard(y_l, dim=1), grads
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +153,17 @@ def test_moves_exactly_the_blocks_read(ranks, case):
         assert s["allgather_bytes"] == (L - own.size) * row_bytes
         assert s["bytes_received_forward"] <= s["allgather_bytes"]
     assert sum(s["bytes_sent_forward"] for s in stats) == sum(s["bytes_received_forward"] for s in stats)
+
+
+def test_nn_layers_context_parallel(ranks):
+    model = _nn_model()
+    x, g = _nn_inputs()
+    y = model(x)
+    (y * g).sum().backward()
+    y_cp, grads = ranks[0]["nn"]
+    torch.testing.assert_close(y_cp, y.detach(), atol=1e-5, rtol=1e-5)
+    for (name, p), got in zip(model.named_parameters(), grads):
+        torch.testing.assert_close(got, p.grad, atol=1e-4, rtol=1e-4, msg=name)
 
 
 def test_idle_ranks_participate(ranks):

@@ -8,6 +8,7 @@ The compile-heavy FlexAttention tests live in ``test_execute_flex.py`` (slow).
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
@@ -392,3 +393,38 @@ def test_plans_are_cached_per_device_and_heads():
         bsm.plan_for(cp.layout, 4, "cpu", cp.mask_mod)
     # the plan computes exactly the listed tiles (no merging needed here)
     assert p1.computed_tiles == int((cp.layout.kinds != patternc.EMPTY).sum())
+
+
+def test_compiled_pattern_satisfies_the_executor_protocol():
+    from patternc.execute.common import Compiled
+
+    cp = patternc.compile("local(w=4) & causal", q_len=16, block_size=4)
+    assert isinstance(cp, Compiled)
+    for name in ("q_len", "kv_len", "num_heads", "layout", "pattern", "is_causal_only", "mask_mod_on",
+                 "block_mask", "dense_mask"):
+        assert name in set(Compiled.__annotations__) | set(vars(Compiled)), name
+    assert not isinstance(object(), Compiled)
+    from exec_support import StandIn
+
+    assert isinstance(StandIn("causal", q_len=8, block_size=4), Compiled)
+
+
+def test_compare_with_reference_measures_the_error_in_chunks(monkeypatch):
+    from patternc.execute import reference as ref_mod
+
+    src, Q, KV, H = "(local(w=8) | sink(n=2)) & causal", 70, 70, 2
+    cp = patternc.compile(src, q_len=Q, kv_len=KV, num_heads=H, block_size=16)
+    q, k, v = make_qkv(1, H, H, Q, KV, D=8)
+    out = attention(cp, q, k, v, backend="blocksparse")
+    monkeypatch.setattr(ref_mod, "REFERENCE_CHUNK_BYTES", 8 * H * KV * 16)  # 16 rows per chunk: 5 chunks
+    calls = []
+    good = ref_mod.compare_with_reference(cp, q, k, v, out, on_chunk=lambda: calls.append(1))
+    assert len(calls) == 5 and good["rel_error"] <= 1e-5
+    dense = reference_attention(q, k, v, oracle(src, Q, KV, H))
+    bad = out.clone()
+    bad[0, 1, 40, 0] += 0.5
+    err = ref_mod.compare_with_reference(cp, q, k, v, bad)
+    want = float((bad.double() - dense).norm() / dense.norm())
+    assert abs(err["max_abs_error"] - 0.5) < 1e-5 and abs(err["rel_error"] - want) < 1e-9
+    bad[0, 0, 3, 1] = float("nan")
+    assert math.isnan(ref_mod.compare_with_reference(cp, q, k, v, bad)["max_abs_error"])

@@ -18,15 +18,21 @@ def test_flex_keeps_working_past_the_recompile_limit(monkeypatch):
     cfg = torch._dynamo.config
     name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
     assert getattr(cfg, name) >= flex.RECOMPILE_LIMIT
-    monkeypatch.setattr(cfg, name, 1)  # now every new shape is past the limit
+    # torch's config module is restored by hand: monkeypatch's undo leaves the name unset
+    # there, and every later torch.compile in the process then fails.
+    old = getattr(cfg, name)
+    setattr(cfg, name, 1)  # now every new shape is past the limit
     monkeypatch.setattr(flex, "_warned_eager", False)
     torch.manual_seed(0)
-    with warnings.catch_warnings(record=True) as rec:
-        warnings.simplefilter("always")
-        for L in (40, 48, 56):
-            cp = patternc.compile("local(w=8) & causal", q_len=L, block_size=16)
-            q, k, v = (torch.randn(1, 2, L, 16) for _ in range(3))
-            out = cp.attention(q, k, v, backend="flex")
-            ref = cp.attention(q.double(), k.double(), v.double(), backend="sdpa")
-            assert float((out.double() - ref).abs().max()) < 1e-5
+    try:
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            for L in (40, 48, 56):
+                cp = patternc.compile("local(w=8) & causal", q_len=L, block_size=16)
+                q, k, v = (torch.randn(1, 2, L, 16) for _ in range(3))
+                out = cp.attention(q, k, v, backend="flex")
+                ref = cp.attention(q.double(), k.double(), v.double(), backend="sdpa")
+                assert float((out.double() - ref).abs().max()) < 1e-5
+    finally:
+        setattr(cfg, name, old)
     assert any("uncompiled" in str(w.message) for w in rec)

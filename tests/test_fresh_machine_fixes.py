@@ -227,3 +227,35 @@ def test_torch_compile_of_the_module_at_new_lengths():
         torch.testing.assert_close(gw, m.q_proj.weight.grad)
         m.zero_grad()
     assert sorted(m._compiled) == [40, 56]
+
+
+# ---- item 14: every length-dependent parameter is range-checked, on every branch ---------------------------
+
+@pytest.mark.parametrize("src, literal", [
+    ("all | local(w=q_len // 2)", "all | local(w=0)"),
+    ("none & strided(s=q_len - 1)", "none & strided(s=0)"),
+    ("causal | (causal & local(w=q_len // 2))", "causal | (causal & local(w=0))"),
+    ("blocks(q_len - 1, all)", "blocks(0, all)"),
+])
+def test_dropped_branches_are_still_range_checked(src, literal):
+    with pytest.raises(PatternError) as lit:
+        patternc.parse(literal)
+    assert lit.value.code in ("P208", "P301", "P207")
+    with pytest.raises(PatternError) as e:
+        patternc.compile(src, q_len=1, block_size=1)
+    assert e.value.code == "P301"
+    # at a length where the parameter is legal the branch is dropped as before
+    q = 8
+    cp = patternc.compile(src, q_len=q, block_size=4)
+    assert (cp.dense_mask() == patternc.reference.dense_mask(src, q_len=q)).all()
+    assert not cp.pattern.is_symbolic()
+
+
+def test_global_at_length_dependent_is_refused_with_a_working_alternative():
+    with pytest.raises(PatternError) as e:
+        patternc.parse("global(at=[q_len - 1])")
+    assert e.value.code == "P207" and "~prefix(n=q_len - k)" in str(e.value)
+    for q, k in ((9, 1), (9, 2), (16, 3)):  # the help's claim, on the oracle
+        last = ", ".join(str(x) for x in range(q - k, q))
+        assert (patternc.reference.dense_mask(f"~prefix(n=q_len - {k})", q_len=q)
+                == patternc.reference.dense_mask(f"global(at=[{last}])", q_len=q)).all()

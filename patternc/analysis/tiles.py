@@ -8,8 +8,8 @@ The token and block engines read a layer through ``LayerTiles``:
 * ``nonempty``: bool [num_q_blocks, num_kv_blocks], the tile is not EMPTY in some head;
 * ``mask(q_idx, kv_idx)``: bool, broadcasting int64 token indices: some head allows the pair.
 
-``layer_tiles`` builds them from ``patternc.compile`` (the compiler's ``BlockLayout`` and
-``mask_numpy``). ``dense_tiles`` wraps an explicit dense adjacency (used by the block-level
+``layer_tiles`` builds them from the lowering (``lower_to_layout`` and ``evaluate``) of the
+stack's already specialised head patterns. ``dense_tiles`` wraps an explicit dense adjacency (used by the block-level
 engine, whose "tokens" are blocks).
 """
 
@@ -20,7 +20,10 @@ from typing import Callable
 
 import numpy as np
 
+from ..compiler import MAX_TILES
+from ..errors import Diagnostic, PatternError
 from ..lower.layout import EMPTY, FULL, PARTIAL, BlockLayout
+from ..lower.lowering import evaluate, lower_to_layout
 
 
 @dataclass
@@ -33,7 +36,7 @@ class LayerTiles:
         full: bool [nb, nb].
         nonempty: bool [nb, nb].
         mask: callable (q_idx, kv_idx) -> bool, broadcasting int64 arrays.
-        source: where the layout came from (``compiler`` / ``dense``).
+        source: where the layout came from (``lowering`` / ``dense``).
     """
 
     n: int
@@ -55,7 +58,9 @@ class LayerTiles:
 
 def layer_tiles(stack, entry: int, block_size: int) -> LayerTiles:
     """The tiles of layer entry ``entry`` of ``stack`` at ``block_size`` tokens per block,
-    from ``patternc.compile`` (exact layout; PARTIAL tiles evaluated by ``mask_numpy``).
+    from the lowering (``lower_to_layout`` of each distinct head pattern: the exact layout;
+    PARTIAL tiles evaluated by the numpy predicate ``lower.evaluate``). The stack's patterns
+    are already specialised, so nothing is parsed, normalised or compiled twice.
 
     Args:
         stack: a ``model.Stack``.
@@ -63,26 +68,28 @@ def layer_tiles(stack, entry: int, block_size: int) -> LayerTiles:
         block_size: tokens per block (both sides).
 
     Raises:
-        PatternError: the compiler's P3xx (e.g. too many tiles).
+        PatternError: P303 when a layer would have more tiles than ``compile`` accepts.
     """
-    from ..compiler import compile as compile_pattern
-
-    reps = [h for h, _ in stack.heads[entry]]
-    cp = compile_pattern(stack.pattern, q_len=stack.n, kv_len=stack.n, num_heads=stack.num_heads,
-                         block_size=block_size, layer=entry)
-    lay: BlockLayout = cp.layout
-    kinds = lay.kinds[reps]
+    n = stack.n
+    heads = [hp for _h, hp in stack.heads[entry]]
+    nb = -(-n // block_size)
+    if len(heads) * nb * nb > MAX_TILES:
+        raise PatternError(Diagnostic(
+            "P303", f"the layout would have {len(heads)} x {nb} x {nb} = {len(heads) * nb * nb:,} tiles "
+            f"(limit {MAX_TILES:,})", None, f"use a larger block_size (e.g. {block_size * 4}) or a shorter seq_len"))
+    kinds = np.stack([lower_to_layout(hp, n, n, block_size, 1).kinds[0] for hp in heads])
     full = (kinds == FULL).any(axis=0)
     nonempty = (kinds != EMPTY).any(axis=0)
 
-    def mask(q_idx, kv_idx, _cp=cp, _reps=reps):
-        out = None
-        for h in _reps:
-            v = np.asarray(_cp.mask_numpy(h, q_idx, kv_idx), dtype=bool)
-            out = v if out is None else out | v
+    def mask(q_idx, kv_idx, _heads=heads):
+        q_idx, kv_idx = np.asarray(q_idx, dtype=np.int64), np.asarray(kv_idx, dtype=np.int64)
+        shape = np.broadcast_shapes(q_idx.shape, kv_idx.shape)
+        out = np.zeros(shape, dtype=bool)
+        for hp in _heads:
+            out |= np.broadcast_to(evaluate(hp, q_idx, kv_idx, n, n), shape)
         return out
 
-    return LayerTiles(stack.n, block_size, full, nonempty, mask, "compiler")
+    return LayerTiles(n, block_size, full, nonempty, mask, "lowering")
 
 
 def dense_tiles(adj: np.ndarray, block_size: int) -> LayerTiles:

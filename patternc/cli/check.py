@@ -61,4 +61,7 @@ def property_lines(props: dict) -> list[str]:
         w = props["symmetric_witness"]
         i, j = w["i"], w["j"]
         symmetric += f" (query {i} attends key {j}, but query {j} does not attend key {i}{_where(w, h, l)})"
-    return [f"causal: {causal}", f"symmetric: {symmetric}", f"heads: {h}", f"layers: {l}"]
+    lines = [f"causal: {causal}", f"symmetric: {symmetric}", f"heads: {h}", f"layers: {l}"]
+    if props.get("needs"):
+        lines.append(f"needs: {', '.join(props['needs'])} (run-time input, SPEC §1.7)")
+    return lines

@@ -194,3 +194,59 @@ def parse_block_size(text: str):
         raise UsageError(f"--block-size expects one or two integers >= 1 (e.g. 128 or 64,128), got {text!r}")
     return vals[0] if len(vals) == 1 else (vals[0], vals[1])
 
+
+
+def add_offset_args(p: argparse.ArgumentParser) -> None:
+    """``--q-offset`` / ``--kv-offset`` (SPEC §1.6) of compile, show, analyze and run."""
+    p.add_argument("--q-offset", type=int, default=0, metavar="T",
+                   help="position of query row 0 in tokens (default 0); a decode step after T cached "
+                        "tokens: --seq-len 1 --kv-len T+1 --q-offset T")
+    p.add_argument("--kv-offset", type=int, default=0, metavar="T",
+                   help="position of key column 0 in tokens (default 0): the oldest key a rolling cache keeps")
+
+
+def offsets_of(args) -> dict:
+    """``{"q_offset": …, "kv_offset": …}`` from the command line. Raises UsageError (exit 2)."""
+    out = {}
+    for name in ("q_offset", "kv_offset"):
+        v = getattr(args, name, 0) or 0
+        if v < 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 0 tokens, got {v}")
+        out[name] = v
+    return out
+
+
+def add_documents_arg(p: argparse.ArgumentParser) -> None:
+    """``--documents L1,L2,…`` (SPEC §1.7, §5) of compile, show and run."""
+    p.add_argument("--documents", metavar="L1,L2,...",
+                   help="document lengths of one packed row, in tokens (SPEC §1.7); --seq-len defaults to "
+                        "their sum")
+
+
+def documents_of(args) -> list | None:
+    """``[[l1, l2, …]]`` (one row of lengths) from ``--documents``, and ``args.seq_len`` set from
+    their sum when it was not given. Raises UsageError (exit 2): bad numbers, or a --seq-len
+    whose position extent (--q-offset + --seq-len) differs from the sum."""
+    text = getattr(args, "documents", None)
+    if text is None:
+        return None
+    try:
+        lens = [int(t.strip().replace("_", "")) for t in str(text).split(",") if t.strip()]
+    except ValueError:
+        raise UsageError(f"--documents expects lengths L1,L2,... (integers), got {text!r}") from None
+    if not lens or min(lens) < 1:
+        raise UsageError(f"--documents expects lengths >= 1 token, got {text!r}")
+    total = sum(lens)
+    qo = getattr(args, "q_offset", 0) or 0
+    if args.seq_len is None:
+        if total - qo < 1:
+            raise UsageError(f"--documents sum to {total} tokens, not past --q-offset {qo}")
+        args.seq_len = total - qo
+    elif qo + args.seq_len != total:
+        raise UsageError(f"--seq-len {args.seq_len} (+ --q-offset {qo}) differs from the sum of --documents, "
+                         f"{total} tokens; drop --seq-len (it defaults to the sum) or fix the lengths")
+    kv_len = getattr(args, "kv_len", None)
+    ko = getattr(args, "kv_offset", 0) or 0
+    if kv_len is not None and ko + kv_len > total:
+        raise UsageError(f"--kv-len {kv_len} (+ --kv-offset {ko}) reaches past the documents' {total} tokens")
+    return [lens]

@@ -20,8 +20,12 @@ import time
 from ..errors import ExitCode
 from .common import (
     UsageError,
+    add_documents_arg,
+    add_offset_args,
     add_source_args,
+    documents_of,
     emit_diagnostics,
+    offsets_of,
     parse_block_size,
     print_json,
     run_guarded,
@@ -49,6 +53,8 @@ def register(sub) -> None:
     p.add_argument("--block-size", default="128", metavar="B|Q,KV",
                    help="BLOCK_SIZE in tokens, or Q_BLOCK_SIZE,KV_BLOCK_SIZE (default 128)")
     p.add_argument("--layer", type=int, default=0, help="entry of layers(...) to run (default 0)")
+    add_offset_args(p)
+    add_documents_arg(p)
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--repeats", type=int, default=5, metavar="R", help="timed calls after one warm-up (default 5)")
     p.add_argument("--check", action="store_true", help="compare with the float64 reference attention")
@@ -196,31 +202,12 @@ def _time(fn, repeats, device, bar):
     return first, statistics.median(times)
 
 
-def _reference_rows(cp, H, device):
-    """mask(q_start, q_end) -> bool [H, rows, KV_LEN] from ``cp.mask_mod`` (no full mask)."""
-    import torch
-
-    from ..execute.blocksparse import mask_mod_for
-
-    mask_mod = mask_mod_for(cp, device)
-    h = torch.arange(H, device=device)[:, None, None]
-    kv = torch.arange(cp.kv_len, device=device)[None, None, :]
-    b = torch.zeros((), dtype=torch.int64, device=device)
-
-    def rows(a, e):
-        qi = torch.arange(a, e, device=device)[None, :, None]
-        m = torch.as_tensor(mask_mod(b, h, qi, kv), device=device).to(torch.bool)
-        return torch.broadcast_to(m, (H, e - a, cp.kv_len))
-
-    return rows
-
-
 def run(args) -> int:
     def body(src):
         import torch
 
         from ..execute import attention, choose_backend
-        from ..execute.reference import reference_attention
+        from ..execute.reference import compare_with_reference, reference_chunk_rows
         from ..execute.sdpa import DENSE_MASK_LIMIT
         from ..source.frontdoor import analyse_source
 
@@ -241,6 +228,7 @@ def run(args) -> int:
             raise UsageError(f"--device: {e}") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise UsageError("--device cuda: no CUDA device is available")
+        docs = documents_of(args)
         tensors = load_input(args.input) if args.input else None
         if tensors is None and args.seq_len is None:
             raise UsageError("--seq-len is required (or give --input, whose q sets it)")
@@ -278,7 +266,8 @@ def run(args) -> int:
         dtype = getattr(torch, dtype_name)
 
         t0 = time.perf_counter()
-        cp = _compile(pattern, q_len=N, kv_len=M, num_heads=H, block_size=args.block_size, layer=args.layer)
+        cp = _compile(pattern, q_len=N, kv_len=M, num_heads=H, block_size=args.block_size, layer=args.layer,
+                      **offsets_of(args))
         compile_seconds = time.perf_counter() - t0
 
         if tensors is not None:
@@ -310,14 +299,14 @@ def run(args) -> int:
             dense_note = (f"skipped: the dense mask and scores need about {dense_bytes / 2**30:.1f} GiB, "
                           "more than half the available memory")
         do_dense = dense_note is None
-        ref_chunk = max(1, min(N, (256 << 20) // max(1, 8 * B * H * M)))
+        ref_chunk = reference_chunk_rows(B, H, M, N)
         steps = (1 + args.repeats) * (2 if do_dense else 1) + (math.ceil(N / ref_chunk) if args.check else 0)
 
         with torch.no_grad(), _progress(steps) as bar:
             out_holder = {}
 
             def call():
-                out_holder["out"] = attention(cp, q, k, v, backend=backend)
+                out_holder["out"] = attention(cp, q, k, v, backend=backend, documents=docs)
 
             first, seconds = _time(call, args.repeats, device, bar)
             dense_seconds = None
@@ -326,8 +315,16 @@ def run(args) -> int:
 
                 scale = 1.0 / math.sqrt(D)
 
-                def dense():  # SDPA with the dense boolean mask (also for `causal`)
-                    sdpa_attention(cp, q, k, v, scale, use_causal=False)
+                if docs is not None:
+                    from ..execute.sdpa import sdpa_attention_masked
+
+                    dense_t = torch.from_numpy(cp.dense_mask(documents=docs)).to(device)
+
+                    def dense():  # SDPA with the dense boolean mask of the packed row
+                        sdpa_attention_masked(q, k, v, dense_t, scale)
+                else:
+                    def dense():  # SDPA with the dense boolean mask (also for `causal`)
+                        sdpa_attention(cp, q, k, v, scale, use_causal=False)
 
                 _, dense_seconds = _time(dense, args.repeats, device, bar)
             result = {
@@ -338,27 +335,15 @@ def run(args) -> int:
                 "first_call_seconds": first, "compile_seconds": compile_seconds,
                 "repeats": args.repeats, "dtype": dtype_name, "device": str(device),
                 "layer": args.layer, "num_layers": pattern.num_layers, "layer_pattern": str(cp.pattern),
+                "q_offset": cp.q_offset, "kv_offset": cp.kv_offset, "documents": docs[0] if docs else None,
                 "shape": {"batch": B, "heads": H, "kv_heads": H_kv, "q_len": N, "kv_len": M,
                           "head_dim": D, "v_head_dim": Dv, "block_size": args.block_size},
             }
             if dense_note:
                 result["dense_note"] = dense_note
             if args.check:
-                out = out_holder["out"]
-                rows = _reference_rows(cp, H, device)
-                sq_err = sq_ref = 0.0
-                max_abs = 0.0
-                for a in range(0, N, ref_chunk):
-                    e = min(N, a + ref_chunk)
-                    ref = reference_attention(q[:, :, a:e], k, v, lambda s0, s1: rows(a + s0, a + s1))
-                    diff = out[:, :, a:e].to(torch.float64) - ref
-                    chunk_max = float(diff.abs().max())
-                    # NaN must stick (max() would drop it and report a perfect 0)
-                    max_abs = chunk_max if math.isnan(chunk_max) or math.isnan(max_abs) else max(max_abs, chunk_max)
-                    sq_err += float((diff * diff).sum())
-                    sq_ref += float((ref * ref).sum())
-                    bar.update(1)
-                rel = math.sqrt(sq_err) / math.sqrt(sq_ref) if sq_ref > 0 else math.sqrt(sq_err)
+                errors = compare_with_reference(cp, q, k, v, out_holder["out"], on_chunk=bar.update, documents=docs)
+                max_abs, rel = errors["max_abs_error"], errors["rel_error"]
                 tol = TOLERANCE[dtype_name]
                 passed = bool(rel <= tol and math.isfinite(max_abs))
                 result.update(max_abs_error=max_abs, rel_error=rel, tolerance=tol, check_passed=passed, ok=passed)

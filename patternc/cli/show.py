@@ -9,8 +9,12 @@ import sys
 from ..errors import ExitCode, PatternError
 from .common import (
     UsageError,
+    add_documents_arg,
+    add_offset_args,
     add_source_args,
+    documents_of,
     emit_diagnostics,
+    offsets_of,
     parse_block_size,
     print_json,
     run_guarded,
@@ -25,12 +29,14 @@ def register(sub) -> None:
                     "large lengths, the exact token mask for small ones or for a --window of positions.",
     )
     add_source_args(p)
-    p.add_argument("--seq-len", type=int, required=True, metavar="N", help="Q_LEN in tokens")
+    p.add_argument("--seq-len", type=int, metavar="N", help="Q_LEN in tokens (required unless --documents gives it)")
     p.add_argument("--kv-len", type=int, metavar="M", help="KV_LEN in tokens (default: --seq-len)")
     p.add_argument("--heads", type=int, metavar="H",
                    help="number of heads (default: the pattern's own head count, from heads(...))")
     p.add_argument("--head", type=int, metavar="h", help="draw only head h (default: every head)")
     p.add_argument("--layer", type=int, default=0, metavar="l", help="entry of layers(...) to draw (default 0)")
+    add_offset_args(p)
+    add_documents_arg(p)
     p.add_argument("--block-size", default="128", metavar="B",
                    help="BLOCK_SIZE in tokens: B, or Q_BLOCK,KV_BLOCK (default 128)")
     p.add_argument("--window", metavar="Q0:Q1,K0:K1",
@@ -56,6 +62,9 @@ def run(args) -> int:
         from ..show import ShowError, picture, save_png, to_json, to_text
         from ..source.frontdoor import analyse_source
 
+        docs = documents_of(args)
+        if args.seq_len is None:
+            raise UsageError("--seq-len is required (or give --documents, whose sum sets it)")
         if args.seq_len < 1 or (args.kv_len is not None and args.kv_len < 1):
             raise UsageError("--seq-len and --kv-len must be >= 1 token")
         pattern, res = analyse_source(src.text, params=src.params, filename=src.filename)
@@ -66,7 +75,8 @@ def run(args) -> int:
         try:
             pic = picture(pattern, q_len=args.seq_len, kv_len=args.kv_len, num_heads=args.heads, head=args.head,
                           block_size=parse_block_size(args.block_size), layer=args.layer, window=args.window,
-                          view=args.view, width=width, target="png" if args.png else "terminal")
+                          view=args.view, width=width, target="png" if args.png else "terminal",
+                          documents=docs, **offsets_of(args))
         except ShowError as e:
             raise UsageError(str(e)) from None
         except PatternError as e:

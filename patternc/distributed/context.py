@@ -250,7 +250,8 @@ class ContextParallel:
 
     # ---- attention ---------------------------------------------------------------------------
     def _plan(self, num_heads: int, device):
-        from ..execute.blocksparse import Plan, mask_mod_for
+        from ..execute.blocksparse import Plan
+        from ..execute.common import mask_mod_for
 
         key = (num_heads, str(device))
         got = self._plans.get(key)

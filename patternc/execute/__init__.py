@@ -24,11 +24,12 @@ import math
 import torch
 
 from ..errors import Diagnostic, PatternError
+from .common import Compiled
 
 BACKENDS = ("auto", "flex", "blocksparse", "sdpa")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-__all__ = ["attention", "choose_backend", "check_inputs", "BACKENDS", "reference_attention"]
+__all__ = ["attention", "choose_backend", "check_inputs", "BACKENDS", "Compiled", "reference_attention"]
 
 
 def _error(code: str, message: str, help: str | None = None) -> PatternError:
@@ -39,7 +40,7 @@ def _shape(x) -> str:
     return "[" + ", ".join(str(d) for d in x.shape) + "]"
 
 
-def check_inputs(cp, q, k, v) -> None:
+def check_inputs(cp: Compiled, q, k, v) -> None:
     """Check q, k, v against the compiled pattern.
 
     Args:
@@ -98,7 +99,7 @@ def check_inputs(cp, q, k, v) -> None:
         raise _error("P350", f"empty dimension in q {_shape(q)}, k {_shape(k)}, v {_shape(v)}")
     layout_heads = cp.layout.num_heads
     if H != layout_heads:
-        head_free = layout_heads == 1 and getattr(cp.pattern, "num_heads", 1) == 1
+        head_free = layout_heads == 1 and cp.pattern.num_heads == 1
         if not head_free:
             raise _error("P350", f"q has H={H} heads, but the pattern was compiled for num_heads={layout_heads}: "
                          f"expected q [B, {layout_heads}, {q_len}, D], got {_shape(q)}",
@@ -109,7 +110,7 @@ def _needs_grad(q, k, v) -> bool:
     return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
 
 
-def choose_backend(cp, q, k, v, *, dropout_p: float = 0.0, explain: bool = False):
+def choose_backend(cp: Compiled, q, k, v, *, dropout_p: float = 0.0, explain: bool = False):
     """The backend ``backend="auto"`` runs for these inputs.
 
     Policy (measured with torch 2.13; numbers in ``docs/execution.md``):
@@ -125,7 +126,7 @@ def choose_backend(cp, q, k, v, *, dropout_p: float = 0.0, explain: bool = False
     Returns:
         The backend name, or ``(name, reason)`` with ``explain=True``.
     """
-    if getattr(cp, "is_causal_only", False):
+    if cp.is_causal_only:
         name, why = "sdpa", "the pattern is exactly `causal`: SDPA is_causal"
     elif q.device.type == "cpu":
         name, why = "blocksparse", "CPU: patternc's block-sparse kernel (no compile, has a backward)"
@@ -141,8 +142,8 @@ def choose_backend(cp, q, k, v, *, dropout_p: float = 0.0, explain: bool = False
     return (name, why) if explain else name
 
 
-def attention(cp, q, k, v, *, scale: float | None = None, backend: str = "auto",
-              return_backend: bool = False, dropout_p: float = 0.0):
+def attention(cp: Compiled, q, k, v, *, scale: float | None = None, backend: str = "auto",
+              return_backend: bool = False, dropout_p: float = 0.0, documents=None, key_padding_mask=None):
     """Attention of q over k, v where the compiled pattern allows it.
 
     ``out[b, h, i] = sum_j softmax_j(q[b, h, i] . k[b, g(h), j] * scale | allowed(h, i, j)) v[b, g(h), j]``
@@ -159,6 +160,10 @@ def attention(cp, q, k, v, *, scale: float | None = None, backend: str = "auto",
         return_backend: also return the name of the backend that ran.
         dropout_p: attention dropout on the softmax probabilities (training; ``sdpa`` and
             ``blocksparse`` only). Default 0.
+        documents: run-time document ids, int [B, P] or [P] (broadcast), or lengths per row
+            ``[[l0, l1, ...], ...]`` (SPEC §1.7); required when the pattern uses ``document``.
+        key_padding_mask: bool [B, KV_LEN], True = a real key (HF ``attention_mask``); ANDed
+            with the pattern. A row left with no key gives 0 with finite gradients.
 
     Returns:
         [B, H, Q_LEN, Dv] in q's dtype (a row with no allowed key is 0), or
@@ -167,7 +172,8 @@ def attention(cp, q, k, v, *, scale: float | None = None, backend: str = "auto",
     Raises:
         PatternError: P350 / P351 inputs that do not fit (see ``check_inputs``); P352 an
             unknown backend, or ``flex`` asked for a CPU call that needs gradients, for
-            float64 on CPU or for dropout; P353 ``sdpa`` with a dense mask too large to build.
+            float64 on CPU or for dropout; P353 ``sdpa`` with a dense mask too large to build;
+            P360-P362 missing or malformed run-time data (``cp.runtime_inputs``).
     """
     if backend not in BACKENDS:
         from ..errors import did_you_mean
@@ -185,10 +191,17 @@ def attention(cp, q, k, v, *, scale: float | None = None, backend: str = "auto",
     if amp is not None:
         with torch.autocast(q.device.type, enabled=False):
             return attention(cp, q, k, v, scale=scale, backend=backend, return_backend=return_backend,
-                             dropout_p=dropout_p)
+                             dropout_p=dropout_p, documents=documents, key_padding_mask=key_padding_mask)
     if not 0.0 <= float(dropout_p) < 1.0:
         raise _error("P352", f"dropout_p must be in [0, 1), got {dropout_p}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    runtime = getattr(cp, "runtime_inputs", None)
+    if runtime is not None and (documents is not None or key_padding_mask is not None or cp.needs):
+        kp, docs = runtime(documents=documents, key_padding_mask=key_padding_mask, batch=q.shape[0])
+        if kp is not None or docs is not None:
+            name = _runtime_backend(q, dropout_p) if backend == "auto" else backend
+            out = _run_batched(cp, name, q, k, v, scale, dropout_p, kp, docs)
+            return (out, name) if return_backend else out
     name = choose_backend(cp, q, k, v, dropout_p=dropout_p) if backend == "auto" else backend
     if name == "flex":
         if dropout_p > 0:
@@ -202,6 +215,83 @@ def attention(cp, q, k, v, *, scale: float | None = None, backend: str = "auto",
     else:
         out = _run_sdpa(cp, q, k, v, scale, dropout_p)
     return (out, name) if return_backend else out
+
+
+def _runtime_backend(q, dropout_p) -> str:
+    """``auto`` with run-time data: flex on CUDA (batched BlockMask), else blocksparse."""
+    if q.device.type == "cuda" and q.dtype != torch.float64 and dropout_p == 0:
+        return "flex"
+    return "blocksparse"
+
+
+class _BatchRow:
+    """What the kernels read of a CompiledPattern, for one batch row with run-time data: its
+    layout (kinds [H, nq, nkv]) and a mask_mod whose ``b`` is fixed to that row."""
+
+    def __init__(self, cp, layout, mask_mod, b: int):
+        self.pattern, self.q_len, self.kv_len, self.num_heads = cp.pattern, cp.q_len, cp.kv_len, cp.num_heads
+        self.layout = layout
+        self.is_causal_only = False
+        bt = torch.tensor(b, dtype=torch.int64)
+
+        def row_mask_mod(_b, h, q_idx, kv_idx):
+            return mask_mod(bt.to(q_idx.device) if isinstance(q_idx, torch.Tensor) else bt, h, q_idx, kv_idx)
+
+        self.mask_mod = row_mask_mod
+
+    def mask_mod_on(self, device):
+        return self.mask_mod
+
+
+def _run_batched(cp, name, q, k, v, scale, dropout_p, kp, docs):
+    """Attention with run-time data (key padding, documents): per-batch layouts and a
+    mask_mod that reads ``b``. flex runs once with the batched BlockMask; blocksparse runs each
+    batch row on its own layout (autograd joins them); sdpa uses the dense [B, H, Q, KV] mask."""
+    B = q.shape[0]
+    layout = cp._layout_for(kp, docs)
+    mask_mod = cp._mask_mod_for(q.device, kp, docs)
+    if name == "flex":
+        if dropout_p > 0:
+            raise _error("P352", "backend 'flex' has no attention dropout",
+                         help="use backend='blocksparse' or 'sdpa' (or 'auto') with dropout_p > 0")
+        if q.device.type == "cpu" and _needs_grad(q, k, v):
+            raise _error("P352", "backend 'flex' has no backward on CPU and these inputs require gradients",
+                         help="use backend='blocksparse' (or 'auto') to train on CPU")
+        from .blockmask import to_block_mask
+        from .common import empty_rows
+        from .flex import flex_attention
+
+        bm = to_block_mask(layout, mask_mod, device=q.device)
+        rows = []
+        for b in range(layout.batch):
+            row = _BatchRow(cp, layout.batch_row(b), mask_mod, b)
+            e = empty_rows(row.layout, row.mask_mod, q.shape[1], q.device)
+            rows.append(torch.zeros(q.shape[1], q.shape[2], 1, dtype=torch.bool, device=q.device) if e is None
+                        else e.expand(q.shape[1], -1, -1))
+        empty = torch.stack(rows)
+        return flex_attention(cp, q, k, v, scale, empty_rows=empty, block_mask=bm)
+    if name == "sdpa":
+        from .sdpa import DENSE_MASK_LIMIT, sdpa_attention_masked
+
+        n = layout.batch * layout.num_heads * cp.q_len * cp.kv_len
+        if n > DENSE_MASK_LIMIT:
+            raise _error("P353", f"backend 'sdpa' needs a dense [B, H, Q_LEN, KV_LEN] mask of {n:,} booleans, over "
+                         f"the limit of {DENSE_MASK_LIMIT:,}", help="use backend='blocksparse' or 'flex' (or 'auto')")
+        dense = torch.from_numpy(_dense_runtime(cp, layout, kp, docs)).to(q.device)
+        return sdpa_attention_masked(q, k, v, dense, scale, dropout_p=dropout_p)
+    from .blocksparse import blocksparse_attention
+
+    outs = []
+    for b in range(B):
+        r = min(b, layout.batch - 1)
+        row = _BatchRow(cp, layout.batch_row(r), mask_mod, r)
+        outs.append(blocksparse_attention(row, q[b:b + 1], k[b:b + 1], v[b:b + 1], scale, dropout_p=dropout_p))
+    return torch.cat(outs, dim=0)
+
+
+def _dense_runtime(cp, layout, kp, docs):
+    """bool [B, H, Q_LEN, KV_LEN]: the pattern with run-time data (small sizes: sdpa, tests)."""
+    return cp._dense_runtime(kp, docs)
 
 
 def _autocast_dtype(q) -> "torch.dtype | None":
@@ -218,7 +308,7 @@ def _autocast_dtype(q) -> "torch.dtype | None":
 
 
 def _run_flex(cp, q, k, v, scale):
-    from .blocksparse import empty_rows, mask_mod_for
+    from .common import empty_rows, mask_mod_for
     from .flex import flex_attention
 
     if q.device.type == "cpu" and _needs_grad(q, k, v):
@@ -240,7 +330,7 @@ def _run_flex(cp, q, k, v, scale):
 def _run_sdpa(cp, q, k, v, scale, dropout_p=0.0):
     from .sdpa import DENSE_MASK_LIMIT, dense_mask_elements, sdpa_attention
 
-    if getattr(cp, "is_causal_only", False):
+    if cp.is_causal_only:
         return sdpa_attention(cp, q, k, v, scale, use_causal=True, dropout_p=dropout_p)
     n = dense_mask_elements(cp, q.shape[1])
     if n > DENSE_MASK_LIMIT:

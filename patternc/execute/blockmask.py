@@ -20,17 +20,19 @@ from ..lower.layout import FULL, PARTIAL, BlockLayout, ordered_lists
 
 
 def to_block_mask(layout: BlockLayout, mask_mod, device="cpu") -> BlockMask:
-    """A FlexAttention ``BlockMask`` (batch 1, H = ``layout.num_heads``) for ``layout``.
+    """A FlexAttention ``BlockMask`` (batch 1, H = ``layout.num_heads``) for ``layout``; batch
+    B for a layout with a batch axis (built with run-time data, SPEC §1.7).
 
     Args:
-        layout: the BlockLayout (tile kinds [H, num_q_blocks, num_kv_blocks]).
+        layout: the BlockLayout (tile kinds [H, num_q_blocks, num_kv_blocks], or
+            [B, H, num_q_blocks, num_kv_blocks]).
         mask_mod: the pattern's mask_mod (applied on PARTIAL blocks; must agree with the
             layout, since uncompiled flex_attention uses only it).
         device: device of the index tensors.
 
     Returns:
-        BlockMask with ``kv_num_blocks`` int32 [1, H, num_q_blocks], ``kv_indices`` int32
-        [1, H, num_q_blocks, num_kv_blocks] (PARTIAL blocks), ``full_kv_num_blocks`` /
+        BlockMask with ``kv_num_blocks`` int32 [B|1, H, num_q_blocks], ``kv_indices`` int32
+        [B|1, H, num_q_blocks, num_kv_blocks] (PARTIAL blocks), ``full_kv_num_blocks`` /
         ``full_kv_indices`` (FULL blocks), ``BLOCK_SIZE`` = (Q_BLOCK_SIZE, KV_BLOCK_SIZE),
         ``seq_lengths`` = (Q_LEN, KV_LEN).
     """
@@ -38,8 +40,11 @@ def to_block_mask(layout: BlockLayout, mask_mod, device="cpu") -> BlockMask:
     kv_num, kv_idx = ordered_lists(kinds == PARTIAL)
     full_num, full_idx = ordered_lists(kinds == FULL)
 
+    batched = kinds.ndim == 4
+
     def t(x):
-        return torch.from_numpy(x).to(device)[None]
+        x = torch.from_numpy(x).to(device)
+        return x if batched else x[None]
 
     bm = BlockMask.from_kv_blocks(
         t(kv_num), t(kv_idx), t(full_num), t(full_idx),
@@ -48,7 +53,7 @@ def to_block_mask(layout: BlockLayout, mask_mod, device="cpu") -> BlockMask:
     )
     # The transposed (q) lists that backward kernels read, from the kinds in numpy: torch's
     # own transpose (dense scatter + argsort) costs ~1 s at 1024 x 1024 tiles, this ~20 ms.
-    kinds_t = kinds.transpose(0, 2, 1)
+    kinds_t = kinds.swapaxes(-1, -2)
     q_num, q_idx = ordered_lists(kinds_t == PARTIAL)
     full_q_num, full_q_idx = ordered_lists(kinds_t == FULL)
     bm.q_num_blocks, bm.q_indices = t(q_num), t(q_idx)

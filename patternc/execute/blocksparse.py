@@ -47,10 +47,9 @@ import numpy as np
 import torch
 
 from ..lower.layout import FULL, PARTIAL
+from .common import CHUNK_ELEMENTS, empty_rows, mask_mod_for  # noqa: F401  (re-exported)
+from .common import allowed_in_tiles as _allowed
 
-#: score-matrix elements per chunk (``B * rows * qb * cols``); 2**20 floats = 4 MiB, about an L2
-#: cache: measured faster than larger chunks (batched matmuls stay in cache)
-CHUNK_ELEMENTS = 1 << 20
 #: elements of the cached table of distinct PARTIAL-tile masks per (layout, heads, device);
 #: each costs 8 bytes (an additive float32 bias and a multiplicative float32 keep-mask)
 MASK_CACHE_ELEMENTS = 1 << 24
@@ -287,13 +286,6 @@ def _geometric_buckets(smax: int, n: int) -> np.ndarray:
     return np.array(vals, dtype=np.int64)
 
 
-def mask_mod_for(cp, device):
-    """``cp.mask_mod_on(device)`` (parameter tensors on the kernel's device) when the compiled
-    pattern has it, else ``cp.mask_mod``."""
-    on = getattr(cp, "mask_mod_on", None)
-    return on(torch.device(device)) if on is not None else cp.mask_mod
-
-
 _PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
@@ -306,68 +298,6 @@ def plan_for(layout, num_heads: int, device, mask_mod) -> Plan:
     if plan is None:
         plan = per_layout[key] = Plan(layout, num_heads, device, mask_mod)
     return plan
-
-
-def _allowed(mask_mod, dims, heads, q_blocks, kv_blocks, alive) -> torch.Tensor:
-    """bool [R, qb, S * kb]: ``mask_mod`` over the token pairs of R rows of tiles.
-
-    ``heads``, ``q_blocks``: int64 [R]; ``kv_blocks``: int64 [R, S]; ``alive``: bool [R, S]
-    (False slots are not allowed). ``mask_mod`` sees only real indices: padded query rows
-    reuse the last real row, keys past KV_LEN are not allowed.
-    """
-    qb, kb = dims.q_block_size, dims.kv_block_size
-    dev = heads.device
-    qtok = (q_blocks[:, None] * qb + torch.arange(qb, device=dev)).clamp_(max=dims.q_len - 1)
-    kvtok = (kv_blocks[:, :, None] * kb + torch.arange(kb, device=dev)).flatten(1)
-    valid = (kvtok < dims.kv_len) & alive.repeat_interleave(kb, dim=1)
-    kvtok = kvtok.clamp(max=dims.kv_len - 1)
-    b = torch.zeros((), dtype=torch.int64, device=dev)
-    m = mask_mod(b, heads[:, None, None], qtok[:, :, None], kvtok[:, None, :])
-    m = torch.as_tensor(m, device=dev).to(torch.bool)
-    return torch.broadcast_to(m, (heads.shape[0], qb, kvtok.shape[1])) & valid[:, None, :]
-
-
-_EMPTY_ROWS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def empty_rows(layout, mask_mod, num_heads: int, device, *, chunk_elements: int = CHUNK_ELEMENTS):
-    """Query rows with no allowed key: bool [H, Q_LEN, 1], or None when every row has one.
-
-    Only rows whose query block has PARTIAL tiles and no FULL tile are evaluated (with
-    ``mask_mod``, chunk by chunk); cached per (layout, heads, device).
-    """
-    device = torch.device(device)
-    per = _EMPTY_ROWS.setdefault(layout, {})
-    key = (num_heads, str(device))
-    if key in per:
-        return per[key]
-    kinds = np.asarray(layout.kinds)
-    if kinds.shape[0] != num_heads:
-        kinds = np.broadcast_to(kinds, (num_heads,) + kinds.shape[1:])
-    H, nq, nkv = kinds.shape
-    qb, kb = layout.q_block_size, layout.kv_block_size
-    has_full = (kinds == FULL).any(-1)
-    n_partial = (kinds == PARTIAL).sum(-1)
-    empty = np.repeat(~has_full & (n_partial == 0), qb, axis=1)  # [H, nq * qb]
-    check = ~has_full & (n_partial > 0)
-    order = np.argsort(np.where(kinds == PARTIAL, 0, 1) * nkv + np.arange(nkv), axis=-1, kind="stable")
-    empty_t = torch.as_tensor(empty, device=device)
-    for n_p in np.unique(n_partial[check]):
-        hs, qbs = np.nonzero(check & (n_partial == n_p))
-        kvb = order[hs, qbs, :n_p]
-        step = max(1, chunk_elements // (qb * kb * int(n_p)))
-        for a in range(0, hs.size, step):
-            h_t = torch.as_tensor(hs[a:a + step], device=device)
-            q_t = torch.as_tensor(qbs[a:a + step], device=device)
-            kv_t = torch.as_tensor(kvb[a:a + step], device=device)
-            allowed = _allowed(mask_mod, layout, h_t, q_t, kv_t, torch.ones_like(kv_t, dtype=torch.bool))
-            none = ~allowed.any(-1)  # [R, qb]
-            cols = q_t[:, None] * qb + torch.arange(qb, device=device)
-            empty_t[h_t[:, None], cols] = none
-    out = empty_t[:, :layout.q_len, None]
-    out = out if bool(out.any()) else None
-    per[key] = out
-    return out
 
 
 # ---- kernels -------------------------------------------------------------------------------

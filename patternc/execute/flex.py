@@ -48,17 +48,19 @@ def compiled_flex_attention(device):
     return fn
 
 
-def flex_attention(cp, q, k, v, scale: float, *, empty_rows=None):
+def flex_attention(cp, q, k, v, scale: float, *, empty_rows=None, block_mask=None):
     """FlexAttention with the compiled pattern's BlockMask.
 
     Args:
         q: float [B, H, Q_LEN, D]; k: [B, H_kv, KV_LEN, D]; v: [B, H_kv, KV_LEN, Dv].
-        empty_rows: bool [H|1, Q_LEN, 1] rows with no allowed key, or None.
+        empty_rows: bool [H|1, Q_LEN, 1] (or [B, H, Q_LEN, 1]) rows with no allowed key, or None.
+        block_mask: a BlockMask to use instead of ``cp.block_mask(q.device)`` (a batched one,
+            built with run-time data).
 
     Returns:
         [B, H, Q_LEN, Dv] in q's dtype.
     """
-    bm = cp.block_mask(q.device)
+    bm = cp.block_mask(q.device) if block_mask is None else block_mask
     fn = compiled_flex_attention(q.device)
     gqa = k.shape[1] != q.shape[1]
     try:

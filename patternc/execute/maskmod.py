@@ -26,15 +26,21 @@ def device_key(device) -> str:
     return str(torch.device(device))
 
 
-def lower_to_mask_mod(p: Pattern, q_len: int, kv_len: int, device="cpu"):
+def lower_to_mask_mod(p: Pattern, q_len: int, kv_len: int, device="cpu", *, q_offset: int = 0,
+                      kv_offset: int = 0, key_padding=None, documents=None):
     """Build the ``mask_mod`` of one layer of a pattern.
 
     Args:
         p: a layer-free Pattern with concrete arguments (``heads`` allowed; head ``h`` uses
             entry ``h mod m``).
-        q_len: Q_LEN, tokens (sizes the lookup tables of ``random`` / ``global(at=...)``).
-        kv_len: KV_LEN, tokens.
+        q_len: Q_LEN, tokens (rows; with ``q_offset`` sizes the lookup tables of
+            ``random`` / ``global(at=...)``).
+        kv_len: KV_LEN, tokens (columns).
         device: where the parameter tensors and tables live (the device of the kernel).
+        q_offset, kv_offset: positions of row 0 / column 0 (SPEC §1.6): the predicate is
+            evaluated at ``(q_idx + q_offset, kv_idx + kv_offset)``, HF transformers' convention.
+        key_padding: bool [B, KV_LEN] (True = real key, SPEC §1.7), ANDed in at ``[b, kv_idx]``;
+            the mask_mod then reads its ``b`` argument.
 
     Returns:
         ``mask_mod(b, h, q_idx, kv_idx) -> bool tensor``; ``b`` is ignored; ``h``, ``q_idx``,
@@ -52,16 +58,53 @@ def lower_to_mask_mod(p: Pattern, q_len: int, kv_len: int, device="cpu"):
                 [0, 0, 1, 1]], dtype=torch.int32)
     """
     device = torch.device(device)
-    fn = _build(p, q_len, kv_len, device)
+    global _DOCS
+    _DOCS = None if documents is None else torch.as_tensor(np.ascontiguousarray(documents), dtype=torch.int64,
+                                                           device=device)
+    try:
+        fn = _build(p, q_offset + q_len, kv_offset + kv_len, device)
+    finally:
+        _DOCS = None
+    shifted = bool(q_offset or kv_offset)
+    qo, ko = (_t(q_offset, device), _t(kv_offset, device)) if shifted else (None, None)
+    kp = None if key_padding is None else torch.as_tensor(key_padding, device=device).to(torch.bool)
+    kmax = kv_len - 1
 
     def mask_mod(b, h, q_idx, kv_idx):
         if not isinstance(h, torch.Tensor):
             h = torch.as_tensor(h, device=device)
-        return fn(h, q_idx, kv_idx)
+        if not isinstance(b, torch.Tensor):
+            b = torch.as_tensor(b, device=device)
+        out = fn(h, q_idx + qo, kv_idx + ko, b) if shifted else fn(h, q_idx, kv_idx, b)
+        if kp is not None:
+            out = out & kp[b, kv_idx.clamp(0, kmax)]
+        return out
 
     mask_mod.__name__ = mask_mod.__qualname__ = str(p)
-    mask_mod.__doc__ = f"FlexAttention mask_mod of the pattern `{p}` (Q_LEN={q_len}, KV_LEN={kv_len})."
+    where = f", q_offset={q_offset}, kv_offset={kv_offset}" if q_offset or kv_offset else ""
+    mask_mod.__doc__ = f"FlexAttention mask_mod of the pattern `{p}` (Q_LEN={q_len}, KV_LEN={kv_len}{where})."
     return mask_mod
+
+
+#: the run-time ``documents`` (int64 [B|1, P]) of the mask_mod being built (set only while
+#: ``lower_to_mask_mod`` builds its closures)
+_DOCS = None
+
+
+def _document(dev):
+    """``document``: ``documents[b, q] == documents[b, kv]`` (positions clamped to P - 1; a
+    single row serves every b)."""
+    from ..errors import Diagnostic, PatternError
+
+    docs = _DOCS
+    if docs is None:
+        raise PatternError(Diagnostic("P360", "`document` needs run-time `documents` (SPEC §1.7)", None,
+                                      "use cp.mask_mod_for(documents=...) / cp.block_mask(documents=...)"))
+    rows, top = docs.shape[0], docs.shape[1] - 1
+    if rows == 1:
+        row = docs[0]
+        return lambda h, q, kv, b: row[q.clamp(0, top)] == row[kv.clamp(0, top)]
+    return lambda h, q, kv, b: docs[b, q.clamp(0, top)] == docs[b, kv.clamp(0, top)]
 
 
 def _t(v, device) -> torch.Tensor:
@@ -73,18 +116,18 @@ def _build(p: Pattern, q_len: int, kv_len: int, dev):
         return _prim(p, q_len, kv_len, dev)
     if isinstance(p, Not):
         f = _build(p.child, q_len, kv_len, dev)
-        return lambda h, q, kv: ~f(h, q, kv)
+        return lambda h, q, kv, b: ~f(h, q, kv, b)
     if isinstance(p, Diff):
         f, g = _build(p.left, q_len, kv_len, dev), _build(p.right, q_len, kv_len, dev)
-        return lambda h, q, kv: f(h, q, kv) & ~g(h, q, kv)
+        return lambda h, q, kv, b: f(h, q, kv, b) & ~g(h, q, kv, b)
     if isinstance(p, (And, Or)):
         fs = [_build(c, q_len, kv_len, dev) for c in p.items]
         conj = isinstance(p, And)
 
-        def junction(h, q, kv):
-            out = fs[0](h, q, kv)
+        def junction(h, q, kv, b):
+            out = fs[0](h, q, kv, b)
             for f in fs[1:]:
-                out = (out & f(h, q, kv)) if conj else (out | f(h, q, kv))
+                out = (out & f(h, q, kv, b)) if conj else (out | f(h, q, kv, b))
             return out
 
         return junction
@@ -92,18 +135,18 @@ def _build(p: Pattern, q_len: int, kv_len: int, dev):
         fs = [_build(c, q_len, kv_len, dev) for c in p.items]
         m = len(fs)
 
-        def per_head(h, q, kv):
+        def per_head(h, q, kv, b):
             hm = h % m
-            out = fs[0](h, q, kv)
+            out = fs[0](h, q, kv, b)
             for k in range(1, m):
-                out = torch.where(hm == k, fs[k](h, q, kv), out)
+                out = torch.where(hm == k, fs[k](h, q, kv, b), out)
             return out
 
         return per_head
     if isinstance(p, Blocks):
-        b = _t(p.b, dev)
+        bs = _t(p.b, dev)
         f = _build(p.child, -(-q_len // p.b), -(-kv_len // p.b), dev)
-        return lambda h, q, kv: f(h, q // b, kv // b)
+        return lambda h, q, kv, b: f(h, q // bs, kv // bs, b)
     if isinstance(p, Layers):
         raise ValueError("select a layer before building a mask_mod")
     raise TypeError(f"not a pattern: {p!r}")
@@ -145,6 +188,8 @@ def _prim(p: Prim, q_len: int, kv_len: int, dev):
     """The registry's formula with every integer parameter a 0-d tensor (a new value is not a
     recompile); a primitive that ignores an index still broadcasts over it (FlexAttention and
     direct ``mask_mod(0, h, q[:, None], kv[None, :])`` calls expect the full shape)."""
+    if p.name == "document":
+        return _document(dev)
     spec = PRIMITIVES.get(p.name)
     if spec is None or spec.formula is None:
         raise ValueError(f"unknown primitive {p.name!r}")
@@ -153,12 +198,12 @@ def _prim(p: Prim, q_len: int, kv_len: int, dev):
     reads_q = spec.reads == "" or any(c in spec.reads for c in "dix")
     reads_kv = spec.reads == "" or any(c in spec.reads for c in "djx")
     if reads_q and reads_kv:
-        return lambda h, q, kv: pred(q, kv)
+        return lambda h, q, kv, b: pred(q, kv)
     if reads_kv:
-        return lambda h, q, kv: pred(q, kv) & (q >= 0)
+        return lambda h, q, kv, b: pred(q, kv) & (q >= 0)
     if reads_q:
-        return lambda h, q, kv: pred(q, kv) & (kv >= 0)
-    return lambda h, q, kv: pred(q, kv) & (q >= 0) & (kv >= 0)
+        return lambda h, q, kv, b: pred(q, kv) & (kv >= 0)
+    return lambda h, q, kv, b: pred(q, kv) & (q >= 0) & (kv >= 0)
 
 
 def _marks(at: np.ndarray, length: int, dev) -> torch.Tensor:

@@ -92,3 +92,75 @@ def reference_attention(q, k, v, mask, *, scale: float | None = None, q_chunk: i
         p = torch.where(has_any, p, torch.zeros((), dtype=p.dtype, device=p.device))
         outs.append(torch.matmul(p, v64))
     return torch.cat(outs, dim=2)
+
+
+#: bytes of float64 scores per reference chunk in ``compare_with_reference``
+REFERENCE_CHUNK_BYTES = 256 << 20
+
+
+def reference_chunk_rows(batch: int, num_heads: int, kv_len: int, q_len: int) -> int:
+    """Query rows per chunk of ``compare_with_reference``: float64 scores of about
+    ``REFERENCE_CHUNK_BYTES`` (``8 * B * H * rows * KV_LEN`` bytes), at least 1, at most Q_LEN."""
+    return max(1, min(q_len, REFERENCE_CHUNK_BYTES // max(1, 8 * batch * num_heads * kv_len)))
+
+
+def pattern_rows(cp, num_heads: int, device, documents=None) -> Callable:
+    """``rows(q_start, q_end) -> bool [H, rows, KV_LEN]`` of a compiled pattern, evaluated with
+    its ``mask_mod`` on ``device`` (no full ``[H, Q_LEN, KV_LEN]`` mask is built); with
+    ``documents`` (one packed row, SPEC §1.7) the mask_mod of that row."""
+    import torch
+
+    from .common import mask_mod_for
+
+    mask_mod = mask_mod_for(cp, device) if documents is None else cp.mask_mod_for(device, documents=documents)
+    h = torch.arange(num_heads, device=device)[:, None, None]
+    kv = torch.arange(cp.kv_len, device=device)[None, None, :]
+    b = torch.zeros((), dtype=torch.int64, device=device)
+
+    def rows(a, e):
+        qi = torch.arange(a, e, device=device)[None, :, None]
+        m = torch.as_tensor(mask_mod(b, h, qi, kv), device=device).to(torch.bool)
+        return torch.broadcast_to(m, (num_heads, e - a, cp.kv_len))
+
+    return rows
+
+
+def compare_with_reference(cp, q, k, v, out, *, scale: float | None = None, on_chunk: Callable | None = None,
+                           documents=None) -> dict:
+    """The error of an attention result against the float64 reference of the same pattern,
+    computed in query chunks (memory about ``REFERENCE_CHUNK_BYTES``, never the full mask).
+
+    Args:
+        cp: the compiled pattern ``out`` was computed with (``execute.common.Compiled``).
+        q: float [B, H, Q_LEN, D]; k: [B, H_kv, KV_LEN, D]; v: [B, H_kv, KV_LEN, Dv].
+        out: the result to check, [B, H, Q_LEN, Dv] (any float dtype).
+        scale: the scale ``out`` used (default ``1 / sqrt(D)``).
+        on_chunk: called with no argument after each chunk (a progress bar).
+        documents: run-time documents of one packed row shared by the batch (SPEC §1.7), for a
+            pattern with ``document``.
+
+    Returns:
+        ``{"max_abs_error": float, "rel_error": float}``: the largest absolute difference
+        (NaN when ``out`` holds a NaN: it is never dropped) and ``||out - ref|| / ||ref||``
+        (Frobenius; the absolute norm when the reference is all zeros).
+    """
+    import torch
+
+    B, H, N, _ = q.shape
+    chunk = reference_chunk_rows(B, H, k.shape[2], N)
+    rows = pattern_rows(cp, H, q.device, documents)
+    sq_err = sq_ref = 0.0
+    max_abs = 0.0
+    for a in range(0, N, chunk):
+        e = min(N, a + chunk)
+        ref = reference_attention(q[:, :, a:e], k, v, lambda s0, s1, a=a: rows(a + s0, a + s1), scale=scale)
+        diff = out[:, :, a:e].to(torch.float64) - ref
+        chunk_max = float(diff.abs().max())
+        # NaN must stick (max() would drop it and report a perfect 0)
+        max_abs = math.nan if math.isnan(chunk_max) or math.isnan(max_abs) else max(max_abs, chunk_max)
+        sq_err += float((diff * diff).sum())
+        sq_ref += float((ref * ref).sum())
+        if on_chunk is not None:
+            on_chunk()
+    rel = math.sqrt(sq_err) / math.sqrt(sq_ref) if sq_ref > 0 else math.sqrt(sq_err)
+    return {"max_abs_error": max_abs, "rel_error": rel}

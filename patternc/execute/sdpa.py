@@ -81,3 +81,18 @@ def sdpa_attention(cp, q, k, v, scale: float, *, use_causal: bool, dropout_p: fl
     if empty is not None:
         out = out.masked_fill(empty, 0.0)
     return out
+
+
+def sdpa_attention_masked(q, k, v, dense, scale: float, *, dropout_p: float = 0.0):
+    """SDPA with an explicit bool mask ``dense`` [B|1, H|1, Q_LEN, KV_LEN] (run-time data);
+    rows with no allowed key are opened for the softmax and set to 0 afterwards.
+
+    Returns:
+        [B, H, Q_LEN, Dv] in q's dtype.
+    """
+    F = torch.nn.functional
+    empty = ~dense.any(-1, keepdim=True)
+    mask = dense | empty
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1],
+                                         dropout_p=dropout_p)
+    return out.masked_fill(empty, 0.0)

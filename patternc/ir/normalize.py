@@ -3,7 +3,9 @@ returning ``None`` for "no change" (tinygrad style). ``normalize(p)`` applies th
 to a fixed point; the result is the canonical IR that ``str()`` prints (SPEC §1.4).
 
 Every pass preserves the predicate ``attend(l, h, i, j)`` for all lengths; the property
-tests check this against the oracle on random IR. ``bind_lengths`` substitutes ``q_len`` /
+tests check this against the oracle on random IR. No rewrite drops a parameter that depends
+on ``q_len`` / ``kv_len`` (``keeps_length_checks``): its range is checked when the lengths are
+bound, on every branch, as a literal's is at parse time. ``bind_lengths`` substitutes ``q_len`` /
 ``kv_len`` once the lengths are known and re-checks parameter ranges (P301).
 """
 
@@ -429,6 +431,28 @@ PASSES = [
 
 
 @functools.lru_cache(maxsize=65536)
+def _length_checks(p: Pattern) -> frozenset:
+    """The parameters of ``p`` that depend on ``q_len`` / ``kv_len``: ``(primitive, argument,
+    expression)`` and ``("blocks", "b", expression)``. They are range-checked only when the
+    lengths are bound (P301), so no rewrite may drop one: ``all | local(w=q_len // 2)`` keeps
+    its second operand until then, and at q_len=1 it is refused like ``all | local(w=0)``."""
+    own: set = set()
+    if isinstance(p, Prim):
+        own = {(p.name, k, v) for k, v in p.args if isinstance(v, IntExpr)}
+    elif isinstance(p, Blocks) and isinstance(p.b, IntExpr):
+        own = {("blocks", "b", p.b)}
+    for c in p.children():
+        own |= _length_checks(c)
+    return frozenset(own)
+
+
+def keeps_length_checks(before: Pattern, after: Pattern) -> bool:
+    """True when the rewrite ``before -> after`` keeps every length-dependent parameter."""
+    need = _length_checks(before)
+    return not need or need <= _length_checks(after)
+
+
+@functools.lru_cache(maxsize=65536)
 def normalize(p: Pattern) -> Pattern:
     """The canonical form of ``p``: passes applied bottom-up until none fires.
 
@@ -445,7 +469,7 @@ def normalize(p: Pattern) -> Pattern:
                 p = p.with_children(new)
         for _name, rewrite in PASSES:
             r = rewrite(p)
-            if r is not None and r != p:
+            if r is not None and r != p and keeps_length_checks(p, r):
                 p = r
                 break
         else:
@@ -462,7 +486,7 @@ def run_passes_traced(p: Pattern) -> list[tuple[str, str]]:
         changed = False
         for name, rewrite in PASSES:
             r = rewrite(p)
-            if r is not None and r != p:
+            if r is not None and r != p and keeps_length_checks(p, r):
                 p = r
                 trace.append((name, to_text(p)))
                 changed = True
@@ -529,7 +553,7 @@ def normal_form_problems(p: Pattern) -> list[str]:
                 out.append(f"{name} with {len(n.items)} operand(s)")
             if any(type(c) is type(n) for c in n.items):
                 out.append(f"{name} not flattened")
-            if ALL in n.items or NONE in n.items:
+            if (ALL in n.items or NONE in n.items) and not _length_checks(n):
                 out.append(f"{name} contains all/none")
             if list(n.items) != sorted(set(n.items), key=_sort_key):
                 out.append(f"{name} operands not unique and sorted")
@@ -540,10 +564,10 @@ def normal_form_problems(p: Pattern) -> list[str]:
             if m < 2 or any(m % k == 0 and n.items == n.items[:k] * (m // k) for k in range(1, m)):
                 out.append(f"{name} with a shorter period: {n}")
         if isinstance(n, Blocks):
-            if n.child in (ALL, NONE) or (_is_const(n.b) and n.b == 1):
+            if (n.child in (ALL, NONE) and not _length_checks(n)) or (_is_const(n.b) and n.b == 1):
                 out.append(f"trivial blocks: {n}")
         for pass_name, rewrite in PASSES:
             r = rewrite(n)
-            if r is not None and r != n:
+            if r is not None and r != n and keeps_length_checks(n, r):
                 out.append(f"pass {pass_name} still applies to {n}")
     return out

@@ -213,6 +213,21 @@ def _f_random(xp, a):
     return xp.random_pairs(a["r"], a["seed"])
 
 
+def _f_document(xp, a):
+    """doc(i) = doc(j): the namespace gives the batch row's ids (``xp.documents``, int64 [P]
+    indexed by position); without run-time data the predicate is undefined (P360)."""
+    ids = getattr(xp, "documents", None)
+    if ids is None:
+        from ..errors import Diagnostic, PatternError
+
+        raise PatternError(Diagnostic(
+            "P360", "`document` needs run-time `documents` (SPEC §1.7) to be evaluated", None,
+            "pass documents=ids [B, P] (or lengths [[l0, l1, ...]]) to layout_for / block_mask / attention "
+            "(CLI: --documents L1,L2,...)"))
+    top = ids.shape[-1] - 1
+    return lambda i, j: ids[i.clip(0, top)] == ids[j.clip(0, top)]
+
+
 def _summary_constraint(values):
     l, c, g = values.get("l"), values.get("c"), values.get("g", 0)
     if all(isinstance(x, int) for x in (l, c, g)) and l >= 1 and c >= 1 and g >= 0 and (g + 1) * c > l:
@@ -340,6 +355,17 @@ PRIMITIVES: dict[str, PrimSpec] = {
             causal_if=lambda a: a.get("r") == 0,
             full_at=lambda a, n: a["r"] >= n,
         ),
+        PrimSpec(
+            "document",
+            (),
+            "doc(i) = doc(j), doc from the run-time `documents` (SPEC §1.7)",
+            "packed sequences: FlexAttention document masking (attention-gym generate_doc_mask_mod), "
+            "xformers BlockDiagonalMask",
+            "document & causal",
+            reads="x", formula=_f_document,
+            symmetric_if=_always,
+            two_way=True,
+        ),
         PrimSpec("heads", (Param("p", kind="patterns"),), "p_(h mod m)", "per-head patterns", "heads(local(w=8), strided(s=8))"),
         PrimSpec("layers", (Param("p", kind="patterns"),), "p_(l mod m)", "per-layer patterns (Gemma-2 style interleaving)", "layers(local(w=8), all)"),
         PrimSpec(
@@ -351,6 +377,9 @@ PRIMITIVES: dict[str, PrimSpec] = {
         ),
     ]
 }
+
+#: primitives whose truth comes from run-time data (SPEC §1.7): the input each needs
+RUNTIME_PRIMITIVES = {"document": "documents"}
 
 INT_FUNCTION_NAMES = ("min", "max", "isqrt")
 BUILTIN_INTS = ("q_len", "kv_len")

@@ -36,6 +36,50 @@ def select_head(p: Pattern, head: int) -> Pattern:
     return p.with_children(tuple(select_head(c, head) for c in kids))
 
 
+def shift_heads(p: Pattern, head_offset: int) -> Pattern:
+    """Head ``h`` of the result is head ``head_offset + h`` of ``p`` (SPEC §1.6): every
+    ``heads(p0, …, pm-1)`` is rotated to ``heads(p_o, p_(o+1), …)`` with ``o = head_offset mod m``.
+    A tensor-parallel rank holding heads ``o … o + H - 1`` compiles ``shift_heads(p, o)``.
+
+    Example:
+        >>> from patternc.source.frontdoor import parse
+        >>> str(shift_heads(parse("heads(causal, all, none)"), 4))
+        'heads(all, none, causal)'
+    """
+    if head_offset == 0:
+        return p
+    if isinstance(p, Heads):
+        m = len(p.items)
+        o = head_offset % m
+        items = tuple(shift_heads(c, head_offset) for c in p.items[o:] + p.items[:o])
+        return Heads(items, span=p.span)
+    kids = p.children()
+    if not kids:
+        return p
+    return p.with_children(tuple(shift_heads(c, head_offset) for c in kids))
+
+
+def uses_documents(p: Pattern) -> bool:
+    """Whether ``p`` reads run-time ``documents`` (the ``document`` primitive, SPEC §1.7)."""
+    return any(isinstance(n, Prim) and n.name == "document" for n in p.walk())
+
+
+def substitute_document(p: Pattern, value: Pattern) -> Pattern:
+    """``p`` with every ``document`` replaced by ``value`` (``ALL`` or ``NONE``), normalised.
+
+    Shannon expansion: for every pair, ``p = document ? p[document := all] : p[document := none]``,
+    so layouts and dense masks with documents are built from these two document-free patterns
+    and the document relation alone (``patternc.lower.documents``)."""
+
+    def sub(n: Pattern) -> Pattern:
+        if isinstance(n, Prim) and n.name == "document":
+            return value
+        kids = n.children()
+        return n.with_children(tuple(sub(c) for c in kids)) if kids else n
+
+    return normalize(sub(p))
+
+
 def bind_lengths(p: Pattern, q_len: int, kv_len: int, *, normalized: bool = True) -> Pattern:
     """Substitute ``q_len`` / ``kv_len`` (tokens; block counts inside ``blocks(b, ...)``),
     check the resulting parameter values, and normalise (unless ``normalized=False``: the

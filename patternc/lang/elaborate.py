@@ -268,7 +268,8 @@ class Elaborator:
             v = self.expr(c, env)
             if isinstance(v, IntExpr):
                 self.fail("P207", "list positions must be known before compiling (not depend on q_len / kv_len)", span_of(c),
-                          "use integer literals or params")
+                          "the last k positions are `~prefix(n=q_len - k)` (i or j >= q_len - k; for Q_LEN = KV_LEN "
+                          "it is `global(at=[q_len - k, ..., q_len - 1])`); otherwise use integer literals or params")
             if not _is_int(v):
                 self.fail("P207", f"expected an integer in the list, got {_describe(v)}", span_of(c), "lists hold token positions")
             out.append(v)

@@ -37,6 +37,17 @@ Shape legend
 
     Index lists are sorted ascending within a row; entries past the row's count are padding
     (0) and must not be read.
+
+    A layout built with run-time data (``CompiledPattern.layout_for(documents=…,
+    key_padding_mask=…)``, SPEC §1.7) has one more leading axis, B (batch rows): kinds
+    ``uint8 [B, H, num_q_blocks, num_kv_blocks]`` and every derived list ``[B, H, …]``, as
+    FlexAttention's ``BlockMask`` with batch size B.
+
+Offsets
+    ``q_offset`` / ``kv_offset`` (SPEC §1.6) are the positions of row 0 and column 0: tiles are
+    tiles of rows and columns, and tile ``(a, c)`` holds positions ``q_offset + a *
+    Q_BLOCK_SIZE …`` x ``kv_offset + c * KV_BLOCK_SIZE …``. A decode step's layout has one
+    query row.
 """
 
 from __future__ import annotations
@@ -79,12 +90,16 @@ def ordered_lists(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """FlexAttention's ``(num_blocks, indices)`` of a boolean tile mask, without sorting.
 
     Args:
-        mask: bool [H, num_q_blocks, num_kv_blocks].
+        mask: bool [..., num_q_blocks, num_kv_blocks] (e.g. [H, …] or [B, H, …]).
 
     Returns:
         counts int32 [H, num_q_blocks]; indices int32 [H, num_q_blocks, num_kv_blocks] with
         the selected kv block indices ascending first in each row, then zero padding.
     """
+    if mask.ndim != 3:
+        lead = mask.shape[:-2]
+        c, i = ordered_lists(mask.reshape((-1,) + mask.shape[-2:]))
+        return c.reshape(lead + c.shape[-1:]), i.reshape(lead + i.shape[-2:])
     counts = mask.sum(axis=-1, dtype=np.int32)
     idx = np.zeros(mask.shape, dtype=np.int32)
     h, q, k = np.nonzero(mask)  # row-major: k ascends within each (h, q)
@@ -117,11 +132,18 @@ class BlockLayout:
     """Tile kinds of one layer of a pattern, per head (see the module docstring).
 
     Args:
-        kinds: uint8 [H, num_q_blocks, num_kv_blocks], EMPTY=0, PARTIAL=1, FULL=2.
+        kinds: uint8 [H, num_q_blocks, num_kv_blocks], EMPTY=0, PARTIAL=1, FULL=2; or
+            uint8 [B, H, num_q_blocks, num_kv_blocks] for a layout built with run-time data
+            (documents, key padding: SPEC §1.7, ``CompiledPattern.layout_for``), one per batch
+            row. The derived lists then carry the same leading B axis.
         q_len: Q_LEN in tokens.
         kv_len: KV_LEN in tokens.
         q_block_size: Q_BLOCK_SIZE in tokens.
         kv_block_size: KV_BLOCK_SIZE in tokens.
+        q_offset: position of query row 0 (SPEC §1.6; tokens, default 0).
+        kv_offset: position of key column 0 (tokens, default 0). Tiles are tiles of rows
+            and columns: tile ``(a, c)`` covers positions ``q_offset + a * Q_BLOCK_SIZE …`` x
+            ``kv_offset + c * KV_BLOCK_SIZE …``.
     """
 
     kinds: np.ndarray
@@ -129,19 +151,34 @@ class BlockLayout:
     kv_len: int
     q_block_size: int
     kv_block_size: int
+    q_offset: int = 0
+    kv_offset: int = 0
 
     # ---- shape ---------------------------------------------------------------------------
     @property
+    def batch(self) -> int | None:
+        """B for a layout with a batch axis (kinds [B, H, nq, nkv]), else None."""
+        return int(self.kinds.shape[0]) if self.kinds.ndim == 4 else None
+
+    @property
     def num_heads(self) -> int:
-        return int(self.kinds.shape[0])
+        return int(self.kinds.shape[-3])
 
     @property
     def num_q_blocks(self) -> int:
-        return int(self.kinds.shape[1])
+        return int(self.kinds.shape[-2])
 
     @property
     def num_kv_blocks(self) -> int:
-        return int(self.kinds.shape[2])
+        return int(self.kinds.shape[-1])
+
+    def batch_row(self, b: int) -> "BlockLayout":
+        """The layout of batch row ``b`` (kinds [H, nq, nkv]); ``self`` without a batch axis."""
+        if self.kinds.ndim == 3:
+            return self
+        return BlockLayout(kinds=self.kinds[b], q_len=self.q_len, kv_len=self.kv_len,
+                           q_block_size=self.q_block_size, kv_block_size=self.kv_block_size,
+                           q_offset=self.q_offset, kv_offset=self.kv_offset)
 
     @property
     def block_size(self) -> tuple[int, int]:
@@ -215,11 +252,12 @@ class BlockLayout:
         # rows so the int64 temporaries stay small even at millions of tiles
         computed = 0
         step = max(1, (1 << 20) // max(1, self.num_kv_blocks))
-        for h in range(self.num_heads):
+        kinds = self.kinds.reshape((-1,) + self.kinds.shape[-2:])
+        for h in range(kinds.shape[0]):
             for r in range(0, self.num_q_blocks, step):
-                rows = (self.kinds[h, r:r + step] != EMPTY).astype(np.int64)
+                rows = (kinds[h, r:r + step] != EMPTY).astype(np.int64)
                 computed += int(qs[r:r + step] @ (rows @ ks))
-        return float(computed) / float(self.num_heads * self.q_len * self.kv_len)
+        return float(computed) / float(kinds.shape[0] * self.q_len * self.kv_len)
 
     # ---- flex conventions ------------------------------------------------------------------------
     def to_flex_kinds(self) -> np.ndarray:
@@ -228,10 +266,10 @@ class BlockLayout:
         "not allowed": a FULL ragged tile becomes PARTIAL."""
         k = self.kinds.copy()
         if self.q_len % self.q_block_size:
-            row = k[:, -1, :]
+            row = k[..., -1, :]
             row[row == FULL] = PARTIAL
         if self.kv_len % self.kv_block_size:
-            col = k[:, :, -1]
+            col = k[..., :, -1]
             col[col == FULL] = PARTIAL
         return k
 
@@ -267,6 +305,10 @@ class BlockLayout:
         kinds in {0,1,2}, list counts matching kinds, indices in range, ascending and
         without duplicates, PARTIAL and FULL lists disjoint."""
         k = self.kinds
+        if k.ndim == 4:
+            for b in range(k.shape[0]):
+                self.batch_row(b).check_invariants()
+            return
         assert k.dtype == np.uint8 and k.ndim == 3, (k.dtype, k.shape)
         assert self.num_q_blocks == -(-self.q_len // self.q_block_size), "num_q_blocks vs Q_LEN"
         assert self.num_kv_blocks == -(-self.kv_len // self.kv_block_size), "num_kv_blocks vs KV_LEN"
@@ -287,18 +329,20 @@ class BlockLayout:
             assert (k[h, q, idx[valid]] == kind).all(), "listed tile has another kind"
 
     # ---- pictures --------------------------------------------------------------------------------
-    def ascii(self, head: int = 0, max_blocks: int = 64) -> str:
+    def ascii(self, head: int = 0, max_blocks: int = 64, batch: int = 0) -> str:
         """Text picture of one head, one character per tile: '#' FULL, '+' PARTIAL, '.' EMPTY.
         With more than ``max_blocks`` tiles a side, neighbouring tiles are merged: '#' if all
         merged tiles are FULL, '.' if all are EMPTY, '+' otherwise."""
-        nq, nk = self.kinds.shape[1:]
-        merged = merge_kinds(self.kinds[head], max(1, -(-nq // max_blocks)), max(1, -(-nk // max_blocks)))
+        nq, nk = self.kinds.shape[-2:]
+        kinds = self.kinds[batch] if self.kinds.ndim == 4 else self.kinds
+        merged = merge_kinds(kinds[head], max(1, -(-nq // max_blocks)), max(1, -(-nk // max_blocks)))
         chars = np.array([".", "+", "#"])  # indexed by EMPTY, PARTIAL, FULL
         return "\n".join("".join(row) for row in chars[merged])
 
     def __repr__(self) -> str:
+        offsets = f", q_offset={self.q_offset}, kv_offset={self.kv_offset}" if self.q_offset or self.kv_offset else ""
         return (
-            f"BlockLayout(H={self.num_heads}, Q_LEN={self.q_len}, KV_LEN={self.kv_len}, "
+            f"BlockLayout({'' if self.batch is None else f'B={self.batch}, '}H={self.num_heads}, Q_LEN={self.q_len}, KV_LEN={self.kv_len}{offsets}, "
             f"BLOCK_SIZE=({self.q_block_size}, {self.kv_block_size}), full={self.full_blocks}, "
             f"partial={self.partial_blocks}, empty={self.empty_blocks})"
         )

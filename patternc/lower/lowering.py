@@ -90,10 +90,15 @@ class Grid:
     kv_len: int
 
     @classmethod
-    def uniform(cls, q_len: int, kv_len: int, q_block: int, kv_block: int) -> "Grid":
-        q0 = np.arange(0, q_len, q_block, dtype=np.int64)
-        k0 = np.arange(0, kv_len, kv_block, dtype=np.int64)
-        return cls(q0, np.minimum(q0 + q_block, q_len), k0, np.minimum(k0 + kv_block, kv_len), q_len, kv_len)
+    def uniform(cls, q_len: int, kv_len: int, q_block: int, kv_block: int, q_offset: int = 0,
+                kv_offset: int = 0) -> "Grid":
+        """Tiles of Q_LEN rows x KV_LEN columns whose row 0 / column 0 stand at positions
+        ``q_offset`` / ``kv_offset`` (SPEC §1.6); the index space is the position extents
+        ``q_offset + q_len`` x ``kv_offset + kv_len``."""
+        qe, ke = q_offset + q_len, kv_offset + kv_len
+        q0 = np.arange(q_offset, qe, q_block, dtype=np.int64)
+        k0 = np.arange(kv_offset, ke, kv_block, dtype=np.int64)
+        return cls(q0, np.minimum(q0 + q_block, qe), k0, np.minimum(k0 + kv_block, ke), qe, ke)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -361,6 +366,8 @@ def _lower_random(r: int, seed: int, g: Grid) -> np.ndarray:
     rows, cols = np.divmod(flat, g.kv_len)
     qb = np.unique(np.concatenate([g.q0, g.q1]))
     kb = np.unique(np.concatenate([g.k0, g.k1]))
+    inside = (rows >= qb[0]) & (rows < qb[-1]) & (cols >= kb[0]) & (cols < kb[-1])  # offsets: a sub-grid
+    rows, cols = rows[inside], cols[inside]
     sr = np.searchsorted(qb, rows, side="right") - 1
     sc = np.searchsorted(kb, cols, side="right") - 1
     hist = np.bincount(sr * len(kb) + sc, minlength=len(qb) * len(kb)).reshape(len(qb), len(kb))
@@ -819,20 +826,23 @@ def _atomize(p: Pattern, atoms: list, keys: dict) -> Pattern:
 # whole layouts
 
 
-def lower_to_layout(p: Pattern, q_len: int, kv_len: int, block_size, num_heads: int) -> BlockLayout:
+def lower_to_layout(p: Pattern, q_len: int, kv_len: int, block_size, num_heads: int, *,
+                    q_offset: int = 0, kv_offset: int = 0) -> BlockLayout:
     """Exact ``BlockLayout`` of a layer-free, length-bound pattern (SPEC §3).
 
     Args:
-        p: Pattern without ``layers``/symbolic lengths (``heads`` allowed).
-        q_len, kv_len: Q_LEN, KV_LEN (tokens, >= 1).
+        p: Pattern without ``layers``/symbolic lengths (``heads`` allowed), bound at the
+            position extents ``q_offset + q_len``, ``kv_offset + kv_len``.
+        q_len, kv_len: Q_LEN, KV_LEN (rows and columns, tokens, >= 1).
         block_size: int or (Q_BLOCK_SIZE, KV_BLOCK_SIZE), tokens.
         num_heads: H; head h uses entry ``h mod m`` of each ``heads(...)``.
+        q_offset, kv_offset: positions of row 0 / column 0 (SPEC §1.6, tokens, >= 0).
 
     Returns:
-        BlockLayout with kinds uint8 [H, num_q_blocks, num_kv_blocks].
+        BlockLayout with kinds uint8 [H, num_q_blocks, num_kv_blocks] (tiles of rows x columns).
     """
     qb, kb = normalize_block_size(block_size)
-    g = Grid.uniform(q_len, kv_len, qb, kb)
+    g = Grid.uniform(q_len, kv_len, qb, kb, q_offset, kv_offset)
     per_head = []
     seen: dict = {}
     for ph in head_patterns(p, num_heads):
@@ -846,17 +856,19 @@ def lower_to_layout(p: Pattern, q_len: int, kv_len: int, block_size, num_heads: 
         kinds = np.stack([per_head[h % period] for h in range(num_heads)])
     kinds = np.ascontiguousarray(kinds, dtype=np.uint8)
     kinds.setflags(write=False)
-    return BlockLayout(kinds=kinds, q_len=q_len, kv_len=kv_len, q_block_size=qb, kv_block_size=kb)
+    return BlockLayout(kinds=kinds, q_len=q_len, kv_len=kv_len, q_block_size=qb, kv_block_size=kb,
+                       q_offset=q_offset, kv_offset=kv_offset)
 
 
 def count_allowed(p: Pattern, layout: BlockLayout, head: int) -> int:
     """Exact number of allowed token pairs of head-free pattern ``p`` (head ``head`` of
     ``layout``): analytically where possible, else FULL tiles plus PARTIAL tiles counted."""
-    Q, K = layout.q_len, layout.kv_len
+    qo, ko = layout.q_offset, layout.kv_offset
+    Q, K = qo + layout.q_len, ko + layout.kv_len  # position extents
     if _countable(p, Q, K):
-        return int(rect_counts(p, [0], [Q], [0], [K], Q, K)[0])
+        return int(rect_counts(p, [qo], [Q], [ko], [K], Q, K)[0])
     kinds = layout.kinds[head]
-    g = Grid.uniform(Q, K, layout.q_block_size, layout.kv_block_size)
+    g = Grid.uniform(layout.q_len, layout.kv_len, layout.q_block_size, layout.kv_block_size, qo, ko)
     area = (g.q1 - g.q0)[:, None] * (g.k1 - g.k0)[None, :]
     total = int(area[kinds == FULL].sum())
     a, c = np.nonzero(kinds == PARTIAL)
@@ -867,8 +879,9 @@ def count_allowed(p: Pattern, layout: BlockLayout, head: int) -> int:
 def dense_from_layout(p_heads: list[Pattern], layout: BlockLayout) -> np.ndarray:
     """bool [H, Q_LEN, KV_LEN]: FULL tiles filled, PARTIAL tiles evaluated (small sizes)."""
     H, Q, K = layout.num_heads, layout.q_len, layout.kv_len
+    qo, ko = layout.q_offset, layout.kv_offset
     qb, kb = layout.block_size
-    g = Grid.uniform(Q, K, qb, kb)
+    g = Grid.uniform(Q, K, qb, kb, qo, ko)
     out = np.zeros((H, Q, K), dtype=bool)
     for h in range(H):
         ph = p_heads[h % len(p_heads)]
@@ -879,10 +892,10 @@ def dense_from_layout(p_heads: list[Pattern], layout: BlockLayout) -> np.ndarray
         if a.size == 0:
             continue
         q0, q1, k0, k1 = g.q0[a], g.q1[a], g.k0[c], g.k1[c]
-        for sl, m in _eval_rects(ph, q0, q1, k0, k1, Q, K):
-            ii = q0[sl, None, None] + np.arange(m.shape[1])[None, :, None]
-            jj = k0[sl, None, None] + np.arange(m.shape[2])[None, None, :]
-            ok = (ii < q1[sl, None, None]) & (jj < k1[sl, None, None])
+        for sl, m in _eval_rects(ph, q0, q1, k0, k1, g.q_len, g.kv_len):
+            ii = q0[sl, None, None] - qo + np.arange(m.shape[1])[None, :, None]
+            jj = k0[sl, None, None] - ko + np.arange(m.shape[2])[None, None, :]
+            ok = (ii < q1[sl, None, None] - qo) & (jj < k1[sl, None, None] - ko)
             ii, jj = np.broadcast_arrays(ii, jj)
             out[h, ii[ok], jj[ok]] = m[ok]
     return out

@@ -48,7 +48,8 @@ def probe(p: Pattern, check) -> list | None:
     (also when the pattern cannot be evaluated at that length, e.g. a symbolic argument out of
     range)."""
     from ..errors import PatternError
-    from ..ir.specialize import head_patterns, specialize
+    from ..ir.nodes import ALL, NONE
+    from ..ir.specialize import head_patterns, specialize, substitute_document, uses_documents
     from ..lower.lowering import evaluate
 
     n = probe_length(p)
@@ -64,12 +65,16 @@ def probe(p: Pattern, check) -> list | None:
             return None
         i = np.arange(n)[:, None]
         j = np.arange(n)[None, :]
-        per_head = head_patterns(lp, heads)
-        m = np.stack([np.broadcast_to(evaluate(per_head[h % len(per_head)], i, j, n, n), (n, n))
-                      for h in range(heads)])
-        bad = check(m)
-        if bad is not None:
-            return [layer, *bad]
+        # `document` (SPEC §1.7): a property holds for every split into documents iff it holds
+        # where the pair is in one document (document := all) and where it is not (:= none)
+        variants = [lp] if not uses_documents(lp) else [substitute_document(lp, ALL), substitute_document(lp, NONE)]
+        for v in variants:
+            per_head = head_patterns(v, heads)
+            m = np.stack([np.broadcast_to(evaluate(per_head[h % len(per_head)], i, j, n, n), (n, n))
+                          for h in range(heads)])
+            bad = check(m)
+            if bad is not None:
+                return [layer, *bad]
     return None
 
 
@@ -91,8 +96,9 @@ def later_key_witness(p: Pattern) -> dict | None:
 
 def properties(p: Pattern) -> dict:
     """``{"causal": bool | None, ["causal_witness": {...}], "symmetric": bool | None,
-    ["symmetric_witness": {...}], "heads": int, "layers": int}`` for a normalised pattern;
-    ``heads`` / ``layers`` are the periods of ``heads(...)`` / ``layers(...)``."""
+    ["symmetric_witness": {...}], "heads": int, "layers": int, "needs": [str]}`` for a normalised
+    pattern; ``heads`` / ``layers`` are the periods of ``heads(...)`` / ``layers(...)``; ``needs``
+    lists the run-time inputs it requires (``["documents"]`` for ``document``, SPEC §1.7)."""
     out = {}
     if proves_causal(p):
         out["causal"] = True
@@ -110,4 +116,7 @@ def properties(p: Pattern) -> dict:
             out["symmetric_witness"] = dict(zip(("layer", "head", "i", "j"), w))
     out["heads"] = p.num_heads
     out["layers"] = p.num_layers
+    from ..ir.specialize import uses_documents
+
+    out["needs"] = ["documents"] if uses_documents(p) else []
     return out
