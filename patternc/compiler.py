@@ -277,7 +277,7 @@ class CompiledPattern:
         qb, kb = self.block_size
         return _layout_cached(part, self.q_len, self.kv_len, qb, kb, self.num_heads, self.q_offset, self.kv_offset)
 
-    @property
+    @cached_property
     def is_causal_only(self) -> bool:
         """True iff the layer pattern is exactly ``causal`` with rows and columns aligned
         (``q_offset == kv_offset``): then SDPA's top-left ``is_causal`` is the predicate."""

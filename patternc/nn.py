@@ -11,6 +11,14 @@ Example::
     attn = patternc.nn.SparseSelfAttention(256, 4, "(local(w=128) | strided(s=128)) & causal")
     y = attn(torch.randn(2, 1000, 256))        # [2, 1000, 256]
 
+Generation (SPEC §1.6): ``KVCache`` holds each layer's keys and values; ``forward(x,
+kv_cache=cache)`` treats ``x`` as the next tokens (a prefill chunk or one decode token), so a
+stack of layers fed token by token gives the full-sequence outputs::
+
+    cache = patternc.nn.KVCache()                 # KVCache(window=w) keeps only the last w keys
+    y0 = attn(prompt, kv_cache=cache)             # chunked prefill: [B, T, E]
+    y1 = attn(next_token, kv_cache=cache)         # decode: [B, 1, E], query at position T
+
 This module imports torch (``import patternc`` does not import it).
 """
 
@@ -26,7 +34,7 @@ from .ir.nodes import Pattern
 from .lower.layout import normalize_block_size
 from .source import frontdoor as api
 
-__all__ = ["SparseSelfAttention"]
+__all__ = ["SparseSelfAttention", "KVCache"]
 
 #: compiled patterns kept per module (an LRU over (length, device))
 CACHE_SIZE = 16
@@ -36,6 +44,62 @@ def _compile(pattern, **kw):
     from .compiler import compile as compile_pattern
 
     return compile_pattern(pattern, **kw)
+
+
+class _LayerCache:
+    """One module's cached keys / values: k, v float [B, H, kept, D]; ``kv_offset`` is the
+    position of the oldest kept key, ``length`` the number of positions seen; ``padding`` bool
+    [B, kept] (True = real key) once a key_padding_mask was given."""
+
+    def __init__(self):
+        self.k = self.v = self.padding = None
+        self.kv_offset = 0
+        self.length = 0
+
+
+class KVCache:
+    """Keys and values of every ``SparseSelfAttention`` layer for generation (SPEC §1.6).
+
+    ``forward(x, kv_cache=cache)`` reads and extends the slot of that module (one slot per
+    module object, so a stack of layers shares one ``KVCache``). The queries of ``x`` stand at
+    positions ``length … length + L - 1`` (``q_offset = length``, xformers' bottom-right
+    alignment), the keys kept at ``kv_offset … length + L - 1``.
+
+    Args:
+        window: None keeps every key. An int ``w`` makes a rolling cache that keeps only the
+            last ``w`` keys after each step (O(w) memory for ``local(w) & causal`` patterns; the
+            compile then uses ``kv_offset``, HF transformers' convention). Each step checks
+            that no query of the step may attend a dropped key (P354 otherwise: a rolling
+            cache must never change the result).
+
+    Example::
+
+        cache = KVCache()
+        for t in range(T):
+            y_t = layer(x[:, t:t + 1], kv_cache=cache)   # equals layer(x)[:, t:t + 1] for a causal pattern
+    """
+
+    def __init__(self, window: int | None = None):
+        if window is not None and (not isinstance(window, int) or window < 1):
+            raise ValueError(f"window must be None or an int >= 1 (tokens), got {window!r}")
+        self.window = window
+        self._slots: dict = {}
+
+    def slot(self, module) -> _LayerCache:
+        """The cache of ``module`` (created empty on first use)."""
+        key = id(module)
+        if key not in self._slots:
+            self._slots[key] = _LayerCache()
+        return self._slots[key]
+
+    def seen(self, module) -> int:
+        """Positions ``module`` has seen (the q_offset of its next step)."""
+        s = self._slots.get(id(module))
+        return 0 if s is None else s.length
+
+    def reset(self) -> None:
+        """Forget every layer's keys and values."""
+        self._slots.clear()
 
 
 class SparseSelfAttention(nn.Module):
@@ -158,17 +222,29 @@ class SparseSelfAttention(nn.Module):
 
         return heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, documents=None, key_padding_mask=None, kv_cache: KVCache | None = None,
+                positions: int | None = None) -> torch.Tensor:
         """Self-attention under the pattern.
 
         Args:
             x: float [B, L, E].
+            documents: run-time document ids of the packed rows (SPEC §1.7): int [B, P] / [P]
+                over positions (P >= the last position of ``x``), or lengths ``[[l0, l1, …], …]``;
+                needed when the pattern uses ``document``.
+            key_padding_mask: bool, True = real key (HF ``attention_mask``): [B, L] for the keys of
+                ``x``; with a cache also [B, seen + L] (the whole sequence so far, as HF passes it).
+            kv_cache: a ``KVCache``: ``x`` is the next L tokens after the ones the cache has seen
+                (decode: L = 1; chunked prefill: L > 1); its keys and values are appended.
+            positions: the position of ``x[:, 0]`` (tokens). Default: the tokens the cache has
+                seen, or 0. Without a cache, queries and keys both start there.
 
         Returns:
             float [B, L, E].
 
         Raises:
-            PatternError: P350 ``x`` not of shape [B, L, embed_dim]; P3xx from compiling at L.
+            PatternError: P350 ``x`` not of shape [B, L, embed_dim]; P354 a rolling cache that
+                dropped keys the pattern needs, or ``positions`` that disagree with the cache;
+                P360-P362 bad run-time data; P3xx from compiling at these lengths.
         """
         if x.dim() != 3 or x.shape[-1] != self.embed_dim:
             raise PatternError(Diagnostic(
@@ -176,7 +252,13 @@ class SparseSelfAttention(nn.Module):
                 f"[{', '.join(str(d) for d in x.shape)}]", filename="patternc.nn.SparseSelfAttention"))
         B, L, E = x.shape
         q, k, v = self.qkv(x)
-        out = self._attend(q, k, v)
+        if kv_cache is not None:
+            out = self._attend_cached(q, k, v, kv_cache, positions, documents, key_padding_mask)
+        elif positions or documents is not None or key_padding_mask is not None:
+            pos = int(positions or 0)
+            out = self._attend_at(q, k, v, pos, pos, documents, key_padding_mask)
+        else:
+            out = self._attend(q, k, v)
         return self.out_proj(out.transpose(1, 2).reshape(B, L, E))
 
     @torch.compiler.disable
@@ -198,6 +280,88 @@ class SparseSelfAttention(nn.Module):
         out, self.last_backend = attention(cp, q, k, v, backend=self.backend, return_backend=True,
                                            dropout_p=self.dropout if self.training else 0.0)
         return out
+
+    def compiled_at(self, q_len: int, kv_len: int, q_offset: int, kv_offset: int):
+        """The ``CompiledPattern`` of a step: Q_LEN = q_len rows at position q_offset, KV_LEN =
+        kv_len columns at kv_offset (SPEC §1.6); cached like ``compiled``."""
+        if q_offset == 0 and kv_offset == 0 and q_len == kv_len:
+            return self.compiled(q_len)
+        key = (int(q_len), int(kv_len), int(q_offset), int(kv_offset))
+        cp = self._compiled.get(key)
+        if cp is not None:
+            self._compiled.move_to_end(key)
+            return cp
+        cp = _compile(self.pattern, q_len=q_len, kv_len=kv_len, num_heads=self.num_heads, block_size=self.block_size,
+                      layer=self.layer_idx, q_offset=q_offset, kv_offset=kv_offset)
+        self._compiled[key] = cp
+        while len(self._compiled) > CACHE_SIZE:
+            self._compiled.popitem(last=False)
+        return cp
+
+    @torch.compiler.disable
+    def _attend_at(self, q, k, v, q_offset, kv_offset, documents, key_padding_mask):
+        from .execute import attention
+
+        cp = self.compiled_at(q.shape[2], k.shape[2], q_offset, kv_offset)
+        out, self.last_backend = attention(cp, q, k, v, backend=self.backend, return_backend=True,
+                                           dropout_p=self.dropout if self.training else 0.0,
+                                           documents=documents, key_padding_mask=key_padding_mask)
+        return out
+
+    @torch.compiler.disable
+    def _attend_cached(self, q, k, v, cache: KVCache, positions, documents, key_padding_mask):
+        slot = cache.slot(self)
+        t, L = slot.length, q.shape[2]
+        if positions is not None and int(positions) != t:
+            raise PatternError(Diagnostic(
+                "P354", f"positions={positions} but the KV cache has seen {t} tokens: the next tokens start at "
+                f"position {t}", None, "pass positions=None with a cache (or reset the cache)",
+                filename="patternc.nn.SparseSelfAttention"))
+        if slot.k is not None and (slot.k.shape[0] != k.shape[0] or slot.k.dtype != k.dtype):
+            raise PatternError(Diagnostic("P354", f"the KV cache holds batch {slot.k.shape[0]} {slot.k.dtype}, x is "
+                                          f"batch {k.shape[0]} {k.dtype}", None, "use one KVCache per sequence batch",
+                                          filename="patternc.nn.SparseSelfAttention"))
+        keys = k if slot.k is None else torch.cat([slot.k, k], dim=2)
+        vals = v if slot.v is None else torch.cat([slot.v, v], dim=2)
+        pad = None
+        if key_padding_mask is not None or slot.padding is not None:
+            new = key_padding_mask
+            if new is not None:
+                new = torch.as_tensor(new, device=k.device).to(torch.bool)
+                if new.dim() == 2 and new.shape[1] == t + L:  # HF: the whole sequence so far
+                    new = new[:, t:]
+            else:
+                new = torch.ones(k.shape[0], L, dtype=torch.bool, device=k.device)
+            old = slot.padding
+            if old is None:
+                old = torch.ones(k.shape[0], keys.shape[2] - L, dtype=torch.bool, device=k.device)
+            pad = torch.cat([old, new], dim=1)
+        kv_offset = slot.kv_offset
+        if kv_offset > 0:
+            self._check_window(L, t, kv_offset)
+        out = self._attend_at(q, keys, vals, t, kv_offset, documents, pad)
+        # keep the keys (detached: generation does not backpropagate through the cache)
+        slot.k, slot.v, slot.padding = keys.detach(), vals.detach(), None if pad is None else pad
+        slot.length = t + L
+        w = cache.window
+        if w is not None and slot.k.shape[2] > w:
+            drop = slot.k.shape[2] - w
+            slot.k, slot.v = slot.k[:, :, drop:], slot.v[:, :, drop:]
+            if slot.padding is not None:
+                slot.padding = slot.padding[:, drop:]
+            slot.kv_offset += drop
+        return out
+
+    def _check_window(self, L: int, t: int, kv_offset: int) -> None:
+        """P354 when a query at positions t … t + L - 1 may attend a key before ``kv_offset``
+        (one a rolling cache dropped): counted exactly on the layout of those columns."""
+        cp = self.compiled_at(L, kv_offset, t, 0)
+        if cp.layout.full_blocks or (cp.layout.partial_blocks and cp.allowed_pairs):
+            raise PatternError(Diagnostic(
+                "P354", f"the rolling KV cache keeps keys from position {kv_offset} on, but the pattern "
+                f"`{self.pattern}` lets a query at positions {t}..{t + L - 1} attend an earlier key", None,
+                "use a larger KVCache(window=...) (the pattern's look-back) or KVCache() without a window",
+                filename="patternc.nn.SparseSelfAttention"))
 
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, pattern={str(self.pattern)!r}, "

@@ -14,6 +14,7 @@ RUNS = {
     "bench_analyze.py": ["--quick"],
     "bench_attention.py": ["--quick", "--cpu-only", "--rounds", "1"],
     "bench_distributed.py": ["--quick"],
+    "bench_runtime.py": ["--quick", "--rounds", "1", "--device", "cpu"],
 }
 
 

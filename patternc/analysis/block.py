@@ -56,6 +56,18 @@ class BlockResult:
     reason: str | None = None
     path_fn: object = None
     lower_pair: tuple[int, int] | None = None    # a token pair needing >= lower layers
+    walk_fn: object = None                        # token path of any pair in other blocks, from the
+                                                  # FULL-graph walk (None when it does not connect all)
+
+    def real_pair(self):
+        """``lower_pair`` when it can be shown with a FULL-walk path: a pair that really needs
+        ``lower`` layers (the non-EMPTY block graph proves it), unlike ``hardest``, which is
+        only the pair the FULL-tile proof reaches last (it may need far fewer: a key in the
+        first block of ``sink(n=4) | local(w)`` is in the same block as the sinks)."""
+        if self.lower_pair is None or self.walk_fn is None:
+            return None
+        i, j = self.lower_pair
+        return self.lower_pair if i // self.block_size != j // self.block_size else None
 
 
 class BlockAnalysis:
@@ -153,10 +165,11 @@ class BlockAnalysis:
                 B = int(np.flatnonzero(diag_raw < 0)[0])
                 unproven = (self.last(B), self.first(B))
         exact = upper is not None and upper == lower
+        walk_fn = (lambda i_, j_, K_: self.block_path(i_, j_, K_)) if fullr.min_layers is not None else None
         if upper is None and lower_pair is None:
             lower_pair = unproven
         return BlockResult(exact=exact, lower=lower, upper=upper, never=False, block_size=b, hardest=hardest,
-                           unproven=unproven, path_fn=path_fn, lower_pair=lower_pair)
+                           unproven=unproven, path_fn=path_fn, lower_pair=lower_pair, walk_fn=walk_fn)
 
     def _far_tokens(self, I, J):
         if J <= I:

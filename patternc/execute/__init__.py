@@ -115,6 +115,9 @@ def choose_backend(cp: Compiled, q, k, v, *, dropout_p: float = 0.0, explain: bo
 
     Policy (measured with torch 2.13; numbers in ``docs/execution.md``):
 
+    0. one query block (``Q_LEN <= Q_BLOCK_SIZE``: a decode step, a short prefill chunk) and
+       not pure ``causal`` -> ``sdpa`` over only the keys of the computed tiles (gathered:
+       O(keys kept), e.g. ~w keys for a ``local(w)`` decode step at any cache length);
     1. the pattern is exactly ``causal`` -> ``sdpa`` (``is_causal=True``; FlexAttention is
        2-3x slower than SDPA's fused causal kernel there);
     2. a CPU tensor -> ``blocksparse``: forward it runs as fast as compiled FlexAttention
@@ -128,6 +131,8 @@ def choose_backend(cp: Compiled, q, k, v, *, dropout_p: float = 0.0, explain: bo
     """
     if cp.is_causal_only:
         name, why = "sdpa", "the pattern is exactly `causal`: SDPA is_causal"
+    elif cp.layout.num_q_blocks == 1:
+        name, why = "sdpa", "one query block (decode / short chunk): SDPA over the keys of its computed tiles"
     elif q.device.type == "cpu":
         name, why = "blocksparse", "CPU: patternc's block-sparse kernel (no compile, has a backward)"
     elif q.device.type == "cuda":
@@ -199,7 +204,7 @@ def attention(cp: Compiled, q, k, v, *, scale: float | None = None, backend: str
     if runtime is not None and (documents is not None or key_padding_mask is not None or cp.needs):
         kp, docs = runtime(documents=documents, key_padding_mask=key_padding_mask, batch=q.shape[0])
         if kp is not None or docs is not None:
-            name = _runtime_backend(q, dropout_p) if backend == "auto" else backend
+            name = _runtime_backend(cp, q, dropout_p) if backend == "auto" else backend
             out = _run_batched(cp, name, q, k, v, scale, dropout_p, kp, docs)
             return (out, name) if return_backend else out
     name = choose_backend(cp, q, k, v, dropout_p=dropout_p) if backend == "auto" else backend
@@ -217,8 +222,11 @@ def attention(cp: Compiled, q, k, v, *, scale: float | None = None, backend: str
     return (out, name) if return_backend else out
 
 
-def _runtime_backend(q, dropout_p) -> str:
-    """``auto`` with run-time data: flex on CUDA (batched BlockMask), else blocksparse."""
+def _runtime_backend(cp, q, dropout_p) -> str:
+    """``auto`` with run-time data: sdpa over gathered keys for one query block, flex on CUDA
+    (batched BlockMask), else blocksparse."""
+    if cp.layout.num_q_blocks == 1:
+        return "sdpa"
     if q.device.type == "cuda" and q.dtype != torch.float64 and dropout_p == 0:
         return "flex"
     return "blocksparse"
@@ -270,6 +278,10 @@ def _run_batched(cp, name, q, k, v, scale, dropout_p, kp, docs):
                         else e.expand(q.shape[1], -1, -1))
         empty = torch.stack(rows)
         return flex_attention(cp, q, k, v, scale, empty_rows=empty, block_mask=bm)
+    if name == "sdpa" and layout.num_q_blocks == 1:
+        from .sdpa import gathered_attention
+
+        return gathered_attention(layout, mask_mod, q, k, v, scale, dropout_p=dropout_p)
     if name == "sdpa":
         from .sdpa import DENSE_MASK_LIMIT, sdpa_attention_masked
 
@@ -332,6 +344,11 @@ def _run_sdpa(cp, q, k, v, scale, dropout_p=0.0):
 
     if cp.is_causal_only:
         return sdpa_attention(cp, q, k, v, scale, use_causal=True, dropout_p=dropout_p)
+    if cp.layout.num_q_blocks == 1:  # decode / short chunk: only the keys of the computed tiles
+        from .common import mask_mod_for
+        from .sdpa import gathered_attention
+
+        return gathered_attention(cp.layout, mask_mod_for(cp, q.device), q, k, v, scale, dropout_p=dropout_p)
     n = dense_mask_elements(cp, q.shape[1])
     if n > DENSE_MASK_LIMIT:
         raise _error("P353", f"backend 'sdpa' needs a dense [H, Q_LEN, KV_LEN] mask of {n:,} booleans "
