@@ -133,10 +133,10 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--decode-steps", type=int, default=16)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    ap.add_argument("--quick", action="store_true", help="small sizes: 1024 tokens, window 128, 1 round")
+    ap.add_argument("--quick", action="store_true", help="small sizes: 512 tokens, window 64, 1 round")
     args = ap.parse_args(argv)
     if args.quick:
-        args.seq_len, args.window, args.rounds, args.decode_steps, args.hidden = 1024, 128, 1, 4, 128
+        args.seq_len, args.window, args.rounds, args.decode_steps, args.hidden = 512, 64, 1, 3, 64
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
