@@ -66,8 +66,9 @@ def _same_block_masks(a, b) -> bool:
 
 
 def bench_block_masks(args, device):
-    import patternc
     from torch.nn.attention.flex_attention import and_masks, create_block_mask
+
+    import patternc
 
     try:
         from attn_gym.masks.document_mask import generate_doc_mask_mod

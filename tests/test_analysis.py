@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 
 import patternc
+from analysis_oracle import check_path, oracle_dist, oracle_min_layers
 from patternc import PatternError
 from patternc.analysis import ReachReport, analyze
-
-from analysis_oracle import check_path, oracle_dist, oracle_min_layers
 
 N = 64
 ENGINES = ("auto", "exact-token", "networkx", "block-bound")

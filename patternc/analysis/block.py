@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..ir.specialize import cdiv
 from . import token as tok
 from .model import Hop
 from .tiles import dense_tiles, layer_tiles
@@ -39,7 +40,7 @@ MAX_BLOCKS = 8192
 
 def default_block_size(n: int) -> int:
     """The smallest power of two keeping the block count <= MAX_BLOCKS (1 for short inputs)."""
-    need = -(-n // MAX_BLOCKS)
+    need = cdiv(n, MAX_BLOCKS)
     return 1 << max(0, math.ceil(math.log2(need))) if need > 1 else 1
 
 
@@ -76,7 +77,7 @@ class BlockAnalysis:
         n = stack.n
         self.n = n
         self.b = b = block_size or default_block_size(n)
-        self.nb = nb = -(-n // b)
+        self.nb = nb = cdiv(n, b)
         if nb > 4 * MAX_BLOCKS:
             raise tok.TooLarge(f"{nb} blocks of {b} tokens; use a larger block size")
         self.tiles = [layer_tiles(stack, m, b) for m in range(stack.period)]

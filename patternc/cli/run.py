@@ -23,6 +23,7 @@ from .common import (
     add_documents_arg,
     add_offset_args,
     add_source_args,
+    check_count,
     documents_of,
     emit_diagnostics,
     offsets_of,
@@ -76,11 +77,6 @@ def _compile(pattern, **kw):
     from ..compiler import compile as compile_pattern
 
     return compile_pattern(pattern, **kw)
-
-
-def _positive(name, value):
-    if value is not None and value < 1:
-        raise UsageError(f"{name} must be >= 1, got {value}")
 
 
 def _available_memory() -> int:
@@ -215,13 +211,11 @@ def run(args) -> int:
         emit_diagnostics(res.warnings, args.json)
         args.block_size = parse_block_size(args.block_size)
         for name in ("--seq-len", "--kv-len", "--heads", "--kv-heads", "--head-dim", "--batch", "--threads"):
-            _positive(name, getattr(args, name[2:].replace("-", "_")))
+            check_count(name, getattr(args, name[2:].replace("-", "_")))
         if args.threads:
             torch.set_num_threads(args.threads)
-        if args.repeats < 1:
-            raise UsageError(f"--repeats must be >= 1, got {args.repeats}")
-        if args.layer < 0:
-            raise UsageError(f"--layer must be >= 0, got {args.layer}")
+        check_count("--repeats", args.repeats)
+        check_count("--layer", args.layer, minimum=0)
         try:
             device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         except RuntimeError as e:

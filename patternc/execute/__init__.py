@@ -147,8 +147,12 @@ def choose_backend(cp: Compiled, q, k, v, *, dropout_p: float = 0.0, explain: bo
     return (name, why) if explain else name
 
 
+PLANS = ("auto", "natural")
+
+
 def attention(cp: Compiled, q, k, v, *, scale: float | None = None, backend: str = "auto",
-              return_backend: bool = False, dropout_p: float = 0.0, documents=None, key_padding_mask=None):
+              return_backend: bool = False, dropout_p: float = 0.0, documents=None, key_padding_mask=None,
+              plan: str = "auto"):
     """Attention of q over k, v where the compiled pattern allows it.
 
     ``out[b, h, i] = sum_j softmax_j(q[b, h, i] . k[b, g(h), j] * scale | allowed(h, i, j)) v[b, g(h), j]``
@@ -169,6 +173,10 @@ def attention(cp: Compiled, q, k, v, *, scale: float | None = None, backend: str
             ``[[l0, l1, ...], ...]`` (SPEC §1.7); required when the pattern uses ``document``.
         key_padding_mask: bool [B, KV_LEN], True = a real key (HF ``attention_mask``); ANDed
             with the pattern. A row left with no key gives 0 with finite gradients.
+        plan: ``"auto"`` (default): run ``cp.plan``, the pattern as disjoint terms each in
+            its cheapest token order, merged through the log-sum-exp (SPEC §6;
+            ``blocksparse``); ``"natural"``: one term in natural order. ``sdpa`` is dense and
+            ``flex`` runs the natural BlockMask either way.
 
     Returns:
         [B, H, Q_LEN, Dv] in q's dtype (a row with no allowed key is 0), or
@@ -193,10 +201,16 @@ def attention(cp: Compiled, q, k, v, *, scale: float | None = None, backend: str
         # accumulation is not re-cast behind its back. The result is in that dtype.
         q, k, v = (x.to(amp) if x.is_floating_point() and x.dtype != torch.float64 else x for x in (q, k, v))
     check_inputs(cp, q, k, v)
+    if plan not in PLANS:
+        from ..errors import did_you_mean
+
+        raise _error("P352", f"unknown plan {plan!r}; expected one of {', '.join(PLANS)}",
+                     help=did_you_mean(str(plan), PLANS) or "use plan='auto' (default) or plan='natural'")
     if amp is not None:
         with torch.autocast(q.device.type, enabled=False):
             return attention(cp, q, k, v, scale=scale, backend=backend, return_backend=return_backend,
-                             dropout_p=dropout_p, documents=documents, key_padding_mask=key_padding_mask)
+                             dropout_p=dropout_p, documents=documents, key_padding_mask=key_padding_mask,
+                             plan=plan)
     if not 0.0 <= float(dropout_p) < 1.0:
         raise _error("P352", f"dropout_p must be in [0, 1), got {dropout_p}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
@@ -216,7 +230,7 @@ def attention(cp: Compiled, q, k, v, *, scale: float | None = None, backend: str
     elif name == "blocksparse":
         from .blocksparse import blocksparse_attention
 
-        out = blocksparse_attention(cp, q, k, v, scale, dropout_p=dropout_p)
+        out = blocksparse_attention(cp, q, k, v, scale, dropout_p=dropout_p, plan=plan)
     else:
         out = _run_sdpa(cp, q, k, v, scale, dropout_p)
     return (out, name) if return_backend else out

@@ -48,7 +48,7 @@ from ..ir.nodes import (
     Prim,
 )
 from ..ir.primitives import PRIMITIVES, PrimSpec
-from ..ir.specialize import head_patterns
+from ..ir.specialize import cdiv, head_patterns
 from .layout import EMPTY, FULL, PARTIAL, BlockLayout, normalize_block_size
 
 MAYBE = 3  # internal only: never stored in a BlockLayout
@@ -107,7 +107,7 @@ class Grid:
     def inner(self, b: int) -> "Grid":
         """The same rectangles in the coordinates of ``blocks(b, ...)``."""
         return Grid(self.q0 // b, (self.q1 - 1) // b + 1, self.k0 // b, (self.k1 - 1) // b + 1,
-                    -(-self.q_len // b), -(-self.kv_len // b))
+                    cdiv(self.q_len, b), cdiv(self.kv_len, b))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,7 +244,7 @@ def evaluate(p: Pattern, i, j, q_len: int, kv_len: int, code: int = 0) -> np.nda
         return out
     if isinstance(p, Blocks):
         b = p.b
-        return evaluate(p.child, np.asarray(i) // b, np.asarray(j) // b, -(-q_len // b), -(-kv_len // b), code)
+        return evaluate(p.child, np.asarray(i) // b, np.asarray(j) // b, cdiv(q_len, b), cdiv(kv_len, b), code)
     raise ValueError(f"cannot evaluate {type(p).__name__} here: select a head and a layer first")
 
 
@@ -627,7 +627,7 @@ def _countable(p: Pattern, q_len: int, kv_len: int) -> bool:
         return True
     if isinstance(p, Blocks):
         b = p.b
-        return _countable(p.child, -(-q_len // b), -(-kv_len // b)) or (-(-q_len // b)) * (-(-kv_len // b)) <= 1 << 24
+        return _countable(p.child, cdiv(q_len, b), cdiv(kv_len, b)) or (cdiv(q_len, b)) * (cdiv(kv_len, b)) <= 1 << 24
     r = _top_random(p)
     return r is not None and _countable(_substitute(p, r, NONE), q_len, kv_len)
 
@@ -637,7 +637,7 @@ def _blocks_counts(p: Blocks, q0, q1, k0, k1, q_len, kv_len) -> np.ndarray:
     inner blocks all carry the same number of tokens (first, middle, last), and the child's
     counts at block level are weighted by those token counts."""
     b = p.b
-    Qb, Kb = -(-q_len // b), -(-kv_len // b)
+    Qb, Kb = cdiv(q_len, b), cdiv(kv_len, b)
 
     def pieces(lo, hi):
         # inner index ranges and token weight of each: (start, stop, weight) x 3
@@ -661,8 +661,8 @@ def _blocks_counts(p: Blocks, q0, q1, k0, k1, q_len, kv_len) -> np.ndarray:
 
 def _split(q0, q1, k0, k1, max_rows: int, max_cols: int):
     """Cut rectangles into pieces of at most max_rows x max_cols; returns pieces and owners."""
-    nr = -(-(q1 - q0) // max_rows)
-    nc = -(-(k1 - k0) // max_cols)
+    nr = cdiv(q1 - q0, max_rows)
+    nc = cdiv(k1 - k0, max_cols)
     per = nr * nc
     owner = np.repeat(np.arange(q0.size), per)
     local = np.arange(per.sum()) - np.repeat(np.cumsum(per) - per, per)
