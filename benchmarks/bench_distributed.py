@@ -103,12 +103,15 @@ def _torch_cp(src, cp, q, k, v, repeats, dist):
         _HeadTailLoadBalancer,
     )
     from torch.distributed.tensor.parallel import parallelize_module
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import flex_attention
 
     world = dist.get_world_size()
     mesh = init_device_mesh("cpu", (world,))
     N = q.shape[2]
-    block_mask = create_block_mask(cp.mask_mod, 1, q.shape[1], N, N, device="cpu")
+    # the global BlockMask only carries mask_mod and the shape here (each rank builds its own
+    # with torch's compiled create_block_mask); patternc's is built without evaluating the mask
+    # (eager create_block_mask would materialise [H, N, N] booleans: 1 GiB at N = 16384, H = 4)
+    block_mask = cp.block_mask("cpu")
     lb = _HeadTailLoadBalancer(N, world, torch.device("cpu"))
     cq, ck, cv, cbm = _context_parallel_shard(mesh, [q, k, v, block_mask], [2, 2, 2, 2], load_balancer=lb)
     compiled = torch.compile(flex_attention, dynamic=False, fullgraph=True)
@@ -125,7 +128,35 @@ def _torch_cp(src, cp, q, k, v, repeats, dist):
     return seconds, received
 
 
-def _worker(rank, world, patterns, N, H, D, repeats, torch_cp):
+def _torch_worker(rank, world, patterns, N, H, D, repeats, mem_limit):
+    """PyTorch's FLEX path per pattern, each rank's data segment capped at ``mem_limit`` bytes
+    (a MemoryError here instead of the machine's OOM killer)."""
+    import resource
+
+    import torch
+    import torch.distributed as dist
+
+    import patternc
+
+    if mem_limit:
+        resource.setrlimit(resource.RLIMIT_DATA, (mem_limit, mem_limit))
+    out = {}
+    for n, src in enumerate(patterns):
+        cp = patternc.compile(src, q_len=N, num_heads=H)
+        g = torch.Generator().manual_seed(n)
+        q, k, v = (torch.randn(1, H, N, D, generator=g) for _ in range(3))
+        try:
+            out[src] = _torch_cp(src, cp, q, k, v, repeats, dist)
+        except Exception as e:  # record why it does not run here
+            out[src] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        ok = torch.tensor([0 if isinstance(out[src], str) else 1])
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)  # a rank that failed leaves the others' collectives
+        if not int(ok):
+            break
+    return out
+
+
+def _worker(rank, world, patterns, N, H, D, repeats):
     import torch
     import torch.distributed as dist
 
@@ -147,11 +178,6 @@ def _worker(rank, world, patterns, N, H, D, repeats, torch_cp):
         agree = float((o_ours - o_ag).abs().max()) if ctx.positions.size else 0.0
         row = dict(stats=ctx.stats, contiguous_imbalance=contiguous.schedule.imbalance, seconds=t_ours,
                    allgather_seconds=t_ag, allgather_received=ag_bytes, agree=agree)
-        if torch_cp:
-            try:
-                row["torch_seconds"], row["torch_received"] = _torch_cp(src, cp, q, k, v, repeats, dist)
-            except Exception as e:  # record why it does not run here
-                row["torch_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
         out[src] = row
     return out
 
@@ -166,6 +192,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="N = 2048, H = 2, D = 16, 1 repeat (a smoke run)")
     ap.add_argument("--torch-cp", action="store_true",
                     help="also run PyTorch's _ContextParallel FLEX path (compiles flex_attention on every rank)")
+    ap.add_argument("--torch-cp-mem", type=float, default=4.0, metavar="GiB",
+                    help="cap on each torch-CP rank's data segment (default 4 GiB; 0: none)")
     a = ap.parse_args(argv)
     if a.quick:
         a.seq_len, a.heads, a.head_dim, a.repeats = 2048, 2, 16, 1
@@ -174,7 +202,20 @@ def main(argv=None) -> int:
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     t0 = time.perf_counter()
-    res = spawn(_worker, a.nproc, PATTERNS, a.seq_len, a.heads, a.head_dim, a.repeats, a.torch_cp, timeout=3000)
+    res = spawn(_worker, a.nproc, PATTERNS, a.seq_len, a.heads, a.head_dim, a.repeats, timeout=3000)
+    if a.torch_cp:
+        try:
+            tres = spawn(_torch_worker, a.nproc, PATTERNS, a.seq_len, a.heads, a.head_dim, a.repeats,
+                         int(a.torch_cp_mem * 2**30), timeout=3000)
+        except (RuntimeError, TimeoutError) as e:
+            tres = [{src: f"{type(e).__name__}: {str(e).splitlines()[-1][:160]}" for src in PATTERNS}] * a.nproc
+        for r, t in zip(res, tres):
+            for src in PATTERNS:
+                got = t.get(src, "not run (an earlier pattern failed)")
+                if isinstance(got, str):
+                    r[src]["torch_error"] = got
+                else:
+                    r[src]["torch_seconds"], r[src]["torch_received"] = got
     print(f"context parallel, {a.nproc} gloo ranks (1 thread each), N={a.seq_len}, H={a.heads}, D={a.head_dim}, "
           f"float32, BLOCK_SIZE 128; load average {load:.1f} at start, "
           f"{os.getloadavg()[0] if hasattr(os, 'getloadavg') else float('nan'):.1f} at end "

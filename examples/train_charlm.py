@@ -56,11 +56,11 @@ import time
 import zlib
 from pathlib import Path
 
+import numpy as np
+
 HERE = Path(__file__).resolve().parent
 if str(HERE.parent) not in sys.path and (HERE.parent / "patternc" / "__init__.py").exists():
     sys.path.insert(0, str(HERE.parent))  # run from a source checkout without installing
-
-import numpy as np
 
 DEFAULT_PATTERNS = [
     "dense=causal",

@@ -28,7 +28,7 @@ from .errors import Diagnostic, PatternError, PatternWarning
 from .ir import nodes as ir
 from .ir.nodes import Pattern
 from .ir.normalize import normalize
-from .ir.specialize import head_cycle_warning, specialize, substitute_document, uses_documents
+from .ir.specialize import cdiv, head_cycle_warning, specialize, substitute_document, uses_documents
 from .lower.layout import EMPTY, FULL, PARTIAL, BlockLayout, normalize_block_size
 
 ARTIFACT_FORMAT = "patternc.compiled"
@@ -190,7 +190,7 @@ def compile(p_or_source, *, q_len: int, kv_len: int | None = None, num_heads: in
     cycle = head_cycle_warning(pattern.num_heads, H, filename=source_text and "<string>" or "<pattern>")
     if cycle is not None:
         warnings.warn(PatternWarning(cycle), stacklevel=2)
-    nq, nk = -(-q_len // qb), -(-kv_len // kb)
+    nq, nk = cdiv(q_len, qb), cdiv(kv_len, kb)
     if H * nq * nk > MAX_TILES:
         raise PatternError(Diagnostic(
             "P303", f"the layout would have {H} x {nq} x {nk} = {H * nq * nk:,} tiles (limit {MAX_TILES:,})", None,
@@ -250,6 +250,8 @@ class CompiledPattern:
         state = dict(self.__dict__)
         state["_mask_mods"] = {}
         state["_block_masks"] = {}
+        for k in [k for k in state if k == "plan" or k.startswith("_plan_")]:
+            del state[k]  # plans cache kernel terms (tensors, closures): recomputed on demand
         return state
 
     def __setstate__(self, state):
@@ -284,7 +286,7 @@ class CompiledPattern:
         qb, kb = self.block_size
         return _layout_cached(part, self.q_len, self.kv_len, qb, kb, self.num_heads, self.q_offset, self.kv_offset)
 
-    @property
+    @cached_property
     def is_causal_only(self) -> bool:
         """True iff the layer pattern is exactly ``causal`` with rows and columns aligned
         (``q_offset == kv_offset``) and no score terms: then SDPA's top-left ``is_causal`` is
@@ -359,13 +361,38 @@ class CompiledPattern:
             dense = dense & kp[:, None, None, :]
         return dense
 
+    # ---- execution plan (SPEC §6) -----------------------------------------------------------------
+    @cached_property
+    def plan(self):
+        """The execution plan (``patternc.lower.planner.ExecutionPlan``): disjoint terms, each
+        in the query / key order where its pairs fill the fewest tiles; ``plan.terms``,
+        ``plan.computed_tiles``, ``plan.natural_tiles``. Computed on first use (cached)."""
+        return self.plan_for("auto")
+
+    def plan_for(self, mode: str = "auto"):
+        """``"auto"``: ``self.plan``; ``"natural"``: one term in natural order."""
+        from .lower.planner import plan_layer
+
+        key = "_plan_" + mode
+        if key not in self.__dict__:
+            if mode not in ("auto", "natural"):
+                raise PatternError(Diagnostic("P352", f"unknown plan {mode!r}; expected 'auto' or 'natural'",
+                                              None, "use plan='auto' (default) or plan='natural'"))
+            # with offsets (decode, chunked prefill) the plan stays natural: such calls are short
+            # in one axis, and the planner reasons in positions 0..len-1
+            # (and for patterns with run-time data, `document`: their pairs are known per batch)
+            offsets = bool(getattr(self, "q_offset", 0) or getattr(self, "kv_offset", 0) or self.needs)
+            self.__dict__[key] = plan_layer(self.head_patterns, np.asarray(self.layout.kinds), self.q_len,
+                                            self.kv_len, self.block_size, self.num_heads,
+                                            mode="natural" if offsets else mode)
+        return self.__dict__[key]
+
     # ---- densities -------------------------------------------------------------------------------
     @cached_property
     def allowed_pairs(self) -> int:
         """Exact number of allowed (h, i, j) token pairs over all heads."""
-        from .lower.lowering import count_allowed
-
         from .ir.specialize import head_patterns
+        from .lower.lowering import count_allowed
 
         heads = self.head_patterns if self.document_parts is None else head_patterns(self.static_pattern,
                                                                                         self.num_heads)
@@ -412,19 +439,21 @@ class CompiledPattern:
         return self._block_masks[key]
 
     def attention(self, q, k, v, *, scale=None, backend="auto", return_backend=False, dropout_p=0.0,
-                  documents=None, key_padding_mask=None):
+                  documents=None, key_padding_mask=None, plan="auto"):
         """Sparse attention with this layer's pattern: q float [B, H, Q_LEN, D], k [B, H_kv, KV_LEN, D],
         v [B, H_kv, KV_LEN, Dv] -> [B, H, Q_LEN, Dv] (H_kv divides H: grouped-query attention).
 
         ``backend``: "auto", "flex", "blocksparse" or "sdpa"; ``return_backend=True`` also
         returns the name of the one that ran. ``key_padding_mask``: bool [B, KV_LEN], True =
         real key (SPEC §1.7); ``documents``: ids [B, P] / [P] or lengths per row (SPEC §1.7).
+        ``plan``: "auto" (``self.plan``) or "natural" (SPEC §6).
         Raises PatternError P350-P353 for inputs that do not fit, P360-P362 for run-time data.
         See ``patternc.execute.attention`` and docs/execution.md, docs/runtime.md."""
         from .execute import attention
 
         return attention(self, q, k, v, scale=scale, backend=backend, return_backend=return_backend,
-                         dropout_p=dropout_p, documents=documents, key_padding_mask=key_padding_mask)
+                         dropout_p=dropout_p, documents=documents, key_padding_mask=key_padding_mask,
+                         plan=plan)
 
     # ---- run-time data (SPEC §1.7) -------------------------------------------------------------------
     @cached_property
@@ -634,7 +663,7 @@ def load_compiled(path, *, verify: bool = True) -> CompiledPattern:
         raise _bad_artifact(path, f"bad metadata: {type(e).__name__}: {e}") from None
     if min(q_len, kv_len, H) < 1 or min(q_off, kv_off) < 0:
         raise _bad_artifact(path, "lengths and num_heads must be >= 1, offsets >= 0")
-    nq, nk = -(-q_len // qb), -(-kv_len // kb)
+    nq, nk = cdiv(q_len, qb), cdiv(kv_len, kb)
     if kinds.dtype != np.uint8 or kinds.shape != (H, nq, nk):
         raise _bad_artifact(path, f"kinds is {kinds.dtype} {list(kinds.shape)}, expected uint8 {[H, nq, nk]}")
     if not np.isin(kinds, (EMPTY, PARTIAL, FULL)).all():

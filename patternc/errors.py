@@ -87,6 +87,17 @@ class Diagnostic:
         return self.render()
 
 
+def normalize_newlines(text: str) -> str:
+    r"""``\r\n`` and lone ``\r`` as ``\n``: the one newline handling of source text (spans,
+    line numbers and rendered diagnostics all count lines this way).
+
+    Example:
+        >>> normalize_newlines("causal\r\nall\rnone")
+        'causal\nall\nnone'
+    """
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
 def _source_line(source: str | None, line: int) -> str | None:
     if source is None:
         return None
@@ -164,7 +175,7 @@ class PatternError(ValueError):
     def with_source(self, text: str, filename: str = "<string>") -> "PatternError":
         """This error with ``text`` attached to diagnostics that point into it but were
         raised without it (P301 when lengths are bound), so they render the source line."""
-        text = text.replace("\r\n", "\n").replace("\r", "\n")
+        text = normalize_newlines(text)
         for d in self.diagnostics:
             if d.source is None and d.span is not None:
                 d.source, d.filename = text, filename
@@ -208,7 +219,3 @@ def did_you_mean(name: str, candidates) -> str | None:
         if name.lower() in lower:
             m = [lower[name.lower()]]
     return f"did you mean `{m[0]}`?" if m else None
-
-
-def error(code, message, span=None, help=None, **kw) -> Diagnostic:
-    return Diagnostic(code=code, message=message, span=span, help=help, **kw)

@@ -238,6 +238,10 @@ class SparseSelfAttention(nn.Module):
             positions: the position of ``x[:, 0]`` (tokens). Default: the tokens the cache has
                 seen, or 0. Without a cache, queries and keys both start there.
 
+            With ``context_parallel`` set, ``x`` is this rank's shard ``[B, n_r, E]`` of the whole
+            sequence and ``documents`` / ``key_padding_mask`` cover the whole sequence
+            (``[B, ctx.seq_len]``); ``kv_cache`` and ``positions`` are not available there.
+
         Returns:
             float [B, L, E].
 
@@ -252,7 +256,12 @@ class SparseSelfAttention(nn.Module):
                 f"[{', '.join(str(d) for d in x.shape)}]", filename="patternc.nn.SparseSelfAttention"))
         B, L, E = x.shape
         q, k, v = self.qkv(x)
-        if kv_cache is not None:
+        if getattr(self, "context_parallel", None) is not None:
+            if kv_cache is not None or positions:
+                raise ValueError("kv_cache and positions are not available with context_parallel "
+                                 "(it shards one whole sequence of ctx.seq_len tokens)")
+            out = self._attend_context_parallel(q, k, v, documents, key_padding_mask)
+        elif kv_cache is not None:
             out = self._attend_cached(q, k, v, kv_cache, positions, documents, key_padding_mask)
         elif positions or documents is not None or key_padding_mask is not None:
             pos = int(positions or 0)
@@ -272,14 +281,19 @@ class SparseSelfAttention(nn.Module):
         ``flex`` backend still compiles its own kernel."""
         from .execute import attention
 
-        ctx = getattr(self, "context_parallel", None)
-        if ctx is not None:  # q, k, v are this rank's positions of ctx.seq_len tokens
-            self.last_backend = "context_parallel"
-            return ctx.for_pattern(self.compiled(ctx.seq_len, q.device)).attention(q, k, v)
         cp = self.compiled(q.shape[2], q.device)
         out, self.last_backend = attention(cp, q, k, v, backend=self.backend, return_backend=True,
                                            dropout_p=self.dropout if self.training else 0.0)
         return out
+
+    @torch.compiler.disable
+    def _attend_context_parallel(self, q, k, v, documents, key_padding_mask):
+        """q, k, v: this rank's positions of ``context_parallel.seq_len`` tokens; documents and
+        key_padding_mask over the whole sequence (see ``ContextParallel.attention``)."""
+        ctx = self.context_parallel
+        self.last_backend = "context_parallel"
+        return ctx.for_pattern(self.compiled(ctx.seq_len, q.device)).attention(
+            q, k, v, documents=documents, key_padding_mask=key_padding_mask)
 
     def compiled_at(self, q_len: int, kv_len: int, q_offset: int, kv_offset: int):
         """The ``CompiledPattern`` of a step: Q_LEN = q_len rows at position q_offset, KV_LEN =

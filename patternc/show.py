@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .ir.specialize import cdiv
 from .lower.layout import EMPTY, FULL, PARTIAL, merge_kinds, normalize_block_size
 
 BLOCK_CHARS = {FULL: "#", PARTIAL: "+", EMPTY: "."}
@@ -328,7 +329,7 @@ def to_text(p: Picture, *, ascii_only: bool = False) -> str:
         lines.append(f"block layout: query blocks (rows) x key blocks (columns); "
                      f"# FULL, + PARTIAL, . EMPTY{scale}")
         row_start, row_step, col_start, col_step = 0, f, 0, f
-        n_rows, n_cols = -(-nq // f), -(-nk // f)
+        n_rows, n_cols = cdiv(nq, f), cdiv(nk, f)
     label_w = len(str(row_start + (n_rows - 1) * row_step))
     indent = label_w + 1
     for hs, rows in _head_groups(p, ascii_only):
@@ -435,7 +436,7 @@ def save_png(p: Picture, path, *, dpi: int = 110) -> Path:
     groups = groups[:MAX_PNG_PANELS]
     n = len(groups)
     ncols = min(n, 4)
-    nrows = -(-n // ncols)
+    nrows = cdiv(n, ncols)
     panel = 4.2 if n > 1 else 6.4
     fig_w = max(6.4, panel * ncols)
     title_lines = textwrap.wrap(p.canonical, max(40, int(fig_w * 72 / (11 * 0.62))), break_on_hyphens=False)

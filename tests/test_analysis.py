@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 
 import patternc
+from analysis_oracle import check_path, oracle_dist, oracle_min_layers
 from patternc import PatternError
 from patternc.analysis import ReachReport, analyze
-
-from analysis_oracle import check_path, oracle_dist, oracle_min_layers
 
 N = 64
 ENGINES = ("auto", "exact-token", "networkx", "block-bound")
@@ -234,7 +233,8 @@ def test_block_bound_is_sound(src):
     for pairs in ("earlier", "all"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            truth = oracle_min_layers(oracle_dist(src, n), pairs)
+            dist = oracle_dist(src, n)
+            truth = oracle_min_layers(dist, pairs)
             r = analyze(src, seq_len=n, pairs=pairs, engine="block-bound", block_size=b)
         if r.never:
             assert truth is None and r.exact
@@ -248,6 +248,22 @@ def test_block_bound_is_sound(src):
             check_path(src, n, 1, r.witness.path, r.witness.i, r.witness.j)
         if r.exact:
             assert r.min_layers == truth
+            assert dist[r.witness.i, r.witness.j] == truth, "the exact witness needs min_layers"
+        elif r.witness.reachable and "needs at least" in r.witness.reason:
+            # issue 9 item 6: a bound's witness is a pair that really needs lower_bound layers
+            assert dist[r.witness.i, r.witness.j] >= r.lower_bound
+
+
+def test_block_bound_witness_is_not_a_sink_reached_in_one_hop():
+    """Issue 9 item 6: the FULL-tile proof reaches key block 0 last, but key 0 is a sink that
+    every query attends directly; the witness must be a pair that really needs the layers."""
+    src, n, b = "(local(w=32) | sink(n=4)) & causal", 512, 16
+    r = analyze(src, seq_len=n, engine="block-bound", block_size=b)
+    dist = oracle_dist(src, n)
+    assert not r.exact and r.witness.reachable
+    assert dist[r.witness.i, r.witness.j] >= r.lower_bound > 1
+    assert r.witness.j >= 4 and "needs at least" in r.witness.reason
+    check_path(src, n, 1, r.witness.path, r.witness.i, r.witness.j)
 
 
 def test_block_bound_exact_on_block_patterns_and_layers_verdicts():

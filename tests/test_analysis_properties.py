@@ -12,12 +12,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import patternc
+from analysis_oracle import check_path, oracle_dist, oracle_min_layers
 from patternc.analysis import analyze
 from patternc.analysis.model import Stack
 from patternc.analysis.predicate import evaluate
 from patternc.reference import dense_mask
-
-from analysis_oracle import check_path, oracle_dist, oracle_min_layers
 from strategies import sources as patterns
 
 # more examples for a local bug hunt: ANALYSIS_EXAMPLES=2000 pytest tests/test_analysis_properties.py

@@ -20,8 +20,7 @@ from lark.exceptions import UnexpectedInput
 
 import patternc
 from patternc.cli import main
-from patternc.errors import TAB_WIDTH, Diagnostic, ExitCode, PatternError
-from patternc.errors import Span
+from patternc.errors import TAB_WIDTH, Diagnostic, ExitCode, PatternError, Span
 from patternc.lang.parser import SYNTAX_EXAMPLES, _label, get_parser, parse_tree
 
 GOLDEN = Path(__file__).parent / "golden" / "diagnostics"

@@ -34,13 +34,25 @@ CASES = [
 ]
 DIM = 8
 
+# run-time data (SPEC §1.7), 4 ranks: (name, source, seq_len, heads, batch, documents, key padding lengths)
+RUNTIME = [
+    ("docs4", "document & (sink(n=4) | local(w=30)) & causal", 300, 2, 1, [[100, 57, 143]], None),
+    ("docpad4", "document & causal", 250, 2, 2, [[60, 190], [120, 30, 100]], [250, 170]),
+    ("pad4", "local(w=64) & causal", 260, 1, 2, None, [260, 100]),
+]
 
-def _inputs(seq_len, heads, kv_heads, seed):
+
+def _runtime_data(B, L, docs, pad):
+    kp = None if pad is None else torch.arange(L)[None, :] < torch.tensor(pad)[:, None]
+    return docs, kp
+
+
+def _inputs(seq_len, heads, kv_heads, seed, batch=1):
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(1, heads, seq_len, DIM, generator=g)
-    k = torch.randn(1, kv_heads, seq_len, DIM, generator=g)
-    v = torch.randn(1, kv_heads, seq_len, DIM + 2, generator=g)
-    dout = torch.randn(1, heads, seq_len, DIM + 2, generator=g)
+    q = torch.randn(batch, heads, seq_len, DIM, generator=g)
+    k = torch.randn(batch, kv_heads, seq_len, DIM, generator=g)
+    v = torch.randn(batch, kv_heads, seq_len, DIM + 2, generator=g)
+    dout = torch.randn(batch, heads, seq_len, DIM + 2, generator=g)
     return q, k, v, dout
 
 
@@ -65,6 +77,18 @@ def _worker(rank, world):
         stats = [None] * w
         dist.all_gather_object(stats, ctx.stats, group=group)
         results[name] = (*full, stats, [p.tolist() for p in ctx.schedule.positions])
+    for n, (name, src, L, H, B, docs, pad) in enumerate(RUNTIME):
+        cp = patternc.compile(src, q_len=L, num_heads=H, block_size=32)
+        ctx = ContextParallel(cp)
+        q, k, v, dout = _inputs(L, H, H, 50 + n, batch=B)
+        documents, kp = _runtime_data(B, L, docs, pad)
+        ql, kl, vl = (ctx.shard(x).requires_grad_() for x in (q, k, v))
+        out_l = ctx.attention(ql, kl, vl, documents=documents, key_padding_mask=kp)
+        (out_l * ctx.shard(dout)).sum().backward()
+        full = [ctx.unshard(t) for t in (out_l, ql.grad, kl.grad, vl.grad)]
+        stats = [None] * world
+        dist.all_gather_object(stats, ctx.stats)
+        results[name] = (*full, stats, [p.tolist() for p in ctx.schedule.positions])
     results["nn"] = _nn_case(ContextParallel)
     return results
 
@@ -85,6 +109,10 @@ def _nn_inputs():
     return torch.randn(2, NN_LEN, 16, generator=g), torch.randn(2, NN_LEN, 16, generator=g)
 
 
+def _nn_padding():
+    return torch.arange(NN_LEN)[None, :] < torch.tensor([NN_LEN, 211])[:, None]  # row 1 left 89 pad keys
+
+
 def _nn_case(ContextParallel):
     """Two SparseSelfAttention layers (different patterns) on 4 ranks, one ContextParallel's
     positions for both; parameter gradients summed over the ranks (as DDP would)."""
@@ -93,7 +121,8 @@ def _nn_case(ContextParallel):
     for layer in model:
         layer.context_parallel = ctx
     x, g = _nn_inputs()
-    y_l = model(ctx.shard(x, dim=1))
+    kp = _nn_padding()
+    y_l = model[1](model[0](ctx.shard(x, dim=1), key_padding_mask=kp), key_padding_mask=kp)
     (y_l * ctx.shard(g, dim=1)).sum().backward()
     grads = []
     for p in model.parameters():
@@ -155,10 +184,41 @@ def test_moves_exactly_the_blocks_read(ranks, case):
     assert sum(s["bytes_sent_forward"] for s in stats) == sum(s["bytes_received_forward"] for s in stats)
 
 
+@pytest.mark.parametrize("case", RUNTIME, ids=[c[0] for c in RUNTIME])
+def test_runtime_data_equals_single_process(ranks, case):
+    """documents / key padding: outputs and grads as one process; bytes = the key blocks that
+    hold a key some owned row attends *in this batch* (the oracle with documents, and padding)."""
+    name, src, L, H, B, docs, pad = case
+    n = RUNTIME.index(case)
+    cp = patternc.compile(src, q_len=L, num_heads=H, block_size=32)
+    documents, kp = _runtime_data(B, L, docs, pad)
+    q, k, v, dout = (x.clone().requires_grad_() for x in _inputs(L, H, H, 50 + n, batch=B))
+    out = cp.attention(q, k, v, backend="blocksparse", documents=documents, key_padding_mask=kp)
+    (out * dout).sum().backward()
+    got = ranks[0][name]
+    for what, a, b, tol in zip(("out", "dq", "dk", "dv"), got[:4], (out.detach(), q.grad, k.grad, v.grad),
+                               (1e-5, 1e-4, 1e-4, 1e-4)):
+        torch.testing.assert_close(a, b, atol=tol, rtol=tol, msg=f"{name}: {what}")
+    dense = np.zeros((L, L), dtype=bool)
+    for b in range(B):
+        row_docs = None if docs is None else [docs[min(b, len(docs) - 1)]]
+        m = patternc.reference.dense_mask(src, q_len=L, num_heads=H, documents=row_docs).reshape(-1, L, L).any(axis=0)
+        if kp is not None:
+            m = m & kp[b].numpy()[None, :]
+        dense |= m
+    row_bytes = B * H * (DIM + DIM + 2) * 4
+    for r, s in enumerate(got[4]):
+        own = np.array(got[5][r], dtype=np.int64)
+        keys = np.nonzero(dense[own].any(axis=0))[0] if own.size else np.zeros(0, dtype=np.int64)
+        tokens = {t for blk in np.unique(keys // 32) for t in range(blk * 32, min(L, blk * 32 + 32))} - set(own.tolist())
+        assert s["bytes_received_forward"] == len(tokens) * row_bytes, (name, r)
+
+
 def test_nn_layers_context_parallel(ranks):
     model = _nn_model()
     x, g = _nn_inputs()
-    y = model(x)
+    kp = _nn_padding()
+    y = model[1](model[0](x, key_padding_mask=kp), key_padding_mask=kp)
     (y * g).sum().backward()
     y_cp, grads = ranks[0]["nn"]
     torch.testing.assert_close(y_cp, y.detach(), atol=1e-5, rtol=1e-5)

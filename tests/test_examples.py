@@ -11,13 +11,11 @@ The claims are checked twice: by an independent reachability count written here 
 (boolean matrix products over the oracle's dense masks), and by ``patternc.analyze``.
 
 Compile / analyse / run use ``patternc.compiler``, ``patternc.analysis`` and
-``cp.attention``; while one of those has not landed the corresponding test skips and names
-the missing module. Once it exists, the test runs and fails loudly.
+``cp.attention``.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import warnings
 from pathlib import Path
@@ -31,7 +29,10 @@ from patternc.ir.nodes import score_terms
 from patternc.ir.terms import alibi_slopes
 
 ROOT = Path(__file__).resolve().parent.parent
-EXAMPLES = sorted((ROOT / "examples").glob("*.pattern"))
+# examples whose pattern reads run-time data (`document`, SPEC §1.7) carry `# documents:` claims
+# instead and are tested in tests/test_documents.py
+EXAMPLES = sorted(p for p in (ROOT / "examples").glob("*.pattern") if "# documents:" not in p.read_text())
+RUNTIME_EXAMPLES = sorted(p for p in (ROOT / "examples").glob("*.pattern") if "# documents:" in p.read_text())
 CONFORMANCE = Path("/work/shared/conformance/deepspeed")
 CLAIM = re.compile(r"^#\s*analyze:\s*(?P<args>.*?)\s*->\s*(?P<result>.*?)\s*$")
 SETTINGS = {"seq_len", "heads", "pairs", "layers"}
@@ -75,12 +76,6 @@ def load(path: Path, params=None):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # warnings are checked once, in test_check
         return patternc.load(path, params=params)
-
-
-def need_module(name: str, issue: str):
-    """Skip (naming the module) until ``name`` exists; once it exists the test must pass."""
-    if importlib.util.find_spec(name) is None:
-        pytest.skip(f"{name} has not landed yet ({issue})")
 
 
 def independent_min_layers(pattern, seq_len: int, heads: int, pairs: str):
@@ -157,7 +152,6 @@ def _compile_cases(path):
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=_ids(EXAMPLES))
 def test_compile_matches_oracle(path):
-    need_module("patternc.compiler", "issue 3")
     p, heads, cases = _compile_cases(path)
     for q_len, kv_len, bs in cases:
         for layer in range(p.num_layers):
@@ -199,9 +193,8 @@ def test_deepspeed_examples_reproduce_deepspeed_layouts(name, conformance_file, 
     p = load(ROOT / "examples" / f"{name}.pattern")
     layout = BlockLayout.from_dense(reference.dense_mask(p, q_len=seq_len, num_heads=heads), 16)
     assert np.array_equal(layout.kinds != patternc.EMPTY, expected)
-    if importlib.util.find_spec("patternc.compiler") is not None:
-        cp = patternc.compile(p, q_len=seq_len, num_heads=heads, block_size=16)
-        assert np.array_equal(cp.layout.kinds != patternc.EMPTY, expected)
+    cp = patternc.compile(p, q_len=seq_len, num_heads=heads, block_size=16)
+    assert np.array_equal(cp.layout.kinds != patternc.EMPTY, expected)
 
 
 @pytest.mark.parametrize("seq_len, w", [(128, 3), (256, 5), (256, 4)])
@@ -237,7 +230,6 @@ def test_natten_example_matches_natten_rule(n, k):
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=_ids(EXAMPLES))
 def test_analyze_claims(path):
-    need_module("patternc.analysis", "issue 5")
     for claim in claims_of(path):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # claims with heads=1 analyse only head 0 on purpose
@@ -278,23 +270,15 @@ def _reference_attention(q, k, v, mask, terms=()):
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=_ids(EXAMPLES))
 def test_run_matches_float64_reference(path):
-    need_module("patternc.compiler", "issue 3")
     import torch
 
     claim = claims_of(path)[0]
     p = load(path, params=claim.params)
     heads, q_len = max(claim.heads, p.num_heads), claim.seq_len - 27  # ragged against the block
     cp = patternc.compile(p, q_len=q_len, num_heads=heads, block_size=32)
-    if not hasattr(cp, "attention"):
-        pytest.skip("CompiledPattern.attention has not landed yet (issue 4)")
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, heads, q_len, 16, generator=g) for _ in range(3))
-    try:
-        out = cp.attention(q, k, v, backend="blocksparse")
-    except ModuleNotFoundError as e:
-        if (e.name or "").startswith("patternc"):
-            pytest.skip(f"{e.name} has not landed yet (issue 4)")
-        raise
+    out = cp.attention(q, k, v, backend="blocksparse")
     want = _reference_attention(q, k, v, reference.dense_mask(p, q_len=q_len, num_heads=heads), score_terms(p))
     assert out.shape == want.shape and out.dtype == torch.float32
     assert torch.isfinite(out).all()

@@ -16,7 +16,6 @@ from patternc.cli import main
 from patternc.errors import PatternError, PatternWarning
 from patternc.lang.formatter import WIDTH, format_source
 from patternc.lang.parser import parse_tree_with_comments
-
 from strategies import lang_patterns as patterns
 
 ROOT = Path(__file__).resolve().parent.parent

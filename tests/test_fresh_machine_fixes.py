@@ -259,3 +259,40 @@ def test_global_at_length_dependent_is_refused_with_a_working_alternative():
         last = ", ".join(str(x) for x in range(q - k, q))
         assert (patternc.reference.dense_mask(f"~prefix(n=q_len - {k})", q_len=q)
                 == patternc.reference.dense_mask(f"global(at=[{last}])", q_len=q)).all()
+
+
+# ---- item 11: `random` lowers in O(tiles as uint8 + pairs), not O(tiles) int64 several times --------------
+
+def test_random_lowering_memory_is_bounded_and_exact():
+    import tracemalloc
+
+    import patternc.lower.lowering as lowering
+    from patternc.lower.layout import BlockLayout
+
+    # exact against the oracle, also with chunks cut at every tile row and inside blocks
+    old = lowering.RANDOM_CHUNK
+    try:
+        for chunk in (1, old):
+            lowering.RANDOM_CHUNK = chunk
+            for src, q, kv, bs in [("random(r=3, seed=1) | local(w=3)", 97, 130, 16),
+                                   ("blocks(3, random(r=2, seed=0))", 100, 64, (32, 7)),
+                                   ("blocks(40, random(r=1, seed=4)) & causal", 200, 200, 16)]:
+                dense = patternc.reference.dense_mask(src, q_len=q, kv_len=kv)
+                want = BlockLayout.from_dense(dense, bs).kinds[0]
+                got = lowering.lower_to_layout(patternc.parse(src), q, kv, bs, 1).kinds[0]
+                assert (got == want).all(), (src, chunk)
+    finally:
+        lowering.RANDOM_CHUNK = old
+    # memory: 65,536 tokens in 16-token tiles = 16.8M tiles, 65,536 drawn pairs
+    n, r = 1 << 16, 1
+    lowering.random_flat_keys.cache_clear()
+    g = lowering.Grid.uniform(n, n, 16, 16)
+    tracemalloc.start()
+    try:
+        kinds = lowering._lower_random(r, 0, g)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert kinds.dtype == np.uint8 and int((kinds != 0).sum()) <= n * r
+    # the old dense int64 histogram + prefix sum alone was 8 bytes per tile several times over
+    assert peak < kinds.nbytes + 256 * n * r, peak

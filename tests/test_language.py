@@ -244,7 +244,7 @@ def test_warnings_are_pattern_warnings():
     assert not w
 
 
-@pytest.mark.parametrize("module", ["source.frontdoor", "reference", "lang.formatter", "ir.printer", "ir.normalize", "errors", "ir.primitives"])
+@pytest.mark.parametrize("module", ["source.frontdoor", "reference", "lang.formatter", "ir.printer", "ir.normalize", "errors", "ir.primitives", "ir.specialize", "cli.common"])
 def test_doctests(module):
     import doctest
     import importlib

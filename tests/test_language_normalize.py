@@ -17,11 +17,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 import patternc
-from patternc.lang.elaborate import elaborate
 from patternc.ir.nodes import And, Blocks, Diff, Heads, Layers, Not, Or, Prim, Var
 from patternc.ir.normalize import PASSES, ir_problems, keeps_length_checks, normal_form_problems, normalize
+from patternc.lang.elaborate import elaborate
 from patternc.reference import dense_mask
-
 from strategies import LANG_LENGTHS as LENGTHS
 from strategies import lang_patterns as patterns
 

@@ -4,12 +4,10 @@ full-sequence forward; a rolling window cache keeps O(w) keys with ``kv_offset``
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
-import patternc  # noqa: E402
 from patternc.errors import PatternError  # noqa: E402
 from patternc.nn import KVCache, SparseSelfAttention  # noqa: E402
 

@@ -235,3 +235,24 @@ def test_cli_show_and_run_with_offsets(capsys):
     assert code == 0, out
     obj = json.loads(out)
     assert obj["ok"]
+
+
+def test_auto_decode_reads_only_the_kept_keys():
+    torch = pytest.importorskip("torch")
+    from patternc.execute import attention, choose_backend
+    from patternc.execute.reference import reference_attention
+    from patternc.execute.sdpa import gathered_keys
+
+    src, T, H = "(local(w=100) | sink(n=4)) & causal", 2000, 2
+    cp = patternc.compile(src, q_len=1, kv_len=T, q_offset=T - 1, num_heads=H, block_size=64)
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(1, H, 1, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(1, H, T, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    assert choose_backend(cp, q, k, v) == "sdpa"
+    assert gathered_keys(cp.layout, "cpu").numel() <= 64 + 2 * 64 + 64  # the sink block and the window's blocks
+    out, name = attention(cp, q, k, v, return_backend=True)
+    ref = reference_attention(q, k, v, dense_mask(src, q_len=1, kv_len=T, q_offset=T - 1, num_heads=H))
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    go = torch.randn_like(out)
+    for a, r in zip(torch.autograd.grad(out, (q, k, v), go), torch.autograd.grad(ref, (q, k, v), go)):
+        torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-9)

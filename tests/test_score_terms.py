@@ -465,3 +465,34 @@ def test_nn_decode_with_terms_equals_the_full_forward():
         plain.load_state_dict(layer.state_dict())
         assert _rel(plain(x), full) > 1e-3  # the terms matter here
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("src", ["local(w=40) & causal with alibi()", "local(w=40) & causal with softcap(c=3), alibi()"])
+def test_decode_step_keeps_the_terms(src):
+    """One query row at position 99 against 100 cached keys (``auto`` may gather keys for SDPA)."""
+    H, N = 3, 100
+    q, k, v = _inputs(2, H, H, N, N, 16, torch.float64, logit_scale=2.0)
+    full = patternc.compile(src, q_len=N, num_heads=H, block_size=16).attention(q, k, v, backend="blocksparse")
+    step = patternc.compile(src, q_len=1, kv_len=N, q_offset=N - 1, num_heads=H, block_size=16)
+    out, name = step.attention(q[:, :, -1:], k, v, return_backend=True)
+    torch.testing.assert_close(out, full[:, :, -1:])
+    kpm = torch.ones(2, N, dtype=torch.bool)
+    out2 = step.attention(q[:, :, -1:], k, v, key_padding_mask=kpm)
+    torch.testing.assert_close(out2, full[:, :, -1:])
+
+
+@pytest.mark.parametrize("src", ["(strided(s=8) | local(w=5)) & causal with softcap(c=3), alibi(max_bias=4)",
+                                 "(summary(l=32, c=4) | local(w=9)) & causal with alibi()"])
+def test_execution_plans_use_original_positions(src):
+    """Plans gather queries / keys in another order: ALiBi must still see i and j (SPEC §6)."""
+    N, H = 256, 2
+    cp = patternc.compile(src, q_len=N, num_heads=H, block_size=32)
+    assert not cp.plan.is_natural, cp.plan  # a real reordering is under test
+    q, k, v = (t.requires_grad_() for t in _inputs(1, H, H, N, N, 16, torch.float64, logit_scale=2.0))
+    out = cp.attention(q, k, v, backend="blocksparse", plan="auto")
+    qd, kd, vd = (t.detach().requires_grad_() for t in (q, k, v))
+    ref = _reference(cp, qd, kd, vd)
+    assert _rel(out, ref) < 1e-12
+    g = torch.randn(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (qd, kd, vd), g)):
+        assert _rel(a, b) < 1e-10

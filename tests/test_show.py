@@ -6,7 +6,6 @@ The pictures are compared with ``patternc.reference.dense_mask`` (token view) an
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import struct
 import warnings
@@ -15,13 +14,9 @@ import numpy as np
 import pytest
 
 from patternc import BlockLayout, reference
-
-if importlib.util.find_spec("patternc.compiler") is None:  # show draws compiled layouts
-    pytest.skip("patternc.compiler has not landed yet (issue 3)", allow_module_level=True)
-
-from patternc.cli import main  # noqa: E402
-from patternc.lower.layout import merge_kinds  # noqa: E402
-from patternc.show import parse_text_grid, parse_window, picture, save_png, to_text  # noqa: E402
+from patternc.cli import main
+from patternc.lower.layout import merge_kinds
+from patternc.show import parse_text_grid, parse_window, picture, save_png, to_text
 
 TOKEN_CASES = [
     # source, q_len, kv_len, heads, block_size

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import sys
@@ -34,8 +33,6 @@ def test_corpus_is_the_stdlib_split_by_file():
 
 
 def test_quick_run(tmp_path):
-    if importlib.util.find_spec("patternc.nn") is None or importlib.util.find_spec("patternc.compiler") is None:
-        pytest.skip("patternc.nn / patternc.compiler have not landed yet (issues 3, 4)")
     out, qkv = tmp_path / "r.json", tmp_path / "qkv.safetensors"
     code = train_charlm.main(["--quick", "--no-progress", "--out", str(out), "--save-qkv", str(qkv)])
     assert code == 0
@@ -59,12 +56,11 @@ def test_quick_run(tmp_path):
     assert all(a.shape == (1, 2, 256, 16) and a.dtype == np.float32 for a in t.values())
     assert rep["qkv"]["run"] == "fixed" and np.isfinite(t["q"]).all() and t["q"].std() > 0
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == [], "no temporary files left"
-    if importlib.util.find_spec("patternc.cli.run") is not None:  # the main job on these activations
-        from patternc.cli import main
+    from patternc.cli import main  # the main job on these activations
 
-        src = ROOT / "examples" / "sparse_transformer_fixed.pattern"
-        assert main(["run", str(src), "--input", str(qkv), "--seq-len", "256", "--heads", "2", "--head-dim", "16",
-                     "--block-size", "32", "--check"]) == 0
+    src = ROOT / "examples" / "sparse_transformer_fixed.pattern"
+    assert main(["run", str(src), "--input", str(qkv), "--seq-len", "256", "--heads", "2", "--head-dim", "16",
+                 "--block-size", "32", "--check"]) == 0
 
 
 def test_readme_follow_up_reads_what_the_readme_command_writes():

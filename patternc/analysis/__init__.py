@@ -300,14 +300,24 @@ def _from_block(stack, mode, layers, block_size, notes) -> ReachReport:
         i, j = res.unreachable
         return _never_report(stack, i, j, res.reason, "block-bound", layers, mode, notes)
     lo, up = res.lower, res.upper
+    real = res.real_pair()  # needs >= lo layers for certain (None: show the proof's last pair)
     if res.exact:
-        i, j = res.hardest
-        w = _witness_success(stack, i, j, up, res.path_fn, layers)
+        i, j = real or res.hardest
+        w = _witness_success(stack, i, j, up, res.walk_fn if real else res.path_fn, layers)
         return ReachReport(up, layers, _verdict(layers, up, False), mode, True, "block-bound", w, n,
                            stack.num_heads, lower_bound=lo, upper_bound=up, notes=notes)
     # a bound
     reachable, decided = _bound_verdict(layers, lo, up)
-    if reachable or (layers is None and up is not None):
+    if (reachable or (layers is None and up is not None)) and real is not None:
+        # the witness is a pair that really needs lo layers, shown with a path of up layers
+        i, j = real
+        path = res.walk_fn(i, j, up)
+        assert stack.validate_path(path, i, j), "engine produced an invalid witness path"
+        w = Witness(i, j, True, up, path,
+                    f"needs at least {lo} layers (no shorter chain of non-empty tiles of {res.block_size} tokens "
+                    f"joins their blocks) and is connected within {up} by the path below (a bound: min_layers "
+                    f"is between {lo} and {up})")
+    elif reachable or (layers is None and up is not None):
         i, j = res.hardest
         w = _witness_success(stack, i, j, up, res.path_fn, layers, exact=False)
     elif layers is not None and lo > layers:

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..ir.specialize import cdiv
 from . import token as tok
 from .model import Hop
 from .tiles import dense_tiles, layer_tiles
@@ -39,7 +40,7 @@ MAX_BLOCKS = 8192
 
 def default_block_size(n: int) -> int:
     """The smallest power of two keeping the block count <= MAX_BLOCKS (1 for short inputs)."""
-    need = -(-n // MAX_BLOCKS)
+    need = cdiv(n, MAX_BLOCKS)
     return 1 << max(0, math.ceil(math.log2(need))) if need > 1 else 1
 
 
@@ -56,6 +57,18 @@ class BlockResult:
     reason: str | None = None
     path_fn: object = None
     lower_pair: tuple[int, int] | None = None    # a token pair needing >= lower layers
+    walk_fn: object = None                        # token path of any pair in other blocks, from the
+                                                  # FULL-graph walk (None when it does not connect all)
+
+    def real_pair(self):
+        """``lower_pair`` when it can be shown with a FULL-walk path: a pair that really needs
+        ``lower`` layers (the non-EMPTY block graph proves it), unlike ``hardest``, which is
+        only the pair the FULL-tile proof reaches last (it may need far fewer: a key in the
+        first block of ``sink(n=4) | local(w)`` is in the same block as the sinks)."""
+        if self.lower_pair is None or self.walk_fn is None:
+            return None
+        i, j = self.lower_pair
+        return self.lower_pair if i // self.block_size != j // self.block_size else None
 
 
 class BlockAnalysis:
@@ -64,7 +77,7 @@ class BlockAnalysis:
         n = stack.n
         self.n = n
         self.b = b = block_size or default_block_size(n)
-        self.nb = nb = -(-n // b)
+        self.nb = nb = cdiv(n, b)
         if nb > 4 * MAX_BLOCKS:
             raise tok.TooLarge(f"{nb} blocks of {b} tokens; use a larger block size")
         self.tiles = [layer_tiles(stack, m, b) for m in range(stack.period)]
@@ -153,10 +166,11 @@ class BlockAnalysis:
                 B = int(np.flatnonzero(diag_raw < 0)[0])
                 unproven = (self.last(B), self.first(B))
         exact = upper is not None and upper == lower
+        walk_fn = (lambda i_, j_, K_: self.block_path(i_, j_, K_)) if fullr.min_layers is not None else None
         if upper is None and lower_pair is None:
             lower_pair = unproven
         return BlockResult(exact=exact, lower=lower, upper=upper, never=False, block_size=b, hardest=hardest,
-                           unproven=unproven, path_fn=path_fn, lower_pair=lower_pair)
+                           unproven=unproven, path_fn=path_fn, lower_pair=lower_pair, walk_fn=walk_fn)
 
     def _far_tokens(self, I, J):
         if J <= I:

@@ -76,11 +76,6 @@ class Stack:
                 seen.setdefault(hp, h)
             self.heads.append([(h, hp) for hp, h in seen.items()])
 
-    @property
-    def uniform(self) -> bool:
-        """True when every layer has the same predicate (no effective ``layers(...)``)."""
-        return self.period == 1
-
     def entry(self, layer: int) -> int:
         return layer % self.period
 

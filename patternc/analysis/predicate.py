@@ -19,7 +19,7 @@ import numpy as np
 
 from ..ir.nodes import And, Blocks, Diff, Heads, Layers, Or, Pattern
 from ..ir.printer import _prec
-from ..ir.specialize import select_head
+from ..ir.specialize import cdiv, select_head
 
 
 def evaluate(p: Pattern, head: int, i, j, q_len: int, kv_len: int) -> np.ndarray:
@@ -110,7 +110,7 @@ def _why(p, h, i, j, q_len, kv_len) -> tuple[str, int]:
         return _why(p.items[h % len(p.items)], h, i, j, q_len, kv_len)
     if isinstance(p, Blocks):
         b = p.b
-        inner, _ = _why(p.child, h, i // b, j // b, -(-q_len // b), -(-kv_len // b))
+        inner, _ = _why(p.child, h, i // b, j // b, cdiv(q_len, b), cdiv(kv_len, b))
         return f"blocks({b}, {inner})", 0
     if isinstance(p, Diff):
         left, lp = _why(p.left, h, i, j, q_len, kv_len)

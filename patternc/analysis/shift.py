@@ -39,6 +39,7 @@ import numpy as np
 
 from ..ir.nodes import And, Blocks, Diff, Not, Or, Pattern, Prim
 from ..ir.primitives import PRIMITIVES
+from ..ir.specialize import cdiv
 from ..lower.lowering import evaluate as evaluate_head
 from .predicate import evaluate
 
@@ -140,7 +141,7 @@ def ap_cover(mask: np.ndarray, offset: int, hints) -> list[tuple[int, int, int]]
 def _class_runs(mask: np.ndarray, m: int, min_len: int = 2):
     """Maximal runs (count >= min_len) of True along stride m: [(count, start_index, m)]."""
     L = len(mask)
-    rows = -(-L // m)
+    rows = cdiv(L, m)
     pad = np.zeros(rows * m, dtype=bool)
     pad[:L] = mask
     grid = pad.reshape(rows, m).T  # [m, rows]: class r in row r
@@ -334,8 +335,8 @@ class ShiftAnalysis:
         steps = np.flatnonzero(self.union) - (n - 1)
         pmax = int(steps.max())
         nmax = -int(steps.min())
-        triv_pos = -(-(n - 1) // pmax)
-        triv_neg = -(-(n - 1) // nmax) if mode == "all" else 0
+        triv_pos = cdiv(n - 1, pmax)
+        triv_neg = cdiv(n - 1, nmax) if mode == "all" else 0
         if mmax is not None and mmax == max(triv_pos, triv_neg):
             sel_pos = np.where(np.arange(n) == n - 1, triv_pos, 0)
             sel_neg = np.where(np.arange(n) == n - 1, triv_neg, 0) if mode == "all" else None

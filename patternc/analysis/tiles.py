@@ -22,6 +22,7 @@ import numpy as np
 
 from ..compiler import MAX_TILES
 from ..errors import Diagnostic, PatternError
+from ..ir.specialize import cdiv
 from ..lower.layout import EMPTY, FULL, PARTIAL, BlockLayout
 from ..lower.lowering import evaluate, lower_to_layout
 
@@ -36,7 +37,6 @@ class LayerTiles:
         full: bool [nb, nb].
         nonempty: bool [nb, nb].
         mask: callable (q_idx, kv_idx) -> bool, broadcasting int64 arrays.
-        source: where the layout came from (``lowering`` / ``dense``).
     """
 
     n: int
@@ -44,7 +44,6 @@ class LayerTiles:
     full: np.ndarray
     nonempty: np.ndarray
     mask: Callable
-    source: str
 
     @property
     def num_blocks(self) -> int:
@@ -72,7 +71,7 @@ def layer_tiles(stack, entry: int, block_size: int) -> LayerTiles:
     """
     n = stack.n
     heads = [hp for _h, hp in stack.heads[entry]]
-    nb = -(-n // block_size)
+    nb = cdiv(n, block_size)
     if len(heads) * nb * nb > MAX_TILES:
         raise PatternError(Diagnostic(
             "P303", f"the layout would have {len(heads)} x {nb} x {nb} = {len(heads) * nb * nb:,} tiles "
@@ -89,7 +88,7 @@ def layer_tiles(stack, entry: int, block_size: int) -> LayerTiles:
             out |= np.broadcast_to(evaluate(hp, q_idx, kv_idx, n, n), shape)
         return out
 
-    return LayerTiles(n, block_size, full, nonempty, mask, "lowering")
+    return LayerTiles(n, block_size, full, nonempty, mask)
 
 
 def dense_tiles(adj: np.ndarray, block_size: int) -> LayerTiles:
@@ -102,7 +101,7 @@ def dense_tiles(adj: np.ndarray, block_size: int) -> LayerTiles:
     def mask(q_idx, kv_idx, _adj=adj):
         return _adj[q_idx, kv_idx]
 
-    return LayerTiles(adj.shape[0], lay.q_block_size, kinds == FULL, kinds != EMPTY, mask, "dense")
+    return LayerTiles(adj.shape[0], lay.q_block_size, kinds == FULL, kinds != EMPTY, mask)
 
 
 __all__ = ["LayerTiles", "layer_tiles", "dense_tiles", "EMPTY", "PARTIAL", "FULL"]

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..ir.specialize import cdiv
 from .tiles import LayerTiles
 
 ONE = np.uint64(1)
@@ -126,7 +127,7 @@ def stride_or(src: np.ndarray, m: int, reverse: bool, a: int, z: int) -> np.ndar
     """Cumulative OR along residue classes mod m, on words a .. z-1 (zeros elsewhere):
     ``out[x] = OR_{t >= 0} src[x - t m]`` (``reverse``: ``src[x + t m]``), rows of ``src``."""
     N, W = src.shape
-    rows = -(-N // m) * m
+    rows = cdiv(N, m) * m
     buf = np.zeros((rows, W), dtype=src.dtype)
     if z > a:
         part = np.zeros((rows, z - a), dtype=src.dtype)
@@ -142,7 +143,7 @@ def stride_or(src: np.ndarray, m: int, reverse: bool, a: int, z: int) -> np.ndar
 
 def stride_or_bool(v: np.ndarray, m: int, reverse: bool) -> np.ndarray:
     N = len(v)
-    rows = -(-N // m) * m
+    rows = cdiv(N, m) * m
     buf = np.zeros(rows, dtype=bool)
     buf[:N] = v
     g = buf.reshape(rows // m, m)
@@ -388,7 +389,7 @@ def reach(adjs: list[Adjacency], n: int, mode: str, *, max_levels: int | None = 
     P = len(adjs)
     b, nb = adjs[0].b, adjs[0].nb
     N = nb * b
-    W = -(-n // 64)
+    W = cdiv(n, 64)
     matrices = 2 + (P == 1) + any(len(x.pre_blocks) for x in adjs) + any(len(x.suf_blocks) for x in adjs) \
         + max(len(x.spre_strides) + len(x.ssuf_strides) for x in adjs)
     need = matrices * N * W * 8

@@ -28,13 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="SUBCOMMAND")
     sub.required = True
     for name in SUBCOMMANDS:
-        try:
-            mod = importlib.import_module(f".{name}", __name__)
-        except ModuleNotFoundError as e:  # a subcommand not built yet
-            if e.name != f"{__name__}.{name}":
-                raise
-            continue
-        mod.register(sub)
+        importlib.import_module(f".{name}", __name__).register(sub)
     _finish_help(sub)
     return parser
 

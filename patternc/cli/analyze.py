@@ -16,6 +16,7 @@ from ..errors import ExitCode, PatternError, PatternWarning
 from .common import (
     UsageError,
     add_source_args,
+    check_count,
     emit_diagnostics,
     print_json,
     run_guarded,
@@ -46,14 +47,13 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    if args.seq_len is not None and args.seq_len < 1:
-        return _usage(f"--seq-len must be >= 1, got {args.seq_len}", args.json)
-    if args.layers is not None and args.layers < 0:
-        return _usage(f"--layers must be >= 0, got {args.layers}", args.json)
-    if args.heads is not None and args.heads < 1:
-        return _usage(f"--heads must be >= 1, got {args.heads}", args.json)
-    if args.block_size is not None and args.block_size < 1:
-        return _usage(f"--block-size must be >= 1, got {args.block_size}", args.json)
+    try:
+        check_count("--seq-len", args.seq_len)
+        check_count("--layers", args.layers, minimum=0)
+        check_count("--heads", args.heads)
+        check_count("--block-size", args.block_size)
+    except UsageError as e:
+        return _usage(str(e), args.json)
 
     def body(src):
         from ..analysis import analyze

@@ -149,6 +149,20 @@ def print_json(obj) -> None:
     print(json.dumps(_finite(obj), indent=2, sort_keys=False, default=_json_default, allow_nan=False))
 
 
+def check_count(option: str, value, minimum: int = 1, unit: str = "") -> None:
+    """The one range check of a command-line count (a length, heads, layers, ...): ``None``
+    (not given) passes; below ``minimum`` raises ``UsageError`` (exit 2) naming the option.
+
+    Example:
+        >>> check_count("--seq-len", 0, unit="token")
+        Traceback (most recent call last):
+        ...
+        patternc.cli.common.UsageError: --seq-len must be >= 1 token, got 0
+    """
+    if value is not None and value < minimum:
+        raise UsageError(f"{option} must be >= {minimum}{' ' + unit if unit else ''}, got {value}")
+
+
 def usage_error(message: str, as_json: bool) -> int:
     if as_json:
         print_json({"ok": False, "error": message, "diagnostics": []})

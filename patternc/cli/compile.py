@@ -4,6 +4,7 @@ writes the compiled artifact (``.npz``, no pickle) atomically."""
 from __future__ import annotations
 
 import os
+import time
 
 from ..errors import ExitCode, PatternError
 from .common import (
@@ -11,6 +12,7 @@ from .common import (
     add_documents_arg,
     add_offset_args,
     add_source_args,
+    check_count,
     documents_of,
     emit_diagnostics,
     offsets_of,
@@ -36,6 +38,9 @@ def register(sub) -> None:
     p.add_argument("--block-size", default="128", metavar="B|Q,KV",
                    help="BLOCK_SIZE in tokens: one int, or Q_BLOCK_SIZE,KV_BLOCK_SIZE (default 128)")
     p.add_argument("--layer", type=int, default=0, metavar="L", help="which layer of a layers(...) stack (default 0)")
+    p.add_argument("--plan", choices=("auto", "natural"), default="auto",
+                   help="execution plan to print: auto (disjoint terms, each in its cheapest token order; "
+                        "default) or natural (one term, the layout as compiled); see docs/execution.md")
     add_offset_args(p)
     add_documents_arg(p)
     p.add_argument("-o", "--output", metavar="OUT", help="write the compiled layout here (.npz, written atomically)")
@@ -45,14 +50,10 @@ def register(sub) -> None:
 def _check_lengths(args):
     if args.seq_len is None:
         raise UsageError("--seq-len is required (or give --documents, whose sum sets it)")
-    if args.seq_len < 1:
-        raise UsageError(f"--seq-len must be >= 1 token, got {args.seq_len}")
-    if args.kv_len is not None and args.kv_len < 1:
-        raise UsageError(f"--kv-len must be >= 1 token, got {args.kv_len}")
-    if args.heads is not None and args.heads < 1:
-        raise UsageError(f"--heads must be >= 1, got {args.heads}")
-    if args.layer < 0:
-        raise UsageError(f"--layer must be >= 0, got {args.layer}")
+    check_count("--seq-len", args.seq_len, unit="token")
+    check_count("--kv-len", args.kv_len, unit="token")
+    check_count("--heads", args.heads)
+    check_count("--layer", args.layer, minimum=0)
 
 
 def run(args) -> int:
@@ -80,18 +81,23 @@ def run(args) -> int:
             summary["document_blocks"] = {"full_blocks": lay.full_blocks, "partial_blocks": lay.partial_blocks,
                                           "empty_blocks": lay.empty_blocks, "block_density": lay.block_density}
         summary["num_layers"] = pattern.num_layers  # of the whole pattern (`layer` picks entry layer mod it)
+        t0 = time.perf_counter()
+        plan = cp.plan_for(args.plan)
+        plan_seconds = time.perf_counter() - t0
         if args.output:
             try:
                 cp.save(args.output)
             except OSError as e:
                 raise UsageError(f"cannot write {args.output}: {e.strerror or e}") from None
         if args.json:
-            out = {"ok": True, **summary, "output": os.fspath(args.output) if args.output else None,
+            out = {"ok": True, **summary, "plan": {**plan.to_dict(), "plan_seconds": plan_seconds},
+                   "output": os.fspath(args.output) if args.output else None,
                    "diagnostics": [w.to_json() for w in res.warnings]}
             print_json(out)
         else:
             emit_diagnostics(res.warnings, False)
             print(_render(cp, summary))
+            print(f"\n{plan.describe()}\nplan time: {1000 * plan_seconds:.1f} ms")
             if args.output:
                 print(f"wrote {args.output}")
         return ExitCode.OK

@@ -13,7 +13,7 @@ import math
 import sys
 
 from ..errors import ExitCode
-from .common import UsageError, print_json
+from .common import UsageError, check_count, print_json
 
 #: relative-error tolerance of ``--check`` against the single-process result, per dtype
 TOLERANCE = {"float32": 1e-5, "float64": 1e-10, "bfloat16": 2e-2, "float16": 2e-2}
@@ -26,8 +26,7 @@ def _mib(n: int) -> str:
 def run_nproc(args, cp, q, k, v, dtype_name: str) -> int:
     from ..distributed.launch import run_local
 
-    if args.nproc < 1:
-        raise UsageError(f"--nproc must be >= 1, got {args.nproc}")
+    check_count("--nproc", args.nproc)
     if cp.q_len != cp.kv_len:
         raise UsageError(f"--nproc shards one sequence: --kv-len {cp.kv_len} must equal --seq-len {cp.q_len}")
     if q.device.type != "cpu":

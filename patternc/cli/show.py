@@ -12,6 +12,7 @@ from .common import (
     add_documents_arg,
     add_offset_args,
     add_source_args,
+    check_count,
     documents_of,
     emit_diagnostics,
     offsets_of,
@@ -47,7 +48,41 @@ def register(sub) -> None:
                    help="characters available for the picture (default: the terminal's width)")
     p.add_argument("--ascii", action="store_true", help="draw the token mask with # and . instead of █ and ·")
     p.add_argument("--png", metavar="PATH", help="write a PNG (matplotlib) instead of the terminal picture")
+    p.add_argument("--plan-term", type=int, metavar="T",
+                   help="draw term T of the execution plan in its own query / key order (tile kinds; "
+                        "see `patternc compile` for the plan, docs/execution.md)")
     p.set_defaults(func=run)
+
+
+def _show_plan_term(args, pattern, src) -> int:
+    """``--plan-term T``: the tile kinds of one plan term in its own order."""
+    from ..compiler import compile as compile_pattern
+    from ..lower.layout import FULL, PARTIAL
+
+    try:
+        cp = compile_pattern(pattern, q_len=args.seq_len, kv_len=args.kv_len, num_heads=args.heads,
+                             block_size=parse_block_size(args.block_size), layer=args.layer)
+    except PatternError as e:
+        if e.code in ("P302", "P303"):
+            raise UsageError(e.diagnostic.message + (f" ({e.diagnostic.help})" if e.diagnostic.help else "")) from None
+        raise e.with_source(src.text, src.filename) from None
+    plan = cp.plan
+    n = len(plan.terms)
+    if not 0 <= args.plan_term < n:
+        raise UsageError(f"--plan-term must be in 0..{n - 1}: the plan has {n} term{'s' if n != 1 else ''}")
+    t = plan.terms[args.plan_term]
+    kinds = t.kinds[0]
+    if args.json:
+        print_json({"ok": True, "term": args.plan_term, **t.to_dict(),
+                    "kinds": [[int(x) for x in row] for row in kinds]})
+        return ExitCode.OK
+    print(f"term {args.plan_term} of {n}: {t.text}")
+    print(f"q: {t.q_order} ({t.q_count} tokens)   kv: {t.kv_order} ({t.kv_count} tokens)   "
+          f"tiles: {t.computed_tiles} (natural order, whole layer: {plan.natural_tiles})")
+    print("('#' FULL, '+' PARTIAL, '.' EMPTY; rows = query blocks, columns = key blocks, in the term's order)")
+    for row in kinds:
+        print("".join("#" if x == FULL else "+" if x == PARTIAL else "." for x in row))
+    return ExitCode.OK
 
 
 def _ascii_only(args) -> bool:
@@ -65,13 +100,15 @@ def run(args) -> int:
         docs = documents_of(args)
         if args.seq_len is None:
             raise UsageError("--seq-len is required (or give --documents, whose sum sets it)")
-        if args.seq_len < 1 or (args.kv_len is not None and args.kv_len < 1):
-            raise UsageError("--seq-len and --kv-len must be >= 1 token")
+        check_count("--seq-len", args.seq_len, unit="token")
+        check_count("--kv-len", args.kv_len, unit="token")
         pattern, res = analyse_source(src.text, params=src.params, filename=src.filename)
         emit_diagnostics(res.warnings, args.json)
         if args.width is not None and args.width < 8:
             raise UsageError(f"--width must be at least 8 columns, got {args.width}")
         width = args.width or max(20, shutil.get_terminal_size((100, 24)).columns - 8)
+        if args.plan_term is not None:
+            return _show_plan_term(args, pattern, src)
         try:
             pic = picture(pattern, q_len=args.seq_len, kv_len=args.kv_len, num_heads=args.heads, head=args.head,
                           block_size=parse_block_size(args.block_size), layer=args.layer, window=args.window,

@@ -155,29 +155,9 @@ class ContextParallel:
                          help="build ContextParallel from the same patternc.compile(...) call on every rank")
 
     def _setup(self) -> None:
-        s, r, W = self.schedule, self.rank, self.world_size
-        own = s.positions[r]
-        self.positions = own
-        self._buffer = buf = s.buffer_positions(r)
-        recv = [s.receives(r, p) for p in range(W)]
-        send = [np.searchsorted(own, s.receives(p, r)) for p in range(W)]
-        self._recv_splits = [int(x.size) for x in recv]
-        self._send_splits = [int(x.size) for x in send]
-        self._send_index = np.concatenate(send) if send else np.zeros(0, dtype=np.int64)
-        # buffer slot -> row of cat([own rows, received rows])
-        index = np.empty(buf.size, dtype=np.int64)
-        mine = s.position_owner(buf) == r
-        index[mine] = np.searchsorted(own, buf[mine])
-        recv_all = np.concatenate(recv) if recv else np.zeros(0, dtype=np.int64)
-        order = np.argsort(recv_all, kind="stable")
-        index[~mine] = own.size + order[np.searchsorted(recv_all[order], buf[~mine])]
-        self._buffer_index = index
-        self._exchange_any = int(s.received_positions().sum()) > 0
-        kinds = np.asarray(self.cp.layout.kinds)
-        self._local_layout = _LocalLayout(
-            kinds=np.ascontiguousarray(kinds[:, s.q_blocks[r]][:, :, s.kv_blocks[r]]),
-            q_len=int(own.size), kv_len=int(buf.size),
-            q_block_size=self.q_block_size, kv_block_size=self.kv_block_size)
+        self.positions = self.schedule.positions[self.rank]
+        self._static = _Step(self, np.asarray(self.cp.layout.kinds), None)
+        self._step = self._static
 
     def for_pattern(self, cp) -> "ContextParallel":
         """A ``ContextParallel`` for another pattern at the same length and block size that
@@ -249,24 +229,6 @@ class ContextParallel:
         return full.movedim(0, dim)
 
     # ---- attention ---------------------------------------------------------------------------
-    def _plan(self, num_heads: int, device):
-        from ..execute.blocksparse import Plan
-        from ..execute.common import mask_mod_for
-
-        key = (num_heads, str(device))
-        got = self._plans.get(key)
-        if got is None:
-            base = mask_mod_for(self.cp, device)
-            qpos = torch.as_tensor(self.positions, device=device)
-            kpos = torch.as_tensor(self._buffer, device=device)
-
-            def mask_mod(b, h, q_idx, kv_idx):
-                return base(b, h, qpos[q_idx], kpos[kv_idx])
-
-            mask_mod.__name__ = f"{getattr(base, '__name__', 'mask_mod')} @ rank {self.rank}"
-            got = self._plans[key] = (Plan(self._local_layout, num_heads, device, mask_mod), mask_mod)
-        return got
-
     def _check(self, q, k, v) -> None:
         for name, x in (("q", q), ("k", k), ("v", v)):
             if not isinstance(x, torch.Tensor) or x.dim() != 4:
@@ -293,7 +255,7 @@ class ContextParallel:
                          help=f"compile the pattern with num_heads={H}")
 
     def attention(self, q_l: torch.Tensor, k_l: torch.Tensor, v_l: torch.Tensor, *,
-                  scale: float | None = None) -> torch.Tensor:
+                  scale: float | None = None, documents=None, key_padding_mask=None) -> torch.Tensor:
         """This rank's rows of the pattern's attention over the whole sequence.
 
         Args:
@@ -301,6 +263,14 @@ class ContextParallel:
                 (``shard(q)``).
             k_l: same dtype [B, H_kv, n_r, D]; v_l: [B, H_kv, n_r, Dv] (H_kv divides H).
             scale: multiplier of ``q k^T`` (default ``1 / sqrt(D)``).
+            documents: run-time documents of the *whole* sequence (SPEC §1.7: ids [B, P] /
+                [P] or lengths per row; the same on every rank).
+            key_padding_mask: bool [B, seq_len] over the *whole* sequence, True = a real key
+                (the same on every rank).
+
+            With run-time data the positions stay those of the schedule (balanced on the
+            static layout); what moves is derived from this batch's exact layout
+            (``cp.layout_for``), so a document boundary or padded keys move less.
 
         Returns:
             [B, H, n_r, Dv] in q's dtype, differentiable in q_l, k_l, v_l (the backward runs
@@ -312,70 +282,32 @@ class ContextParallel:
         """
         self._check(q_l, k_l, v_l)
         scale = 1.0 / math.sqrt(q_l.shape[-1]) if scale is None else float(scale)
+        step = self._static
+        if documents is not None or key_padding_mask is not None or getattr(self.cp, "needs", None):
+            step = self._runtime_step(q_l, documents, key_padding_mask)
+        self._step = step
         grad = torch.is_grad_enabled() and (q_l.requires_grad or k_l.requires_grad or v_l.requires_grad)
         if grad:
-            return _ContextParallelAttention.apply(q_l, k_l, v_l, self, scale)
-        return self._forward(q_l, k_l, v_l, scale, need_lse=False)[0]
+            return _ContextParallelAttention.apply(q_l, k_l, v_l, step, scale)
+        return step.forward(q_l, k_l, v_l, scale, need_lse=False)[0]
 
-    # ---- the exchange ------------------------------------------------------------------------
+    def _runtime_step(self, q_l, documents, key_padding_mask) -> "_Step":
+        """The exchange and local layouts of one batch with run-time data (SPEC §1.7)."""
+        cp = self.cp
+        if not hasattr(cp, "layout_for"):
+            raise _error("P380", "this patternc build has no run-time data (documents, key_padding_mask)")
+        layout = cp.layout_for(documents=documents, key_padding_mask=key_padding_mask)
+        kinds = np.asarray(layout.kinds)
+        if kinds.ndim == 3:
+            return self._static
+        if kinds.shape[0] not in (1, q_l.shape[0]):
+            raise _error("P350", f"run-time data for {kinds.shape[0]} batch rows, but q has B={q_l.shape[0]}")
+        mask_mod = cp.mask_mod_for(q_l.device, documents=documents, key_padding_mask=key_padding_mask)
+        return _Step(self, kinds, mask_mod)
+
     def _row_bytes(self, x: torch.Tensor) -> int:
         """bytes of one position's row of a [n, B, H_kv, D + Dv] buffer."""
-        return int(x[0].numel() * x.element_size()) if x.shape[0] else int(
-            math.prod(x.shape[1:]) * x.element_size())
-
-    def _exchange(self, rows: torch.Tensor, send_splits, recv_splits) -> torch.Tensor:
-        """All-to-all of ``rows`` [sum(send_splits), ...] -> [sum(recv_splits), ...]."""
-        out = rows.new_empty((sum(recv_splits),) + tuple(rows.shape[1:]))
-        if self._exchange_any:
-            dist.all_to_all_single(out, rows.contiguous(), output_split_sizes=list(recv_splits),
-                                   input_split_sizes=list(send_splits), group=self.group)
-        return out
-
-    def gather_kv(self, k_l: torch.Tensor, v_l: torch.Tensor):
-        """Forward exchange: (k_buf [B, H_kv, m, D], v_buf [B, H_kv, m, Dv]) at the buffer
-        positions (``m`` = every token of the key/value blocks this rank's tiles read)."""
-        D = k_l.shape[-1]
-        own = torch.cat([k_l, v_l], dim=-1).permute(2, 0, 1, 3)  # [n, B, H_kv, D + Dv]
-        send_index = torch.as_tensor(self._send_index, device=own.device)
-        sent = own.index_select(0, send_index)
-        recv = self._exchange(sent, self._send_splits, self._recv_splits)
-        rb = self._row_bytes(own)
-        self._bytes.update(bytes_sent_forward=int(sent.shape[0]) * rb, bytes_received_forward=int(recv.shape[0]) * rb,
-                           allgather_bytes=(self.seq_len - self.positions.size) * rb)
-        buf = torch.cat([own, recv], dim=0).index_select(0, torch.as_tensor(self._buffer_index, device=own.device))
-        buf = buf.permute(1, 2, 0, 3)
-        return buf[..., :D], buf[..., D:]
-
-    def scatter_kv_grad(self, dk_buf: torch.Tensor, dv_buf: torch.Tensor, dtype: torch.dtype):
-        """Backward exchange: the gradients at the buffer positions -> (dk_l, dv_l) of this
-        rank's own positions, summed over every rank that read them (in dk_buf's dtype)."""
-        D = dk_buf.shape[-1]
-        g = torch.cat([dk_buf, dv_buf], dim=-1).permute(2, 0, 1, 3)  # [m, B, H_kv, D + Dv]
-        n = self.positions.size
-        full = g.new_zeros((n + sum(self._recv_splits),) + tuple(g.shape[1:]))
-        full.index_add_(0, torch.as_tensor(self._buffer_index, device=g.device), g)
-        back = full[n:].to(dtype)
-        got = self._exchange(back, self._recv_splits, self._send_splits)
-        rb = self._row_bytes(back)
-        self._bytes.update(bytes_sent_backward=int(back.shape[0]) * rb, bytes_received_backward=int(got.shape[0]) * rb)
-        own = full[:n]
-        own.index_add_(0, torch.as_tensor(self._send_index, device=g.device), got.to(own.dtype))
-        own = own.permute(1, 2, 0, 3)
-        return own[..., :D], own[..., D:]
-
-    def _forward(self, q, k, v, scale, *, need_lse: bool):
-        from ..execute.blocksparse import blocksparse_forward
-
-        B, H, n, _ = q.shape
-        kb, vb = self.gather_kv(k, v)
-        Dv = v.shape[-1]
-        if n == 0 or not self._local_layout.kinds.size:
-            out = q.new_zeros((B, H, n, Dv))
-            return out, None, kb, vb, None
-        plan, mask_mod = self._plan(H, q.device)
-        o, lse = blocksparse_forward(plan, mask_mod, q, kb, vb, scale, need_lse=need_lse)
-        out = o.view(B, H, -1, Dv)[:, :, :n].to(q.dtype)
-        return out, o, kb, vb, lse
+        return int(math.prod(x.shape[1:]) * x.element_size())
 
     # ---- statistics --------------------------------------------------------------------------
     @property
@@ -383,17 +315,18 @@ class ContextParallel:
         """This rank's numbers (bytes from the most recent forward / backward call; 0 before):
 
         ``rank``, ``world_size``, ``positions`` (tokens owned), ``q_blocks``, ``kv_blocks_read``,
-        ``computed_tiles`` (over heads), ``positions_received`` / ``positions_sent`` (forward,
+        ``computed_tiles`` (over heads; and batch rows with run-time data: of the latest call),
+        ``positions_received`` / ``positions_sent`` (forward,
         tokens), ``bytes_sent_forward``, ``bytes_received_forward``, ``bytes_sent_backward``,
         ``bytes_received_backward``, ``allgather_bytes`` (what an all-gather of K and V would
         receive), ``imbalance`` (max / mean computed tiles over ranks) and ``method`` (the
         schedule chosen).
         """
-        s, r = self.schedule, self.rank
+        s, r, st = self.schedule, self.rank, self._step
         return dict(rank=r, world_size=self.world_size, positions=int(self.positions.size),
-                    q_blocks=int(s.q_blocks[r].size), kv_blocks_read=int(s.kv_blocks[r].size),
-                    computed_tiles=int(s.tiles[r]), positions_received=int(sum(self._recv_splits)),
-                    positions_sent=int(sum(self._send_splits)), **self._bytes,
+                    q_blocks=int(s.q_blocks[r].size), kv_blocks_read=int(st.kv_blocks[r].size),
+                    computed_tiles=int(st.tiles), positions_received=int(sum(st.recv_splits)),
+                    positions_sent=int(sum(st.send_splits)), **self._bytes,
                     imbalance=round(s.imbalance, 4), method=s.method)
 
 
@@ -408,33 +341,174 @@ def _schedule_from_owner(layout, owner, world: int) -> Schedule:
                   layout.q_block_size, layout.kv_block_size)
 
 
+class _Step:
+    """What one layout (the static one, or one batch's with run-time data) makes a rank do: the
+    key/value blocks every rank reads, the forward exchange (per-peer splits, the rows to send,
+    where each buffer slot comes from) and the local layouts of the kernel (one per batch row
+    with run-time data, else one for the whole batch)."""
+
+    def __init__(self, cpx: ContextParallel, kinds: np.ndarray, mask_mod):
+        from .balance import _block_tokens, row_reads
+
+        s, r, W = cpx.schedule, cpx.rank, cpx.world_size
+        self.cpx = cpx
+        kinds4 = kinds if kinds.ndim == 4 else kinds[None]  # [Bk, H, nq, nkv]
+        reads = row_reads(kinds4)
+        self.kv_blocks = [np.nonzero(reads[s.q_blocks[p]].any(axis=0))[0].astype(np.int64) if s.q_blocks[p].size
+                          else np.zeros(0, dtype=np.int64) for p in range(W)]
+        kb, L = cpx.kv_block_size, cpx.seq_len
+        buffers = [_block_tokens(self.kv_blocks[p], kb, L) for p in range(W)]
+        own = s.positions[r]
+        self.buffer = buf = buffers[r]
+        recv = [buf[s.position_owner(buf) == p] if p != r else buf[:0] for p in range(W)]
+        send = [np.searchsorted(own, buffers[p][s.position_owner(buffers[p]) == r]) if p != r
+                else np.zeros(0, dtype=np.int64) for p in range(W)]
+        self.recv_splits = [int(x.size) for x in recv]
+        self.send_splits = [int(x.size) for x in send]
+        self.send_index = np.concatenate(send)
+        # buffer slot -> row of cat([own rows, received rows])
+        index = np.empty(buf.size, dtype=np.int64)
+        mine = s.position_owner(buf) == r
+        index[mine] = np.searchsorted(own, buf[mine])
+        recv_all = np.concatenate(recv)
+        order = np.argsort(recv_all, kind="stable")
+        index[~mine] = own.size + order[np.searchsorted(recv_all[order], buf[~mine])]
+        self.buffer_index = index
+        self.any = any(int(b.size) - int((s.position_owner(b) == p).sum()) > 0 for p, b in enumerate(buffers))
+        local = kinds4[:, :, s.q_blocks[r]][:, :, :, self.kv_blocks[r]]
+        self.tiles = int((local != 0).sum())
+        self.layouts = [_LocalLayout(kinds=np.ascontiguousarray(x), q_len=int(own.size), kv_len=int(buf.size),
+                                     q_block_size=cpx.q_block_size, kv_block_size=kb) for x in local]
+        self.runtime = kinds.ndim == 4
+        self.base = mask_mod
+        self._plans: dict = {}
+
+    # ---- the kernel's plans -------------------------------------------------------------------
+    def plan(self, row: int, num_heads: int, device):
+        """(Plan, mask_mod) of batch row ``row`` (0 for the static layout) in local coordinates."""
+        from ..execute.blocksparse import Plan
+        from ..execute.common import mask_mod_for
+
+        key = (row, num_heads, str(device))
+        got = self._plans.get(key)
+        if got is None:
+            base = self.base if self.base is not None else mask_mod_for(self.cpx.cp, device)
+            qpos = torch.as_tensor(self.cpx.positions, device=device)
+            kpos = torch.as_tensor(self.buffer, device=device)
+            if self.runtime:
+                b_row = torch.tensor(row, dtype=torch.int64, device=device)
+
+                def mask_mod(b, h, q_idx, kv_idx):
+                    return base(b_row, h, qpos[q_idx], kpos[kv_idx])
+            else:
+                def mask_mod(b, h, q_idx, kv_idx):
+                    return base(b, h, qpos[q_idx], kpos[kv_idx])
+
+            mask_mod.__name__ = f"{getattr(base, '__name__', 'mask_mod')} @ rank {self.cpx.rank}"
+            got = self._plans[key] = (Plan(self.layouts[row], num_heads, device, mask_mod), mask_mod)
+        return got
+
+    def rows(self, B: int):
+        """(layout row, batch slice) pairs covering B batch rows."""
+        if not self.runtime:
+            return [(0, slice(0, B))]
+        return [(min(b, len(self.layouts) - 1), slice(b, b + 1)) for b in range(B)]
+
+    # ---- the exchange -------------------------------------------------------------------------
+    def _exchange(self, rows: torch.Tensor, send_splits, recv_splits) -> torch.Tensor:
+        """All-to-all of ``rows`` [sum(send_splits), ...] -> [sum(recv_splits), ...]."""
+        out = rows.new_empty((sum(recv_splits),) + tuple(rows.shape[1:]))
+        if self.any:
+            dist.all_to_all_single(out, rows.contiguous(), output_split_sizes=list(recv_splits),
+                                   input_split_sizes=list(send_splits), group=self.cpx.group)
+        return out
+
+    def gather_kv(self, k_l: torch.Tensor, v_l: torch.Tensor):
+        """Forward exchange: (k_buf [B, H_kv, m, D], v_buf [B, H_kv, m, Dv]) at the buffer
+        positions (``m`` = every token of the key/value blocks this rank's tiles read)."""
+        cpx, D = self.cpx, k_l.shape[-1]
+        own = torch.cat([k_l, v_l], dim=-1).permute(2, 0, 1, 3)  # [n, B, H_kv, D + Dv]
+        sent = own.index_select(0, torch.as_tensor(self.send_index, device=own.device))
+        recv = self._exchange(sent, self.send_splits, self.recv_splits)
+        rb = cpx._row_bytes(own)
+        cpx._bytes.update(bytes_sent_forward=int(sent.shape[0]) * rb, bytes_received_forward=int(recv.shape[0]) * rb,
+                          allgather_bytes=(cpx.seq_len - cpx.positions.size) * rb)
+        buf = torch.cat([own, recv], dim=0).index_select(0, torch.as_tensor(self.buffer_index, device=own.device))
+        buf = buf.permute(1, 2, 0, 3)
+        return buf[..., :D], buf[..., D:]
+
+    def scatter_kv_grad(self, dk_buf: torch.Tensor, dv_buf: torch.Tensor, dtype: torch.dtype):
+        """Backward exchange: the gradients at the buffer positions -> (dk_l, dv_l) of this
+        rank's own positions, summed over every rank that read them (in dk_buf's dtype; sent in
+        ``dtype``)."""
+        cpx, D = self.cpx, dk_buf.shape[-1]
+        g = torch.cat([dk_buf, dv_buf], dim=-1).permute(2, 0, 1, 3)  # [m, B, H_kv, D + Dv]
+        n = cpx.positions.size
+        full = g.new_zeros((n + sum(self.recv_splits),) + tuple(g.shape[1:]))
+        full.index_add_(0, torch.as_tensor(self.buffer_index, device=g.device), g)
+        back = full[n:].to(dtype)
+        got = self._exchange(back, self.recv_splits, self.send_splits)
+        rb = cpx._row_bytes(back)
+        cpx._bytes.update(bytes_sent_backward=int(back.shape[0]) * rb, bytes_received_backward=int(got.shape[0]) * rb)
+        own = full[:n]
+        own.index_add_(0, torch.as_tensor(self.send_index, device=g.device), got.to(own.dtype))
+        own = own.permute(1, 2, 0, 3)
+        return own[..., :D], own[..., D:]
+
+    # ---- compute ------------------------------------------------------------------------------
+    def forward(self, q, k, v, scale, *, need_lse: bool):
+        """(out [B, H, n, Dv] in q's dtype, per-row kernel results [(o, lse) | None], k_buf, v_buf)."""
+        from ..execute.blocksparse import blocksparse_forward
+
+        B, H, n, _ = q.shape
+        Dv = v.shape[-1]
+        kb, vb = self.gather_kv(k, v)
+        out = q.new_zeros((B, H, n, Dv))
+        saved = []
+        for row, bs in self.rows(B):
+            if n == 0 or not self.layouts[row].kinds.any():
+                saved.append(None)
+                continue
+            plan, mask_mod = self.plan(row, H, q.device)
+            o, lse = blocksparse_forward(plan, mask_mod, q[bs], kb[bs], vb[bs], scale, need_lse=need_lse)
+            out[bs] = o.view(o.shape[0], H, -1, Dv)[:, :, :n].to(q.dtype)
+            saved.append((o, lse))
+        return out, saved, kb, vb
+
+    def backward(self, q, kb, vb, saved, dout, scale):
+        from ..execute.blocksparse import _compute_dtype, blocksparse_backward
+
+        cdt = _compute_dtype(q.dtype)
+        H = q.shape[1]
+        dq = torch.zeros(q.shape, dtype=cdt, device=q.device)
+        dkb = torch.zeros(kb.shape, dtype=cdt, device=q.device)
+        dvb = torch.zeros(vb.shape, dtype=cdt, device=q.device)
+        for (row, bs), got in zip(self.rows(q.shape[0]), saved):
+            if got is None:
+                continue
+            plan, mask_mod = self.plan(row, H, q.device)
+            o, lse = got
+            dq[bs], dkb[bs], dvb[bs] = blocksparse_backward(plan, mask_mod, q[bs], kb[bs], vb[bs], o, lse,
+                                                            dout[bs].contiguous(), scale)
+        return dq, dkb, dvb
+
+
 class _ContextParallelAttention(torch.autograd.Function):
-    """Exchange + block-sparse attention; backward: block-sparse backward + reverse exchange."""
+    """Exchange + block-sparse attention; backward: block-sparse backward + reverse exchange
+    (every rank runs both exchanges, also one with nothing to compute)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, cpx: ContextParallel, scale: float):
-        out, o, kb, vb, lse = cpx._forward(q, k, v, scale, need_lse=True)
-        ctx.cpx, ctx.scale = cpx, scale
-        ctx.kv_dtype = k.dtype
-        ctx.save_for_backward(q, kb, vb, o if o is not None else q.new_zeros(0),
-                              lse if lse is not None else q.new_zeros(0))
-        ctx.computed = o is not None
+    def forward(ctx, q, k, v, step: _Step, scale: float):
+        out, saved, kb, vb = step.forward(q, k, v, scale, need_lse=True)
+        ctx.step, ctx.scale, ctx.kv_dtype, ctx.saved = step, scale, k.dtype, saved
+        ctx.save_for_backward(q, kb, vb)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
-        from ..execute.blocksparse import _compute_dtype, blocksparse_backward
-
-        q, kb, vb, o, lse = ctx.saved_tensors
-        cpx = ctx.cpx
-        if ctx.computed:
-            plan, mask_mod = cpx._plan(q.shape[1], q.device)
-            dq, dkb, dvb = blocksparse_backward(plan, mask_mod, q, kb, vb, o, lse, dout.contiguous(), ctx.scale)
-        else:
-            cdt = _compute_dtype(q.dtype)
-            dq = torch.zeros(q.shape, dtype=cdt, device=q.device)
-            dkb = torch.zeros(kb.shape, dtype=cdt, device=q.device)
-            dvb = torch.zeros(vb.shape, dtype=cdt, device=q.device)
-        dk, dv = cpx.scatter_kv_grad(dkb, dvb, ctx.kv_dtype)
+        q, kb, vb = ctx.saved_tensors
+        step = ctx.step
+        dq, dkb, dvb = step.backward(q, kb, vb, ctx.saved, dout, ctx.scale)
+        dk, dv = step.scatter_kv_grad(dkb, dvb, ctx.kv_dtype)
         return dq.to(q.dtype), dk.to(ctx.kv_dtype), dv.to(ctx.kv_dtype), None, None

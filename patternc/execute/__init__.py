@@ -115,6 +115,9 @@ def choose_backend(cp: Compiled, q, k, v, *, dropout_p: float = 0.0, explain: bo
 
     Policy (measured with torch 2.13; numbers in ``docs/execution.md``):
 
+    0. one query block (``Q_LEN <= Q_BLOCK_SIZE``: a decode step, a short prefill chunk) and
+       not pure ``causal`` -> ``sdpa`` over only the keys of the computed tiles (gathered:
+       O(keys kept), e.g. ~w keys for a ``local(w)`` decode step at any cache length);
     1. the pattern is exactly ``causal`` -> ``sdpa`` (``is_causal=True``; FlexAttention is
        2-3x slower than SDPA's fused causal kernel there);
     2. a CPU tensor -> ``blocksparse``: forward it runs as fast as compiled FlexAttention
@@ -128,6 +131,8 @@ def choose_backend(cp: Compiled, q, k, v, *, dropout_p: float = 0.0, explain: bo
     """
     if cp.is_causal_only:
         name, why = "sdpa", "the pattern is exactly `causal`: SDPA is_causal"
+    elif cp.layout.num_q_blocks == 1 and not _has_softcap(cp):
+        name, why = "sdpa", "one query block (decode / short chunk): SDPA over the keys of its computed tiles"
     elif q.device.type == "cpu":
         name, why = "blocksparse", "CPU: patternc's block-sparse kernel (no compile, has a backward)"
     elif q.device.type == "cuda":
@@ -142,8 +147,12 @@ def choose_backend(cp: Compiled, q, k, v, *, dropout_p: float = 0.0, explain: bo
     return (name, why) if explain else name
 
 
+PLANS = ("auto", "natural")
+
+
 def attention(cp: Compiled, q, k, v, *, scale: float | None = None, backend: str = "auto",
-              return_backend: bool = False, dropout_p: float = 0.0, documents=None, key_padding_mask=None):
+              return_backend: bool = False, dropout_p: float = 0.0, documents=None, key_padding_mask=None,
+              plan: str = "auto"):
     """Attention of q over k, v where the compiled pattern allows it.
 
     ``out[b, h, i] = sum_j softmax_j(terms(q[b, h, i] . k[b, g(h), j] * scale) | allowed(h, i, j)) v[b, g(h), j]``
@@ -166,6 +175,10 @@ def attention(cp: Compiled, q, k, v, *, scale: float | None = None, backend: str
             ``[[l0, l1, ...], ...]`` (SPEC §1.7); required when the pattern uses ``document``.
         key_padding_mask: bool [B, KV_LEN], True = a real key (HF ``attention_mask``); ANDed
             with the pattern. A row left with no key gives 0 with finite gradients.
+        plan: ``"auto"`` (default): run ``cp.plan``, the pattern as disjoint terms each in
+            its cheapest token order, merged through the log-sum-exp (SPEC §6;
+            ``blocksparse``); ``"natural"``: one term in natural order. ``sdpa`` is dense and
+            ``flex`` runs the natural BlockMask either way.
 
     Returns:
         [B, H, Q_LEN, Dv] in q's dtype (a row with no allowed key is 0), or
@@ -191,10 +204,16 @@ def attention(cp: Compiled, q, k, v, *, scale: float | None = None, backend: str
         # accumulation is not re-cast behind its back. The result is in that dtype.
         q, k, v = (x.to(amp) if x.is_floating_point() and x.dtype != torch.float64 else x for x in (q, k, v))
     check_inputs(cp, q, k, v)
+    if plan not in PLANS:
+        from ..errors import did_you_mean
+
+        raise _error("P352", f"unknown plan {plan!r}; expected one of {', '.join(PLANS)}",
+                     help=did_you_mean(str(plan), PLANS) or "use plan='auto' (default) or plan='natural'")
     if amp is not None:
         with torch.autocast(q.device.type, enabled=False):
             return attention(cp, q, k, v, scale=scale, backend=backend, return_backend=return_backend,
-                             dropout_p=dropout_p, documents=documents, key_padding_mask=key_padding_mask)
+                             dropout_p=dropout_p, documents=documents, key_padding_mask=key_padding_mask,
+                             plan=plan)
     if not 0.0 <= float(dropout_p) < 1.0:
         raise _error("P352", f"dropout_p must be in [0, 1), got {dropout_p}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
@@ -202,7 +221,7 @@ def attention(cp: Compiled, q, k, v, *, scale: float | None = None, backend: str
     if runtime is not None and (documents is not None or key_padding_mask is not None or cp.needs):
         kp, docs = runtime(documents=documents, key_padding_mask=key_padding_mask, batch=q.shape[0])
         if kp is not None or docs is not None:
-            name = _runtime_backend(q, dropout_p) if backend == "auto" else backend
+            name = _runtime_backend(cp, q, dropout_p) if backend == "auto" else backend
             out = _run_batched(cp, name, q, k, v, scale, dropout_p, kp, docs)
             return (out, name) if return_backend else out
     name = choose_backend(cp, q, k, v, dropout_p=dropout_p) if backend == "auto" else backend
@@ -214,14 +233,17 @@ def attention(cp: Compiled, q, k, v, *, scale: float | None = None, backend: str
     elif name == "blocksparse":
         from .blocksparse import blocksparse_attention
 
-        out = blocksparse_attention(cp, q, k, v, scale, dropout_p=dropout_p)
+        out = blocksparse_attention(cp, q, k, v, scale, dropout_p=dropout_p, plan=plan)
     else:
         out = _run_sdpa(cp, q, k, v, scale, dropout_p)
     return (out, name) if return_backend else out
 
 
-def _runtime_backend(q, dropout_p) -> str:
-    """``auto`` with run-time data: flex on CUDA (batched BlockMask), else blocksparse."""
+def _runtime_backend(cp, q, dropout_p) -> str:
+    """``auto`` with run-time data: sdpa over gathered keys for one query block, flex on CUDA
+    (batched BlockMask), else blocksparse."""
+    if cp.layout.num_q_blocks == 1 and not _has_softcap(cp):
+        return "sdpa"
     if q.device.type == "cuda" and q.dtype != torch.float64 and dropout_p == 0:
         return "flex"
     return "blocksparse"
@@ -276,6 +298,13 @@ def _run_batched(cp, name, q, k, v, scale, dropout_p, kp, docs):
                         else e.expand(q.shape[1], -1, -1))
         empty = torch.stack(rows)
         return flex_attention(cp, q, k, v, scale, empty_rows=empty, block_mask=bm)
+    if name == "sdpa" and layout.num_q_blocks == 1:
+        from .scoremod import score_terms_for
+        from .sdpa import gathered_attention
+
+        _refuse_sdpa_softcap(cp)
+        return gathered_attention(layout, mask_mod, q, k, v, scale, dropout_p=dropout_p,
+                                  terms=score_terms_for(cp, q.shape[1]))
     if name == "sdpa":
         from .sdpa import DENSE_MASK_LIMIT, sdpa_attention_masked
 
@@ -291,10 +320,12 @@ def _run_batched(cp, name, q, k, v, scale, dropout_p, kp, docs):
                                      terms=score_terms_for(cp, q.shape[1]))
     from .blocksparse import blocksparse_attention
 
+    if layout.batch == 1:  # one row of run-time data broadcast over the batch: one plan, one call
+        row = _BatchRow(cp, layout.batch_row(0), mask_mod, 0)
+        return blocksparse_attention(row, q, k, v, scale, dropout_p=dropout_p)
     outs = []
     for b in range(B):
-        r = min(b, layout.batch - 1)
-        row = _BatchRow(cp, layout.batch_row(r), mask_mod, r)
+        row = _BatchRow(cp, layout.batch_row(b), mask_mod, b)
         outs.append(blocksparse_attention(row, q[b:b + 1], k[b:b + 1], v[b:b + 1], scale, dropout_p=dropout_p))
     return torch.cat(outs, dim=0)
 
@@ -337,8 +368,12 @@ def _run_flex(cp, q, k, v, scale):
     return flex_attention(cp, q, k, v, scale, empty_rows=empty)
 
 
+def _has_softcap(cp) -> bool:
+    return any(t.name == "softcap" for t in cp.score_terms)
+
+
 def _refuse_sdpa_softcap(cp) -> None:
-    if any(t.name == "softcap" for t in cp.score_terms):
+    if _has_softcap(cp):
         raise _error("P352", "backend 'sdpa' cannot apply `softcap`: SDPA takes an additive bias, and "
                      "c * tanh(s / c) is not one", help="use backend='blocksparse' or 'flex' (or 'auto')")
 
@@ -349,6 +384,13 @@ def _run_sdpa(cp, q, k, v, scale, dropout_p=0.0):
     _refuse_sdpa_softcap(cp)
     if cp.is_causal_only:
         return sdpa_attention(cp, q, k, v, scale, use_causal=True, dropout_p=dropout_p)
+    if cp.layout.num_q_blocks == 1:  # decode / short chunk: only the keys of the computed tiles
+        from .common import mask_mod_for
+        from .scoremod import score_terms_for
+        from .sdpa import gathered_attention
+
+        return gathered_attention(cp.layout, mask_mod_for(cp, q.device), q, k, v, scale, dropout_p=dropout_p,
+                                  terms=score_terms_for(cp, q.shape[1]))
     n = dense_mask_elements(cp, q.shape[1])
     if n > DENSE_MASK_LIMIT:
         raise _error("P353", f"backend 'sdpa' needs a dense [H, Q_LEN, KV_LEN] mask of {n:,} booleans "

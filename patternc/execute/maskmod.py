@@ -18,6 +18,7 @@ import torch
 
 from ..ir.nodes import And, Blocks, Diff, Heads, Layers, Not, Or, Pattern, Prim
 from ..ir.primitives import PRIMITIVES
+from ..ir.specialize import cdiv
 from ..lower.lowering import random_flat_keys
 
 
@@ -145,7 +146,7 @@ def _build(p: Pattern, q_len: int, kv_len: int, dev):
         return per_head
     if isinstance(p, Blocks):
         bs = _t(p.b, dev)
-        f = _build(p.child, -(-q_len // p.b), -(-kv_len // p.b), dev)
+        f = _build(p.child, cdiv(q_len, p.b), cdiv(kv_len, p.b), dev)
         return lambda h, q, kv, b: f(h, q // bs, kv // bs, b)
     if isinstance(p, Layers):
         raise ValueError("select a layer before building a mask_mod")

@@ -96,10 +96,12 @@ def sdpa_attention(cp, q, k, v, scale: float, *, use_causal: bool, dropout_p: fl
     return out
 
 
-def sdpa_attention_masked(q, k, v, dense, scale: float, *, dropout_p: float = 0.0, terms=None):
+def sdpa_attention_masked(q, k, v, dense, scale: float, *, dropout_p: float = 0.0, terms=None, kv_pos=None):
     """SDPA with an explicit bool mask ``dense`` [B|1, H|1, Q_LEN, KV_LEN] (run-time data);
     rows with no allowed key are opened for the softmax and set to 0 afterwards. ``terms``
-    (``scoremod.ScoreTerms``, ALiBi only: the caller refuses softcap) become a float bias.
+    (``scoremod.ScoreTerms``, ALiBi only: the caller refuses softcap) become a float bias;
+    ``kv_pos`` int64 [KV] are the key columns of ``k`` (default ``arange``: gathered keys pass
+    their own).
 
     Returns:
         [B, H, Q_LEN, Dv] in q's dtype.
@@ -109,8 +111,51 @@ def sdpa_attention_masked(q, k, v, dense, scale: float, *, dropout_p: float = 0.
     mask = dense | empty
     if terms:
         H, Q, KV = q.shape[1], dense.shape[-2], dense.shape[-1]
-        bias = sdpa_bias(terms, torch.ones(H, Q, KV, dtype=torch.bool, device=dense.device), q.dtype)
+        dev = dense.device
+        kv = torch.arange(KV, device=dev) if kv_pos is None else kv_pos.to(dev)
+        bias = terms.alibi_bias(torch.arange(H, device=dev), torch.arange(Q, device=dev).expand(H, Q),
+                                kv.expand(H, KV), q.dtype)  # [H, Q, KV]
         mask = bias.masked_fill(~mask, float("-inf"))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1],
                                          dropout_p=dropout_p)
     return out.masked_fill(empty, 0.0)
+
+
+def gathered_keys(layout, device) -> torch.Tensor:
+    """int64 [n]: the key columns of every computed (non-EMPTY) tile of a layout with one query
+    block, over all heads (and batch rows), ascending, clipped at KV_LEN."""
+    kinds = np.asarray(layout.kinds)
+    cols = np.flatnonzero(kinds.reshape(-1, kinds.shape[-1]).any(axis=0))
+    kb = layout.kv_block_size
+    idx = (cols[:, None] * kb + np.arange(kb)[None, :]).ravel()
+    idx = idx[idx < layout.kv_len]
+    return torch.from_numpy(idx).to(device)
+
+
+def gathered_attention(layout, mask_mod, q, k, v, scale: float, *, dropout_p: float = 0.0, terms=None):
+    """SDPA over only the keys of the computed tiles (a decode step or a short prefill chunk:
+    the layout has one query block). The mask of those keys comes from ``mask_mod`` (which may
+    read ``b``: run-time data), ``[B, H, Q_LEN, n]``; the cost is O(keys kept), not O(KV_LEN):
+    a decode step of ``local(w) & causal`` reads about w keys (plus a partial block).
+
+    Args:
+        layout: BlockLayout with ``num_q_blocks == 1`` (kinds [H, 1, nkv] or [B, H, 1, nkv]).
+        q: float [B, H, Q_LEN, D]; k: [B, H_kv, KV_LEN, D]; v: [B, H_kv, KV_LEN, Dv].
+        terms: ``scoremod.ScoreTerms`` (ALiBi only; the caller refuses softcap): a float bias
+            over the gathered keys' own positions.
+
+    Returns:
+        [B, H, Q_LEN, Dv] in q's dtype (rows with no allowed key are 0); differentiable.
+    """
+    B, H, Q, _ = q.shape
+    idx = gathered_keys(layout, q.device)
+    if idx.numel() == 0:
+        return q.new_zeros(B, H, Q, v.shape[-1]) + 0 * q.sum() + 0 * k.sum() + 0 * v.sum()
+    kg, vg = k.index_select(2, idx), v.index_select(2, idx)
+    dev = q.device
+    b = torch.arange(B, device=dev)[:, None, None, None]
+    h = torch.arange(H, device=dev)[None, :, None, None]
+    qi = torch.arange(Q, device=dev)[None, None, :, None]
+    m = torch.as_tensor(mask_mod(b, h, qi, idx[None, None, None, :]), device=dev).to(torch.bool)
+    m = torch.broadcast_to(m, (B, H, Q, idx.numel()))
+    return sdpa_attention_masked(q, kg, vg, m, scale, dropout_p=dropout_p, terms=terms, kv_pos=idx)

@@ -16,6 +16,17 @@ from .primitives import MAX_INT, check_values
 from .printer import to_text
 
 
+def cdiv(a, b):
+    """``ceil(a / b)`` for non-negative ints or integer arrays: the number of ``b``-token blocks
+    that cover ``a`` tokens (the lengths inside ``blocks(b, ...)``, ``num_q_blocks``, ...).
+
+    Example:
+        >>> cdiv(97, 16), cdiv(96, 16)
+        (7, 6)
+    """
+    return -(-a // b)
+
+
 def select_layer(p: Pattern, layer: int) -> Pattern:
     """Replace every ``layers(p0, …)`` by its entry ``layer mod m`` (SPEC §1.1).
 
@@ -135,7 +146,7 @@ def _bind(p: Pattern, env: dict) -> Pattern:
         if b < 1:
             raise PatternError(Diagnostic("P301", f"`blocks` size computed as {b} at q_len={env['q_len']}, kv_len={env['kv_len']}; it must be >= 1",
                                           p.span, "guard it, e.g. `max(1, ...)`"))
-        inner = {"q_len": -(-env["q_len"] // b), "kv_len": -(-env["kv_len"] // b)}
+        inner = {"q_len": cdiv(env["q_len"], b), "kv_len": cdiv(env["kv_len"], b)}
         return Blocks(b, _bind(p.child, inner), span=p.span)
     kids = p.children()
     if not kids:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from lark import Token, Tree
 
-from ..errors import Diagnostic, PatternError, Span, did_you_mean
+from ..errors import Diagnostic, PatternError, Span, did_you_mean, normalize_newlines
 from ..ir import nodes as ir
 from ..ir.nodes import And, Blocks, Diff, Heads, IntExpr, Layers, Not, Or, Pattern, Prim, Scored, Term
 from ..ir.primitives import (
@@ -717,7 +717,7 @@ def elaborate(text: str, *, params: dict | None = None, filename: str = "<string
     """
     import sys
 
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = normalize_newlines(text)
     tree = parse_tree(text, filename)
     el = Elaborator(text, filename)
     env = prelude_env()

@@ -42,6 +42,7 @@ import sys
 
 from lark import Token, Tree
 
+from ..errors import normalize_newlines
 from .parser import parse_tree_with_comments, span_of
 
 WIDTH = 100  # columns
@@ -70,7 +71,7 @@ def format_source(text: str, filename: str = "<string>") -> str:
         param w = 128  # window
         local(w=w) | (strided(64) & causal)
     """
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = normalize_newlines(text)
     if text.startswith("\ufeff"):
         text = text[1:]
     tree, comments = parse_tree_with_comments(text, filename)

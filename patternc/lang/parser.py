@@ -22,7 +22,7 @@ from pathlib import Path
 from lark import Lark, Token, Tree
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput
 
-from ..errors import Diagnostic, PatternError, Span
+from ..errors import Diagnostic, PatternError, Span, normalize_newlines
 
 MAX_SOURCE_BYTES = 1 << 20  # 1 MiB: patterns are small; this bounds time and memory
 MAX_NESTING = 100  # brackets / calls / parentheses deep
@@ -365,7 +365,7 @@ def parse_tree_with_comments(text: str, filename: str = "<string>") -> tuple[Tre
 
 
 def _parse(text: str, filename: str, parser: Lark) -> Tree:
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = normalize_newlines(text)
     if len(text) > MAX_SOURCE_BYTES:
         raise PatternError(too_large_diagnostic(len(text), filename))
     try:

@@ -57,11 +57,11 @@ from functools import cached_property
 
 import numpy as np
 
+from ..ir.specialize import cdiv
+
 EMPTY = 0
 PARTIAL = 1
 FULL = 2
-
-KIND_NAMES = {EMPTY: "EMPTY", PARTIAL: "PARTIAL", FULL: "FULL"}
 
 
 def normalize_block_size(block_size) -> tuple[int, int]:
@@ -117,7 +117,7 @@ def merge_kinds(k: np.ndarray, fq: int, fk: int) -> np.ndarray:
     if fq == 1 and fk == 1:
         return k
     nq, nk = k.shape
-    pq, pk = -(-nq // fq) * fq, -(-nk // fk) * fk
+    pq, pk = cdiv(nq, fq) * fq, cdiv(nk, fk) * fk
     all_full = np.ones((pq, pk), dtype=bool)
     all_empty = np.ones((pq, pk), dtype=bool)
     all_full[:nq, :nk] = k == FULL
@@ -289,7 +289,7 @@ class BlockLayout:
             mask = mask[None]
         qb, kb = normalize_block_size(block_size)
         H, Q, K = mask.shape
-        nq, nk = -(-Q // qb), -(-K // kb)
+        nq, nk = cdiv(Q, qb), cdiv(K, kb)
         padded_any = np.zeros((H, nq * qb, nk * kb), dtype=bool)
         padded_all = np.ones((H, nq * qb, nk * kb), dtype=bool)
         padded_any[:, :Q, :K] = mask
@@ -310,8 +310,8 @@ class BlockLayout:
                 self.batch_row(b).check_invariants()
             return
         assert k.dtype == np.uint8 and k.ndim == 3, (k.dtype, k.shape)
-        assert self.num_q_blocks == -(-self.q_len // self.q_block_size), "num_q_blocks vs Q_LEN"
-        assert self.num_kv_blocks == -(-self.kv_len // self.kv_block_size), "num_kv_blocks vs KV_LEN"
+        assert self.num_q_blocks == cdiv(self.q_len, self.q_block_size), "num_q_blocks vs Q_LEN"
+        assert self.num_kv_blocks == cdiv(self.kv_len, self.kv_block_size), "num_kv_blocks vs KV_LEN"
         assert np.isin(k, (EMPTY, PARTIAL, FULL)).all(), "kinds outside {EMPTY, PARTIAL, FULL}"
         for counts, idx, kind in (
             (self.kv_num_blocks, self.kv_indices, PARTIAL),
@@ -335,7 +335,7 @@ class BlockLayout:
         merged tiles are FULL, '.' if all are EMPTY, '+' otherwise."""
         nq, nk = self.kinds.shape[-2:]
         kinds = self.kinds[batch] if self.kinds.ndim == 4 else self.kinds
-        merged = merge_kinds(kinds[head], max(1, -(-nq // max_blocks)), max(1, -(-nk // max_blocks)))
+        merged = merge_kinds(kinds[head], max(1, cdiv(nq, max_blocks)), max(1, cdiv(nk, max_blocks)))
         chars = np.array([".", "+", "#"])  # indexed by EMPTY, PARTIAL, FULL
         return "\n".join("".join(row) for row in chars[merged])
 

@@ -48,7 +48,7 @@ from ..ir.nodes import (
     Prim,
 )
 from ..ir.primitives import PRIMITIVES, PrimSpec
-from ..ir.specialize import head_patterns
+from ..ir.specialize import cdiv, head_patterns
 from .layout import EMPTY, FULL, PARTIAL, BlockLayout, normalize_block_size
 
 MAYBE = 3  # internal only: never stored in a BlockLayout
@@ -107,7 +107,7 @@ class Grid:
     def inner(self, b: int) -> "Grid":
         """The same rectangles in the coordinates of ``blocks(b, ...)``."""
         return Grid(self.q0 // b, (self.q1 - 1) // b + 1, self.k0 // b, (self.k1 - 1) // b + 1,
-                    -(-self.q_len // b), -(-self.kv_len // b))
+                    cdiv(self.q_len, b), cdiv(self.kv_len, b))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,9 +200,13 @@ def random_flat_keys(r: int, seed: int, q_len: int, kv_len: int) -> np.ndarray:
     if m == 0 or q_len == 0:
         return np.zeros(0, dtype=np.int64)
     rng = np.random.Generator(np.random.PCG64(seed))
-    keys = np.concatenate([rng.choice(kv_len, size=m, replace=False) for _ in range(q_len)]).astype(np.int64)
-    rows = np.repeat(np.arange(q_len, dtype=np.int64), m)
-    flat = rows * kv_len + keys
+    # one row at a time into a preallocated [Q_LEN, m] table: the draws' own 8 bytes each,
+    # not a list of Q_LEN small arrays (~120 bytes of object overhead per row)
+    flat = np.empty((q_len, m), dtype=np.int64)
+    for row in range(q_len):
+        flat[row] = rng.choice(kv_len, size=m, replace=False)
+    flat += np.arange(0, q_len * kv_len, kv_len, dtype=np.int64)[:, None]  # i * KV_LEN + j
+    flat = flat.reshape(-1)
     flat.sort()
     flat.setflags(write=False)
     return flat
@@ -240,7 +244,7 @@ def evaluate(p: Pattern, i, j, q_len: int, kv_len: int, code: int = 0) -> np.nda
         return out
     if isinstance(p, Blocks):
         b = p.b
-        return evaluate(p.child, np.asarray(i) // b, np.asarray(j) // b, -(-q_len // b), -(-kv_len // b), code)
+        return evaluate(p.child, np.asarray(i) // b, np.asarray(j) // b, cdiv(q_len, b), cdiv(kv_len, b), code)
     raise ValueError(f"cannot evaluate {type(p).__name__} here: select a head and a layer first")
 
 
@@ -356,27 +360,67 @@ def _lower_chunk(l: int, g: Grid) -> np.ndarray:
     return np.where(single, FULL, np.where(overlap, PARTIAL, EMPTY)).astype(np.uint8)
 
 
+#: drawn pairs classified per step by ``_lower_random`` (bounds its temporaries: ~10 int64
+#: arrays of this length, about 20 MB)
+RANDOM_CHUNK = 1 << 18
+
+
 def _lower_random(r: int, seed: int, g: Grid) -> np.ndarray:
-    """Exact kinds from the drawn pairs: counts per tile by a 2-D prefix sum over the
-    elementary segments of the grid (tiles may overlap inside ``blocks``)."""
+    """Exact kinds from the drawn pairs, sparsely: only tiles holding a drawn pair are
+    counted (``np.unique`` over the tile ids of the pairs), every other tile is EMPTY.
+
+    Memory: the uint8 kinds ``[nq, nk]`` plus O(``RANDOM_CHUNK``): the pairs (sorted by row)
+    are taken a few tile rows at a time, so no tile's pairs are split. (A dense int64
+    histogram and 2-D prefix sum over the tiles cost 8 bytes per tile several times over:
+    3.4 GB at 1,048,576 tokens and 128-token blocks.) Tiles are sorted ranges that may
+    overlap inside ``blocks`` (a block shared by two tiles): a pair is counted in every tile
+    that holds it, and such grids are taken in one step."""
+    nq, nk = g.shape
+    kinds = np.zeros((nq, nk), dtype=np.uint8)  # EMPTY
     flat = random_flat_keys(r, seed, g.q_len, g.kv_len)
-    area = (g.q1 - g.q0)[:, None] * (g.k1 - g.k0)[None, :]
     if flat.size == 0:
-        return np.zeros(area.shape, dtype=np.uint8)
-    rows, cols = np.divmod(flat, g.kv_len)
-    qb = np.unique(np.concatenate([g.q0, g.q1]))
-    kb = np.unique(np.concatenate([g.k0, g.k1]))
-    inside = (rows >= qb[0]) & (rows < qb[-1]) & (cols >= kb[0]) & (cols < kb[-1])  # offsets: a sub-grid
-    rows, cols = rows[inside], cols[inside]
-    sr = np.searchsorted(qb, rows, side="right") - 1
-    sc = np.searchsorted(kb, cols, side="right") - 1
-    hist = np.bincount(sr * len(kb) + sc, minlength=len(qb) * len(kb)).reshape(len(qb), len(kb))
-    P = np.zeros((len(qb) + 1, len(kb) + 1), dtype=np.int64)
-    P[1:, 1:] = hist.cumsum(0).cumsum(1)
-    a0, a1 = np.searchsorted(qb, g.q0)[:, None], np.searchsorted(qb, g.q1)[:, None]
-    c0, c1 = np.searchsorted(kb, g.k0)[None, :], np.searchsorted(kb, g.k1)[None, :]
-    cnt = P[a1, c1] - P[a0, c1] - P[a1, c0] + P[a0, c0]
-    return _kinds_from_counts(cnt, area)
+        return kinds
+    # the pairs inside the grid's rows (with offsets the grid is a sub-grid, SPEC §1.6)
+    lo, hi = np.searchsorted(flat, [int(g.q0[0]) * g.kv_len, int(g.q1[-1]) * g.kv_len])
+    partition = bool((g.q0[1:] == g.q1[:-1]).all() and (g.k0[1:] == g.k1[:-1]).all())
+    if partition:  # cut between tile rows, about RANDOM_CHUNK pairs per step
+        starts = np.searchsorted(flat, g.q0 * g.kv_len)
+        cuts = [int(lo)]
+        for row_start in starts[1:].tolist():
+            if row_start - cuts[-1] >= RANDOM_CHUNK:
+                cuts.append(row_start)
+        cuts.append(int(hi))
+    else:
+        cuts = [int(lo), int(hi)]
+    area_q, area_k = g.q1 - g.q0, g.k1 - g.k0
+    out = kinds.reshape(-1)
+    for s0, s1 in zip(cuts[:-1], cuts[1:]):
+        rows, cols = np.divmod(flat[s0:s1], g.kv_len)
+        inside = (cols >= g.k0[0]) & (cols < g.k1[-1])
+        if not inside.all():
+            rows, cols = rows[inside], cols[inside]
+        del inside
+        # tiles holding row x: q0[a] <= x < q1[a], a contiguous range of a (q0, q1 sorted)
+        ra0, ra1 = np.searchsorted(g.q1, rows, side="right"), np.searchsorted(g.q0, rows, side="right")
+        ca0, ca1 = np.searchsorted(g.k1, cols, side="right"), np.searchsorted(g.k0, cols, side="right")
+        del rows, cols
+        if partition:
+            ids = ra0 * nk + ca0
+        else:  # one id per (pair, tile holding it)
+            nr, nc = np.maximum(ra1 - ra0, 0), np.maximum(ca1 - ca0, 0)
+            per = nr * nc
+            owner = np.repeat(np.arange(per.size), per)
+            local = np.arange(owner.size) - np.repeat(np.cumsum(per) - per, per)
+            dr, dc = np.divmod(local, np.repeat(np.maximum(nc, 1), per))
+            ids = (ra0[owner] + dr) * nk + ca0[owner] + dc
+        del ra0, ra1, ca0, ca1
+        if ids.size == 0:
+            continue
+        u, c = np.unique(ids, return_counts=True)
+        del ids
+        a, k = np.divmod(u, nk)
+        out[u] = np.where(c == area_q[a] * area_k[k], FULL, PARTIAL)
+    return kinds
 
 
 # ---------------------------------------------------------------------------------------------
@@ -583,7 +627,7 @@ def _countable(p: Pattern, q_len: int, kv_len: int) -> bool:
         return True
     if isinstance(p, Blocks):
         b = p.b
-        return _countable(p.child, -(-q_len // b), -(-kv_len // b)) or (-(-q_len // b)) * (-(-kv_len // b)) <= 1 << 24
+        return _countable(p.child, cdiv(q_len, b), cdiv(kv_len, b)) or (cdiv(q_len, b)) * (cdiv(kv_len, b)) <= 1 << 24
     r = _top_random(p)
     return r is not None and _countable(_substitute(p, r, NONE), q_len, kv_len)
 
@@ -593,7 +637,7 @@ def _blocks_counts(p: Blocks, q0, q1, k0, k1, q_len, kv_len) -> np.ndarray:
     inner blocks all carry the same number of tokens (first, middle, last), and the child's
     counts at block level are weighted by those token counts."""
     b = p.b
-    Qb, Kb = -(-q_len // b), -(-kv_len // b)
+    Qb, Kb = cdiv(q_len, b), cdiv(kv_len, b)
 
     def pieces(lo, hi):
         # inner index ranges and token weight of each: (start, stop, weight) x 3
@@ -617,8 +661,8 @@ def _blocks_counts(p: Blocks, q0, q1, k0, k1, q_len, kv_len) -> np.ndarray:
 
 def _split(q0, q1, k0, k1, max_rows: int, max_cols: int):
     """Cut rectangles into pieces of at most max_rows x max_cols; returns pieces and owners."""
-    nr = -(-(q1 - q0) // max_rows)
-    nc = -(-(k1 - k0) // max_cols)
+    nr = cdiv(q1 - q0, max_rows)
+    nc = cdiv(k1 - k0, max_cols)
     per = nr * nc
     owner = np.repeat(np.arange(q0.size), per)
     local = np.arange(per.sum()) - np.repeat(np.cumsum(per) - per, per)
