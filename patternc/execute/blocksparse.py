@@ -529,7 +529,18 @@ class _Positions:
 def _use_flash(plan: Plan, q, v, cdt, score_mod, dropout_p) -> bool:
     return (USE_FLASH and _FLASH is not None and _FLASH_BW is not None and q.device.type == "cpu"
             and q.shape[-1] == v.shape[-1]  # the fused kernel needs one head size for q, k, v
-            and cdt == torch.float32 and score_mod is None and not dropout_p and plan.flash_ok())
+            and cdt == torch.float32 and not dropout_p and plan.flash_ok()
+            and (score_mod is None or getattr(score_mod, "is_additive", False)))
+
+
+def _flash_bias(plan: Plan, g: _Group, rows: slice, score_mod, positions):
+    """The fused kernel's additive mask of a chunk, plus an additive ``score_mod``'s bias
+    (ALiBi: ``score_mod.additive_bias(heads, q_pos, kv_pos)`` float32 [R, qb, S * kb])."""
+    bias = plan.bias_for_flash(g, rows)
+    if score_mod is None:
+        return bias
+    extra = score_mod.additive_bias(*positions.of(g, rows, 0, g.num_slots), torch.float32)[None]
+    return extra if bias is None else bias + extra
 
 
 def _flash_chunks(plan: Plan, cx: "_Ctx", g_list, B: int):
@@ -575,7 +586,7 @@ def blocksparse_forward(plan: Plan, mask_mod, q, k, v, scale: float, *, need_lse
             S, R = g.num_slots, q_rows.shape[0]
             o, m = _FLASH(qp.index_select(1, q_rows), _gather_kv(kp, kv_rows, R, S, 0, S),
                           _gather_kv(vp, kv_rows, R, S, 0, S), 0.0, False,
-                          attn_mask=plan.bias_for_flash(g, rows), scale=1.0)
+                          attn_mask=_flash_bias(plan, g, rows, score_mod, positions), scale=1.0)
             if g.empty is not None:  # the fused kernel gives 0 and lse 0 there
                 e = g.empty if g.empty.shape[0] == 1 else g.empty[rows]
                 m = m.masked_fill(e[None], inf)
@@ -688,7 +699,7 @@ def blocksparse_backward(plan: Plan, mask_mod, q, k, v, out, lse, dout, scale: f
             dqg, dkg, dvg = _FLASH_BW(dop.index_select(1, q_rows), qp.index_select(1, q_rows),
                                       _gather_kv(kp, kv_rows, R, S, 0, S), _gather_kv(vp, kv_rows, R, S, 0, S),
                                       out.index_select(1, q_rows), lse_f.index_select(1, q_rows), 0.0, False,
-                                      attn_mask=plan.bias_for_flash(g, rows), scale=1.0)
+                                      attn_mask=_flash_bias(plan, g, rows, score_mod, positions), scale=1.0)
             dq.index_add_(1, q_rows, dqg)
             dk.index_add_(1, kv_rows, dkg.reshape(B, R * S, kb, D))
             dv.index_add_(1, kv_rows, dvg.reshape(B, R * S, kb, Dv))

@@ -76,6 +76,24 @@ class ScoreTerms:
     def __bool__(self) -> bool:
         return bool(self.terms)
 
+    @property
+    def is_additive(self) -> bool:
+        """True when the terms are a bias independent of the score (ALiBi alone): a fused
+        kernel may add ``additive_bias`` to its mask instead of calling the transform."""
+        return self.cap is None and self.slopes is not None
+
+    def additive_bias(self, heads, q_pos, kv_pos, dtype=torch.float32) -> torch.Tensor:
+        """``m_h * (j - i)`` float ``[R, qb, cols]``, for ``is_additive`` terms: one pass,
+        ``m (j - i0) - m (i - i0)`` from ``[R, cols]`` / ``[R, qb]`` vectors, with the rounding
+        bound of ``add_alibi_`` (else the exact ``alibi_bias``)."""
+        m = self.slopes_on(q_pos.device, dtype).index_select(0, heads)
+        q0 = q_pos[:, :1]
+        dq = q_pos - q0
+        if dq.numel() and float((dq.abs().amax(-1).to(dtype) * m).max()) > self.FAST_ALIBI_SPREAD:
+            return self.alibi_bias(heads, q_pos, kv_pos, dtype)
+        a = (kv_pos - q0 + (self.kv_offset - self.q_offset)).to(dtype).mul_(m[:, None])
+        return torch.sub(a[:, None, :], dq.to(dtype).mul_(m[:, None])[:, :, None])
+
     def __call__(self, s, heads, q_pos, kv_pos):
         """The block-sparse kernel's ``score_mod`` hook: ``apply_`` (in place), returns ``s``."""
         return self.apply_(s, heads, q_pos, kv_pos)
