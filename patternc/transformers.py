@@ -75,6 +75,11 @@ _HF_BASE_MASKS = (
 )
 
 
+#: transformers' built-in attention / mask implementation names (not to be replaced)
+_HF_NAMES = {"eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3", "flash_attention_4",
+             "paged|eager"}
+
+
 def _error(code: str, message: str, help_: str | None = None) -> PatternError:
     return PatternError(Diagnostic(code, message, None, help_, filename=_WHERE))
 
@@ -197,6 +202,17 @@ def _packed_documents(mask_function):
     return docs
 
 
+def _with_documents(layer_text: str) -> Pattern:
+    """``document & (p)``: HF's packed-sequence mask (same packed sequence) on top of the layer
+    pattern ``p``. HF also re-reads positions from ``position_ids`` inside each sequence; that
+    is ``p`` at document-relative positions, which equals ``document & p`` for every pattern that
+    reads only ``i - j`` (``causal``, ``local``, ``band``, ``strided``, ``dilated``: all of HF's
+    own masks) — see docs/transformers.md for anchored patterns (``sink``, ``global``)."""
+    from .source.frontdoor import parse
+
+    return parse(f"document & ({layer_text})")
+
+
 class PatternAttention:
     """One registered pattern: its per-layer patterns, the compiled-layout cache, and the two
     functions given to HF (``attention_function`` and ``mask_function``).
@@ -219,6 +235,11 @@ class PatternAttention:
 
         if not isinstance(name, str) or not name:
             raise _error("P371", f"the attention name must be a non-empty string, got {name!r}")
+        if "/" in name or "|" in name or name in _HF_NAMES:
+            # HF reads "org/repo" as a Hub kernel and "paged|…" as a paged prefix; its own names stay its own
+            raise _error("P371", f"the attention name {name!r} is taken or has a meaning in transformers "
+                                 "('/' = a Hub kernel repository, '|' = a prefix such as 'paged|', or a built-in name)",
+                         "use a plain name such as 'patternc' or 'patternc-window'")
         if backend not in BACKENDS:
             raise _error("P371", f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}",
                          "use backend='auto'")
@@ -238,6 +259,7 @@ class PatternAttention:
         self._cache: OrderedDict = OrderedDict()
         self._lock = threading.Lock()
         self._warned: set = set()
+        self._units: dict = {}
         self.stats = {"compiles": 0, "cache_hits": 0, "masks": 0}
 
     # ---- layer -> pattern --------------------------------------------------------------------
@@ -264,27 +286,42 @@ class PatternAttention:
         return str(normalize(select_layer(p, layer)))
 
     def compiled(self, layer_idx: int, *, q_len: int, kv_len: int, q_offset: int = 0, kv_offset: int = 0,
-                 num_heads: int = 1):
+                 num_heads: int = 1, documents: bool = False):
         """The ``CompiledPattern`` of decoder layer ``layer_idx`` at these lengths and offsets
-        (tokens), cached (an LRU of ``CACHE_SIZE``)."""
+        (tokens), cached (an LRU of ``CACHE_SIZE``). ``documents=True``: the layer's pattern
+        ANDed with ``document`` (packed sequences: a token attends only inside its own document,
+        HF's packed-sequence mask)."""
         from .compiler import compile as compile_pattern
 
         p, layer = self.pattern_for_layer(layer_idx)
-        key = (id(p), layer, q_len, kv_len, q_offset, kv_offset, num_heads)
+        key = (id(p), layer, q_len, kv_len, q_offset, kv_offset, num_heads, documents)
         with self._lock:
             cp = self._cache.get(key)
             if cp is not None:
                 self._cache.move_to_end(key)
                 self.stats["cache_hits"] += 1
                 return cp
+        if documents:
+            p, layer = _with_documents(self.layer_text(layer_idx)), 0
         cp = compile_pattern(p, q_len=q_len, kv_len=kv_len, num_heads=num_heads, block_size=self.block_size,
-                             layer=layer, **_offsets(q_offset, kv_offset))
+                             layer=layer, q_offset=q_offset, kv_offset=kv_offset)
         with self._lock:
             self._cache[key] = cp
             self.stats["compiles"] += 1
             while len(self._cache) > CACHE_SIZE:
                 self._cache.popitem(last=False)
         return cp
+
+    def offset_unit(self, layer_idx: int) -> int:
+        """The tokens every offset of this layer must be a multiple of (the ``blocks(b, …)``
+        sizes, SPEC §1.6; 1 for a pattern without ``blocks``)."""
+        unit = self._units.get(layer_idx)
+        if unit is None:
+            from .compiler import block_offset_unit
+            from .source.frontdoor import parse
+
+            unit = self._units[layer_idx] = block_offset_unit(parse(self.layer_text(layer_idx)))
+        return unit
 
     # ---- config check ------------------------------------------------------------------------
     def check_config(self, config) -> None:
@@ -397,27 +434,38 @@ class PatternAttention:
         return out.transpose(1, 2).contiguous(), None
 
 
-def _offsets(q_offset: int, kv_offset: int) -> dict:
-    """compile()'s offset keywords; empty when both are 0 (the interim path compiles
-    position extents itself)."""
-    return {} if not (q_offset or kv_offset) else {"q_offset": q_offset, "kv_offset": kv_offset}
-
-
 def _attend(reg: PatternAttention, layer_idx, query, key, value, m: PatternMask, scaling, dropout, softcap):
-    """Attention of one decoder layer: [B, H, Q_LEN, Dv]."""
+    """Attention of one decoder layer: [B, H, Q_LEN, Dv], through ``CompiledPattern.attention``
+    with the call's offsets, key padding and documents.
+
+    Inside ``blocks(b, …)`` offsets must be whole blocks (SPEC §1.6, P302); a decode step at
+    any other offset runs with both offsets rounded down to the pattern's block unit: the
+    rows in between are zero queries that are dropped, the columns in between are keys the
+    call does not have, given as padding (key padding False), so the result is exact."""
     B, H, Q, D = query.shape
     KV = key.shape[2]
-    simple = (m.q_offset == 0 and m.kv_offset == 0 and m.key_padding_mask is None and m.documents is None
-              and softcap is None)
-    if simple:
-        cp = reg.compiled(layer_idx, q_len=Q, kv_len=KV, num_heads=H)
-        return cp.attention(query, key, value, scale=scaling, backend=reg.backend, dropout_p=dropout)
-    return _attend_dense(reg, layer_idx, query, key, value, m, scaling, dropout, softcap)
+    if softcap is not None:
+        return _attend_dense(reg, layer_idx, query, key, value, m, scaling, dropout, softcap)
+    padding = m.key_padding_mask
+    unit = reg.offset_unit(layer_idx)
+    dq, dk = m.q_offset % unit, m.kv_offset % unit
+    if dq:
+        query = torch.nn.functional.pad(query, (0, 0, dq, 0))
+    if dk:
+        key = torch.nn.functional.pad(key, (0, 0, dk, 0))
+        value = torch.nn.functional.pad(value, (0, 0, dk, 0))
+        real = torch.ones(B, KV, dtype=torch.bool, device=key.device) if padding is None else padding
+        padding = torch.nn.functional.pad(real, (dk, 0), value=False)
+    cp = reg.compiled(layer_idx, q_len=Q + dq, kv_len=KV + dk, q_offset=m.q_offset - dq,
+                      kv_offset=m.kv_offset - dk, num_heads=H, documents=m.documents is not None)
+    out = cp.attention(query, key, value, scale=scaling, backend=reg.backend, dropout_p=dropout,
+                       documents=m.documents, key_padding_mask=padding)
+    return out[:, :, dq:] if dq else out
 
 
 def _attend_dense(reg, layer_idx, query, key, value, m: PatternMask, scaling, dropout, softcap):
-    """INTERIM path (until offsets, key padding, documents and score terms are on
-    ``cp.attention``): the pattern's predicate at positions ``q_offset + r``, ``kv_offset + c``
+    """INTERIM path for the model's softcap (until score terms are on ``cp.attention``): the
+    pattern's predicate at positions ``q_offset + r``, ``kv_offset + c``
     (evaluated by the compiled layer over the position extents), ANDed with key padding and
     documents, as a dense boolean [B, H', Q_LEN, KV_LEN] mask; softcap applied to the scores.
     O(Q_LEN · KV_LEN): small for decode steps (Q_LEN = 1), used for padded or packed prefill."""
@@ -425,9 +473,9 @@ def _attend_dense(reg, layer_idx, query, key, value, m: PatternMask, scaling, dr
 
     B, H, Q, D = query.shape
     H_kv, KV = key.shape[1], key.shape[2]
-    cp = reg.compiled(layer_idx, q_len=m.q_offset + Q, kv_len=m.kv_offset + KV, num_heads=H)
-    rows = np.arange(m.q_offset, m.q_offset + Q, dtype=np.int64)[:, None]
-    cols = np.arange(m.kv_offset, m.kv_offset + KV, dtype=np.int64)[None, :]
+    cp = reg.compiled(layer_idx, q_len=Q, kv_len=KV, q_offset=m.q_offset, kv_offset=m.kv_offset, num_heads=H)
+    rows = np.arange(Q, dtype=np.int64)[:, None]
+    cols = np.arange(KV, dtype=np.int64)[None, :]
     period = len(cp.head_patterns)
     per_head = [cp.mask_numpy(h, rows, cols) for h in range(min(H, period))]
     heads = np.stack([per_head[h % period] for h in range(H)]) if period > 1 else per_head[0][None]

@@ -15,6 +15,7 @@ RUNS = {
     "bench_attention.py": ["--quick", "--cpu-only", "--rounds", "1"],
     "bench_distributed.py": ["--quick"],
     "bench_runtime.py": ["--quick", "--rounds", "1", "--device", "cpu"],
+    "bench_transformers.py": ["--quick"],
 }
 
 

@@ -77,6 +77,10 @@ def test_facts_hold_on_the_oracle(p):
         assert not (m & (j > i)).any()
     if spec.symmetric_if(a):
         assert (m == m.T).all()
+    const = spec.constant(a)
+    if const is not None:  # all / none at every length
+        for q, k in SIZES:
+            assert (_oracle(p, q, k) == const).all()
     for side in (1, 5, n):  # full_at: at the length ``side``, every pair is allowed
         if spec.full_at(a, side):
             assert _oracle(p, side, side).all()

@@ -302,6 +302,10 @@ def test_unknown_overlays_and_bad_mappings_are_errors():
     with pytest.raises(patternc.PatternError) as e:
         pt.register("patternc-test-errors2", {"0": "causal"})
     assert e.value.code == "P371"
+    for bad in ("org/patternc", "paged|patternc", "sdpa", ""):
+        with pytest.raises(patternc.PatternError) as e:
+            pt.register(bad, "causal")
+        assert e.value.code == "P371"
     with pytest.raises(patternc.PatternError) as e:
         pt.register("patternc-test-errors3", "locl(w=4) & causal")
     assert e.value.code == "P201"
@@ -377,3 +381,30 @@ def test_docs_table():
     assert START in text and END in text, "docs/transformers.md lost its table markers"
     got = text.split(START, 1)[1].split(END, 1)[0]
     assert got == table, "docs/transformers.md's table is stale: PATTERNC_UPDATE_DOCS=1 pytest tests/test_transformers.py"
+
+
+# ---- patterns HF has no built-in for: the cache's offsets --------------------------------------------
+
+
+@pytest.mark.parametrize("pattern", ["(sink(n=2) | local(w=4)) & causal",
+                                     "layers(blocks(4, local(w=2) & causal) & causal, (local(w=3) | strided(s=5)) & causal)"])
+def test_generate_with_the_cache_equals_generate_without(pattern):
+    """Decode steps (Q_LEN = 1 at q_offset = t) see the rows of the whole sequence: greedy ids
+    with the KV cache equal recomputing everything at each step — also inside `blocks(4, …)`,
+    whose offsets are rounded down to whole blocks."""
+    case = CASES[0]  # Llama: a full cache
+    eager, _ = _models(case)
+    name = "patternc-test-gen-" + str(abs(hash(pattern)))
+    pt.register(name, pattern, block_size=BLOCK)
+    m = copy.deepcopy(eager)
+    m.set_attn_implementation(name)
+    ids, _ = _batch(seed=5)
+    ids = ids[:1, :7]  # not a multiple of the blocks' 4 tokens
+    kw = dict(max_new_tokens=24, do_sample=False, pad_token_id=0, eos_token_id=None,
+              attention_mask=torch.ones_like(ids))
+    with torch.no_grad():
+        cached = m.generate(ids, use_cache=True, **kw)
+        full = m.generate(ids, use_cache=False, **kw)
+        hf_causal = eager.generate(ids, use_cache=True, **kw)
+    assert torch.equal(cached, full)
+    assert not torch.equal(cached, hf_causal)  # the pattern really differs from causal here

@@ -29,7 +29,7 @@ from .nodes import (
     Pattern,
     Prim,
 )
-from .primitives import MAX_INT, check_values
+from .primitives import MAX_INT, PRIMITIVES, check_values
 
 
 def _is_const(v) -> bool:
@@ -160,6 +160,10 @@ def simplify_primitive(p):
     a = p.argdict
     if not all(_is_const(v) or isinstance(v, tuple) for v in a.values()):
         return None
+    spec = PRIMITIVES.get(p.name)
+    const = spec.constant(a) if spec is not None else None
+    if const is not None and p.name not in ("all", "none"):  # the registry's fact: all / none here
+        return ALL if const else NONE
     if p.name == "dilated":
         if a["d"] == 1:
             return Prim("local", (("w", a["w"]),))
@@ -168,25 +172,13 @@ def simplify_primitive(p):
     if p.name == "band" and a["right"] == 0 and a["left"] > 0 and _fits(a["left"] + 1):
         # i - l <= j <= i  is  |i - j| < l + 1 and j <= i: one canonical text for the causal window
         return And((Prim("local", (("w", a["left"] + 1),)), ir.CAUSAL))
-    if p.name == "strided" and a["s"] == 1:
-        return ALL
     if p.name == "chunk" and a["l"] == 1:
         return Prim("local", (("w", 1),))
     if p.name == "band" and a["left"] == a["right"] and _fits(a["left"] + 1):
         return Prim("local", (("w", a["left"] + 1),))
-    if p.name == "summary" and a["c"] * (a["g"] + 1) == a["l"] and a["g"] == 0:
-        return ALL
-    if p.name in ("sink", "prefix") and a["n"] == 0:
-        return NONE
-    if p.name == "random" and a["r"] == 0:
-        return NONE
     if p.name == "global":
-        if "n" in a and a["n"] == 0:
-            return NONE
         if "at" in a:
             at = tuple(sorted(set(a["at"])))
-            if not at:
-                return NONE
             if at == tuple(range(len(at))):
                 return Prim("global", (("n", len(at)),))
             if at != a["at"]:

@@ -15,7 +15,8 @@ An entry (``PrimSpec``) holds
   ``i``, only ``j``, both as separate halves, or both), when it provably allows only ``j <= i``
   (``causal_if``) or is symmetric (``symmetric_if``), the stride of the arithmetic progressions
   its allowed differences or key columns form (``stride``), when it allows every pair at a
-  length ``n`` (``full_at``), and whether it is bidirectional on purpose (``two_way``).
+  length ``n`` (``full_at``), when its arguments make it the constant ``all`` / ``none``
+  (``constant``), and whether it is bidirectional on purpose (``two_way``).
 
 The IR stays standard-library only: a formula receives the array namespace as an argument.
 
@@ -96,6 +97,9 @@ class PrimSpec:
         stride: ``stride(a) -> int | None``: the period of the arithmetic progressions the
             allowed differences (``reads == "d"``) or key columns (``reads == "j"``) form
             (the hint the reachability engine's AP cover uses).
+        constant: ``constant(a) -> bool | None``: True / False when these (concrete) arguments
+            make the primitive ``all`` / ``none`` at every length (the normaliser rewrites it
+            so), None otherwise.
         full_at: ``full_at(a, n) -> bool``: True proves that at ``Q_LEN = KV_LEN = n`` every
             pair is allowed (so the primitive is the constant ``all`` at that length).
         two_way: bidirectional on purpose (``prefix``, ``global``): the W002 lint does not
@@ -116,6 +120,7 @@ class PrimSpec:
     causal_if: Callable = _never
     symmetric_if: Callable = _never
     stride: Callable = _no_stride
+    constant: Callable = lambda a: None  # noqa: E731
     full_at: Callable = lambda a, n: False  # noqa: E731
     two_way: bool = False
     constraint: Callable | None = None
@@ -246,9 +251,9 @@ PRIMITIVES: dict[str, PrimSpec] = {
     s.name: s
     for s in [
         PrimSpec("all", (), "always", example="all", reads="", formula=_f_all,
-                 symmetric_if=_always, full_at=lambda a, n: True),
+                 symmetric_if=_always, constant=lambda a: True, full_at=lambda a, n: True),
         PrimSpec("none", (), "never", example="none", reads="", formula=_f_none,
-                 causal_if=_always, symmetric_if=_always),
+                 causal_if=_always, symmetric_if=_always, constant=lambda a: False),
         PrimSpec("causal", (), "j <= i", "autoregressive masking", "causal", reads="d", formula=_f_causal,
                  causal_if=_always),
         PrimSpec(
@@ -280,6 +285,7 @@ PRIMITIVES: dict[str, PrimSpec] = {
             reads="d", formula=_f_strided,
             symmetric_if=_always,
             stride=lambda a: a["s"],
+            constant=lambda a: True if a["s"] == 1 else None,
         ),
         PrimSpec(
             "dilated",
@@ -315,12 +321,14 @@ PRIMITIVES: dict[str, PrimSpec] = {
             "summary(l=128, c=8)",
             reads="j", formula=_f_summary,
             stride=lambda a: a["l"],
+            constant=lambda a: True if a["g"] == 0 and a["c"] == a["l"] else None,
             constraint=_summary_constraint,
         ),
         PrimSpec("sink", (_p("n", 0, doc="number of sink tokens"),), "j < n",
                  "StreamingLLM attention sinks, Xiao et al. 2023", "sink(n=4)",
                  reads="j", formula=_f_sink,
                  causal_if=lambda a: a.get("n") in (0, 1),  # j < 1 means j = 0 <= i
+                 constant=lambda a: False if a["n"] == 0 else None,
                  full_at=lambda a, n: a["n"] >= n),
         PrimSpec(
             "global",
@@ -335,6 +343,7 @@ PRIMITIVES: dict[str, PrimSpec] = {
             reads="ij", formula=_f_global,
             causal_if=lambda a: a.get("n") == 0 or a.get("at") == (),
             symmetric_if=_always,
+            constant=lambda a: False if a.get("n") == 0 or a.get("at") == () else None,
             full_at=_global_full_at,
             two_way=True,
         ),
@@ -343,6 +352,7 @@ PRIMITIVES: dict[str, PrimSpec] = {
                  reads="ij", formula=_f_prefix,
                  causal_if=lambda a: a.get("n") in (0, 1),
                  symmetric_if=_always,
+                 constant=lambda a: False if a["n"] == 0 else None,
                  full_at=lambda a, n: a["n"] >= n,
                  two_way=True),
         PrimSpec(
@@ -353,6 +363,7 @@ PRIMITIVES: dict[str, PrimSpec] = {
             "random(r=3, seed=0)",
             reads="x", formula=_f_random,
             causal_if=lambda a: a.get("r") == 0,
+            constant=lambda a: False if a["r"] == 0 else None,
             full_at=lambda a, n: a["r"] >= n,
         ),
         PrimSpec(
