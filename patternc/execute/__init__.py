@@ -307,10 +307,12 @@ def _run_batched(cp, name, q, k, v, scale, dropout_p, kp, docs):
         return sdpa_attention_masked(q, k, v, dense, scale, dropout_p=dropout_p)
     from .blocksparse import blocksparse_attention
 
+    if layout.batch == 1:  # one row of run-time data broadcast over the batch: one plan, one call
+        row = _BatchRow(cp, layout.batch_row(0), mask_mod, 0)
+        return blocksparse_attention(row, q, k, v, scale, dropout_p=dropout_p)
     outs = []
     for b in range(B):
-        r = min(b, layout.batch - 1)
-        row = _BatchRow(cp, layout.batch_row(r), mask_mod, r)
+        row = _BatchRow(cp, layout.batch_row(b), mask_mod, b)
         outs.append(blocksparse_attention(row, q[b:b + 1], k[b:b + 1], v[b:b + 1], scale, dropout_p=dropout_p))
     return torch.cat(outs, dim=0)
 
