@@ -216,3 +216,43 @@ def test_random_plans_are_exact(p, Q, KV, bs, H):
     planned = blocksparse_attention(cp, q, k, v, 0.3, plan=plan)
     natural = blocksparse_attention(cp, q, k, v, 0.3, plan="natural")
     assert float((planned - natural).abs().max()) <= 1e-10
+
+
+# ---- command line -----------------------------------------------------------------------------------
+def _cli(capsys, *argv):
+    from patternc.cli import main
+
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_compile_prints_the_plan_and_json_carries_it(capsys):
+    import json
+
+    src = "(local(w=64) | strided(s=64)) & causal"
+    code, out, _ = _cli(capsys, "compile", "-e", src, "--seq-len", "2048", "--block-size", "64")
+    assert code == 0 and "plan: 2 terms" in out and "residue mod 64" in out
+    code, out, _ = _cli(capsys, "compile", "-e", src, "--seq-len", "2048", "--block-size", "64", "--json")
+    obj = json.loads(out)
+    cp = _compile(src, q_len=2048, block_size=64)
+    assert obj["plan"]["computed_tiles"] == cp.plan.computed_tiles
+    assert obj["plan"]["natural_tiles"] == int((cp.layout.kinds != 0).sum())
+    assert obj["plan"]["computed_tiles"] * 5 < obj["plan"]["natural_tiles"]
+    code, out, _ = _cli(capsys, "show", "-e", src, "--seq-len", "1024", "--block-size", "64", "--plan-term", "1")
+    rows = [r for r in out.splitlines() if r and set(r) <= set("#+.")]
+    assert code == 0 and len(rows) == 16 and all(r[i] == "+" and r.count("+") == 1 for i, r in enumerate(rows))
+    code, _, err = _cli(capsys, "show", "-e", src, "--seq-len", "1024", "--plan-term", "5")
+    assert code == 2 and "--plan-term" in err
+
+
+@pytest.mark.parametrize("plan", ["auto", "natural"])
+def test_run_takes_a_plan(capsys, plan):
+    import json
+
+    code, out, _ = _cli(capsys, "run", "-e", "(local(w=16) | strided(s=16)) & causal", "--seq-len", "300",
+                        "--heads", "2", "--head-dim", "16", "--block-size", "16", "--plan", plan, "--check",
+                        "--no-dense", "--repeats", "1", "--json")
+    obj = json.loads(out)
+    assert code == 0 and obj["check_passed"] and obj["plan"]["mode"] == plan
+    assert (obj["plan"]["terms"] == 1) == (plan == "natural")

@@ -54,6 +54,9 @@ def register(sub) -> None:
     p.add_argument("--block-size", default="128", metavar="B|Q,KV",
                    help="BLOCK_SIZE in tokens, or Q_BLOCK_SIZE,KV_BLOCK_SIZE (default 128)")
     p.add_argument("--layer", type=int, default=0, help="entry of layers(...) to run (default 0)")
+    p.add_argument("--plan", choices=("auto", "natural"), default="auto",
+                   help="execution plan (blocksparse): auto (disjoint terms, each in its cheapest token order; "
+                        "default) or natural (the layout as compiled); see docs/execution.md")
     add_offset_args(p)
     add_documents_arg(p)
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
@@ -300,7 +303,7 @@ def run(args) -> int:
             out_holder = {}
 
             def call():
-                out_holder["out"] = attention(cp, q, k, v, backend=backend, documents=docs)
+                out_holder["out"] = attention(cp, q, k, v, backend=backend, documents=docs, plan=args.plan)
 
             first, seconds = _time(call, args.repeats, device, bar)
             dense_seconds = None
@@ -329,6 +332,9 @@ def run(args) -> int:
                 "first_call_seconds": first, "compile_seconds": compile_seconds,
                 "repeats": args.repeats, "dtype": dtype_name, "device": str(device),
                 "layer": args.layer, "num_layers": pattern.num_layers, "layer_pattern": str(cp.pattern),
+                "plan": {"mode": args.plan, "terms": len(cp.plan_for(args.plan).terms),
+                         "computed_tiles": cp.plan_for(args.plan).computed_tiles,
+                         "natural_tiles": cp.plan_for(args.plan).natural_tiles},
                 "q_offset": cp.q_offset, "kv_offset": cp.kv_offset, "documents": docs[0] if docs else None,
                 "shape": {"batch": B, "heads": H, "kv_heads": H_kv, "q_len": N, "kv_len": M,
                           "head_dim": D, "v_head_dim": Dv, "block_size": args.block_size},
@@ -362,6 +368,10 @@ def _print_text(r, B, H, H_kv, N, M, D, Dv) -> None:
         print(f"layer: {r['layer']} (entry {r['layer'] % r['num_layers']} of {r['num_layers']}): {r['layer_pattern']}")
     print(f"shape: q [{B}, {H}, {N}, {D}], k/v [{B}, {H_kv}, {M}, {D}/{Dv}], {r['dtype']} on {r['device']}")
     print(f"density: token {100 * r['density']:.2f}%, block {100 * r['block_density']:.2f}%")
+    pl = r.get("plan")
+    if pl:
+        print(f"plan: {pl['mode']}, {pl['terms']} term(s), {pl['computed_tiles']} computed tiles "
+              f"(natural order: {pl['natural_tiles']})")
     print(f"backend: {r['backend']} ({r['backend_reason']})")
     print(f"time: {r['seconds'] * 1e3:.2f} ms (median of {r['repeats']}; first call {r['first_call_seconds']:.2f} s, "
           f"compile {r['compile_seconds']:.2f} s)")
