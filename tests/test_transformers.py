@@ -78,7 +78,9 @@ CASES = [
                 query_pre_attn_scalar=16, attn_logit_softcapping=2.0, final_logit_softcapping=30.0),
          f"layers(local(w={WINDOW}) & causal, causal)",
          f"layer_types sliding/full, sliding_window={WINDOW}, attn_logit_softcapping=2",
-         notes="the model's softcap; q/k weights x20 so the cap bites", extra={"qk_scale": 20.0}),
+         notes="the model's cap runs as the layer's `softcap(c=2)` score term (a dense interim path where score "
+               "terms are unavailable); `… with softcap(c=2)` in the pattern is tested too; q/k weights x20 so "
+               "the cap bites", extra={"qk_scale": 20.0}),
     Case("Qwen2", "Qwen2Config", "Qwen2ForCausalLM", _small(num_key_value_heads=1), "causal",
          "causal (use_sliding_window=False)", notes="GQA 4:1"),
 ]
@@ -227,6 +229,36 @@ def test_softcap_is_applied():
     ids, _ = _batch()
     with torch.no_grad():
         assert _rel(no_cap(ids).logits, eager(ids).logits) > 1e-2  # the cap matters at these logits
+
+
+@pytest.mark.skipif(not pt._HAS_TERMS, reason="score terms (SPEC §1.8) not available")
+def test_the_patterns_own_softcap_term_wins():
+    case = CASES[3]
+    eager, _ = _models(case)
+    ids, am = _batch()
+    with torch.no_grad():
+        want = eager(ids, attention_mask=am).logits
+    real = am.bool()
+    for c, equal in ((2, True), (3, False)):
+        name = f"patternc-test-own-cap{c}"
+        pt.register(name, case.pattern + f" with softcap(c={c})", block_size=BLOCK)
+        m = copy.deepcopy(eager)
+        m.set_attn_implementation(name)
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            with torch.no_grad():
+                got = m(ids, attention_mask=am).logits
+        msgs = [str(x.message) for x in w if isinstance(x.message, patternc.PatternWarning) and "softcap" in str(x.message)]
+        if equal:
+            assert _rel(got[real], want[real]) <= TOL and not msgs
+        else:
+            assert _rel(got[real], want[real]) > 1e-3
+            assert len(msgs) == 1 and "softcap(c=3)" in msgs[0] and "2.0" in msgs[0]
+    kw = dict(attention_mask=am, max_new_tokens=16, do_sample=False, pad_token_id=0, eos_token_id=None)
+    m = copy.deepcopy(eager)
+    m.set_attn_implementation("patternc-test-own-cap2")
+    with torch.no_grad():
+        assert torch.equal(m.generate(ids, **kw), eager.generate(ids, **kw))
 
 
 def test_a_cap_that_is_not_an_integer_runs_the_dense_path():
