@@ -17,6 +17,7 @@ below; ``test_docs_table`` compares it (``PATTERNC_UPDATE_DOCS=1`` rewrites it).
 from __future__ import annotations
 
 import copy
+import math
 import os
 import re
 import warnings
@@ -456,3 +457,22 @@ def test_generate_with_the_cache_equals_generate_without(pattern):
         hf_causal = eager.generate(ids, use_cache=True, **kw)
     assert torch.equal(cached, full)
     assert not torch.equal(cached, hf_causal)  # the pattern really differs from causal here
+
+
+@pytest.mark.slow
+def test_the_example_trains_and_generates(tmp_path):
+    """examples/hf_sparse_llama.py end to end at a tiny size: it trains, evaluates, and
+    generation with the KV cache equals generation without it for every run (exit 0)."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "r.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "hf_sparse_llama.py"), "--steps", "2",
+                           "--seq-len", "64", "--gen", "6", "--layers", "2", "--d-model", "32", "--block-size", "16",
+                           "--eval-windows", "2", "--max-bytes", "200000", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=str(ROOT))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    res = json.loads(out.read_text())["results"]
+    assert [r["run"] for r in res] == ["dense", "window|strided", "window/global"]
+    assert all(r["cache_equals_no_cache"] and math.isfinite(r["heldout_bits_per_byte"]) for r in res)
