@@ -84,3 +84,20 @@ def test_block_bound_text_says_bound(capsys):
                         "--block-size", "64", "--layers", "200"], capsys)
     assert "(bound)" in out and "block size 64" in out
     assert code == 1  # not proven within 200 layers by the bound
+
+
+def test_long_witness_path_folds_in_text_not_in_json(capsys):
+    """Issue 9 item 6: a bound's witness with a long path is a pair that needs the layers,
+    and its path is folded in the text report (JSON keeps every hop)."""
+    argv = ["analyze", "-e", "(local(w=32) | sink(n=4)) & causal", "--seq-len", "2048", "--engine", "block-bound",
+            "--block-size", "16"]
+    code, out, _ = run(argv + ["--json"], capsys)
+    obj = json.loads(out)
+    w = obj["witness"]
+    hops = len(w["path"])
+    assert code == 0 and hops == obj["upper_bound"] > 40 and w["key"] >= 4  # not a sink
+    assert "needs at least" in w["reason"]
+    code, out, _ = run(argv, capsys)
+    hop_lines = [ln for ln in out.splitlines() if ln.lstrip().startswith("layer ")]
+    assert code == 0 and 0 < len(hop_lines) < hops and "more hops" in out
+    assert f"query {w['query']}, key {w['key']}" in out

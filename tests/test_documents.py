@@ -282,3 +282,14 @@ def test_packed_documents_example(capsys):
     q, k, v = (torch.randn(1, 2, n, 8, generator=g, dtype=torch.float64) for _ in range(3))
     torch.testing.assert_close(cp.attention(q, k, v, documents=[lens]), reference_attention(q, k, v, ref[0]),
                                rtol=1e-9, atol=1e-9)
+
+
+def test_documents_from_position_ids():
+    from patternc.lower.runtime import documents_from_positions
+
+    pos = np.array([[0, 1, 2, 0, 1, 0, 1, 2], [5, 6, 7, 8, 0, 1, 2, 3]])
+    ids = documents_from_positions(pos)
+    assert ids.tolist() == [[0, 0, 0, 1, 1, 2, 2, 2], [0, 0, 0, 0, 1, 1, 1, 1]]
+    cp = patternc.compile("document & causal", q_len=8, block_size=4)
+    want = dense_mask("document & causal", q_len=8, documents=[[3, 2, 3], [4, 4]])
+    assert np.array_equal(cp.dense_mask(documents=ids), want)

@@ -141,3 +141,33 @@ def test_key_padding_batch_must_match_q():
     with pytest.raises(PatternError) as e:
         cp.attention(q, q, q, key_padding_mask=np.ones((2, 12), dtype=bool))
     assert e.value.diagnostic.code == "P362"
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from strategies import patterns  # noqa: E402
+
+
+@settings(max_examples=40, deadline=None)
+@given(patterns(max_leaves=4), st.sampled_from([(37, 37), (97, 64), (130, 130)]), st.sampled_from([16, (16, 32)]),
+       st.integers(0, 2**31), st.sampled_from(["random", "left", "right", "none"]))
+def test_key_padding_layouts_match_the_oracle(p, lengths, bs, seed, kind):
+    from patternc.ir.normalize import normalize
+
+    p = normalize(p)
+    Q, K = lengths
+    rng = np.random.default_rng(seed)
+    B, H = 2, 2
+    if kind == "random":
+        kp = rng.random((B, K)) > 0.5
+    else:
+        n = rng.integers(0, K + 1, size=B)
+        ar = np.arange(K)[None, :]
+        kp = (ar >= n[:, None]) if kind == "left" else (ar < n[:, None]) if kind == "right" else np.ones((B, K), bool)
+    cp = patternc.compile(p, q_len=Q, kv_len=K, num_heads=H, block_size=bs)
+    want = dense_mask(p, q_len=Q, kv_len=K, num_heads=H)[None] & kp[:, None, None, :]
+    lay = cp.layout_for(key_padding_mask=kp)
+    for b in range(B):
+        assert np.array_equal(lay.kinds[b], BlockLayout.from_dense(want[b], bs).kinds)
+    assert np.array_equal(cp.dense_mask(key_padding_mask=kp), want)

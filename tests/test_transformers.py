@@ -75,9 +75,9 @@ CASES = [
          notes="query_pre_attn_scalar -> scaling"),
     Case("Gemma 2", "Gemma2Config", "Gemma2ForCausalLM",
          _small(head_dim=8, sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"],
-                query_pre_attn_scalar=16, attn_logit_softcapping=1.5, final_logit_softcapping=30.0),
+                query_pre_attn_scalar=16, attn_logit_softcapping=2.0, final_logit_softcapping=30.0),
          f"layers(local(w={WINDOW}) & causal, causal)",
-         f"layer_types sliding/full, sliding_window={WINDOW}, attn_logit_softcapping=1.5",
+         f"layer_types sliding/full, sliding_window={WINDOW}, attn_logit_softcapping=2",
          notes="the model's softcap; q/k weights x20 so the cap bites", extra={"qk_scale": 20.0}),
     Case("Qwen2", "Qwen2Config", "Qwen2ForCausalLM", _small(num_key_value_heads=1), "causal",
          "causal (use_sliding_window=False)", notes="GQA 4:1"),
@@ -227,6 +227,22 @@ def test_softcap_is_applied():
     ids, _ = _batch()
     with torch.no_grad():
         assert _rel(no_cap(ids).logits, eager(ids).logits) > 1e-2  # the cap matters at these logits
+
+
+def test_a_cap_that_is_not_an_integer_runs_the_dense_path():
+    case = CASES[3]
+    eager, _ = _models(case)
+    cfg = copy.deepcopy(eager.config)
+    cfg.attn_logit_softcapping = 1.5
+    want = type(eager)(cfg).eval()
+    want.load_state_dict(eager.state_dict())
+    pt.register("patternc-test-cap15", case.pattern, block_size=BLOCK)
+    mine = copy.deepcopy(want)
+    mine.set_attn_implementation("patternc-test-cap15")
+    ids, am = _batch()
+    with torch.no_grad():
+        a, b = want(ids, attention_mask=am).logits, mine(ids, attention_mask=am).logits
+    assert _rel(b[am.bool()], a[am.bool()]) <= TOL
 
 
 def test_dropout_only_in_training():

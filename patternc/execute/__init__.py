@@ -214,9 +214,8 @@ def attention(cp: Compiled, q, k, v, *, scale: float | None = None, backend: str
     if not 0.0 <= float(dropout_p) < 1.0:
         raise _error("P352", f"dropout_p must be in [0, 1), got {dropout_p}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    runtime = getattr(cp, "runtime_inputs", None)
-    if runtime is not None and (documents is not None or key_padding_mask is not None or cp.needs):
-        kp, docs = runtime(documents=documents, key_padding_mask=key_padding_mask, batch=q.shape[0])
+    if documents is not None or key_padding_mask is not None or cp.needs:
+        kp, docs = cp.runtime_inputs(documents=documents, key_padding_mask=key_padding_mask, batch=q.shape[0])
         if kp is not None or docs is not None:
             name = _runtime_backend(cp, q, dropout_p) if backend == "auto" else backend
             out = _run_batched(cp, name, q, k, v, scale, dropout_p, kp, docs)
@@ -307,10 +306,12 @@ def _run_batched(cp, name, q, k, v, scale, dropout_p, kp, docs):
         return sdpa_attention_masked(q, k, v, dense, scale, dropout_p=dropout_p)
     from .blocksparse import blocksparse_attention
 
+    if layout.batch == 1:  # one row of run-time data broadcast over the batch: one plan, one call
+        row = _BatchRow(cp, layout.batch_row(0), mask_mod, 0)
+        return blocksparse_attention(row, q, k, v, scale, dropout_p=dropout_p)
     outs = []
     for b in range(B):
-        r = min(b, layout.batch - 1)
-        row = _BatchRow(cp, layout.batch_row(r), mask_mod, r)
+        row = _BatchRow(cp, layout.batch_row(b), mask_mod, b)
         outs.append(blocksparse_attention(row, q[b:b + 1], k[b:b + 1], v[b:b + 1], scale, dropout_p=dropout_p))
     return torch.cat(outs, dim=0)
 

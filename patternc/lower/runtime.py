@@ -182,6 +182,26 @@ def check_documents(documents, positions: int, batch: int | None = None) -> np.n
     return ids
 
 
+def documents_from_positions(position_ids) -> np.ndarray:
+    """int64 [B, P] document ids from packed ``position_ids`` [B, P] (or [P]): a new document
+    starts wherever the position does not continue the previous one (``pos[x] != pos[x-1] + 1``,
+    e.g. restarting at 0), as HF transformers and FlashAttention's varlen path read packed rows.
+
+    Example:
+        >>> documents_from_positions([0, 1, 2, 0, 1, 0, 1, 2, 3]).tolist()
+        [[0, 0, 0, 1, 1, 2, 2, 2, 2]]
+    """
+    pos = _to_numpy(position_ids, "documents")
+    if pos.ndim == 1:
+        pos = pos[None]
+    if pos.ndim != 2 or not np.issubdtype(pos.dtype, np.integer):
+        raise _error("P361", f"position_ids must be integer [B, P] or [P], got {pos.dtype} {list(pos.shape)}",
+                     "pass the packed rows' position_ids (restarting at 0 for each document)")
+    start = np.ones(pos.shape, dtype=np.int64)
+    start[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
+    return np.cumsum(start, axis=1) - 1
+
+
 def runs(ids_row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """int64 starts [R] and run index per position [P] of one row of ids: a document is a
     maximal run of equal consecutive ids (SPEC §1.7)."""
@@ -193,4 +213,4 @@ def runs(ids_row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return starts, run_of
 
 
-__all__ = ["check_key_padding", "key_padding_kinds", "check_documents", "runs"]
+__all__ = ["check_key_padding", "key_padding_kinds", "check_documents", "documents_from_positions", "runs"]
