@@ -106,7 +106,6 @@ def main(argv=None) -> int:
 
     import torch
     import transformers
-
     from train_charlm import eval_windows, load_corpus
 
     torch.set_num_threads(args.threads)
