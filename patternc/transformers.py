@@ -349,8 +349,8 @@ class PatternAttention:
         own = [t for t in _terms(p) if t.name == "softcap"]
         if own:
             c = own[0].arg("c")
-            if float(c) != float(model_softcap) and ("softcap", layer_idx) not in self._warned:
-                self._warned.add(("softcap", layer_idx))
+            if float(c) != float(model_softcap) and "softcap" not in self._warned:
+                self._warned.add("softcap")
                 _warn("W020", f"the model config caps attention logits at {model_softcap} "
                               f"(attn_logit_softcapping) but the pattern {self.name!r} says `softcap(c={c})` "
                               f"in layer {layer_idx}; the pattern is used",
