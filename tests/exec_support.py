@@ -41,6 +41,17 @@ class StandIn:
         mask_mod.__name__ = str(self.pattern)
         self.mask_mod = mask_mod
 
+    block_size = property(lambda self: self.layout.block_size)
+    needs = frozenset()  # no run-time inputs
+
+    def runtime_inputs(self, *, documents=None, key_padding_mask=None, batch=None):
+        if documents is not None or key_padding_mask is not None:
+            raise NotImplementedError("StandIn has no run-time data (documents / key_padding_mask)")
+        return None, None
+
+    def plan_for(self, mode="auto"):
+        return None  # natural order: the oracle's layout as it is
+
     def mask_mod_on(self, device="cpu"):
         return self.mask_mod  # its table follows the indices' device
 

@@ -217,9 +217,8 @@ def attention(cp: Compiled, q, k, v, *, scale: float | None = None, backend: str
     if not 0.0 <= float(dropout_p) < 1.0:
         raise _error("P352", f"dropout_p must be in [0, 1), got {dropout_p}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    runtime = getattr(cp, "runtime_inputs", None)
-    if runtime is not None and (documents is not None or key_padding_mask is not None or cp.needs):
-        kp, docs = runtime(documents=documents, key_padding_mask=key_padding_mask, batch=q.shape[0])
+    if documents is not None or key_padding_mask is not None or cp.needs:
+        kp, docs = cp.runtime_inputs(documents=documents, key_padding_mask=key_padding_mask, batch=q.shape[0])
         if kp is not None or docs is not None:
             name = _runtime_backend(cp, q, dropout_p) if backend == "auto" else backend
             out = _run_batched(cp, name, q, k, v, scale, dropout_p, kp, docs)

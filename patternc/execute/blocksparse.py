@@ -1054,10 +1054,7 @@ def blocksparse_attention(cp, q, k, v, scale: float, *, dropout_p: float = 0.0,
         score_mod = score_terms_for(cp, q.shape[1])
         if score_mod is not None:  # softcap: the matmul divides by the cap (one pass fewer)
             scale, score_mod = scale * score_mod.prescale, score_mod.prescaled()
-    if plan == "natural" or plan is None or (isinstance(plan, str) and not hasattr(cp, "plan_for")):
-        terms = [natural_term(cp, q.device)]
-    else:
-        ep = cp.plan_for(plan) if isinstance(plan, str) else plan
-        terms = plan_terms(cp, ep, q.device)
+    ep = None if plan == "natural" or plan is None else (cp.plan_for(plan) if isinstance(plan, str) else plan)
+    terms = [natural_term(cp, q.device)] if ep is None else plan_terms(cp, ep, q.device)
     return run_terms(q, k, v, terms, scale, score_mod=score_mod, return_lse=return_lse, dropout_p=dropout_p,
                      chunk_elements=chunk_elements)

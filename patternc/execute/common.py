@@ -27,10 +27,16 @@ class Compiled(Protocol):
         num_heads: H, the layout's head count.
         layout: the exact ``BlockLayout`` (kinds uint8 [H, num_q_blocks, num_kv_blocks]).
         pattern: the canonical layer pattern (``pattern.num_heads``: its head period).
+        block_size: (Q_BLOCK_SIZE, KV_BLOCK_SIZE), tokens.
         is_causal_only: the pattern is exactly ``causal`` and has no score terms (SDPA
             ``is_causal`` applies).
         score_terms: the score terms (SPEC §1.8), ``patternc.ir.Term`` tuple, ``()`` when none;
             every backend applies them (``execute.scoremod``).
+        needs: the run-time inputs the pattern requires (``frozenset({"documents"})`` or empty).
+
+    With run-time data (``documents`` / ``key_padding_mask``, SPEC §1.7) ``attention`` also
+    uses ``CompiledPattern``'s batched builders (``_layout_for``, ``_mask_mod_for``,
+    ``_dense_runtime``); they are reached only after ``runtime_inputs`` returned data.
     """
 
     q_len: int
@@ -38,10 +44,23 @@ class Compiled(Protocol):
     num_heads: int
     layout: BlockLayout
     pattern: Any
+    block_size: tuple
     score_terms: tuple
 
     @property
     def is_causal_only(self) -> bool: ...
+
+    @property
+    def needs(self) -> frozenset: ...
+
+    def runtime_inputs(self, *, documents=None, key_padding_mask=None, batch: int | None = None) -> tuple:
+        """Checked run-time data: ``(key_padding bool [B, KV_LEN] | None, documents int64 [B|1, P] | None)``."""
+        ...
+
+    def plan_for(self, mode: str = "auto") -> Any:
+        """The ``lower.planner.ExecutionPlan`` for ``mode`` (``"auto"`` / ``"natural"``), or
+        None: run in natural order."""
+        ...
 
     def mask_mod_on(self, device) -> Callable:
         """``mask_mod(b, h, q_idx, kv_idx)`` with its parameter tensors and tables on ``device``."""

@@ -56,6 +56,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..ir.nodes import And, Diff, Or, Pattern, Prim
+from ..ir.specialize import cdiv
 from .layout import EMPTY, FULL, PARTIAL, BlockLayout
 from .lowering import evaluate, lower_to_layout, support
 
@@ -326,7 +327,7 @@ def kinds_in_order(p: Pattern, q_perm: np.ndarray, kv_perm: np.ndarray, q_len: i
     batches of query blocks (ragged last tiles are clipped, as in ``BlockLayout``)."""
     qb, kb = block_size
     Qt, Kt = len(q_perm), len(kv_perm)
-    nq, nk = -(-Qt // qb), -(-Kt // kb)
+    nq, nk = cdiv(Qt, qb), cdiv(Kt, kb)
     kinds = np.zeros((nq, nk), dtype=np.uint8)
     small = max(q_len, kv_len) < (1 << 30)
     dt = np.int32 if small else np.int64
@@ -355,9 +356,9 @@ def _residue_segments(length: int, s: int, block: int):
     """Per block of the residue order of ``range(length)``: arrays (block, r, a0, a1) of the
     residue-class runs it holds (positions r + s*a, a in [a0, a1))."""
     r = np.arange(min(s, length), dtype=np.int64)
-    sizes = -(-(length - r) // s)
+    sizes = cdiv(length - r, s)
     start = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    nb = -(-length // block)
+    nb = cdiv(length, block)
     lo = np.arange(nb, dtype=np.int64)[:, None] * block
     hi = np.minimum(lo + block, length)
     a0 = np.maximum(lo - start[None, :], 0)
@@ -377,7 +378,7 @@ def residue_kinds(p: Pattern, q_len: int, kv_len: int, stride: int, block_size) 
     """
     qb, kb = block_size
     s = stride
-    nq, nk = -(-q_len // qb), -(-kv_len // kb)
+    nq, nk = cdiv(q_len, qb), cdiv(kv_len, kb)
     d = np.arange(-(kv_len - 1), q_len, dtype=np.int64)
     pd = np.broadcast_to(evaluate(p, d, np.int64(0), q_len, kv_len), d.shape).astype(np.int64)
     off = kv_len - 1
@@ -449,7 +450,7 @@ def _term(p: Pattern, heads: tuple, qo: Order, ko: Order, q_len: int, kv_len: in
     kinds, qc, kc = _trim(kinds, q_len, kv_len, block_size)
     tiles = _tiles(kinds)
     nqb, nkb = kinds.shape[1], kinds.shape[2]
-    full_q, full_k = -(-q_len // block_size[0]), -(-kv_len // block_size[1])
+    full_q, full_k = cdiv(q_len, block_size[0]), cdiv(kv_len, block_size[1])
     gathers = (nqb if (qo != NATURAL or nqb < full_q) else 0) + (nkb if (ko != NATURAL or nkb < full_k) else 0)
     cost = tiles + GATHER_COST * gathers + (MERGE_COST * nqb if merged else 0.0)
     H = len(heads)
