@@ -17,11 +17,10 @@ def register(sub) -> None:
 
 def run(args) -> int:
     def body(src):
-        from ..source.frontdoor import analyse_source
-        from ..source.properties import properties
-
         from ..ir.nodes import score_terms
         from ..ir.terms import terms_json
+        from ..source.frontdoor import analyse_source
+        from ..source.properties import properties
 
         pattern, res = analyse_source(src.text, params=src.params, filename=src.filename)
         props = properties(pattern)

@@ -41,7 +41,6 @@ from .nodes import (
 from .normalize import PASSES, normalize
 from .primitives import MAX_INT, PRIMITIVES
 from .printer import to_text
-from .terms import SCORE_TERMS, TERM_ORDER, alibi_slopes
 from .specialize import (
     bind_lengths,
     head_patterns,
@@ -49,6 +48,7 @@ from .specialize import (
     select_layer,
     specialize,
 )
+from .terms import SCORE_TERMS, TERM_ORDER, alibi_slopes
 
 __all__ = [
     "ALL", "CAUSAL", "NONE", "And", "BinOp", "Blocks", "Diff", "Fn", "Heads", "IntExpr", "Layers", "Lit", "Not",
