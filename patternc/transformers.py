@@ -224,6 +224,22 @@ def _softcap_term(c: int):
     return _Term("softcap", (("c", int(c)),))
 
 
+def _shift_invariant(p: Pattern) -> bool:
+    """True when every primitive of ``p`` reads only ``i - j`` (or nothing) and there is no
+    ``blocks``: moving every position by the same amount changes nothing (SPEC §1.1 facts)."""
+    from .ir import nodes as ir
+    from .ir.primitives import PRIMITIVES
+
+    for n in p.walk():
+        if isinstance(n, ir.Blocks):
+            return False
+        if isinstance(n, ir.Prim):
+            spec = PRIMITIVES.get(n.name)
+            if spec is None or spec.reads not in ("", "d"):
+                return False
+    return True
+
+
 def _with_documents(layer_text: str) -> Pattern:
     """``document & (p)``: HF's packed-sequence mask (same packed sequence) on top of the layer
     pattern ``p``. HF also re-reads positions from ``position_ids`` inside each sequence; that
@@ -366,6 +382,24 @@ class PatternAttention:
                          f"write the cap in the pattern, e.g. `with softcap(c={max(1, round(c))})`")
         return "dense", None
 
+    def _check_left_padding(self, layer_idx: int, padding: torch.Tensor) -> None:
+        """W021 once: left padding (a padded key before a real one) with a layer pattern that
+        is not shift-invariant: its positions count the pads (as HF's own masks do)."""
+        from .source.frontdoor import parse
+
+        left = bool((~padding[:, 0] & padding.any(dim=1)).any())
+        if not left:
+            return
+        text = self.layer_text(layer_idx)
+        if _shift_invariant(parse(text)):
+            return
+        self._warned.add("left-padding")
+        _warn("W021", f"left padding with layer {layer_idx}'s pattern `{text}`, which reads absolute positions: "
+                      "positions count the pad tokens (cache slots, as in HF's own masks), so a padded row's "
+                      "real tokens start at its pad count",
+              "pad on the right (tokenizer.padding_side='right') for training and scoring, or batch prompts of "
+              "equal length for generation")
+
     def offset_unit(self, layer_idx: int) -> int:
         """The tokens every offset of this layer must be a multiple of (the ``blocks(b, …)``
         sizes, SPEC §1.6; 1 for a pattern without ``blocks``)."""
@@ -484,6 +518,8 @@ class PatternAttention:
                                  f"saw q_length={m.q_length}, kv_length={m.kv_length}",
                          "use the model's DynamicCache (the default) with this attention")
         dropout = float(dropout) if getattr(module, "training", False) else 0.0
+        if m.key_padding_mask is not None and "left-padding" not in self._warned:
+            self._check_left_padding(layer_idx, m.key_padding_mask)
         out = _attend(self, layer_idx, query, key, value, m, scaling, dropout, softcap)
         return out.transpose(1, 2).contiguous(), None
 
@@ -520,10 +556,10 @@ def _attend(reg: PatternAttention, layer_idx, query, key, value, m: PatternMask,
 
 def _attend_dense(reg, layer_idx, query, key, value, m: PatternMask, scaling, dropout, softcap):
     """INTERIM path for a model softcap that cannot be the layer's ``softcap(c)`` term (score
-    terms unavailable, or a cap that is not an integer >= 1): the pattern's predicate at positions ``q_offset + r``, ``kv_offset + c``
-    (evaluated by the compiled layer over the position extents), ANDed with key padding and
-    documents, as a dense boolean [B, H', Q_LEN, KV_LEN] mask; softcap applied to the scores.
-    O(Q_LEN · KV_LEN): small for decode steps (Q_LEN = 1), used for padded or packed prefill."""
+    terms unavailable, or a cap that is not an integer >= 1): the compiled layer's predicate at
+    positions ``q_offset + r``, ``kv_offset + c``, ANDed with key padding and documents, as a
+    dense boolean [B, H', Q_LEN, KV_LEN] mask; ``c·tanh(s/c)`` on the scores, float32 softmax
+    (a row with no allowed key gives 0). O(Q_LEN · KV_LEN) per call."""
     import numpy as np
 
     B, H, Q, D = query.shape

@@ -391,6 +391,26 @@ def test_config_mismatch_warns_once_naming_both():
     assert not [x for x in w if isinstance(x.message, patternc.PatternWarning)]
 
 
+def test_left_padding_with_an_anchored_pattern_warns_once():
+    case = CASES[0]
+    eager, _ = _models(case)
+    ids, am = _batch()
+    for pattern, warns in (("(sink(n=2) | local(w=4)) & causal", True), ("(local(w=4) | strided(s=3)) & causal", False)):
+        name = f"patternc-test-left-{warns}"
+        pt.register(name, pattern, block_size=BLOCK)
+        m = copy.deepcopy(eager)
+        m.set_attn_implementation(name)
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            with torch.no_grad():
+                m(ids, attention_mask=am)
+                m(ids, attention_mask=am)
+                m(ids.flip(1), attention_mask=am.flip(1))  # right padding: never
+        msgs = [str(x.message) for x in w if isinstance(x.message, patternc.PatternWarning)]
+        assert [x for x in msgs if "W021" in x] == ([x for x in msgs if "sink" in x] if warns else [])
+        assert len(msgs) == (1 if warns else 0), msgs
+
+
 def test_expected_pattern_reads_the_config():
     cfg = transformers.Qwen2Config(use_sliding_window=False, num_hidden_layers=2)
     assert pt.expected_pattern(cfg, 0) is None
