@@ -296,3 +296,14 @@ def test_random_lowering_memory_is_bounded_and_exact():
     assert kinds.dtype == np.uint8 and int((kinds != 0).sum()) <= n * r
     # the old dense int64 histogram + prefix sum alone was 8 bytes per tile several times over
     assert peak < kinds.nbytes + 256 * n * r, peak
+
+
+@pytest.mark.parametrize("bad", [None, 5, 3.5, ["causal"]])
+def test_a_pattern_that_is_not_text_is_a_diagnostic(bad):
+    """compile(None) used to end in AttributeError: 'NoneType' object has no attribute 'replace'."""
+    for call in (lambda: patternc.parse(bad), lambda: patternc.compile(bad, q_len=64)):
+        with pytest.raises(patternc.PatternError) as e:
+            call()
+        assert e.value.diagnostic.code == "P302" and type(bad).__name__ in str(e.value)
+    with pytest.raises(TypeError):
+        patternc.reference.dense_mask(bad, q_len=8)
