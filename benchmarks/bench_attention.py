@@ -137,7 +137,8 @@ def fwd_bwd(fn, q, k, v):
 BASE_FWD, BASE_BWD = "sdpa is_causal fwd", "sdpa is_causal fwd+bwd"
 
 
-def bench_pattern(src, *, B, H, N, D, dtype, dev, rounds, with_flex, with_bwd, with_blocksparse=True):
+def bench_pattern(src, *, B, H, N, D, dtype, dev, rounds, with_flex, with_bwd, with_blocksparse=True,
+                  with_natural_bwd=True):
     """Rows ``(pattern, variant, best_s, median_s, ratio)``; every variant is timed in the same
     interleaved rounds as the SDPA is_causal baseline it is divided by."""
     from torch.nn.attention.flex_attention import create_block_mask
@@ -177,8 +178,9 @@ def bench_pattern(src, *, B, H, N, D, dtype, dev, rounds, with_flex, with_bwd, w
         bwd = {BASE_BWD: fwd_bwd(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True), qg, kg, vg)}
         if with_blocksparse:
             bwd["auto fwd+bwd"] = fwd_bwd(lambda a, b, c: attention(cp, a, b, c), qg, kg, vg)
-            bwd["natural fwd+bwd"] = fwd_bwd(
-                lambda a, b, c: attention(cp, a, b, c, backend="blocksparse", plan="natural"), qg, kg, vg)
+            if with_natural_bwd:
+                bwd["natural fwd+bwd"] = fwd_bwd(
+                    lambda a, b, c: attention(cp, a, b, c, backend="blocksparse", plan="natural"), qg, kg, vg)
         if dev.type == "cuda" and with_flex:
             flex = compiled_flex_attention(dev)
             bwd["auto fwd+bwd"] = fwd_bwd(lambda a, b, c: attention(cp, a, b, c), qg, kg, vg)
@@ -191,22 +193,25 @@ def bench_pattern(src, *, B, H, N, D, dtype, dev, rounds, with_flex, with_bwd, w
 
 
 def section(title, *, B, H, N, D, dtype, dev, rounds, patterns, with_flex, with_bwd, with_blocksparse=True,
-            targets=None):
+            targets=None, with_natural_bwd=True):
     where = f"{dev} ({torch.get_num_threads()} threads)" if dev.type == "cpu" else torch.cuda.get_device_name(dev)
-    print(f"\n== {title}: B={B} H={H} N={N} D={D} {str(dtype).replace('torch.', '')} on {where}; {_load()}")
+    print(f"\n== {title}: B={B} H={H} N={N} D={D} {str(dtype).replace('torch.', '')} on {where}; {_load()}",
+          flush=True)
     targets = TARGETS if targets is None else targets
     all_rows, infos = [], {}
+    w = max(len(p) for p in patterns)
+    print(f"{'pattern':<{w}}  {'variant':<22} {'best ms':>9} {'median ms':>10} {'x sdpa causal':>14}  target",
+          flush=True)
     for src in patterns:
         rows, info = bench_pattern(src, B=B, H=H, N=N, D=D, dtype=dtype, dev=dev, rounds=rounds,
-                                   with_flex=with_flex, with_bwd=with_bwd, with_blocksparse=with_blocksparse)
+                                   with_flex=with_flex, with_bwd=with_bwd, with_blocksparse=with_blocksparse,
+                                   with_natural_bwd=with_natural_bwd)
         all_rows += rows
         infos[src] = info
-    w = max(len(r[0]) for r in all_rows)
-    print(f"{'pattern':<{w}}  {'variant':<22} {'best ms':>9} {'median ms':>10} {'x sdpa causal':>14}  target")
-    for src, n, best, med, ratio in all_rows:
-        tgt = targets.get((src, n)) if dev.type == "cpu" and N == 8192 else None
-        mark = "" if tgt is None else (f"<= {tgt}  {'ok' if ratio <= tgt else 'MISSED'}")
-        print(f"{src:<{w}}  {n:<22} {best * 1e3:9.1f} {med * 1e3:10.1f} {ratio:14.3f}  {mark}")
+        for src_, n, best, med, ratio in rows:  # printed as soon as measured
+            tgt = targets.get((src_, n)) if dev.type == "cpu" and N == 8192 else None
+            mark = "" if tgt is None else (f"<= {tgt}  {'ok' if ratio <= tgt else 'MISSED'}")
+            print(f"{src_:<{w}}  {n:<22} {best * 1e3:9.1f} {med * 1e3:10.1f} {ratio:14.3f}  {mark}", flush=True)
     for src, info in infos.items():
         extra = ", ".join(f"{k} {v:.2f} s" for k, v in info.items() if k.endswith("mask"))
         print(f"{src}: token density {info['density']:.4f}, block density {info['block_density']:.4f}, "
@@ -231,6 +236,8 @@ def main(argv=None) -> int:
     ap.add_argument("--contended", action="store_true",
                     help="also time the CPU section with a competing 2-thread process running (both sides under it)")
     ap.add_argument("--patterns", help="only these CPU patterns (';'-separated)")
+    ap.add_argument("--no-natural-bwd", action="store_true",
+                    help="skip the natural-order fwd+bwd rows (the slowest ones on a busy machine)")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore", category=patternc.PatternWarning)
     torch.set_num_threads(args.threads)
@@ -243,7 +250,8 @@ def main(argv=None) -> int:
         for n in sizes:
             results["cpu"][str(n)] = section("CPU", B=1, H=4, N=n, D=64, dtype=torch.float32,
                                              dev=torch.device("cpu"), rounds=rounds, patterns=pats,
-                                             with_flex=not (args.no_flex or args.quick), with_bwd=True)
+                                             with_flex=not (args.no_flex or args.quick), with_bwd=True,
+                                             with_natural_bwd=not args.no_natural_bwd)
         if args.contended:
             with Competitor():
                 for n in sizes:

@@ -131,7 +131,7 @@ def main(argv=None) -> int:
             out.loss.backward()
             opts[name].step()
             times[name].append(time.perf_counter() - t0)
-            losses[name] = float(out.loss)
+            losses[name] = float(out.loss.detach())
         if step % 50 == 0 or step == args.steps - 1:
             print(f"step {step:4d}  " + "  ".join(f"{n} {v:.3f}" for n, v in losses.items()), flush=True)
     prompt_bytes = heldout[len(heldout) // 2: len(heldout) // 2 + 96]

@@ -202,6 +202,44 @@ def _packed_documents(mask_function):
     return docs
 
 
+try:  # score terms (SPEC §1.8)
+    from .ir.nodes import Term as _Term
+    from .ir.nodes import score_terms as _score_terms
+    from .ir.nodes import with_terms as _ir_with_terms
+
+    _HAS_TERMS = True
+except ImportError:  # pragma: no cover - before score terms
+    _HAS_TERMS = False
+
+
+def _terms(p: Pattern) -> tuple:
+    return tuple(_score_terms(p)) if _HAS_TERMS else ()
+
+
+def _with_terms(p: Pattern, terms) -> Pattern:
+    return _ir_with_terms(p, terms) if _HAS_TERMS and terms else p
+
+
+def _softcap_term(c: int):
+    return _Term("softcap", (("c", int(c)),))
+
+
+def _shift_invariant(p: Pattern) -> bool:
+    """True when every primitive of ``p`` reads only ``i - j`` (or nothing) and there is no
+    ``blocks``: moving every position by the same amount changes nothing (SPEC §1.1 facts)."""
+    from .ir import nodes as ir
+    from .ir.primitives import PRIMITIVES
+
+    for n in p.walk():
+        if isinstance(n, ir.Blocks):
+            return False
+        if isinstance(n, ir.Prim):
+            spec = PRIMITIVES.get(n.name)
+            if spec is None or spec.reads not in ("", "d"):
+                return False
+    return True
+
+
 def _with_documents(layer_text: str) -> Pattern:
     """``document & (p)``: HF's packed-sequence mask (same packed sequence) on top of the layer
     pattern ``p``. HF also re-reads positions from ``position_ids`` inside each sequence; that
@@ -286,23 +324,27 @@ class PatternAttention:
         return str(normalize(select_layer(p, layer)))
 
     def compiled(self, layer_idx: int, *, q_len: int, kv_len: int, q_offset: int = 0, kv_offset: int = 0,
-                 num_heads: int = 1, documents: bool = False):
+                 num_heads: int = 1, documents: bool = False, softcap: int | None = None):
         """The ``CompiledPattern`` of decoder layer ``layer_idx`` at these lengths and offsets
         (tokens), cached (an LRU of ``CACHE_SIZE``). ``documents=True``: the layer's pattern
         ANDed with ``document`` (packed sequences: a token attends only inside its own document,
-        HF's packed-sequence mask)."""
+        HF's packed-sequence mask). ``softcap=c``: the model's logit soft-cap as the layer's
+        ``softcap(c)`` score term when the pattern has none (SPEC §1.8)."""
         from .compiler import compile as compile_pattern
 
         p, layer = self.pattern_for_layer(layer_idx)
-        key = (id(p), layer, q_len, kv_len, q_offset, kv_offset, num_heads, documents)
+        key = (id(p), layer, q_len, kv_len, q_offset, kv_offset, num_heads, documents, softcap)
         with self._lock:
             cp = self._cache.get(key)
             if cp is not None:
                 self._cache.move_to_end(key)
                 self.stats["cache_hits"] += 1
                 return cp
+        terms = _terms(p)
         if documents:
-            p, layer = _with_documents(self.layer_text(layer_idx)), 0
+            p, layer = _with_terms(_with_documents(self.layer_text(layer_idx)), terms), 0
+        if softcap is not None and not any(t.name == "softcap" for t in terms):
+            p = _with_terms(p, (_softcap_term(softcap),) + tuple(terms))
         cp = compile_pattern(p, q_len=q_len, kv_len=kv_len, num_heads=num_heads, block_size=self.block_size,
                              layer=layer, q_offset=q_offset, kv_offset=kv_offset)
         with self._lock:
@@ -311,6 +353,52 @@ class PatternAttention:
             while len(self._cache) > CACHE_SIZE:
                 self._cache.popitem(last=False)
         return cp
+
+    def softcap_for(self, layer_idx: int, model_softcap) -> tuple[str, int | None]:
+        """How the model's ``softcap`` is applied in this layer: ``("none", None)`` (no cap
+        anywhere, or the pattern's own ``softcap`` term, which wins: W020 once if the two
+        differ), ``("term", c)`` (added as the layer's ``softcap(c)`` term) or ``("dense", None)``
+        (the interim dense path: score terms unavailable, or a cap that is not an integer)."""
+        if model_softcap is None:
+            return "none", None
+        p, _ = self.pattern_for_layer(layer_idx)
+        own = [t for t in _terms(p) if t.name == "softcap"]
+        if own:
+            c = own[0].arg("c")
+            if float(c) != float(model_softcap) and "softcap" not in self._warned:
+                self._warned.add("softcap")
+                _warn("W020", f"the model config caps attention logits at {model_softcap} "
+                              f"(attn_logit_softcapping) but the pattern {self.name!r} says `softcap(c={c})` "
+                              f"in layer {layer_idx}; the pattern is used",
+                      f"write `with softcap(c={model_softcap:g})` in the pattern, or drop it to use the model's")
+            return "none", None
+        c = float(model_softcap)
+        if _HAS_TERMS and c.is_integer() and c >= 1:
+            return "term", int(c)
+        if _terms(p):
+            raise _error("P373", f"the model caps attention logits at {model_softcap} (attn_logit_softcapping), "
+                                 "which is not an integer >= 1 and cannot join the pattern's score terms "
+                                 f"`{', '.join(str(t) for t in _terms(p))}`",
+                         f"write the cap in the pattern, e.g. `with softcap(c={max(1, round(c))})`")
+        return "dense", None
+
+    def _check_left_padding(self, layer_idx: int, padding: torch.Tensor) -> None:
+        """W021 once: left padding (a padded key before a real one) with a layer pattern that
+        is not shift-invariant: its positions count the pads (as HF's own masks do)."""
+        from .source.frontdoor import parse
+
+        left = bool((~padding[:, 0] & padding.any(dim=1)).any())
+        if not left:
+            return
+        text = self.layer_text(layer_idx)
+        if _shift_invariant(parse(text)):
+            return
+        self._warned.add("left-padding")
+        _warn("W021", f"left padding with layer {layer_idx}'s pattern `{text}`, which reads absolute positions: "
+                      "positions count the pad tokens (cache slots, as in HF's own masks), so a padded row's "
+                      "real tokens start at its pad count",
+              "pad on the right (tokenizer.padding_side='right') for training and scoring, or batch prompts of "
+              "equal length for generation")
 
     def offset_unit(self, layer_idx: int) -> int:
         """The tokens every offset of this layer must be a multiple of (the ``blocks(b, …)``
@@ -430,6 +518,8 @@ class PatternAttention:
                                  f"saw q_length={m.q_length}, kv_length={m.kv_length}",
                          "use the model's DynamicCache (the default) with this attention")
         dropout = float(dropout) if getattr(module, "training", False) else 0.0
+        if m.key_padding_mask is not None and "left-padding" not in self._warned:
+            self._check_left_padding(layer_idx, m.key_padding_mask)
         out = _attend(self, layer_idx, query, key, value, m, scaling, dropout, softcap)
         return out.transpose(1, 2).contiguous(), None
 
@@ -444,7 +534,8 @@ def _attend(reg: PatternAttention, layer_idx, query, key, value, m: PatternMask,
     call does not have, given as padding (key padding False), so the result is exact."""
     B, H, Q, D = query.shape
     KV = key.shape[2]
-    if softcap is not None:
+    how, cap = reg.softcap_for(layer_idx, softcap)
+    if how == "dense":
         return _attend_dense(reg, layer_idx, query, key, value, m, scaling, dropout, softcap)
     padding = m.key_padding_mask
     unit = reg.offset_unit(layer_idx)
@@ -457,18 +548,18 @@ def _attend(reg: PatternAttention, layer_idx, query, key, value, m: PatternMask,
         real = torch.ones(B, KV, dtype=torch.bool, device=key.device) if padding is None else padding
         padding = torch.nn.functional.pad(real, (dk, 0), value=False)
     cp = reg.compiled(layer_idx, q_len=Q + dq, kv_len=KV + dk, q_offset=m.q_offset - dq,
-                      kv_offset=m.kv_offset - dk, num_heads=H, documents=m.documents is not None)
+                      kv_offset=m.kv_offset - dk, num_heads=H, documents=m.documents is not None, softcap=cap)
     out = cp.attention(query, key, value, scale=scaling, backend=reg.backend, dropout_p=dropout,
                        documents=m.documents, key_padding_mask=padding)
     return out[:, :, dq:] if dq else out
 
 
 def _attend_dense(reg, layer_idx, query, key, value, m: PatternMask, scaling, dropout, softcap):
-    """INTERIM path for the model's softcap (until score terms are on ``cp.attention``): the
-    pattern's predicate at positions ``q_offset + r``, ``kv_offset + c``
-    (evaluated by the compiled layer over the position extents), ANDed with key padding and
-    documents, as a dense boolean [B, H', Q_LEN, KV_LEN] mask; softcap applied to the scores.
-    O(Q_LEN · KV_LEN): small for decode steps (Q_LEN = 1), used for padded or packed prefill."""
+    """INTERIM path for a model softcap that cannot be the layer's ``softcap(c)`` term (score
+    terms unavailable, or a cap that is not an integer >= 1): the compiled layer's predicate at
+    positions ``q_offset + r``, ``kv_offset + c``, ANDed with key padding and documents, as a
+    dense boolean [B, H', Q_LEN, KV_LEN] mask; ``c·tanh(s/c)`` on the scores, float32 softmax
+    (a row with no allowed key gives 0). O(Q_LEN · KV_LEN) per call."""
     import numpy as np
 
     B, H, Q, D = query.shape

@@ -31,6 +31,8 @@ CASES = [
     ("mixed4", "local(w=50) & causal", 230, 2, 2, (32, 16), "tiles", 4),
     ("idle4", "local(w=16) & causal", 64, 2, 2, 32, "tiles", 4),  # 2 query blocks: 2 ranks own nothing
     ("prefix4", "prefix(n=40)", 200, 1, 1, 32, "tiles", 4),  # rows past 40 have no key at all
+    # sharded in the plan's residue order: whole residue classes per rank, nothing to exchange
+    ("residue4", "strided(s=32) & causal", 1024, 2, 2, 32, "tiles", 4),
 ]
 DIM = 8
 
@@ -76,7 +78,8 @@ def _worker(rank, world):
         full = [ctx.unshard(t) for t in (out_l, ql.grad, kl.grad, vl.grad)]
         stats = [None] * w
         dist.all_gather_object(stats, ctx.stats, group=group)
-        results[name] = (*full, stats, [p.tolist() for p in ctx.schedule.positions])
+        results[name] = (*full, stats, [ctx._natural(p).tolist() for p in ctx.schedule.positions],
+                         None if ctx.order is None else ctx.order.tolist())
     for n, (name, src, L, H, B, docs, pad) in enumerate(RUNTIME):
         cp = patternc.compile(src, q_len=L, num_heads=H, block_size=32)
         ctx = ContextParallel(cp)
@@ -88,7 +91,7 @@ def _worker(rank, world):
         full = [ctx.unshard(t) for t in (out_l, ql.grad, kl.grad, vl.grad)]
         stats = [None] * world
         dist.all_gather_object(stats, ctx.stats)
-        results[name] = (*full, stats, [p.tolist() for p in ctx.schedule.positions])
+        results[name] = (*full, stats, [p.tolist() for p in ctx.schedule.positions], None)
     results["nn"] = _nn_case(ContextParallel)
     return results
 
@@ -165,16 +168,17 @@ def test_moves_exactly_the_blocks_read(ranks, case):
     """bytes received = the tokens of the key blocks holding a key some owned row attends (oracle),
     minus the rank's own; the backward sends exactly as much back; sums match across ranks."""
     name, src, L, H, Hkv, bs, balance, w = case
-    stats, positions = ranks[0][name][4], ranks[0][name][5]
+    stats, positions, order = ranks[0][name][4], ranks[0][name][5], ranks[0][name][6]
     kb = bs[1] if isinstance(bs, tuple) else bs
     dense = patternc.reference.dense_mask(src, q_len=L, num_heads=H).any(axis=0)  # [L, L]
     row_bytes = Hkv * (DIM + DIM + 2) * 4
     assert sorted(sum(positions, [])) == list(range(L))
+    place = np.arange(L) if order is None else np.argsort(order)  # natural position -> place in the order
     for r, s in enumerate(stats):
         own = np.array(positions[r], dtype=np.int64)
         keys = np.nonzero(dense[own].any(axis=0))[0] if own.size else np.zeros(0, dtype=np.int64)
-        blocks = np.unique(keys // kb)
-        tokens = {t for b in blocks for t in range(b * kb, min(L, (b + 1) * kb))} - set(own.tolist())
+        blocks = np.unique(place[keys] // kb)  # key blocks are blocks of the sharding order
+        tokens = {t for b in blocks for t in range(b * kb, min(L, (b + 1) * kb))} - set(place[own].tolist())
         assert s["positions"] == own.size
         assert s["bytes_received_forward"] == len(tokens) * row_bytes, (name, r)
         assert s["bytes_sent_backward"] == s["bytes_received_forward"]
@@ -224,6 +228,14 @@ def test_nn_layers_context_parallel(ranks):
     torch.testing.assert_close(y_cp, y.detach(), atol=1e-5, rtol=1e-5)
     for (name, p), got in zip(model.named_parameters(), grads):
         torch.testing.assert_close(got, p.grad, atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_residue_order_exchanges_nothing(ranks):
+    stats, order = ranks[0]["residue4"][4], ranks[0]["residue4"][6]
+    assert order is not None  # the plan's residue order: position x at place (x mod 32) * 32 + x // 32
+    assert order[:3] == [0, 32, 64]
+    assert all(s["bytes_received_forward"] == 0 and s["bytes_sent_backward"] == 0 for s in stats)
+    assert all(s["computed_tiles"] > 0 for s in stats)
 
 
 def test_idle_ranks_participate(ranks):

@@ -256,3 +256,46 @@ def test_run_takes_a_plan(capsys, plan):
     obj = json.loads(out)
     assert code == 0 and obj["check_passed"] and obj["plan"]["mode"] == plan
     assert (obj["plan"]["terms"] == 1) == (plan == "natural")
+
+
+# ---- the kernel's score hook (the interface score terms build on) -------------------------------------
+class _Softcap:
+    """``c * tanh(s / c)`` plus a per-head ALiBi-like bias, with its derivative."""
+
+    def __init__(self, c):
+        self.c = c
+
+    def __call__(self, s, heads, q_pos, kv_pos):
+        bias = 0.01 * (heads[:, None, None] + 1) * (kv_pos[:, None, :] - q_pos[:, :, None])
+        return torch.tanh(s / self.c) * self.c + bias
+
+    def derivative(self, s, heads, q_pos, kv_pos):
+        return 1 - torch.tanh(s / self.c) ** 2
+
+
+def test_score_mod_hook_sees_natural_positions_in_every_term():
+    cp = _compile("(local(w=16) | strided(s=16)) & causal", q_len=200, kv_len=230, num_heads=2, block_size=16)
+    plan = _forced(cp)
+    assert len(plan.terms) > 1 and any(t.q_order.kind == "residue" for t in plan.terms)
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, n, 8, generator=g, dtype=torch.float64) * 3 for n in (200, 230, 230))
+    dout = torch.randn(1, 2, 200, 8, generator=g, dtype=torch.float64)
+    hook = _Softcap(2.0)
+    from patternc.execute.blocksparse import plan_terms
+
+    xs = [x.clone().requires_grad_() for x in (q, k, v)]
+    out = run_terms(*xs, plan_terms(cp, plan, "cpu"), 0.5, score_mod=hook)
+    out.backward(dout)
+    # reference: dense float64 with the same transform
+    rs = [x.clone().requires_grad_() for x in (q, k, v)]
+    s = rs[0] @ rs[1].transpose(-1, -2) * 0.5
+    h = torch.arange(2)[:, None, None]
+    i, j = torch.arange(200)[:, None], torch.arange(230)[None, :]
+    s = torch.tanh(s / 2.0) * 2.0 + 0.01 * (h + 1) * (j - i)
+    mask = torch.as_tensor(oracle(cp.pattern, q_len=200, kv_len=230, num_heads=2))
+    p = torch.softmax(s.masked_fill(~mask, float("-inf")), -1).nan_to_num(0.0)
+    ref = p @ rs[2]
+    ref.backward(dout)
+    assert _rel(out, ref) <= 1e-10
+    for a, b in zip(xs, rs):
+        assert _rel(a.grad, b.grad) <= 1e-9

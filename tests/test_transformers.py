@@ -17,6 +17,7 @@ below; ``test_docs_table`` compares it (``PATTERNC_UPDATE_DOCS=1`` rewrites it).
 from __future__ import annotations
 
 import copy
+import math
 import os
 import re
 import warnings
@@ -75,10 +76,12 @@ CASES = [
          notes="query_pre_attn_scalar -> scaling"),
     Case("Gemma 2", "Gemma2Config", "Gemma2ForCausalLM",
          _small(head_dim=8, sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"],
-                query_pre_attn_scalar=16, attn_logit_softcapping=1.5, final_logit_softcapping=30.0),
+                query_pre_attn_scalar=16, attn_logit_softcapping=2.0, final_logit_softcapping=30.0),
          f"layers(local(w={WINDOW}) & causal, causal)",
-         f"layer_types sliding/full, sliding_window={WINDOW}, attn_logit_softcapping=1.5",
-         notes="the model's softcap; q/k weights x20 so the cap bites", extra={"qk_scale": 20.0}),
+         f"layer_types sliding/full, sliding_window={WINDOW}, attn_logit_softcapping=2",
+         notes="the model's cap runs as the layer's `softcap(c=2)` score term (a dense interim path where score "
+               "terms are unavailable); `… with softcap(c=2)` in the pattern is tested too; q/k weights x20 so "
+               "the cap bites", extra={"qk_scale": 20.0}),
     Case("Qwen2", "Qwen2Config", "Qwen2ForCausalLM", _small(num_key_value_heads=1), "causal",
          "causal (use_sliding_window=False)", notes="GQA 4:1"),
 ]
@@ -229,6 +232,52 @@ def test_softcap_is_applied():
         assert _rel(no_cap(ids).logits, eager(ids).logits) > 1e-2  # the cap matters at these logits
 
 
+@pytest.mark.skipif(not pt._HAS_TERMS, reason="score terms (SPEC §1.8) not available")
+def test_the_patterns_own_softcap_term_wins():
+    case = CASES[3]
+    eager, _ = _models(case)
+    ids, am = _batch()
+    with torch.no_grad():
+        want = eager(ids, attention_mask=am).logits
+    real = am.bool()
+    for c, equal in ((2, True), (3, False)):
+        name = f"patternc-test-own-cap{c}"
+        pt.register(name, case.pattern + f" with softcap(c={c})", block_size=BLOCK)
+        m = copy.deepcopy(eager)
+        m.set_attn_implementation(name)
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            with torch.no_grad():
+                got = m(ids, attention_mask=am).logits
+        msgs = [str(x.message) for x in w if isinstance(x.message, patternc.PatternWarning) and "softcap" in str(x.message)]
+        if equal:
+            assert _rel(got[real], want[real]) <= TOL and not msgs
+        else:
+            assert _rel(got[real], want[real]) > 1e-3
+            assert len(msgs) == 1 and "softcap(c=3)" in msgs[0] and "2.0" in msgs[0]
+    kw = dict(attention_mask=am, max_new_tokens=16, do_sample=False, pad_token_id=0, eos_token_id=None)
+    m = copy.deepcopy(eager)
+    m.set_attn_implementation("patternc-test-own-cap2")
+    with torch.no_grad():
+        assert torch.equal(m.generate(ids, **kw), eager.generate(ids, **kw))
+
+
+def test_a_cap_that_is_not_an_integer_runs_the_dense_path():
+    case = CASES[3]
+    eager, _ = _models(case)
+    cfg = copy.deepcopy(eager.config)
+    cfg.attn_logit_softcapping = 1.5
+    want = type(eager)(cfg).eval()
+    want.load_state_dict(eager.state_dict())
+    pt.register("patternc-test-cap15", case.pattern, block_size=BLOCK)
+    mine = copy.deepcopy(want)
+    mine.set_attn_implementation("patternc-test-cap15")
+    ids, am = _batch()
+    with torch.no_grad():
+        a, b = want(ids, attention_mask=am).logits, mine(ids, attention_mask=am).logits
+    assert _rel(b[am.bool()], a[am.bool()]) <= TOL
+
+
 def test_dropout_only_in_training():
     case = CASES[0]
     torch.manual_seed(0)
@@ -342,6 +391,26 @@ def test_config_mismatch_warns_once_naming_both():
     assert not [x for x in w if isinstance(x.message, patternc.PatternWarning)]
 
 
+def test_left_padding_with_an_anchored_pattern_warns_once():
+    case = CASES[0]
+    eager, _ = _models(case)
+    ids, am = _batch()
+    for pattern, warns in (("(sink(n=2) | local(w=4)) & causal", True), ("(local(w=4) | strided(s=3)) & causal", False)):
+        name = f"patternc-test-left-{warns}"
+        pt.register(name, pattern, block_size=BLOCK)
+        m = copy.deepcopy(eager)
+        m.set_attn_implementation(name)
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            with torch.no_grad():
+                m(ids, attention_mask=am)
+                m(ids, attention_mask=am)
+                m(ids.flip(1), attention_mask=am.flip(1))  # right padding: never
+        msgs = [str(x.message) for x in w if isinstance(x.message, patternc.PatternWarning)]
+        assert [x for x in msgs if "W021" in x] == ([x for x in msgs if "sink" in x] if warns else [])
+        assert len(msgs) == (1 if warns else 0), msgs
+
+
 def test_expected_pattern_reads_the_config():
     cfg = transformers.Qwen2Config(use_sliding_window=False, num_hidden_layers=2)
     assert pt.expected_pattern(cfg, 0) is None
@@ -408,3 +477,22 @@ def test_generate_with_the_cache_equals_generate_without(pattern):
         hf_causal = eager.generate(ids, use_cache=True, **kw)
     assert torch.equal(cached, full)
     assert not torch.equal(cached, hf_causal)  # the pattern really differs from causal here
+
+
+@pytest.mark.slow
+def test_the_example_trains_and_generates(tmp_path):
+    """examples/hf_sparse_llama.py end to end at a tiny size: it trains, evaluates, and
+    generation with the KV cache equals generation without it for every run (exit 0)."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "r.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "hf_sparse_llama.py"), "--steps", "2",
+                           "--seq-len", "64", "--gen", "6", "--layers", "2", "--d-model", "32", "--block-size", "16",
+                           "--eval-windows", "2", "--max-bytes", "200000", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=str(ROOT))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    res = json.loads(out.read_text())["results"]
+    assert [r["run"] for r in res] == ["dense", "window|strided", "window/global"]
+    assert all(r["cache_equals_no_cache"] and math.isfinite(r["heldout_bits_per_byte"]) for r in res)

@@ -72,7 +72,7 @@ def _print_table(r: dict) -> None:
     print(f"shape: q [{s['batch']}, {s['heads']}, {s['seq_len']}, {s['head_dim']}], k/v heads {s['kv_heads']}, "
           f"{r['dtype']}, BLOCK_SIZE {s['block_size']}")
     print(f"context parallel: {r['nproc']} gloo processes on 127.0.0.1, balance={r['balance']} "
-          f"(schedule {r['schedule']})")
+          f"(schedule {r['schedule']}, {r['ranks'][0]['order']} order)")
     cols = ("rank", "positions", "q_blocks", "tiles", "kv_blocks", "recv_fwd_MiB", "sent_fwd_MiB",
             "recv_bwd_MiB", "sent_bwd_MiB", "allgather_MiB", "recv/allgather", "fwd_ms", "bwd_ms")
     rows = []

@@ -92,11 +92,19 @@ class ContextParallel:
         owner: int64 [num_q_blocks] ranks of the query blocks, to reuse another
             ``ContextParallel``'s positions (every layer of a model must shard the residual
             stream the same way); see ``for_pattern``.
+        plan: ``"auto"`` (shard in a one-term execution plan's own order where there is one)
+            or ``"natural"``.
 
     Attributes:
         schedule: the ``balance.Schedule`` (identical on every rank).
         rank, world_size: this process' rank and the group's size.
-        positions: int64 [n_r] the token positions this rank owns, ascending.
+        positions: int64 [n_r] the token positions this rank owns, in the sharding order
+            (ascending when ``order`` is None).
+        order: None (natural order), or int64 [seq_len] the natural position at each place of
+            the order the sequence is sharded in: with ``plan="auto"``, a pattern whose execution
+            plan (SPEC §6) is one term in one non-natural order for queries and keys (e.g.
+            ``strided(s) & causal`` in residue order) is sharded in that order, whole blocks of
+            it per rank.
 
     Raises:
         PatternError: P380 no initialised process group, Q_LEN != KV_LEN, score terms,
@@ -104,7 +112,7 @@ class ContextParallel:
     """
 
     def __init__(self, cp, group=None, balance: str = "tiles", *, tolerance: float = TOLERANCE,
-                 owner=None):
+                 owner=None, plan: str = "auto"):
         if not dist.is_available() or not dist.is_initialized():
             raise _error("P380", "context parallel needs an initialised torch.distributed process group",
                          help='call torch.distributed.init_process_group("gloo") (CPU) or ("nccl") (GPU) '
@@ -126,15 +134,28 @@ class ContextParallel:
         backend = dist.get_backend(group)
         self.device = (torch.device("cuda", torch.cuda.current_device()) if str(backend) == "nccl"
                        else torch.device("cpu"))
+        if plan not in ("auto", "natural"):
+            raise _error("P380", f"plan must be 'auto' or 'natural', got {plan!r}")
         layout = cp.layout
         self.seq_len = cp.q_len
         self.q_block_size, self.kv_block_size = layout.q_block_size, layout.kv_block_size
+        #: the token order the sequence is sharded in: None (natural) or int64 [seq_len], the
+        #: natural position at each place (a one-term execution plan's own order, SPEC §6)
+        self.order, self.order_text = None, "natural"
+        kinds = np.asarray(layout.kinds)
+        term = _single_term_order(cp) if plan == "auto" and owner is None else None
+        if term is not None:
+            self.order = term.q_positions(cp.q_len)
+            self.order_text = str(term.q_order)
+            kinds = np.asarray(term.kinds)
+        self._kinds = kinds
         if owner is None:
-            self.schedule = make_schedule(layout.kinds, world=self.world_size, seq_len=self.seq_len,
+            self.schedule = make_schedule(kinds, world=self.world_size, seq_len=self.seq_len,
                                           q_block_size=self.q_block_size, kv_block_size=self.kv_block_size,
                                           balance=balance, tolerance=tolerance)
         else:
             self.schedule = _schedule_from_owner(layout, owner, self.world_size)
+        self.positions = self._natural(self.schedule.positions[self.rank])
         self._check_same_everywhere()
         self._setup()
         self._plans: dict = {}
@@ -146,7 +167,7 @@ class ContextParallel:
     def _check_same_everywhere(self) -> None:
         cp = self.cp
         key = "|".join(str(x) for x in (cp.pattern, cp.q_len, cp.kv_len, cp.num_heads, self.q_block_size,
-                                         self.kv_block_size, self.schedule.owner.tobytes().hex()))
+                                         self.kv_block_size, self.order_text, self.schedule.owner.tobytes().hex()))
         h = int.from_bytes(hashlib.sha256(key.encode()).digest()[:7], "little")
         t = torch.tensor([h, -h], dtype=torch.int64, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
@@ -154,9 +175,12 @@ class ContextParallel:
             raise _error("P380", "the ranks compiled different patterns, lengths, heads, block sizes or balances",
                          help="build ContextParallel from the same patternc.compile(...) call on every rank")
 
+    def _natural(self, pos: np.ndarray) -> np.ndarray:
+        """Natural token positions of places ``pos`` of the sharding order."""
+        return pos if self.order is None else self.order[pos]
+
     def _setup(self) -> None:
-        self.positions = self.schedule.positions[self.rank]
-        self._static = _Step(self, np.asarray(self.cp.layout.kinds), None)
+        self._static = _Step(self, self._kinds, None)
         self._step = self._static
 
     def for_pattern(self, cp) -> "ContextParallel":
@@ -164,12 +188,16 @@ class ContextParallel:
         keeps this one's positions (another layer of the same model); cached per ``cp``."""
         if cp is self.cp:
             return self
+        if self.order is not None:
+            raise _error("P380", f"this ContextParallel shards in {self.order_text} order (its pattern's execution "
+                         "plan); another pattern cannot keep those positions",
+                         help="build the first ContextParallel with plan='natural' to share it across layers")
         child = self._children.get(id(cp))
         if child is None or child.cp is not cp:
             if cp.q_len != self.seq_len or cp.layout.q_block_size != self.q_block_size:
                 raise _error("P380", f"for_pattern needs the same Q_LEN and Q_BLOCK_SIZE ({self.seq_len}, "
                              f"{self.q_block_size}); got ({cp.q_len}, {cp.layout.q_block_size})")
-            child = ContextParallel(cp, self.group, self.balance, owner=self.schedule.owner)
+            child = ContextParallel(cp, self.group, self.balance, owner=self.schedule.owner, plan="natural")
             self._children[id(cp)] = child
         return child
 
@@ -224,7 +252,7 @@ class ContextParallel:
         dist.all_gather(parts, pad.contiguous(), group=self.group)
         full = x0.new_empty((self.seq_len,) + tuple(x0.shape[1:]))
         for p, part in enumerate(parts):
-            idx = torch.as_tensor(self.schedule.positions[p], device=full.device)
+            idx = torch.as_tensor(self._natural(self.schedule.positions[p]), device=full.device)
             full.index_copy_(0, idx, part[:sizes[p]])
         return full.movedim(0, dim)
 
@@ -294,6 +322,9 @@ class ContextParallel:
     def _runtime_step(self, q_l, documents, key_padding_mask) -> "_Step":
         """The exchange and local layouts of one batch with run-time data (SPEC §1.7)."""
         cp = self.cp
+        if self.order is not None:
+            raise _error("P380", f"run-time data with a ContextParallel sharded in {self.order_text} order",
+                         help="build it with plan='natural' to pass documents or key_padding_mask")
         if not hasattr(cp, "layout_for"):
             raise _error("P380", "this patternc build has no run-time data (documents, key_padding_mask)")
         layout = cp.layout_for(documents=documents, key_padding_mask=key_padding_mask)
@@ -319,15 +350,31 @@ class ContextParallel:
         ``positions_received`` / ``positions_sent`` (forward,
         tokens), ``bytes_sent_forward``, ``bytes_received_forward``, ``bytes_sent_backward``,
         ``bytes_received_backward``, ``allgather_bytes`` (what an all-gather of K and V would
-        receive), ``imbalance`` (max / mean computed tiles over ranks) and ``method`` (the
-        schedule chosen).
+        receive), ``imbalance`` (max / mean computed tiles over ranks), ``method`` (the
+        schedule chosen) and ``order`` (the token order the sequence is sharded in).
         """
         s, r, st = self.schedule, self.rank, self._step
         return dict(rank=r, world_size=self.world_size, positions=int(self.positions.size),
                     q_blocks=int(s.q_blocks[r].size), kv_blocks_read=int(st.kv_blocks[r].size),
                     computed_tiles=int(st.tiles), positions_received=int(sum(st.recv_splits)),
                     positions_sent=int(sum(st.send_splits)), **self._bytes,
-                    imbalance=round(s.imbalance, 4), method=s.method)
+                    imbalance=round(s.imbalance, 4), method=s.method, order=self.order_text)
+
+
+def _single_term_order(cp):
+    """The one term of ``cp.plan`` when the plan runs the whole pattern (every head, every
+    token) in one non-natural order shared by queries and keys, else None: sharding in that
+    order keeps the pattern's tiles few there (``strided(s) & causal`` in residue order owns
+    whole residue classes per rank and exchanges nothing)."""
+    plan = getattr(cp, "plan", None)
+    terms = getattr(plan, "terms", None)
+    if not terms or len(terms) != 1:
+        return None
+    t = terms[0]
+    if (t.q_order.kind == "natural" or str(t.q_order) != str(t.kv_order) or t.q_count != cp.q_len
+            or t.kv_count != cp.kv_len or len(t.heads) != cp.num_heads or cp.layout.q_block_size != cp.layout.kv_block_size):
+        return None
+    return t
 
 
 def _schedule_from_owner(layout, owner, world: int) -> Schedule:
@@ -394,7 +441,7 @@ class _Step:
         if got is None:
             base = self.base if self.base is not None else mask_mod_for(self.cpx.cp, device)
             qpos = torch.as_tensor(self.cpx.positions, device=device)
-            kpos = torch.as_tensor(self.buffer, device=device)
+            kpos = torch.as_tensor(self.cpx._natural(self.buffer), device=device)
             if self.runtime:
                 b_row = torch.tensor(row, dtype=torch.int64, device=device)
 

@@ -68,24 +68,40 @@ def flatten(p):
         return type(p)(tuple(out))
 
 
+def _collapse(p, const):
+    """``p`` (an ``And``/``Or``) is the constant ``const``: return it, except that operands holding
+    a length-dependent parameter stay beside it (``const & a`` / ``const | a``) until the lengths
+    are bound, so that parameter is still range-checked (``keeps_length_checks``). Keeping them
+    here, rather than refusing the rewrite, makes the result independent of how the operands
+    were grouped. None when nothing changes."""
+    keep = tuple(c for c in p.items if c != const and _length_checks(c))
+    if not keep:
+        return const
+    if set(p.items) == {const, *keep}:
+        return None
+    return type(p)((const, *keep))
+
+
 def identity_and_annihilator(p):
+    """a & all -> a, a | none -> a; a & none -> none, a | all -> all (see ``_collapse``)."""
     if isinstance(p, And):
         if NONE in p.items:
-            return NONE
+            return _collapse(p, NONE)
         if ALL in p.items:
             return And(tuple(c for c in p.items if c != ALL))
     if isinstance(p, Or):
         if ALL in p.items:
-            return ALL
+            return _collapse(p, ALL)
         if NONE in p.items:
             return Or(tuple(c for c in p.items if c != NONE))
 
 
 def complement(p):
+    """a & ~a -> none, a | ~a -> all (see ``_collapse``)."""
     if isinstance(p, (And, Or)):
         items = set(p.items)
         if any(isinstance(c, Not) and c.child in items for c in p.items):
-            return NONE if isinstance(p, And) else ALL
+            return _collapse(p, NONE if isinstance(p, And) else ALL)
 
 
 def absorption(p):
