@@ -556,10 +556,10 @@ def _attend(reg: PatternAttention, layer_idx, query, key, value, m: PatternMask,
 
 def _attend_dense(reg, layer_idx, query, key, value, m: PatternMask, scaling, dropout, softcap):
     """INTERIM path for a model softcap that cannot be the layer's ``softcap(c)`` term (score
-    terms unavailable, or a cap that is not an integer >= 1): the pattern's predicate at positions ``q_offset + r``, ``kv_offset + c``
-    (evaluated by the compiled layer over the position extents), ANDed with key padding and
-    documents, as a dense boolean [B, H', Q_LEN, KV_LEN] mask; softcap applied to the scores.
-    O(Q_LEN · KV_LEN): small for decode steps (Q_LEN = 1), used for padded or packed prefill."""
+    terms unavailable, or a cap that is not an integer >= 1): the compiled layer's predicate at
+    positions ``q_offset + r``, ``kv_offset + c``, ANDed with key padding and documents, as a
+    dense boolean [B, H', Q_LEN, KV_LEN] mask; ``c·tanh(s/c)`` on the scores, float32 softmax
+    (a row with no allowed key gives 0). O(Q_LEN · KV_LEN) per call."""
     import numpy as np
 
     B, H, Q, D = query.shape

@@ -674,16 +674,10 @@ def blocksparse_backward(plan: Plan, mask_mod, q, k, v, out, lse, dout, scale: f
     H_kv, KV, Dv = k.shape[1], k.shape[2], v.shape[-1]
     cdt = out.dtype
     qb, kb, nq, nkv = plan.q_block_size, plan.kv_block_size, plan.num_q_blocks, plan.num_kv_blocks
-    # Augmented operands fold the "- lse" of P = exp(s - lse) into the matmul:
-    # [q * scale, -lse] @ [k, 1]^T = q k^T * scale - lse (an empty row's lse is huge, not inf).
     qp = _pad_blocks(q, nq, qb, cdt) * scale
-    neg_lse = (-lse).clamp_(min=-torch.finfo(cdt).max / 4)[..., None]
-    qa = torch.cat([qp, neg_lse], dim=-1)  # [B, H*nq, qb, D + 1]
     kp = _pad_blocks(k, nkv, kb, cdt)
-    ka = torch.nn.functional.pad(kp, (0, 1), value=1.0)  # [B, Hkv*nkv, kb, D + 1]
     vp = _pad_blocks(v, nkv, kb, cdt)
     dop = _pad_blocks(dout, nq, qb, cdt)
-    delta = (dop * out).sum(-1)  # [B, H*nq, qb]
     dq = torch.zeros_like(qp)
     dk = torch.zeros_like(kp)
     dv = torch.zeros_like(vp)
@@ -692,7 +686,6 @@ def blocksparse_backward(plan: Plan, mask_mod, q, k, v, out, lse, dout, scale: f
     if score_mod is not None and positions is None:
         positions = _Positions(plan)
     if _use_flash(plan, q, v, cdt, score_mod, dropout_p):
-        qp = qa[..., :D].contiguous()
         lse_f = lse.contiguous()
         for g, rows, q_rows, kv_rows in _flash_chunks(plan, cx, g_list=plan.groups, B=B):
             S, R = g.num_slots, q_rows.shape[0]
@@ -707,6 +700,12 @@ def blocksparse_backward(plan: Plan, mask_mod, q, k, v, out, lse, dout, scale: f
         dk = dk.view(B, H_kv, nkv * kb, D)[:, :, :KV]
         dv = dv.view(B, H_kv, nkv * kb, Dv)[:, :, :KV]
         return dq, dk, dv
+    # Augmented operands fold the "- lse" of P = exp(s - lse) into the matmul:
+    # [q * scale, -lse] @ [k, 1]^T = q k^T * scale - lse (an empty row's lse is huge, not inf).
+    neg_lse = (-lse).clamp_(min=-torch.finfo(cdt).max / 4)[..., None]
+    qa = torch.cat([qp, neg_lse], dim=-1)  # [B, H*nq, qb, D + 1]
+    ka = torch.nn.functional.pad(kp, (0, 1), value=1.0)  # [B, Hkv*nkv, kb, D + 1]
+    delta = (dop * out).sum(-1)  # [B, H*nq, qb]
     for g in plan.groups:
         S = g.num_slots
         for rows, segs in plan.chunks(g, B, chunk_elements):
