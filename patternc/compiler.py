@@ -467,6 +467,12 @@ class CompiledPattern:
         if kp is not None and batch is None:
             batch = kp.shape[0]
         docs = None
+        if documents is not None and "documents" not in self.needs:
+            warnings.warn(PatternWarning(Diagnostic(
+                "W007", f"documents were given but the pattern `{self.source}` does not use `document`: they "
+                "change nothing, and attention crosses document boundaries", None,
+                f"to keep attention inside each packed document write `document & ({self.source})`",
+                severity="warning", filename="<pattern>")), stacklevel=3)
         if "documents" in self.needs:
             if documents is None:
                 raise PatternError(Diagnostic(

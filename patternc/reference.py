@@ -107,6 +107,8 @@ def _elaborated(p_or_source, params) -> Pattern:
     from .lang.elaborate import elaborate
     from .lang.parser import decode_source
 
+    if not isinstance(p_or_source, (str, bytes)):
+        raise TypeError(f"dense_mask takes pattern text, bytes or a Pattern, got {type(p_or_source).__name__}")
     text = decode_source(p_or_source, "<bytes>") if isinstance(p_or_source, bytes) else p_or_source
     return elaborate(text, params=params).pattern
 

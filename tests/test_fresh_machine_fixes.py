@@ -296,3 +296,28 @@ def test_random_lowering_memory_is_bounded_and_exact():
     assert kinds.dtype == np.uint8 and int((kinds != 0).sum()) <= n * r
     # the old dense int64 histogram + prefix sum alone was 8 bytes per tile several times over
     assert peak < kinds.nbytes + 256 * n * r, peak
+
+
+@pytest.mark.parametrize("bad", [None, 5, 3.5, ["causal"]])
+def test_a_pattern_that_is_not_text_is_a_diagnostic(bad):
+    """compile(None) used to end in AttributeError: 'NoneType' object has no attribute 'replace'."""
+    for call in (lambda: patternc.parse(bad), lambda: patternc.compile(bad, q_len=64)):
+        with pytest.raises(patternc.PatternError) as e:
+            call()
+        assert e.value.diagnostic.code == "P302" and type(bad).__name__ in str(e.value)
+    with pytest.raises(TypeError):
+        patternc.reference.dense_mask(bad, q_len=8)
+
+
+def test_documents_given_to_a_pattern_without_document_warn_w007():
+    """Found trying main as a new user: documents were silently ignored (output unchanged)."""
+    import torch
+
+    from patternc.errors import PatternWarning
+
+    cp = patternc.compile("local(w=16) & causal", q_len=64, block_size=16)
+    q = k = v = torch.randn(1, 1, 64, 8)
+    with pytest.warns(PatternWarning, match="W007") as rec:
+        out = cp.attention(q, k, v, documents=[[32, 32]])
+    assert "document & (local(w=16) & causal)" in str(rec[0].message)
+    assert torch.equal(out, cp.attention(q, k, v))  # the documents changed nothing, as the warning says

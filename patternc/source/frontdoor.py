@@ -6,7 +6,7 @@ import functools
 import warnings
 from pathlib import Path
 
-from ..errors import PatternWarning
+from ..errors import Diagnostic, PatternError, PatternWarning
 from ..ir.nodes import Pattern
 from ..ir.normalize import normalize
 from ..lang.elaborate import ParseResult, elaborate
@@ -28,7 +28,16 @@ def analyse_source(source: str, *, params: dict | None = None, filename: str | N
     Raises:
         PatternError: any P1xx / P2xx diagnostic.
     """
+    if not isinstance(source, str):
+        raise not_a_source(source)
     return _analyse_cached(source, tuple(sorted((params or {}).items())), filename or "<string>")
+
+
+def not_a_source(source) -> PatternError:
+    """P302 for a pattern argument that is neither text, UTF-8 bytes nor a ``Pattern``."""
+    return PatternError(Diagnostic(
+        "P302", f"a pattern must be source text (str), UTF-8 bytes or a patternc.Pattern, got {type(source).__name__}",
+        None, "pass the pattern as text, e.g. 'local(w=128) & causal', or patternc.load(path) for a .pattern file"))
 
 
 def parse(source, *, params: dict | None = None, filename: str | None = None) -> Pattern:
