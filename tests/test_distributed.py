@@ -347,6 +347,7 @@ def test_run_nproc_prints_the_per_rank_table_and_checks(capsys):
     (["--kv-len", "200"], "--kv-len 200 must equal --seq-len 300"),
     (["--backend", "sdpa"], "--backend sdpa"),
     (["--nproc", "0"], "--nproc must be >= 1"),
+    (["--documents", "100,200"], "--nproc does not take --documents yet"),  # was a P900 traceback
 ])
 def test_run_nproc_usage_errors(capsys, argv, message):
     from patternc.cli import main

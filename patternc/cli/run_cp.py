@@ -32,6 +32,10 @@ def run_nproc(args, cp, q, k, v, dtype_name: str) -> int:
     if q.device.type != "cpu":
         raise UsageError("--nproc runs local gloo (CPU) processes; use --device cpu (for GPUs use torchrun "
                          "with the nccl backend)")
+    if getattr(args, "documents", None) or cp.needs:
+        raise UsageError("--nproc does not take --documents yet (the workers would run without them); run "
+                         "without --nproc, or from Python pass documents=... to ContextParallel.attention "
+                         "(docs/distributed.md)")
     if args.backend not in ("auto", "blocksparse"):
         raise UsageError(f"--nproc runs patternc's block-sparse kernel on every rank; --backend {args.backend} "
                          "is not available there")
