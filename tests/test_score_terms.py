@@ -393,12 +393,22 @@ def test_kernel_score_transform_matches_the_table(order):
     got = st.apply_(raw.float(), heads, q_pos, kv_pos)
     assert float((got.double() - want).abs().max()) < 2e-4 * max(1.0, float(want.abs().max()) / 100)
     torch.testing.assert_close(st.derivative(raw.float()).double(), 1 - torch.tanh(raw / 20) ** 2, atol=1e-6, rtol=0)
-    pre = st.prescaled()  # the kernel's variant: scores arrive divided by the cap
-    assert pre.prescale == pytest.approx(1 / 20)
-    got = pre.apply_((raw / 20).float(), heads, q_pos, kv_pos)
-    assert float((got.double() - want).abs().max()) < 2e-4 * max(1.0, float(want.abs().max()) / 100)
-    torch.testing.assert_close(pre.derivative((raw / 20).float()).double(), 20 * (1 - torch.tanh(raw / 20) ** 2),
-                               atol=2e-5, rtol=0)
+    # the kernel's variant: scores arrive times ``prescale`` (2 / c: 2c sigmoid(x) - c; 1 / c for caps
+    # above SIGMOID_CAP_MAX: c tanh(u)); the derivative is with respect to those scores
+    for c, form in ((20, "sigmoid"), (100, "tanh")):
+        st = ScoreTerms(score_terms(_quiet_parse(f"all with softcap(c={c}), alibi(max_bias=8)")), 6,
+                        q_offset=100, kv_offset=7)
+        pre = st.prescaled()
+        assert pre.softcap_form == form and pre.prescale == pytest.approx((2 if form == "sigmoid" else 1) / c)
+        want = c * torch.tanh(raw / c) + m[:, None, None] * ((kv_pos + 7)[:, None, :] - (q_pos + 100)[:, :, None])
+        x = (raw * pre.prescale).float()
+        got = pre.apply_(x.clone(), heads, q_pos, kv_pos)
+        assert float((got.double() - want).abs().max()) < 2e-4 * max(1.0, float(want.abs().max()) / 100)
+        d = pre.derivative(x)
+        torch.testing.assert_close(d.double(), (1 - torch.tanh(raw / c) ** 2) / pre.prescale, atol=1e-4, rtol=0)
+        # the backward's pair: derivative then apply_ on the same scores reuses its sigmoid / tanh
+        again = pre.apply_(x, heads, q_pos, kv_pos)
+        assert again is not x and float((again.double() - want).abs().max()) < 2e-4 * max(1.0, float(want.abs().max()) / 100)
 
 
 # ---- positions (SPEC §1.6) and run-time data (§1.7) with terms ----------------------------------------
