@@ -540,3 +540,25 @@ def test_fused_alibi_float32_equals_the_reference(plan, monkeypatch):
     g = torch.randn(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
     for a, b in zip(torch.autograd.grad(out, (q, k, v), g.float()), torch.autograd.grad(ref, (qd, kd, vd), g)):
         assert _rel(a, b) < 1e-4
+
+
+def test_fused_alibi_with_offsets_gqa_and_empty_rows():
+    """The fused ALiBi columns read positions with q_offset / kv_offset (a chunk of prefill
+    against a rolled cache), per query head under grouped-query kv heads, with rows that have no
+    key: float32 output, log-sum-exp and grads against the float64 run (exact, unfused path)."""
+    from patternc.execute import blocksparse
+
+    src = "(local(w=40) & causal) - global(at=[65]) with alibi(max_bias=2)"  # position 65 keeps no key
+    cp = patternc.compile(src, q_len=70, kv_len=100, q_offset=60, kv_offset=30, num_heads=4, block_size=16)
+    q, k, v = _inputs(2, 4, 2, 70, 100, 16, torch.float64, logit_scale=2.0)
+    want, lse_want = blocksparse.blocksparse_attention(cp, q, k, v, 0.25, return_lse=True)
+    qf, kf, vf = (t.float().requires_grad_() for t in (q, k, v))
+    got, lse = blocksparse.blocksparse_attention(cp, qf, kf, vf, 0.25, return_lse=True)
+    assert bool(torch.isinf(lse_want).any()) and torch.equal(torch.isinf(lse), torch.isinf(lse_want))
+    fin = torch.isfinite(lse_want)
+    assert _rel(got, want) < 1e-5 and float((lse.double() - lse_want)[fin].abs().max()) < 1e-4
+    g = torch.randn(want.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    qd, kd, vd = (t.detach().requires_grad_() for t in (q, k, v))
+    ref = blocksparse.blocksparse_attention(cp, qd, kd, vd, 0.25)
+    for a, b in zip(torch.autograd.grad(got, (qf, kf, vf), g.float()), torch.autograd.grad(ref, (qd, kd, vd), g)):
+        assert _rel(a, b) < 1e-4
