@@ -116,7 +116,7 @@ _DEAD = 3  # a padding slot: masked out entirely
 _FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _FLASH_BW = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
 #: use the fused kernel where it applies (CPU, float32 compute, cached masks, no dropout, no
-#: score_mod); set False to run the unfused torch path everywhere
+#: score_mod but ALiBi alone: ``scoremod.FlashAlibi``); set False to run the unfused torch path everywhere
 USE_FLASH = True
 #: score-sized elements per fused call (the fused kernel never materialises them; this bounds
 #: the gathered k/v and the bias)
