@@ -37,6 +37,12 @@ CASES = [
     ("split4", "(local(w=32) | strided(s=32)) & causal", 1024, 1, 1, 32, "tiles", 4),
     ("splitgqa4", "(local(w=40) | strided(s=32)) & causal", 1000, 2, 1, 32, "tiles", 4),
     ("split2", "(local(w=20) | strided(s=16)) & causal", 333, 2, 2, 16, "tiles", 2, {"exchange": "per-term"}),
+    # score terms (ALiBi at global positions) and offsets
+    ("alibi4", "((local(w=40) | strided(s=32)) & causal) with alibi(max_bias=8)", 777, 4, 2, 32, "tiles", 4),
+    ("softcap2", "(local(w=30) & causal) with softcap(c=5)", 250, 2, 2, 32, "tiles", 2),
+    ("offset4", "(local(w=50) & causal) with alibi(max_bias=4)", 300, 2, 2, 32, "tiles", 4,
+     {"q_offset": 70, "kv_offset": 70}),
+    ("skew2", "causal", 200, 1, 1, 32, "contiguous", 2, {"q_offset": 24}),  # bottom-right rows, same length
 ]
 COMPILE_OPTIONS = ("q_offset", "kv_offset")
 DIM = 8
@@ -180,7 +186,7 @@ def test_equals_single_process(ranks, case):
         torch.testing.assert_close(ranks[r][name][0], got[0], atol=0, rtol=0)
 
 
-PER_TERM = ["fixed4", "split4", "splitgqa4", "split2"]  # exchanged per plan term (stats["exchange"])
+PER_TERM = ["fixed4", "split4", "splitgqa4", "split2", "alibi4"]  # exchanged per plan term (stats["exchange"])
 NATURAL_CASES = [c for c in CASES if c[0] not in PER_TERM]
 
 
@@ -377,6 +383,15 @@ def test_group_of_one(tmp_path):
             ctx.attention(q[:, :, :50], k, v)
         with pytest.raises(patternc.PatternError, match="P380.*KV_LEN"):
             ContextParallel(patternc.compile("causal", q_len=64, kv_len=80))
+        with pytest.raises(patternc.PatternError, match="P380.*per-term"):  # a one-term plan
+            ContextParallel(cp, exchange="per-term")
+        with pytest.raises(patternc.PatternError, match="P380.*exchange must be"):
+            ContextParallel(cp, exchange="ring")
+        # a score term on one rank: ALiBi at the compile's positions
+        cpa = patternc.compile("(local(w=20) & causal) with alibi(max_bias=8)", q_len=100, num_heads=2,
+                               block_size=16, q_offset=30, kv_offset=30)
+        torch.testing.assert_close(ContextParallel(cpa).attention(q, k, v),
+                                   cpa.attention(q, k, v, backend="blocksparse"), atol=1e-6, rtol=1e-6)
     finally:
         dist.destroy_process_group()
 

@@ -153,9 +153,6 @@ class ContextParallel:
                        else torch.device("cpu"))
         if plan not in ("auto", "natural"):
             raise _error("P380", f"plan must be 'auto' or 'natural', got {plan!r}")
-        if cp.score_terms:
-            raise _error("P380", "context parallel does not run score terms (with softcap/alibi) yet",
-                         help="run the pattern without its score terms, or on one process")
         if exchange not in ("auto", "natural", "per-term"):
             raise _error("P380", f"exchange must be 'auto', 'natural' or 'per-term', got {exchange!r}")
         layout = cp.layout
