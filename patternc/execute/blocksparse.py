@@ -543,6 +543,24 @@ def _flash_bias(plan: Plan, g: _Group, rows: slice, score_mod, positions):
     return extra if bias is None else bias + extra
 
 
+def _flash_alibi(score_mod, plan: Plan, positions):
+    """``score_mod.flash_alibi(plan, positions)`` (``scoremod.ScoreTerms``: ALiBi alone), else None."""
+    f = getattr(score_mod, "flash_alibi", None)
+    return f(plan, positions) if f is not None else None
+
+
+def _flash_alibi_chunk(plan: Plan, fa, positions, g: _Group, rows: slice, kg: torch.Tensor):
+    """ALiBi on the fused path (``scoremod.FlashAlibi``): writes the chunk's bias column into the
+    gathered, augmented k (``kg`` [B, R, cols, D + 1]) and returns ``(mask, row)``: the kernel's
+    additive mask and the ``[R, qb]`` term its log-sum-exp is off by (None: not off)."""
+    col, row, exact = fa.columns(positions, g, rows)
+    kg[..., -1].copy_(col)
+    mask = plan.bias_for_flash(g, rows)
+    if exact is not None:
+        mask = exact[None] if mask is None else mask + exact[None]
+    return mask, row
+
+
 def _flash_chunks(plan: Plan, cx: "_Ctx", g_list, B: int):
     """Yield ``(group, rows, q_rows, kv_rows)`` in chunks of at most ``FLASH_CHUNK_ELEMENTS``
     score-sized elements (whole rows: the fused kernel runs over any number of keys)."""
@@ -582,11 +600,21 @@ def blocksparse_forward(plan: Plan, mask_mod, q, k, v, scale: float, *, need_lse
     if score_mod is not None and positions is None:
         positions = _Positions(plan)
     if _use_flash(plan, q, v, cdt, score_mod, dropout_p):
+        # ALiBi: one more column of q and k (scoremod.FlashAlibi), nothing score-sized per call
+        fa = _flash_alibi(score_mod, plan, positions)
+        if fa is not None:
+            qp, kp, vp = fa.augment(qp, kp, vp)
         for g, rows, q_rows, kv_rows in _flash_chunks(plan, cx, g_list=plan.groups, B=B):
             S, R = g.num_slots, q_rows.shape[0]
-            o, m = _FLASH(qp.index_select(1, q_rows), _gather_kv(kp, kv_rows, R, S, 0, S),
-                          _gather_kv(vp, kv_rows, R, S, 0, S), 0.0, False,
-                          attn_mask=_flash_bias(plan, g, rows, score_mod, positions), scale=1.0)
+            kg, mask = _gather_kv(kp, kv_rows, R, S, 0, S), None
+            if fa is not None:
+                mask, row = _flash_alibi_chunk(plan, fa, positions, g, rows, kg)
+            o, m = _FLASH(qp.index_select(1, q_rows), kg, _gather_kv(vp, kv_rows, R, S, 0, S), 0.0, False,
+                          attn_mask=mask if fa is not None else _flash_bias(plan, g, rows, score_mod, positions),
+                          scale=1.0)
+            if fa is not None:
+                o = o[..., :Dv]
+                m = m if row is None else m - row
             if g.empty is not None:  # the fused kernel gives 0 and lse 0 there
                 e = g.empty if g.empty.shape[0] == 1 else g.empty[rows]
                 m = m.masked_fill(e[None], inf)
@@ -687,15 +715,24 @@ def blocksparse_backward(plan: Plan, mask_mod, q, k, v, out, lse, dout, scale: f
         positions = _Positions(plan)
     if _use_flash(plan, q, v, cdt, score_mod, dropout_p):
         lse_f = lse.contiguous()
+        fa = _flash_alibi(score_mod, plan, positions)
+        if fa is not None:  # ALiBi as one more column (see the forward)
+            qp, kp, vp = fa.augment(qp, kp, vp)
+            dop, out = (torch.nn.functional.pad(x, (0, 1)) for x in (dop, out))
         for g, rows, q_rows, kv_rows in _flash_chunks(plan, cx, g_list=plan.groups, B=B):
             S, R = g.num_slots, q_rows.shape[0]
+            kg, lse_g = _gather_kv(kp, kv_rows, R, S, 0, S), lse_f.index_select(1, q_rows)
+            if fa is not None:
+                mask, row = _flash_alibi_chunk(plan, fa, positions, g, rows, kg)
+                lse_g = lse_g if row is None else lse_g + row
+            else:
+                mask = _flash_bias(plan, g, rows, score_mod, positions)
             dqg, dkg, dvg = _FLASH_BW(dop.index_select(1, q_rows), qp.index_select(1, q_rows),
-                                      _gather_kv(kp, kv_rows, R, S, 0, S), _gather_kv(vp, kv_rows, R, S, 0, S),
-                                      out.index_select(1, q_rows), lse_f.index_select(1, q_rows), 0.0, False,
-                                      attn_mask=_flash_bias(plan, g, rows, score_mod, positions), scale=1.0)
-            dq.index_add_(1, q_rows, dqg)
-            dk.index_add_(1, kv_rows, dkg.reshape(B, R * S, kb, D))
-            dv.index_add_(1, kv_rows, dvg.reshape(B, R * S, kb, Dv))
+                                      kg, _gather_kv(vp, kv_rows, R, S, 0, S),
+                                      out.index_select(1, q_rows), lse_g, 0.0, False, attn_mask=mask, scale=1.0)
+            dq.index_add_(1, q_rows, dqg[..., :D])
+            dk.index_add_(1, kv_rows, dkg[..., :D].reshape(B, R * S, kb, D))
+            dv.index_add_(1, kv_rows, dvg[..., :Dv].reshape(B, R * S, kb, Dv))
         dq = dq.mul_(scale).view(B, H, nq * qb, D)[:, :, :Q]
         dk = dk.view(B, H_kv, nkv * kb, D)[:, :, :KV]
         dv = dv.view(B, H_kv, nkv * kb, Dv)[:, :, :KV]
