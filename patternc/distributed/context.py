@@ -934,7 +934,7 @@ class _SplitStep:
         B, H, n, _ = q.shape
         nbytes = dict(sent=0, recv=0)
         layout = self.home.layouts[0]
-        nq = -(-layout.q_len // layout.q_block_size) if layout.q_len else 0
+        nq = layout.num_q_blocks if layout.q_len else 0
         qb = layout.q_block_size
         saved = [None] if not layout.kinds.any() or n == 0 else [(_pad_rows(out, nq, qb), _pad_rows(lse, nq, qb))]
         dq, dkb, dvb = self.home.backward(q, kb, vb, saved, dout, scale, score_mod)
