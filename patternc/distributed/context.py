@@ -84,6 +84,10 @@ class _LocalLayout:
     def num_heads(self) -> int:
         return int(self.kinds.shape[0])
 
+    @property
+    def num_q_blocks(self) -> int:
+        return int(self.kinds.shape[-2])
+
 
 class ContextParallel:
     """Context-parallel attention of one compiled self-attention pattern (SPEC §7).
