@@ -85,12 +85,13 @@ from __future__ import annotations
 
 import math
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from ..lower.layout import FULL, PARTIAL
+from . import fused as _fused
 from .common import CHUNK_ELEMENTS, empty_rows, mask_mod_for  # noqa: F401  (re-exported)
 from .common import allowed_in_tiles as _allowed
 
@@ -118,6 +119,9 @@ _FLASH_BW = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu
 #: use the fused kernel where it applies (CPU, float32 compute, cached masks, no dropout, no
 #: score_mod); set False to run the unfused torch path everywhere
 USE_FLASH = True
+#: run rows whose key spans slide in step on zero-copy strided views (``execute.fused``) on the
+#: fused path; set False to gather every row
+USE_RUNS = True
 #: score-sized elements per fused call (the fused kernel never materialises them; this bounds
 #: the gathered k/v and the bias)
 FLASH_CHUNK_ELEMENTS = 1 << 23
@@ -172,6 +176,10 @@ class Plan:
         if self.kv_len % self.kv_block_size and self.num_kv_blocks:
             last = kinds[:, :, -1]
             last[last == FULL] = PARTIAL  # the padding columns must be masked
+        self.head_independent = np.asarray(layout.kinds).shape[0] == 1
+        self._kinds = kinds  # uint8 [H, nq, nkv], the ragged last key block PARTIAL
+        self._fused = None  # the strided runs (``fused``), built at first use
+        self._mask_limits = (mask_cache_elements, mask_eval_elements)
         self.groups = self._build_groups(kinds, max_groups)
         self.computed_tiles = sum(g.num_rows * g.num_slots for g in self.groups)
         self.table_bias = self.table_keep = None  # float32 [T, qb, kb]
@@ -347,6 +355,15 @@ class Plan:
         out = torch.zeros((R, b.shape[1], S * kb), dtype=torch.float32, device=self.device)
         out[:, :, :P * kb] = b.reshape(R, b.shape[1], P * kb)
         return out[None]
+
+    def fused(self, mask_mod):
+        """The strided runs of this layout and the plan of its other rows (``execute.fused``),
+        or None where no row forms a run; built once."""
+        if self._fused is None:
+            cache, evals = self._mask_limits
+            self._fused = _fused.build(self, self._kinds, self.head_independent, mask_mod, plan_cls=Plan,
+                                      mask_cache_elements=cache, mask_eval_elements=evals) or False
+        return self._fused or None
 
     def flash_ok(self) -> bool:
         """True when every masked tile's mask is cached (the fused kernel takes them as a bias)."""
@@ -571,7 +588,10 @@ def blocksparse_forward(plan: Plan, mask_mod, q, k, v, scale: float, *, need_lse
     H_kv, Dv = k.shape[1], v.shape[-1]
     cdt = _compute_dtype(q.dtype)
     qb, kb, nq, nkv = plan.q_block_size, plan.kv_block_size, plan.num_q_blocks, plan.num_kv_blocks
-    qp = _pad_blocks(q, nq, qb, cdt) * scale
+    flash = _use_flash(plan, q, v, cdt, score_mod, dropout_p)
+    qp = _pad_blocks(q, nq, qb, cdt)
+    if not flash:  # the fused kernel takes the scale; the unfused loop folds it into q
+        qp = qp * scale
     kp = _pad_blocks(k, nkv, kb, cdt)
     vp = _pad_blocks(v, nkv, kb, cdt)
     out = torch.zeros((B, H * nq, qb, Dv), dtype=cdt, device=q.device)
@@ -581,12 +601,18 @@ def blocksparse_forward(plan: Plan, mask_mod, q, k, v, scale: float, *, need_lse
     drop = _Dropout(dropout_p, seed, q.device)
     if score_mod is not None and positions is None:
         positions = _Positions(plan)
-    if _use_flash(plan, q, v, cdt, score_mod, dropout_p):
-        for g, rows, q_rows, kv_rows in _flash_chunks(plan, cx, g_list=plan.groups, B=B):
+    if flash:
+        fz = plan.fused(mask_mod) if score_mod is None and USE_RUNS else None
+        rest = plan
+        if fz is not None:  # strided runs: zero-copy views (execute.fused); the rest gathers
+            qp, kp, vp = qp.contiguous(), kp.contiguous(), vp.contiguous()
+            _fused.forward(fz, _FLASH, qp, kp, vp, out, lse, scale, B=B, H=H, H_kv=H_kv)
+            rest = fz.rest
+        for g, rows, q_rows, kv_rows in _flash_chunks(rest, cx, g_list=rest.groups, B=B):
             S, R = g.num_slots, q_rows.shape[0]
             o, m = _FLASH(qp.index_select(1, q_rows), _gather_kv(kp, kv_rows, R, S, 0, S),
                           _gather_kv(vp, kv_rows, R, S, 0, S), 0.0, False,
-                          attn_mask=_flash_bias(plan, g, rows, score_mod, positions), scale=1.0)
+                          attn_mask=_flash_bias(rest, g, rows, score_mod, positions), scale=scale)
             if g.empty is not None:  # the fused kernel gives 0 and lse 0 there
                 e = g.empty if g.empty.shape[0] == 1 else g.empty[rows]
                 m = m.masked_fill(e[None], inf)
@@ -674,7 +700,10 @@ def blocksparse_backward(plan: Plan, mask_mod, q, k, v, out, lse, dout, scale: f
     H_kv, KV, Dv = k.shape[1], k.shape[2], v.shape[-1]
     cdt = out.dtype
     qb, kb, nq, nkv = plan.q_block_size, plan.kv_block_size, plan.num_q_blocks, plan.num_kv_blocks
-    qp = _pad_blocks(q, nq, qb, cdt) * scale
+    flash = _use_flash(plan, q, v, cdt, score_mod, dropout_p)
+    qp = _pad_blocks(q, nq, qb, cdt)
+    if not flash:
+        qp = qp * scale
     kp = _pad_blocks(k, nkv, kb, cdt)
     vp = _pad_blocks(v, nkv, kb, cdt)
     dop = _pad_blocks(dout, nq, qb, cdt)
@@ -685,18 +714,25 @@ def blocksparse_backward(plan: Plan, mask_mod, q, k, v, out, lse, dout, scale: f
     drop = _Dropout(dropout_p, seed, q.device)  # same seeds, same chunk order: same masks
     if score_mod is not None and positions is None:
         positions = _Positions(plan)
-    if _use_flash(plan, q, v, cdt, score_mod, dropout_p):
+    if flash:
         lse_f = lse.contiguous()
-        for g, rows, q_rows, kv_rows in _flash_chunks(plan, cx, g_list=plan.groups, B=B):
+        fz = plan.fused(mask_mod) if score_mod is None and USE_RUNS else None
+        rest = plan
+        if fz is not None:
+            qp, kp, vp = qp.contiguous(), kp.contiguous(), vp.contiguous()
+            dop, out = dop.contiguous(), out.contiguous()
+            _fused.backward(fz, _FLASH_BW, dop, qp, kp, vp, out, lse_f, dq, dk, dv, scale, B=B, H=H, H_kv=H_kv)
+            rest = fz.rest
+        for g, rows, q_rows, kv_rows in _flash_chunks(rest, cx, g_list=rest.groups, B=B):
             S, R = g.num_slots, q_rows.shape[0]
             dqg, dkg, dvg = _FLASH_BW(dop.index_select(1, q_rows), qp.index_select(1, q_rows),
                                       _gather_kv(kp, kv_rows, R, S, 0, S), _gather_kv(vp, kv_rows, R, S, 0, S),
                                       out.index_select(1, q_rows), lse_f.index_select(1, q_rows), 0.0, False,
-                                      attn_mask=_flash_bias(plan, g, rows, score_mod, positions), scale=1.0)
+                                      attn_mask=_flash_bias(rest, g, rows, score_mod, positions), scale=scale)
             dq.index_add_(1, q_rows, dqg)
             dk.index_add_(1, kv_rows, dkg.reshape(B, R * S, kb, D))
             dv.index_add_(1, kv_rows, dvg.reshape(B, R * S, kb, Dv))
-        dq = dq.mul_(scale).view(B, H, nq * qb, D)[:, :, :Q]
+        dq = dq.view(B, H, nq * qb, D)[:, :, :Q]  # the fused kernel applied the scale
         dk = dk.view(B, H_kv, nkv * kb, D)[:, :, :KV]
         dv = dv.view(B, H_kv, nkv * kb, Dv)[:, :, :KV]
         return dq, dk, dv
@@ -780,6 +816,14 @@ class Term:
     q_order: torch.Tensor | None = None
     kv_order: torch.Tensor | None = None
     heads: torch.Tensor | None = None
+    #: s > 0 when ``q_order`` / ``kv_order`` is the residue order of its whole axis with s | length
+    #: (x -> (x mod s, x div s)): moving to and from it is a transpose (a copy), not a gather
+    q_stride: int = field(default=0, init=False)
+    kv_stride: int = field(default=0, init=False)
+
+    def __post_init__(self):
+        self.q_stride = _residue_stride(self.q_order)
+        self.kv_stride = _residue_stride(self.kv_order)
 
     @classmethod
     def reorder(cls, layout, natural_mask_mod, *, q_order=None, kv_order=None, heads=None, device="cpu"):
@@ -805,37 +849,64 @@ def _term_plan(term: Term, num_heads: int, device) -> Plan:
     return plan_for(term.layout, num_heads, device, term.mask_mod)
 
 
-def _gather(x: torch.Tensor, heads, order, dim_heads=1, dim_len=2) -> torch.Tensor:
+def _residue_stride(order) -> int:
+    """s when ``order`` (int64 [N]) is ``arange(N).view(N // s, s).T.flatten()`` (residue order,
+    s | N), else 0."""
+    if order is None or order.numel() < 2:
+        return 0
+    n, st = order.numel(), int(order[1] - order[0])
+    if st <= 1 or n % st or int(order[0]) != 0:
+        return 0
+    want = torch.arange(n, device=order.device).view(n // st, st).t().reshape(-1)
+    return st if torch.equal(order, want) else 0
+
+
+def _to_order(x: torch.Tensor, order, stride: int, dim: int = 2) -> torch.Tensor:
+    """``x.index_select(dim, order)`` (a transpose copy when ``stride``)."""
+    if order is None:
+        return x
+    if stride:
+        n = x.shape[dim]
+        return x.unflatten(dim, (n // stride, stride)).transpose(dim, dim + 1).flatten(dim, dim + 1)
+    return x.index_select(dim, order)
+
+
+def _from_order(x: torch.Tensor, order, stride: int, dim: int = 2) -> torch.Tensor:
+    """The inverse of ``_to_order`` for a whole-axis permutation ``order``."""
+    if stride:
+        n = x.shape[dim]
+        return x.unflatten(dim, (stride, n // stride)).transpose(dim, dim + 1).flatten(dim, dim + 1)
+    return torch.empty_like(x).index_copy_(dim, order, x)
+
+
+def _gather(x: torch.Tensor, heads, order, stride: int = 0, dim_heads=1, dim_len=2) -> torch.Tensor:
     if heads is not None:
         x = x.index_select(dim_heads, heads)
-    if order is not None:
-        x = x.index_select(dim_len, order)
-    return x
+    return _to_order(x, order, stride, dim_len)
 
 
-def _scatter_add(dst: torch.Tensor, src: torch.Tensor, heads, order) -> None:
+def _scatter_add(dst: torch.Tensor, src: torch.Tensor, heads, order, stride: int = 0) -> None:
     """dst[:, heads][:, :, order] += src (dst [B, H, L, D])."""
     if heads is None:
         if order is None:
             dst.add_(src)
+        elif stride:
+            n = dst.shape[2]
+            dst.unflatten(2, (n // stride, stride)).add_(src.unflatten(2, (stride, n // stride)).transpose(2, 3))
         else:
             dst.index_add_(2, order, src)
         return
     tmp = torch.zeros((dst.shape[0], heads.shape[0]) + tuple(dst.shape[2:]), dtype=dst.dtype, device=dst.device)
-    if order is None:
-        tmp.add_(src)
-    else:
-        tmp.index_add_(2, order, src)
+    _scatter_add(tmp, src, None, order, stride)
     dst.index_add_(1, heads, tmp)
 
 
 def _term_kv(term: Term, k, v, H: int):
     """k, v of a term: its key order; per query head when the term covers a subset of heads."""
+    kvh = None
     if term.heads is not None:
-        group = H // k.shape[1]
-        kvh = term.heads // group
-        return _gather(k, kvh, term.kv_order), _gather(v, kvh, term.kv_order)
-    return _gather(k, None, term.kv_order), _gather(v, None, term.kv_order)
+        kvh = term.heads // (H // k.shape[1])
+    return _gather(k, kvh, term.kv_order, term.kv_stride), _gather(v, kvh, term.kv_order, term.kv_stride)
 
 
 def _unpad(x: torch.Tensor, B: int, H: int, L: int) -> torch.Tensor:
@@ -870,42 +941,46 @@ def terms_forward(q, k, v, terms, scale, *, score_mod=None, chunk_elements=CHUNK
                                      positions=_Positions(plan, None, None, t.kv_order))
         return _unpad(o, B, H, Q), _unpad(lse, B, H, Q)
     # several terms: merge through the log-sum-exp (empty rows: -inf while merging)
-    outs, lses = [], []
+    out = lse = None
     for n, t in enumerate(terms):
         Ht = H if t.heads is None else int(t.heads.shape[0])
         plan = _term_plan(t, Ht, q.device)
-        qt = _gather(q, t.heads, t.q_order)
+        qt = _gather(q, t.heads, t.q_order, t.q_stride)
         kt, vt = _term_kv(t, k, v, H)
-        o, lse = blocksparse_forward(plan, t.mask_mod, qt, kt, vt, scale, chunk_elements=chunk_elements,
-                                     dropout_p=dropout_p, seed=seed + 7919 * n, score_mod=score_mod,
-                                     positions=_Positions(plan, t.heads, t.q_order, t.kv_order))
+        o, lt = blocksparse_forward(plan, t.mask_mod, qt, kt, vt, scale, chunk_elements=chunk_elements,
+                                    dropout_p=dropout_p, seed=seed + 7919 * n, score_mod=score_mod,
+                                    positions=_Positions(plan, t.heads, t.q_order, t.kv_order))
         Qt = qt.shape[2]
-        o, lse = _unpad(o, B, Ht, Qt), _unpad(lse, B, Ht, Qt)
-        lse = lse.masked_fill(lse == inf, -inf)
-        if t.heads is None and t.q_order is None:
-            outs.append(o)
-            lses.append(lse)
-            continue
-        on = torch.zeros((B, H, Q, Dv), dtype=cdt, device=q.device)
-        ln = torch.full((B, H, Q), -inf, dtype=cdt, device=q.device)
-        if t.heads is None:
-            on.index_copy_(2, t.q_order, o)
-            ln.index_copy_(2, t.q_order, lse)
+        o, lt = _unpad(o, B, Ht, Qt), _unpad(lt, B, Ht, Qt)
+        lt = lt.masked_fill(lt == inf, -inf)
+        if t.q_order is not None:  # back to natural order
+            if Qt == Q:
+                o, lt = _from_order(o, t.q_order, t.q_stride), _from_order(lt, t.q_order, t.q_stride)
+            else:
+                o = torch.zeros((B, Ht, Q, Dv), dtype=cdt, device=q.device).index_copy_(2, t.q_order, o)
+                lt = torch.full((B, Ht, Q), -inf, dtype=cdt, device=q.device).index_copy_(2, t.q_order, lt)
+        if t.heads is not None:
+            o = torch.zeros((B, H, Q, Dv), dtype=cdt, device=q.device).index_copy_(1, t.heads, o)
+            lt = torch.full((B, H, Q), -inf, dtype=cdt, device=q.device).index_copy_(1, t.heads, lt)
+        if out is None:
+            out, lse = o.contiguous(), lt
         else:
-            oh, lh = o, lse
-            if t.q_order is not None:
-                oh = torch.zeros((B, Ht, Q, Dv), dtype=cdt, device=q.device).index_copy_(2, t.q_order, o)
-                lh = torch.full((B, Ht, Q), -inf, dtype=cdt, device=q.device).index_copy_(2, t.q_order, lse)
-            on.index_copy_(1, t.heads, oh)
-            ln.index_copy_(1, t.heads, lh)
-        outs.append(on)
-        lses.append(ln)
-    lse_all = torch.stack(lses)  # [T, B, H, Q]
-    total = torch.logsumexp(lse_all, dim=0)
-    empty = total == -inf
-    w = torch.exp(lse_all - total.masked_fill(empty, 0.0)[None])  # exp(-inf) = 0 for a term's empty row
-    out = (torch.stack(outs) * w[..., None]).sum(0)
-    return out, total.masked_fill(empty, inf)
+            out, lse = _merge(out, lse, o, lt)
+    return out, lse.masked_fill(lse == -inf, inf)
+
+
+def _merge(o_a, l_a, o_b, l_b):
+    """Two partial attentions of disjoint key sets merged exactly through their log-sum-exp
+    (``l`` -inf: no key); ``o_a`` is overwritten."""
+    inf = float("inf")
+    m = torch.maximum(l_a, l_b)
+    safe = m.masked_fill(m == -inf, 0.0)
+    w_a, w_b = (l_a - safe).exp_(), (l_b - safe).exp_()
+    den = w_a + w_b
+    lse = safe + torch.log(den)  # -inf where neither term has a key
+    den.clamp_(min=torch.finfo(den.dtype).tiny)
+    o_a.mul_((w_a / den)[..., None]).addcmul_(o_b, (w_b / den)[..., None])
+    return o_a, lse
 
 
 def terms_backward(q, k, v, terms, scale, out, lse, dout, *, score_mod=None,
@@ -923,23 +998,19 @@ def terms_backward(q, k, v, terms, scale, out, lse, dout, *, score_mod=None,
         Ht = H if t.heads is None else int(t.heads.shape[0])
         plan = _term_plan(t, Ht, q.device)
         nq, qb = plan.num_q_blocks, plan.q_block_size
-        qt = _gather(q, t.heads, t.q_order)
+        qt = _gather(q, t.heads, t.q_order, t.q_stride)
         kt, vt = _term_kv(t, k, v, H)
-        ot = _pad_rows(_gather(out, t.heads, t.q_order), nq, qb)
-        lt = _pad_rows(_gather(lse, t.heads, t.q_order), nq, qb)
-        dot = _gather(dout, t.heads, t.q_order)
+        ot = _pad_rows(_gather(out, t.heads, t.q_order, t.q_stride), nq, qb)
+        lt = _pad_rows(_gather(lse, t.heads, t.q_order, t.q_stride), nq, qb)
+        dot = _gather(dout, t.heads, t.q_order, t.q_stride)
         dqt, dkt, dvt = blocksparse_backward(
             plan, t.mask_mod, qt, kt, vt, ot, lt, dot, scale, chunk_elements=chunk_elements,
             dropout_p=dropout_p, seed=seed + 7919 * n, score_mod=score_mod,
             positions=_Positions(plan, t.heads, t.q_order, t.kv_order))
-        _scatter_add(dq, dqt, t.heads, t.q_order)
-        if t.heads is not None:
-            kvh = t.heads // group
-            _scatter_add(dk, dkt, kvh, t.kv_order)
-            _scatter_add(dv, dvt, kvh, t.kv_order)
-        else:
-            _scatter_add(dk, dkt, None, t.kv_order)
-            _scatter_add(dv, dvt, None, t.kv_order)
+        _scatter_add(dq, dqt, t.heads, t.q_order, t.q_stride)
+        kvh = None if t.heads is None else t.heads // group
+        _scatter_add(dk, dkt, kvh, t.kv_order, t.kv_stride)
+        _scatter_add(dv, dvt, kvh, t.kv_order, t.kv_stride)
     return dq, dk, dv
 
 
