@@ -1065,6 +1065,40 @@ def run_terms(q, k, v, terms, scale: float, *, score_mod=None, return_lse: bool 
     return (out, lse) if return_lse else out
 
 
+#: the CPU kernel may compute a term at finer tiles than ``BLOCK_SIZE`` (halving down to this edge,
+#: tokens) when that computes at least ``KERNEL_BLOCK_GAIN`` fewer token pairs: a band's ragged
+#: edges cost less at finer tiles, and the fused kernel runs 32-row tiles as fast per pair as
+#: 128-row ones (it splits queries into 32-row blocks below 192 rows anyway)
+MIN_KERNEL_BLOCK = 32
+KERNEL_BLOCK_GAIN = 0.05
+#: ... unless the finer layout would have more tiles than this per head
+MAX_KERNEL_TILES = 1 << 22
+
+
+def _pairs(layout) -> int:
+    return int((np.asarray(layout.kinds) != 0).sum()) * layout.q_block_size * layout.kv_block_size
+
+
+def kernel_layout(layout, layout_at):
+    """The layout the CPU kernel computes: ``layout`` or the same term at a finer square tile
+    (``layout_at(edge)`` gives it) that computes fewer token pairs (``KERNEL_BLOCK_GAIN``)."""
+    qb, kb = layout.q_block_size, layout.kv_block_size
+    if qb != kb:
+        return layout
+    best, best_pairs = layout, _pairs(layout)
+    e = qb // 2
+    while e >= MIN_KERNEL_BLOCK and qb % e == 0 and -(-layout.q_len // e) * -(-layout.kv_len // e) <= MAX_KERNEL_TILES:
+        finer = layout_at(e)
+        p = _pairs(finer)
+        if p <= best_pairs * (1.0 - KERNEL_BLOCK_GAIN):
+            best, best_pairs = finer, p
+        e //= 2
+    return best
+
+
+_KERNEL_LAYOUTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def plan_terms(cp, ep, device) -> list:
     """The kernel ``Term`` list of an execution plan (``patternc.lower.planner``), cached on
     the plan per device: each term's layout in its own order, its ``mask_mod`` read through
@@ -1084,15 +1118,28 @@ def plan_terms(cp, ep, device) -> list:
             ko = None if (t.kv_order.kind == "natural" and t.kv_count == cp.kv_len) else t.kv_positions(cp.kv_len)
             hs = None if len(t.heads) == cp.num_heads else np.asarray(t.heads, dtype=np.int64)
             mm = lower_to_mask_mod(t.pattern, cp.q_len, cp.kv_len, device=device)
-            terms.append(Term.reorder(t.layout(cp.block_size), mm, q_order=qo, kv_order=ko, heads=hs,
-                                      device=device))
+            layout = t.layout(cp.block_size)
+            if torch.device(device).type == "cpu":
+                layout = kernel_layout(layout, lambda e, t=t: t.layout_at((e, e), cp.q_len, cp.kv_len))
+            terms.append(Term.reorder(layout, mm, q_order=qo, kv_order=ko, heads=hs, device=device))
     ep._cache[key] = terms
     return terms
 
 
 def natural_term(cp, device) -> Term:
-    """The one natural-order term of a compiled pattern (its layout and ``mask_mod``)."""
-    return Term(layout=cp.layout, mask_mod=mask_mod_for(cp, device))
+    """The one natural-order term of a compiled pattern (its layout and ``mask_mod``); on CPU at
+    the kernel's tile size (``kernel_layout``)."""
+    layout = cp.layout
+    if torch.device(device).type == "cpu" and hasattr(cp, "layout_at"):
+        try:
+            layout = _KERNEL_LAYOUTS[cp]
+        except (KeyError, TypeError):
+            layout = kernel_layout(cp.layout, lambda e: cp.layout_at((e, e)))
+            try:
+                _KERNEL_LAYOUTS[cp] = layout
+            except TypeError:  # not weak-referenceable: recomputed (cached by the compiler)
+                pass
+    return Term(layout=layout, mask_mod=mask_mod_for(cp, device))
 
 
 def blocksparse_attention(cp, q, k, v, scale: float, *, dropout_p: float = 0.0,
