@@ -816,6 +816,9 @@ class Term:
     q_order: torch.Tensor | None = None
     kv_order: torch.Tensor | None = None
     heads: torch.Tensor | None = None
+    #: the layout the backward computes (same rows, columns and pairs as ``layout``, perhaps at
+    #: another tile size: ``kernel_layouts``); None: ``layout``
+    bwd_layout: object = None
     #: s > 0 when ``q_order`` / ``kv_order`` is the residue order of its whole axis with s | length
     #: (x -> (x mod s, x div s)): moving to and from it is a transpose (a copy), not a gather
     q_stride: int = field(default=0, init=False)
@@ -844,9 +847,10 @@ class Term:
         return cls(layout=layout, mask_mod=mm, q_order=qo, kv_order=ko, heads=ho)
 
 
-def _term_plan(term: Term, num_heads: int, device) -> Plan:
+def _term_plan(term: Term, num_heads: int, device, backward: bool = False) -> Plan:
     """The cached gather ``Plan`` of a term (``plan_for``: per layout object, heads, device)."""
-    return plan_for(term.layout, num_heads, device, term.mask_mod)
+    layout = term.bwd_layout if backward and term.bwd_layout is not None else term.layout
+    return plan_for(layout, num_heads, device, term.mask_mod)
 
 
 def _residue_stride(order) -> int:
@@ -990,13 +994,11 @@ def terms_backward(q, k, v, terms, scale, out, lse, dout, *, score_mod=None,
     whole attention is ``exp(s - lse)`` whichever term holds it); grads scatter back."""
     B, H, Q, D = q.shape
     cdt = out.dtype
-    dq = torch.zeros(q.shape, dtype=cdt, device=q.device)
-    dk = torch.zeros(k.shape, dtype=cdt, device=q.device)
-    dv = torch.zeros(v.shape, dtype=cdt, device=q.device)
+    dq = dk = dv = None  # a natural-order term's gradients become the sums; the others add in
     group = H // k.shape[1]
     for n, t in enumerate(terms):
         Ht = H if t.heads is None else int(t.heads.shape[0])
-        plan = _term_plan(t, Ht, q.device)
+        plan = _term_plan(t, Ht, q.device, backward=not dropout_p)  # dropout: the forward's chunks
         nq, qb = plan.num_q_blocks, plan.q_block_size
         qt = _gather(q, t.heads, t.q_order, t.q_stride)
         kt, vt = _term_kv(t, k, v, H)
@@ -1007,11 +1009,21 @@ def terms_backward(q, k, v, terms, scale, out, lse, dout, *, score_mod=None,
             plan, t.mask_mod, qt, kt, vt, ot, lt, dot, scale, chunk_elements=chunk_elements,
             dropout_p=dropout_p, seed=seed + 7919 * n, score_mod=score_mod,
             positions=_Positions(plan, t.heads, t.q_order, t.kv_order))
-        _scatter_add(dq, dqt, t.heads, t.q_order, t.q_stride)
         kvh = None if t.heads is None else t.heads // group
-        _scatter_add(dk, dkt, kvh, t.kv_order, t.kv_stride)
-        _scatter_add(dv, dvt, kvh, t.kv_order, t.kv_stride)
+        dq = _accumulate(dq, dqt, q.shape, t.heads, t.q_order, t.q_stride)
+        dk = _accumulate(dk, dkt, k.shape, kvh, t.kv_order, t.kv_stride)
+        dv = _accumulate(dv, dvt, v.shape, kvh, t.kv_order, t.kv_stride)
     return dq, dk, dv
+
+
+def _accumulate(dst, src, shape, heads, order, stride):
+    """``dst`` (None: zeros of ``shape``) plus ``src`` scattered from a term's order."""
+    if dst is None:
+        if heads is None and order is None and tuple(src.shape) == tuple(shape):
+            return src.contiguous()
+        dst = torch.zeros(shape, dtype=src.dtype, device=src.device)
+    _scatter_add(dst, src, heads, order, stride)
+    return dst
 
 
 class _TermsAttention(torch.autograd.Function):
@@ -1066,34 +1078,36 @@ def run_terms(q, k, v, terms, scale: float, *, score_mod=None, return_lse: bool 
 
 
 #: the CPU kernel may compute a term at finer tiles than ``BLOCK_SIZE`` (halving down to this edge,
-#: tokens) when that computes at least ``KERNEL_BLOCK_GAIN`` fewer token pairs: a band's ragged
-#: edges cost less at finer tiles, and the fused kernel runs 32-row tiles as fast per pair as
-#: 128-row ones (it splits queries into 32-row blocks below 192 rows anyway)
+#: tokens) when ``fused.estimate_cost`` says it is cheaper by ``KERNEL_BLOCK_GAIN``: a band's
+#: ragged edges cost less at finer tiles (ATen's fused kernel splits queries into 32-row blocks
+#: below 192 rows anyway), while a long shared key span runs faster as one long kernel row
 MIN_KERNEL_BLOCK = 32
 KERNEL_BLOCK_GAIN = 0.05
 #: ... unless the finer layout would have more tiles than this per head
 MAX_KERNEL_TILES = 1 << 22
 
 
-def _pairs(layout) -> int:
-    return int((np.asarray(layout.kinds) != 0).sum()) * layout.q_block_size * layout.kv_block_size
-
-
-def kernel_layout(layout, layout_at):
-    """The layout the CPU kernel computes: ``layout`` or the same term at a finer square tile
-    (``layout_at(edge)`` gives it) that computes fewer token pairs (``KERNEL_BLOCK_GAIN``)."""
+def kernel_layouts(layout, layout_at):
+    """``(forward, backward)`` layouts the CPU kernel computes: ``layout`` or the same term at a
+    finer square tile (``layout_at(edge)`` gives it), each the cheapest by
+    ``fused.estimate_cost`` (the backward's cost of folding key gradients differs)."""
     qb, kb = layout.q_block_size, layout.kv_block_size
     if qb != kb:
-        return layout
-    best, best_pairs = layout, _pairs(layout)
+        return layout, layout
+    cands = [layout]
     e = qb // 2
     while e >= MIN_KERNEL_BLOCK and qb % e == 0 and -(-layout.q_len // e) * -(-layout.kv_len // e) <= MAX_KERNEL_TILES:
-        finer = layout_at(e)
-        p = _pairs(finer)
-        if p <= best_pairs * (1.0 - KERNEL_BLOCK_GAIN):
-            best, best_pairs = finer, p
+        cands.append(layout_at(e))
         e //= 2
-    return best
+    picks = []
+    for backward in (False, True):
+        best, best_cost = None, None
+        for lay in cands:
+            c = _fused.estimate_cost(np.asarray(lay.kinds), lay.q_block_size, backward=backward)
+            if best is None or c <= best_cost * (1.0 - KERNEL_BLOCK_GAIN):
+                best, best_cost = lay, c
+        picks.append(best)
+    return picks[0], picks[1]
 
 
 _KERNEL_LAYOUTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -1118,10 +1132,12 @@ def plan_terms(cp, ep, device) -> list:
             ko = None if (t.kv_order.kind == "natural" and t.kv_count == cp.kv_len) else t.kv_positions(cp.kv_len)
             hs = None if len(t.heads) == cp.num_heads else np.asarray(t.heads, dtype=np.int64)
             mm = lower_to_mask_mod(t.pattern, cp.q_len, cp.kv_len, device=device)
-            layout = t.layout(cp.block_size)
+            layout = bwd = t.layout(cp.block_size)
             if torch.device(device).type == "cpu":
-                layout = kernel_layout(layout, lambda e, t=t: t.layout_at((e, e), cp.q_len, cp.kv_len))
-            terms.append(Term.reorder(layout, mm, q_order=qo, kv_order=ko, heads=hs, device=device))
+                layout, bwd = kernel_layouts(layout, lambda e, t=t: t.layout_at((e, e), cp.q_len, cp.kv_len))
+            term = Term.reorder(layout, mm, q_order=qo, kv_order=ko, heads=hs, device=device)
+            term.bwd_layout = bwd
+            terms.append(term)
     ep._cache[key] = terms
     return terms
 
@@ -1129,17 +1145,17 @@ def plan_terms(cp, ep, device) -> list:
 def natural_term(cp, device) -> Term:
     """The one natural-order term of a compiled pattern (its layout and ``mask_mod``); on CPU at
     the kernel's tile size (``kernel_layout``)."""
-    layout = cp.layout
+    layout = bwd = cp.layout
     if torch.device(device).type == "cpu" and hasattr(cp, "layout_at"):
         try:
-            layout = _KERNEL_LAYOUTS[cp]
+            layout, bwd = _KERNEL_LAYOUTS[cp]
         except (KeyError, TypeError):
-            layout = kernel_layout(cp.layout, lambda e: cp.layout_at((e, e)))
+            layout, bwd = kernel_layouts(cp.layout, lambda e: cp.layout_at((e, e)))
             try:
-                _KERNEL_LAYOUTS[cp] = layout
-            except TypeError:  # not weak-referenceable: recomputed (cached by the compiler)
+                _KERNEL_LAYOUTS[cp] = (layout, bwd)
+            except TypeError:  # not weak-referenceable: recomputed (the compiler caches layouts)
                 pass
-    return Term(layout=layout, mask_mod=mask_mod_for(cp, device))
+    return Term(layout=layout, mask_mod=mask_mod_for(cp, device), bwd_layout=bwd)
 
 
 def blocksparse_attention(cp, q, k, v, scale: float, *, dropout_p: float = 0.0,

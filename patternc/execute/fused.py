@@ -47,6 +47,11 @@ BIAS_CACHE_ELEMENTS = 1 << 24
 #: score-sized elements of bias per call (bounds the memory of one call; a staircase whose one
 #: kernel row would need a larger bias is split into single rows)
 RUN_CHUNK_ELEMENTS = 1 << 23
+#: q / k / v / gradient elements one kernel call reads or writes (the views are free, but the
+#: kernel allocates and zero-fills its outputs, and the backward's per-row key gradients are
+#: folded after it): calls this small keep those buffers in cache and off fresh pages
+#: (measured: a third of local(w=256)'s backward went to zero-filling fresh 40 MB buffers)
+CALL_ELEMENTS = 1 << 20
 #: tile ids of the table's first entries: every pair allowed, none, the lower triangle (b <= a)
 _FULL_ID, _NONE_ID, _TRIL_ID = 0, 1, 2
 
@@ -98,6 +103,44 @@ def _staircases(lo, hi, ok):
                     continue
             i += 1
     return out
+
+
+def _pair_cost(Lq: int) -> float:
+    """Relative cost of one (query, key) pair in the fused kernel for a kernel row of ``Lq``
+    queries: ATen tiles queries into 32-row blocks below 192 rows, 64-row below 768, else 256
+    (larger blocks reuse each key block more; measured on 2 threads, float32)."""
+    return 1.3 if Lq < 192 else (1.15 if Lq < 768 else 1.0)
+
+
+def estimate_cost(kinds: np.ndarray, block: int, *, backward: bool = False) -> float:
+    """Estimated cost (pair units) of running ``kinds`` uint8 [Hk, nq, nkv] at square tiles of
+    ``block`` tokens on this path, from the tile structure alone (masks are not evaluated):
+    staircases cost half their square (``is_causal``), rows sharing a span run as one long
+    kernel row, rows that fit no run are gathered (30 % more). ``backward``: the fused backward
+    writes and folds one key gradient per row and span slot; that memory traffic costs about
+    half a pair per key element at 32-token tiles, less at larger ones."""
+    lo, hi, ok = _spans(kinds, HOLE_FRACTION)
+    e2 = float(block * block)
+    fold = (1.0 + 0.5 * 32.0 / block) if backward else 1.0
+    total = 0.0
+    for h in range(kinds.shape[0]):
+        taken = np.zeros(kinds.shape[1], dtype=bool)
+        for _, i0, M, _ in _staircases(lo[h:h + 1], hi[h:h + 1], ok[h:h + 1]):
+            total += 0.5 * M * M * e2 * _pair_cost(M * block)
+            taken[i0:i0 + M] = True
+        rows = np.nonzero(ok[h] & ~taken)[0]
+        if rows.size:
+            S, L = hi[h, rows] - lo[h, rows], lo[h, rows]
+            # consecutive rows that share their span become one longer kernel row
+            new = np.ones(rows.size, dtype=bool)
+            new[1:] = (np.diff(rows) != 1) | (S[1:] != S[:-1]) | (L[1:] != L[:-1])
+            starts = np.nonzero(new)[0]
+            m = np.diff(np.append(starts, rows.size))
+            for mm, ss in zip(m.tolist(), S[starts].tolist()):
+                total += mm * ss * e2 * _pair_cost(mm * block) * (fold if ss > 1 else 1.0)
+        other = ~ok[h] & (kinds[h] != EMPTY).any(-1)
+        total += 1.3 * _pair_cost(block) * e2 * float((kinds[h][other] != EMPTY).sum())
+    return total
 
 
 def _greedy(units):
@@ -285,7 +328,7 @@ def build(plan, kinds: np.ndarray, head_independent: bool, mask_mod, *, plan_cls
 
 
 # ---- execution -------------------------------------------------------------------------------
-def _calls(run: Run, *, B: int, H: int, H_kv: int, nq: int, nkv: int, qb: int, kb: int):
+def _calls(run: Run, *, B: int, H: int, H_kv: int, nq: int, nkv: int, qb: int, kb: int, width: int = 64):
     """Yield ``(r0, r1, Bp, q, kv)`` per kernel call of ``run``: ``q`` / ``kv`` are
     ``(offset, batch_stride, row_stride)`` in tokens of the flat padded query
     (``[B * H * nq * qb]``) and key (``[B * H_kv * nkv * kb]``) sequences."""
@@ -294,9 +337,10 @@ def _calls(run: Run, *, B: int, H: int, H_kv: int, nq: int, nkv: int, qb: int, k
         bases = [(B * H_kv, j * nq * qb, g * nq * qb, 0, nkv * kb) for j in range(g)]
     else:
         bases = [(B, run.head * nq * qb, H * nq * qb, (run.head // g) * nkv * kb, H_kv * nkv * kb)]
-    step = run.rows
+    Bp = bases[0][0]
+    step = max(1, CALL_ELEMENTS // (Bp * width * (run.m * qb + run.span * kb)))
     if run.ids is not None and run.ids.shape[0] > 1:
-        step = max(1, RUN_CHUNK_ELEMENTS // (run.m * qb * run.span * kb))
+        step = min(step, max(1, RUN_CHUNK_ELEMENTS // (run.m * qb * run.span * kb)))
     for Bp, qoff, qB, koff, kB in bases:
         for r0 in range(0, run.rows, step):
             r1 = min(run.rows, r0 + step)
@@ -324,7 +368,7 @@ def forward(fz: Fused, flash, qp, kp, vp, out, lse, scale: float, *, B: int, H: 
     inf = float("inf")
     for run in fz.runs:
         Lq, L = run.m * qb, run.span * kb
-        for r0, r1, Bp, qw, kw in _calls(run, B=B, H=H, H_kv=H_kv, nq=nq, nkv=nkv, qb=qb, kb=kb):
+        for r0, r1, Bp, qw, kw in _calls(run, B=B, H=H, H_kv=H_kv, nq=nq, nkv=nkv, qb=qb, kb=kb, width=D + Dv):
             R = r1 - r0
             bias = fz.bias(run, r0, r1)
             o, lg = flash(_view(qp, Bp, R, Lq, qw, D), _view(kp, Bp, R, L, kw, D), _view(vp, Bp, R, L, kw, Dv),
@@ -347,7 +391,7 @@ def backward(fz: Fused, flash_bw, dop, qp, kp, vp, out, lse, dq, dk, dv, scale: 
     for run in fz.runs:
         S = run.span
         Lq, L = run.m * qb, S * kb
-        for r0, r1, Bp, qw, kw in _calls(run, B=B, H=H, H_kv=H_kv, nq=nq, nkv=nkv, qb=qb, kb=kb):
+        for r0, r1, Bp, qw, kw in _calls(run, B=B, H=H, H_kv=H_kv, nq=nq, nkv=nkv, qb=qb, kb=kb, width=D + Dv):
             R = r1 - r0
             bias = fz.bias(run, r0, r1)
             dqg, dkg, dvg = flash_bw(
