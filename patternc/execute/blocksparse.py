@@ -90,6 +90,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..ir.specialize import cdiv
 from ..lower.layout import FULL, PARTIAL
 from . import fused as _fused
 from .common import CHUNK_ELEMENTS, empty_rows, mask_mod_for  # noqa: F401  (re-exported)
@@ -590,7 +591,10 @@ def blocksparse_forward(plan: Plan, mask_mod, q, k, v, scale: float, *, need_lse
     qb, kb, nq, nkv = plan.q_block_size, plan.kv_block_size, plan.num_q_blocks, plan.num_kv_blocks
     flash = _use_flash(plan, q, v, cdt, score_mod, dropout_p)
     qp = _pad_blocks(q, nq, qb, cdt)
-    if not flash:  # the fused kernel takes the scale; the unfused loop folds it into q
+    # the fused kernel takes the scale (its is_causal gives NaN for scale <= 0: then q is
+    # scaled here, as in the unfused loop)
+    kscale = scale if flash and scale > 0 else 1.0
+    if kscale != scale:
         qp = qp * scale
     kp = _pad_blocks(k, nkv, kb, cdt)
     vp = _pad_blocks(v, nkv, kb, cdt)
@@ -606,13 +610,13 @@ def blocksparse_forward(plan: Plan, mask_mod, q, k, v, scale: float, *, need_lse
         rest = plan
         if fz is not None:  # strided runs: zero-copy views (execute.fused); the rest gathers
             qp, kp, vp = qp.contiguous(), kp.contiguous(), vp.contiguous()
-            _fused.forward(fz, _FLASH, qp, kp, vp, out, lse, scale, B=B, H=H, H_kv=H_kv)
+            _fused.forward(fz, _FLASH, qp, kp, vp, out, lse, kscale, B=B, H=H, H_kv=H_kv)
             rest = fz.rest
         for g, rows, q_rows, kv_rows in _flash_chunks(rest, cx, g_list=rest.groups, B=B):
             S, R = g.num_slots, q_rows.shape[0]
             o, m = _FLASH(qp.index_select(1, q_rows), _gather_kv(kp, kv_rows, R, S, 0, S),
                           _gather_kv(vp, kv_rows, R, S, 0, S), 0.0, False,
-                          attn_mask=_flash_bias(rest, g, rows, score_mod, positions), scale=scale)
+                          attn_mask=_flash_bias(rest, g, rows, score_mod, positions), scale=kscale)
             if g.empty is not None:  # the fused kernel gives 0 and lse 0 there
                 e = g.empty if g.empty.shape[0] == 1 else g.empty[rows]
                 m = m.masked_fill(e[None], inf)
@@ -702,7 +706,8 @@ def blocksparse_backward(plan: Plan, mask_mod, q, k, v, out, lse, dout, scale: f
     qb, kb, nq, nkv = plan.q_block_size, plan.kv_block_size, plan.num_q_blocks, plan.num_kv_blocks
     flash = _use_flash(plan, q, v, cdt, score_mod, dropout_p)
     qp = _pad_blocks(q, nq, qb, cdt)
-    if not flash:
+    kscale = scale if flash and scale > 0 else 1.0  # as in the forward
+    if kscale != scale:
         qp = qp * scale
     kp = _pad_blocks(k, nkv, kb, cdt)
     vp = _pad_blocks(v, nkv, kb, cdt)
@@ -721,18 +726,20 @@ def blocksparse_backward(plan: Plan, mask_mod, q, k, v, out, lse, dout, scale: f
         if fz is not None:
             qp, kp, vp = qp.contiguous(), kp.contiguous(), vp.contiguous()
             dop, out = dop.contiguous(), out.contiguous()
-            _fused.backward(fz, _FLASH_BW, dop, qp, kp, vp, out, lse_f, dq, dk, dv, scale, B=B, H=H, H_kv=H_kv)
+            _fused.backward(fz, _FLASH_BW, dop, qp, kp, vp, out, lse_f, dq, dk, dv, kscale, B=B, H=H, H_kv=H_kv)
             rest = fz.rest
         for g, rows, q_rows, kv_rows in _flash_chunks(rest, cx, g_list=rest.groups, B=B):
             S, R = g.num_slots, q_rows.shape[0]
             dqg, dkg, dvg = _FLASH_BW(dop.index_select(1, q_rows), qp.index_select(1, q_rows),
                                       _gather_kv(kp, kv_rows, R, S, 0, S), _gather_kv(vp, kv_rows, R, S, 0, S),
                                       out.index_select(1, q_rows), lse_f.index_select(1, q_rows), 0.0, False,
-                                      attn_mask=_flash_bias(rest, g, rows, score_mod, positions), scale=scale)
+                                      attn_mask=_flash_bias(rest, g, rows, score_mod, positions), scale=kscale)
             dq.index_add_(1, q_rows, dqg)
             dk.index_add_(1, kv_rows, dkg.reshape(B, R * S, kb, D))
             dv.index_add_(1, kv_rows, dvg.reshape(B, R * S, kb, Dv))
-        dq = dq.view(B, H, nq * qb, D)[:, :, :Q]  # the fused kernel applied the scale
+        if kscale != scale:  # q was scaled here: chain rule
+            dq.mul_(scale)
+        dq = dq.view(B, H, nq * qb, D)[:, :, :Q]
         dk = dk.view(B, H_kv, nkv * kb, D)[:, :, :KV]
         dv = dv.view(B, H_kv, nkv * kb, Dv)[:, :, :KV]
         return dq, dk, dv
@@ -993,7 +1000,6 @@ def terms_backward(q, k, v, terms, scale, out, lse, dout, *, score_mod=None,
     ``lse`` and ``rowsum(dO * O)`` of the merged output (exact: a pair's probability in the
     whole attention is ``exp(s - lse)`` whichever term holds it); grads scatter back."""
     B, H, Q, D = q.shape
-    cdt = out.dtype
     dq = dk = dv = None  # a natural-order term's gradients become the sums; the others add in
     group = H // k.shape[1]
     for n, t in enumerate(terms):
@@ -1096,7 +1102,7 @@ def kernel_layouts(layout, layout_at):
         return layout, layout
     cands = [layout]
     e = qb // 2
-    while e >= MIN_KERNEL_BLOCK and qb % e == 0 and -(-layout.q_len // e) * -(-layout.kv_len // e) <= MAX_KERNEL_TILES:
+    while e >= MIN_KERNEL_BLOCK and qb % e == 0 and cdiv(layout.q_len, e) * cdiv(layout.kv_len, e) <= MAX_KERNEL_TILES:
         cands.append(layout_at(e))
         e //= 2
     picks = []

@@ -119,6 +119,8 @@ def estimate_cost(kinds: np.ndarray, block: int, *, backward: bool = False) -> f
     kernel row, rows that fit no run are gathered (30 % more). ``backward``: the fused backward
     writes and folds one key gradient per row and span slot; that memory traffic costs about
     half a pair per key element at 32-token tiles, less at larger ones."""
+    if 0 in kinds.shape:
+        return 0.0
     lo, hi, ok = _spans(kinds, HOLE_FRACTION)
     e2 = float(block * block)
     fold = (1.0 + 0.5 * 32.0 / block) if backward else 1.0
@@ -241,6 +243,8 @@ def build(plan, kinds: np.ndarray, head_independent: bool, mask_mod, *, plan_cls
     qb, kb = plan.q_block_size, plan.kv_block_size
     dev = plan.device
     kh = kinds[:1] if head_independent else kinds
+    if 0 in kh.shape:
+        return None
     lo, hi, ok = _spans(kh, HOLE_FRACTION)
     if not ok.any():
         return None
