@@ -113,11 +113,31 @@ def analyze(p_or_source, *, seq_len: int, layers: int | None = None, num_heads: 
     if cycle is not None:
         notes.append(cycle.message)
         warnings.warn(PatternWarning(cycle), stacklevel=2)
+    canonical = str(pattern)
+    from ..ir.specialize import uses_documents
+
+    if uses_documents(pattern):
+        pattern = _one_document(pattern, seq_len, notes)
     stack = Stack(pattern, seq_len, num_heads)
     out = _run(stack, pairs, engine, layers, block_size, notes)
-    out.pattern = str(pattern)
+    out.pattern = canonical
     out.seconds = time.perf_counter() - t0
     return out
+
+
+def _one_document(pattern, seq_len: int, notes: list):
+    """A pattern that reads run-time documents, analysed within one document of ``seq_len``
+    tokens (docs/reachability.md): ``document`` is ``all`` and ``per_document(p)`` is ``p``
+    bound at ``seq_len``. Pairs in two documents never connect (no pattern lets information
+    cross a document boundary), so that question has no informative answer; the one asked is
+    how many layers a document of this length needs."""
+    from ..ir.nodes import ALL
+    from ..ir.specialize import substitute_document, substitute_per_document
+
+    notes.append(f"the pattern reads run-time documents: analysed within one document of {seq_len} tokens "
+                 "(`document` is all, `per_document(p)` is p at that length); pairs in two documents never "
+                 "connect")
+    return substitute_document(substitute_per_document(pattern, "whole", seq_len), ALL)
 
 
 # ---- engine dispatch ---------------------------------------------------------------------------------------

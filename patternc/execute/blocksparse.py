@@ -561,6 +561,24 @@ def _flash_bias(plan: Plan, g: _Group, rows: slice, score_mod, positions):
     return extra if bias is None else bias + extra
 
 
+def _flash_alibi(score_mod, plan: Plan, positions):
+    """``score_mod.flash_alibi(plan, positions)`` (``scoremod.ScoreTerms``: ALiBi alone), else None."""
+    f = getattr(score_mod, "flash_alibi", None)
+    return f(plan, positions) if f is not None else None
+
+
+def _flash_alibi_chunk(plan: Plan, fa, positions, g: _Group, rows: slice, kg: torch.Tensor):
+    """ALiBi on the fused path (``scoremod.FlashAlibi``): writes the chunk's bias column into the
+    gathered, augmented k (``kg`` [B, R, cols, D + 1]) and returns ``(mask, row)``: the kernel's
+    additive mask and the ``[R, qb]`` term its log-sum-exp is off by (None: not off)."""
+    col, row, exact = fa.columns(positions, g, rows)
+    kg[..., -1].copy_(col)
+    mask = plan.bias_for_flash(g, rows)
+    if exact is not None:
+        mask = exact[None] if mask is None else mask + exact[None]
+    return mask, row
+
+
 def _flash_chunks(plan: Plan, cx: "_Ctx", g_list, B: int):
     """Yield ``(group, rows, q_rows, kv_rows)`` in chunks of at most ``FLASH_CHUNK_ELEMENTS``
     score-sized elements (whole rows: the fused kernel runs over any number of keys)."""
@@ -591,9 +609,9 @@ def blocksparse_forward(plan: Plan, mask_mod, q, k, v, scale: float, *, need_lse
     qb, kb, nq, nkv = plan.q_block_size, plan.kv_block_size, plan.num_q_blocks, plan.num_kv_blocks
     flash = _use_flash(plan, q, v, cdt, score_mod, dropout_p)
     qp = _pad_blocks(q, nq, qb, cdt)
-    # the fused kernel takes the scale (its is_causal gives NaN for scale <= 0: then q is
-    # scaled here, as in the unfused loop)
-    kscale = scale if flash and scale > 0 else 1.0
+    # the fused kernel takes the scale (its is_causal gives NaN for scale <= 0, and ALiBi's extra
+    # column must not be scaled: then q is scaled here, as in the unfused loop)
+    kscale = scale if flash and scale > 0 and score_mod is None else 1.0
     if kscale != scale:
         qp = qp * scale
     kp = _pad_blocks(k, nkv, kb, cdt)
@@ -612,11 +630,21 @@ def blocksparse_forward(plan: Plan, mask_mod, q, k, v, scale: float, *, need_lse
             qp, kp, vp = qp.contiguous(), kp.contiguous(), vp.contiguous()
             _fused.forward(fz, _FLASH, qp, kp, vp, out, lse, kscale, B=B, H=H, H_kv=H_kv)
             rest = fz.rest
+        # ALiBi: one more column of q and k (scoremod.FlashAlibi), nothing score-sized per call
+        fa = _flash_alibi(score_mod, rest, positions)
+        if fa is not None:
+            qp, kp, vp = fa.augment(qp, kp, vp)
         for g, rows, q_rows, kv_rows in _flash_chunks(rest, cx, g_list=rest.groups, B=B):
             S, R = g.num_slots, q_rows.shape[0]
-            o, m = _FLASH(qp.index_select(1, q_rows), _gather_kv(kp, kv_rows, R, S, 0, S),
-                          _gather_kv(vp, kv_rows, R, S, 0, S), 0.0, False,
-                          attn_mask=_flash_bias(rest, g, rows, score_mod, positions), scale=kscale)
+            kg, mask = _gather_kv(kp, kv_rows, R, S, 0, S), None
+            if fa is not None:
+                mask, row = _flash_alibi_chunk(rest, fa, positions, g, rows, kg)
+            o, m = _FLASH(qp.index_select(1, q_rows), kg, _gather_kv(vp, kv_rows, R, S, 0, S), 0.0, False,
+                          attn_mask=mask if fa is not None else _flash_bias(rest, g, rows, score_mod, positions),
+                          scale=kscale)
+            if fa is not None:
+                o = o[..., :Dv]
+                m = m if row is None else m - row
             if g.empty is not None:  # the fused kernel gives 0 and lse 0 there
                 e = g.empty if g.empty.shape[0] == 1 else g.empty[rows]
                 m = m.masked_fill(e[None], inf)
@@ -706,7 +734,7 @@ def blocksparse_backward(plan: Plan, mask_mod, q, k, v, out, lse, dout, scale: f
     qb, kb, nq, nkv = plan.q_block_size, plan.kv_block_size, plan.num_q_blocks, plan.num_kv_blocks
     flash = _use_flash(plan, q, v, cdt, score_mod, dropout_p)
     qp = _pad_blocks(q, nq, qb, cdt)
-    kscale = scale if flash and scale > 0 else 1.0  # as in the forward
+    kscale = scale if flash and scale > 0 and score_mod is None else 1.0  # as in the forward
     if kscale != scale:
         qp = qp * scale
     kp = _pad_blocks(k, nkv, kb, cdt)
@@ -728,15 +756,24 @@ def blocksparse_backward(plan: Plan, mask_mod, q, k, v, out, lse, dout, scale: f
             dop, out = dop.contiguous(), out.contiguous()
             _fused.backward(fz, _FLASH_BW, dop, qp, kp, vp, out, lse_f, dq, dk, dv, kscale, B=B, H=H, H_kv=H_kv)
             rest = fz.rest
+        fa = _flash_alibi(score_mod, rest, positions)
+        if fa is not None:  # ALiBi as one more column (see the forward)
+            qp, kp, vp = fa.augment(qp, kp, vp)
+            dop, out = (torch.nn.functional.pad(x, (0, 1)) for x in (dop, out))
         for g, rows, q_rows, kv_rows in _flash_chunks(rest, cx, g_list=rest.groups, B=B):
             S, R = g.num_slots, q_rows.shape[0]
+            kg, lse_g = _gather_kv(kp, kv_rows, R, S, 0, S), lse_f.index_select(1, q_rows)
+            if fa is not None:
+                mask, row = _flash_alibi_chunk(rest, fa, positions, g, rows, kg)
+                lse_g = lse_g if row is None else lse_g + row
+            else:
+                mask = _flash_bias(rest, g, rows, score_mod, positions)
             dqg, dkg, dvg = _FLASH_BW(dop.index_select(1, q_rows), qp.index_select(1, q_rows),
-                                      _gather_kv(kp, kv_rows, R, S, 0, S), _gather_kv(vp, kv_rows, R, S, 0, S),
-                                      out.index_select(1, q_rows), lse_f.index_select(1, q_rows), 0.0, False,
-                                      attn_mask=_flash_bias(rest, g, rows, score_mod, positions), scale=kscale)
-            dq.index_add_(1, q_rows, dqg)
-            dk.index_add_(1, kv_rows, dkg.reshape(B, R * S, kb, D))
-            dv.index_add_(1, kv_rows, dvg.reshape(B, R * S, kb, Dv))
+                                      kg, _gather_kv(vp, kv_rows, R, S, 0, S),
+                                      out.index_select(1, q_rows), lse_g, 0.0, False, attn_mask=mask, scale=kscale)
+            dq.index_add_(1, q_rows, dqg[..., :D])
+            dk.index_add_(1, kv_rows, dkg[..., :D].reshape(B, R * S, kb, D))
+            dv.index_add_(1, kv_rows, dvg[..., :Dv].reshape(B, R * S, kb, Dv))
         if kscale != scale:  # q was scaled here: chain rule
             dq.mul_(scale)
         dq = dq.view(B, H, nq * qb, D)[:, :, :Q]

@@ -20,6 +20,7 @@ Importing this module imports torch.
 from __future__ import annotations
 
 import threading
+import weakref
 
 import torch
 
@@ -93,6 +94,22 @@ class ScoreTerms:
             return self.alibi_bias(heads, q_pos, kv_pos, dtype)
         a = (kv_pos - q0 + (self.kv_offset - self.q_offset)).to(dtype).mul_(m[:, None])
         return torch.sub(a[:, None, :], dq.to(dtype).mul_(m[:, None])[:, :, None])
+
+    def flash_alibi(self, plan, positions) -> "FlashAlibi | None":
+        """The cached ``FlashAlibi`` of these terms for one gather plan and its positions
+        (``positions.heads`` / ``q_order`` / ``kv_order``: the term's natural indices), or
+        None when the terms are not ALiBi alone."""
+        if not self.is_additive:
+            return None
+        cache = self.__dict__.setdefault("_flash", weakref.WeakKeyDictionary())
+        per_plan = cache.setdefault(plan, [])
+        key = (positions.heads, positions.q_order, positions.kv_order)
+        for k, fa in per_plan:
+            if all(a is b for a, b in zip(k, key)):
+                return fa
+        fa = FlashAlibi(self)
+        per_plan.append((key, fa))
+        return fa
 
     def __call__(self, s, heads, q_pos, kv_pos):
         """The block-sparse kernel's ``score_mod`` hook: ``apply_`` (in place), returns ``s``."""
@@ -189,6 +206,62 @@ class ScoreTerms:
         if hit is not None and hit[:4] == (id(s), s.data_ptr(), s._version, s.shape):
             return hit[4]
         return None
+
+
+class FlashAlibi:
+    """ALiBi on ATen's fused CPU flash kernel as one more column of q and k, with nothing
+    score-sized made per call.
+
+    With ``i0`` the first query position of a row tile, ``m_h (j - i) = m_h (j - i0) - m_h (i - i0)``.
+    The second part is a constant of each query row, which the softmax ignores: the kernel runs
+    with q augmented by a column of ones (``augment``) and each row tile's gathered k by the
+    column ``m_h (j - i0)`` (``columns``), so its scores are ``s + m_h (j - i0)``, its output is
+    exact, and only its log-sum-exp is off by ``m_h (i - i0)``, which the caller subtracts
+    (forward) or adds back (backward). v gets a column of zeros (the kernel wants one head size),
+    and the output's extra column is dropped. ``j - i0`` and ``i - i0`` are exact integers; the
+    rounding bound is ``add_alibi_``'s (a tile whose query positions spread more than
+    ``ScoreTerms.FAST_ALIBI_SPREAD / m`` gets the exact bias ``alibi_bias`` as the kernel's mask
+    instead, and zero columns). The columns (float32 ``[R, cols]``) and row terms (``[R, qb]``)
+    are cached per chunk: 1/qb of the chunk's scores.
+
+    Positions are those of ``positions.of(g, rows, s0, s1)`` (the kernel's ``_Positions``): the
+    original token rows and columns under an execution plan. One ``FlashAlibi`` serves one gather
+    plan and one set of term orders (``ScoreTerms.flash_alibi``).
+    """
+
+    def __init__(self, st: ScoreTerms):
+        self.st = st
+        self._chunks: dict = {}
+
+    @staticmethod
+    def augment(qp: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor):
+        """q, k, v ``[B, n, blk, D]`` with one more column: q 1, k 0 (filled per chunk), v 0."""
+        pad = torch.nn.functional.pad
+        return pad(qp, (0, 1), value=1.0), pad(kp, (0, 1)), pad(vp, (0, 1))
+
+    def columns(self, positions, g, rows: slice):
+        """``(col, row, exact)`` of a chunk (rows ``rows`` of group ``g``, all its slots):
+        ``col`` float32 [R, cols] = ``m_h (j - i0)`` for k's extra column, ``row`` float32
+        [R, qb] = ``m_h (i - i0)`` to take from the kernel's log-sum-exp, ``exact`` None, or,
+        for a tile with widely spread query positions, zero columns, no row term and the exact
+        bias float32 [R, qb, cols] to add to the kernel's mask."""
+        key = (id(g), rows.start, rows.stop)
+        hit = self._chunks.get(key)
+        if hit is not None:
+            return hit
+        st = self.st
+        heads, q_pos, kv_pos = positions.of(g, rows, 0, g.num_slots)
+        dt = torch.float32
+        m = st.slopes_on(q_pos.device, dt).index_select(0, heads)  # [R]
+        q0 = q_pos[:, :1]
+        dq = q_pos - q0  # [R, qb], exact
+        if dq.numel() and float((dq.abs().amax(-1).to(dt) * m).max()) > st.FAST_ALIBI_SPREAD:
+            out = (torch.zeros(kv_pos.shape, dtype=dt, device=kv_pos.device), None,
+                   st.alibi_bias(heads, q_pos, kv_pos, dt))
+            return out  # a plan's rare scattered tile: not cached (score-sized)
+        col = (kv_pos - q0 + (st.kv_offset - st.q_offset)).to(dt).mul_(m[:, None])
+        out = self._chunks[key] = (col, dq.to(dt).mul_(m[:, None]), None)
+        return out
 
 
 def tile_positions(q_blocks: torch.Tensor, kv_blocks: torch.Tensor, qb: int, kb: int):
