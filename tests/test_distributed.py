@@ -116,7 +116,24 @@ def _worker(rank, world):
         dist.all_gather_object(stats, ctx.stats)
         results[name] = (*full, stats, [p.tolist() for p in ctx.schedule.positions], None)
     results["nn"] = _nn_case(ContextParallel)
+    results["unshard"] = _unshard_case(ContextParallel, world)
     return results
+
+
+UNSHARD = ("(local(w=40) | strided(s=32)) & causal", 500, 2)
+
+
+def _unshard_case(ContextParallel, world):
+    """A loss on the unsharded output, the same on every rank, divided by the world size: the
+    gradients summed through unshard's backward are the single-process ones."""
+    src, L, H = UNSHARD
+    ctx = ContextParallel(patternc.compile(src, q_len=L, num_heads=H, block_size=32))
+    q, k, v, dout = _inputs(L, H, H, 77)
+    ql, kl, vl = (ctx.shard(x).requires_grad_() for x in (q, k, v))
+    full = ctx.unshard(ctx.attention(ql, kl, vl))
+    assert full.requires_grad
+    ((full * dout).sum() / world).backward()
+    return [full.detach()] + [ctx.unshard(t) for t in (ql.grad, kl.grad, vl.grad)]
 
 
 NN_LEN = 300
@@ -293,6 +310,14 @@ def test_per_term_bytes_balance(ranks, name):
         assert sum(s[a] for s in stats) == sum(s[b] for s in stats) > 0
 
 
+def test_unshard_is_differentiable(ranks):
+    src, L, H = UNSHARD
+    cp = patternc.compile(src, q_len=L, num_heads=H, block_size=32)
+    want = _single(cp, *_inputs(L, H, H, 77))
+    for what, a, b in zip(("out", "dq", "dk", "dv"), ranks[0]["unshard"], want):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=what)
+
+
 def test_residue_order_exchanges_nothing(ranks):
     stats, order = ranks[0]["residue4"][4], ranks[0]["residue4"][6]
     assert order is not None  # the plan's residue order: position x at place (x mod 32) * 32 + x // 32
@@ -419,7 +444,6 @@ def test_run_nproc_prints_the_per_rank_table_and_checks(capsys):
     (["--kv-len", "200"], "--kv-len 200 must equal --seq-len 300"),
     (["--backend", "sdpa"], "--backend sdpa"),
     (["--nproc", "0"], "--nproc must be >= 1"),
-    (["--documents", "100,200"], "--nproc does not take --documents yet"),  # was a P900 traceback
 ])
 def test_run_nproc_usage_errors(capsys, argv, message):
     from patternc.cli import main
@@ -428,3 +452,27 @@ def test_run_nproc_usage_errors(capsys, argv, message):
     code = main(base + argv)
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+def test_run_nproc_with_documents(capsys):
+    """--documents reach every worker (they were refused: the workers ran without them); the
+    check compares with the single-process result with the same documents."""
+    from patternc.cli import main
+
+    argv = ["run", "-e", "document & (sink(n=4) | local(w=30)) & causal", "--documents", "100,57,143",
+            "--heads", "2", "--head-dim", "8", "--block-size", "32", "--nproc", "2", "--repeats", "1", "--check",
+            "--json"]
+    code = main(argv)
+    out = capsys.readouterr().out
+    assert code == 0, out
+    import json
+
+    got = json.loads(out)
+    assert got["check_passed"] and got["rel_error"] <= 1e-5 and got["documents"] == [100, 57, 143]
+    # the ranks computed exactly this batch's tiles (the layout with the documents), not the static one's
+    cp = patternc.compile("document & (sink(n=4) | local(w=30)) & causal", q_len=300, num_heads=2, block_size=32)
+    assert sum(r["computed_tiles"] for r in got["ranks"]) == int(
+        (cp.layout_for(documents=[[100, 57, 143]]).kinds != 0).sum())
+    # a pattern that uses `document` without --documents: P360, exit 1 (before any worker starts)
+    assert main(argv[:3] + ["--seq-len", "300"] + argv[5:-2]) == 1
+    assert "P360" in capsys.readouterr().err

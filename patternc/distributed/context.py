@@ -84,6 +84,10 @@ class _LocalLayout:
     def num_heads(self) -> int:
         return int(self.kinds.shape[0])
 
+    @property
+    def num_q_blocks(self) -> int:
+        return int(self.kinds.shape[-2])
+
 
 class ContextParallel:
     """Context-parallel attention of one compiled self-attention pattern (SPEC §7).
@@ -309,8 +313,11 @@ class ContextParallel:
     def unshard(self, x_l: torch.Tensor, dim: int = 2) -> torch.Tensor:
         """The full-sequence tensor from every rank's shard (an all-gather; every rank gets it).
 
-        Not differentiable: compute losses on the shards (the sum of the ranks' losses is the
-        full loss) and unshard for inspection or output.
+        Differentiable: the gradient of a shard is the sum over ranks of the gradients of its
+        positions in each rank's full tensor (``torch.distributed.nn.functional.all_gather``'s
+        convention), so a loss on the unsharded tensor computed on every rank counts once per
+        rank; every rank must call ``backward`` (it is a collective). Losses on the shards
+        (summed over ranks) need no unshard at all.
 
         Args:
             x_l: this rank's shard, its ``n_r`` positions on axis ``dim``; same shape
@@ -326,9 +333,15 @@ class ContextParallel:
         if x_l.dim() <= dim or x_l.shape[dim] != n:
             raise _error("P381", f"unshard expects this rank's {n} positions on axis {dim}, got {_shape(x_l)}",
                          help="pass the output of ctx.attention (or of ctx.shard) on this rank")
+        if torch.is_grad_enabled() and x_l.requires_grad:
+            return _Unshard.apply(x_l, self, dim)
+        return self._gather_full(x_l.detach(), dim)
+
+    def _gather_full(self, x_l: torch.Tensor, dim: int) -> torch.Tensor:
+        n = self.positions.size
         sizes = [p.size for p in self.schedule.positions]
         m = max(sizes) if sizes else 0
-        x0 = x_l.detach().movedim(dim, 0)
+        x0 = x_l.movedim(dim, 0)
         pad = x0.new_zeros((m,) + tuple(x0.shape[1:]))
         pad[:n] = x0
         parts = [torch.empty_like(pad) for _ in range(self.world_size)]
@@ -958,3 +971,21 @@ class _SplitAttention(torch.autograd.Function):
         with torch.autocast(q.device.type, enabled=False):
             dq, dk, dv = ctx.step.backward(q, k, v, ctx.state, out, lse, dout.to(out.dtype), ctx.scale, ctx.score_mod)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+
+
+class _Unshard(torch.autograd.Function):
+    """All-gather of the shards; backward: all-reduce (sum) of the full gradient, then this rank's
+    positions of it."""
+
+    @staticmethod
+    def forward(ctx, x_l, cpx: ContextParallel, dim: int):
+        ctx.cpx, ctx.dim = cpx, dim
+        return cpx._gather_full(x_l.detach(), dim)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        cpx = ctx.cpx
+        g = g.contiguous().clone()
+        dist.all_reduce(g, group=cpx.group)
+        return g.index_select(ctx.dim, cpx._index(g.device)), None, None
