@@ -290,6 +290,16 @@ class CompiledPattern:
         (``ir.specialize.runtime_bound``: an upper bound; ``layout_for(documents=…)`` is exact)."""
         return runtime_bound(self.pattern)
 
+    def layout_at(self, block_size) -> BlockLayout:
+        """The layout at another tile size (``BLOCK_SIZE``: an int or a pair, tokens), cached
+        like ``layout``; the CPU kernel computes at finer tiles than the BlockMask's where that
+        computes fewer token pairs (docs/execution.md)."""
+        qb, kb = normalize_block_size(block_size)
+        if (qb, kb) == tuple(self.block_size):
+            return self.layout
+        return _layout_cached(self.static_pattern, self.q_len, self.kv_len, qb, kb, self.num_heads,
+                              self.q_offset, self.kv_offset)
+
     def _part_layout(self, part: Pattern) -> BlockLayout:
         qb, kb = self.block_size
         return _layout_cached(part, self.q_len, self.kv_len, qb, kb, self.num_heads, self.q_offset, self.kv_offset)

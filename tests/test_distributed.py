@@ -410,6 +410,8 @@ def test_group_of_one(tmp_path):
             ContextParallel(patternc.compile("causal", q_len=64, kv_len=80))
         with pytest.raises(patternc.PatternError, match="P380.*per-term"):  # a one-term plan
             ContextParallel(cp, exchange="per-term")
+        with pytest.raises(patternc.PatternError, match="P380.*takes a compiled pattern, got str"):
+            ContextParallel("local(w=20) & causal")  # was an AttributeError
         with pytest.raises(patternc.PatternError, match="P380.*exchange must be"):
             ContextParallel(cp, exchange="ring")
         # a score term on one rank: ALiBi at the compile's positions

@@ -46,6 +46,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import Diagnostic, PatternError
+from ..execute.common import Compiled
 from ..execute.scoremod import score_terms_for
 from .balance import (
     BALANCES,
@@ -102,7 +103,9 @@ class ContextParallel:
         out = ctx.unshard(out_l)                                # [B, H, 16384, Dv] on every rank
 
     Args:
-        cp: a ``CompiledPattern`` with Q_LEN = KV_LEN (self-attention over one sequence).
+        cp: a ``CompiledPattern`` (any ``patternc.execute.common.Compiled``: its members are all
+            this reads, plus the public ``layout_for`` / ``mask_mod_for`` with run-time data) with
+            Q_LEN = KV_LEN (self-attention over one sequence).
         group: the torch.distributed process group (default: the default group, which must
             be initialised: gloo for CPU tensors, nccl for CUDA tensors).
         balance: ``"tiles"`` (equal computed tiles per rank, from the exact layout) or
@@ -131,16 +134,19 @@ class ContextParallel:
             it per rank.
 
     Raises:
-        PatternError: P380 no initialised process group, Q_LEN != KV_LEN,
+        PatternError: P380 no initialised process group, ``cp`` not a compiled pattern, Q_LEN != KV_LEN,
             an unknown balance, or ranks that compiled different patterns or lengths.
     """
 
-    def __init__(self, cp, group=None, balance: str = "tiles", *, tolerance: float = TOLERANCE,
+    def __init__(self, cp: Compiled, group=None, balance: str = "tiles", *, tolerance: float = TOLERANCE,
                  owner=None, plan: str = "auto", exchange: str = "auto"):
         if not dist.is_available() or not dist.is_initialized():
             raise _error("P380", "context parallel needs an initialised torch.distributed process group",
                          help='call torch.distributed.init_process_group("gloo") (CPU) or ("nccl") (GPU) '
                               "first, e.g. under torchrun --nproc-per-node N")
+        if not isinstance(cp, Compiled):
+            raise _error("P380", f"ContextParallel takes a compiled pattern, got {type(cp).__name__}",
+                         help="pass patternc.compile(pattern, q_len=L, num_heads=H, ...) (the same call on every rank)")
         if balance not in BALANCES:
             raise _error("P380", f"unknown balance {balance!r}; expected one of {', '.join(BALANCES)}",
                          help='balance="tiles" equalises computed tiles per rank')
@@ -374,7 +380,7 @@ class ContextParallel:
         if H_kv < 1 or H % H_kv:
             raise _error("P350", f"k/v have H_kv={H_kv} heads, which does not divide q's H={H}")
         lh = self.cp.layout.num_heads
-        if H != lh and not (lh == 1 and getattr(self.cp.pattern, "num_heads", 1) == 1):
+        if H != lh and not (lh == 1 and self.cp.pattern.num_heads == 1):
             raise _error("P350", f"q has H={H} heads, but the pattern was compiled for num_heads={lh}",
                          help=f"compile the pattern with num_heads={H}")
 
@@ -473,8 +479,8 @@ def _single_term_order(cp):
     token) in one non-natural order shared by queries and keys, else None: sharding in that
     order keeps the pattern's tiles few there (``strided(s) & causal`` in residue order owns
     whole residue classes per rank and exchanges nothing)."""
-    plan = getattr(cp, "plan", None)
-    terms = getattr(plan, "terms", None)
+    plan = cp.plan_for("auto")
+    terms = None if plan is None or plan.is_natural else plan.terms
     if not terms or len(terms) != 1:
         return None
     t = terms[0]
@@ -730,8 +736,8 @@ class _ContextParallelAttention(torch.autograd.Function):
 def _split_plan(cp):
     """(natural term, [other terms]) of ``cp.plan`` when it has a natural term and at least one
     term in another order, every term covering every head; else None."""
-    ep = cp.plan
-    terms = list(ep.terms) if not ep.is_natural else []
+    ep = cp.plan_for("auto")
+    terms = list(ep.terms) if ep is not None and not ep.is_natural else []
     if len(terms) < 2 or any(len(t.heads) != cp.num_heads for t in terms):
         return None
     natural = [t for t in terms if t.q_order.kind == "natural" and t.kv_order.kind == "natural"]
