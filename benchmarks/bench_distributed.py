@@ -221,17 +221,17 @@ def main(argv=None) -> int:
           f"{os.getloadavg()[0] if hasattr(os, 'getloadavg') else float('nan'):.1f} at end "
           f"({time.perf_counter() - t0:.0f} s)")
     print()
-    print("| pattern | schedule | max recv fwd / all-gather (target) | per-rank recv / all-gather | "
-          "max/mean tiles (contiguous) | fwd ms: patternc / all-gather baseline (ratio) | torch _ContextParallel FLEX |")
-    print("|---|---|---|---|---|---|---|")
+    print("| pattern | schedule, exchange | max recv fwd / all-gather (target) | per-rank recv / all-gather | "
+          "of which k/v (max) | max/mean tiles (contiguous) | fwd ms: patternc / all-gather baseline (ratio) | "
+          "torch _ContextParallel FLEX |")
+    print("|---|---|---|---|---|---|---|---|")
     ok = True
     for src in PATTERNS:
         rows = [r[src] for r in res]
         st = [r["stats"] for r in rows]
         ratios = [s["bytes_received_forward"] / s["allgather_bytes"] if s["allgather_bytes"] else 0.0 for s in st]
         worst = max(s["bytes_received_forward"] for s in st) / max(s["allgather_bytes"] for s in st)
-        tiles = [s["computed_tiles"] for s in st]
-        imb = max(tiles) * len(tiles) / sum(tiles)
+        kv_worst = max(s["kv_bytes_received_forward"] for s in st) / max(s["allgather_bytes"] for s in st)
         ours = max(r["seconds"] for r in rows)
         ag = max(r["allgather_seconds"] for r in rows)
         if "torch_seconds" in rows[0]:
@@ -241,8 +241,9 @@ def main(argv=None) -> int:
             torch_col = f"does not run: {rows[0]['torch_error']}"
         else:
             torch_col = "not run (--torch-cp)"
-        print(f"| `{src}` | {st[0]['method']} | {worst:.3f} (<= {TARGET_BYTES[src]:.3g}) | "
-              f"{', '.join(f'{x:.3f}' for x in ratios)} | {imb:.3f} ({rows[0]['contiguous_imbalance']:.3f}) | "
+        print(f"| `{src}` | {st[0]['method']}, {st[0]['exchange']} | {worst:.3f} (<= {TARGET_BYTES[src]:.3g}) | "
+              f"{', '.join(f'{x:.3f}' for x in ratios)} | {kv_worst:.3f} | "
+              f"{st[0]['imbalance']:.3f} ({rows[0]['contiguous_imbalance']:.3f}) | "
               f"{ours * 1e3:.0f} / {ag * 1e3:.0f} ({ag / ours:.2f}x) | {torch_col} |")
         if max(r["agree"] for r in rows) > 1e-4:
             print(f"  error: patternc and the all-gather baseline disagree by {max(r['agree'] for r in rows):.3g}")

@@ -28,7 +28,15 @@ from .errors import Diagnostic, PatternError, PatternWarning
 from .ir import nodes as ir
 from .ir.nodes import Pattern
 from .ir.normalize import normalize
-from .ir.specialize import cdiv, head_cycle_warning, specialize, substitute_document, uses_documents
+from .ir.specialize import (
+    cdiv,
+    head_cycle_warning,
+    runtime_bound,
+    specialize,
+    substitute_document,
+    uses_documents,
+    uses_per_document,
+)
 from .lower.layout import EMPTY, FULL, PARTIAL, BlockLayout, normalize_block_size
 
 ARTIFACT_FORMAT = "patternc.compiled"
@@ -174,12 +182,13 @@ def compile(p_or_source, *, q_len: int, kv_len: int | None = None, num_heads: in
         for node in pattern.walk():
             if isinstance(node, ir.Blocks) and uses_documents(node.child):
                 e = PatternError(Diagnostic(
-                    "P302", "`document` inside `blocks(b, …)` is not supported: documents are runs of tokens, "
-                    "not of blocks", node.span, "move `document` out of `blocks(…)`, e.g. `blocks(b, p) & document`"))
+                    "P302", "`document` / `per_document` inside `blocks(b, …)` is not supported: documents are runs "
+                    "of tokens, not of blocks", node.span,
+                    "move it out of `blocks(…)`, e.g. `blocks(b, p) & document` or `per_document(blocks(b, p))`"))
                 raise (e.with_source(source_text) if source_text is not None else e) from None
         # the static layout: every pair some split into documents can allow (an upper bound;
         # ``layout_for(documents=…)`` is exact per batch)
-        static = normalize(ir.Or((substitute_document(pattern, ir.ALL), substitute_document(pattern, ir.NONE))))
+        static = runtime_bound(pattern)
     H = pattern.num_heads if num_heads is None else _check_count("num_heads", num_heads, 1, "heads")
     if H < pattern.num_heads:
         warnings.warn(PatternWarning(Diagnostic(
@@ -269,18 +278,27 @@ class CompiledPattern:
     @cached_property
     def document_parts(self) -> tuple[Pattern, Pattern] | None:
         """``(p[document := all], p[document := none])`` for a pattern that reads ``document``
-        (SPEC §1.7; see ``patternc.lower.documents``), else None."""
-        if not uses_documents(self.pattern):
+        but no ``per_document`` (SPEC §1.7; see ``patternc.lower.documents``), else None."""
+        if not uses_documents(self.pattern) or uses_per_document(self.pattern):
             return None
         return substitute_document(self.pattern, ir.ALL), substitute_document(self.pattern, ir.NONE)
 
     @cached_property
     def static_pattern(self) -> Pattern:
         """The pattern ``layout`` and the densities describe: ``pattern`` itself, or for a pattern
-        with ``document`` the union over every split into documents, ``p[document := all] |
-        p[document := none]`` (an upper bound; ``layout_for(documents=…)`` is exact)."""
-        parts = self.document_parts
-        return self.pattern if parts is None else normalize(ir.Or(parts))
+        with ``document`` / ``per_document`` the union over every split into documents
+        (``ir.specialize.runtime_bound``: an upper bound; ``layout_for(documents=…)`` is exact)."""
+        return runtime_bound(self.pattern)
+
+    def layout_at(self, block_size) -> BlockLayout:
+        """The layout at another tile size (``BLOCK_SIZE``: an int or a pair, tokens), cached
+        like ``layout``; the CPU kernel computes at finer tiles than the BlockMask's where that
+        computes fewer token pairs (docs/execution.md)."""
+        qb, kb = normalize_block_size(block_size)
+        if (qb, kb) == tuple(self.block_size):
+            return self.layout
+        return _layout_cached(self.static_pattern, self.q_len, self.kv_len, qb, kb, self.num_heads,
+                              self.q_offset, self.kv_offset)
 
     def _part_layout(self, part: Pattern) -> BlockLayout:
         qb, kb = self.block_size
@@ -347,7 +365,9 @@ class CompiledPattern:
         from .ir.specialize import head_patterns
         from .lower.lowering import dense_from_layout
 
-        if docs is not None:
+        if docs is not None and uses_per_document(self.pattern):
+            dense = self._per_document_dense(docs)
+        elif docs is not None:
             from .lower.documents import dense_with_documents
 
             pa, pn = self.document_parts
@@ -360,6 +380,99 @@ class CompiledPattern:
         if kp is not None:
             dense = dense & kp[:, None, None, :]
         return dense
+
+    # ---- per_document (SPEC §1.1, §1.7; see patternc.lower.perdoc) ---------------------------------
+    @cached_property
+    def _per_document(self):
+        """``(cross, parts)``: the whole pattern with every ``per_document`` := none (pairs in two
+        documents), and one ``lower.perdoc.RowParts`` per head of the period."""
+        from .lower.perdoc import RowParts, cross_pattern
+
+        Qe, Ke = self.q_offset + self.q_len, self.kv_offset + self.kv_len
+        return cross_pattern(self.pattern), [RowParts(ph, Qe, Ke) for ph in self.head_patterns]
+
+    def _cross_with_documents(self, docs):
+        """Kinds uint8 [B|1, H, nq, nkv] of the cross pattern with the documents, and
+        ``counts(b, h) -> (q0, q1, k0, k1) -> int64`` of it (positions)."""
+        from .ir.specialize import head_patterns
+        from .lower.lowering import rect_counts
+
+        cross, parts = self._per_document
+        Qe, Ke = self.q_offset + self.q_len, self.kv_offset + self.kv_len
+        if not uses_documents(cross):
+            def counts(b, h):
+                return lambda q0, q1, k0, k1: rect_counts(parts[h % len(parts)].cross, q0, q1, k0, k1, Qe, Ke)
+
+            return self._part_layout(cross).kinds[None], counts
+        from .lower.documents import doc_rect_counts, document_kinds
+
+        ca, cn = substitute_document(cross, ir.ALL), substitute_document(cross, ir.NONE)
+        ha, hn = head_patterns(ca, self.num_heads), head_patterns(cn, self.num_heads)
+        kinds = document_kinds(docs, self._part_layout(ca), self._part_layout(cn), ha, hn)
+
+        def counts(b, h):
+            row = docs[min(b, docs.shape[0] - 1)]
+            return lambda q0, q1, k0, k1: doc_rect_counts(ha[h % len(ha)], hn[h % len(hn)], q0, q1, k0, k1, Qe, Ke,
+                                                          row)
+
+        return kinds, counts
+
+    def _per_document_kinds(self, docs):
+        """Exact kinds uint8 [B, H, nq, nkv] of a pattern with ``per_document`` and the
+        counter of ``key_padding_kinds`` (``lower.perdoc``: O(tiles + documents) per row)."""
+        from .lower.lowering import Grid
+        from .lower.perdoc import row_counts, row_kinds
+
+        lay = self.layout
+        g = Grid.uniform(lay.q_len, lay.kv_len, lay.q_block_size, lay.kv_block_size, lay.q_offset, lay.kv_offset)
+        _cross, parts = self._per_document
+        ck, cc = self._cross_with_documents(docs)
+        H, period = self.num_heads, len(parts)
+        kinds = np.empty((docs.shape[0], H) + g.shape, dtype=np.uint8)
+        for b in range(docs.shape[0]):
+            for h in range(min(H, period)):
+                kinds[b, h] = row_kinds(parts[h], docs[b], g, ck[min(b, ck.shape[0] - 1), h], cc(b, h))
+            for h in range(period, H):
+                kinds[b, h] = kinds[b, h % period]
+
+        def counter(b, h, q0, q1, k0, k1):
+            return row_counts(parts[h % period], docs[min(b, docs.shape[0] - 1)], q0, q1, k0, k1, cc(b, h))
+
+        return kinds, counter
+
+    def per_document_pairs(self, docs) -> list[int]:
+        """Exact allowed (h, i, j) pairs over all heads, per batch row, of a pattern with
+        ``per_document`` and checked ``docs`` int64 [B, P] (closed-form counts per document)."""
+        from .lower.perdoc import row_counts
+
+        _cross, parts = self._per_document
+        _ck, cc = self._cross_with_documents(docs)
+        Qe, Ke = self.q_offset + self.q_len, self.kv_offset + self.kv_len
+        return [sum(int(row_counts(parts[h % len(parts)], docs[b], [self.q_offset], [Qe], [self.kv_offset], [Ke],
+                                   cc(b, h))[0]) for h in range(self.num_heads)) for b in range(docs.shape[0])]
+
+    def _per_document_dense(self, docs) -> np.ndarray:
+        from .ir.specialize import head_patterns
+        from .lower.lowering import dense_from_layout
+        from .lower.perdoc import row_dense
+
+        cross, parts = self._per_document
+        if uses_documents(cross):
+            from .lower.documents import dense_with_documents
+
+            ca, cn = substitute_document(cross, ir.ALL), substitute_document(cross, ir.NONE)
+            cd = dense_with_documents(
+                docs, dense_from_layout(head_patterns(ca, self.num_heads), self._part_layout(ca)),
+                dense_from_layout(head_patterns(cn, self.num_heads), self._part_layout(cn)),
+                self.q_offset, self.kv_offset)
+        else:
+            cd = dense_from_layout(head_patterns(cross, self.num_heads), self._part_layout(cross))[None]
+        out = np.empty((docs.shape[0], self.num_heads, self.q_len, self.kv_len), dtype=bool)
+        for b in range(docs.shape[0]):
+            for h in range(self.num_heads):
+                out[b, h] = row_dense(parts[h % len(parts)], docs[b], cd[min(b, cd.shape[0] - 1), h],
+                                      self.q_offset, self.kv_offset)
+        return out
 
     # ---- execution plan (SPEC §6) -----------------------------------------------------------------
     @cached_property
@@ -394,8 +507,7 @@ class CompiledPattern:
         from .ir.specialize import head_patterns
         from .lower.lowering import count_allowed
 
-        heads = self.head_patterns if self.document_parts is None else head_patterns(self.static_pattern,
-                                                                                        self.num_heads)
+        heads = self.head_patterns if not self.needs else head_patterns(self.static_pattern, self.num_heads)
         per = [count_allowed(ph, self.layout, h) for h, ph in enumerate(heads)]
         period = len(per)
         return int(sum(per[h % period] for h in range(self.num_heads)))
@@ -520,23 +632,52 @@ class CompiledPattern:
         kinds = lay.kinds
         counter, heads = None, self.head_patterns
         if docs is not None:
-            from .ir.specialize import head_patterns
-            from .lower.documents import doc_rect_counts, document_kinds
-
-            pa, pn = self.document_parts
-            ha, hn = head_patterns(pa, self.num_heads), head_patterns(pn, self.num_heads)
-            kinds = document_kinds(docs, self._part_layout(pa), self._part_layout(pn), ha, hn)
-            Qe, Ke = self.q_offset + self.q_len, self.kv_offset + self.kv_len
-
-            def counter(b, h, q0, q1, k0, k1):
-                return doc_rect_counts(ha[h % len(ha)], hn[h % len(hn)], q0, q1, k0, k1, Qe, Ke,
-                                       docs[min(b, docs.shape[0] - 1)])
+            kinds, counter = self._document_kinds(docs)
         if kp is not None:
             kinds = key_padding_kinds(kinds, kp, lay, heads, counter)
         kinds = np.ascontiguousarray(kinds, dtype=np.uint8)
         kinds.setflags(write=False)
         return BlockLayout(kinds=kinds, q_len=lay.q_len, kv_len=lay.kv_len, q_block_size=lay.q_block_size,
                            kv_block_size=lay.kv_block_size, q_offset=lay.q_offset, kv_offset=lay.kv_offset)
+
+    def _document_kinds(self, docs):
+        """Exact kinds uint8 [B, H, nq, nkv] of the pattern with checked ``docs`` int64 [B, P],
+        and ``counter(b, h, q0, q1, k0, k1)`` of its allowed pairs (key padding's refinement).
+        Rows packed the same way are built once (``np.unique`` over the rows)."""
+        if uses_per_document(self.pattern):
+            from .lower.perdoc import row_counts
+
+            _cross, parts = self._per_document
+            period = len(parts)
+            cc = None
+
+            def counter(b, h, q0, q1, k0, k1):
+                nonlocal cc
+                if cc is None:
+                    cc = self._cross_with_documents(docs)[1]
+                return row_counts(parts[h % period], docs[min(b, docs.shape[0] - 1)], q0, q1, k0, k1, cc(b, h))
+        else:
+            from .ir.specialize import head_patterns
+            from .lower.documents import doc_rect_counts
+
+            pa, pn = self.document_parts
+            ha, hn = head_patterns(pa, self.num_heads), head_patterns(pn, self.num_heads)
+            Qe, Ke = self.q_offset + self.q_len, self.kv_offset + self.kv_len
+
+            def counter(b, h, q0, q1, k0, k1):
+                return doc_rect_counts(ha[h % len(ha)], hn[h % len(hn)], q0, q1, k0, k1, Qe, Ke,
+                                       docs[min(b, docs.shape[0] - 1)])
+        if docs.shape[0] > 1:
+            uniq, inverse = np.unique(docs, axis=0, return_inverse=True)
+            if uniq.shape[0] < docs.shape[0]:
+                return self._document_kinds(uniq)[0][np.asarray(inverse).reshape(-1)], counter
+        if uses_per_document(self.pattern):
+            kinds = self._per_document_kinds(docs)[0]
+        else:
+            from .lower.documents import document_kinds
+
+            kinds = document_kinds(docs, self._part_layout(pa), self._part_layout(pn), ha, hn)
+        return kinds, counter
 
     def mask_mod_for(self, device="cpu", *, documents=None, key_padding_mask=None):
         """The ``mask_mod(b, h, q_idx, kv_idx)`` of a batch with run-time data (reads ``b``);

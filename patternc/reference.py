@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import Diagnostic, PatternError
-from .ir.nodes import And, Blocks, Diff, Heads, Layers, Not, Or, Pattern, Prim
+from .ir.nodes import And, Blocks, Diff, Heads, Layers, Not, Or, Pattern, PerDocument, Prim
 from .ir.specialize import bind_lengths, select_layer
 
 
@@ -93,6 +93,24 @@ def _eval(p: Pattern, h: int, q_len: int, kv_len: int, doc=None) -> np.ndarray:
         b = p.b
         inner = _eval(p.child, h, -(-q_len // b), -(-kv_len // b), None)
         return inner[np.ix_(np.arange(q_len) // b, np.arange(kv_len) // b)]
+    if isinstance(p, PerDocument):  # SPEC §1.1: same run, p at (i - start, j - start), lengths = the run's
+        if doc is None:
+            raise ValueError("`per_document` needs documents= (SPEC §1.7)")
+        out = np.zeros((q_len, kv_len), dtype=bool)
+        start = 0
+        while start < len(doc):
+            end = start + 1
+            while end < len(doc) and doc[end] == doc[start]:
+                end += 1
+            L = end - start
+            inner = bind_lengths(p.child, L, L, normalized=False)
+            # inside, the only document is this one: every position has the same id
+            m = _eval(inner, h, L, L, np.zeros(L, dtype=np.int64))
+            qe, ke = min(end, q_len), min(end, kv_len)
+            if qe > start and ke > start:
+                out[start:qe, start:ke] = m[:qe - start, :ke - start]
+            start = end
+        return out
     raise TypeError(f"not a pattern: {p!r}")
 
 
@@ -132,7 +150,9 @@ def dense_mask(p_or_source, *, q_len: int, kv_len: int | None = None, num_heads:
         head_offset: head h is head ``head_offset + h`` of the pattern (§1.6).
         documents: run-time document ids (§1.7): int ``[P]`` or ``[B, P]`` (P >= the position
             extents), or lengths per row as a list of lists ``[[l0, l1, …], …]``;
-            ``doc(x) = documents[b, x]``, and ``document`` holds iff ``doc(i) = doc(j)``.
+            ``doc(x) = documents[b, x]``, and ``document`` holds iff ``doc(i) = doc(j)``;
+            ``per_document(p)`` holds iff i and j are in one maximal run of equal ids and ``p``
+            holds at ``(i - start, j - start)`` over that run's length.
 
     Returns:
         bool [H, Q_LEN, KV_LEN]; True = query row r may attend key column c. With 2-D

@@ -230,6 +230,8 @@ def picture(p_or_source, *, q_len: int, kv_len: int | None = None, num_heads: in
             total = sum(int(doc_rect_counts(ha[h % len(ha)], hn[h % len(hn)], [q_offset], [Qe], [kv_offset], [Ke],
                                             Qe, Ke, ids)[0]) for h in range(H))
             pic.density = total / float(H * q_len * kv_len)
+        elif cp.needs:  # per_document: exact token density of this packed row (lower.perdoc)
+            pic.density = cp.per_document_pairs(ids[None])[0] / float(H * q_len * kv_len)
     if view == "tokens":
         pic.window = tuple(window) if window is not None else (0, q_len, 0, kv_len)
         if row_docs is not None:

@@ -20,7 +20,7 @@ dist = pytest.importorskip("torch.distributed")
 if not dist.is_available():  # pragma: no cover
     pytest.skip("torch.distributed is not available", allow_module_level=True)
 
-# (name, source, seq_len, heads, kv_heads, block_size, balance, world)
+# (name, source, seq_len, heads, kv_heads, block_size, balance, world[, compile / ContextParallel options])
 CASES = [
     ("local2", "local(w=40) & causal", 300, 2, 2, 32, "tiles", 2),
     ("strided2", "strided(s=24) & causal", 250, 2, 1, 32, "contiguous", 2),
@@ -33,7 +33,18 @@ CASES = [
     ("prefix4", "prefix(n=40)", 200, 1, 1, 32, "tiles", 4),  # rows past 40 have no key at all
     # sharded in the plan's residue order: whole residue classes per rank, nothing to exchange
     ("residue4", "strided(s=32) & causal", 1024, 2, 2, 32, "tiles", 4),
+    # per-term exchange (docs/distributed.md): local in natural order, strided in residue order
+    ("split4", "(local(w=32) | strided(s=32)) & causal", 1024, 1, 1, 32, "tiles", 4),
+    ("splitgqa4", "(local(w=40) | strided(s=32)) & causal", 1000, 2, 1, 32, "tiles", 4),
+    ("split2", "(local(w=20) | strided(s=16)) & causal", 333, 2, 2, 16, "tiles", 2, {"exchange": "per-term"}),
+    # score terms (ALiBi at global positions) and offsets
+    ("alibi4", "((local(w=40) | strided(s=32)) & causal) with alibi(max_bias=8)", 777, 4, 2, 32, "tiles", 4),
+    ("softcap2", "(local(w=30) & causal) with softcap(c=5)", 250, 2, 2, 32, "tiles", 2),
+    ("offset4", "(local(w=50) & causal) with alibi(max_bias=4)", 300, 2, 2, 32, "tiles", 4,
+     {"q_offset": 70, "kv_offset": 70}),
+    ("skew2", "causal", 200, 1, 1, 32, "contiguous", 2, {"q_offset": 24}),  # bottom-right rows, same length
 ]
+COMPILE_OPTIONS = ("q_offset", "kv_offset")
 DIM = 8
 
 # run-time data (SPEC §1.7), 4 ranks: (name, source, seq_len, heads, batch, documents, key padding lengths)
@@ -47,6 +58,16 @@ RUNTIME = [
 def _runtime_data(B, L, docs, pad):
     kp = None if pad is None else torch.arange(L)[None, :] < torch.tensor(pad)[:, None]
     return docs, kp
+
+
+def _options(case) -> dict:
+    return case[8] if len(case) > 8 else {}
+
+
+def _compile(case):
+    name, src, L, H, Hkv, bs = case[:6]
+    return patternc.compile(src, q_len=L, num_heads=H, block_size=bs,
+                            **{k: x for k, x in _options(case).items() if k in COMPILE_OPTIONS})
 
 
 def _inputs(seq_len, heads, kv_heads, seed, batch=1):
@@ -65,12 +86,14 @@ def _worker(rank, world):
 
     pair = dist.new_group([0, 1])  # collective: every rank creates it
     results = {}
-    for n, (name, src, L, H, Hkv, bs, balance, w) in enumerate(CASES):
+    for n, case in enumerate(CASES):
+        name, src, L, H, Hkv, bs, balance, w = case[:8]
         if w == 2 and rank >= 2:
             continue
         group = pair if w == 2 else None
-        cp = patternc.compile(src, q_len=L, num_heads=H, block_size=bs)
-        ctx = ContextParallel(cp, group=group, balance=balance)
+        cp = _compile(case)
+        opts = {k: x for k, x in _options(case).items() if k not in COMPILE_OPTIONS}
+        ctx = ContextParallel(cp, group=group, balance=balance, **opts)
         q, k, v, dout = _inputs(L, H, Hkv, n)
         ql, kl, vl = (ctx.shard(x).requires_grad_() for x in (q, k, v))
         out_l = ctx.attention(ql, kl, vl)
@@ -93,7 +116,24 @@ def _worker(rank, world):
         dist.all_gather_object(stats, ctx.stats)
         results[name] = (*full, stats, [p.tolist() for p in ctx.schedule.positions], None)
     results["nn"] = _nn_case(ContextParallel)
+    results["unshard"] = _unshard_case(ContextParallel, world)
     return results
+
+
+UNSHARD = ("(local(w=40) | strided(s=32)) & causal", 500, 2)
+
+
+def _unshard_case(ContextParallel, world):
+    """A loss on the unsharded output, the same on every rank, divided by the world size: the
+    gradients summed through unshard's backward are the single-process ones."""
+    src, L, H = UNSHARD
+    ctx = ContextParallel(patternc.compile(src, q_len=L, num_heads=H, block_size=32))
+    q, k, v, dout = _inputs(L, H, H, 77)
+    ql, kl, vl = (ctx.shard(x).requires_grad_() for x in (q, k, v))
+    full = ctx.unshard(ctx.attention(ql, kl, vl))
+    assert full.requires_grad
+    ((full * dout).sum() / world).backward()
+    return [full.detach()] + [ctx.unshard(t) for t in (ql.grad, kl.grad, vl.grad)]
 
 
 NN_LEN = 300
@@ -150,9 +190,9 @@ def _single(cp, q, k, v, dout):
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_equals_single_process(ranks, case):
-    name, src, L, H, Hkv, bs, balance, w = case
+    name, src, L, H, Hkv, bs, balance, w = case[:8]
     n = CASES.index(case)
-    cp = patternc.compile(src, q_len=L, num_heads=H, block_size=bs)
+    cp = _compile(case)
     want = _single(cp, *_inputs(L, H, Hkv, n))
     got = ranks[0][name][:4]
     for what, a, b, tol in zip(("out", "dq", "dk", "dv"), got, want, (1e-5, 1e-4, 1e-4, 1e-4)):
@@ -163,14 +203,21 @@ def test_equals_single_process(ranks, case):
         torch.testing.assert_close(ranks[r][name][0], got[0], atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+PER_TERM = ["fixed4", "split4", "splitgqa4", "split2", "alibi4"]  # exchanged per plan term (stats["exchange"])
+NATURAL_CASES = [c for c in CASES if c[0] not in PER_TERM]
+
+
+@pytest.mark.parametrize("case", NATURAL_CASES, ids=[c[0] for c in NATURAL_CASES])
 def test_moves_exactly_the_blocks_read(ranks, case):
     """bytes received = the tokens of the key blocks holding a key some owned row attends (oracle),
     minus the rank's own; the backward sends exactly as much back; sums match across ranks."""
-    name, src, L, H, Hkv, bs, balance, w = case
+    name, src, L, H, Hkv, bs, balance, w = case[:8]
     stats, positions, order = ranks[0][name][4], ranks[0][name][5], ranks[0][name][6]
+    assert all(s["exchange"] == "natural" for s in stats)
     kb = bs[1] if isinstance(bs, tuple) else bs
-    dense = patternc.reference.dense_mask(src, q_len=L, num_heads=H).any(axis=0)  # [L, L]
+    dense = patternc.reference.dense_mask(src, q_len=L, num_heads=H,
+                                          **{k: x for k, x in _options(case).items() if k in COMPILE_OPTIONS})
+    dense = dense.any(axis=0)  # [L, L]
     row_bytes = Hkv * (DIM + DIM + 2) * 4
     assert sorted(sum(positions, [])) == list(range(L))
     place = np.arange(L) if order is None else np.argsort(order)  # natural position -> place in the order
@@ -181,6 +228,7 @@ def test_moves_exactly_the_blocks_read(ranks, case):
         tokens = {t for b in blocks for t in range(b * kb, min(L, (b + 1) * kb))} - set(place[own].tolist())
         assert s["positions"] == own.size
         assert s["bytes_received_forward"] == len(tokens) * row_bytes, (name, r)
+        assert s["kv_bytes_received_forward"] == s["bytes_received_forward"]
         assert s["bytes_sent_backward"] == s["bytes_received_forward"]
         assert s["bytes_received_backward"] == s["bytes_sent_forward"]
         assert s["allgather_bytes"] == (L - own.size) * row_bytes
@@ -228,6 +276,46 @@ def test_nn_layers_context_parallel(ranks):
     torch.testing.assert_close(y_cp, y.detach(), atol=1e-5, rtol=1e-5)
     for (name, p), got in zip(model.named_parameters(), grads):
         torch.testing.assert_close(got, p.grad, atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_per_term_exchange_moves_the_hand_count(ranks):
+    """(local(w=32) | strided(s=32)) & causal, 1024 tokens, 4 ranks, blocks of 32: the plan is
+    local in natural order + the rest of strided in residue order (32 classes of 32 tokens, one
+    block each). Rows: 256 contiguous tokens per rank; rank r computes residue classes 8r..8r+7,
+    each holding 8 tokens of every rank. Per rank r: it receives 3 * 64 = 192 queries and 192
+    keys/values of its classes, the partial outputs (+ log-sum-exp) of its 192 rows in other
+    ranks' classes, and (r > 0) a halo of one 32-token key block for the local term."""
+    stats = ranks[0]["split4"][4]
+    cp = patternc.compile("(local(w=32) | strided(s=32)) & causal", q_len=1024, block_size=32)
+    assert [str(t.q_order) for t in cp.plan.terms] == ["natural", "residue mod 32"]
+    D, Dv = DIM, DIM + 2
+    for r, s in enumerate(stats):
+        halo = 32 if r else 0
+        assert s["exchange"] == "per-term" and s["positions"] == 256
+        assert s["kv_bytes_received_forward"] == (192 + halo) * (D + Dv) * 4, r
+        assert s["bytes_received_forward"] == (192 * D + (192 + halo) * (D + Dv) + 192 * (Dv + 1)) * 4, r
+        assert s["allgather_bytes"] == 768 * (D + Dv) * 4
+        # backward: merged out + dout + lse of the 192 rows in, dq of 192 own rows back, dk/dv of
+        # 192 + halo own keys back
+        read_by_next = 32 if r < 3 else 0  # the next rank's halo: its dk, dv come back
+        assert s["bytes_received_backward"] == (192 * (2 * Dv + 1) + 192 * D + (192 + read_by_next) * (D + Dv)) * 4, r
+    assert stats[0]["imbalance"] <= 1.05
+
+
+@pytest.mark.parametrize("name", PER_TERM)
+def test_per_term_bytes_balance(ranks, name):
+    stats = ranks[0][name][4]
+    assert all(s["exchange"] == "per-term" for s in stats)
+    for a, b in (("bytes_sent_forward", "bytes_received_forward"), ("bytes_sent_backward", "bytes_received_backward")):
+        assert sum(s[a] for s in stats) == sum(s[b] for s in stats) > 0
+
+
+def test_unshard_is_differentiable(ranks):
+    src, L, H = UNSHARD
+    cp = patternc.compile(src, q_len=L, num_heads=H, block_size=32)
+    want = _single(cp, *_inputs(L, H, H, 77))
+    for what, a, b in zip(("out", "dq", "dk", "dv"), ranks[0]["unshard"], want):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=what)
 
 
 def test_residue_order_exchanges_nothing(ranks):
@@ -320,6 +408,17 @@ def test_group_of_one(tmp_path):
             ctx.attention(q[:, :, :50], k, v)
         with pytest.raises(patternc.PatternError, match="P380.*KV_LEN"):
             ContextParallel(patternc.compile("causal", q_len=64, kv_len=80))
+        with pytest.raises(patternc.PatternError, match="P380.*per-term"):  # a one-term plan
+            ContextParallel(cp, exchange="per-term")
+        with pytest.raises(patternc.PatternError, match="P380.*takes a compiled pattern, got str"):
+            ContextParallel("local(w=20) & causal")  # was an AttributeError
+        with pytest.raises(patternc.PatternError, match="P380.*exchange must be"):
+            ContextParallel(cp, exchange="ring")
+        # a score term on one rank: ALiBi at the compile's positions
+        cpa = patternc.compile("(local(w=20) & causal) with alibi(max_bias=8)", q_len=100, num_heads=2,
+                               block_size=16, q_offset=30, kv_offset=30)
+        torch.testing.assert_close(ContextParallel(cpa).attention(q, k, v),
+                                   cpa.attention(q, k, v, backend="blocksparse"), atol=1e-6, rtol=1e-6)
     finally:
         dist.destroy_process_group()
 
@@ -347,7 +446,6 @@ def test_run_nproc_prints_the_per_rank_table_and_checks(capsys):
     (["--kv-len", "200"], "--kv-len 200 must equal --seq-len 300"),
     (["--backend", "sdpa"], "--backend sdpa"),
     (["--nproc", "0"], "--nproc must be >= 1"),
-    (["--documents", "100,200"], "--nproc does not take --documents yet"),  # was a P900 traceback
 ])
 def test_run_nproc_usage_errors(capsys, argv, message):
     from patternc.cli import main
@@ -356,3 +454,27 @@ def test_run_nproc_usage_errors(capsys, argv, message):
     code = main(base + argv)
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+def test_run_nproc_with_documents(capsys):
+    """--documents reach every worker (they were refused: the workers ran without them); the
+    check compares with the single-process result with the same documents."""
+    from patternc.cli import main
+
+    argv = ["run", "-e", "document & (sink(n=4) | local(w=30)) & causal", "--documents", "100,57,143",
+            "--heads", "2", "--head-dim", "8", "--block-size", "32", "--nproc", "2", "--repeats", "1", "--check",
+            "--json"]
+    code = main(argv)
+    out = capsys.readouterr().out
+    assert code == 0, out
+    import json
+
+    got = json.loads(out)
+    assert got["check_passed"] and got["rel_error"] <= 1e-5 and got["documents"] == [100, 57, 143]
+    # the ranks computed exactly this batch's tiles (the layout with the documents), not the static one's
+    cp = patternc.compile("document & (sink(n=4) | local(w=30)) & causal", q_len=300, num_heads=2, block_size=32)
+    assert sum(r["computed_tiles"] for r in got["ranks"]) == int(
+        (cp.layout_for(documents=[[100, 57, 143]]).kinds != 0).sum())
+    # a pattern that uses `document` without --documents: P360, exit 1 (before any worker starts)
+    assert main(argv[:3] + ["--seq-len", "300"] + argv[5:-2]) == 1
+    assert "P360" in capsys.readouterr().err

@@ -33,15 +33,19 @@ pytestmark = pytest.mark.filterwarnings("ignore::patternc.errors.PatternWarning"
 _ORACLE_BLOCK = re.compile(r"```text\noracle: (?P<head>[^\n]*)\n(?P<body>.*?)```", re.S)
 
 
-def picture(source: str, q_len: int, kv_len: int | None = None, heads: int = 1, layer: int = 0) -> str:
-    m = dense_mask(source, q_len=q_len, kv_len=kv_len, num_heads=heads, layer=layer)
+def picture(source: str, q_len: int, kv_len: int | None = None, heads: int = 1, layer: int = 0,
+            documents: list | None = None) -> str:
+    m = dense_mask(source, q_len=q_len, kv_len=kv_len, num_heads=heads, layer=layer,
+                   documents=None if documents is None else [documents])
+    m = m if documents is None else m[0]
     return "\n".join("   ".join(" ".join("#" if x else "." for x in m[h, i]) for h in range(heads))
                      for i in range(m.shape[1])) + "\n"
 
 
 def _parse_head(head: str):
     source, _, opts = head.rpartition("  ")
-    kw = {k: int(v) for k, v in (o.split("=") for o in opts.split())}
+    kw = {k: ([int(x) for x in v.split("+")] if k == "documents" else int(v))
+          for k, v in (o.split("=") for o in opts.split())}  # documents=6+5: lengths of one row
     return source.strip(), kw
 
 

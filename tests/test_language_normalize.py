@@ -17,8 +17,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 import patternc
-from patternc.ir.nodes import And, Blocks, Diff, Heads, Layers, Not, Or, Prim, Var
+from patternc.ir.nodes import And, Blocks, Diff, Heads, Layers, Not, Or, PerDocument, Prim, Var
 from patternc.ir.normalize import PASSES, ir_problems, keeps_length_checks, normal_form_problems, normalize
+from patternc.ir.specialize import uses_documents
 from patternc.lang.elaborate import elaborate
 from patternc.reference import dense_mask
 from strategies import LANG_LENGTHS as LENGTHS
@@ -28,9 +29,16 @@ pytestmark = pytest.mark.filterwarnings("ignore::patternc.errors.PatternWarning"
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 
 
+# run-time documents for patterns that read them: runs of 3, 1, 4, 2, ... tokens, one id
+# repeated across two runs (`document` compares ids, `per_document` reads runs)
+DOC_IDS = np.array([0, 0, 0, 1, 2, 2, 2, 2, 0, 0, 3, 3, 3, 4, 4, 4], dtype=np.int64)
+
+
 def masks(p, q_len, kv_len, num_heads, num_layers):
-    """bool [L, H, Q_LEN, KV_LEN] straight from the oracle."""
-    return np.stack([dense_mask(p, q_len=q_len, kv_len=kv_len, num_heads=num_heads, layer=l)
+    """bool [L, H, Q_LEN, KV_LEN] straight from the oracle (with ``DOC_IDS`` when ``p`` reads
+    documents)."""
+    docs = DOC_IDS if uses_documents(p) else None
+    return np.stack([dense_mask(p, q_len=q_len, kv_len=kv_len, num_heads=num_heads, layer=l, documents=docs)
                      for l in range(num_layers)])
 
 
@@ -94,6 +102,9 @@ PASS_EXAMPLES = [
         _p("strided", s=2), _p("strided", s=4), _p("chunk", l=3), _p("chunk", l=6), _p("sink", n=1), _p("sink", n=2))),
     And((_p("global", n=1), _p("global", n=3), _p("prefix", n=2), _p("prefix", n=4), _p("strided", s=2), _p("strided", s=4))),
     Or((_p("chunk", l=3), _p("chunk", l=4), _p("strided", s=2), _p("strided", s=3), _p("global", n=2), _p("global", at=(3,)))),
+    PerDocument(And((PerDocument(_p("sink", n=2)), _p("document"), CAUSAL))),
+    And((_p("document"), PerDocument(_p("local", w=Var("q_len"))), PerDocument(NONE), _p("sink", n=3))),
+    Or((PerDocument(CAUSAL), PerDocument(_p("prefix", n=2)), _p("document"))),
 ]
 
 

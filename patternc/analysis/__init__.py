@@ -49,7 +49,7 @@ def _check_int(name, v, minimum, allow_none=False):
 
 def analyze(p_or_source, *, seq_len: int, layers: int | None = None, num_heads: int = 1,
             params: dict | None = None, pairs: str = "earlier", engine: str = "auto",
-            block_size: int | None = None) -> ReachReport:
+            block_size: int | None = None, q_offset: int = 0, kv_offset: int = 0) -> ReachReport:
     """Reachability of a pattern through its layer stack (SPEC §4).
 
     Information flows from key ``j`` to query ``i`` in layer ``m`` when some head allows
@@ -68,6 +68,12 @@ def analyze(p_or_source, *, seq_len: int, layers: int | None = None, num_heads: 
             ``"networkx"``.
         block_size: tokens per block for ``exact-token`` / ``block-bound`` (default: 128 or
             less for short inputs / the smallest power of two giving <= 8192 blocks).
+        q_offset, kv_offset: positions (SPEC §1.6, tokens, >= 0). The stack spans positions
+            ``0 .. q_offset + seq_len - 1`` (``q_len`` / ``kv_len`` are that extent) and only
+            the queries at positions ``q_offset ..`` (the ``seq_len`` rows of a decode step or
+            prefill chunk) and the keys at ``kv_offset ..`` are required; paths run through
+            every position, as the hidden states of earlier tokens exist in every layer.
+            Offsets use ``exact-token`` (or ``networkx``); the other engines are P402.
 
     Returns:
         ``ReachReport`` (``min_layers``, ``reachable``, ``exact``, ``engine``, ``witness``, ...).
@@ -89,6 +95,12 @@ def analyze(p_or_source, *, seq_len: int, layers: int | None = None, num_heads: 
     _check_int("layers", layers, 0, allow_none=True)
     _check_int("num_heads", num_heads, 1)
     _check_int("block_size", block_size, 1, allow_none=True)
+    _check_int("q_offset", q_offset, 0)
+    _check_int("kv_offset", kv_offset, 0)
+    extent = q_offset + seq_len
+    if kv_offset >= extent:
+        raise _arg_error(f"`kv_offset` {kv_offset} leaves no key: the positions end at {extent - 1} "
+                         f"(q_offset + seq_len - 1)", f"use kv_offset <= {extent - 1}")
     if pairs not in MODES:
         raise _arg_error(f"`pairs` must be one of {', '.join(MODES)}, got {pairs!r}",
                          "use pairs='earlier' (every j <= i) or pairs='all'")
@@ -113,15 +125,49 @@ def analyze(p_or_source, *, seq_len: int, layers: int | None = None, num_heads: 
     if cycle is not None:
         notes.append(cycle.message)
         warnings.warn(PatternWarning(cycle), stacklevel=2)
-    stack = Stack(pattern, seq_len, num_heads)
-    out = _run(stack, pairs, engine, layers, block_size, notes)
-    out.pattern = str(pattern)
+    canonical = str(pattern)
+    from ..ir.specialize import uses_documents
+
+    if uses_documents(pattern):
+        pattern = _one_document(pattern, extent, notes)
+    stack = Stack(pattern, extent, num_heads)
+    if q_offset or kv_offset:
+        if engine not in ("auto", "exact-token", "networkx"):
+            raise _engine_error(f"{engine} answers for every pair of the sequence; offsets (q_offset={q_offset}, "
+                                f"kv_offset={kv_offset}) restrict the required pairs, which only exact-token and "
+                                "networkx do", "use engine='auto' (exact-token) or 'networkx'")
+        if engine == "auto":
+            if extent > TOKEN_MAX:
+                raise _engine_error(f"with offsets the analysis keeps every token pair of the {extent} positions "
+                                    f"(exact-token), more than its limit of {TOKEN_MAX}",
+                                    "analyse without offsets (every pair), or a shorter sequence")
+            engine = "exact-token"
+        notes.append(f"offsets: required queries at positions {q_offset}..{extent - 1}, keys from position "
+                     f"{kv_offset}; paths run through every position 0..{extent - 1}")
+    out = _run(stack, pairs, engine, layers, block_size, notes, q_offset, kv_offset)
+    out.pattern = canonical
+    out.seq_len, out.q_offset, out.kv_offset = seq_len, q_offset, kv_offset
     out.seconds = time.perf_counter() - t0
     return out
 
 
+def _one_document(pattern, seq_len: int, notes: list):
+    """A pattern that reads run-time documents, analysed within one document of ``seq_len``
+    tokens (docs/reachability.md): ``document`` is ``all`` and ``per_document(p)`` is ``p``
+    bound at ``seq_len``. Pairs in two documents never connect (no pattern lets information
+    cross a document boundary), so that question has no informative answer; the one asked is
+    how many layers a document of this length needs."""
+    from ..ir.nodes import ALL
+    from ..ir.specialize import substitute_document, substitute_per_document
+
+    notes.append(f"the pattern reads run-time documents: analysed within one document of {seq_len} tokens "
+                 "(`document` is all, `per_document(p)` is p at that length); pairs in two documents never "
+                 "connect")
+    return substitute_document(substitute_per_document(pattern, "whole", seq_len), ALL)
+
+
 # ---- engine dispatch ---------------------------------------------------------------------------------------
-def _run(stack, mode, engine, layers, block_size, notes) -> ReachReport:
+def _run(stack, mode, engine, layers, block_size, notes, q_offset=0, kv_offset=0) -> ReachReport:
     n = stack.n
     if engine == "networkx":
         from . import graph
@@ -129,7 +175,7 @@ def _run(stack, mode, engine, layers, block_size, notes) -> ReachReport:
         if n > graph.MAX_TOKENS:
             raise _engine_error(f"the networkx engine builds the whole layered graph; {n} tokens is more than its "
                                 f"limit of {graph.MAX_TOKENS}", "use engine='auto' (or exact-token)")
-        return _from_graph(stack, mode, layers, notes)
+        return _from_graph(stack, mode, layers, notes, q_offset, kv_offset)
     if engine in ("auto", "exact-shift"):
         from .shift import NotShiftInvariant, ShiftAnalysis
 
@@ -152,9 +198,9 @@ def _run(stack, mode, engine, layers, block_size, notes) -> ReachReport:
         from . import token as tok
 
         try:
-            return _from_token(stack, mode, layers, block_size, notes)
+            return _from_token(stack, mode, layers, block_size, notes, q_offset, kv_offset)
         except tok.TooLarge as e:
-            if engine == "exact-token":
+            if engine == "exact-token" or q_offset or kv_offset:
                 raise _engine_error(f"exact-token: {e}", "use engine='block-bound'") from None
             notes.append(f"exact-token gave up ({e}); block-bound used instead")
     return _from_block(stack, mode, layers, block_size, notes)
@@ -199,14 +245,14 @@ def _path_fn_token(stack, adjs):
     return fn
 
 
-def _from_token(stack, mode, layers, block_size, notes) -> ReachReport:
+def _from_token(stack, mode, layers, block_size, notes, q_offset=0, kv_offset=0) -> ReachReport:
     from . import token as tok
     from .tiles import layer_tiles
 
     n = stack.n
     b = block_size or tok.default_block_size(n)
     adjs = [tok.Adjacency(layer_tiles(stack, m, b)) for m in range(stack.period)]
-    res = tok.reach(adjs, n, mode)
+    res = tok.reach(adjs, n, mode, q_offset=q_offset, kv_offset=kv_offset)
     if res.never:
         i, j = res.unreachable
         why = (f"the reachable set stops growing after {res.stalled_at} "
@@ -337,11 +383,11 @@ def _from_block(stack, mode, layers, block_size, notes) -> ReachReport:
                        lower_bound=lo, upper_bound=up, decided=decided, notes=notes)
 
 
-def _from_graph(stack, mode, layers, notes) -> ReachReport:
+def _from_graph(stack, mode, layers, notes, q_offset=0, kv_offset=0) -> ReachReport:
     from . import graph
 
     n = stack.n
-    res, g = graph.run(stack, mode)
+    res, g = graph.run(stack, mode, q_offset, kv_offset)
     if res.never:
         i, j = res.unreachable
         return _never_report(stack, i, j, f"no path in the layered graph ({_cycle_text(stack)})", "networkx",

@@ -71,7 +71,9 @@ class LayeredGraph:
         return [self.stack.hop(m, p, q) for (m, p), (_, q) in zip(nodes, nodes[1:])]
 
 
-def run(stack, mode: str) -> tuple[GraphResult, LayeredGraph]:
+def run(stack, mode: str, q_offset: int = 0, kv_offset: int = 0) -> tuple[GraphResult, LayeredGraph]:
+    """Distances of every pair; required: the mode's pairs with ``i >= q_offset`` and
+    ``j >= kv_offset`` (SPEC §1.6 offsets: the rows of a step / chunk, the keys kept)."""
     n, P = stack.n, stack.period
     g = LayeredGraph(stack)
     cap = n * P + P  # every cycle that changes something adds at least one position
@@ -93,6 +95,10 @@ def run(stack, mode: str) -> tuple[GraphResult, LayeredGraph]:
             break
         depth = min(cap, depth * 2)
     req = np.ones((n, n), dtype=bool) if mode == "all" else np.tril(np.ones((n, n), dtype=bool))
+    req[:q_offset] = False
+    req[:, :kv_offset] = False
+    if not req.any():
+        return GraphResult(0, False, dist, (q_offset, q_offset), None, None), g
     missing = req & (dist < 0)
     if missing.any():
         ii, jj = np.nonzero(missing)

@@ -63,7 +63,10 @@ class ReachReport:
         engine: the engine that produced the answer (``exact-shift``, ``exact-token``,
             ``block-bound``, ``shift-bound``, ``networkx``).
         witness: see ``Witness``.
-        seq_len: Q_LEN = KV_LEN, tokens.
+        seq_len: Q_LEN = KV_LEN, tokens (with offsets: the query rows, at positions
+            ``q_offset .. q_offset + seq_len - 1``).
+        q_offset, kv_offset: the offsets (SPEC §1.6): required queries at positions
+            ``q_offset ..``, keys at ``kv_offset ..`` (0: every position).
         num_heads: H.
         lower_bound: proven ``min_layers >= lower_bound`` (equals ``min_layers`` when exact).
         upper_bound: proven ``min_layers <= upper_bound`` (None: no upper bound proven, or
@@ -91,6 +94,8 @@ class ReachReport:
     pattern: str = ""
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    q_offset: int = 0
+    kv_offset: int = 0
 
     def to_json(self) -> dict:
         """A JSON-ready dict with every field (``witness`` nested; ``null`` for None)."""
@@ -103,6 +108,8 @@ class ReachReport:
             "engine": self.engine,
             "witness": None if self.witness is None else self.witness.to_json(),
             "seq_len": self.seq_len,
+            "q_offset": self.q_offset,
+            "kv_offset": self.kv_offset,
             "num_heads": self.num_heads,
             "lower_bound": self.lower_bound,
             "upper_bound": self.upper_bound,
@@ -137,7 +144,9 @@ class ReachReport:
         """The multi-line report the CLI prints."""
         lines = [
             f"pattern:  {self.pattern}",
-            f"seq_len:  {self.seq_len}   heads: {self.num_heads}   pairs: {self.mode}",
+            f"seq_len:  {self.seq_len}   heads: {self.num_heads}   pairs: {self.mode}"
+            + (f"   q_offset: {self.q_offset}   kv_offset: {self.kv_offset}" if self.q_offset or self.kv_offset
+               else ""),
             f"engine:   {self.engine} ({'exact' if self.exact else 'bound'})",
             f"result:   {self.summary()}",
         ]
@@ -148,7 +157,7 @@ class ReachReport:
                 lines.append(f"path ({len(w.path)} hop{'s' if len(w.path) != 1 else ''}):")
                 hops = w.path
                 shown = hops if len(hops) <= max_hops else hops[: max_hops // 2] + [None] + hops[-max_hops // 2:]
-                width = len(str(max(self.seq_len - 1, 0)))
+                width = len(str(max(self.q_offset + self.seq_len - 1, 0)))
                 for h in shown:
                     if h is None:
                         lines.append(f"  ... {len(hops) - 2 * (max_hops // 2)} more hops ...")

@@ -371,7 +371,8 @@ def required_block(rows: np.ndarray, a: int, z: int, n: int, mode: str) -> np.nd
     return np.where(widx < lw, ALL_ONES, np.where(widx == lw, part, np.uint64(0))).astype(np.uint64)
 
 
-def reach(adjs: list[Adjacency], n: int, mode: str, *, max_levels: int | None = None) -> TokenResult:
+def reach(adjs: list[Adjacency], n: int, mode: str, *, max_levels: int | None = None, q_offset: int = 0,
+          kv_offset: int = 0) -> TokenResult:
     """Propagate from the identity until every required pair is connected or nothing grows.
 
     Only the regions that change are touched: with one layer pattern, the frontier (bits new
@@ -385,6 +386,11 @@ def reach(adjs: list[Adjacency], n: int, mode: str, *, max_levels: int | None = 
         n: positions.
         mode: ``"earlier"`` or ``"all"``.
         max_levels: stop (``stopped=True``) after this many layers.
+        q_offset, kv_offset: only queries ``i >= q_offset`` and keys ``j >= kv_offset`` are
+            required (SPEC §1.6 offsets, ``analyze(q_offset=…)``); paths still run through
+            every position. Each key column propagates on its own, so the columns below
+            ``kv_offset`` are simply marked held from the start, and rows below ``q_offset``
+            never count.
     """
     P = len(adjs)
     b, nb = adjs[0].b, adjs[0].nb
@@ -399,13 +405,22 @@ def reach(adjs: list[Adjacency], n: int, mode: str, *, max_levels: int | None = 
     R = np.zeros((N, W), dtype=np.uint64)
     ar = np.arange(n)
     R[ar, ar // 64] = ONE << (ar % 64).astype(np.uint64)
-    missing = (ar if mode == "earlier" else np.full(n, n - 1)).astype(np.int64)  # required keys not yet held
+    D_cur = R.copy()
+    # required keys not yet held (self is held): earlier j in [kv_offset, i], all j >= kv_offset
+    if mode == "earlier":
+        missing = np.maximum(ar - kv_offset, 0).astype(np.int64)
+    else:
+        missing = (n - kv_offset - (ar >= kv_offset)).astype(np.int64)
+    missing[:q_offset] = 0
+    if kv_offset:  # keys below kv_offset are not required: held from the start by every row
+        R[:n, :kv_offset // 64] = ~np.uint64(0)
+        if kv_offset % 64:
+            R[:n, kv_offset // 64] |= (ONE << np.uint64(kv_offset % 64)) - ONE
     total_missing = int(missing.sum())
     if total_missing == 0:
-        return TokenResult(0, False, 0, hardest=(0, 0))
+        return TokenResult(0, False, 0, hardest=(q_offset, q_offset))
     # frontier regions: block -> (a, z) word range; the identity of block J spans its own words
     regions = {J: (J * b // 64, min(W, (min(n, (J + 1) * b) - 1) // 64 + 1)) for J in range(nb) if J * b < n}
-    D_cur = R.copy()
     D_next = np.zeros_like(R) if P == 1 else None
     bor = np.zeros((nb, W), dtype=np.uint64)
     PRE = np.zeros_like(R) if any(len(x.pre_blocks) for x in adjs) else None
@@ -469,6 +484,8 @@ def reach(adjs: list[Adjacency], n: int, mode: str, *, max_levels: int | None = 
             C = C[:, cols[0]:cols[-1] + 1]
             R[q0:q1, a2:z2] |= C
             got = _required_popcount(C, q0, q1, a2, z2, n, mode)
+            if q0 < q_offset:
+                got[:q_offset - q0] = 0
             missing[q0:q1] -= got
             total_missing -= int(got.sum())
             if P == 1:
@@ -482,7 +499,7 @@ def reach(adjs: list[Adjacency], n: int, mode: str, *, max_levels: int | None = 
         level += 1
         grew_in_cycle |= bool(new_regions)
         if total_missing == 0:
-            return TokenResult(level, False, level, hardest=_hardest_regions(last_new, n, mode))
+            return TokenResult(level, False, level, hardest=_hardest_regions(last_new, n, mode, q_offset))
         if P == 1:
             for J, (a, z) in regions.items():
                 D_cur[J * b:(J + 1) * b, a:z] = 0
@@ -519,14 +536,14 @@ def _regions_of(src, nb, b, W):
     return out
 
 
-def _hardest_regions(last_new, n, mode):
+def _hardest_regions(last_new, n, mode, q_offset=0):
     """Among required pairs first reached at the last layer (the new bits), the farthest
-    pair, then the smallest i."""
+    pair, then the smallest i (rows below ``q_offset`` are not required)."""
     best = None
     for q0, q1, a, C in last_new:
         rows = np.arange(q0, q1)
         X = C & required_block(rows, a, a + C.shape[1], n, mode)
-        nzr = X.any(axis=1)
+        nzr = X.any(axis=1) & (rows >= q_offset)
         if not nzr.any():
             continue
         ii = rows[nzr]

@@ -15,9 +15,11 @@ import warnings
 from ..errors import ExitCode, PatternError, PatternWarning
 from .common import (
     UsageError,
+    add_offset_args,
     add_source_args,
     check_count,
     emit_diagnostics,
+    offsets_of,
     print_json,
     run_guarded,
 )
@@ -43,6 +45,7 @@ def register(sub) -> None:
     p.add_argument("--engine", choices=ENGINE_CHOICES, default="auto", help="analysis engine (default auto)")
     p.add_argument("--block-size", type=int, default=None, metavar="B",
                    help="tokens per block for exact-token / block-bound")
+    add_offset_args(p)
     p.set_defaults(func=run)
 
 
@@ -66,7 +69,8 @@ def run(args) -> int:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", PatternWarning)
                 report = analyze(pattern, seq_len=args.seq_len, layers=args.layers, num_heads=heads,
-                                 pairs=args.pairs, engine=args.engine, block_size=args.block_size)
+                                 pairs=args.pairs, engine=args.engine, block_size=args.block_size,
+                                 **offsets_of(args))
         except PatternError as e:
             if e.code.startswith("P40"):  # bad argument / engine not applicable: a usage problem
                 if args.json:

@@ -279,7 +279,7 @@ def run(args) -> int:
         if args.nproc is not None:
             from .run_cp import run_nproc
 
-            return run_nproc(args, cp, q, k, v, dtype_name)
+            return run_nproc(args, cp, q, k, v, dtype_name, documents=docs)
 
         backend, reason = (args.backend, "chosen with --backend") if args.backend != "auto" else \
             choose_backend(cp, q, k, v, explain=True)

@@ -23,7 +23,9 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.2f}"
 
 
-def run_nproc(args, cp, q, k, v, dtype_name: str) -> int:
+def run_nproc(args, cp, q, k, v, dtype_name: str, documents=None) -> int:
+    """``documents``: one row of document lengths (``--documents``), checked here (P36x and
+    W007 once, in this process) and passed to every worker's ``ContextParallel.attention``."""
     from ..distributed.launch import run_local
 
     check_count("--nproc", args.nproc)
@@ -32,21 +34,21 @@ def run_nproc(args, cp, q, k, v, dtype_name: str) -> int:
     if q.device.type != "cpu":
         raise UsageError("--nproc runs local gloo (CPU) processes; use --device cpu (for GPUs use torchrun "
                          "with the nccl backend)")
-    if getattr(args, "documents", None) or cp.needs:
-        raise UsageError("--nproc does not take --documents yet (the workers would run without them); run "
-                         "without --nproc, or from Python pass documents=... to ContextParallel.attention "
-                         "(docs/distributed.md)")
+    cp.runtime_inputs(documents=documents)  # P360 (document without --documents), P361, W007: here, once
+    if "documents" not in cp.needs:
+        documents = None  # they change nothing (W007 said so)
     if args.backend not in ("auto", "blocksparse"):
         raise UsageError(f"--nproc runs patternc's block-sparse kernel on every rank; --backend {args.backend} "
                          "is not available there")
     res = run_local(cp, q, k, v, args.nproc, balance=args.balance, repeats=args.repeats,
-                    threads=args.threads or 1, seed=args.seed, check=args.check)
+                    threads=args.threads or 1, seed=args.seed, check=args.check, documents=documents)
     ranks = res["ranks"]
     tiles = [r["computed_tiles"] for r in ranks]
     mean = sum(tiles) / len(tiles)
     result = {
         "ok": True, "pattern": str(cp.pattern), "nproc": args.nproc, "balance": args.balance,
-        "schedule": ranks[0]["method"], "ranks": ranks,
+        "schedule": ranks[0]["method"], "exchange": ranks[0]["exchange"], "ranks": ranks,
+        "documents": documents[0] if documents else None,
         "imbalance": (max(tiles) / mean) if mean else 1.0, "contiguous_imbalance": res["contiguous_imbalance"],
         "max_bytes_received_forward": max(r["bytes_received_forward"] for r in ranks),
         "max_allgather_bytes": max(r["allgather_bytes"] for r in ranks),
@@ -76,7 +78,9 @@ def _print_table(r: dict) -> None:
     print(f"shape: q [{s['batch']}, {s['heads']}, {s['seq_len']}, {s['head_dim']}], k/v heads {s['kv_heads']}, "
           f"{r['dtype']}, BLOCK_SIZE {s['block_size']}")
     print(f"context parallel: {r['nproc']} gloo processes on 127.0.0.1, balance={r['balance']} "
-          f"(schedule {r['schedule']}, {r['ranks'][0]['order']} order)")
+          f"(schedule {r['schedule']}, {r['ranks'][0]['order']} order, {r['exchange']} exchange)")
+    if r.get("documents"):
+        print(f"documents: {len(r['documents'])} packed ({', '.join(str(x) for x in r['documents'])} tokens)")
     cols = ("rank", "positions", "q_blocks", "tiles", "kv_blocks", "recv_fwd_MiB", "sent_fwd_MiB",
             "recv_bwd_MiB", "sent_bwd_MiB", "allgather_MiB", "recv/allgather", "fwd_ms", "bwd_ms")
     rows = []

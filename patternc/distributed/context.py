@@ -26,6 +26,12 @@ Details
     * Collectives: every rank must call ``attention`` (and ``backward``) with the same B, H,
       H_kv, D, Dv and dtype, even a rank that owns no position. An exchange that moves nothing
       on any rank is skipped on all of them (they all know it from the schedule).
+    * Per-term exchange: when the pattern's execution plan (SPEC §6) has a natural term and
+      terms in other orders (``(local | strided) & causal``), each term is exchanged in its own
+      order: the natural term on the rows' owners, every other term on the ranks that own
+      contiguous ranges of *its* order (they fetch queries and keys, and send back each row's
+      partial output and log-sum-exp, merged on the owner). Chosen where it moves less
+      (``exchange``, ``stats["exchange"]``; docs/distributed.md has the arithmetic).
     * GPUs (nccl): the same calls on CUDA tensors; ``all_to_all_single`` is nccl's all-to-all.
 """
 
@@ -40,7 +46,18 @@ import torch
 import torch.distributed as dist
 
 from ..errors import Diagnostic, PatternError
-from .balance import BALANCES, TOLERANCE, Schedule, make_schedule
+from ..execute.common import Compiled
+from ..execute.scoremod import score_terms_for
+from .balance import (
+    BALANCES,
+    TOLERANCE,
+    Schedule,
+    _block_tokens,
+    block_weights,
+    contiguous_balanced,
+    make_schedule,
+    row_reads,
+)
 
 __all__ = ["ContextParallel"]
 
@@ -68,6 +85,10 @@ class _LocalLayout:
     def num_heads(self) -> int:
         return int(self.kinds.shape[0])
 
+    @property
+    def num_q_blocks(self) -> int:
+        return int(self.kinds.shape[-2])
+
 
 class ContextParallel:
     """Context-parallel attention of one compiled self-attention pattern (SPEC §7).
@@ -82,7 +103,9 @@ class ContextParallel:
         out = ctx.unshard(out_l)                                # [B, H, 16384, Dv] on every rank
 
     Args:
-        cp: a ``CompiledPattern`` with Q_LEN = KV_LEN (self-attention over one sequence).
+        cp: a ``CompiledPattern`` (any ``patternc.execute.common.Compiled``: its members are all
+            this reads, plus the public ``layout_for`` / ``mask_mod_for`` with run-time data) with
+            Q_LEN = KV_LEN (self-attention over one sequence).
         group: the torch.distributed process group (default: the default group, which must
             be initialised: gloo for CPU tensors, nccl for CUDA tensors).
         balance: ``"tiles"`` (equal computed tiles per rank, from the exact layout) or
@@ -92,8 +115,12 @@ class ContextParallel:
         owner: int64 [num_q_blocks] ranks of the query blocks, to reuse another
             ``ContextParallel``'s positions (every layer of a model must shard the residual
             stream the same way); see ``for_pattern``.
-        plan: ``"auto"`` (shard in a one-term execution plan's own order where there is one)
+        plan: ``"auto"`` (shard in a one-term execution plan's own order where there is one;
+            exchange a several-term plan's terms each in its own order where that moves less)
             or ``"natural"``.
+        exchange: ``"auto"``; ``"natural"`` (one exchange of the keys every rank's rows read,
+            never per term); ``"per-term"`` (each plan term in its own order even where it
+            does not move less: P380 if the plan has no such terms).
 
     Attributes:
         schedule: the ``balance.Schedule`` (identical on every rank).
@@ -107,25 +134,25 @@ class ContextParallel:
             it per rank.
 
     Raises:
-        PatternError: P380 no initialised process group, Q_LEN != KV_LEN, score terms,
+        PatternError: P380 no initialised process group, ``cp`` not a compiled pattern, Q_LEN != KV_LEN,
             an unknown balance, or ranks that compiled different patterns or lengths.
     """
 
-    def __init__(self, cp, group=None, balance: str = "tiles", *, tolerance: float = TOLERANCE,
-                 owner=None, plan: str = "auto"):
+    def __init__(self, cp: Compiled, group=None, balance: str = "tiles", *, tolerance: float = TOLERANCE,
+                 owner=None, plan: str = "auto", exchange: str = "auto"):
         if not dist.is_available() or not dist.is_initialized():
             raise _error("P380", "context parallel needs an initialised torch.distributed process group",
                          help='call torch.distributed.init_process_group("gloo") (CPU) or ("nccl") (GPU) '
                               "first, e.g. under torchrun --nproc-per-node N")
+        if not isinstance(cp, Compiled):
+            raise _error("P380", f"ContextParallel takes a compiled pattern, got {type(cp).__name__}",
+                         help="pass patternc.compile(pattern, q_len=L, num_heads=H, ...) (the same call on every rank)")
         if balance not in BALANCES:
             raise _error("P380", f"unknown balance {balance!r}; expected one of {', '.join(BALANCES)}",
                          help='balance="tiles" equalises computed tiles per rank')
         if cp.q_len != cp.kv_len:
             raise _error("P380", f"context parallel shards one sequence: Q_LEN={cp.q_len} and KV_LEN={cp.kv_len} differ",
                          help="compile the pattern with kv_len equal to q_len")
-        if getattr(cp, "score_terms", ()):
-            raise _error("P380", "context parallel does not run score terms (with softcap/alibi) yet",
-                         help="run the pattern without its score terms, or on one process")
         self.cp = cp
         self.group = group
         self.balance = balance
@@ -136,6 +163,8 @@ class ContextParallel:
                        else torch.device("cpu"))
         if plan not in ("auto", "natural"):
             raise _error("P380", f"plan must be 'auto' or 'natural', got {plan!r}")
+        if exchange not in ("auto", "natural", "per-term"):
+            raise _error("P380", f"exchange must be 'auto', 'natural' or 'per-term', got {exchange!r}")
         layout = cp.layout
         self.seq_len = cp.q_len
         self.q_block_size, self.kv_block_size = layout.q_block_size, layout.kv_block_size
@@ -155,19 +184,30 @@ class ContextParallel:
                                           balance=balance, tolerance=tolerance)
         else:
             self.schedule = _schedule_from_owner(layout, owner, self.world_size)
+        #: "natural" (one exchange of the keys each rank's rows read, in the sharding order) or
+        #: "per-term" (each execution-plan term exchanged in its own order, see docs/distributed.md)
+        self.exchange = "natural"
+        self._split_terms = None
+        if plan == "auto" and owner is None and term is None and exchange != "natural":
+            self._choose_per_term(balance, tolerance, force=exchange == "per-term")
+        if exchange == "per-term" and self.exchange != "per-term":
+            raise _error("P380", f"exchange='per-term' needs an execution plan with a natural term and terms in "
+                         f"other orders, all heads each; `{cp.pattern}` has none here",
+                         help="use exchange='auto' (the default) or 'natural'")
         self.positions = self._natural(self.schedule.positions[self.rank])
         self._check_same_everywhere()
         self._setup()
         self._plans: dict = {}
         self._children: dict = {}
-        self._bytes = dict(bytes_sent_forward=0, bytes_received_forward=0, bytes_sent_backward=0,
-                           bytes_received_backward=0, allgather_bytes=0)
+        self._bytes = dict(bytes_sent_forward=0, bytes_received_forward=0, kv_bytes_received_forward=0,
+                           bytes_sent_backward=0, bytes_received_backward=0, allgather_bytes=0)
 
     # ---- setup -------------------------------------------------------------------------------
     def _check_same_everywhere(self) -> None:
         cp = self.cp
         key = "|".join(str(x) for x in (cp.pattern, cp.q_len, cp.kv_len, cp.num_heads, self.q_block_size,
-                                         self.kv_block_size, self.order_text, self.schedule.owner.tobytes().hex()))
+                                         self.kv_block_size, self.order_text, self.exchange,
+                                         self.schedule.owner.tobytes().hex()))
         h = int.from_bytes(hashlib.sha256(key.encode()).digest()[:7], "little")
         t = torch.tensor([h, -h], dtype=torch.int64, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
@@ -179,9 +219,62 @@ class ContextParallel:
         """Natural token positions of places ``pos`` of the sharding order."""
         return pos if self.order is None else self.order[pos]
 
+    def _choose_per_term(self, balance: str, tolerance: float, force: bool = False) -> None:
+        """Exchange the execution plan's terms each in its own order when that makes the rank
+        that receives most receive less (in position units: a key/value row counts 2, a query
+        row 1, a partial output row 1; i.e. D = Dv). Rows are owned in natural order, balanced
+        on the natural term's tiles; each other term's query blocks are computed by ranks in
+        contiguous equal-tile ranges of *its* order (``_RemoteTerm``)."""
+        split = _split_plan(self.cp)
+        if split is None:
+            return
+        home, remotes = split
+        W, L = self.world_size, self.seq_len
+        home_kinds = _padded_kinds(home, self._kinds.shape[-2], self._kinds.shape[-1])
+        sched = make_schedule(home_kinds, world=W, seq_len=L, q_block_size=self.q_block_size,
+                              kv_block_size=self.kv_block_size, balance=balance, tolerance=tolerance)
+        cost = 2 * sched.received_positions()
+        heads = self.cp.num_heads
+        tiles = sched.tiles * (heads if home_kinds.shape[0] == 1 else 1)
+        owners = []
+        for t in remotes:
+            w = block_weights(t.kinds)
+            own_t = contiguous_balanced(w, W)
+            owners.append(own_t)
+            q_need, kv_need = _term_needs(t, own_t, W, L, self.q_block_size, self.kv_block_size)
+            for p in range(W):
+                cost[p] += int((sched.position_owner(q_need[p]) != p).sum())  # queries in
+                cost[p] += 2 * int((sched.position_owner(kv_need[p]) != p).sum())  # keys / values in
+                for x in q_need[:p] + q_need[p + 1:]:  # partial outputs of its own rows come back
+                    cost[p] += int((sched.position_owner(x) == p).sum())
+            tiles = tiles + np.array([int(w[own_t == p].sum()) for p in range(W)]) * (
+                heads if t.kinds.shape[0] == 1 else 1)
+        natural = 2 * self.schedule.received_positions()
+        if int(cost.max()) >= int(natural.max()) and not force:
+            return
+        self.schedule = sched
+        self.exchange = "per-term"
+        self._split_terms = (home, remotes, owners)
+        self._tiles_per_rank = tiles
+
     def _setup(self) -> None:
-        self._static = _Step(self, self._kinds, None)
-        self._step = self._static
+        self._static_step = None
+        self._step = None
+        self._split = None
+        if self._split_terms is not None:
+            home, remotes, owners = self._split_terms
+            self._split = _SplitStep(self, home, remotes, owners)
+            self._step = self._split
+        else:
+            self._step = self._static
+
+    @property
+    def _static(self) -> "_Step":
+        """The one-exchange step of the whole pattern in the sharding order (built on first use:
+        in per-term mode only run-time data needs it)."""
+        if self._static_step is None:
+            self._static_step = _Step(self, self._kinds, None)
+        return self._static_step
 
     def for_pattern(self, cp) -> "ContextParallel":
         """A ``ContextParallel`` for another pattern at the same length and block size that
@@ -226,8 +319,11 @@ class ContextParallel:
     def unshard(self, x_l: torch.Tensor, dim: int = 2) -> torch.Tensor:
         """The full-sequence tensor from every rank's shard (an all-gather; every rank gets it).
 
-        Not differentiable: compute losses on the shards (the sum of the ranks' losses is the
-        full loss) and unshard for inspection or output.
+        Differentiable: the gradient of a shard is the sum over ranks of the gradients of its
+        positions in each rank's full tensor (``torch.distributed.nn.functional.all_gather``'s
+        convention), so a loss on the unsharded tensor computed on every rank counts once per
+        rank; every rank must call ``backward`` (it is a collective). Losses on the shards
+        (summed over ranks) need no unshard at all.
 
         Args:
             x_l: this rank's shard, its ``n_r`` positions on axis ``dim``; same shape
@@ -243,9 +339,15 @@ class ContextParallel:
         if x_l.dim() <= dim or x_l.shape[dim] != n:
             raise _error("P381", f"unshard expects this rank's {n} positions on axis {dim}, got {_shape(x_l)}",
                          help="pass the output of ctx.attention (or of ctx.shard) on this rank")
+        if torch.is_grad_enabled() and x_l.requires_grad:
+            return _Unshard.apply(x_l, self, dim)
+        return self._gather_full(x_l.detach(), dim)
+
+    def _gather_full(self, x_l: torch.Tensor, dim: int) -> torch.Tensor:
+        n = self.positions.size
         sizes = [p.size for p in self.schedule.positions]
         m = max(sizes) if sizes else 0
-        x0 = x_l.detach().movedim(dim, 0)
+        x0 = x_l.movedim(dim, 0)
         pad = x0.new_zeros((m,) + tuple(x0.shape[1:]))
         pad[:n] = x0
         parts = [torch.empty_like(pad) for _ in range(self.world_size)]
@@ -278,7 +380,7 @@ class ContextParallel:
         if H_kv < 1 or H % H_kv:
             raise _error("P350", f"k/v have H_kv={H_kv} heads, which does not divide q's H={H}")
         lh = self.cp.layout.num_heads
-        if H != lh and not (lh == 1 and getattr(self.cp.pattern, "num_heads", 1) == 1):
+        if H != lh and not (lh == 1 and self.cp.pattern.num_heads == 1):
             raise _error("P350", f"q has H={H} heads, but the pattern was compiled for num_heads={lh}",
                          help=f"compile the pattern with num_heads={H}")
 
@@ -310,14 +412,24 @@ class ContextParallel:
         """
         self._check(q_l, k_l, v_l)
         scale = 1.0 / math.sqrt(q_l.shape[-1]) if scale is None else float(scale)
-        step = self._static
-        if documents is not None or key_padding_mask is not None or getattr(self.cp, "needs", None):
+        score_mod = score_terms_for(self.cp, q_l.shape[1])
+        if score_mod is not None:  # softcap: the matmul divides by the cap (as the one-process kernel)
+            scale, score_mod = scale * score_mod.prescale, score_mod.prescaled()
+        if documents is not None or key_padding_mask is not None or self.cp.needs:
             step = self._runtime_step(q_l, documents, key_padding_mask)
+        else:
+            step = self._split if self._split is not None else self._static
         self._step = step
+        self._bytes.update(allgather_bytes=(self.seq_len - self.positions.size) * k_l.shape[0] * k_l.shape[1]
+                           * (k_l.shape[-1] + v_l.shape[-1]) * k_l.element_size())
         grad = torch.is_grad_enabled() and (q_l.requires_grad or k_l.requires_grad or v_l.requires_grad)
+        if isinstance(step, _SplitStep):
+            if grad:
+                return _SplitAttention.apply(q_l, k_l, v_l, step, scale, score_mod)
+            return step.forward(q_l, k_l, v_l, scale, score_mod)[0].to(q_l.dtype)
         if grad:
-            return _ContextParallelAttention.apply(q_l, k_l, v_l, step, scale)
-        return step.forward(q_l, k_l, v_l, scale, need_lse=False)[0]
+            return _ContextParallelAttention.apply(q_l, k_l, v_l, step, scale, score_mod)
+        return step.forward(q_l, k_l, v_l, scale, need_lse=False, score_mod=score_mod)[0]
 
     def _runtime_step(self, q_l, documents, key_padding_mask) -> "_Step":
         """The exchange and local layouts of one batch with run-time data (SPEC §1.7)."""
@@ -325,8 +437,6 @@ class ContextParallel:
         if self.order is not None:
             raise _error("P380", f"run-time data with a ContextParallel sharded in {self.order_text} order",
                          help="build it with plan='natural' to pass documents or key_padding_mask")
-        if not hasattr(cp, "layout_for"):
-            raise _error("P380", "this patternc build has no run-time data (documents, key_padding_mask)")
         layout = cp.layout_for(documents=documents, key_padding_mask=key_padding_mask)
         kinds = np.asarray(layout.kinds)
         if kinds.ndim == 3:
@@ -335,10 +445,6 @@ class ContextParallel:
             raise _error("P350", f"run-time data for {kinds.shape[0]} batch rows, but q has B={q_l.shape[0]}")
         mask_mod = cp.mask_mod_for(q_l.device, documents=documents, key_padding_mask=key_padding_mask)
         return _Step(self, kinds, mask_mod)
-
-    def _row_bytes(self, x: torch.Tensor) -> int:
-        """bytes of one position's row of a [n, B, H_kv, D + Dv] buffer."""
-        return int(math.prod(x.shape[1:]) * x.element_size())
 
     # ---- statistics --------------------------------------------------------------------------
     @property
@@ -350,15 +456,22 @@ class ContextParallel:
         ``positions_received`` / ``positions_sent`` (forward,
         tokens), ``bytes_sent_forward``, ``bytes_received_forward``, ``bytes_sent_backward``,
         ``bytes_received_backward``, ``allgather_bytes`` (what an all-gather of K and V would
-        receive), ``imbalance`` (max / mean computed tiles over ranks), ``method`` (the
-        schedule chosen) and ``order`` (the token order the sequence is sharded in).
+        receive), ``kv_bytes_received_forward`` (the part of ``bytes_received_forward`` that is keys
+        and values), ``imbalance`` (max / mean computed tiles over ranks), ``method`` (the
+        schedule chosen), ``order`` (the token order the sequence is sharded in) and
+        ``exchange`` (``"natural"`` or ``"per-term"``: each execution-plan term in its own order).
         """
         s, r, st = self.schedule, self.rank, self._step
+        imbalance = s.imbalance
+        if self._split is not None:
+            t = self._tiles_per_rank
+            imbalance = float(t.max() * t.size / t.sum()) if t.sum() else 1.0
         return dict(rank=r, world_size=self.world_size, positions=int(self.positions.size),
                     q_blocks=int(s.q_blocks[r].size), kv_blocks_read=int(st.kv_blocks[r].size),
-                    computed_tiles=int(st.tiles), positions_received=int(sum(st.recv_splits)),
-                    positions_sent=int(sum(st.send_splits)), **self._bytes,
-                    imbalance=round(s.imbalance, 4), method=s.method, order=self.order_text)
+                    computed_tiles=int(st.tiles), positions_received=int(st.positions_received),
+                    positions_sent=int(st.positions_sent), **self._bytes,
+                    imbalance=round(imbalance, 4), method=s.method, order=self.order_text,
+                    exchange=self.exchange)
 
 
 def _single_term_order(cp):
@@ -366,8 +479,8 @@ def _single_term_order(cp):
     token) in one non-natural order shared by queries and keys, else None: sharding in that
     order keeps the pattern's tiles few there (``strided(s) & causal`` in residue order owns
     whole residue classes per rank and exchanges nothing)."""
-    plan = getattr(cp, "plan", None)
-    terms = getattr(plan, "terms", None)
+    plan = cp.plan_for("auto")
+    terms = None if plan is None or plan.is_natural else plan.terms
     if not terms or len(terms) != 1:
         return None
     t = terms[0]
@@ -388,58 +501,130 @@ def _schedule_from_owner(layout, owner, world: int) -> Schedule:
                   layout.q_block_size, layout.kv_block_size)
 
 
-class _Step:
-    """What one layout (the static one, or one batch's with run-time data) makes a rank do: the
-    key/value blocks every rank reads, the forward exchange (per-peer splits, the rows to send,
-    where each buffer slot comes from) and the local layouts of the kernel (one per batch row
-    with run-time data, else one for the whole batch)."""
+class _Fetch:
+    """One exchange pattern: rank ``p`` wants the rows of ``need[p]`` (unique places of the
+    schedule's order, in any order), each owned by ``schedule.position_owner``. ``gather``
+    brings them (one ``all_to_all_single``); ``scatter_add`` sends per-slot values back to the
+    owners and sums them there (its reverse). Identical on every rank: the splits are known
+    everywhere, so an exchange that moves nothing anywhere is skipped by all ranks."""
 
-    def __init__(self, cpx: ContextParallel, kinds: np.ndarray, mask_mod):
-        from .balance import _block_tokens, row_reads
-
+    def __init__(self, cpx: "ContextParallel", need: list):
         s, r, W = cpx.schedule, cpx.rank, cpx.world_size
         self.cpx = cpx
-        kinds4 = kinds if kinds.ndim == 4 else kinds[None]  # [Bk, H, nq, nkv]
+        own = s.positions[r]
+        self.n = int(own.size)
+        need = [np.asarray(x, dtype=np.int64) for x in need]
+        owners = [s.position_owner(x) for x in need]
+        mine, src = need[r], owners[r]
+        self.m = int(mine.size)
+        self.recv_splits = [int((src == p).sum()) if p != r else 0 for p in range(W)]
+        send = [np.searchsorted(own, need[p][owners[p] == r]) if p != r else np.zeros(0, dtype=np.int64)
+                for p in range(W)]
+        self.send_splits = [int(x.size) for x in send]
+        self.send_index = np.concatenate(send) if send else np.zeros(0, dtype=np.int64)
+        # slot of need[r] -> row of cat([own rows, received rows]) (received: peer by peer, in
+        # need[r]'s order within each peer, which is the order the peer sends them in)
+        index = np.empty(self.m, dtype=np.int64)
+        home = src == r
+        index[home] = np.searchsorted(own, mine[home])
+        offset = self.n
+        for p in range(W):
+            if p == r:
+                continue
+            slots = np.nonzero(src == p)[0]
+            index[slots] = offset + np.arange(slots.size, dtype=np.int64)
+            offset += slots.size
+        self.index = index
+        self.any = any(bool((o != p).any()) for p, o in enumerate(owners))
+        self._t: dict = {}
+
+    def _tensor(self, name: str, device) -> torch.Tensor:
+        key = (name, str(device))
+        t = self._t.get(key)
+        if t is None:
+            t = self._t[key] = torch.as_tensor(getattr(self, name), device=device)
+        return t
+
+    def _exchange(self, rows: torch.Tensor, send_splits, recv_splits) -> torch.Tensor:
+        out = rows.new_empty((sum(recv_splits),) + tuple(rows.shape[1:]))
+        if self.any:
+            dist.all_to_all_single(out, rows.contiguous(), output_split_sizes=list(recv_splits),
+                                   input_split_sizes=list(send_splits), group=self.cpx.group)
+        return out
+
+    def gather(self, own: torch.Tensor):
+        """``own`` [n, ...] (this rank's rows, ascending places) -> ([m, ...] rows of need[rank],
+        bytes sent, bytes received)."""
+        sent = own.index_select(0, self._tensor("send_index", own.device))
+        recv = self._exchange(sent, self.send_splits, self.recv_splits)
+        buf = torch.cat([own, recv], dim=0).index_select(0, self._tensor("index", own.device))
+        rb = _row_bytes(own)
+        return buf, int(sent.shape[0]) * rb, int(recv.shape[0]) * rb
+
+    def scatter_add(self, vals: torch.Tensor, dtype: torch.dtype):
+        """``vals`` [m, ...] per slot of need[rank] -> ([n, ...] this rank's rows: the sum of every
+        rank's values for them, in vals' dtype; sent in ``dtype``), bytes sent, bytes received."""
+        full = vals.new_zeros((self.n + sum(self.recv_splits),) + tuple(vals.shape[1:]))
+        full.index_add_(0, self._tensor("index", vals.device), vals)
+        back = full[self.n:].to(dtype)
+        got = self._exchange(back, self.recv_splits, self.send_splits)
+        own = full[:self.n]
+        own.index_add_(0, self._tensor("send_index", vals.device), got.to(own.dtype))
+        rb = _row_bytes(back)
+        return own, int(back.shape[0]) * rb, int(got.shape[0]) * rb
+
+
+def _row_bytes(x: torch.Tensor) -> int:
+    """bytes of one row (axis 0) of ``x``."""
+    return int(math.prod(x.shape[1:]) * x.element_size())
+
+
+class _Step:
+    """What one layout (the static one, or one batch's with run-time data) makes a rank do: the
+    key/value blocks every rank reads, the forward exchange (a ``_Fetch`` of those blocks'
+    tokens) and the local layouts of the kernel (one per batch row with run-time data, else one
+    for the whole batch). ``mask_for(device)`` gives the natural ``mask_mod`` when it is not the
+    compiled pattern's (the natural term of a per-term exchange)."""
+
+    def __init__(self, cpx: ContextParallel, kinds: np.ndarray, mask_mod, mask_for=None):
+        s, r, W = cpx.schedule, cpx.rank, cpx.world_size
+        self.cpx = cpx
+        kinds4 = kinds if kinds.ndim == 4 else kinds[None]  # [Bk, H or 1, nq, nkv]
         reads = row_reads(kinds4)
         self.kv_blocks = [np.nonzero(reads[s.q_blocks[p]].any(axis=0))[0].astype(np.int64) if s.q_blocks[p].size
                           else np.zeros(0, dtype=np.int64) for p in range(W)]
         kb, L = cpx.kv_block_size, cpx.seq_len
         buffers = [_block_tokens(self.kv_blocks[p], kb, L) for p in range(W)]
+        self.buffer = buffers[r]
+        self.kv = _Fetch(cpx, buffers)
+        self.recv_splits, self.send_splits = self.kv.recv_splits, self.kv.send_splits
+        self.positions_received, self.positions_sent = sum(self.recv_splits), sum(self.send_splits)
         own = s.positions[r]
-        self.buffer = buf = buffers[r]
-        recv = [buf[s.position_owner(buf) == p] if p != r else buf[:0] for p in range(W)]
-        send = [np.searchsorted(own, buffers[p][s.position_owner(buffers[p]) == r]) if p != r
-                else np.zeros(0, dtype=np.int64) for p in range(W)]
-        self.recv_splits = [int(x.size) for x in recv]
-        self.send_splits = [int(x.size) for x in send]
-        self.send_index = np.concatenate(send)
-        # buffer slot -> row of cat([own rows, received rows])
-        index = np.empty(buf.size, dtype=np.int64)
-        mine = s.position_owner(buf) == r
-        index[mine] = np.searchsorted(own, buf[mine])
-        recv_all = np.concatenate(recv)
-        order = np.argsort(recv_all, kind="stable")
-        index[~mine] = own.size + order[np.searchsorted(recv_all[order], buf[~mine])]
-        self.buffer_index = index
-        self.any = any(int(b.size) - int((s.position_owner(b) == p).sum()) > 0 for p, b in enumerate(buffers))
         local = kinds4[:, :, s.q_blocks[r]][:, :, :, self.kv_blocks[r]]
-        self.tiles = int((local != 0).sum())
-        self.layouts = [_LocalLayout(kinds=np.ascontiguousarray(x), q_len=int(own.size), kv_len=int(buf.size),
+        per_head = cpx.cp.num_heads if kinds4.shape[1] == 1 else 1
+        self.tiles = int((local != 0).sum()) * per_head
+        self.layouts = [_LocalLayout(kinds=np.ascontiguousarray(x), q_len=int(own.size), kv_len=int(self.buffer.size),
                                      q_block_size=cpx.q_block_size, kv_block_size=kb) for x in local]
         self.runtime = kinds.ndim == 4
         self.base = mask_mod
+        self.mask_for = mask_for
         self._plans: dict = {}
 
     # ---- the kernel's plans -------------------------------------------------------------------
     def plan(self, row: int, num_heads: int, device):
-        """(Plan, mask_mod) of batch row ``row`` (0 for the static layout) in local coordinates."""
-        from ..execute.blocksparse import Plan
-        from ..execute.common import mask_mod_for
+        """(Plan, mask_mod, positions) of batch row ``row`` (0 for the static layout) in local
+        coordinates; ``positions`` maps local rows / columns to natural ones (for score terms)."""
+        from ..execute.blocksparse import Plan, _Positions
 
         key = (row, num_heads, str(device))
         got = self._plans.get(key)
         if got is None:
-            base = self.base if self.base is not None else mask_mod_for(self.cpx.cp, device)
+            if self.base is not None:
+                base = self.base
+            elif self.mask_for is not None:
+                base = self.mask_for(device)
+            else:
+                base = self.cpx.cp.mask_mod_on(device)
             qpos = torch.as_tensor(self.cpx.positions, device=device)
             kpos = torch.as_tensor(self.cpx._natural(self.buffer), device=device)
             if self.runtime:
@@ -452,7 +637,8 @@ class _Step:
                     return base(b, h, qpos[q_idx], kpos[kv_idx])
 
             mask_mod.__name__ = f"{getattr(base, '__name__', 'mask_mod')} @ rank {self.cpx.rank}"
-            got = self._plans[key] = (Plan(self.layouts[row], num_heads, device, mask_mod), mask_mod)
+            plan = Plan(self.layouts[row], num_heads, device, mask_mod)
+            got = self._plans[key] = (plan, mask_mod, _Positions(plan, None, qpos, kpos))
         return got
 
     def rows(self, B: int):
@@ -462,67 +648,49 @@ class _Step:
         return [(min(b, len(self.layouts) - 1), slice(b, b + 1)) for b in range(B)]
 
     # ---- the exchange -------------------------------------------------------------------------
-    def _exchange(self, rows: torch.Tensor, send_splits, recv_splits) -> torch.Tensor:
-        """All-to-all of ``rows`` [sum(send_splits), ...] -> [sum(recv_splits), ...]."""
-        out = rows.new_empty((sum(recv_splits),) + tuple(rows.shape[1:]))
-        if self.any:
-            dist.all_to_all_single(out, rows.contiguous(), output_split_sizes=list(recv_splits),
-                                   input_split_sizes=list(send_splits), group=self.cpx.group)
-        return out
-
     def gather_kv(self, k_l: torch.Tensor, v_l: torch.Tensor):
-        """Forward exchange: (k_buf [B, H_kv, m, D], v_buf [B, H_kv, m, Dv]) at the buffer
-        positions (``m`` = every token of the key/value blocks this rank's tiles read)."""
-        cpx, D = self.cpx, k_l.shape[-1]
+        """Forward exchange: (k_buf [B, H_kv, m, D], v_buf [B, H_kv, m, Dv], bytes sent, bytes
+        received) at the buffer positions (``m`` = every token of the key/value blocks this
+        rank's tiles read). K and V travel together as one [n, B, H_kv, D + Dv] tensor."""
+        D = k_l.shape[-1]
         own = torch.cat([k_l, v_l], dim=-1).permute(2, 0, 1, 3)  # [n, B, H_kv, D + Dv]
-        sent = own.index_select(0, torch.as_tensor(self.send_index, device=own.device))
-        recv = self._exchange(sent, self.send_splits, self.recv_splits)
-        rb = cpx._row_bytes(own)
-        cpx._bytes.update(bytes_sent_forward=int(sent.shape[0]) * rb, bytes_received_forward=int(recv.shape[0]) * rb,
-                          allgather_bytes=(cpx.seq_len - cpx.positions.size) * rb)
-        buf = torch.cat([own, recv], dim=0).index_select(0, torch.as_tensor(self.buffer_index, device=own.device))
+        buf, sent, recv = self.kv.gather(own)
         buf = buf.permute(1, 2, 0, 3)
-        return buf[..., :D], buf[..., D:]
+        return buf[..., :D], buf[..., D:], sent, recv
 
     def scatter_kv_grad(self, dk_buf: torch.Tensor, dv_buf: torch.Tensor, dtype: torch.dtype):
-        """Backward exchange: the gradients at the buffer positions -> (dk_l, dv_l) of this
-        rank's own positions, summed over every rank that read them (in dk_buf's dtype; sent in
-        ``dtype``)."""
-        cpx, D = self.cpx, dk_buf.shape[-1]
+        """Backward exchange: the gradients at the buffer positions -> (dk_l, dv_l, bytes sent,
+        bytes received) of this rank's own positions, summed over every rank that read them (in
+        dk_buf's dtype; sent in ``dtype``)."""
+        D = dk_buf.shape[-1]
         g = torch.cat([dk_buf, dv_buf], dim=-1).permute(2, 0, 1, 3)  # [m, B, H_kv, D + Dv]
-        n = cpx.positions.size
-        full = g.new_zeros((n + sum(self.recv_splits),) + tuple(g.shape[1:]))
-        full.index_add_(0, torch.as_tensor(self.buffer_index, device=g.device), g)
-        back = full[n:].to(dtype)
-        got = self._exchange(back, self.recv_splits, self.send_splits)
-        rb = cpx._row_bytes(back)
-        cpx._bytes.update(bytes_sent_backward=int(back.shape[0]) * rb, bytes_received_backward=int(got.shape[0]) * rb)
-        own = full[:n]
-        own.index_add_(0, torch.as_tensor(self.send_index, device=g.device), got.to(own.dtype))
+        own, sent, recv = self.kv.scatter_add(g, dtype)
         own = own.permute(1, 2, 0, 3)
-        return own[..., :D], own[..., D:]
+        return own[..., :D], own[..., D:], sent, recv
 
     # ---- compute ------------------------------------------------------------------------------
-    def forward(self, q, k, v, scale, *, need_lse: bool):
+    def forward(self, q, k, v, scale, *, need_lse: bool, score_mod=None):
         """(out [B, H, n, Dv] in q's dtype, per-row kernel results [(o, lse) | None], k_buf, v_buf)."""
         from ..execute.blocksparse import blocksparse_forward
 
         B, H, n, _ = q.shape
         Dv = v.shape[-1]
-        kb, vb = self.gather_kv(k, v)
+        kb, vb, sent, recv = self.gather_kv(k, v)
+        self.cpx._bytes.update(bytes_sent_forward=sent, bytes_received_forward=recv, kv_bytes_received_forward=recv)
         out = q.new_zeros((B, H, n, Dv))
         saved = []
         for row, bs in self.rows(B):
             if n == 0 or not self.layouts[row].kinds.any():
                 saved.append(None)
                 continue
-            plan, mask_mod = self.plan(row, H, q.device)
-            o, lse = blocksparse_forward(plan, mask_mod, q[bs], kb[bs], vb[bs], scale, need_lse=need_lse)
+            plan, mask_mod, pos = self.plan(row, H, q.device)
+            o, lse = blocksparse_forward(plan, mask_mod, q[bs], kb[bs], vb[bs], scale, need_lse=need_lse,
+                                         score_mod=score_mod, positions=pos)
             out[bs] = o.view(o.shape[0], H, -1, Dv)[:, :, :n].to(q.dtype)
             saved.append((o, lse))
         return out, saved, kb, vb
 
-    def backward(self, q, kb, vb, saved, dout, scale):
+    def backward(self, q, kb, vb, saved, dout, scale, score_mod=None):
         from ..execute.blocksparse import _compute_dtype, blocksparse_backward
 
         cdt = _compute_dtype(q.dtype)
@@ -533,10 +701,11 @@ class _Step:
         for (row, bs), got in zip(self.rows(q.shape[0]), saved):
             if got is None:
                 continue
-            plan, mask_mod = self.plan(row, H, q.device)
+            plan, mask_mod, pos = self.plan(row, H, q.device)
             o, lse = got
             dq[bs], dkb[bs], dvb[bs] = blocksparse_backward(plan, mask_mod, q[bs], kb[bs], vb[bs], o, lse,
-                                                            dout[bs].contiguous(), scale)
+                                                            dout[bs].contiguous(), scale, score_mod=score_mod,
+                                                            positions=pos)
         return dq, dkb, dvb
 
 
@@ -545,9 +714,9 @@ class _ContextParallelAttention(torch.autograd.Function):
     (every rank runs both exchanges, also one with nothing to compute)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, step: _Step, scale: float):
-        out, saved, kb, vb = step.forward(q, k, v, scale, need_lse=True)
-        ctx.step, ctx.scale, ctx.kv_dtype, ctx.saved = step, scale, k.dtype, saved
+    def forward(ctx, q, k, v, step: _Step, scale: float, score_mod):
+        out, saved, kb, vb = step.forward(q, k, v, scale, need_lse=True, score_mod=score_mod)
+        ctx.step, ctx.scale, ctx.score_mod, ctx.kv_dtype, ctx.saved = step, scale, score_mod, k.dtype, saved
         ctx.save_for_backward(q, kb, vb)
         return out
 
@@ -556,6 +725,273 @@ class _ContextParallelAttention(torch.autograd.Function):
     def backward(ctx, dout):
         q, kb, vb = ctx.saved_tensors
         step = ctx.step
-        dq, dkb, dvb = step.backward(q, kb, vb, ctx.saved, dout, ctx.scale)
-        dk, dv = step.scatter_kv_grad(dkb, dvb, ctx.kv_dtype)
-        return dq.to(q.dtype), dk.to(ctx.kv_dtype), dv.to(ctx.kv_dtype), None, None
+        with torch.autocast(q.device.type, enabled=False):
+            dq, dkb, dvb = step.backward(q, kb, vb, ctx.saved, dout, ctx.scale, ctx.score_mod)
+            dk, dv, sent, recv = step.scatter_kv_grad(dkb, dvb, ctx.kv_dtype)
+        step.cpx._bytes.update(bytes_sent_backward=sent, bytes_received_backward=recv)
+        return dq.to(q.dtype), dk.to(ctx.kv_dtype), dv.to(ctx.kv_dtype), None, None, None
+
+
+# ---- per-term exchange (execution plans, SPEC §6) --------------------------------------------
+def _split_plan(cp):
+    """(natural term, [other terms]) of ``cp.plan`` when it has a natural term and at least one
+    term in another order, every term covering every head; else None."""
+    ep = cp.plan_for("auto")
+    terms = list(ep.terms) if ep is not None and not ep.is_natural else []
+    if len(terms) < 2 or any(len(t.heads) != cp.num_heads for t in terms):
+        return None
+    natural = [t for t in terms if t.q_order.kind == "natural" and t.kv_order.kind == "natural"]
+    if len(natural) != 1:
+        return None
+    return natural[0], [t for t in terms if t is not natural[0]]
+
+
+def _padded_kinds(t, nq: int, nkv: int) -> np.ndarray:
+    """A natural-order plan term's kinds [1, nq, nkv] (a term that stops early is a prefix)."""
+    k = np.zeros((1, nq, nkv), dtype=np.uint8)
+    tk = np.asarray(t.kinds)
+    k[:, :tk.shape[-2], :tk.shape[-1]] = tk
+    return k
+
+
+def _term_needs(t, owner_t: np.ndarray, W: int, L: int, qb: int, kb: int):
+    """Per rank p: (natural query positions, natural key positions) of the term rows p computes
+    (``owner_t`` [nq_t]: the rank of each query block of the term's order) and of the key
+    blocks those rows read, both in the term's order."""
+    qo, ko = t.q_positions(L), t.kv_positions(L)
+    reads = row_reads(t.kinds)
+    q_need, kv_need = [], []
+    for p in range(W):
+        rows = np.nonzero(owner_t == p)[0].astype(np.int64)
+        cols = (np.nonzero(reads[rows].any(axis=0))[0].astype(np.int64) if rows.size
+                else np.zeros(0, dtype=np.int64))
+        q_need.append(qo[_block_tokens(rows, qb, qo.size)])
+        kv_need.append(ko[_block_tokens(cols, kb, ko.size)])
+    return q_need, kv_need
+
+
+class _RemoteTerm:
+    """One execution-plan term computed in its own order: rank p computes the term's query
+    blocks ``owner_t == p`` (contiguous, equal tiles in the term's order). It fetches their
+    queries and the key/value blocks their tiles read from the owners, runs the block-sparse
+    kernel, and returns each row's partial output and log-sum-exp to the row's owner, which
+    merges it with its other terms'. Backward: the owners send the merged output, its gradient
+    and the merged log-sum-exp of those rows; dq and dk, dv go back to the owners."""
+
+    def __init__(self, cpx: ContextParallel, t, owner_t: np.ndarray):
+        r, W, L = cpx.rank, cpx.world_size, cpx.seq_len
+        qb, kb = cpx.q_block_size, cpx.kv_block_size
+        self.cpx, self.term = cpx, t
+        q_need, kv_need = _term_needs(t, owner_t, W, L, qb, kb)
+        self.q, self.kv = _Fetch(cpx, q_need), _Fetch(cpx, kv_need)
+        own = cpx.schedule.positions[r]
+        self.covered = np.isin(own, np.concatenate(q_need)) if own.size else np.zeros(0, dtype=bool)
+        self.q_nat, self.kv_nat = q_need[r], kv_need[r]
+        kinds = np.asarray(t.kinds)
+        rows = np.nonzero(owner_t == r)[0]
+        reads = row_reads(kinds)
+        cols = np.nonzero(reads[rows].any(axis=0))[0] if rows.size else np.zeros(0, dtype=np.int64)
+        local = np.ascontiguousarray(kinds[:, rows][:, :, cols])
+        self.layout = _LocalLayout(kinds=local, q_len=int(self.q_nat.size), kv_len=int(self.kv_nat.size),
+                                   q_block_size=qb, kv_block_size=kb)
+        self.tiles = int((local != 0).sum()) * (cpx.cp.num_heads if kinds.shape[0] == 1 else 1)
+        self.work = bool(local.any())
+        self._plans: dict = {}
+
+    def plan(self, num_heads: int, device):
+        from ..execute.blocksparse import Plan, _Positions
+        from ..execute.maskmod import lower_to_mask_mod
+
+        key = (num_heads, str(device))
+        got = self._plans.get(key)
+        if got is None:
+            cp = self.cpx.cp
+            base = lower_to_mask_mod(self.term.pattern, cp.q_len, cp.kv_len, device=device)
+            qpos = torch.as_tensor(self.q_nat, device=device)
+            kpos = torch.as_tensor(self.kv_nat, device=device)
+
+            def mask_mod(b, h, q_idx, kv_idx):
+                return base(b, h, qpos[q_idx], kpos[kv_idx])
+
+            mask_mod.__name__ = f"{self.term.text} @ rank {self.cpx.rank}"
+            plan = Plan(self.layout, num_heads, device, mask_mod)
+            got = self._plans[key] = (plan, mask_mod, _Positions(plan, None, qpos, kpos))
+        return got
+
+    def forward(self, q, k, v, scale, score_mod, nbytes: dict):
+        """-> ((o [B, H, n, Dv], lse [B, H, n] with -inf for no key) of this rank's own rows, in
+        the compute dtype; saved state for the backward)."""
+        from ..execute.blocksparse import _compute_dtype, _unpad, blocksparse_forward
+
+        B, H, n, D = q.shape
+        Dv = v.shape[-1]
+        cdt = _compute_dtype(q.dtype)
+        qbuf, s1, r1 = self.q.gather(q.permute(2, 0, 1, 3))
+        kvbuf, s2, r2 = self.kv.gather(torch.cat([k, v], dim=-1).permute(2, 0, 1, 3))
+        qbuf, kvbuf = qbuf.permute(1, 2, 0, 3), kvbuf.permute(1, 2, 0, 3)
+        kbuf, vbuf = kvbuf[..., :D], kvbuf[..., D:]
+        m = qbuf.shape[2]
+        inf = float("inf")
+        if self.work:
+            plan, mask_mod, pos = self.plan(H, q.device)
+            o, lse = blocksparse_forward(plan, mask_mod, qbuf, kbuf, vbuf, scale, need_lse=True,
+                                         score_mod=score_mod, positions=pos)
+            o, lse = _unpad(o, B, H, m), _unpad(lse, B, H, m)
+        else:
+            o = torch.zeros((B, H, m, Dv), dtype=cdt, device=q.device)
+            lse = torch.full((B, H, m), inf, dtype=cdt, device=q.device)
+        lse = lse.masked_fill(lse == inf, -inf)
+        part = torch.cat([o, lse[..., None]], dim=-1).permute(2, 0, 1, 3)  # [m, B, H, Dv + 1]
+        home, s3, r3 = self.q.scatter_add(part, part.dtype)
+        home = home.permute(1, 2, 0, 3)
+        o_home, lse_home = home[..., :Dv], home[..., Dv].clone()
+        lse_home[:, :, torch.as_tensor(~self.covered, device=q.device)] = -inf
+        nbytes["sent"] += s1 + s2 + s3
+        nbytes["recv"] += r1 + r2 + r3
+        nbytes["kv_recv"] += r2
+        return o_home, lse_home, (qbuf, kbuf, vbuf)
+
+    def backward(self, saved, out, lse, dout, scale, score_mod, dtypes, nbytes: dict):
+        """-> (dq, dk, dv) of this rank's own rows (compute dtype) from the merged ``out``
+        [B, H, n, Dv], ``lse`` [B, H, n] (+inf: no key) and ``dout``."""
+        from ..execute.blocksparse import _pad_rows, blocksparse_backward
+
+        qbuf, kbuf, vbuf = saved
+        B, H, _, D = qbuf.shape
+        Dv = out.shape[-1]
+        pack = torch.cat([out, dout.to(out.dtype), lse[..., None]], dim=-1).permute(2, 0, 1, 3)
+        got, s1, r1 = self.q.gather(pack)  # [m, B, H, 2 Dv + 1]
+        got = got.permute(1, 2, 0, 3)
+        if self.work:
+            plan, mask_mod, pos = self.plan(H, qbuf.device)
+            nq, qb = plan.num_q_blocks, plan.q_block_size
+            dq_t, dk_t, dv_t = blocksparse_backward(
+                plan, mask_mod, qbuf, kbuf, vbuf, _pad_rows(got[..., :Dv].contiguous(), nq, qb),
+                _pad_rows(got[..., 2 * Dv].contiguous(), nq, qb), got[..., Dv:2 * Dv].contiguous(), scale,
+                score_mod=score_mod, positions=pos)
+        else:
+            dq_t = torch.zeros(qbuf.shape, dtype=out.dtype, device=out.device)
+            dk_t = torch.zeros(kbuf.shape, dtype=out.dtype, device=out.device)
+            dv_t = torch.zeros(vbuf.shape, dtype=out.dtype, device=out.device)
+        q_dtype, kv_dtype = dtypes
+        dq, s2, r2 = self.q.scatter_add(dq_t.permute(2, 0, 1, 3), q_dtype)
+        dkv, s3, r3 = self.kv.scatter_add(torch.cat([dk_t, dv_t], dim=-1).permute(2, 0, 1, 3), kv_dtype)
+        dkv = dkv.permute(1, 2, 0, 3)
+        nbytes["sent"] += s1 + s2 + s3
+        nbytes["recv"] += r1 + r2 + r3
+        return dq.permute(1, 2, 0, 3), dkv[..., :D], dkv[..., D:]
+
+
+class _SplitStep:
+    """A per-term exchange: the plan's natural term on the rows' owners (a ``_Step``: its keys
+    fetched as a halo, or whatever it reads), every other term a ``_RemoteTerm``; the owners
+    merge the terms' partial results through their log-sum-exp (SPEC §6's merge, across ranks)."""
+
+    def __init__(self, cpx: ContextParallel, home, remotes, owners):
+        from ..execute.maskmod import lower_to_mask_mod
+
+        cp = cpx.cp
+        kinds = _padded_kinds(home, cpx._kinds.shape[-2], cpx._kinds.shape[-1])
+        self.cpx = cpx
+        self.home = _Step(cpx, kinds, None,
+                          mask_for=lambda device: lower_to_mask_mod(home.pattern, cp.q_len, cp.kv_len, device=device))
+        self.remotes = [_RemoteTerm(cpx, t, o) for t, o in zip(remotes, owners)]
+        self.kv_blocks = self.home.kv_blocks
+        self.tiles = self.home.tiles + sum(t.tiles for t in self.remotes)
+        self.positions_received = self.home.positions_received + sum(sum(t.kv.recv_splits) for t in self.remotes)
+        self.positions_sent = self.home.positions_sent + sum(sum(t.kv.send_splits) for t in self.remotes)
+
+    def forward(self, q, k, v, scale, score_mod):
+        """-> (out [B, H, n, Dv] compute dtype, lse [B, H, n] (+inf: no key), saved state)."""
+        from ..execute.blocksparse import _compute_dtype, _unpad
+
+        B, H, n, _ = q.shape
+        Dv = v.shape[-1]
+        cdt = _compute_dtype(q.dtype)
+        inf = float("inf")
+        nbytes = dict(sent=0, recv=0, kv_recv=0)
+        _, saved, kb, vb = self.home.forward(q, k, v, scale, need_lse=True, score_mod=score_mod)
+        nbytes["sent"] += self.cpx._bytes["bytes_sent_forward"]
+        nbytes["recv"] += self.cpx._bytes["bytes_received_forward"]
+        nbytes["kv_recv"] += self.cpx._bytes["bytes_received_forward"]
+        if saved[0] is None:
+            outs = [torch.zeros((B, H, n, Dv), dtype=cdt, device=q.device)]
+            lses = [torch.full((B, H, n), -inf, dtype=cdt, device=q.device)]
+        else:
+            o, lse = saved[0]
+            lse = _unpad(lse, B, H, n)
+            outs, lses = [_unpad(o, B, H, n)], [lse.masked_fill(lse == inf, -inf)]
+        rsaved = []
+        for t in self.remotes:
+            o, lse, st = t.forward(q, k, v, scale, score_mod, nbytes)
+            outs.append(o)
+            lses.append(lse)
+            rsaved.append(st)
+        lse_all = torch.stack(lses)
+        total = torch.logsumexp(lse_all, dim=0)
+        empty = total == -inf
+        w = torch.exp(lse_all - total.masked_fill(empty, 0.0)[None])
+        out = (torch.stack(outs) * w[..., None]).sum(0)
+        lse = total.masked_fill(empty, inf)
+        self.cpx._bytes.update(bytes_sent_forward=nbytes["sent"], bytes_received_forward=nbytes["recv"],
+                               kv_bytes_received_forward=nbytes["kv_recv"])
+        return out, lse, (kb, vb, rsaved)
+
+    def backward(self, q, k, v, state, out, lse, dout, scale, score_mod):
+        from ..execute.blocksparse import _pad_rows
+
+        kb, vb, rsaved = state
+        B, H, n, _ = q.shape
+        nbytes = dict(sent=0, recv=0)
+        layout = self.home.layouts[0]
+        nq = layout.num_q_blocks if layout.q_len else 0
+        qb = layout.q_block_size
+        saved = [None] if not layout.kinds.any() or n == 0 else [(_pad_rows(out, nq, qb), _pad_rows(lse, nq, qb))]
+        dq, dkb, dvb = self.home.backward(q, kb, vb, saved, dout, scale, score_mod)
+        dk, dv, s, r = self.home.scatter_kv_grad(dkb, dvb, k.dtype)
+        nbytes["sent"] += s
+        nbytes["recv"] += r
+        for t, st in zip(self.remotes, rsaved):
+            dq_t, dk_t, dv_t = t.backward(st, out, lse, dout, scale, score_mod, (q.dtype, k.dtype), nbytes)
+            dq += dq_t.to(dq.dtype)
+            dk = dk + dk_t.to(dk.dtype)
+            dv = dv + dv_t.to(dv.dtype)
+        self.cpx._bytes.update(bytes_sent_backward=nbytes["sent"], bytes_received_backward=nbytes["recv"])
+        return dq, dk, dv
+
+
+class _SplitAttention(torch.autograd.Function):
+    """Per-term exchange + attention; backward through every term (all ranks take part)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, step: _SplitStep, scale: float, score_mod):
+        out, lse, state = step.forward(q, k, v, scale, score_mod)
+        ctx.step, ctx.scale, ctx.score_mod, ctx.state = step, scale, score_mod, state
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out.to(q.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        with torch.autocast(q.device.type, enabled=False):
+            dq, dk, dv = ctx.step.backward(q, k, v, ctx.state, out, lse, dout.to(out.dtype), ctx.scale, ctx.score_mod)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+
+
+class _Unshard(torch.autograd.Function):
+    """All-gather of the shards; backward: all-reduce (sum) of the full gradient, then this rank's
+    positions of it."""
+
+    @staticmethod
+    def forward(ctx, x_l, cpx: ContextParallel, dim: int):
+        ctx.cpx, ctx.dim = cpx, dim
+        return cpx._gather_full(x_l.detach(), dim)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        cpx = ctx.cpx
+        g = g.contiguous().clone()
+        dist.all_reduce(g, group=cpx.group)
+        return g.index_select(ctx.dim, cpx._index(g.device)), None, None

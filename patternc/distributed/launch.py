@@ -93,7 +93,7 @@ def spawn(fn, nproc: int, *args, timeout: float = 300.0, threads: int = 1) -> li
 
 
 # ---- `patternc run --nproc N` ---------------------------------------------------------------
-def _run_worker(rank: int, world: int, cp, q, k, v, dout, balance: str, repeats: int) -> dict:
+def _run_worker(rank: int, world: int, cp, q, k, v, dout, balance: str, repeats: int, documents=None) -> dict:
     """One rank of ``run_local``: shard, time the forward (``repeats`` calls after a warm-up,
     a barrier before each), then one forward + backward for the backward's bytes and time."""
     import statistics
@@ -107,11 +107,11 @@ def _run_worker(rank: int, world: int, cp, q, k, v, dout, balance: str, repeats:
         for i in range(repeats + 1):
             dist.barrier()
             t0 = time.perf_counter()
-            out_l = ctx.attention(q_l, k_l, v_l)
+            out_l = ctx.attention(q_l, k_l, v_l, documents=documents)
             if i:
                 times.append(time.perf_counter() - t0)
     q_g, k_g, v_g = (x.clone().requires_grad_() for x in (q_l, k_l, v_l))
-    o = ctx.attention(q_g, k_g, v_g)
+    o = ctx.attention(q_g, k_g, v_g, documents=documents)
     dist.barrier()
     t0 = time.perf_counter()
     o.backward(ctx.shard(dout))
@@ -122,7 +122,7 @@ def _run_worker(rank: int, world: int, cp, q, k, v, dout, balance: str, repeats:
 
 
 def run_local(cp, q, k, v, nproc: int, *, balance: str = "tiles", repeats: int = 3, threads: int = 1,
-              timeout: float = 600.0, seed: int = 0, check: bool = False) -> dict:
+              timeout: float = 600.0, seed: int = 0, check: bool = False, documents=None) -> dict:
     """Context-parallel attention of ``cp`` over ``nproc`` local gloo processes.
 
     Args:
@@ -137,6 +137,8 @@ def run_local(cp, q, k, v, nproc: int, *, balance: str = "tiles", repeats: int =
         seed: seed of the output gradient used for the one timed backward.
         check: also compare the unsharded output with the single-process result of the same
             kernel (computed here, in the calling process).
+        documents: run-time documents of the whole sequence (SPEC §1.7: ids [B, P] / [P] or
+            lengths per row), given to every rank's ``ContextParallel.attention``.
 
     Returns:
         ``{"ranks": [per-rank stats + forward_seconds / backward_seconds], "out": [B, H, L, Dv]
@@ -151,7 +153,8 @@ def run_local(cp, q, k, v, nproc: int, *, balance: str = "tiles", repeats: int =
 
     g = torch.Generator().manual_seed(seed + 1)
     dout = torch.randn(q.shape[:-1] + (v.shape[-1],), generator=g).to(q.dtype)
-    res = spawn(_run_worker, nproc, cp, q, k, v, dout, balance, repeats, timeout=timeout, threads=threads)
+    res = spawn(_run_worker, nproc, cp, q, k, v, dout, balance, repeats, documents, timeout=timeout,
+                threads=threads)
     ranks = [dict(r["stats"], forward_seconds=r["forward_seconds"], backward_seconds=r["backward_seconds"])
              for r in res]
     lay = cp.layout
@@ -160,7 +163,7 @@ def run_local(cp, q, k, v, nproc: int, *, balance: str = "tiles", repeats: int =
     out = {"ranks": ranks, "out": res[0]["out"], "contiguous_imbalance": contiguous.imbalance}
     if check:
         with torch.no_grad():
-            want = cp.attention(q, k, v, backend="blocksparse").to(torch.float64)
+            want = cp.attention(q, k, v, backend="blocksparse", documents=documents).to(torch.float64)
         diff = out["out"].to(torch.float64) - want
         norm = float(want.norm())
         out["max_abs_error"] = float(diff.abs().max()) if diff.numel() else 0.0

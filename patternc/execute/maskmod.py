@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..ir.nodes import And, Blocks, Diff, Heads, Layers, Not, Or, Pattern, Prim
+from ..ir.nodes import And, Blocks, Diff, Heads, Layers, Not, Or, Pattern, PerDocument, Prim
 from ..ir.primitives import PRIMITIVES
 from ..ir.specialize import cdiv
 from ..lower.lowering import random_flat_keys
@@ -108,6 +108,63 @@ def _document(dev):
     return lambda h, q, kv, b: docs[b, q.clamp(0, top)] == docs[b, kv.clamp(0, top)]
 
 
+def _run_tables(docs: torch.Tensor):
+    """int64 [B|1, P] run index, first position and length of every position's run (a run:
+    a maximal stretch of equal consecutive ids, SPEC §1.7)."""
+    change = torch.ones_like(docs, dtype=torch.bool)
+    change[:, 1:] = docs[:, 1:] != docs[:, :-1]
+    run = torch.cumsum(change.to(torch.int64), dim=1) - 1
+    pos = torch.arange(docs.shape[1], device=docs.device).expand_as(docs)
+    start = torch.cummax(torch.where(change, pos, torch.zeros_like(pos)), dim=1).values
+    end = torch.flip(torch.cummin(torch.flip(torch.where(
+        torch.cat([change[:, 1:], torch.ones_like(change[:, :1])], dim=1), pos + 1,
+        torch.full_like(pos, docs.shape[1])), dims=[1]), dim=1).values, dims=[1])
+    return run, start, end - start
+
+
+def _per_document(p: PerDocument, dev):
+    """``per_document(x)``: same run, and x at the offsets from the run's start. The inner
+    pattern is built once per distinct inner pattern over the row's document lengths (one
+    when x reads no ``q_len`` / ``kv_len`` / ``random``; else one per distinct length, chosen
+    with ``torch.where`` on the position's run length)."""
+    from ..errors import Diagnostic, PatternError
+    from ..ir.specialize import bind_per_document
+
+    docs = _DOCS
+    if docs is None:
+        raise PatternError(Diagnostic("P360", "`per_document` needs run-time `documents` (SPEC §1.7)", None,
+                                      "use cp.mask_mod_for(documents=...) / cp.block_mask(documents=...)"))
+    run, start, length = _run_tables(docs)
+    top = docs.shape[1] - 1
+    lengths = sorted(set(length.flatten().tolist()))
+    has_random = any(isinstance(n, Prim) and n.name == "random" for n in p.child.walk())
+    branches: dict = {}
+    for L in lengths:
+        inner = bind_per_document(p.child, L)
+        key = (inner, L if has_random else None)
+        branches.setdefault(key, []).append(L)
+    Lmax = lengths[-1]
+    fs = []
+    for (inner, L), Ls in branches.items():
+        n = L if L is not None else Lmax
+        fs.append((_build(inner, n, n, dev), torch.tensor(Ls, dtype=torch.int64, device=dev)))
+    single = docs.shape[0] == 1
+
+    def per_document(h, q, kv, b):
+        qc, kc = q.clamp(0, top), kv.clamp(0, top)
+        bb = 0 if single else b
+        s = start[bb, qc]
+        same = run[bb, qc] == run[bb, kc]
+        out = fs[0][0](h, q - s, kv - s, b)
+        if len(fs) > 1:
+            L = length[bb, qc]
+            for f, Ls in fs[1:]:
+                out = torch.where(torch.isin(L, Ls), f(h, q - s, kv - s, b), out)
+        return same & out
+
+    return per_document
+
+
 def _t(v, device) -> torch.Tensor:
     return torch.tensor(int(v), dtype=torch.int64, device=device)
 
@@ -148,6 +205,8 @@ def _build(p: Pattern, q_len: int, kv_len: int, dev):
         bs = _t(p.b, dev)
         f = _build(p.child, cdiv(q_len, p.b), cdiv(kv_len, p.b), dev)
         return lambda h, q, kv, b: f(h, q // bs, kv // bs, b)
+    if isinstance(p, PerDocument):
+        return _per_document(p, dev)
     if isinstance(p, Layers):
         raise ValueError("select a layer before building a mask_mod")
     raise TypeError(f"not a pattern: {p!r}")

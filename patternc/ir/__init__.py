@@ -28,6 +28,7 @@ from .nodes import (
     Not,
     Or,
     Pattern,
+    PerDocument,
     Prim,
     Scored,
     Term,
@@ -52,7 +53,7 @@ from .terms import SCORE_TERMS, TERM_ORDER, alibi_slopes
 
 __all__ = [
     "ALL", "CAUSAL", "NONE", "And", "BinOp", "Blocks", "Diff", "Fn", "Heads", "IntExpr", "Layers", "Lit", "Not",
-    "Or", "Pattern", "Prim", "Var", "eval_int", "free_vars", "PASSES", "normalize", "MAX_INT", "PRIMITIVES",
+    "Or", "Pattern", "PerDocument", "Prim", "Var", "eval_int", "free_vars", "PASSES", "normalize", "MAX_INT", "PRIMITIVES",
     "to_text", "bind_lengths", "head_patterns", "select_head", "select_layer", "specialize",
     "proves_causal", "proves_symmetric", "Scored", "Term", "score_terms", "strip_terms", "with_terms",
     "SCORE_TERMS", "TERM_ORDER", "alibi_slopes",

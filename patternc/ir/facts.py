@@ -7,7 +7,7 @@ check`` rely on. They read only the IR, so they live beside it (standard library
 
 from __future__ import annotations
 
-from .nodes import And, Blocks, Diff, Heads, Layers, Not, Or, Pattern, Prim, Scored
+from .nodes import And, Blocks, Diff, Heads, Layers, Not, Or, Pattern, PerDocument, Prim, Scored
 from .primitives import PRIMITIVES
 
 
@@ -26,6 +26,8 @@ def proves_causal(p: Pattern) -> bool:
         return proves_causal(p.left)
     if isinstance(p, Blocks):
         return p.b == 1 and proves_causal(p.child)
+    if isinstance(p, PerDocument):  # one start subtracted from both: j - s <= i - s iff j <= i
+        return proves_causal(p.child)
     return False
 
 
@@ -42,6 +44,6 @@ def proves_symmetric(p: Pattern) -> bool:
         return proves_symmetric(p.left) and proves_symmetric(p.right)
     if isinstance(p, (And, Or, Heads, Layers)):
         return all(proves_symmetric(c) for c in p.items)
-    if isinstance(p, Blocks):
+    if isinstance(p, (Blocks, PerDocument)):  # per_document: square, q_len = kv_len = the document's length
         return proves_symmetric(p.child)
     return False

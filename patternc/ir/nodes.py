@@ -9,6 +9,8 @@ A ``Pattern`` denotes the predicate ``attend(l, h, i, j)`` of SPEC §1. Nodes:
 * ``Not(child)``, ``Diff(left, right)``, ``And(children)``, ``Or(children)``: §1.2.
 * ``Heads(children)``, ``Layers(children)``: per-head / per-layer choice (``p_(h mod m)``).
 * ``Blocks(b, child)``: ``child`` evaluated on block coordinates (b tokens per block).
+* ``PerDocument(child)``: ``child`` evaluated inside each packed document, in the document's
+  own coordinates and length (SPEC §1.1 ``per_document``; the documents arrive at run time).
 
 ``str(p)`` is the canonical text (``patternc.printer``); ``parse(str(p)) == p``.
 Integer expressions (``IntExpr``) are the symbolic part of arguments: ``Var('q_len')``,
@@ -277,6 +279,26 @@ class Blocks(Pattern):
 
     def with_children(self, children):
         return Blocks(self.b, children[0], span=self.span)
+
+
+@dataclass(frozen=True)
+class PerDocument(Pattern):
+    """``per_document(child)`` (SPEC §1.1): ``doc(i) = doc(j)`` and ``child`` holds at
+    ``(i - start(i), j - start(j))``, evaluated with ``q_len = kv_len =`` the length of that
+    document. A document here is a maximal run of equal consecutive ids of the run-time
+    ``documents`` (§1.7): two runs with one id are two documents. ``child`` keeps any
+    ``q_len`` / ``kv_len`` symbolic: they are bound per document (``ir.specialize``).
+    Inside ``child`` the only document is the one it is evaluated in: ``document`` there is
+    ``all`` and a nested ``per_document(x)`` is ``x``."""
+
+    child: Pattern
+    span: Span | None = field(default=None, compare=False, repr=False)
+
+    def children(self):
+        return (self.child,)
+
+    def with_children(self, children):
+        return PerDocument(children[0], span=self.span)
 
 
 ALL = Prim("all")

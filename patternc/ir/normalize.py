@@ -27,6 +27,7 @@ from .nodes import (
     Not,
     Or,
     Pattern,
+    PerDocument,
     Prim,
 )
 from .primitives import MAX_INT, PRIMITIVES, check_values
@@ -286,7 +287,9 @@ def factor_choice(p):
 
 def merge_choices(p):
     """``heads(a, b) & heads(c, d) -> heads(a & c, b & d)`` for entries of equal count (also
-    ``|`` and ``layers``); ``blocks(b, x) & blocks(b, y) -> blocks(b, x & y)`` (also ``|``).
+    ``|`` and ``layers``); ``blocks(b, x) & blocks(b, y) -> blocks(b, x & y)`` and
+    ``per_document(x) & per_document(y) -> per_document(x & y)`` (also ``|``: both hold only on
+    pairs of one document, where each evaluates its operand at the same coordinates and length).
     Every group is merged in one rewrite."""
     if not isinstance(p, (And, Or)):
         return None
@@ -297,12 +300,15 @@ def merge_choices(p):
             groups.setdefault((type(c), len(c.items)), []).append(c)
         elif isinstance(c, Blocks):
             groups.setdefault((Blocks, c.b), []).append(c)
+        elif isinstance(c, PerDocument):
+            groups.setdefault((PerDocument, None), []).append(c)
     if not any(len(g) >= 2 for g in groups.values()):
         return None
     out = []
     done = set()
     for c in p.items:
-        key = (type(c), len(c.items)) if isinstance(c, (Heads, Layers)) else ((Blocks, c.b) if isinstance(c, Blocks) else None)
+        key = ((type(c), len(c.items)) if isinstance(c, (Heads, Layers)) else
+               (Blocks, c.b) if isinstance(c, Blocks) else (PerDocument, None) if isinstance(c, PerDocument) else None)
         group = groups.get(key) if key is not None else None
         if not group or len(group) < 2:
             out.append(c)
@@ -310,6 +316,8 @@ def merge_choices(p):
             done.add(key)
             if key[0] is Blocks:
                 out.append(Blocks(key[1], op(tuple(g.child for g in group))))
+            elif key[0] is PerDocument:
+                out.append(PerDocument(op(tuple(g.child for g in group))))
             else:
                 out.append(key[0](tuple(op(tuple(g.items[k] for g in group)) for k in range(key[1]))))
     return op(tuple(out)) if len(out) > 1 else out[0]
@@ -414,6 +422,38 @@ def negate_blocks(p):
         return Blocks(p.child.b, Not(p.child.child))
 
 
+def _one_document(p: Pattern) -> Pattern:
+    """``p`` evaluated inside one document: ``document`` is ``all``, ``per_document(x)`` is ``x``."""
+    if isinstance(p, Prim):
+        return ALL if p.name == "document" else p
+    if isinstance(p, PerDocument):
+        return _one_document(p.child)
+    kids = p.children()
+    if not kids:
+        return p
+    new = tuple(_one_document(c) for c in kids)
+    return p if all(a is b for a, b in zip(new, kids)) else p.with_children(new)
+
+
+def simplify_per_document(p):
+    """``per_document(none) -> none``; inside ``per_document(x)`` the only document is the one
+    ``x`` is evaluated in, so ``document`` there is ``all`` and ``per_document(y)`` is ``y``:
+    ``per_document(per_document(x) & document) -> per_document(x)``."""
+    if isinstance(p, PerDocument):
+        if p.child == NONE:
+            return NONE
+        inner = _one_document(p.child)
+        if inner != p.child:
+            return PerDocument(inner)
+
+
+def document_absorption(p):
+    """``document & per_document(x) -> per_document(x)``: a pair in one document (one run) has
+    one id, so ``per_document`` already implies ``document``."""
+    if isinstance(p, And) and Prim("document") in p.items and any(isinstance(c, PerDocument) for c in p.items):
+        return And(tuple(c for c in p.items if c != Prim("document")))
+
+
 PASSES = [
     ("diff_to_and_not", diff_to_and_not),
     ("double_negation", double_negation),
@@ -433,6 +473,8 @@ PASSES = [
     ("merge_primitives", merge_primitives),
     ("simplify_primitive", simplify_primitive),
     ("simplify_blocks", simplify_blocks),
+    ("simplify_per_document", simplify_per_document),
+    ("document_absorption", document_absorption),
     ("unwrap_trivial", unwrap_trivial),
     ("dedupe_and_sort", dedupe_and_sort),
 ]
@@ -516,7 +558,7 @@ def ir_problems(p: Pattern) -> list[str]:
         elif isinstance(n, Blocks):
             if not (isinstance(n.b, IntExpr) or (_is_const(n.b) and n.b >= 1)):
                 out.append(f"blocks size {n.b!r} must be an integer >= 1")
-        elif isinstance(n, (Not, Diff)):
+        elif isinstance(n, (Not, Diff, PerDocument)):
             pass
         elif isinstance(n, ir.Scored):
             out += _scored_problems(n, root=n is p)

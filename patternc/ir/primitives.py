@@ -377,6 +377,14 @@ PRIMITIVES: dict[str, PrimSpec] = {
             symmetric_if=_always,
             two_way=True,
         ),
+        PrimSpec(
+            "per_document",
+            (Param("p", kind="pattern", doc="the pattern inside each document, in its own coordinates"),),
+            "doc(i) = doc(j) and p at (i - start(i), j - start(j)), with q_len = kv_len = that document's length",
+            "packed sequences where each document keeps its own anchors: StreamingLLM sinks / prefix-LM "
+            "per document (xformers BlockDiagonalMask with a per-block pattern)",
+            "per_document(sink(n=4) | local(w=512)) & causal",
+        ),
         PrimSpec("heads", (Param("p", kind="patterns"),), "p_(h mod m)", "per-head patterns", "heads(local(w=8), strided(s=8))"),
         PrimSpec("layers", (Param("p", kind="patterns"),), "p_(l mod m)", "per-layer patterns (Gemma-2 style interleaving)", "layers(local(w=8), all)"),
         PrimSpec(
@@ -390,7 +398,7 @@ PRIMITIVES: dict[str, PrimSpec] = {
 }
 
 #: primitives whose truth comes from run-time data (SPEC §1.7): the input each needs
-RUNTIME_PRIMITIVES = {"document": "documents"}
+RUNTIME_PRIMITIVES = {"document": "documents", "per_document": "documents"}
 
 INT_FUNCTION_NAMES = ("min", "max", "isqrt")
 BUILTIN_INTS = ("q_len", "kv_len")

@@ -10,7 +10,7 @@ Score terms follow ``with`` in canonical order (``... with softcap(c=50), alibi(
 from __future__ import annotations
 
 from . import nodes as ir
-from .nodes import And, Blocks, Diff, Heads, Layers, Not, Or, Pattern, Prim, Scored, Term
+from .nodes import And, Blocks, Diff, Heads, Layers, Not, Or, Pattern, PerDocument, Prim, Scored, Term
 from .primitives import PRIMITIVES
 
 _INT_PREC = {"+": 3, "-": 3, "*": 2, "//": 2, "%": 2}
@@ -98,6 +98,8 @@ def to_text(p: Pattern) -> str:
         return "layers(" + ", ".join(to_text(c) for c in p.items) + ")"
     if isinstance(p, Blocks):
         return f"blocks({int_text(p.b)}, {to_text(p.child)})"
+    if isinstance(p, PerDocument):
+        return f"per_document({to_text(p.child)})"
     raise TypeError(f"not a pattern: {p!r}")
 
 

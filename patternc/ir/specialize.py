@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from ..errors import Diagnostic, PatternError
 from . import nodes as ir
-from .nodes import Blocks, Heads, IntExpr, Layers, Pattern, Prim, Scored
+from .nodes import Blocks, Heads, IntExpr, Layers, Pattern, PerDocument, Prim, Scored
 from .normalize import normalize
 from .primitives import MAX_INT, check_values
 from .printer import to_text
@@ -79,8 +79,81 @@ def shift_heads(p: Pattern, head_offset: int) -> Pattern:
 
 
 def uses_documents(p: Pattern) -> bool:
-    """Whether ``p`` reads run-time ``documents`` (the ``document`` primitive, SPEC §1.7)."""
-    return any(isinstance(n, Prim) and n.name == "document" for n in p.walk())
+    """Whether ``p`` reads run-time ``documents`` (``document`` or ``per_document``, SPEC §1.7)."""
+    return any(isinstance(n, PerDocument) or (isinstance(n, Prim) and n.name == "document") for n in p.walk())
+
+
+def uses_per_document(p: Pattern) -> bool:
+    """Whether ``p`` holds a ``per_document(…)`` (SPEC §1.1)."""
+    return any(isinstance(n, PerDocument) for n in p.walk())
+
+
+def substitute_per_document(p: Pattern, mode: str, length: int | None = None) -> Pattern:
+    """``p`` with every ``per_document(x)`` replaced, normalised: ``mode="none"`` by ``none``
+    (a pair in two documents), ``mode="whole"`` by ``x`` bound at ``q_len = kv_len = length``
+    (every pair in one document that starts at position 0 and is ``length`` tokens long).
+
+    Raises:
+        PatternError: P301 when ``x`` computes a parameter out of range at that length."""
+
+    def sub(n: Pattern) -> Pattern:
+        if isinstance(n, PerDocument):
+            return ir.NONE if mode == "none" else bind_per_document(n.child, length)
+        kids = n.children()
+        return n.with_children(tuple(sub(c) for c in kids)) if kids else n
+
+    return normalize(sub(p))
+
+
+def runtime_bound(p: Pattern) -> Pattern:
+    """A document-free pattern that allows every pair ``p`` allows under *some* split into
+    documents (SPEC §1.7): the union of ``p`` with each ``document`` / ``per_document(…)``
+    replaced by ``all`` or ``none`` (every assignment of them, so negations stay sound),
+    normalised. ``p`` itself when it reads no documents; ``all`` when it holds more than five
+    distinct ``per_document`` nodes (still a bound). This is what ``cp.layout`` and the
+    densities of a compile without documents describe."""
+    if not uses_documents(p):
+        return p
+    nodes = []
+    for n in p.walk():
+        if isinstance(n, PerDocument) and n not in nodes:
+            nodes.append(n)
+    if len(nodes) > 5:
+        return ir.ALL
+    variants = []
+    for mask in range(1 << (len(nodes) + 1)):
+        table = {n: (ir.ALL if (mask >> k) & 1 else ir.NONE) for k, n in enumerate(nodes)}
+        doc = ir.ALL if (mask >> len(nodes)) & 1 else ir.NONE
+
+        def sub(n: Pattern) -> Pattern:
+            if isinstance(n, PerDocument):
+                return table[n]
+            if isinstance(n, Prim) and n.name == "document":
+                return doc
+            kids = n.children()
+            return n.with_children(tuple(sub(c) for c in kids)) if kids else n
+
+        variants.append(sub(p))
+    return normalize(ir.Or(tuple(variants)))
+
+
+def bind_per_document(child: Pattern, length: int, *, normalized: bool = True) -> Pattern:
+    """The inner pattern of ``per_document(child)`` for one document of ``length`` tokens:
+    ``q_len`` and ``kv_len`` bound to ``length`` (SPEC §1.1), ``document`` inside it ``all``.
+
+    Raises:
+        PatternError: P301 naming the document length when a computed parameter is out of range.
+    """
+    from .normalize import _one_document
+
+    try:
+        return bind_lengths(_one_document(child), length, length, normalized=normalized)
+    except PatternError as e:
+        import dataclasses
+
+        d = e.diagnostic
+        raise PatternError(dataclasses.replace(
+            d, message=f"{d.message}, inside `per_document(…)` for a document of {length} tokens")) from None
 
 
 def substitute_document(p: Pattern, value: Pattern) -> Pattern:
@@ -93,6 +166,8 @@ def substitute_document(p: Pattern, value: Pattern) -> Pattern:
     def sub(n: Pattern) -> Pattern:
         if isinstance(n, Prim) and n.name == "document":
             return value
+        if isinstance(n, PerDocument):  # inside it `document` is `all` (the one document it sees)
+            return n
         kids = n.children()
         return n.with_children(tuple(sub(c) for c in kids)) if kids else n
 
@@ -148,6 +223,8 @@ def _bind(p: Pattern, env: dict) -> Pattern:
                                           p.span, "guard it, e.g. `max(1, ...)`"))
         inner = {"q_len": cdiv(env["q_len"], b), "kv_len": cdiv(env["kv_len"], b)}
         return Blocks(b, _bind(p.child, inner), span=p.span)
+    if isinstance(p, PerDocument):  # its q_len / kv_len are each document's length: bound per document
+        return p
     kids = p.children()
     if not kids:
         return p

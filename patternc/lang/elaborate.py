@@ -18,7 +18,7 @@ from lark import Token, Tree
 
 from ..errors import Diagnostic, PatternError, Span, did_you_mean, normalize_newlines
 from ..ir import nodes as ir
-from ..ir.nodes import And, Blocks, Diff, Heads, IntExpr, Layers, Not, Or, Pattern, Prim, Scored, Term
+from ..ir.nodes import And, Blocks, Diff, Heads, IntExpr, Layers, Not, Or, Pattern, PerDocument, Prim, Scored, Term
 from ..ir.primitives import (
     BUILTIN_INTS,
     INT_FUNCTION_NAMES,
@@ -520,6 +520,8 @@ class Elaborator:
             self.fail("P208", msg, values[key][1] if key is not None else span, help_)
         if name == "blocks":
             return Blocks(values["b"][0], values["p"][0], span=span)
+        if name == "per_document":
+            return PerDocument(values["p"][0], span=span)
         return Prim(name, tuple((p.name, values[p.name][0]) for p in spec.params), span=span)
 
     def call_global(self, args, node, env):

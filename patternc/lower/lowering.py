@@ -111,6 +111,35 @@ class Grid:
 
 
 # ---------------------------------------------------------------------------------------------
+# an internal node: a pattern seen from a shifted origin (``per_document``, lower.perdoc)
+
+
+@dataclass(frozen=True)
+class Shifted(Pattern):
+    """Internal (never printed, never normalised): ``child`` evaluated at ``(i + s, j + s)`` in
+    an index space of ``q_len x kv_len``. Inside a document that starts at position ``s``,
+    ``per_document``'s layouts count in the document's own coordinates (``lower.perdoc``); a
+    part of the pattern outside ``per_document`` that is not shift-invariant (``chunk``,
+    ``summary``, ``random``, ``blocks`` at an unaligned start) is wrapped in this node there."""
+
+    child: Pattern
+    s: int
+    q_len: int
+    kv_len: int
+
+    def children(self):
+        return (self.child,)
+
+    def with_children(self, children):
+        return Shifted(children[0], self.s, self.q_len, self.kv_len)
+
+    def grid(self, g: "Grid") -> "Grid":
+        """The rectangles of ``g`` in the child's index space."""
+        s = self.s
+        return Grid(g.q0 + s, g.q1 + s, g.k0 + s, g.k1 + s, self.q_len, self.kv_len)
+
+
+# ---------------------------------------------------------------------------------------------
 # support classes
 
 
@@ -170,6 +199,8 @@ def support(p: Pattern) -> frozenset:
     if isinstance(p, Blocks):
         s = support(p.child)
         return s if s <= frozenset("ij") else frozenset("x")
+    if isinstance(p, Shifted):  # one shift of both indices keeps what each reads
+        return support(p.child)
     if isinstance(p, (Heads, Layers)):
         raise ValueError("select a head and a layer before lowering")
     out = frozenset()
@@ -245,6 +276,8 @@ def evaluate(p: Pattern, i, j, q_len: int, kv_len: int, code: int = 0) -> np.nda
     if isinstance(p, Blocks):
         b = p.b
         return evaluate(p.child, np.asarray(i) // b, np.asarray(j) // b, cdiv(q_len, b), cdiv(kv_len, b), code)
+    if isinstance(p, Shifted):
+        return evaluate(p.child, np.asarray(i) + p.s, np.asarray(j) + p.s, p.q_len, p.kv_len, code)
     raise ValueError(f"cannot evaluate {type(p).__name__} here: select a head and a layer first")
 
 
@@ -460,6 +493,8 @@ def _lower(p: Pattern, g: Grid) -> np.ndarray:
         return np.full((1, 1), MAYBE, dtype=np.uint8)
     if isinstance(p, Blocks):
         return lower_exact(p.child, g.inner(p.b))
+    if isinstance(p, Shifted):
+        return lower_exact(p.child, p.grid(g))
     if isinstance(p, Not):
         return NOT3[_lower(p.child, g)]
     if isinstance(p, Diff):
@@ -541,6 +576,9 @@ def rect_counts(p: Pattern, q0, q1, k0, k1, q_len: int, kv_len: int) -> np.ndarr
         return plan.counts(q0, q1, k0, k1)
     if isinstance(p, Blocks):
         return _blocks_counts(p, q0, q1, k0, k1, q_len, kv_len)
+    if isinstance(p, Shifted):
+        s = p.s
+        return rect_counts(p.child, q0 + s, q1 + s, k0 + s, k1 + s, p.q_len, p.kv_len)
     r = _top_random(p)
     if r is not None and _points_countable(q0, q1, k0, k1):
         return _random_counts(p, r, q0, q1, k0, k1, q_len, kv_len)
@@ -588,7 +626,7 @@ def _top_random(p: Pattern) -> Prim | None:
     """A ``random`` primitive of ``p`` that is not inside ``blocks`` (or None)."""
     if isinstance(p, Prim):
         return p if p.name == "random" else None
-    if isinstance(p, Blocks):
+    if isinstance(p, (Blocks, Shifted)):  # its draws live in another index space
         return None
     for c in p.children():
         r = _top_random(c)
@@ -600,7 +638,7 @@ def _top_random(p: Pattern) -> Prim | None:
 def _substitute(p: Pattern, target: Pattern, value: Pattern) -> Pattern:
     if p == target:
         return value
-    if isinstance(p, Blocks) or not p.children():
+    if isinstance(p, (Blocks, Shifted)) or not p.children():
         return p
     return p.with_children(tuple(_substitute(c, target, value) for c in p.children()))
 
@@ -724,7 +762,7 @@ class SweepPlan:
     and a prefix sum over ``d`` counts it."""
 
     skeleton: Pattern  # difference-only, with _atom(k) placeholders
-    atoms: list  # [(kind, payload)]: ('i', bool [Q]), ('j', bool [K]), ('chunk', l)
+    atoms: list  # [(kind, payload)]: ("i", bool [Q]), ("j", bool [K]), ("chunk", (l, offset))
     i_breaks: np.ndarray  # int64, positions where some i-atom changes value
     q_len: int
     kv_len: int
@@ -765,10 +803,11 @@ class SweepPlan:
         # breakpoints strictly inside [r0, r1] (only they need sorting)
         mids = [np.clip(np.int64(x), r0, r1) for x in self.i_breaks]
         for kind, payload in self.atoms:
-            if kind == "chunk":
-                start = (cols // payload) * payload
+            if kind == "chunk":  # chunks of l tokens whose boundaries sit at -o mod l
+                ln, o = payload
+                start = ((cols + o) // ln) * ln - o
                 mids.append(np.clip(start, r0, r1))
-                mids.append(np.clip(start + payload, r0, r1))
+                mids.append(np.clip(start + ln, r0, r1))
         parts = [r0[..., None]]
         if mids:
             parts.append(np.sort(np.stack(mids, axis=-1), axis=-1))
@@ -784,7 +823,8 @@ class SweepPlan:
             elif kind == "j":
                 v = payload[cc]
             else:
-                v = (s // payload) == (cc // payload)
+                ln, o = payload
+                v = ((s + o) // ln) == ((cc + o) // ln)
             code |= v.astype(np.int64) << k
         if table is None:
             present = np.flatnonzero(np.bincount(code[valid], minlength=1 << len(self.atoms)))
@@ -856,11 +896,19 @@ def _atomize(p: Pattern, atoms: list, keys: dict) -> Pattern:
         return placeholder((cls, p))
     if isinstance(p, Prim):
         if p.name == "chunk":
-            return placeholder(("chunk", p.arg("l")))
+            return placeholder(("chunk", (p.arg("l"), 0)))
         e = _expand(p)
         if e is not None:
             return _atomize(e, atoms, keys)
         raise _Unsupported(p.name)
+    if isinstance(p, Shifted):
+        c = p.child
+        if isinstance(c, Prim) and c.name == "chunk":
+            return placeholder(("chunk", (c.arg("l"), p.s)))
+        if isinstance(c, (Not, Diff, And, Or)):  # the shift distributes over the operators
+            return _atomize(c.with_children(tuple(Shifted(x, p.s, p.q_len, p.kv_len) for x in c.children())),
+                            atoms, keys)
+        raise _Unsupported("shifted " + type(c).__name__)
     if isinstance(p, (Not, Diff, And, Or)):
         return p.with_children(tuple(_atomize(c, atoms, keys) for c in p.children()))
     raise _Unsupported(type(p).__name__)
@@ -945,6 +993,6 @@ def dense_from_layout(p_heads: list[Pattern], layout: BlockLayout) -> np.ndarray
     return out
 
 
-__all__ = ["Grid", "MAYBE", "support", "evaluate", "lower_exact", "lower_to_layout", "rect_counts",
+__all__ = ["Grid", "MAYBE", "Shifted", "support", "evaluate", "lower_exact", "lower_to_layout", "rect_counts",
            "brute_counts", "sweep_plan", "SweepPlan", "count_allowed", "dense_from_layout", "head_patterns",
            "random_flat_keys", "NumpyArrays", "ALL", "NONE"]

@@ -49,7 +49,13 @@ def probe(p: Pattern, check) -> list | None:
     range)."""
     from ..errors import PatternError
     from ..ir.nodes import ALL, NONE
-    from ..ir.specialize import head_patterns, specialize, substitute_document, uses_documents
+    from ..ir.specialize import (
+        head_patterns,
+        specialize,
+        substitute_document,
+        substitute_per_document,
+        uses_documents,
+    )
     from ..lower.lowering import evaluate
 
     n = probe_length(p)
@@ -66,8 +72,17 @@ def probe(p: Pattern, check) -> list | None:
         i = np.arange(n)[:, None]
         j = np.arange(n)[None, :]
         # `document` (SPEC §1.7): a property holds for every split into documents iff it holds
-        # where the pair is in one document (document := all) and where it is not (:= none)
-        variants = [lp] if not uses_documents(lp) else [substitute_document(lp, ALL), substitute_document(lp, NONE)]
+        # where the pair is in one document (document := all) and where it is not (:= none).
+        # With `per_document(x)` the probe tries two real splits: one document over all n
+        # positions (x bound at n) and every pair in two documents (x := none): a witness
+        # found there is one of a split a user can pass.
+        variants = [lp]
+        if uses_documents(lp):
+            try:
+                variants = [substitute_document(substitute_per_document(lp, "whole", n), ALL),
+                            substitute_document(substitute_per_document(lp, "none"), NONE)]
+            except PatternError:
+                return None
         for v in variants:
             per_head = head_patterns(v, heads)
             m = np.stack([np.broadcast_to(evaluate(per_head[h % len(per_head)], i, j, n, n), (n, n))
