@@ -131,6 +131,38 @@ class ScoreTerms:
         per_plan.append((key, fa))
         return fa
 
+    @property
+    def cache_key(self) -> tuple:
+        """Hashable, tensor-free identity of what the terms compute (caches shared by layouts)."""
+        slopes = None if self.slopes is None else tuple(self.slopes.tolist())
+        return (self.cap, slopes, self.q_offset, self.kv_offset)
+
+    def run_alibi(self, heads: torch.Tensor, base: int, delta: int, rows: int, Lq: int, L: int):
+        """ALiBi of one kernel call of the strided-runs path (``execute.fused``), whose kernel row
+        ``r`` (of ``rows``) holds query positions ``i = i0 + r * dq + a`` (``a < Lq``) and key
+        positions ``j = j0 + r * dk + c`` (``c < L``), with ``base = j0 - i0`` and ``delta = dk - dq``
+        in tokens (natural positions; offsets are added here).
+
+        ``m_h (j - i) = m_h (c - a + base) + m_h * delta * r``: the first part is the same for
+        every kernel row, so it is one bias for the call; the second is a constant of each kernel
+        row, which the softmax ignores, so it only moves the kernel's log-sum-exp. Both are one
+        rounding of an exact integer times the slope (as ``alibi_bias``).
+
+        Args:
+            heads: int64 [Bp], the query head of each batch entry of the call.
+
+        Returns:
+            ``(bias, shift)``: float32 ``[Bp, 1, Lq, L]`` to add to the kernel's mask, and float32
+            ``[Bp, rows, 1]`` to add to its log-sum-exp (the true one is kernel + shift).
+        """
+        dev, dt = heads.device, torch.float32
+        m = self.slopes_on(dev, dt).index_select(0, heads)  # [Bp]
+        rel = (torch.arange(L, device=dev)[None, :] - torch.arange(Lq, device=dev)[:, None]
+               + (base + self.kv_offset - self.q_offset)).to(dt)  # [Lq, L], exact integers
+        bias = rel[None, None] * m[:, None, None, None]
+        shift = (torch.arange(rows, device=dev) * delta).to(dt)[None, :, None] * m[:, None, None]
+        return bias, shift
+
     def __call__(self, s, heads, q_pos, kv_pos):
         """The block-sparse kernel's ``score_mod`` hook: ``apply_`` (in place), returns ``s``."""
         return self.apply_(s, heads, q_pos, kv_pos)
