@@ -273,7 +273,8 @@ class _BatchRow:
 def _run_batched(cp, name, q, k, v, scale, dropout_p, kp, docs):
     """Attention with run-time data (key padding, documents): per-batch layouts and a
     mask_mod that reads ``b``. flex runs once with the batched BlockMask; blocksparse runs each
-    batch row on its own layout (autograd joins them); sdpa uses the dense [B, H, Q, KV] mask."""
+    group of rows with equal run-time data in one call on its layout (autograd joins them);
+    sdpa uses the dense [B, H, Q, KV] mask."""
     B = q.shape[0]
     layout = cp._layout_for(kp, docs)
     mask_mod = cp._mask_mod_for(q.device, kp, docs)
@@ -322,11 +323,41 @@ def _run_batched(cp, name, q, k, v, scale, dropout_p, kp, docs):
     if layout.batch == 1:  # one row of run-time data broadcast over the batch: one plan, one call
         row = _BatchRow(cp, layout.batch_row(0), mask_mod, 0)
         return blocksparse_attention(row, q, k, v, scale, dropout_p=dropout_p)
-    outs = []
-    for b in range(B):
+    groups = _rows_sharing_data(B, kp, docs)
+    if len(groups) == 1:  # every row has the same documents and padding: one call over the batch
+        row = _BatchRow(cp, layout.batch_row(0), mask_mod, 0)
+        return blocksparse_attention(row, q, k, v, scale, dropout_p=dropout_p)
+    outs, order = [], []
+    for rows in groups:
+        b = rows[0]
         row = _BatchRow(cp, layout.batch_row(b), mask_mod, b)
-        outs.append(blocksparse_attention(row, q[b:b + 1], k[b:b + 1], v[b:b + 1], scale, dropout_p=dropout_p))
-    return torch.cat(outs, dim=0)
+        if len(rows) == 1:
+            sel = slice(b, b + 1)
+            outs.append(blocksparse_attention(row, q[sel], k[sel], v[sel], scale, dropout_p=dropout_p))
+        else:  # rows with equal run-time data: their layouts and mask_mods are equal, one call
+            idx = torch.tensor(rows, device=q.device)
+            outs.append(blocksparse_attention(row, q.index_select(0, idx), k.index_select(0, idx),
+                                              v.index_select(0, idx), scale, dropout_p=dropout_p))
+        order += rows
+    out = torch.cat(outs, dim=0)
+    if order == list(range(B)):
+        return out
+    inverse = torch.empty(B, dtype=torch.long)
+    inverse[torch.tensor(order)] = torch.arange(B)
+    return out.index_select(0, inverse.to(q.device))
+
+
+def _rows_sharing_data(B: int, kp, docs) -> list[list[int]]:
+    """Batch rows grouped by equal run-time data (documents row, key padding row), in order of
+    first appearance: rows of one group have the same layout and the same mask_mod values,
+    so the blocksparse kernel runs them in one call (a batch packed the same way, or padded the
+    same way, costs one kernel plan instead of B)."""
+    groups: dict = {}
+    for b in range(B):
+        key = (None if docs is None else docs[min(b, docs.shape[0] - 1)].tobytes(),
+               None if kp is None else kp[b].tobytes())
+        groups.setdefault(key, []).append(b)
+    return list(groups.values())
 
 
 def _dense_runtime(cp, layout, kp, docs):
