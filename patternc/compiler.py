@@ -643,7 +643,7 @@ class CompiledPattern:
     def _document_kinds(self, docs):
         """Exact kinds uint8 [B, H, nq, nkv] of the pattern with checked ``docs`` int64 [B, P],
         and ``counter(b, h, q0, q1, k0, k1)`` of its allowed pairs (key padding's refinement).
-        Rows packed the same way are built once (``np.unique`` over the rows)."""
+        Rows packed the same way are built once."""
         if uses_per_document(self.pattern):
             from .lower.perdoc import row_counts
 
@@ -668,9 +668,11 @@ class CompiledPattern:
                 return doc_rect_counts(ha[h % len(ha)], hn[h % len(hn)], q0, q1, k0, k1, Qe, Ke,
                                        docs[min(b, docs.shape[0] - 1)])
         if docs.shape[0] > 1:
-            uniq, inverse = np.unique(docs, axis=0, return_inverse=True)
-            if uniq.shape[0] < docs.shape[0]:
-                return self._document_kinds(uniq)[0][np.asarray(inverse).reshape(-1)], counter
+            first: dict = {}  # row bytes -> index of its first occurrence (O(B * P), no sort)
+            inverse = np.array([first.setdefault(row.tobytes(), len(first)) for row in docs])
+            if len(first) < docs.shape[0]:
+                uniq = docs[np.unique(inverse, return_index=True)[1]]
+                return self._document_kinds(uniq)[0][inverse], counter
         if uses_per_document(self.pattern):
             kinds = self._per_document_kinds(docs)[0]
         else:

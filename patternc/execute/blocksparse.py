@@ -1175,16 +1175,19 @@ def kernel_layouts(layout, layout_at):
 _KERNEL_LAYOUTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def plan_terms(cp, ep, device) -> list:
+def plan_terms(cp, ep, device, *, kernel_tiles: bool = True) -> list:
     """The kernel ``Term`` list of an execution plan (``patternc.lower.planner``), cached on
     the plan per device: each term's layout in its own order, its ``mask_mod`` read through
-    the orders, and its natural rows / columns / heads (None where they are all, in order)."""
-    key = ("terms", str(torch.device(device)))
+    the orders, and its natural rows / columns / heads (None where they are all, in order).
+    ``kernel_tiles``: on CPU, the layouts at the CPU kernel's tile size (``kernel_layouts``);
+    False: at ``cp.block_size`` (FlexAttention's BlockMasks)."""
+    cpu_tiles = kernel_tiles and torch.device(device).type == "cpu"
+    key = ("terms", str(torch.device(device)), cpu_tiles)
     hit = ep._cache.get(key)
     if hit is not None:
         return hit
     if ep.is_natural:
-        terms = [natural_term(cp, device)]
+        terms = [natural_term(cp, device) if cpu_tiles else Term(layout=cp.layout, mask_mod=mask_mod_for(cp, device))]
     else:
         from .maskmod import lower_to_mask_mod
 
@@ -1195,7 +1198,7 @@ def plan_terms(cp, ep, device) -> list:
             hs = None if len(t.heads) == cp.num_heads else np.asarray(t.heads, dtype=np.int64)
             mm = lower_to_mask_mod(t.pattern, cp.q_len, cp.kv_len, device=device)
             layout = bwd = t.layout(cp.block_size)
-            if torch.device(device).type == "cpu":
+            if cpu_tiles:
                 layout, bwd = kernel_layouts(layout, lambda e, t=t: t.layout_at((e, e), cp.q_len, cp.kv_len))
             term = Term.reorder(layout, mm, q_order=qo, kv_order=ko, heads=hs, device=device)
             term.bwd_layout = bwd

@@ -440,9 +440,9 @@ def forward(fz: Fused, flash, qp, kp, vp, out, lse, scale: float, *, B: int, H: 
             if alibi is not None:
                 lg = lg + shift
             e = fz.empty(run, r0, r1)
-            if e is not None:  # the fused kernel gives 0 and lse 0 there
-                lg = lg.masked_fill(e[None], inf)
-                o = o.masked_fill(e[None, :, :, None], 0.0)
+            if e is not None:  # the fused kernel gives 0 and lse 0 there (its own buffers)
+                lg.masked_fill_(e[None], inf)
+                o.masked_fill_(e[None, :, :, None], 0.0)
             _view(out, Bp, R, Lq, qw, Dv).copy_(o)
             if lse is not None:
                 _view(lse, Bp, R, Lq, qw).copy_(lg)
