@@ -143,7 +143,7 @@ def _nn_model():
     from patternc.nn import SparseSelfAttention
 
     torch.manual_seed(0)
-    return torch.nn.Sequential(SparseSelfAttention(16, 2, "local(w=40) & causal", block_size=32),
+    return torch.nn.Sequential(SparseSelfAttention(16, 2, "(local(w=40) & causal) with alibi(max_bias=8)", block_size=32),
                                SparseSelfAttention(16, 2, "strided(s=24) & causal | sink(n=4)", block_size=32))
 
 
