@@ -8,6 +8,9 @@
    and forward+backward, vs SDPA ``is_causal`` over the 8192 tokens.
 3. Decode: one step at a cache of 16,384 tokens with ``(local(w=512) | sink(n=4)) & causal``
    (``q_offset`` = 16,383) vs SDPA over the whole cache for the same step.
+4. Rows that share run-time data: B=4 rows packed the same way (8 documents of 512 tokens,
+   ``per_document(sink(n=4) | local(w=256)) & causal``), blocksparse: one grouped call vs one
+   call per row (what the backend did before it grouped rows).
 
 Usage: ``python benchmarks/bench_runtime.py [--quick] [--device cpu|cuda] [--rounds R]``.
 """
@@ -18,10 +21,13 @@ import argparse
 import os
 import statistics
 import subprocess
+import sys
 import time
 
-import numpy as np
-import torch
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # this checkout's patternc
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 
 def _sync(device):
@@ -166,6 +172,53 @@ def bench_attention(args, device, dtype):
           f"ratio {m['fb_mine'] / m['fb_sdpa']:.3f}x (target <= 0.2)")
 
 
+def bench_shared_rows(args, device, dtype):
+    """B rows packed the same way (a batch of equal packings, e.g. fixed-length documents):
+    the blocksparse backend groups rows with equal run-time data into one call; the baseline is
+    what it did before, one call per row (here: ``cp.attention`` on each row)."""
+    import patternc
+
+    H, Dh, B = 8, 64, 4
+    ndocs, doc = (8, 512) if not args.quick else (4, 128)
+    L = ndocs * doc
+    src = "per_document(sink(n=4) | local(w=256)) & causal"
+    cp = patternc.compile(src, q_len=L, num_heads=H, block_size=128)
+    docs = [[doc] * ndocs] * B
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, H, L, Dh, generator=g).to(device=device, dtype=dtype).requires_grad_() for _ in range(3))
+
+    def fwd_grouped():
+        with torch.no_grad():
+            cp.attention(q, k, v, documents=docs, backend="blocksparse")
+
+    def fwd_rows():
+        with torch.no_grad():
+            for b in range(B):
+                cp.attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], documents=docs[:1], backend="blocksparse")
+
+    def fb_grouped():
+        cp.attention(q, k, v, documents=docs, backend="blocksparse").sum().backward()
+
+    def fb_rows():
+        torch.cat([cp.attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], documents=docs[:1], backend="blocksparse")
+                   for b in range(B)]).sum().backward()
+
+    fs = (fwd_grouped, fwd_rows, fb_grouped, fb_rows)
+    for f in fs:  # warm-up
+        f()
+    t = {f.__name__: [] for f in fs}
+    for _ in range(args.rounds):
+        for f in fs:
+            t[f.__name__].append(_timeit(f, device))
+    m = {k_: statistics.median(v_) for k_, v_ in t.items()}
+    print(f"\n4. B={B} rows packed the same way ({ndocs} documents x {doc} tokens, `{src}`), H={H}, D={Dh}, "
+          f"{dtype}, {device}, blocksparse")
+    print(f"   forward      one grouped call {m['fwd_grouped'] * 1e3:9.1f} ms   row by row {m['fwd_rows'] * 1e3:9.1f} ms"
+          f"   ratio {m['fwd_grouped'] / m['fwd_rows']:.3f}x")
+    print(f"   fwd + bwd    one grouped call {m['fb_grouped'] * 1e3:9.1f} ms   row by row {m['fb_rows'] * 1e3:9.1f} ms"
+          f"   ratio {m['fb_grouped'] / m['fb_rows']:.3f}x")
+
+
 def bench_decode(args, device, dtype):
     import patternc
 
@@ -210,7 +263,7 @@ def main():
     ap.add_argument("--seq", type=int, default=None)
     ap.add_argument("--docs", type=int, default=None)
     ap.add_argument("--window", type=int, default=1024)
-    ap.add_argument("--skip", default="", help="comma list of sections to skip: masks,attention,decode")
+    ap.add_argument("--skip", default="", help="comma list of sections to skip: masks,attention,decode,rows")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (1 is faster on a machine where other jobs hold the cores)")
     args = ap.parse_args()
@@ -233,6 +286,8 @@ def main():
         bench_attention(args, device, dtype)
     if "decode" not in skip:
         bench_decode(args, device, dtype)
+    if "rows" not in skip:
+        bench_shared_rows(args, device, dtype)
     print()
     print(_uptime())
     if not ok:

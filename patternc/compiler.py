@@ -290,6 +290,16 @@ class CompiledPattern:
         (``ir.specialize.runtime_bound``: an upper bound; ``layout_for(documents=…)`` is exact)."""
         return runtime_bound(self.pattern)
 
+    def layout_at(self, block_size) -> BlockLayout:
+        """The layout at another tile size (``BLOCK_SIZE``: an int or a pair, tokens), cached
+        like ``layout``; the CPU kernel computes at finer tiles than the BlockMask's where that
+        computes fewer token pairs (docs/execution.md)."""
+        qb, kb = normalize_block_size(block_size)
+        if (qb, kb) == tuple(self.block_size):
+            return self.layout
+        return _layout_cached(self.static_pattern, self.q_len, self.kv_len, qb, kb, self.num_heads,
+                              self.q_offset, self.kv_offset)
+
     def _part_layout(self, part: Pattern) -> BlockLayout:
         qb, kb = self.block_size
         return _layout_cached(part, self.q_len, self.kv_len, qb, kb, self.num_heads, self.q_offset, self.kv_offset)
@@ -621,26 +631,55 @@ class CompiledPattern:
             return lay
         kinds = lay.kinds
         counter, heads = None, self.head_patterns
-        if docs is not None and uses_per_document(self.pattern):
-            kinds, counter = self._per_document_kinds(docs)
-        elif docs is not None:
-            from .ir.specialize import head_patterns
-            from .lower.documents import doc_rect_counts, document_kinds
-
-            pa, pn = self.document_parts
-            ha, hn = head_patterns(pa, self.num_heads), head_patterns(pn, self.num_heads)
-            kinds = document_kinds(docs, self._part_layout(pa), self._part_layout(pn), ha, hn)
-            Qe, Ke = self.q_offset + self.q_len, self.kv_offset + self.kv_len
-
-            def counter(b, h, q0, q1, k0, k1):
-                return doc_rect_counts(ha[h % len(ha)], hn[h % len(hn)], q0, q1, k0, k1, Qe, Ke,
-                                       docs[min(b, docs.shape[0] - 1)])
+        if docs is not None:
+            kinds, counter = self._document_kinds(docs)
         if kp is not None:
             kinds = key_padding_kinds(kinds, kp, lay, heads, counter)
         kinds = np.ascontiguousarray(kinds, dtype=np.uint8)
         kinds.setflags(write=False)
         return BlockLayout(kinds=kinds, q_len=lay.q_len, kv_len=lay.kv_len, q_block_size=lay.q_block_size,
                            kv_block_size=lay.kv_block_size, q_offset=lay.q_offset, kv_offset=lay.kv_offset)
+
+    def _document_kinds(self, docs):
+        """Exact kinds uint8 [B, H, nq, nkv] of the pattern with checked ``docs`` int64 [B, P],
+        and ``counter(b, h, q0, q1, k0, k1)`` of its allowed pairs (key padding's refinement).
+        Rows packed the same way are built once."""
+        if uses_per_document(self.pattern):
+            from .lower.perdoc import row_counts
+
+            _cross, parts = self._per_document
+            period = len(parts)
+            cc = None
+
+            def counter(b, h, q0, q1, k0, k1):
+                nonlocal cc
+                if cc is None:
+                    cc = self._cross_with_documents(docs)[1]
+                return row_counts(parts[h % period], docs[min(b, docs.shape[0] - 1)], q0, q1, k0, k1, cc(b, h))
+        else:
+            from .ir.specialize import head_patterns
+            from .lower.documents import doc_rect_counts
+
+            pa, pn = self.document_parts
+            ha, hn = head_patterns(pa, self.num_heads), head_patterns(pn, self.num_heads)
+            Qe, Ke = self.q_offset + self.q_len, self.kv_offset + self.kv_len
+
+            def counter(b, h, q0, q1, k0, k1):
+                return doc_rect_counts(ha[h % len(ha)], hn[h % len(hn)], q0, q1, k0, k1, Qe, Ke,
+                                       docs[min(b, docs.shape[0] - 1)])
+        if docs.shape[0] > 1:
+            first: dict = {}  # row bytes -> index of its first occurrence (O(B * P), no sort)
+            inverse = np.array([first.setdefault(row.tobytes(), len(first)) for row in docs])
+            if len(first) < docs.shape[0]:
+                uniq = docs[np.unique(inverse, return_index=True)[1]]
+                return self._document_kinds(uniq)[0][inverse], counter
+        if uses_per_document(self.pattern):
+            kinds = self._per_document_kinds(docs)[0]
+        else:
+            from .lower.documents import document_kinds
+
+            kinds = document_kinds(docs, self._part_layout(pa), self._part_layout(pn), ha, hn)
+        return kinds, counter
 
     def mask_mod_for(self, device="cpu", *, documents=None, key_padding_mask=None):
         """The ``mask_mod(b, h, q_idx, kv_idx)`` of a batch with run-time data (reads ``b``);

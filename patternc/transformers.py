@@ -241,14 +241,14 @@ def _shift_invariant(p: Pattern) -> bool:
 
 
 def _with_documents(layer_text: str) -> Pattern:
-    """``document & (p)``: HF's packed-sequence mask (same packed sequence) on top of the layer
-    pattern ``p``. HF also re-reads positions from ``position_ids`` inside each sequence; that
-    is ``p`` at document-relative positions, which equals ``document & p`` for every pattern that
-    reads only ``i - j`` (``causal``, ``local``, ``band``, ``strided``, ``dilated``: all of HF's
-    own masks) — see docs/transformers.md for anchored patterns (``sink``, ``global``)."""
+    """``per_document(p)`` (SPEC §1.1): HF's packed-sequence mask (same packed sequence) with the
+    layer pattern ``p`` read at document-relative positions, as HF re-reads positions from
+    ``position_ids`` inside each sequence: every packed sequence is run as if alone, anchored
+    patterns (``sink``, ``global``, ``prefix``) included. For patterns that read only ``i - j``
+    it equals ``document & p``."""
     from .source.frontdoor import parse
 
-    return parse(f"document & ({layer_text})")
+    return parse(f"per_document({layer_text})")
 
 
 class PatternAttention:
@@ -327,8 +327,9 @@ class PatternAttention:
                  num_heads: int = 1, documents: bool = False, softcap: int | None = None):
         """The ``CompiledPattern`` of decoder layer ``layer_idx`` at these lengths and offsets
         (tokens), cached (an LRU of ``CACHE_SIZE``). ``documents=True``: the layer's pattern
-        ANDed with ``document`` (packed sequences: a token attends only inside its own document,
-        HF's packed-sequence mask). ``softcap=c``: the model's logit soft-cap as the layer's
+        inside ``per_document(…)`` (packed sequences: a token attends only inside its own
+        document, at positions relative to the document's start — HF's packed-sequence mask
+        with its per-sequence ``position_ids``). ``softcap=c``: the model's logit soft-cap as the layer's
         ``softcap(c)`` score term when the pattern has none (SPEC §1.8)."""
         from .compiler import compile as compile_pattern
 

@@ -55,6 +55,9 @@ class StandIn:
     def mask_mod_on(self, device="cpu"):
         return self.mask_mod  # its table follows the indices' device
 
+    def layout_at(self, block_size):
+        return BlockLayout.from_dense(self._dense, block_size)  # the oracle's tiles at that size
+
     def dense_mask(self):
         return self._dense.copy()
 

@@ -401,7 +401,7 @@ def test_compiled_pattern_satisfies_the_executor_protocol():
     cp = patternc.compile("local(w=4) & causal", q_len=16, block_size=4)
     assert isinstance(cp, Compiled)
     for name in ("q_len", "kv_len", "num_heads", "layout", "pattern", "block_size", "is_causal_only", "needs",
-                 "runtime_inputs", "plan_for", "mask_mod_on", "block_mask", "dense_mask"):
+                 "runtime_inputs", "plan_for", "mask_mod_on", "block_mask", "dense_mask", "layout_at"):
         assert name in set(Compiled.__annotations__) | set(vars(Compiled)), name
     assert not isinstance(object(), Compiled)
     from exec_support import StandIn

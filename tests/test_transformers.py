@@ -187,6 +187,22 @@ def test_packed_sequences_equal_the_documents_run_separately(case):
     assert _rel(got, hf) <= TOL  # HF's eager packs the same way
 
 
+def test_packed_sequences_with_an_anchored_pattern_give_each_document_its_sinks():
+    # per_document(p): every packed document is run as if alone, its own sinks included
+    eager, _ = _models(CASES[0])
+    pt.register("patternc-test-packed-sinks", "(sink(n=2) | local(w=3)) & causal", block_size=BLOCK)
+    mine = copy.deepcopy(eager)
+    mine.set_attn_implementation("patternc-test-packed-sinks")
+    g = torch.Generator().manual_seed(5)
+    lengths = (9, 3, 12)
+    docs = [torch.randint(3, VOCAB, (1, n), generator=g) for n in lengths]
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    with torch.no_grad():
+        got = mine(torch.cat(docs, dim=1), position_ids=position_ids, use_cache=False).logits
+        alone = torch.cat([mine(d, use_cache=False).logits for d in docs], dim=1)
+    assert _rel(got, alone) <= TOL
+
+
 # ---- the pattern really decides ---------------------------------------------------------------------
 
 

@@ -176,9 +176,9 @@ def attention(cp: Compiled, q, k, v, *, scale: float | None = None, backend: str
         key_padding_mask: bool [B, KV_LEN], True = a real key (HF ``attention_mask``); ANDed
             with the pattern. A row left with no key gives 0 with finite gradients.
         plan: ``"auto"`` (default): run ``cp.plan``, the pattern as disjoint terms each in
-            its cheapest token order, merged through the log-sum-exp (SPEC §6;
-            ``blocksparse``); ``"natural"``: one term in natural order. ``sdpa`` is dense and
-            ``flex`` runs the natural BlockMask either way.
+            its cheapest token order, merged through the log-sum-exp (SPEC §6; ``blocksparse``,
+            and ``flex`` on CUDA with one BlockMask per term); ``"natural"``: one term in
+            natural order. ``sdpa`` is dense either way.
 
     Returns:
         [B, H, Q_LEN, Dv] in q's dtype (a row with no allowed key is 0), or
@@ -228,7 +228,7 @@ def attention(cp: Compiled, q, k, v, *, scale: float | None = None, backend: str
         if dropout_p > 0:
             raise _error("P352", "backend 'flex' has no attention dropout",
                          help="use backend='blocksparse' or 'sdpa' (or 'auto') with dropout_p > 0")
-        out = _run_flex(cp, q, k, v, scale)
+        out = _run_flex(cp, q, k, v, scale, plan)
     elif name == "blocksparse":
         from .blocksparse import blocksparse_attention
 
@@ -273,7 +273,8 @@ class _BatchRow:
 def _run_batched(cp, name, q, k, v, scale, dropout_p, kp, docs):
     """Attention with run-time data (key padding, documents): per-batch layouts and a
     mask_mod that reads ``b``. flex runs once with the batched BlockMask; blocksparse runs each
-    batch row on its own layout (autograd joins them); sdpa uses the dense [B, H, Q, KV] mask."""
+    group of rows with equal run-time data in one call on its layout (autograd joins them);
+    sdpa uses the dense [B, H, Q, KV] mask."""
     B = q.shape[0]
     layout = cp._layout_for(kp, docs)
     mask_mod = cp._mask_mod_for(q.device, kp, docs)
@@ -322,11 +323,41 @@ def _run_batched(cp, name, q, k, v, scale, dropout_p, kp, docs):
     if layout.batch == 1:  # one row of run-time data broadcast over the batch: one plan, one call
         row = _BatchRow(cp, layout.batch_row(0), mask_mod, 0)
         return blocksparse_attention(row, q, k, v, scale, dropout_p=dropout_p)
-    outs = []
-    for b in range(B):
+    groups = _rows_sharing_data(B, kp, docs)
+    if len(groups) == 1:  # every row has the same documents and padding: one call over the batch
+        row = _BatchRow(cp, layout.batch_row(0), mask_mod, 0)
+        return blocksparse_attention(row, q, k, v, scale, dropout_p=dropout_p)
+    outs, order = [], []
+    for rows in groups:
+        b = rows[0]
         row = _BatchRow(cp, layout.batch_row(b), mask_mod, b)
-        outs.append(blocksparse_attention(row, q[b:b + 1], k[b:b + 1], v[b:b + 1], scale, dropout_p=dropout_p))
-    return torch.cat(outs, dim=0)
+        if len(rows) == 1:
+            sel = slice(b, b + 1)
+            outs.append(blocksparse_attention(row, q[sel], k[sel], v[sel], scale, dropout_p=dropout_p))
+        else:  # rows with equal run-time data: their layouts and mask_mods are equal, one call
+            idx = torch.tensor(rows, device=q.device)
+            outs.append(blocksparse_attention(row, q.index_select(0, idx), k.index_select(0, idx),
+                                              v.index_select(0, idx), scale, dropout_p=dropout_p))
+        order += rows
+    out = torch.cat(outs, dim=0)
+    if order == list(range(B)):
+        return out
+    inverse = torch.empty(B, dtype=torch.long)
+    inverse[torch.tensor(order)] = torch.arange(B)
+    return out.index_select(0, inverse.to(q.device))
+
+
+def _rows_sharing_data(B: int, kp, docs) -> list[list[int]]:
+    """Batch rows grouped by equal run-time data (documents row, key padding row), in order of
+    first appearance: rows of one group have the same layout and the same mask_mod values,
+    so the blocksparse kernel runs them in one call (a batch packed the same way, or padded the
+    same way, costs one kernel plan instead of B)."""
+    groups: dict = {}
+    for b in range(B):
+        key = (None if docs is None else docs[min(b, docs.shape[0] - 1)].tobytes(),
+               None if kp is None else kp[b].tobytes())
+        groups.setdefault(key, []).append(b)
+    return list(groups.values())
 
 
 def _dense_runtime(cp, layout, kp, docs):
@@ -347,9 +378,9 @@ def _autocast_dtype(q) -> "torch.dtype | None":
     return torch.get_autocast_dtype(dev)
 
 
-def _run_flex(cp, q, k, v, scale):
+def _run_flex(cp, q, k, v, scale, plan="natural"):
     from .common import empty_rows, mask_mod_for
-    from .flex import flex_attention
+    from .flex import flex_attention, flex_plan_attention
 
     if q.device.type == "cpu" and _needs_grad(q, k, v):
         raise _error("P352", "backend 'flex' has no backward on CPU (FlexAttention's CPU kernel is "
@@ -363,6 +394,11 @@ def _run_flex(cp, q, k, v, scale):
     if q.device.type == "cpu" and q.dtype == torch.float64:
         raise _error("P352", "backend 'flex' does not take float64 on CPU (FlexAttention's CPU kernel "
                      "supports float32, bfloat16, float16)", help="use backend='blocksparse' or 'sdpa'")
+    # the plan's terms, each with its own BlockMask (CUDA: compiled FlexAttention on CPU returns
+    # no log-sum-exp to merge them with)
+    ep = cp.plan_for(plan) if plan == "auto" and q.device.type == "cuda" else None
+    if ep is not None and not ep.is_natural:
+        return flex_plan_attention(cp, q, k, v, scale, ep)
     empty = empty_rows(cp.layout, mask_mod_for(cp, q.device), q.shape[1], q.device)
     return flex_attention(cp, q, k, v, scale, empty_rows=empty)
 

@@ -85,12 +85,14 @@ from __future__ import annotations
 
 import math
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from ..ir.specialize import cdiv
 from ..lower.layout import FULL, PARTIAL
+from . import fused as _fused
 from .common import CHUNK_ELEMENTS, empty_rows, mask_mod_for  # noqa: F401  (re-exported)
 from .common import allowed_in_tiles as _allowed
 
@@ -118,6 +120,9 @@ _FLASH_BW = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu
 #: use the fused kernel where it applies (CPU, float32 compute, cached masks, no dropout, no
 #: score_mod); set False to run the unfused torch path everywhere
 USE_FLASH = True
+#: run rows whose key spans slide in step on zero-copy strided views (``execute.fused``) on the
+#: fused path; set False to gather every row
+USE_RUNS = True
 #: score-sized elements per fused call (the fused kernel never materialises them; this bounds
 #: the gathered k/v and the bias)
 FLASH_CHUNK_ELEMENTS = 1 << 23
@@ -172,6 +177,10 @@ class Plan:
         if self.kv_len % self.kv_block_size and self.num_kv_blocks:
             last = kinds[:, :, -1]
             last[last == FULL] = PARTIAL  # the padding columns must be masked
+        self.head_independent = np.asarray(layout.kinds).shape[0] == 1
+        self._kinds = kinds  # uint8 [H, nq, nkv], the ragged last key block PARTIAL
+        self._fused = None  # the strided runs (``fused``), built at first use
+        self._mask_limits = (mask_cache_elements, mask_eval_elements)
         self.groups = self._build_groups(kinds, max_groups)
         self.computed_tiles = sum(g.num_rows * g.num_slots for g in self.groups)
         self.table_bias = self.table_keep = None  # float32 [T, qb, kb]
@@ -347,6 +356,15 @@ class Plan:
         out = torch.zeros((R, b.shape[1], S * kb), dtype=torch.float32, device=self.device)
         out[:, :, :P * kb] = b.reshape(R, b.shape[1], P * kb)
         return out[None]
+
+    def fused(self, mask_mod):
+        """The strided runs of this layout and the plan of its other rows (``execute.fused``),
+        or None where no row forms a run; built once."""
+        if self._fused is None:
+            cache, evals = self._mask_limits
+            self._fused = _fused.build(self, self._kinds, self.head_independent, mask_mod, plan_cls=Plan,
+                                      mask_cache_elements=cache, mask_eval_elements=evals) or False
+        return self._fused or None
 
     def flash_ok(self) -> bool:
         """True when every masked tile's mask is cached (the fused kernel takes them as a bias)."""
@@ -589,7 +607,13 @@ def blocksparse_forward(plan: Plan, mask_mod, q, k, v, scale: float, *, need_lse
     H_kv, Dv = k.shape[1], v.shape[-1]
     cdt = _compute_dtype(q.dtype)
     qb, kb, nq, nkv = plan.q_block_size, plan.kv_block_size, plan.num_q_blocks, plan.num_kv_blocks
-    qp = _pad_blocks(q, nq, qb, cdt) * scale
+    flash = _use_flash(plan, q, v, cdt, score_mod, dropout_p)
+    qp = _pad_blocks(q, nq, qb, cdt)
+    # the fused kernel takes the scale (its is_causal gives NaN for scale <= 0, and ALiBi's extra
+    # column must not be scaled: then q is scaled here, as in the unfused loop)
+    kscale = scale if flash and scale > 0 and score_mod is None else 1.0
+    if kscale != scale:
+        qp = qp * scale
     kp = _pad_blocks(k, nkv, kb, cdt)
     vp = _pad_blocks(v, nkv, kb, cdt)
     out = torch.zeros((B, H * nq, qb, Dv), dtype=cdt, device=q.device)
@@ -599,19 +623,25 @@ def blocksparse_forward(plan: Plan, mask_mod, q, k, v, scale: float, *, need_lse
     drop = _Dropout(dropout_p, seed, q.device)
     if score_mod is not None and positions is None:
         positions = _Positions(plan)
-    if _use_flash(plan, q, v, cdt, score_mod, dropout_p):
+    if flash:
+        fz = plan.fused(mask_mod) if score_mod is None and USE_RUNS else None
+        rest = plan
+        if fz is not None:  # strided runs: zero-copy views (execute.fused); the rest gathers
+            qp, kp, vp = qp.contiguous(), kp.contiguous(), vp.contiguous()
+            _fused.forward(fz, _FLASH, qp, kp, vp, out, lse, kscale, B=B, H=H, H_kv=H_kv)
+            rest = fz.rest
         # ALiBi: one more column of q and k (scoremod.FlashAlibi), nothing score-sized per call
-        fa = _flash_alibi(score_mod, plan, positions)
+        fa = _flash_alibi(score_mod, rest, positions)
         if fa is not None:
             qp, kp, vp = fa.augment(qp, kp, vp)
-        for g, rows, q_rows, kv_rows in _flash_chunks(plan, cx, g_list=plan.groups, B=B):
+        for g, rows, q_rows, kv_rows in _flash_chunks(rest, cx, g_list=rest.groups, B=B):
             S, R = g.num_slots, q_rows.shape[0]
             kg, mask = _gather_kv(kp, kv_rows, R, S, 0, S), None
             if fa is not None:
-                mask, row = _flash_alibi_chunk(plan, fa, positions, g, rows, kg)
+                mask, row = _flash_alibi_chunk(rest, fa, positions, g, rows, kg)
             o, m = _FLASH(qp.index_select(1, q_rows), kg, _gather_kv(vp, kv_rows, R, S, 0, S), 0.0, False,
-                          attn_mask=mask if fa is not None else _flash_bias(plan, g, rows, score_mod, positions),
-                          scale=1.0)
+                          attn_mask=mask if fa is not None else _flash_bias(rest, g, rows, score_mod, positions),
+                          scale=kscale)
             if fa is not None:
                 o = o[..., :Dv]
                 m = m if row is None else m - row
@@ -702,7 +732,11 @@ def blocksparse_backward(plan: Plan, mask_mod, q, k, v, out, lse, dout, scale: f
     H_kv, KV, Dv = k.shape[1], k.shape[2], v.shape[-1]
     cdt = out.dtype
     qb, kb, nq, nkv = plan.q_block_size, plan.kv_block_size, plan.num_q_blocks, plan.num_kv_blocks
-    qp = _pad_blocks(q, nq, qb, cdt) * scale
+    flash = _use_flash(plan, q, v, cdt, score_mod, dropout_p)
+    qp = _pad_blocks(q, nq, qb, cdt)
+    kscale = scale if flash and scale > 0 and score_mod is None else 1.0  # as in the forward
+    if kscale != scale:
+        qp = qp * scale
     kp = _pad_blocks(k, nkv, kb, cdt)
     vp = _pad_blocks(v, nkv, kb, cdt)
     dop = _pad_blocks(dout, nq, qb, cdt)
@@ -713,27 +747,36 @@ def blocksparse_backward(plan: Plan, mask_mod, q, k, v, out, lse, dout, scale: f
     drop = _Dropout(dropout_p, seed, q.device)  # same seeds, same chunk order: same masks
     if score_mod is not None and positions is None:
         positions = _Positions(plan)
-    if _use_flash(plan, q, v, cdt, score_mod, dropout_p):
+    if flash:
         lse_f = lse.contiguous()
-        fa = _flash_alibi(score_mod, plan, positions)
+        fz = plan.fused(mask_mod) if score_mod is None and USE_RUNS else None
+        rest = plan
+        if fz is not None:
+            qp, kp, vp = qp.contiguous(), kp.contiguous(), vp.contiguous()
+            dop, out = dop.contiguous(), out.contiguous()
+            _fused.backward(fz, _FLASH_BW, dop, qp, kp, vp, out, lse_f, dq, dk, dv, kscale, B=B, H=H, H_kv=H_kv)
+            rest = fz.rest
+        fa = _flash_alibi(score_mod, rest, positions)
         if fa is not None:  # ALiBi as one more column (see the forward)
             qp, kp, vp = fa.augment(qp, kp, vp)
             dop, out = (torch.nn.functional.pad(x, (0, 1)) for x in (dop, out))
-        for g, rows, q_rows, kv_rows in _flash_chunks(plan, cx, g_list=plan.groups, B=B):
+        for g, rows, q_rows, kv_rows in _flash_chunks(rest, cx, g_list=rest.groups, B=B):
             S, R = g.num_slots, q_rows.shape[0]
             kg, lse_g = _gather_kv(kp, kv_rows, R, S, 0, S), lse_f.index_select(1, q_rows)
             if fa is not None:
-                mask, row = _flash_alibi_chunk(plan, fa, positions, g, rows, kg)
+                mask, row = _flash_alibi_chunk(rest, fa, positions, g, rows, kg)
                 lse_g = lse_g if row is None else lse_g + row
             else:
-                mask = _flash_bias(plan, g, rows, score_mod, positions)
+                mask = _flash_bias(rest, g, rows, score_mod, positions)
             dqg, dkg, dvg = _FLASH_BW(dop.index_select(1, q_rows), qp.index_select(1, q_rows),
                                       kg, _gather_kv(vp, kv_rows, R, S, 0, S),
-                                      out.index_select(1, q_rows), lse_g, 0.0, False, attn_mask=mask, scale=1.0)
+                                      out.index_select(1, q_rows), lse_g, 0.0, False, attn_mask=mask, scale=kscale)
             dq.index_add_(1, q_rows, dqg[..., :D])
             dk.index_add_(1, kv_rows, dkg[..., :D].reshape(B, R * S, kb, D))
             dv.index_add_(1, kv_rows, dvg[..., :Dv].reshape(B, R * S, kb, Dv))
-        dq = dq.mul_(scale).view(B, H, nq * qb, D)[:, :, :Q]
+        if kscale != scale:  # q was scaled here: chain rule
+            dq.mul_(scale)
+        dq = dq.view(B, H, nq * qb, D)[:, :, :Q]
         dk = dk.view(B, H_kv, nkv * kb, D)[:, :, :KV]
         dv = dv.view(B, H_kv, nkv * kb, Dv)[:, :, :KV]
         return dq, dk, dv
@@ -817,6 +860,17 @@ class Term:
     q_order: torch.Tensor | None = None
     kv_order: torch.Tensor | None = None
     heads: torch.Tensor | None = None
+    #: the layout the backward computes (same rows, columns and pairs as ``layout``, perhaps at
+    #: another tile size: ``kernel_layouts``); None: ``layout``
+    bwd_layout: object = None
+    #: s > 0 when ``q_order`` / ``kv_order`` is the residue order of its whole axis with s | length
+    #: (x -> (x mod s, x div s)): moving to and from it is a transpose (a copy), not a gather
+    q_stride: int = field(default=0, init=False)
+    kv_stride: int = field(default=0, init=False)
+
+    def __post_init__(self):
+        self.q_stride = _residue_stride(self.q_order)
+        self.kv_stride = _residue_stride(self.kv_order)
 
     @classmethod
     def reorder(cls, layout, natural_mask_mod, *, q_order=None, kv_order=None, heads=None, device="cpu"):
@@ -837,42 +891,70 @@ class Term:
         return cls(layout=layout, mask_mod=mm, q_order=qo, kv_order=ko, heads=ho)
 
 
-def _term_plan(term: Term, num_heads: int, device) -> Plan:
+def _term_plan(term: Term, num_heads: int, device, backward: bool = False) -> Plan:
     """The cached gather ``Plan`` of a term (``plan_for``: per layout object, heads, device)."""
-    return plan_for(term.layout, num_heads, device, term.mask_mod)
+    layout = term.bwd_layout if backward and term.bwd_layout is not None else term.layout
+    return plan_for(layout, num_heads, device, term.mask_mod)
 
 
-def _gather(x: torch.Tensor, heads, order, dim_heads=1, dim_len=2) -> torch.Tensor:
+def _residue_stride(order) -> int:
+    """s when ``order`` (int64 [N]) is ``arange(N).view(N // s, s).T.flatten()`` (residue order,
+    s | N), else 0."""
+    if order is None or order.numel() < 2:
+        return 0
+    n, st = order.numel(), int(order[1] - order[0])
+    if st <= 1 or n % st or int(order[0]) != 0:
+        return 0
+    want = torch.arange(n, device=order.device).view(n // st, st).t().reshape(-1)
+    return st if torch.equal(order, want) else 0
+
+
+def _to_order(x: torch.Tensor, order, stride: int, dim: int = 2) -> torch.Tensor:
+    """``x.index_select(dim, order)`` (a transpose copy when ``stride``)."""
+    if order is None:
+        return x
+    if stride:
+        n = x.shape[dim]
+        return x.unflatten(dim, (n // stride, stride)).transpose(dim, dim + 1).flatten(dim, dim + 1)
+    return x.index_select(dim, order)
+
+
+def _from_order(x: torch.Tensor, order, stride: int, dim: int = 2) -> torch.Tensor:
+    """The inverse of ``_to_order`` for a whole-axis permutation ``order``."""
+    if stride:
+        n = x.shape[dim]
+        return x.unflatten(dim, (stride, n // stride)).transpose(dim, dim + 1).flatten(dim, dim + 1)
+    return torch.empty_like(x).index_copy_(dim, order, x)
+
+
+def _gather(x: torch.Tensor, heads, order, stride: int = 0, dim_heads=1, dim_len=2) -> torch.Tensor:
     if heads is not None:
         x = x.index_select(dim_heads, heads)
-    if order is not None:
-        x = x.index_select(dim_len, order)
-    return x
+    return _to_order(x, order, stride, dim_len)
 
 
-def _scatter_add(dst: torch.Tensor, src: torch.Tensor, heads, order) -> None:
+def _scatter_add(dst: torch.Tensor, src: torch.Tensor, heads, order, stride: int = 0) -> None:
     """dst[:, heads][:, :, order] += src (dst [B, H, L, D])."""
     if heads is None:
         if order is None:
             dst.add_(src)
+        elif stride:
+            n = dst.shape[2]
+            dst.unflatten(2, (n // stride, stride)).add_(src.unflatten(2, (stride, n // stride)).transpose(2, 3))
         else:
             dst.index_add_(2, order, src)
         return
     tmp = torch.zeros((dst.shape[0], heads.shape[0]) + tuple(dst.shape[2:]), dtype=dst.dtype, device=dst.device)
-    if order is None:
-        tmp.add_(src)
-    else:
-        tmp.index_add_(2, order, src)
+    _scatter_add(tmp, src, None, order, stride)
     dst.index_add_(1, heads, tmp)
 
 
 def _term_kv(term: Term, k, v, H: int):
     """k, v of a term: its key order; per query head when the term covers a subset of heads."""
+    kvh = None
     if term.heads is not None:
-        group = H // k.shape[1]
-        kvh = term.heads // group
-        return _gather(k, kvh, term.kv_order), _gather(v, kvh, term.kv_order)
-    return _gather(k, None, term.kv_order), _gather(v, None, term.kv_order)
+        kvh = term.heads // (H // k.shape[1])
+    return _gather(k, kvh, term.kv_order, term.kv_stride), _gather(v, kvh, term.kv_order, term.kv_stride)
 
 
 def _unpad(x: torch.Tensor, B: int, H: int, L: int) -> torch.Tensor:
@@ -907,42 +989,46 @@ def terms_forward(q, k, v, terms, scale, *, score_mod=None, chunk_elements=CHUNK
                                      positions=_Positions(plan, None, None, t.kv_order))
         return _unpad(o, B, H, Q), _unpad(lse, B, H, Q)
     # several terms: merge through the log-sum-exp (empty rows: -inf while merging)
-    outs, lses = [], []
+    out = lse = None
     for n, t in enumerate(terms):
         Ht = H if t.heads is None else int(t.heads.shape[0])
         plan = _term_plan(t, Ht, q.device)
-        qt = _gather(q, t.heads, t.q_order)
+        qt = _gather(q, t.heads, t.q_order, t.q_stride)
         kt, vt = _term_kv(t, k, v, H)
-        o, lse = blocksparse_forward(plan, t.mask_mod, qt, kt, vt, scale, chunk_elements=chunk_elements,
-                                     dropout_p=dropout_p, seed=seed + 7919 * n, score_mod=score_mod,
-                                     positions=_Positions(plan, t.heads, t.q_order, t.kv_order))
+        o, lt = blocksparse_forward(plan, t.mask_mod, qt, kt, vt, scale, chunk_elements=chunk_elements,
+                                    dropout_p=dropout_p, seed=seed + 7919 * n, score_mod=score_mod,
+                                    positions=_Positions(plan, t.heads, t.q_order, t.kv_order))
         Qt = qt.shape[2]
-        o, lse = _unpad(o, B, Ht, Qt), _unpad(lse, B, Ht, Qt)
-        lse = lse.masked_fill(lse == inf, -inf)
-        if t.heads is None and t.q_order is None:
-            outs.append(o)
-            lses.append(lse)
-            continue
-        on = torch.zeros((B, H, Q, Dv), dtype=cdt, device=q.device)
-        ln = torch.full((B, H, Q), -inf, dtype=cdt, device=q.device)
-        if t.heads is None:
-            on.index_copy_(2, t.q_order, o)
-            ln.index_copy_(2, t.q_order, lse)
+        o, lt = _unpad(o, B, Ht, Qt), _unpad(lt, B, Ht, Qt)
+        lt = lt.masked_fill(lt == inf, -inf)
+        if t.q_order is not None:  # back to natural order
+            if Qt == Q:
+                o, lt = _from_order(o, t.q_order, t.q_stride), _from_order(lt, t.q_order, t.q_stride)
+            else:
+                o = torch.zeros((B, Ht, Q, Dv), dtype=cdt, device=q.device).index_copy_(2, t.q_order, o)
+                lt = torch.full((B, Ht, Q), -inf, dtype=cdt, device=q.device).index_copy_(2, t.q_order, lt)
+        if t.heads is not None:
+            o = torch.zeros((B, H, Q, Dv), dtype=cdt, device=q.device).index_copy_(1, t.heads, o)
+            lt = torch.full((B, H, Q), -inf, dtype=cdt, device=q.device).index_copy_(1, t.heads, lt)
+        if out is None:
+            out, lse = o.contiguous(), lt
         else:
-            oh, lh = o, lse
-            if t.q_order is not None:
-                oh = torch.zeros((B, Ht, Q, Dv), dtype=cdt, device=q.device).index_copy_(2, t.q_order, o)
-                lh = torch.full((B, Ht, Q), -inf, dtype=cdt, device=q.device).index_copy_(2, t.q_order, lse)
-            on.index_copy_(1, t.heads, oh)
-            ln.index_copy_(1, t.heads, lh)
-        outs.append(on)
-        lses.append(ln)
-    lse_all = torch.stack(lses)  # [T, B, H, Q]
-    total = torch.logsumexp(lse_all, dim=0)
-    empty = total == -inf
-    w = torch.exp(lse_all - total.masked_fill(empty, 0.0)[None])  # exp(-inf) = 0 for a term's empty row
-    out = (torch.stack(outs) * w[..., None]).sum(0)
-    return out, total.masked_fill(empty, inf)
+            out, lse = _merge(out, lse, o, lt)
+    return out, lse.masked_fill(lse == -inf, inf)
+
+
+def _merge(o_a, l_a, o_b, l_b):
+    """Two partial attentions of disjoint key sets merged exactly through their log-sum-exp
+    (``l`` -inf: no key); ``o_a`` is overwritten."""
+    inf = float("inf")
+    m = torch.maximum(l_a, l_b)
+    safe = m.masked_fill(m == -inf, 0.0)
+    w_a, w_b = (l_a - safe).exp_(), (l_b - safe).exp_()
+    den = w_a + w_b
+    lse = safe + torch.log(den)  # -inf where neither term has a key
+    den.clamp_(min=torch.finfo(den.dtype).tiny)
+    o_a.mul_((w_a / den)[..., None]).addcmul_(o_b, (w_b / den)[..., None])
+    return o_a, lse
 
 
 def terms_backward(q, k, v, terms, scale, out, lse, dout, *, score_mod=None,
@@ -951,33 +1037,36 @@ def terms_backward(q, k, v, terms, scale, out, lse, dout, *, score_mod=None,
     ``lse`` and ``rowsum(dO * O)`` of the merged output (exact: a pair's probability in the
     whole attention is ``exp(s - lse)`` whichever term holds it); grads scatter back."""
     B, H, Q, D = q.shape
-    cdt = out.dtype
-    dq = torch.zeros(q.shape, dtype=cdt, device=q.device)
-    dk = torch.zeros(k.shape, dtype=cdt, device=q.device)
-    dv = torch.zeros(v.shape, dtype=cdt, device=q.device)
+    dq = dk = dv = None  # a natural-order term's gradients become the sums; the others add in
     group = H // k.shape[1]
     for n, t in enumerate(terms):
         Ht = H if t.heads is None else int(t.heads.shape[0])
-        plan = _term_plan(t, Ht, q.device)
+        plan = _term_plan(t, Ht, q.device, backward=not dropout_p)  # dropout: the forward's chunks
         nq, qb = plan.num_q_blocks, plan.q_block_size
-        qt = _gather(q, t.heads, t.q_order)
+        qt = _gather(q, t.heads, t.q_order, t.q_stride)
         kt, vt = _term_kv(t, k, v, H)
-        ot = _pad_rows(_gather(out, t.heads, t.q_order), nq, qb)
-        lt = _pad_rows(_gather(lse, t.heads, t.q_order), nq, qb)
-        dot = _gather(dout, t.heads, t.q_order)
+        ot = _pad_rows(_gather(out, t.heads, t.q_order, t.q_stride), nq, qb)
+        lt = _pad_rows(_gather(lse, t.heads, t.q_order, t.q_stride), nq, qb)
+        dot = _gather(dout, t.heads, t.q_order, t.q_stride)
         dqt, dkt, dvt = blocksparse_backward(
             plan, t.mask_mod, qt, kt, vt, ot, lt, dot, scale, chunk_elements=chunk_elements,
             dropout_p=dropout_p, seed=seed + 7919 * n, score_mod=score_mod,
             positions=_Positions(plan, t.heads, t.q_order, t.kv_order))
-        _scatter_add(dq, dqt, t.heads, t.q_order)
-        if t.heads is not None:
-            kvh = t.heads // group
-            _scatter_add(dk, dkt, kvh, t.kv_order)
-            _scatter_add(dv, dvt, kvh, t.kv_order)
-        else:
-            _scatter_add(dk, dkt, None, t.kv_order)
-            _scatter_add(dv, dvt, None, t.kv_order)
+        kvh = None if t.heads is None else t.heads // group
+        dq = _accumulate(dq, dqt, q.shape, t.heads, t.q_order, t.q_stride)
+        dk = _accumulate(dk, dkt, k.shape, kvh, t.kv_order, t.kv_stride)
+        dv = _accumulate(dv, dvt, v.shape, kvh, t.kv_order, t.kv_stride)
     return dq, dk, dv
+
+
+def _accumulate(dst, src, shape, heads, order, stride):
+    """``dst`` (None: zeros of ``shape``) plus ``src`` scattered from a term's order."""
+    if dst is None:
+        if heads is None and order is None and tuple(src.shape) == tuple(shape):
+            return src.contiguous()
+        dst = torch.zeros(shape, dtype=src.dtype, device=src.device)
+    _scatter_add(dst, src, heads, order, stride)
+    return dst
 
 
 class _TermsAttention(torch.autograd.Function):
@@ -1031,16 +1120,55 @@ def run_terms(q, k, v, terms, scale: float, *, score_mod=None, return_lse: bool 
     return (out, lse) if return_lse else out
 
 
-def plan_terms(cp, ep, device) -> list:
+#: the CPU kernel may compute a term at finer tiles than ``BLOCK_SIZE`` (halving down to this edge,
+#: tokens) when ``fused.estimate_cost`` says it is cheaper by ``KERNEL_BLOCK_GAIN``: a band's
+#: ragged edges cost less at finer tiles (ATen's fused kernel splits queries into 32-row blocks
+#: below 192 rows anyway), while a long shared key span runs faster as one long kernel row
+MIN_KERNEL_BLOCK = 32
+KERNEL_BLOCK_GAIN = 0.05
+#: ... unless the finer layout would have more tiles than this per head
+MAX_KERNEL_TILES = 1 << 22
+
+
+def kernel_layouts(layout, layout_at):
+    """``(forward, backward)`` layouts the CPU kernel computes: ``layout`` or the same term at a
+    finer square tile (``layout_at(edge)`` gives it), each the cheapest by
+    ``fused.estimate_cost`` (the backward's cost of folding key gradients differs)."""
+    qb, kb = layout.q_block_size, layout.kv_block_size
+    if qb != kb:
+        return layout, layout
+    cands = [layout]
+    e = qb // 2
+    while e >= MIN_KERNEL_BLOCK and qb % e == 0 and cdiv(layout.q_len, e) * cdiv(layout.kv_len, e) <= MAX_KERNEL_TILES:
+        cands.append(layout_at(e))
+        e //= 2
+    picks = []
+    for backward in (False, True):
+        best, best_cost = None, None
+        for lay in cands:
+            c = _fused.estimate_cost(np.asarray(lay.kinds), lay.q_block_size, backward=backward)
+            if best is None or c <= best_cost * (1.0 - KERNEL_BLOCK_GAIN):
+                best, best_cost = lay, c
+        picks.append(best)
+    return picks[0], picks[1]
+
+
+_KERNEL_LAYOUTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def plan_terms(cp, ep, device, *, kernel_tiles: bool = True) -> list:
     """The kernel ``Term`` list of an execution plan (``patternc.lower.planner``), cached on
     the plan per device: each term's layout in its own order, its ``mask_mod`` read through
-    the orders, and its natural rows / columns / heads (None where they are all, in order)."""
-    key = ("terms", str(torch.device(device)))
+    the orders, and its natural rows / columns / heads (None where they are all, in order).
+    ``kernel_tiles``: on CPU, the layouts at the CPU kernel's tile size (``kernel_layouts``);
+    False: at ``cp.block_size`` (FlexAttention's BlockMasks)."""
+    cpu_tiles = kernel_tiles and torch.device(device).type == "cpu"
+    key = ("terms", str(torch.device(device)), cpu_tiles)
     hit = ep._cache.get(key)
     if hit is not None:
         return hit
     if ep.is_natural:
-        terms = [natural_term(cp, device)]
+        terms = [natural_term(cp, device) if cpu_tiles else Term(layout=cp.layout, mask_mod=mask_mod_for(cp, device))]
     else:
         from .maskmod import lower_to_mask_mod
 
@@ -1050,15 +1178,30 @@ def plan_terms(cp, ep, device) -> list:
             ko = None if (t.kv_order.kind == "natural" and t.kv_count == cp.kv_len) else t.kv_positions(cp.kv_len)
             hs = None if len(t.heads) == cp.num_heads else np.asarray(t.heads, dtype=np.int64)
             mm = lower_to_mask_mod(t.pattern, cp.q_len, cp.kv_len, device=device)
-            terms.append(Term.reorder(t.layout(cp.block_size), mm, q_order=qo, kv_order=ko, heads=hs,
-                                      device=device))
+            layout = bwd = t.layout(cp.block_size)
+            if cpu_tiles:
+                layout, bwd = kernel_layouts(layout, lambda e, t=t: t.layout_at((e, e), cp.q_len, cp.kv_len))
+            term = Term.reorder(layout, mm, q_order=qo, kv_order=ko, heads=hs, device=device)
+            term.bwd_layout = bwd
+            terms.append(term)
     ep._cache[key] = terms
     return terms
 
 
 def natural_term(cp, device) -> Term:
-    """The one natural-order term of a compiled pattern (its layout and ``mask_mod``)."""
-    return Term(layout=cp.layout, mask_mod=mask_mod_for(cp, device))
+    """The one natural-order term of a compiled pattern (its layout and ``mask_mod``); on CPU at
+    the kernel's tile size (``kernel_layout``)."""
+    layout = bwd = cp.layout
+    if torch.device(device).type == "cpu" and hasattr(cp, "layout_at"):
+        try:
+            layout, bwd = _KERNEL_LAYOUTS[cp]
+        except (KeyError, TypeError):
+            layout, bwd = kernel_layouts(cp.layout, lambda e: cp.layout_at((e, e)))
+            try:
+                _KERNEL_LAYOUTS[cp] = (layout, bwd)
+            except TypeError:  # not weak-referenceable: recomputed (the compiler caches layouts)
+                pass
+    return Term(layout=layout, mask_mod=mask_mod_for(cp, device), bwd_layout=bwd)
 
 
 def blocksparse_attention(cp, q, k, v, scale: float, *, dropout_p: float = 0.0,

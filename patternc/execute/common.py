@@ -66,6 +66,10 @@ class Compiled(Protocol):
         """``mask_mod(b, h, q_idx, kv_idx)`` with its parameter tensors and tables on ``device``."""
         ...
 
+    def layout_at(self, block_size) -> BlockLayout:
+        """The layout at another tile size (tokens; the CPU kernel's finer tiles)."""
+        ...
+
     def block_mask(self, device="cpu"):
         """FlexAttention ``BlockMask`` on ``device``."""
         ...

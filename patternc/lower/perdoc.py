@@ -137,11 +137,26 @@ class RowParts:
         self.cross = cross_pattern(pattern)
         self.inside_cross = substitute_document(self.cross, ALL) if uses_documents(self.cross) else self.cross
         self._origin_free = _origin_free(pattern)
+        # the inner patterns read neither q_len / kv_len nor random: every document's local
+        # pattern is the same predicate whatever its length, so one index space (``domain``)
+        # serves every document and the prefix sums / sweep plans are shared (cached)
+        self._length_free = not any(
+            isinstance(n, PerDocument) and (n.child.is_symbolic() or any(
+                isinstance(x, Prim) and x.name == "random" for x in n.child.walk()))
+            for n in pattern.walk())
         self._local: dict = {}
+
+    def domain(self, length: int, longest: int) -> int:
+        """The index space (tokens) to lower a document of ``length`` tokens in: its own length,
+        or, when the local pattern does not depend on it, one power of two >= ``longest`` (the
+        row's longest document) shared by every document."""
+        if not self._length_free:
+            return length
+        return 1 << max(0, int(longest) - 1).bit_length()
 
     def local(self, s: int, length: int) -> Pattern:
         """``localize(P, s, L)`` (memoised; keyed on L alone when it does not depend on s)."""
-        key = (None if self._origin_free else s, length)
+        key = (None if self._origin_free else s, None if self._length_free else length)
         out = self._local.get(key)
         if out is None:
             out = localize(self.pattern, s, length, self.q_len, self.kv_len)
@@ -169,6 +184,7 @@ def row_kinds(parts: RowParts, ids_row: np.ndarray, g: Grid, cross_kinds: np.nda
             ``parts.cross`` with this row's documents in rectangles (positions).
     """
     starts, ends, run_of = _run_table(ids_row)
+    longest = int((ends - starts).max())
     k = np.array(cross_kinds, dtype=np.uint8, copy=True)
     rq0, rq1 = run_of[g.q0], run_of[g.q1 - 1]
     rk0, rk1 = run_of[g.k0], run_of[g.k1 - 1]
@@ -179,6 +195,8 @@ def row_kinds(parts: RowParts, ids_row: np.ndarray, g: Grid, cross_kinds: np.nda
     # boundary pieces: (tile row, tile col, run, clipped rectangle)
     b_a, b_c, b_delta = [], [], []
     cross_a, cross_c, cross_rect = [], [], []
+    pending: dict = {}  # (local pattern, domain) -> [(positions in delta, rectangles)]
+    offset = 0
     for r in range(lo, hi + 1):
         a0, a1 = int(np.searchsorted(rq1, r, side="left")), int(np.searchsorted(rq0, r, side="right"))
         c0, c1 = int(np.searchsorted(rk1, r, side="left")), int(np.searchsorted(rk0, r, side="right"))
@@ -187,9 +205,10 @@ def row_kinds(parts: RowParts, ids_row: np.ndarray, g: Grid, cross_kinds: np.nda
         s, e = int(starts[r]), int(ends[r])
         L = e - s
         pl = parts.local(s, L)
+        Ld = parts.domain(L, longest)
         lq0, lq1 = np.maximum(g.q0[a0:a1], s) - s, np.minimum(g.q1[a0:a1], e) - s
         lk0, lk1 = np.maximum(g.k0[c0:c1], s) - s, np.minimum(g.k1[c0:c1], e) - s
-        kr = lower_exact(pl, Grid(lq0, lq1, lk0, lk1, L, L))
+        kr = lower_exact(pl, Grid(lq0, lq1, lk0, lk1, Ld, Ld))
         inside = ((rq0[a0:a1] == r) & (rq1[a0:a1] == r))[:, None] & ((rk0[c0:c1] == r) & (rk1[c0:c1] == r))[None, :]
         sub = k[a0:a1, c0:c1]
         sub[inside] = kr[inside]
@@ -199,9 +218,11 @@ def row_kinds(parts: RowParts, ids_row: np.ndarray, g: Grid, cross_kinds: np.nda
         area = (lq1 - lq0)[ba] * (lk1 - lk0)[bc]
         kk = kr[ba, bc]
         cnt = np.where(kk == FULL, area, 0).astype(np.int64)
-        part = kk == PARTIAL
-        if part.any():
-            cnt[part] = rect_counts(pl, lq0[ba[part]], lq1[ba[part]], lk0[bc[part]], lk1[bc[part]], L, L)
+        part = np.flatnonzero(kk == PARTIAL)
+        if part.size:  # counted below, one call per distinct local pattern
+            pending.setdefault((pl, Ld), []).append(
+                (offset + part, lq0[ba[part]], lq1[ba[part]], lk0[bc[part]], lk1[bc[part]]))
+        offset += ba.size
         b_a.append(ba + a0)
         b_c.append(bc + c0)
         b_delta.append(cnt)
@@ -212,6 +233,9 @@ def row_kinds(parts: RowParts, ids_row: np.ndarray, g: Grid, cross_kinds: np.nda
         return k
     a, c = np.concatenate(b_a), np.concatenate(b_c)
     delta = np.concatenate(b_delta)
+    for (pl, Ld), items in pending.items():
+        at, q0, q1, k0, k1 = (np.concatenate(x) for x in zip(*items))
+        delta[at] = rect_counts(pl, q0, q1, k0, k1, Ld, Ld)
     rect = np.concatenate(cross_rect, axis=1)
     delta = delta - rect_counts(parts.inside_cross, rect[0], rect[1], rect[2], rect[3], g.q_len, g.kv_len)
     nk = g.shape[1]
@@ -244,11 +268,13 @@ def row_counts(parts: RowParts, ids_row: np.ndarray, q0, q1, k0, k1, cross_count
     if owner.size == 0:
         return out
     delta = -rect_counts(parts.inside_cross, sq0, sq1, sk0, sk1, parts.q_len, parts.kv_len)
+    longest = int((ends - starts).max())
     for run in np.unique(r).tolist():
         sel = r == run
         s, e = int(starts[run]), int(ends[run])
+        Ld = parts.domain(e - s, longest)
         delta[sel] += rect_counts(parts.local(s, e - s), sq0[sel] - s, sq1[sel] - s, sk0[sel] - s, sk1[sel] - s,
-                                  e - s, e - s)
+                                  Ld, Ld)
     return out + np.bincount(owner, weights=delta, minlength=q0.size).astype(np.int64)
 
 

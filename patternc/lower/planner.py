@@ -173,6 +173,15 @@ class PlanTerm:
         return BlockLayout(kinds=self.kinds, q_len=self.q_count, kv_len=self.kv_count,
                            q_block_size=block_size[0], kv_block_size=block_size[1])
 
+    def layout_at(self, block_size, q_len: int, kv_len: int) -> BlockLayout:
+        """The term's layout at another tile size (tokens), over the same rows and columns
+        (``q_count`` x ``kv_count``); ``q_len`` / ``kv_len`` are the layer's (the orders' extent).
+        The CPU kernel may compute a term at finer tiles than the BlockMask's."""
+        qb, kb = block_size
+        kinds = _kinds_cached(self.pattern, self.q_order, self.kv_order, q_len, kv_len, (qb, kb))
+        kinds = kinds[:, :cdiv(self.q_count, qb), :cdiv(self.kv_count, kb)]
+        return BlockLayout(kinds=kinds, q_len=self.q_count, kv_len=self.kv_count, q_block_size=qb, kv_block_size=kb)
+
     def to_dict(self) -> dict:
         return {"pattern": self.text, "heads": list(self.heads), "q_order": self.q_order.to_dict(),
                 "kv_order": self.kv_order.to_dict(), "q_tokens": self.q_count, "kv_tokens": self.kv_count,

@@ -1,0 +1,415 @@
+"""Strided runs: the block-sparse kernel's zero-copy path into ATen's fused CPU flash kernel.
+
+Gathering the key/value blocks of every tile row into a contiguous buffer (``index_select``)
+costs about as much as the attention on those tiles once the fused kernel computes them (a
+measured third of the time on ``local(w=256) & causal``). Most structured patterns do not need
+the copy: a row's kept tiles form one contiguous **span** of key blocks, and consecutive rows'
+spans slide in step. Such rows form a **run**:
+
+    row r of a run = query block ``q0 + tau * r``, key blocks ``[kv0 + sigma * r, ... + S)``
+
+(``tau >= 1``; ``sigma >= 0``: ``sigma = 1`` a sliding window, ``sigma = 0`` a shared prefix or
+gathered column set, ``tau = sigma = 2`` the two rows of every ``chunk`` in a chunk-causal term).
+q, k, v of a whole run are then *views* of the padded inputs (``torch.as_strided``: rows step
+``tau`` query blocks, key windows step ``sigma`` key blocks and may overlap), one fused call per
+run, no copy. Rows whose masks are identical share one additive bias ``[qb, S * kb]``; others
+get theirs from a table of distinct tiles. The backward calls the fused backward on the same
+views and folds the per-row key gradients back (``S`` strided ``add_``s, or one sum when
+``sigma = 0``).
+
+Rows that do not fit a run (a span with more than 1/``HOLE_FRACTION`` EMPTY tiles, runs past
+``MAX_RUNS``) stay on the gather path (``blocksparse.Plan`` of the remaining rows).
+
+This path runs only where the fused kernel applies (CPU, float32 compute, no dropout, no
+``score_mod``, masks cached); elsewhere the kernel's unfused loop runs every row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from ..lower.layout import EMPTY, FULL
+from .common import CHUNK_ELEMENTS, allowed_in_tiles
+
+#: a row joins a run when its span has at most ``count // HOLE_FRACTION`` EMPTY tiles (they are
+#: computed, masked out): a hole costs a tile's compute, a gathered tile only its copy
+HOLE_FRACTION = 8
+#: most runs per layout (each run is at least one kernel call); the rows of shorter runs past it
+#: use the gather path, which batches rows of any shape into a few calls
+MAX_RUNS = 256
+#: per-row biases (rows of a run whose masks differ) cached up to this many float32 elements per
+#: layout; past it they are rebuilt from the tile table at every call
+BIAS_CACHE_ELEMENTS = 1 << 24
+#: score-sized elements of bias per call (bounds the memory of one call; a staircase whose one
+#: kernel row would need a larger bias is split into single rows)
+RUN_CHUNK_ELEMENTS = 1 << 23
+#: q / k / v / gradient elements one kernel call reads or writes (the views are free, but the
+#: kernel allocates and zero-fills its outputs, and the backward's per-row key gradients are
+#: folded after it): calls this small keep those buffers in cache and off fresh pages
+#: (measured: a third of local(w=256)'s backward went to zero-filling fresh 40 MB buffers)
+CALL_ELEMENTS = 1 << 20
+#: tile ids of the table's first entries: every pair allowed, none, the lower triangle (b <= a)
+_FULL_ID, _NONE_ID, _TRIL_ID = 0, 1, 2
+
+
+@dataclass
+class Run:
+    """``rows`` kernel rows; kernel row ``r`` holds the ``m`` query blocks from ``q0 + tau * r``
+    and reads the ``span`` key blocks from ``kv0 + sigma * r`` (all in blocks), for query
+    ``head`` (None: every head alike). ``causal``: every allowed pair has its key offset in the
+    span <= its query offset in the row, so the kernel's ``is_causal`` skips the rest."""
+
+    head: int | None
+    q0: int
+    tau: int
+    kv0: int
+    sigma: int
+    rows: int
+    m: int
+    span: int
+    causal: bool = False
+    ids: torch.Tensor | None = None  # int64 [rows or 1, m, span] tile ids; None: no bias needed
+    bias: torch.Tensor | None = None  # cached float32 [rows or 1, m * qb, span * kb]
+    empty: torch.Tensor | None = None  # bool [rows or 1, m * qb]: query rows with no allowed key
+
+
+def _spans(kinds: np.ndarray, hole_fraction: int):
+    nonempty = kinds != EMPTY
+    count = nonempty.sum(-1)
+    lo = nonempty.argmax(-1)
+    hi = kinds.shape[-1] - nonempty[..., ::-1].argmax(-1)
+    ok = (count > 0) & (hi - lo - count <= count // hole_fraction)
+    return lo, hi, ok
+
+
+def _staircases(lo, hi, ok):
+    """Per head, maximal runs of consecutive query blocks i0..i0+M-1 (M >= 2) that share their
+    span's start and whose span grows by one block per row from one block: ``(h, i0, M, lo)``."""
+    out = []
+    for h in range(lo.shape[0]):
+        i, nq = 0, lo.shape[1]
+        while i < nq:
+            if ok[h, i] and hi[h, i] - lo[h, i] == 1:
+                j = i + 1
+                while j < nq and ok[h, j] and lo[h, j] == lo[h, i] and hi[h, j] == hi[h, j - 1] + 1:
+                    j += 1
+                if j - i >= 2:
+                    out.append((h, i, j - i, int(lo[h, i])))
+                    i = j
+                    continue
+            i += 1
+    return out
+
+
+def _pair_cost(Lq: int) -> float:
+    """Relative cost of one (query, key) pair in the fused kernel for a kernel row of ``Lq``
+    queries: ATen tiles queries into 32-row blocks below 192 rows, 64-row below 768, else 256
+    (larger blocks reuse each key block more; measured on 2 threads, float32)."""
+    return 1.3 if Lq < 192 else (1.15 if Lq < 768 else 1.0)
+
+
+def estimate_cost(kinds: np.ndarray, block: int, *, backward: bool = False) -> float:
+    """Estimated cost (pair units) of running ``kinds`` uint8 [Hk, nq, nkv] at square tiles of
+    ``block`` tokens on this path, from the tile structure alone (masks are not evaluated):
+    staircases cost half their square (``is_causal``), rows sharing a span run as one long
+    kernel row, rows that fit no run are gathered (30 % more). ``backward``: the fused backward
+    writes and folds one key gradient per row and span slot; that memory traffic costs about
+    half a pair per key element at 32-token tiles, less at larger ones."""
+    if 0 in kinds.shape:
+        return 0.0
+    lo, hi, ok = _spans(kinds, HOLE_FRACTION)
+    e2 = float(block * block)
+    fold = (1.0 + 0.5 * 32.0 / block) if backward else 1.0
+    total = 0.0
+    for h in range(kinds.shape[0]):
+        taken = np.zeros(kinds.shape[1], dtype=bool)
+        for _, i0, M, _ in _staircases(lo[h:h + 1], hi[h:h + 1], ok[h:h + 1]):
+            total += 0.5 * M * M * e2 * _pair_cost(M * block)
+            taken[i0:i0 + M] = True
+        rows = np.nonzero(ok[h] & ~taken)[0]
+        if rows.size:
+            S, L = hi[h, rows] - lo[h, rows], lo[h, rows]
+            # consecutive rows that share their span become one longer kernel row
+            new = np.ones(rows.size, dtype=bool)
+            new[1:] = (np.diff(rows) != 1) | (S[1:] != S[:-1]) | (L[1:] != L[:-1])
+            starts = np.nonzero(new)[0]
+            m = np.diff(np.append(starts, rows.size))
+            for mm, ss in zip(m.tolist(), S[starts].tolist()):
+                total += mm * ss * e2 * _pair_cost(mm * block) * (fold if ss > 1 else 1.0)
+        other = ~ok[h] & (kinds[h] != EMPTY).any(-1)
+        total += 1.3 * _pair_cost(block) * e2 * float((kinds[h][other] != EMPTY).sum())
+    return total
+
+
+def _greedy(units):
+    """Split ``units`` (sorted ``(q0, lo)`` pairs of one shape) into arithmetic runs:
+    ``[(q0, tau, lo, sigma, count)]``."""
+    out, a, n = [], 0, len(units)
+    while a < n:
+        b, tau, sigma = a + 1, 1, 0
+        if b < n and units[b][1] >= units[a][1]:
+            tau, sigma = units[b][0] - units[a][0], units[b][1] - units[a][1]
+            while b + 1 < n and units[b + 1][0] - units[b][0] == tau and units[b + 1][1] - units[b][1] == sigma:
+                b += 1
+            b += 1
+        out.append((units[a][0], tau, units[a][1], sigma, b - a))
+        a = b
+    return out
+
+
+class Fused:
+    """The runs of a ``blocksparse.Plan`` and the ``Plan`` of its remaining rows (``rest``).
+
+    Built by ``build`` (None when no run is found or the tile masks are too many to cache).
+    """
+
+    def __init__(self, runs: list, rest, table_bias: torch.Tensor, head_independent: bool):
+        self.runs, self.rest = runs, rest
+        self.table_bias = table_bias  # float32 [T, qb, kb]: 0 allowed, -inf not
+        self.head_independent = head_independent
+
+    @property
+    def computed_tiles(self) -> int:
+        """Tiles the runs and the gather path compute per call (spans, holes included)."""
+        per_head = self.rest.num_heads if self.head_independent else 1
+        return sum(r.rows * r.m * r.span for r in self.runs) * per_head + self.rest.computed_tiles
+
+    def bias(self, run: Run, r0: int, r1: int) -> torch.Tensor | None:
+        """float32 additive mask of kernel rows [r0, r1) of ``run``: ``[1 or R, m * qb,
+        span * kb]``; None when no entry is masked."""
+        if run.ids is None:
+            return None
+        if run.bias is not None:
+            return run.bias if run.bias.shape[0] == 1 else run.bias[r0:r1]
+        return _bias_of(self.table_bias, run.ids if run.ids.shape[0] == 1 else run.ids[r0:r1])
+
+    @staticmethod
+    def empty(run: Run, r0: int, r1: int) -> torch.Tensor | None:
+        """bool ``[1 or R, m * qb]``: query rows with no allowed key (None: none)."""
+        if run.empty is None:
+            return None
+        return run.empty if run.empty.shape[0] == 1 else run.empty[r0:r1]
+
+
+def _bias_of(table_bias: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """[R, m, S] tile ids -> float32 [R, m * qb, S * kb]."""
+    R, m, S = ids.shape
+    qb, kb = table_bias.shape[1:]
+    b = table_bias.index_select(0, ids.reshape(-1)).view(R, m, S, qb, kb)
+    return b.permute(0, 1, 3, 2, 4).reshape(R, m * qb, S * kb)
+
+
+def _tile_ids(plan, kh, ok, mask_mod, mask_cache_elements, mask_eval_elements):
+    """int64 [Hk, nq, nkv] tile ids over the rows ``ok`` (FULL -> 0, EMPTY -> 1, PARTIAL ->
+    its distinct mask in the table), and the table (bool [T, qb, kb]); None past the limits."""
+    qb, kb = plan.q_block_size, plan.kv_block_size
+    dev = plan.device
+    ids = np.where(kh == FULL, _FULL_ID, _NONE_ID).astype(np.int64)
+    ph, pq, pk = np.nonzero((kh != FULL) & (kh != EMPTY) & ok[:, :, None])
+    if ph.size * qb * kb > mask_eval_elements:
+        return None
+    full, none = np.ones((qb, kb), dtype=bool), np.zeros((qb, kb), dtype=bool)
+    tril = np.arange(kb)[None, :] <= np.arange(qb)[:, None]
+    tiles = [full, none, tril]
+    index = {np.packbits(t).tobytes(): i for i, t in enumerate(tiles)}
+    step = max(1, CHUNK_ELEMENTS // (qb * kb))
+    for a in range(0, ph.size, step):
+        h_t = torch.as_tensor(ph[a:a + step], device=dev)
+        q_t = torch.as_tensor(pq[a:a + step], device=dev)
+        k_t = torch.as_tensor(pk[a:a + step, None], device=dev)
+        allowed = allowed_in_tiles(mask_mod, plan, h_t, q_t, k_t, torch.ones_like(k_t, dtype=torch.bool))
+        allowed = allowed.cpu().numpy()
+        packed = np.packbits(allowed.reshape(allowed.shape[0], -1), axis=1)
+        for t, row in enumerate(packed):
+            key = row.tobytes()
+            i = index.get(key)
+            if i is None:
+                i = index[key] = len(tiles)
+                tiles.append(allowed[t])
+                if len(tiles) * qb * kb > mask_cache_elements:
+                    return None
+            ids[ph[a + t], pq[a + t], pk[a + t]] = i
+    return ids, np.stack(tiles)
+
+
+def build(plan, kinds: np.ndarray, head_independent: bool, mask_mod, *, plan_cls,
+          mask_cache_elements: int, mask_eval_elements: int) -> Fused | None:
+    """The ``Fused`` runs of ``plan`` (a ``blocksparse.Plan``; ``kinds`` uint8 [H, nq, nkv] its
+    tile kinds with the ragged last key block PARTIAL), or None."""
+    qb, kb = plan.q_block_size, plan.kv_block_size
+    dev = plan.device
+    kh = kinds[:1] if head_independent else kinds
+    if 0 in kh.shape:
+        return None
+    lo, hi, ok = _spans(kh, HOLE_FRACTION)
+    if not ok.any():
+        return None
+    got = _tile_ids(plan, kh, ok, mask_mod, mask_cache_elements, mask_eval_elements)
+    if got is None:
+        return None
+    ids_all, table = got
+    tril = np.arange(kb)[None, :] <= np.arange(qb)[:, None]
+    is_tril = ~(table & ~tril).reshape(table.shape[0], -1).any(-1) if qb == kb else np.zeros(len(table), bool)
+
+    def causal_ok(ids):  # ids [..., m, S] with m == S: nothing above the diagonal
+        m, S = ids.shape[-2:]
+        r, s = np.arange(m)[:, None], np.arange(S)[None, :]
+        return bool((ids[..., s > r] == _NONE_ID).all() and is_tril[ids[..., (s == r) & (r >= 0)]].all())
+
+    units: dict[tuple, list] = {}  # (h, m, span, causal) -> [(q0, lo)]
+    taken = np.zeros(ok.shape, dtype=bool)
+    if qb == kb:
+        for h, i0, M, l0 in _staircases(lo, hi, ok):
+            blk = ids_all[h, i0:i0 + M, l0:l0 + M]
+            if not causal_ok(blk):
+                continue
+            plain = bool((blk[np.tril_indices(M, -1)] == _FULL_ID).all() and (np.diagonal(blk) == _TRIL_ID).all())
+            if not plain and M * qb * M * kb > RUN_CHUNK_ELEMENTS:
+                continue
+            units.setdefault((h, M, M, True), []).append((i0, l0))
+            taken[h, i0:i0 + M] = True
+    for h, i in zip(*np.nonzero(ok & ~taken)):
+        S = int(hi[h, i] - lo[h, i])
+        units.setdefault((int(h), 1, S, False), []).append((int(i), int(lo[h, i])))
+    found = []
+    for (h, m, S, causal), us in units.items():
+        us.sort()
+        for q0, tau, l0, sigma, count in _greedy(us):
+            if m == 1 and sigma == 0 and tau == 1 and count > 1:  # one shared span: one long kernel row
+                found.append((h, q0, 1, l0, 0, 1, count, S, False))
+            else:
+                found.append((h, q0, tau, l0, sigma, count, m, S, causal))
+    if len(found) > MAX_RUNS:
+        found.sort(key=lambda r: -r[5] * r[6] * r[7])
+        found = found[:MAX_RUNS]
+    table_t = torch.as_tensor(table, device=dev)
+    table_bias = torch.zeros(table.shape, dtype=torch.float32, device=dev).masked_fill_(~table_t, float("-inf"))
+    row_any = table_t.any(-1)  # [T, qb]
+    runs, cached = [], 0
+    for h, q0, tau, kv0, sigma, R, m, S, causal in found:
+        qs = q0 + tau * np.arange(R)[:, None] + np.arange(m)[None, :]  # [R, m]
+        ks = kv0 + sigma * np.arange(R)[:, None] + np.arange(S)[None, :]  # [R, S]
+        ids = ids_all[h][qs[:, :, None], ks[:, None, :]]  # [R, m, S]
+        if not causal and m == S and qb == kb and causal_ok(ids):
+            causal = True  # e.g. a diagonal tile inside the lower triangle: skip its upper half
+        run = Run(head=None if head_independent else int(h), q0=q0, tau=tau, kv0=kv0, sigma=sigma,
+                  rows=R, m=m, span=S, causal=causal)
+        if causal:
+            r, s = np.arange(m)[:, None], np.arange(S)[None, :]
+            need = bool((ids[:, r > s] != _FULL_ID).any() or (ids[:, r == s] != _TRIL_ID).any())
+        else:
+            need = bool((ids != _FULL_ID).any())
+        if need:
+            if (ids == ids[:1]).all():
+                ids = ids[:1]
+            run.ids = torch.as_tensor(ids, device=dev)
+            size = ids.shape[0] * m * qb * S * kb
+            if ids.shape[0] == 1 or cached + size <= BIAS_CACHE_ELEMENTS:
+                run.bias = _bias_of(table_bias, run.ids)
+                cached += size if ids.shape[0] > 1 else 0
+            empty = ~row_any[run.ids].any(2).reshape(ids.shape[0], m * qb)  # [R or 1, m * qb]
+            if bool(empty.any()):
+                run.empty = empty
+        runs.append(run)
+    if not runs:
+        return None
+    # the rows no run took go to the gather path
+    rest = kinds.copy()
+    for run in runs:
+        rows = (run.q0 + run.tau * np.arange(run.rows)[:, None] + np.arange(run.m)[None, :]).reshape(-1)
+        if head_independent:
+            rest[:, rows] = EMPTY
+        else:
+            rest[run.head, rows] = EMPTY
+    rest_layout = SimpleNamespace(kinds=rest, q_len=plan.q_len, kv_len=plan.kv_len,
+                                  q_block_size=qb, kv_block_size=kb)
+    rest_plan = plan_cls(rest_layout, plan.num_heads, dev, mask_mod)
+    return Fused(runs, rest_plan, table_bias, head_independent)
+
+
+# ---- execution -------------------------------------------------------------------------------
+def _calls(run: Run, *, B: int, H: int, H_kv: int, nq: int, nkv: int, qb: int, kb: int, width: int = 64):
+    """Yield ``(r0, r1, Bp, q, kv)`` per kernel call of ``run``: ``q`` / ``kv`` are
+    ``(offset, batch_stride, row_stride)`` in tokens of the flat padded query
+    (``[B * H * nq * qb]``) and key (``[B * H_kv * nkv * kb]``) sequences."""
+    g = H // H_kv
+    if run.head is None:  # (b, kv head) is one batch index; one call per query head of a group
+        bases = [(B * H_kv, j * nq * qb, g * nq * qb, 0, nkv * kb) for j in range(g)]
+    else:
+        bases = [(B, run.head * nq * qb, H * nq * qb, (run.head // g) * nkv * kb, H_kv * nkv * kb)]
+    Bp = bases[0][0]
+    step = max(1, CALL_ELEMENTS // (Bp * width * (run.m * qb + run.span * kb)))
+    if run.ids is not None and run.ids.shape[0] > 1:
+        step = min(step, max(1, RUN_CHUNK_ELEMENTS // (run.m * qb * run.span * kb)))
+    for Bp, qoff, qB, koff, kB in bases:
+        for r0 in range(0, run.rows, step):
+            r1 = min(run.rows, r0 + step)
+            q = (qoff + (run.q0 + run.tau * r0) * qb, qB, run.tau * qb)
+            kv = (koff + (run.kv0 + run.sigma * r0) * kb, kB, run.sigma * kb)
+            yield r0, r1, Bp, q, kv
+
+
+def _view(x: torch.Tensor, Bp: int, R: int, L: int, where, width: int | None = None):
+    """``[Bp, R, L, width]`` strided view of the contiguous ``x`` (``width`` None: ``[Bp, R, L]``)."""
+    assert x.is_contiguous()
+    off, sb, sr = where
+    w = 1 if width is None else width
+    size, stride = (Bp, R, L), (sb * w, sr * w, w)
+    if width is not None:
+        size, stride = size + (width,), stride + (1,)
+    return x.as_strided(size, stride, x.storage_offset() + off * w)
+
+
+def forward(fz: Fused, flash, qp, kp, vp, out, lse, scale: float, *, B: int, H: int, H_kv: int) -> None:
+    """Every run's rows: ``out`` / ``lse`` (contiguous, padded) written in place."""
+    plan = fz.rest
+    qb, kb, nq, nkv = plan.q_block_size, plan.kv_block_size, plan.num_q_blocks, plan.num_kv_blocks
+    D, Dv = qp.shape[-1], vp.shape[-1]
+    inf = float("inf")
+    for run in fz.runs:
+        Lq, L = run.m * qb, run.span * kb
+        for r0, r1, Bp, qw, kw in _calls(run, B=B, H=H, H_kv=H_kv, nq=nq, nkv=nkv, qb=qb, kb=kb, width=D + Dv):
+            R = r1 - r0
+            bias = fz.bias(run, r0, r1)
+            o, lg = flash(_view(qp, Bp, R, Lq, qw, D), _view(kp, Bp, R, L, kw, D), _view(vp, Bp, R, L, kw, Dv),
+                          0.0, run.causal, attn_mask=None if bias is None else bias[None], scale=scale)
+            e = fz.empty(run, r0, r1)
+            if e is not None:  # the fused kernel gives 0 and lse 0 there (its own buffers)
+                lg.masked_fill_(e[None], inf)
+                o.masked_fill_(e[None, :, :, None], 0.0)
+            _view(out, Bp, R, Lq, qw, Dv).copy_(o)
+            if lse is not None:
+                _view(lse, Bp, R, Lq, qw).copy_(lg)
+
+
+def backward(fz: Fused, flash_bw, dop, qp, kp, vp, out, lse, dq, dk, dv, scale: float, *,
+             B: int, H: int, H_kv: int) -> None:
+    """Every run's gradients, added into ``dq`` / ``dk`` / ``dv`` (contiguous, padded)."""
+    plan = fz.rest
+    qb, kb, nq, nkv = plan.q_block_size, plan.kv_block_size, plan.num_q_blocks, plan.num_kv_blocks
+    D, Dv = qp.shape[-1], vp.shape[-1]
+    for run in fz.runs:
+        S = run.span
+        Lq, L = run.m * qb, S * kb
+        for r0, r1, Bp, qw, kw in _calls(run, B=B, H=H, H_kv=H_kv, nq=nq, nkv=nkv, qb=qb, kb=kb, width=D + Dv):
+            R = r1 - r0
+            bias = fz.bias(run, r0, r1)
+            dqg, dkg, dvg = flash_bw(
+                _view(dop, Bp, R, Lq, qw, Dv), _view(qp, Bp, R, Lq, qw, D),
+                _view(kp, Bp, R, L, kw, D), _view(vp, Bp, R, L, kw, Dv),
+                _view(out, Bp, R, Lq, qw, Dv), _view(lse, Bp, R, Lq, qw).contiguous(), 0.0, run.causal,
+                attn_mask=None if bias is None else bias[None], scale=scale)
+            _view(dq, Bp, R, Lq, qw, D).add_(dqg)
+            if run.sigma == 0:  # every row read the same span: one sum
+                span = (kw[0], kw[1], 0)
+                _view(dk, Bp, 1, L, span, D).add_(dkg.sum(1, keepdim=True))
+                _view(dv, Bp, 1, L, span, Dv).add_(dvg.sum(1, keepdim=True))
+            else:  # spans overlap: fold slot by slot (one slot's rows never overlap)
+                for s in range(S):
+                    at = (kw[0] + s * kb, kw[1], kw[2])
+                    _view(dk, Bp, R, kb, at, D).add_(dkg[:, :, s * kb:(s + 1) * kb])
+                    _view(dv, Bp, R, kb, at, Dv).add_(dvg[:, :, s * kb:(s + 1) * kb])
