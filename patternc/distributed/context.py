@@ -453,8 +453,9 @@ class ContextParallel:
 
         ``rank``, ``world_size``, ``positions`` (tokens owned), ``q_blocks``, ``kv_blocks_read``,
         ``computed_tiles`` (over heads; and batch rows with run-time data: of the latest call),
-        ``positions_received`` / ``positions_sent`` (forward,
-        tokens), ``bytes_sent_forward``, ``bytes_received_forward``, ``bytes_sent_backward``,
+        ``positions_received`` / ``positions_sent`` (key/value positions of the forward
+        exchanges, tokens; ``kv_blocks_read``: of the natural term with ``exchange ==
+        "per-term"``), ``bytes_sent_forward``, ``bytes_received_forward``, ``bytes_sent_backward``,
         ``bytes_received_backward``, ``allgather_bytes`` (what an all-gather of K and V would
         receive), ``kv_bytes_received_forward`` (the part of ``bytes_received_forward`` that is keys
         and values), ``imbalance`` (max / mean computed tiles over ranks), ``method`` (the
