@@ -118,7 +118,7 @@ _DEAD = 3  # a padding slot: masked out entirely
 _FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _FLASH_BW = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
 #: use the fused kernel where it applies (CPU, float32 compute, cached masks, no dropout, no
-#: score_mod); set False to run the unfused torch path everywhere
+#: score_mod but ALiBi alone: ``scoremod.FlashAlibi``); set False to run the unfused torch path everywhere
 USE_FLASH = True
 #: run rows whose key spans slide in step on zero-copy strided views (``execute.fused``) on the
 #: fused path; set False to gather every row
@@ -561,6 +561,24 @@ def _flash_bias(plan: Plan, g: _Group, rows: slice, score_mod, positions):
     return extra if bias is None else bias + extra
 
 
+def _runs(plan: Plan, mask_mod, score_mod, positions, B: int, H: int, H_kv: int):
+    """``(fz, alibi)``: the strided runs (``execute.fused``) for this call or None, and the score
+    terms they apply (ALiBi alone, natural positions, every call's bias within
+    ``fused.ALIBI_CALL_ELEMENTS``; else the gather path takes ALiBi as one more column)."""
+    if not USE_RUNS:
+        return None, None
+    if score_mod is None:
+        return plan.fused(mask_mod), None
+    natural = positions is not None and positions.heads is None and positions.q_order is None \
+        and positions.kv_order is None
+    if not (natural and getattr(score_mod, "is_additive", False) and hasattr(score_mod, "run_alibi")):
+        return None, None
+    fz = plan.fused(mask_mod)
+    if fz is None or not _fused.alibi_fits(fz, B=B, H=H, H_kv=H_kv):
+        return None, None
+    return fz, score_mod
+
+
 def _flash_alibi(score_mod, plan: Plan, positions):
     """``score_mod.flash_alibi(plan, positions)`` (``scoremod.ScoreTerms``: ALiBi alone), else None."""
     f = getattr(score_mod, "flash_alibi", None)
@@ -624,11 +642,11 @@ def blocksparse_forward(plan: Plan, mask_mod, q, k, v, scale: float, *, need_lse
     if score_mod is not None and positions is None:
         positions = _Positions(plan)
     if flash:
-        fz = plan.fused(mask_mod) if score_mod is None and USE_RUNS else None
+        fz, alibi = _runs(plan, mask_mod, score_mod, positions, B, H, H_kv)
         rest = plan
         if fz is not None:  # strided runs: zero-copy views (execute.fused); the rest gathers
             qp, kp, vp = qp.contiguous(), kp.contiguous(), vp.contiguous()
-            _fused.forward(fz, _FLASH, qp, kp, vp, out, lse, kscale, B=B, H=H, H_kv=H_kv)
+            _fused.forward(fz, _FLASH, qp, kp, vp, out, lse, kscale, B=B, H=H, H_kv=H_kv, alibi=alibi)
             rest = fz.rest
         # ALiBi: one more column of q and k (scoremod.FlashAlibi), nothing score-sized per call
         fa = _flash_alibi(score_mod, rest, positions)
@@ -749,12 +767,13 @@ def blocksparse_backward(plan: Plan, mask_mod, q, k, v, out, lse, dout, scale: f
         positions = _Positions(plan)
     if flash:
         lse_f = lse.contiguous()
-        fz = plan.fused(mask_mod) if score_mod is None and USE_RUNS else None
+        fz, alibi = _runs(plan, mask_mod, score_mod, positions, B, H, H_kv)
         rest = plan
         if fz is not None:
             qp, kp, vp = qp.contiguous(), kp.contiguous(), vp.contiguous()
             dop, out = dop.contiguous(), out.contiguous()
-            _fused.backward(fz, _FLASH_BW, dop, qp, kp, vp, out, lse_f, dq, dk, dv, kscale, B=B, H=H, H_kv=H_kv)
+            _fused.backward(fz, _FLASH_BW, dop, qp, kp, vp, out, lse_f, dq, dk, dv, kscale, B=B, H=H, H_kv=H_kv,
+                            alibi=alibi)
             rest = fz.rest
         fa = _flash_alibi(score_mod, rest, positions)
         if fa is not None:  # ALiBi as one more column (see the forward)
