@@ -146,7 +146,8 @@ def _nn_model():
 
     torch.manual_seed(0)
     return torch.nn.Sequential(SparseSelfAttention(16, 2, "(local(w=40) & causal) with alibi(max_bias=8)", block_size=32),
-                               SparseSelfAttention(16, 2, "strided(s=24) & causal | sink(n=4)", block_size=32))
+                               SparseSelfAttention(16, 2, "strided(s=24) & causal | sink(n=4)", block_size=32),
+                               SparseSelfAttention(16, 2, "(local(w=16) | strided(s=16)) & causal", block_size=32))
 
 
 def _nn_inputs():
@@ -168,12 +169,13 @@ def _nn_case(ContextParallel):
     x, g = _nn_inputs()
     kp = _nn_padding()
     y_l = model[1](model[0](ctx.shard(x, dim=1), key_padding_mask=kp), key_padding_mask=kp)
+    y_l = model[2](y_l)  # no padding: layer 2 keeps ctx's rows with its own (per-term) exchange
     (y_l * ctx.shard(g, dim=1)).sum().backward()
     grads = []
     for p in model.parameters():
         dist.all_reduce(p.grad)
         grads.append(p.grad)
-    return ctx.unshard(y_l, dim=1), grads
+    return ctx.unshard(y_l, dim=1), grads, ctx.for_pattern(model[2].compiled(NN_LEN)).exchange
 
 
 @pytest.fixture(scope="module")
@@ -273,9 +275,10 @@ def test_nn_layers_context_parallel(ranks):
     model = _nn_model()
     x, g = _nn_inputs()
     kp = _nn_padding()
-    y = model[1](model[0](x, key_padding_mask=kp), key_padding_mask=kp)
+    y = model[2](model[1](model[0](x, key_padding_mask=kp), key_padding_mask=kp))
     (y * g).sum().backward()
-    y_cp, grads = ranks[0]["nn"]
+    y_cp, grads, exchange = ranks[0]["nn"]
+    assert exchange == "per-term"  # for_pattern keeps the rows and still exchanges per term
     torch.testing.assert_close(y_cp, y.detach(), atol=1e-5, rtol=1e-5)
     for (name, p), got in zip(model.named_parameters(), grads):
         torch.testing.assert_close(got, p.grad, atol=1e-4, rtol=1e-4, msg=name)
