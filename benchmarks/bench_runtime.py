@@ -21,10 +21,13 @@ import argparse
 import os
 import statistics
 import subprocess
+import sys
 import time
 
-import numpy as np
-import torch
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # this checkout's patternc
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 
 def _sync(device):

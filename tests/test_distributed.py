@@ -52,6 +52,8 @@ RUNTIME = [
     ("docs4", "document & (sink(n=4) | local(w=30)) & causal", 300, 2, 1, [[100, 57, 143]], None),
     ("docpad4", "document & causal", 250, 2, 2, [[60, 190], [120, 30, 100]], [250, 170]),
     ("pad4", "local(w=64) & causal", 260, 1, 2, None, [260, 100]),
+    # a per-term ContextParallel (its rows owned in natural order) runs run-time data with one exchange
+    ("splitpad4", "(local(w=40) | strided(s=32)) & causal", 500, 2, 2, None, [500, 333]),
 ]
 
 
@@ -114,7 +116,7 @@ def _worker(rank, world):
         full = [ctx.unshard(t) for t in (out_l, ql.grad, kl.grad, vl.grad)]
         stats = [None] * world
         dist.all_gather_object(stats, ctx.stats)
-        results[name] = (*full, stats, [p.tolist() for p in ctx.schedule.positions], None)
+        results[name] = (*full, stats, [p.tolist() for p in ctx.schedule.positions], ctx.exchange)
     results["nn"] = _nn_case(ContextParallel)
     results["unshard"] = _unshard_case(ContextParallel, world)
     return results
@@ -143,8 +145,9 @@ def _nn_model():
     from patternc.nn import SparseSelfAttention
 
     torch.manual_seed(0)
-    return torch.nn.Sequential(SparseSelfAttention(16, 2, "local(w=40) & causal", block_size=32),
-                               SparseSelfAttention(16, 2, "strided(s=24) & causal | sink(n=4)", block_size=32))
+    return torch.nn.Sequential(SparseSelfAttention(16, 2, "(local(w=40) & causal) with alibi(max_bias=8)", block_size=32),
+                               SparseSelfAttention(16, 2, "strided(s=24) & causal | sink(n=4)", block_size=32),
+                               SparseSelfAttention(16, 2, "(local(w=16) | strided(s=16)) & causal", block_size=32))
 
 
 def _nn_inputs():
@@ -166,12 +169,13 @@ def _nn_case(ContextParallel):
     x, g = _nn_inputs()
     kp = _nn_padding()
     y_l = model[1](model[0](ctx.shard(x, dim=1), key_padding_mask=kp), key_padding_mask=kp)
+    y_l = model[2](y_l)  # no padding: layer 2 keeps ctx's rows with its own (per-term) exchange
     (y_l * ctx.shard(g, dim=1)).sum().backward()
     grads = []
     for p in model.parameters():
         dist.all_reduce(p.grad)
         grads.append(p.grad)
-    return ctx.unshard(y_l, dim=1), grads
+    return ctx.unshard(y_l, dim=1), grads, ctx.for_pattern(model[2].compiled(NN_LEN)).exchange
 
 
 @pytest.fixture(scope="module")
@@ -264,15 +268,17 @@ def test_runtime_data_equals_single_process(ranks, case):
         keys = np.nonzero(dense[own].any(axis=0))[0] if own.size else np.zeros(0, dtype=np.int64)
         tokens = {t for blk in np.unique(keys // 32) for t in range(blk * 32, min(L, blk * 32 + 32))} - set(own.tolist())
         assert s["bytes_received_forward"] == len(tokens) * row_bytes, (name, r)
+    assert got[6] == ("per-term" if name.startswith("split") else "natural")
 
 
 def test_nn_layers_context_parallel(ranks):
     model = _nn_model()
     x, g = _nn_inputs()
     kp = _nn_padding()
-    y = model[1](model[0](x, key_padding_mask=kp), key_padding_mask=kp)
+    y = model[2](model[1](model[0](x, key_padding_mask=kp), key_padding_mask=kp))
     (y * g).sum().backward()
-    y_cp, grads = ranks[0]["nn"]
+    y_cp, grads, exchange = ranks[0]["nn"]
+    assert exchange == "per-term"  # for_pattern keeps the rows and still exchanges per term
     torch.testing.assert_close(y_cp, y.detach(), atol=1e-5, rtol=1e-5)
     for (name, p), got in zip(model.named_parameters(), grads):
         torch.testing.assert_close(got, p.grad, atol=1e-4, rtol=1e-4, msg=name)

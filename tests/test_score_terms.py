@@ -393,12 +393,22 @@ def test_kernel_score_transform_matches_the_table(order):
     got = st.apply_(raw.float(), heads, q_pos, kv_pos)
     assert float((got.double() - want).abs().max()) < 2e-4 * max(1.0, float(want.abs().max()) / 100)
     torch.testing.assert_close(st.derivative(raw.float()).double(), 1 - torch.tanh(raw / 20) ** 2, atol=1e-6, rtol=0)
-    pre = st.prescaled()  # the kernel's variant: scores arrive divided by the cap
-    assert pre.prescale == pytest.approx(1 / 20)
-    got = pre.apply_((raw / 20).float(), heads, q_pos, kv_pos)
-    assert float((got.double() - want).abs().max()) < 2e-4 * max(1.0, float(want.abs().max()) / 100)
-    torch.testing.assert_close(pre.derivative((raw / 20).float()).double(), 20 * (1 - torch.tanh(raw / 20) ** 2),
-                               atol=2e-5, rtol=0)
+    # the kernel's variant: scores arrive times ``prescale`` (2 / c: 2c sigmoid(x) - c; 1 / c for caps
+    # above SIGMOID_CAP_MAX: c tanh(u)); the derivative is with respect to those scores
+    for c, form in ((20, "sigmoid"), (100, "tanh")):
+        st = ScoreTerms(score_terms(_quiet_parse(f"all with softcap(c={c}), alibi(max_bias=8)")), 6,
+                        q_offset=100, kv_offset=7)
+        pre = st.prescaled()
+        assert pre.softcap_form == form and pre.prescale == pytest.approx((2 if form == "sigmoid" else 1) / c)
+        want = c * torch.tanh(raw / c) + m[:, None, None] * ((kv_pos + 7)[:, None, :] - (q_pos + 100)[:, :, None])
+        x = (raw * pre.prescale).float()
+        got = pre.apply_(x.clone(), heads, q_pos, kv_pos)
+        assert float((got.double() - want).abs().max()) < 2e-4 * max(1.0, float(want.abs().max()) / 100)
+        d = pre.derivative(x)
+        torch.testing.assert_close(d.double(), (1 - torch.tanh(raw / c) ** 2) / pre.prescale, atol=1e-4, rtol=0)
+        # the backward's pair: derivative then apply_ on the same scores reuses its sigmoid / tanh
+        again = pre.apply_(x, heads, q_pos, kv_pos)
+        assert again is not x and float((again.double() - want).abs().max()) < 2e-4 * max(1.0, float(want.abs().max()) / 100)
 
 
 # ---- positions (SPEC §1.6) and run-time data (§1.7) with terms ----------------------------------------
@@ -505,15 +515,20 @@ def test_fused_alibi_float32_equals_the_reference(plan, monkeypatch):
     natural order and under an execution plan whose reordered tiles take the exact bias."""
     from patternc.execute import blocksparse, scoremod
 
-    seen = []
-    orig = scoremod.FlashAlibi.columns
+    seen, runs = [], []
+    orig, orig_runs = scoremod.FlashAlibi.columns, scoremod.ScoreTerms.run_alibi
 
     def spy(self, positions, g, rows):
         out = orig(self, positions, g, rows)
         seen.append(out[2] is not None)
         return out
 
+    def spy_runs(self, *a):
+        runs.append(1)
+        return orig_runs(self, *a)
+
     monkeypatch.setattr(scoremod.FlashAlibi, "columns", spy)
+    monkeypatch.setattr(scoremod.ScoreTerms, "run_alibi", spy_runs)
     src = "(strided(s=8) | local(w=5)) & causal with alibi(max_bias=1)"  # slopes up to 0.84
     N, H = 256, 4
     cp = patternc.compile(src, q_len=N, num_heads=H, block_size=32)
@@ -521,7 +536,10 @@ def test_fused_alibi_float32_equals_the_reference(plan, monkeypatch):
     q, k, v = _inputs(2, H, H, N, N, 16, torch.float32, logit_scale=2.0)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     out, lse = blocksparse.blocksparse_attention(cp, q, k, v, 0.25, plan=plan, return_lse=True)
-    assert seen and (any(seen) if plan == "auto" else not any(seen))  # the fused path ran (exact bias: plan tiles)
+    if plan == "auto":  # the reordered term's tiles take the exact bias (its natural term may run on runs)
+        assert seen and any(seen)
+    else:  # natural order: the strided runs (execute.fused) with a per-call bias
+        assert runs and not any(seen)
     qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
     ref = _reference(cp, qd, kd, vd, scale=0.25)
     assert _rel(out, ref) < 1e-5
@@ -530,3 +548,82 @@ def test_fused_alibi_float32_equals_the_reference(plan, monkeypatch):
     g = torch.randn(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
     for a, b in zip(torch.autograd.grad(out, (q, k, v), g.float()), torch.autograd.grad(ref, (qd, kd, vd), g)):
         assert _rel(a, b) < 1e-4
+
+
+def test_fused_alibi_with_offsets_gqa_and_empty_rows():
+    """The fused ALiBi columns read positions with q_offset / kv_offset (a chunk of prefill
+    against a rolled cache), per query head under grouped-query kv heads, with rows that have no
+    key: float32 output, log-sum-exp and grads against the float64 run (exact, unfused path)."""
+    from patternc.execute import blocksparse
+
+    src = "(local(w=40) & causal) - global(at=[65]) with alibi(max_bias=2)"  # position 65 keeps no key
+    cp = patternc.compile(src, q_len=70, kv_len=100, q_offset=60, kv_offset=30, num_heads=4, block_size=16)
+    q, k, v = _inputs(2, 4, 2, 70, 100, 16, torch.float64, logit_scale=2.0)
+    want, lse_want = blocksparse.blocksparse_attention(cp, q, k, v, 0.25, return_lse=True)
+    qf, kf, vf = (t.float().requires_grad_() for t in (q, k, v))
+    got, lse = blocksparse.blocksparse_attention(cp, qf, kf, vf, 0.25, return_lse=True)
+    assert bool(torch.isinf(lse_want).any()) and torch.equal(torch.isinf(lse), torch.isinf(lse_want))
+    fin = torch.isfinite(lse_want)
+    assert _rel(got, want) < 1e-5 and float((lse.double() - lse_want)[fin].abs().max()) < 1e-4
+    g = torch.randn(want.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    qd, kd, vd = (t.detach().requires_grad_() for t in (q, k, v))
+    ref = blocksparse.blocksparse_attention(cp, qd, kd, vd, 0.25)
+    for a, b in zip(torch.autograd.grad(got, (qf, kf, vf), g.float()), torch.autograd.grad(ref, (qd, kd, vd), g)):
+        assert _rel(a, b) < 1e-4
+
+
+@pytest.mark.parametrize("src, N, bs", [
+    ("local(w=40) & causal with alibi(max_bias=2)", 200, 16),  # a staircase, then a sliding run
+    ("chunk(l=64) & causal with alibi()", 192, 32),  # two-row runs stepping two blocks
+    ("(local(w=20) | sink(n=16)) & causal with alibi(max_bias=4)", 160, 16),
+])
+def test_alibi_on_strided_runs_equals_the_exact_run(src, N, bs, monkeypatch):
+    """ALiBi on the zero-copy runs (``fused``, ``ScoreTerms.run_alibi``: one bias per call, the
+    per-kernel-row constant moved to the log-sum-exp), with grouped-query kv heads and B=2:
+    float32 output, log-sum-exp and grads against the exact float64 run, and the same result
+    with the runs switched off (the gather path's ALiBi column)."""
+    from patternc.execute import blocksparse, scoremod
+
+    calls = []
+    orig = scoremod.ScoreTerms.run_alibi
+    monkeypatch.setattr(scoremod.ScoreTerms, "run_alibi", lambda self, *a: calls.append(1) or orig(self, *a))
+    cp = patternc.compile(src, q_len=N, num_heads=4, block_size=bs)
+    q, k, v = _inputs(2, 4, 2, N, N, 16, torch.float64, logit_scale=2.0)
+    want, lse_want = blocksparse.blocksparse_attention(cp, q, k, v, 0.25, return_lse=True)
+    qf, kf, vf = (t.float().requires_grad_() for t in (q, k, v))
+    got, lse = blocksparse.blocksparse_attention(cp, qf, kf, vf, 0.25, return_lse=True)
+    assert calls, "the runs path did not take ALiBi"
+    assert _rel(got, want) < 1e-5 and float((lse.double() - lse_want).abs().max()) < 1e-4
+    g = torch.randn(want.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    qd, kd, vd = (t.detach().requires_grad_() for t in (q, k, v))
+    ref = blocksparse.blocksparse_attention(cp, qd, kd, vd, 0.25)
+    grads = torch.autograd.grad(got, (qf, kf, vf), g.float())
+    for a, b in zip(grads, torch.autograd.grad(ref, (qd, kd, vd), g)):
+        assert _rel(a, b) < 1e-4
+    monkeypatch.setattr(blocksparse, "USE_RUNS", False)
+    qf2, kf2, vf2 = (t.detach().clone().requires_grad_() for t in (qf, kf, vf))
+    gathered = blocksparse.blocksparse_attention(cp, qf2, kf2, vf2, 0.25)
+    assert _rel(gathered, got) < 1e-5
+    for a, b in zip(torch.autograd.grad(gathered, (qf2, kf2, vf2), g.float()), grads):
+        assert _rel(a, b) < 1e-4
+
+
+@pytest.mark.parametrize("base, delta", [(-64, 0), (0, -32), (-200, 48)])
+def test_run_alibi_is_the_table_up_to_a_row_constant(base, delta):
+    """``ScoreTerms.run_alibi`` (a runs call: kernel row r holds i = i0 + r * dq + a, j = j0 + r *
+    dk + c): bias + shift equals SPEC §1.8's m_h (j - i) with offsets, in float32."""
+    from patternc.execute.scoremod import ScoreTerms
+
+    st = ScoreTerms(score_terms(_quiet_parse("all with alibi(max_bias=3)")), 6, q_offset=40, kv_offset=9)
+    heads = torch.tensor([5, 0, 3])
+    rows, Lq, L, i0, dq = 4, 16, 48, 300, 32
+    bias, shift = st.run_alibi(heads, base, delta, rows, Lq, L)
+    assert bias.shape == (3, 1, Lq, L) and shift.shape == (3, rows, 1)
+    r = torch.arange(rows)[:, None, None]
+    i = i0 + r * dq + torch.arange(Lq)[None, :, None] + 40
+    j = i0 + base + r * (dq + delta) + torch.arange(L)[None, None, :] + 9
+    m = torch.tensor(alibi_slopes(6, 3), dtype=torch.float64)[heads]
+    want = m[:, None, None, None] * (j - i).double()[None]  # [3, rows, Lq, L]
+    got = bias.double() + shift.double()[..., None]
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+    assert float(shift.abs().max()) > 0 or delta == 0

@@ -176,9 +176,9 @@ def attention(cp: Compiled, q, k, v, *, scale: float | None = None, backend: str
         key_padding_mask: bool [B, KV_LEN], True = a real key (HF ``attention_mask``); ANDed
             with the pattern. A row left with no key gives 0 with finite gradients.
         plan: ``"auto"`` (default): run ``cp.plan``, the pattern as disjoint terms each in
-            its cheapest token order, merged through the log-sum-exp (SPEC §6;
-            ``blocksparse``); ``"natural"``: one term in natural order. ``sdpa`` is dense and
-            ``flex`` runs the natural BlockMask either way.
+            its cheapest token order, merged through the log-sum-exp (SPEC §6; ``blocksparse``,
+            and ``flex`` on CUDA with one BlockMask per term); ``"natural"``: one term in
+            natural order. ``sdpa`` is dense either way.
 
     Returns:
         [B, H, Q_LEN, Dv] in q's dtype (a row with no allowed key is 0), or
@@ -228,7 +228,7 @@ def attention(cp: Compiled, q, k, v, *, scale: float | None = None, backend: str
         if dropout_p > 0:
             raise _error("P352", "backend 'flex' has no attention dropout",
                          help="use backend='blocksparse' or 'sdpa' (or 'auto') with dropout_p > 0")
-        out = _run_flex(cp, q, k, v, scale)
+        out = _run_flex(cp, q, k, v, scale, plan)
     elif name == "blocksparse":
         from .blocksparse import blocksparse_attention
 
@@ -378,9 +378,9 @@ def _autocast_dtype(q) -> "torch.dtype | None":
     return torch.get_autocast_dtype(dev)
 
 
-def _run_flex(cp, q, k, v, scale):
+def _run_flex(cp, q, k, v, scale, plan="natural"):
     from .common import empty_rows, mask_mod_for
-    from .flex import flex_attention
+    from .flex import flex_attention, flex_plan_attention
 
     if q.device.type == "cpu" and _needs_grad(q, k, v):
         raise _error("P352", "backend 'flex' has no backward on CPU (FlexAttention's CPU kernel is "
@@ -394,6 +394,11 @@ def _run_flex(cp, q, k, v, scale):
     if q.device.type == "cpu" and q.dtype == torch.float64:
         raise _error("P352", "backend 'flex' does not take float64 on CPU (FlexAttention's CPU kernel "
                      "supports float32, bfloat16, float16)", help="use backend='blocksparse' or 'sdpa'")
+    # the plan's terms, each with its own BlockMask (CUDA: compiled FlexAttention on CPU returns
+    # no log-sum-exp to merge them with)
+    ep = cp.plan_for(plan) if plan == "auto" and q.device.type == "cuda" else None
+    if ep is not None and not ep.is_natural:
+        return flex_plan_attention(cp, q, k, v, scale, ep)
     empty = empty_rows(cp.layout, mask_mod_for(cp, q.device), q.shape[1], q.device)
     return flex_attention(cp, q, k, v, scale, empty_rows=empty)
 

@@ -118,7 +118,7 @@ _DEAD = 3  # a padding slot: masked out entirely
 _FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _FLASH_BW = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
 #: use the fused kernel where it applies (CPU, float32 compute, cached masks, no dropout, no
-#: score_mod); set False to run the unfused torch path everywhere
+#: score_mod but ALiBi alone: ``scoremod.FlashAlibi``); set False to run the unfused torch path everywhere
 USE_FLASH = True
 #: run rows whose key spans slide in step on zero-copy strided views (``execute.fused``) on the
 #: fused path; set False to gather every row
@@ -561,6 +561,24 @@ def _flash_bias(plan: Plan, g: _Group, rows: slice, score_mod, positions):
     return extra if bias is None else bias + extra
 
 
+def _runs(plan: Plan, mask_mod, score_mod, positions, B: int, H: int, H_kv: int):
+    """``(fz, alibi)``: the strided runs (``execute.fused``) for this call or None, and the score
+    terms they apply (ALiBi alone, natural positions, every call's bias within
+    ``fused.ALIBI_CALL_ELEMENTS``; else the gather path takes ALiBi as one more column)."""
+    if not USE_RUNS:
+        return None, None
+    if score_mod is None:
+        return plan.fused(mask_mod), None
+    natural = positions is not None and positions.heads is None and positions.q_order is None \
+        and positions.kv_order is None
+    if not (natural and getattr(score_mod, "is_additive", False) and hasattr(score_mod, "run_alibi")):
+        return None, None
+    fz = plan.fused(mask_mod)
+    if fz is None or not _fused.alibi_fits(fz, B=B, H=H, H_kv=H_kv):
+        return None, None
+    return fz, score_mod
+
+
 def _flash_alibi(score_mod, plan: Plan, positions):
     """``score_mod.flash_alibi(plan, positions)`` (``scoremod.ScoreTerms``: ALiBi alone), else None."""
     f = getattr(score_mod, "flash_alibi", None)
@@ -624,11 +642,11 @@ def blocksparse_forward(plan: Plan, mask_mod, q, k, v, scale: float, *, need_lse
     if score_mod is not None and positions is None:
         positions = _Positions(plan)
     if flash:
-        fz = plan.fused(mask_mod) if score_mod is None and USE_RUNS else None
+        fz, alibi = _runs(plan, mask_mod, score_mod, positions, B, H, H_kv)
         rest = plan
         if fz is not None:  # strided runs: zero-copy views (execute.fused); the rest gathers
             qp, kp, vp = qp.contiguous(), kp.contiguous(), vp.contiguous()
-            _fused.forward(fz, _FLASH, qp, kp, vp, out, lse, kscale, B=B, H=H, H_kv=H_kv)
+            _fused.forward(fz, _FLASH, qp, kp, vp, out, lse, kscale, B=B, H=H, H_kv=H_kv, alibi=alibi)
             rest = fz.rest
         # ALiBi: one more column of q and k (scoremod.FlashAlibi), nothing score-sized per call
         fa = _flash_alibi(score_mod, rest, positions)
@@ -749,12 +767,13 @@ def blocksparse_backward(plan: Plan, mask_mod, q, k, v, out, lse, dout, scale: f
         positions = _Positions(plan)
     if flash:
         lse_f = lse.contiguous()
-        fz = plan.fused(mask_mod) if score_mod is None and USE_RUNS else None
+        fz, alibi = _runs(plan, mask_mod, score_mod, positions, B, H, H_kv)
         rest = plan
         if fz is not None:
             qp, kp, vp = qp.contiguous(), kp.contiguous(), vp.contiguous()
             dop, out = dop.contiguous(), out.contiguous()
-            _fused.backward(fz, _FLASH_BW, dop, qp, kp, vp, out, lse_f, dq, dk, dv, kscale, B=B, H=H, H_kv=H_kv)
+            _fused.backward(fz, _FLASH_BW, dop, qp, kp, vp, out, lse_f, dq, dk, dv, kscale, B=B, H=H, H_kv=H_kv,
+                            alibi=alibi)
             rest = fz.rest
         fa = _flash_alibi(score_mod, rest, positions)
         if fa is not None:  # ALiBi as one more column (see the forward)
@@ -1156,16 +1175,19 @@ def kernel_layouts(layout, layout_at):
 _KERNEL_LAYOUTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def plan_terms(cp, ep, device) -> list:
+def plan_terms(cp, ep, device, *, kernel_tiles: bool = True) -> list:
     """The kernel ``Term`` list of an execution plan (``patternc.lower.planner``), cached on
     the plan per device: each term's layout in its own order, its ``mask_mod`` read through
-    the orders, and its natural rows / columns / heads (None where they are all, in order)."""
-    key = ("terms", str(torch.device(device)))
+    the orders, and its natural rows / columns / heads (None where they are all, in order).
+    ``kernel_tiles``: on CPU, the layouts at the CPU kernel's tile size (``kernel_layouts``);
+    False: at ``cp.block_size`` (FlexAttention's BlockMasks)."""
+    cpu_tiles = kernel_tiles and torch.device(device).type == "cpu"
+    key = ("terms", str(torch.device(device)), cpu_tiles)
     hit = ep._cache.get(key)
     if hit is not None:
         return hit
     if ep.is_natural:
-        terms = [natural_term(cp, device)]
+        terms = [natural_term(cp, device) if cpu_tiles else Term(layout=cp.layout, mask_mod=mask_mod_for(cp, device))]
     else:
         from .maskmod import lower_to_mask_mod
 
@@ -1176,7 +1198,7 @@ def plan_terms(cp, ep, device) -> list:
             hs = None if len(t.heads) == cp.num_heads else np.asarray(t.heads, dtype=np.int64)
             mm = lower_to_mask_mod(t.pattern, cp.q_len, cp.kv_len, device=device)
             layout = bwd = t.layout(cp.block_size)
-            if torch.device(device).type == "cpu":
+            if cpu_tiles:
                 layout, bwd = kernel_layouts(layout, lambda e, t=t: t.layout_at((e, e), cp.q_len, cp.kv_len))
             term = Term.reorder(layout, mm, q_order=qo, kv_order=ko, heads=hs, device=device)
             term.bwd_layout = bwd

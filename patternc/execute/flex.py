@@ -10,6 +10,10 @@
 * FlexAttention's CPU kernel takes float32 / bfloat16 / float16 only (no float64).
 * Score terms (SPEC §1.8) run as FlexAttention's ``score_mod`` (``score_mod_for``), built
   from ``cp.score_terms`` with the cap and ALiBi slopes in tensors.
+* Execution plans (``flex_plan_attention``, CUDA): a plan's terms run each with its own
+  BlockMask in its own token order and are merged through FlexAttention's log-sum-exp (SPEC
+  §6). On CPU compiled FlexAttention returns no log-sum-exp, so ``flex`` runs the natural
+  BlockMask there (``blocksparse``, the CPU default, runs the plan).
 * Rows with no allowed key: torch 2.13 already returns 0 there; patternc also zeroes them
   explicitly (``masked_fill``), so the guarantee does not rest on a kernel detail.
 """
@@ -88,6 +92,80 @@ def flex_attention(cp, q, k, v, scale: float, *, empty_rows=None, block_mask=Non
     if empty_rows is not None:
         out = out.masked_fill(empty_rows, 0.0)
     return out
+
+
+def flex_plan_attention(cp, q, k, v, scale: float, ep, *, fn=None):
+    """FlexAttention over the terms of an execution plan (SPEC §6; ``lower.planner``): each
+    term's q / k / v gathered into its order (a transpose for residue orders), run with the
+    term's own ``BlockMask`` and ``mask_mod`` (and the score terms at the natural positions),
+    and the partial results merged exactly through FlexAttention's log-sum-exp. Differentiable
+    where FlexAttention is (CUDA: the merge weights carry the gradient of each term's lse).
+
+    Args:
+        q: float [B, H, Q_LEN, D]; k: [B, H_kv, KV_LEN, D]; v: [B, H_kv, KV_LEN, Dv].
+        ep: an ``ExecutionPlan`` of ``cp`` with more than one term or a reordered one.
+        fn: the FlexAttention callable (default: ``compiled_flex_attention``). Compiled
+            FlexAttention on CPU returns no log-sum-exp (torch 2.13: "torch.compile on CPU only
+            supports inference and `return_lse` is not supported yet"), so on CPU the flex
+            backend runs the natural BlockMask and only tests pass eager FlexAttention here.
+
+    Returns:
+        [B, H, Q_LEN, Dv] in q's dtype; a row with no allowed key in any term is 0.
+    """
+    from torch.nn.attention.flex_attention import AuxRequest
+
+    from .blockmask import to_block_mask
+    from .blocksparse import _from_order, _gather, _term_kv, plan_terms
+
+    B, H, Q, _ = q.shape
+    Dv = v.shape[-1]
+    fn = compiled_flex_attention(q.device) if fn is None else fn
+    base_sm = score_mod_for(cp, H, q.device)
+    inf = float("inf")
+    out = lse = None
+    for t in plan_terms(cp, ep, q.device, kernel_tiles=False):
+        cache = cp.__dict__.setdefault("_term_block_masks", {})
+        bkey = (id(t), str(q.device))
+        if bkey not in cache:
+            cache[bkey] = (t, to_block_mask(t.layout, t.mask_mod, q.device))
+        bm = cache[bkey][1]
+        qt = _gather(q, t.heads, t.q_order, t.q_stride)
+        kt, vt = _term_kv(t, k, v, H)
+        sm = None if base_sm is None else _reordered_score_mod(base_sm, t)
+        ot, aux = fn(qt, kt, vt, score_mod=sm, block_mask=bm, scale=scale, enable_gqa=kt.shape[1] != qt.shape[1],
+                     return_aux=AuxRequest(lse=True))
+        lt = aux.lse.to(torch.float32)
+        Ht, Qt = qt.shape[1], qt.shape[2]
+        if t.q_order is not None:
+            if Qt == Q:
+                ot, lt = _from_order(ot, t.q_order, t.q_stride), _from_order(lt, t.q_order, t.q_stride)
+            else:
+                ot = ot.new_zeros((B, Ht, Q, Dv)).index_copy(2, t.q_order, ot)
+                lt = lt.new_full((B, Ht, Q), -inf).index_copy(2, t.q_order, lt)
+        if t.heads is not None:
+            ot = ot.new_zeros((B, H, Q, Dv)).index_copy(1, t.heads, ot)
+            lt = lt.new_full((B, H, Q), -inf).index_copy(1, t.heads, lt)
+        if out is None:
+            out, lse = ot.float(), lt
+            continue
+        # exact merge, out of place (autograd): weights exp(lse_t - lse), 0 where a term has no key
+        new = torch.logaddexp(lse, lt)
+        safe = new.masked_fill(new == -inf, 0.0)
+        out = out * torch.exp(lse - safe)[..., None] + ot.float() * torch.exp(lt - safe)[..., None]
+        lse = new
+    return out.to(q.dtype)
+
+
+def _reordered_score_mod(score_mod, term):
+    """``score_mod`` at a term's natural heads, rows and columns (ALiBi reads positions)."""
+    ho, qo, ko = term.heads, term.q_order, term.kv_order
+
+    def sm(score, b, h, q_idx, kv_idx):
+        return score_mod(score, b, h if ho is None else ho[h], q_idx if qo is None else qo[q_idx],
+                         kv_idx if ko is None else ko[kv_idx])
+
+    sm.__name__ = getattr(score_mod, "__name__", "score_mod")
+    return sm
 
 
 def score_mod_for(cp, num_heads: int, device):

@@ -21,7 +21,12 @@ Rows that do not fit a run (a span with more than 1/``HOLE_FRACTION`` EMPTY tile
 ``MAX_RUNS``) stay on the gather path (``blocksparse.Plan`` of the remaining rows).
 
 This path runs only where the fused kernel applies (CPU, float32 compute, no dropout, no
-``score_mod``, masks cached); elsewhere the kernel's unfused loop runs every row.
+``score_mod`` but ALiBi alone in natural positions, masks cached); elsewhere the kernel's unfused
+loop runs every row. ALiBi (``alibi_fits``): in a run, ``j - i`` of kernel row ``r`` is that of row
+0 plus ``r * (sigma * kb - tau * qb)``, a constant of the kernel row, so each call adds one bias
+``[Bp, 1, m * qb, span * kb]`` (per query head; ``scoremod.ScoreTerms.run_alibi``) to its mask
+and the constant to its log-sum-exp; a causal staircase's bias would be its whole square, so a
+layout whose calls need more than ``ALIBI_CALL_ELEMENTS`` stays on the gather path.
 """
 
 from __future__ import annotations
@@ -171,6 +176,7 @@ class Fused:
         self.runs, self.rest = runs, rest
         self.table_bias = table_bias  # float32 [T, qb, kb]: 0 allowed, -inf not
         self.head_independent = head_independent
+        self.alibi_cache: dict = {}  # ALiBi's per-call masks (``_alibi_mask``)
 
     @property
     def computed_tiles(self) -> int:
@@ -332,25 +338,73 @@ def build(plan, kinds: np.ndarray, head_independent: bool, mask_mod, *, plan_cls
 
 
 # ---- execution -------------------------------------------------------------------------------
-def _calls(run: Run, *, B: int, H: int, H_kv: int, nq: int, nkv: int, qb: int, kb: int, width: int = 64):
+def _calls(run: Run, *, B: int, H: int, H_kv: int, nq: int, nkv: int, qb: int, kb: int, width: int = 64,
+           heads: bool = False):
     """Yield ``(r0, r1, Bp, q, kv)`` per kernel call of ``run``: ``q`` / ``kv`` are
     ``(offset, batch_stride, row_stride)`` in tokens of the flat padded query
-    (``[B * H * nq * qb]``) and key (``[B * H_kv * nkv * kb]``) sequences."""
+    (``[B * H * nq * qb]``) and key (``[B * H_kv * nkv * kb]``) sequences. ``heads``: also yield
+    the call's query head per batch entry, a tuple of ``Bp`` ints (ALiBi's slopes)."""
     g = H // H_kv
     if run.head is None:  # (b, kv head) is one batch index; one call per query head of a group
         bases = [(B * H_kv, j * nq * qb, g * nq * qb, 0, nkv * kb) for j in range(g)]
+        who = [tuple(kvh * g + j for _ in range(B) for kvh in range(H_kv)) for j in range(g)]
     else:
         bases = [(B, run.head * nq * qb, H * nq * qb, (run.head // g) * nkv * kb, H_kv * nkv * kb)]
+        who = [(run.head,) * B]
     Bp = bases[0][0]
     step = max(1, CALL_ELEMENTS // (Bp * width * (run.m * qb + run.span * kb)))
     if run.ids is not None and run.ids.shape[0] > 1:
         step = min(step, max(1, RUN_CHUNK_ELEMENTS // (run.m * qb * run.span * kb)))
-    for Bp, qoff, qB, koff, kB in bases:
+    for (Bp, qoff, qB, koff, kB), hs in zip(bases, who):
         for r0 in range(0, run.rows, step):
             r1 = min(run.rows, r0 + step)
             q = (qoff + (run.q0 + run.tau * r0) * qb, qB, run.tau * qb)
             kv = (koff + (run.kv0 + run.sigma * r0) * kb, kB, run.sigma * kb)
-            yield r0, r1, Bp, q, kv
+            yield (r0, r1, Bp, q, kv, hs) if heads else (r0, r1, Bp, q, kv)
+
+
+#: ALiBi on the runs (``alibi_fits``): most float32 elements of one call's bias ``[Bp, 1 or R,
+#: m * qb, span * kb]`` (a causal staircase's is its whole square: those layouts stay on the
+#: gather path, where ALiBi is one more q / k column), and most kept in the per-layout cache
+ALIBI_CALL_ELEMENTS = 1 << 21
+ALIBI_CACHE_ELEMENTS = 1 << 24
+
+
+def alibi_fits(fz: Fused, *, B: int, H: int, H_kv: int) -> bool:
+    """True when every call of every run can take ALiBi as a bias of at most
+    ``ALIBI_CALL_ELEMENTS`` (``scoremod.ScoreTerms.run_alibi``)."""
+    plan = fz.rest
+    qb, kb = plan.q_block_size, plan.kv_block_size
+    for run in fz.runs:
+        Bp = B * H_kv if run.head is None else B
+        per_row = run.m * qb * run.span * kb
+        rows = 1
+        if run.ids is not None and run.ids.shape[0] > 1:  # per-row masks: a per-row bias
+            rows = min(run.rows, max(1, RUN_CHUNK_ELEMENTS // per_row))
+        if Bp * rows * per_row > ALIBI_CALL_ELEMENTS:
+            return False
+    return True
+
+
+def _alibi_mask(alibi, cache: dict, fz: Fused, run: Run, r0: int, r1: int, hs: tuple, bias, qb: int, kb: int):
+    """The call's kernel mask with ALiBi added (float32 ``[Bp, 1 or R, m * qb, span * kb]``) and
+    the ``[Bp, R, 1]`` shift of its log-sum-exp (``scoremod.ScoreTerms.run_alibi``), cached per
+    call while ``ALIBI_CACHE_ELEMENTS`` allow."""
+    key = (id(run), r0, r1, hs, alibi.cache_key)
+    hit = cache.get(key)
+    if hit is not None:
+        return hit
+    heads = torch.as_tensor(hs, dtype=torch.int64, device=fz.table_bias.device)
+    base = (run.kv0 + run.sigma * r0) * kb - (run.q0 + run.tau * r0) * qb
+    delta = run.sigma * kb - run.tau * qb
+    ab, shift = alibi.run_alibi(heads, base, delta, r1 - r0, run.m * qb, run.span * kb)
+    mask = ab if bias is None else ab + bias[None]
+    hit = (mask, shift)
+    used = cache.get("elements", 0) + mask.numel()
+    if used <= ALIBI_CACHE_ELEMENTS:
+        cache[key] = hit
+        cache["elements"] = used
+    return hit
 
 
 def _view(x: torch.Tensor, Bp: int, R: int, L: int, where, width: int | None = None):
@@ -364,45 +418,59 @@ def _view(x: torch.Tensor, Bp: int, R: int, L: int, where, width: int | None = N
     return x.as_strided(size, stride, x.storage_offset() + off * w)
 
 
-def forward(fz: Fused, flash, qp, kp, vp, out, lse, scale: float, *, B: int, H: int, H_kv: int) -> None:
-    """Every run's rows: ``out`` / ``lse`` (contiguous, padded) written in place."""
+def forward(fz: Fused, flash, qp, kp, vp, out, lse, scale: float, *, B: int, H: int, H_kv: int,
+            alibi=None) -> None:
+    """Every run's rows: ``out`` / ``lse`` (contiguous, padded) written in place. ``alibi``: a
+    ``scoremod.ScoreTerms`` of ALiBi alone, in natural positions (``alibi_fits`` checked)."""
     plan = fz.rest
     qb, kb, nq, nkv = plan.q_block_size, plan.kv_block_size, plan.num_q_blocks, plan.num_kv_blocks
     D, Dv = qp.shape[-1], vp.shape[-1]
     inf = float("inf")
     for run in fz.runs:
         Lq, L = run.m * qb, run.span * kb
-        for r0, r1, Bp, qw, kw in _calls(run, B=B, H=H, H_kv=H_kv, nq=nq, nkv=nkv, qb=qb, kb=kb, width=D + Dv):
+        for r0, r1, Bp, qw, kw, hs in _calls(run, B=B, H=H, H_kv=H_kv, nq=nq, nkv=nkv, qb=qb, kb=kb,
+                                             width=D + Dv, heads=True):
             R = r1 - r0
             bias = fz.bias(run, r0, r1)
+            mask = None if bias is None else bias[None]
+            if alibi is not None:
+                mask, shift = _alibi_mask(alibi, fz.alibi_cache, fz, run, r0, r1, hs, bias, qb, kb)
             o, lg = flash(_view(qp, Bp, R, Lq, qw, D), _view(kp, Bp, R, L, kw, D), _view(vp, Bp, R, L, kw, Dv),
-                          0.0, run.causal, attn_mask=None if bias is None else bias[None], scale=scale)
+                          0.0, run.causal, attn_mask=mask, scale=scale)
+            if alibi is not None:
+                lg = lg + shift
             e = fz.empty(run, r0, r1)
-            if e is not None:  # the fused kernel gives 0 and lse 0 there
-                lg = lg.masked_fill(e[None], inf)
-                o = o.masked_fill(e[None, :, :, None], 0.0)
+            if e is not None:  # the fused kernel gives 0 and lse 0 there (its own buffers)
+                lg.masked_fill_(e[None], inf)
+                o.masked_fill_(e[None, :, :, None], 0.0)
             _view(out, Bp, R, Lq, qw, Dv).copy_(o)
             if lse is not None:
                 _view(lse, Bp, R, Lq, qw).copy_(lg)
 
 
 def backward(fz: Fused, flash_bw, dop, qp, kp, vp, out, lse, dq, dk, dv, scale: float, *,
-             B: int, H: int, H_kv: int) -> None:
-    """Every run's gradients, added into ``dq`` / ``dk`` / ``dv`` (contiguous, padded)."""
+             B: int, H: int, H_kv: int, alibi=None) -> None:
+    """Every run's gradients, added into ``dq`` / ``dk`` / ``dv`` (contiguous, padded);
+    ``alibi`` as for ``forward``."""
     plan = fz.rest
     qb, kb, nq, nkv = plan.q_block_size, plan.kv_block_size, plan.num_q_blocks, plan.num_kv_blocks
     D, Dv = qp.shape[-1], vp.shape[-1]
     for run in fz.runs:
         S = run.span
         Lq, L = run.m * qb, S * kb
-        for r0, r1, Bp, qw, kw in _calls(run, B=B, H=H, H_kv=H_kv, nq=nq, nkv=nkv, qb=qb, kb=kb, width=D + Dv):
+        for r0, r1, Bp, qw, kw, hs in _calls(run, B=B, H=H, H_kv=H_kv, nq=nq, nkv=nkv, qb=qb, kb=kb,
+                                             width=D + Dv, heads=True):
             R = r1 - r0
             bias = fz.bias(run, r0, r1)
+            mask, lg = None if bias is None else bias[None], _view(lse, Bp, R, Lq, qw)
+            if alibi is not None:
+                mask, shift = _alibi_mask(alibi, fz.alibi_cache, fz, run, r0, r1, hs, bias, qb, kb)
+                lg = lg - shift
             dqg, dkg, dvg = flash_bw(
                 _view(dop, Bp, R, Lq, qw, Dv), _view(qp, Bp, R, Lq, qw, D),
                 _view(kp, Bp, R, L, kw, D), _view(vp, Bp, R, L, kw, Dv),
-                _view(out, Bp, R, Lq, qw, Dv), _view(lse, Bp, R, Lq, qw).contiguous(), 0.0, run.causal,
-                attn_mask=None if bias is None else bias[None], scale=scale)
+                _view(out, Bp, R, Lq, qw, Dv), lg.contiguous(), 0.0, run.causal,
+                attn_mask=mask, scale=scale)
             _view(dq, Bp, R, Lq, qw, D).add_(dqg)
             if run.sigma == 0:  # every row read the same span: one sum
                 span = (kw[0], kw[1], 0)
