@@ -29,8 +29,8 @@ CAUSAL = Prim("causal")
 
 @st.composite
 def per_document_cases(draw):
-    inner = draw(patterns(max_leaves=3, blocks=False))
-    outer = draw(patterns(max_leaves=2, blocks=False))
+    inner = draw(patterns(max_leaves=3, block_max=4))
+    outer = draw(patterns(max_leaves=2, block_max=4))
     x = PerDocument(inner)
     shape = draw(st.sampled_from(["bare", "causal", "or", "not", "doc", "mix"]))
     full = {"bare": x, "causal": And((x, CAUSAL)), "or": Or((x, outer)), "not": And((Not(x), outer)),
