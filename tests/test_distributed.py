@@ -484,3 +484,38 @@ def test_run_nproc_with_documents(capsys):
     # a pattern that uses `document` without --documents: P360, exit 1 (before any worker starts)
     assert main(argv[:3] + ["--seq-len", "300"] + argv[5:-2]) == 1
     assert "P360" in capsys.readouterr().err
+
+
+# ---- nccl (GPU): the same code on CUDA tensors; skipped without CUDA ------------------------------
+def _nccl_worker(rank, world):
+    from patternc.distributed import ContextParallel
+
+    dev = torch.device("cuda", torch.cuda.current_device())
+    out = {}
+    for name, src, L, exchange in NCCL_CASES:
+        cp = patternc.compile(src, q_len=L, num_heads=2, block_size=32)
+        ctx = ContextParallel(cp, exchange=exchange)
+        q, k, v, dout = (x.to(dev) for x in _inputs(L, 2, 2, 5))
+        ql, kl, vl = (ctx.shard(x).requires_grad_() for x in (q, k, v))
+        o = ctx.attention(ql, kl, vl)
+        (o * ctx.shard(dout)).sum().backward()
+        out[name] = [ctx.unshard(t).cpu() for t in (o, ql.grad, kl.grad, vl.grad)]
+    return out
+
+
+NCCL_CASES = [("local", "local(w=40) & causal", 300, "auto"),
+              ("split", "(local(w=40) | strided(s=32)) & causal", 1000, "per-term")]
+
+
+def test_nccl_equals_single_process():
+    if not torch.cuda.is_available() or not dist.is_nccl_available():
+        pytest.skip("nccl needs CUDA")
+    from patternc.distributed.launch import spawn
+
+    world = min(2, torch.cuda.device_count())
+    got = spawn(_nccl_worker, world, timeout=300, backend="nccl")
+    for name, src, L, _ in NCCL_CASES:
+        cp = patternc.compile(src, q_len=L, num_heads=2, block_size=32)
+        want = _single(cp, *(x.cuda() for x in _inputs(L, 2, 2, 5)))
+        for what, a, b in zip(("out", "dq", "dk", "dv"), got[0][name], want):
+            torch.testing.assert_close(a, b.cpu(), atol=1e-4, rtol=1e-4, msg=f"{name}: {what}")

@@ -38,11 +38,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _entry(rank: int, fn, world: int, port: int, threads: int, outdir: str, args: tuple) -> None:
+def _entry(rank: int, fn, world: int, port: int, threads: int, outdir: str, args: tuple,
+           backend: str = "gloo") -> None:
     if sys.platform.startswith("linux"):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo's pairs on the loopback too
     torch.set_num_threads(threads)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+    if backend == "nccl":
+        torch.cuda.set_device(rank % torch.cuda.device_count())  # one GPU per rank
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT))
     try:
         result = fn(rank, world, *args)
@@ -52,8 +55,9 @@ def _entry(rank: int, fn, world: int, port: int, threads: int, outdir: str, args
         dist.destroy_process_group()
 
 
-def spawn(fn, nproc: int, *args, timeout: float = 300.0, threads: int = 1) -> list:
-    """Run ``fn(rank, world_size, *args)`` in ``nproc`` local gloo processes.
+def spawn(fn, nproc: int, *args, timeout: float = 300.0, threads: int = 1, backend: str = "gloo") -> list:
+    """Run ``fn(rank, world_size, *args)`` in ``nproc`` local gloo processes (``backend="nccl"``:
+    nccl, rank r on GPU ``r mod device_count``).
 
     Args:
         fn: a module-level (picklable) function; its return value must be ``torch.save``-able.
@@ -73,7 +77,7 @@ def spawn(fn, nproc: int, *args, timeout: float = 300.0, threads: int = 1) -> li
         raise ValueError(f"nproc must be >= 1, got {nproc}")
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="patternc-cp-") as outdir:
-        ctx = mp.start_processes(_entry, args=(fn, nproc, port, threads, outdir, args), nprocs=nproc,
+        ctx = mp.start_processes(_entry, args=(fn, nproc, port, threads, outdir, args, backend), nprocs=nproc,
                                  join=False, start_method="spawn")
         deadline = time.monotonic() + timeout
         try:
