@@ -596,7 +596,8 @@ class CompiledPattern:
         if "documents" in self.needs:
             if documents is None:
                 raise PatternError(Diagnostic(
-                    "P360", f"the pattern `{self.source}` uses `document` and needs run-time `documents`, but "
+                    "P360", f"the pattern `{self.source}` uses "
+                    f"`{'per_document' if uses_per_document(self.pattern) else 'document'}` and needs run-time `documents`, but "
                     "none were given", None, "pass documents=ids [B, P] (or [P], or lengths [[l0, l1, ...]]) to "
                     "attention / block_mask / layout_for (CLI: --documents L1,L2,...)", filename="<pattern>"))
             docs = check_documents(documents, max(self.q_offset + self.q_len, self.kv_offset + self.kv_len), batch)

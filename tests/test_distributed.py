@@ -146,7 +146,8 @@ def _nn_model():
 
     torch.manual_seed(0)
     return torch.nn.Sequential(SparseSelfAttention(16, 2, "(local(w=40) & causal) with alibi(max_bias=8)", block_size=32),
-                               SparseSelfAttention(16, 2, "strided(s=24) & causal | sink(n=4)", block_size=32))
+                               SparseSelfAttention(16, 2, "strided(s=24) & causal | sink(n=4)", block_size=32),
+                               SparseSelfAttention(16, 2, "(local(w=16) | strided(s=16)) & causal", block_size=32))
 
 
 def _nn_inputs():
@@ -168,12 +169,13 @@ def _nn_case(ContextParallel):
     x, g = _nn_inputs()
     kp = _nn_padding()
     y_l = model[1](model[0](ctx.shard(x, dim=1), key_padding_mask=kp), key_padding_mask=kp)
+    y_l = model[2](y_l)  # no padding: layer 2 keeps ctx's rows with its own (per-term) exchange
     (y_l * ctx.shard(g, dim=1)).sum().backward()
     grads = []
     for p in model.parameters():
         dist.all_reduce(p.grad)
         grads.append(p.grad)
-    return ctx.unshard(y_l, dim=1), grads
+    return ctx.unshard(y_l, dim=1), grads, ctx.for_pattern(model[2].compiled(NN_LEN)).exchange
 
 
 @pytest.fixture(scope="module")
@@ -273,9 +275,10 @@ def test_nn_layers_context_parallel(ranks):
     model = _nn_model()
     x, g = _nn_inputs()
     kp = _nn_padding()
-    y = model[1](model[0](x, key_padding_mask=kp), key_padding_mask=kp)
+    y = model[2](model[1](model[0](x, key_padding_mask=kp), key_padding_mask=kp))
     (y * g).sum().backward()
-    y_cp, grads = ranks[0]["nn"]
+    y_cp, grads, exchange = ranks[0]["nn"]
+    assert exchange == "per-term"  # for_pattern keeps the rows and still exchanges per term
     torch.testing.assert_close(y_cp, y.detach(), atol=1e-5, rtol=1e-5)
     for (name, p), got in zip(model.named_parameters(), grads):
         torch.testing.assert_close(got, p.grad, atol=1e-4, rtol=1e-4, msg=name)
@@ -481,3 +484,38 @@ def test_run_nproc_with_documents(capsys):
     # a pattern that uses `document` without --documents: P360, exit 1 (before any worker starts)
     assert main(argv[:3] + ["--seq-len", "300"] + argv[5:-2]) == 1
     assert "P360" in capsys.readouterr().err
+
+
+# ---- nccl (GPU): the same code on CUDA tensors; skipped without CUDA ------------------------------
+def _nccl_worker(rank, world):
+    from patternc.distributed import ContextParallel
+
+    dev = torch.device("cuda", torch.cuda.current_device())
+    out = {}
+    for name, src, L, exchange in NCCL_CASES:
+        cp = patternc.compile(src, q_len=L, num_heads=2, block_size=32)
+        ctx = ContextParallel(cp, exchange=exchange)
+        q, k, v, dout = (x.to(dev) for x in _inputs(L, 2, 2, 5))
+        ql, kl, vl = (ctx.shard(x).requires_grad_() for x in (q, k, v))
+        o = ctx.attention(ql, kl, vl)
+        (o * ctx.shard(dout)).sum().backward()
+        out[name] = [ctx.unshard(t).cpu() for t in (o, ql.grad, kl.grad, vl.grad)]
+    return out
+
+
+NCCL_CASES = [("local", "local(w=40) & causal", 300, "auto"),
+              ("split", "(local(w=40) | strided(s=32)) & causal", 1000, "per-term")]
+
+
+def test_nccl_equals_single_process():
+    if not torch.cuda.is_available() or not dist.is_nccl_available():
+        pytest.skip("nccl needs CUDA")
+    from patternc.distributed.launch import spawn
+
+    world = min(2, torch.cuda.device_count())
+    got = spawn(_nccl_worker, world, timeout=300, backend="nccl")
+    for name, src, L, _ in NCCL_CASES:
+        cp = patternc.compile(src, q_len=L, num_heads=2, block_size=32)
+        want = _single(cp, *(x.cuda() for x in _inputs(L, 2, 2, 5)))
+        for what, a, b in zip(("out", "dq", "dk", "dv"), got[0][name], want):
+            torch.testing.assert_close(a, b.cpu(), atol=1e-4, rtol=1e-4, msg=f"{name}: {what}")

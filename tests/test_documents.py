@@ -256,16 +256,17 @@ def test_cli_documents_set_the_length_and_a_different_one_is_a_usage_error(capsy
     assert code == 0 and "starting at positions 0, 3" in out and "\n3>...#" in out
 
 
-def test_packed_documents_example(capsys):
-    """examples/packed_documents.pattern: header, check, and its `# documents:` claim compiled
-    against the oracle (exact per-row layout) and run against the float64 reference."""
+@pytest.mark.parametrize("name", ["packed_documents.pattern", "packed_streaming_llm.pattern"])
+def test_packed_documents_example(capsys, name):
+    """examples/packed_*.pattern: header, check, and its `# documents:` claim compiled against
+    the oracle (exact per-row layout) and run against the float64 reference."""
     import re
     from pathlib import Path
 
     torch = pytest.importorskip("torch")
     from patternc.execute.reference import reference_attention
 
-    path = Path(__file__).resolve().parent.parent / "examples" / "packed_documents.pattern"
+    path = Path(__file__).resolve().parent.parent / "examples" / name
     text = path.read_text()
     assert "Source:" in text and "Convention:" in text
     claim = re.search(r"^# documents: (?P<lens>[\d,]+)(?P<rest>.*)$", text, re.M)

@@ -29,8 +29,8 @@ CAUSAL = Prim("causal")
 
 @st.composite
 def per_document_cases(draw):
-    inner = draw(patterns(max_leaves=3, blocks=False))
-    outer = draw(patterns(max_leaves=2, blocks=False))
+    inner = draw(patterns(max_leaves=3, block_max=4))
+    outer = draw(patterns(max_leaves=2, block_max=4))
     x = PerDocument(inner)
     shape = draw(st.sampled_from(["bare", "causal", "or", "not", "doc", "mix"]))
     full = {"bare": x, "causal": And((x, CAUSAL)), "or": Or((x, outer)), "not": And((Not(x), outer)),
@@ -230,3 +230,21 @@ def test_analyze_reads_one_document():
     assert any("one document of 64 tokens" in n for n in r.notes)
     assert patternc.analyze("document & local(w=8) & causal", seq_len=40).min_layers == \
         patternc.analyze("local(w=8) & causal", seq_len=40).min_layers
+
+
+def test_nn_layer_on_packed_rows_equals_each_document_alone():
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    layer = patternc.nn.SparseSelfAttention(16, 2, "per_document(sink(n=2) | local(w=6)) & causal",
+                                            block_size=8).double()
+    x = torch.randn(2, 40, 16, dtype=torch.float64)
+    packed = layer(x, documents=[[17, 23], [9, 31]])
+    for b, lens in enumerate([[17, 23], [9, 31]]):
+        start = 0
+        for n in lens:
+            alone = layer(x[b:b + 1, start:start + n], documents=[[n]])
+            torch.testing.assert_close(packed[b:b + 1, start:start + n], alone, rtol=1e-12, atol=1e-12)
+            start += n
+    with pytest.raises(PatternError) as e:
+        layer(x)
+    assert e.value.diagnostic.code == "P360" and "`per_document`" in str(e.value)

@@ -53,6 +53,7 @@ from .balance import (
     TOLERANCE,
     Schedule,
     _block_tokens,
+    _build,
     block_weights,
     contiguous_balanced,
     make_schedule,
@@ -187,9 +188,10 @@ class ContextParallel:
         #: "natural" (one exchange of the keys each rank's rows read, in the sharding order) or
         #: "per-term" (each execution-plan term exchanged in its own order, see docs/distributed.md)
         self.exchange = "natural"
+        self._exchange_opt = exchange
         self._split_terms = None
-        if plan == "auto" and owner is None and term is None and exchange != "natural":
-            self._choose_per_term(balance, tolerance, force=exchange == "per-term")
+        if plan == "auto" and term is None and exchange != "natural":
+            self._choose_per_term(balance, tolerance, force=exchange == "per-term", owner=owner)
         if exchange == "per-term" and self.exchange != "per-term":
             raise _error("P380", f"exchange='per-term' needs an execution plan with a natural term and terms in "
                          f"other orders, all heads each; `{cp.pattern}` has none here",
@@ -219,20 +221,25 @@ class ContextParallel:
         """Natural token positions of places ``pos`` of the sharding order."""
         return pos if self.order is None else self.order[pos]
 
-    def _choose_per_term(self, balance: str, tolerance: float, force: bool = False) -> None:
+    def _choose_per_term(self, balance: str, tolerance: float, force: bool = False, owner=None) -> None:
         """Exchange the execution plan's terms each in its own order when that makes the rank
         that receives most receive less (in position units: a key/value row counts 2, a query
         row 1, a partial output row 1; i.e. D = Dv). Rows are owned in natural order, balanced
         on the natural term's tiles; each other term's query blocks are computed by ranks in
-        contiguous equal-tile ranges of *its* order (``_RemoteTerm``)."""
+        contiguous equal-tile ranges of *its* order (``_RemoteTerm``). With ``owner`` given (``for_pattern``)
+        the rows keep those owners."""
         split = _split_plan(self.cp)
         if split is None:
             return
         home, remotes = split
         W, L = self.world_size, self.seq_len
         home_kinds = _padded_kinds(home, self._kinds.shape[-2], self._kinds.shape[-1])
-        sched = make_schedule(home_kinds, world=W, seq_len=L, q_block_size=self.q_block_size,
-                              kv_block_size=self.kv_block_size, balance=balance, tolerance=tolerance)
+        if owner is None:
+            sched = make_schedule(home_kinds, world=W, seq_len=L, q_block_size=self.q_block_size,
+                                  kv_block_size=self.kv_block_size, balance=balance, tolerance=tolerance)
+        else:
+            sched = _build(np.asarray(owner, dtype=np.int64), "given", block_weights(home_kinds),
+                           row_reads(home_kinds), W, L, self.q_block_size, self.kv_block_size)
         cost = 2 * sched.received_positions()
         heads = self.cp.num_heads
         tiles = sched.tiles * (heads if home_kinds.shape[0] == 1 else 1)
@@ -290,7 +297,8 @@ class ContextParallel:
             if cp.q_len != self.seq_len or cp.layout.q_block_size != self.q_block_size:
                 raise _error("P380", f"for_pattern needs the same Q_LEN and Q_BLOCK_SIZE ({self.seq_len}, "
                              f"{self.q_block_size}); got ({cp.q_len}, {cp.layout.q_block_size})")
-            child = ContextParallel(cp, self.group, self.balance, owner=self.schedule.owner, plan="natural")
+            child = ContextParallel(cp, self.group, self.balance, owner=self.schedule.owner,
+                                    exchange="natural" if self._exchange_opt == "natural" else "auto")
             self._children[id(cp)] = child
         return child
 
@@ -536,6 +544,12 @@ class _Fetch:
             index[slots] = offset + np.arange(slots.size, dtype=np.int64)
             offset += slots.size
         self.index = index
+        # the same map split in two, to fill a buffer without concatenating: own rows -> slots
+        # (``home_slots`` <- ``home_rows``), received rows (in arrival order) -> ``recv_slots``
+        self.home_slots = np.nonzero(home)[0]
+        self.home_rows = index[home]
+        self.recv_slots = np.argsort(np.where(home, -1, index), kind="stable")[self.home_slots.size:]
+        self.identity = bool(self.m == self.n and not (~home).any() and np.array_equal(index, np.arange(self.n)))
         self.any = any(bool((o != p).any()) for p, o in enumerate(owners))
         self._t: dict = {}
 
@@ -556,9 +570,16 @@ class _Fetch:
     def gather(self, own: torch.Tensor):
         """``own`` [n, ...] (this rank's rows, ascending places) -> ([m, ...] rows of need[rank],
         bytes sent, bytes received)."""
-        sent = own.index_select(0, self._tensor("send_index", own.device))
+        dev = own.device
+        sent = own.index_select(0, self._tensor("send_index", dev))
         recv = self._exchange(sent, self.send_splits, self.recv_splits)
-        buf = torch.cat([own, recv], dim=0).index_select(0, self._tensor("index", own.device))
+        if self.identity:  # the buffer is this rank's own rows, in order
+            buf = own
+        else:
+            buf = own.new_empty((self.m,) + tuple(own.shape[1:]))
+            buf.index_copy_(0, self._tensor("home_slots", dev), own.index_select(0, self._tensor("home_rows", dev)))
+            if recv.shape[0]:
+                buf.index_copy_(0, self._tensor("recv_slots", dev), recv)
         rb = _row_bytes(own)
         return buf, int(sent.shape[0]) * rb, int(recv.shape[0]) * rb
 

@@ -38,11 +38,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _entry(rank: int, fn, world: int, port: int, threads: int, outdir: str, args: tuple) -> None:
+def _entry(rank: int, fn, world: int, port: int, threads: int, outdir: str, args: tuple,
+           backend: str = "gloo") -> None:
     if sys.platform.startswith("linux"):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo's pairs on the loopback too
     torch.set_num_threads(threads)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+    if backend == "nccl":
+        torch.cuda.set_device(rank % torch.cuda.device_count())  # one GPU per rank
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT))
     try:
         result = fn(rank, world, *args)
@@ -52,8 +55,9 @@ def _entry(rank: int, fn, world: int, port: int, threads: int, outdir: str, args
         dist.destroy_process_group()
 
 
-def spawn(fn, nproc: int, *args, timeout: float = 300.0, threads: int = 1) -> list:
-    """Run ``fn(rank, world_size, *args)`` in ``nproc`` local gloo processes.
+def spawn(fn, nproc: int, *args, timeout: float = 300.0, threads: int = 1, backend: str = "gloo") -> list:
+    """Run ``fn(rank, world_size, *args)`` in ``nproc`` local gloo processes (``backend="nccl"``:
+    nccl, rank r on GPU ``r mod device_count``).
 
     Args:
         fn: a module-level (picklable) function; its return value must be ``torch.save``-able.
@@ -73,7 +77,7 @@ def spawn(fn, nproc: int, *args, timeout: float = 300.0, threads: int = 1) -> li
         raise ValueError(f"nproc must be >= 1, got {nproc}")
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="patternc-cp-") as outdir:
-        ctx = mp.start_processes(_entry, args=(fn, nproc, port, threads, outdir, args), nprocs=nproc,
+        ctx = mp.start_processes(_entry, args=(fn, nproc, port, threads, outdir, args, backend), nprocs=nproc,
                                  join=False, start_method="spawn")
         deadline = time.monotonic() + timeout
         try:
@@ -101,6 +105,8 @@ def _run_worker(rank: int, world: int, cp, q, k, v, dout, balance: str, repeats:
     from .context import ContextParallel
 
     ctx = ContextParallel(cp, balance=balance)
+    # what a contiguous split of the same exchange (natural or per-term) would compute per rank
+    contiguous = ctx if balance == "contiguous" else ContextParallel(cp, balance="contiguous")
     q_l, k_l, v_l = ctx.shard(q), ctx.shard(k), ctx.shard(v)
     times = []
     with torch.no_grad():
@@ -118,7 +124,7 @@ def _run_worker(rank: int, world: int, cp, q, k, v, dout, balance: str, repeats:
     backward = time.perf_counter() - t0
     full = ctx.unshard(out_l)
     return dict(stats=ctx.stats, forward_seconds=statistics.median(times), backward_seconds=backward,
-                out=full if rank == 0 else None)
+                out=full if rank == 0 else None, contiguous_imbalance=contiguous.stats["imbalance"])
 
 
 def run_local(cp, q, k, v, nproc: int, *, balance: str = "tiles", repeats: int = 3, threads: int = 1,
@@ -149,18 +155,13 @@ def run_local(cp, q, k, v, nproc: int, *, balance: str = "tiles", repeats: int =
     Raises:
         TimeoutError, RuntimeError: see ``spawn``.
     """
-    from .balance import make_schedule
-
     g = torch.Generator().manual_seed(seed + 1)
     dout = torch.randn(q.shape[:-1] + (v.shape[-1],), generator=g).to(q.dtype)
     res = spawn(_run_worker, nproc, cp, q, k, v, dout, balance, repeats, documents, timeout=timeout,
                 threads=threads)
     ranks = [dict(r["stats"], forward_seconds=r["forward_seconds"], backward_seconds=r["backward_seconds"])
              for r in res]
-    lay = cp.layout
-    contiguous = make_schedule(lay.kinds, world=nproc, seq_len=cp.q_len, q_block_size=lay.q_block_size,
-                               kv_block_size=lay.kv_block_size, balance="contiguous")
-    out = {"ranks": ranks, "out": res[0]["out"], "contiguous_imbalance": contiguous.imbalance}
+    out = {"ranks": ranks, "out": res[0]["out"], "contiguous_imbalance": res[0]["contiguous_imbalance"]}
     if check:
         with torch.no_grad():
             want = cp.attention(q, k, v, backend="blocksparse", documents=documents).to(torch.float64)
