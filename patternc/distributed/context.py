@@ -544,6 +544,12 @@ class _Fetch:
             index[slots] = offset + np.arange(slots.size, dtype=np.int64)
             offset += slots.size
         self.index = index
+        # the same map split in two, to fill a buffer without concatenating: own rows -> slots
+        # (``home_slots`` <- ``home_rows``), received rows (in arrival order) -> ``recv_slots``
+        self.home_slots = np.nonzero(home)[0]
+        self.home_rows = index[home]
+        self.recv_slots = np.argsort(np.where(home, -1, index), kind="stable")[self.home_slots.size:]
+        self.identity = bool(self.m == self.n and not (~home).any() and np.array_equal(index, np.arange(self.n)))
         self.any = any(bool((o != p).any()) for p, o in enumerate(owners))
         self._t: dict = {}
 
@@ -564,9 +570,16 @@ class _Fetch:
     def gather(self, own: torch.Tensor):
         """``own`` [n, ...] (this rank's rows, ascending places) -> ([m, ...] rows of need[rank],
         bytes sent, bytes received)."""
-        sent = own.index_select(0, self._tensor("send_index", own.device))
+        dev = own.device
+        sent = own.index_select(0, self._tensor("send_index", dev))
         recv = self._exchange(sent, self.send_splits, self.recv_splits)
-        buf = torch.cat([own, recv], dim=0).index_select(0, self._tensor("index", own.device))
+        if self.identity:  # the buffer is this rank's own rows, in order
+            buf = own
+        else:
+            buf = own.new_empty((self.m,) + tuple(own.shape[1:]))
+            buf.index_copy_(0, self._tensor("home_slots", dev), own.index_select(0, self._tensor("home_rows", dev)))
+            if recv.shape[0]:
+                buf.index_copy_(0, self._tensor("recv_slots", dev), recv)
         rb = _row_bytes(own)
         return buf, int(sent.shape[0]) * rb, int(recv.shape[0]) * rb
 
