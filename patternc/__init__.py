@@ -42,7 +42,7 @@ def __getattr__(name):
 
         mod, attr = _LAZY[name]
         return getattr(importlib.import_module(f".{mod}", __name__), attr)
-    if name in ("nn", "reference"):
+    if name in ("nn", "reference", "execute", "transformers", "distributed", "show"):  # subpackages, loaded on first use
         import importlib
 
         return importlib.import_module(f".{name}", __name__)

@@ -494,10 +494,17 @@ class CompiledPattern:
             # with offsets (decode, chunked prefill) the plan stays natural: such calls are short
             # in one axis, and the planner reasons in positions 0..len-1
             # (and for patterns with run-time data, `document`: their pairs are known per batch)
-            offsets = bool(getattr(self, "q_offset", 0) or getattr(self, "kv_offset", 0) or self.needs)
-            self.__dict__[key] = plan_layer(self.head_patterns, np.asarray(self.layout.kinds), self.q_len,
-                                            self.kv_len, self.block_size, self.num_heads,
-                                            mode="natural" if offsets else mode)
+            offsets = bool(self.q_offset or self.kv_offset)
+            plan = plan_layer(self.head_patterns, np.asarray(self.layout.kinds), self.q_len, self.kv_len,
+                              self.block_size, self.num_heads,
+                              mode="natural" if (offsets or self.needs) else mode)
+            if mode == "auto" and offsets:
+                plan.note = ("natural order: plans are made for compiles without q_offset / kv_offset "
+                             "(decode and chunked-prefill calls are short in one axis)")
+            elif mode == "auto" and self.needs:
+                plan.note = ("natural order: a pattern with run-time documents runs each batch row's "
+                             "exact layout (cp.layout_for)")
+            self.__dict__[key] = plan
         return self.__dict__[key]
 
     # ---- densities -------------------------------------------------------------------------------

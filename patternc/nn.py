@@ -324,6 +324,19 @@ class SparseSelfAttention(nn.Module):
 
     @torch.compiler.disable
     def _attend_cached(self, q, k, v, cache: KVCache, positions, documents, key_padding_mask):
+        if not getattr(self, "_warned_random", False) and any(
+                getattr(n, "name", None) == "random" for n in self.pattern.walk()):
+            import warnings
+
+            from .errors import PatternWarning
+
+            self._warned_random = True
+            warnings.warn(PatternWarning(Diagnostic(
+                "W008", f"a KV cache with the pattern `{self.pattern}`, which uses `random`: `random` draws per "
+                "key extent (SPEC §1.1, not prefix-stable), so cached steps attend other keys than the "
+                "full-sequence forward", None, "decode without a cache (full forward per step), or use a "
+                "pattern without `random` for generation", severity="warning",
+                filename="patternc.nn.SparseSelfAttention")), stacklevel=4)
         slot = cache.slot(self)
         t, L = slot.length, q.shape[2]
         if positions is not None and int(positions) != t:

@@ -116,3 +116,24 @@ def test_left_padded_batch_decodes_with_an_hf_style_mask():
         steps = [model(x[:, t:t + 1], kv_cache=cache, key_padding_mask=am[:, :t + 1]) for t in range(T)]
     got = torch.cat(steps, dim=1)
     torch.testing.assert_close(got[:, :], full, rtol=1e-10, atol=1e-10)
+
+
+def test_a_kv_cache_with_random_warns_once_and_really_differs():
+    import warnings
+
+    from patternc.errors import PatternWarning
+
+    torch.manual_seed(0)
+    layer = SparseSelfAttention(16, 2, "(local(w=4) | random(r=3)) & causal", block_size=8)
+    layer.eval()
+    x = torch.randn(1, 24, 16)
+    with torch.no_grad():
+        full = layer(x)
+        cache = KVCache()
+        with warnings.catch_warnings(record=True) as got:
+            warnings.simplefilter("always")
+            steps = [layer(x[:, t:t + 1], kv_cache=cache) for t in range(24)]
+    codes = [w.message.diagnostic.code for w in got if isinstance(w.message, PatternWarning)]
+    assert codes.count("W008") == 1
+    # the warning is true: cached steps are not the full forward's rows
+    assert float((torch.cat(steps, 1) - full).abs().max()) > 1e-3

@@ -299,3 +299,26 @@ def test_score_mod_hook_sees_natural_positions_in_every_term():
     assert _rel(out, ref) <= 1e-10
     for a, b in zip(xs, rs):
         assert _rel(a.grad, b.grad) <= 1e-9
+
+
+def test_residue_plans_hold_at_long_sequences_without_pair_evaluation():
+    # 65,536 tokens: Q x KV = 2^32 pairs is past the evaluation budget, but natural and
+    # residue-order kinds are analytic, so the plan is made (it was natural before)
+    from patternc.lower import planner
+
+    cp = _compile("(local(w=128) | strided(s=128)) & causal", q_len=65536, block_size=128)
+    assert 65536 * 65536 > planner.PLAN_EVAL_ELEMENTS
+    plan = cp.plan
+    assert not plan.is_natural and any(t.q_order.kind == "residue" for t in plan.terms)
+    # hand count: local(w=128) & causal is 2 tiles per query block but the first (512 blocks);
+    # the strided term in residue order is 128 classes of 512 positions (4 blocks), causal within
+    # each: 4 + 3 + 2 + 1 tiles per class
+    assert plan.computed_tiles == (2 * 512 - 1) + 128 * 10
+    assert plan.computed_tiles * 50 < plan.natural_tiles
+
+
+def test_offsets_keep_natural_order_and_say_why():
+    cp = _compile("(local(w=128) | strided(s=128)) & causal", q_len=1024, kv_len=2048, q_offset=1024,
+                  block_size=128)
+    assert cp.plan.is_natural
+    assert "offset" in cp.plan.note and "asked" not in cp.plan.note

@@ -99,7 +99,8 @@ def spawn(fn, nproc: int, *args, timeout: float = 300.0, threads: int = 1, backe
 # ---- `patternc run --nproc N` ---------------------------------------------------------------
 def _run_worker(rank: int, world: int, cp, q, k, v, dout, balance: str, repeats: int, documents=None) -> dict:
     """One rank of ``run_local``: shard, time the forward (``repeats`` calls after a warm-up,
-    a barrier before each), then one forward + backward for the backward's bytes and time."""
+    a barrier before each), then forward + backward likewise (at most 3 timed backwards after a
+    warm-up) for the backward's bytes and time."""
     import statistics
 
     from .context import ContextParallel
@@ -116,14 +117,19 @@ def _run_worker(rank: int, world: int, cp, q, k, v, dout, balance: str, repeats:
             out_l = ctx.attention(q_l, k_l, v_l, documents=documents)
             if i:
                 times.append(time.perf_counter() - t0)
-    q_g, k_g, v_g = (x.clone().requires_grad_() for x in (q_l, k_l, v_l))
-    o = ctx.attention(q_g, k_g, v_g, documents=documents)
-    dist.barrier()
-    t0 = time.perf_counter()
-    o.backward(ctx.shard(dout))
-    backward = time.perf_counter() - t0
+    # the backward warmed up like the forward (its first call builds the backward's plans:
+    # timing it alone reported ~50x the steady-state time), then the median of a few
+    back, d_l = [], ctx.shard(dout)
+    for i in range(max(1, min(repeats, 3)) + 1):
+        q_g, k_g, v_g = (x.clone().requires_grad_() for x in (q_l, k_l, v_l))
+        o = ctx.attention(q_g, k_g, v_g, documents=documents)
+        dist.barrier()
+        t0 = time.perf_counter()
+        o.backward(d_l)
+        if i:
+            back.append(time.perf_counter() - t0)
     full = ctx.unshard(out_l)
-    return dict(stats=ctx.stats, forward_seconds=statistics.median(times), backward_seconds=backward,
+    return dict(stats=ctx.stats, forward_seconds=statistics.median(times), backward_seconds=statistics.median(back),
                 out=full if rank == 0 else None, contiguous_imbalance=contiguous.stats["imbalance"])
 
 

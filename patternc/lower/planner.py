@@ -444,6 +444,17 @@ class _Budget:
         return True
 
 
+def _eval_cost(p: Pattern, qo: Order, ko: Order, q_len: int, kv_len: int) -> int:
+    """Predicate evaluations ``_kinds_cached`` spends on a term: none for natural order (the
+    analytic lowering) or for residue order of a pattern that reads only ``i - j`` (an exact
+    count over residue runs); Q_LEN x KV_LEN otherwise (every pair evaluated in batches)."""
+    if qo == NATURAL and ko == NATURAL:
+        return 0
+    if qo.kind == "residue" and qo == ko and support(p) == frozenset("d"):
+        return 0
+    return q_len * kv_len
+
+
 @functools.lru_cache(maxsize=64)
 def _kinds_cached(p: Pattern, qo: Order, ko: Order, q_len: int, kv_len: int, block_size) -> np.ndarray:
     if qo == NATURAL and ko == NATURAL:
@@ -484,7 +495,7 @@ def _plan_head(p: Pattern, heads: tuple, q_len: int, kv_len: int, block_size, bu
             continue
         choice, choice_tiles = (NATURAL, NATURAL), _tiles(_natural_kinds(d, q_len, kv_len, block_size))
         for qo, ko in cands[1:]:
-            if not budget.spend(q_len * kv_len):
+            if not budget.spend(_eval_cost(d, qo, ko, q_len, kv_len)):
                 return None, natural, "not reordered: the plan's evaluation budget is spent (long sequences)"
             t = _term(d, heads, qo, ko, q_len, kv_len, block_size, merged=True)
             if force or t.cost / len(heads) < choice_tiles:
@@ -504,7 +515,7 @@ def _plan_head(p: Pattern, heads: tuple, q_len: int, kv_len: int, block_size, bu
         with_tiles = _tiles(_natural_kinds(_or(nat + members), q_len, kv_len, block_size))
         earlier = _or(nat + [m for _, ms in kept for m in ms]) if (nat or kept) else None
         term_p = Diff(union, earlier) if earlier is not None else union
-        if not budget.spend(q_len * kv_len):
+        if not budget.spend(_eval_cost(term_p, order[0], order[1], q_len, kv_len)):
             return None, natural, "not reordered: the plan's evaluation budget is spent (long sequences)"
         t = _term(term_p, heads, order[0], order[1], q_len, kv_len, block_size, merged=True)
         if force or t.cost / len(heads) < with_tiles - base_tiles:
