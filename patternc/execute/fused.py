@@ -52,11 +52,15 @@ BIAS_CACHE_ELEMENTS = 1 << 24
 #: score-sized elements of bias per call (bounds the memory of one call; a staircase whose one
 #: kernel row would need a larger bias is split into single rows)
 RUN_CHUNK_ELEMENTS = 1 << 23
-#: q / k / v / gradient elements one kernel call reads or writes (the views are free, but the
-#: kernel allocates and zero-fills its outputs, and the backward's per-row key gradients are
-#: folded after it): calls this small keep those buffers in cache and off fresh pages
-#: (measured: a third of local(w=256)'s backward went to zero-filling fresh 40 MB buffers)
-CALL_ELEMENTS = 1 << 20
+#: q / k / v / gradient elements one *backward* kernel call reads or writes: the fused backward
+#: allocates and zero-fills one key gradient per row and span slot, folded after it, and calls
+#: this small keep those buffers off fresh pages (measured: a third of local(w=256)'s backward
+#: went to zero-filling fresh 40 MB buffers). The forward's inputs are views and its output is
+#: one row of queries each, so it makes one call per run: every call is a parallel region, and
+#: on a CPU shared with other busy processes each region waits for descheduled threads
+#: (measured: 43 calls per layer took local(w=256)'s forward from 0.13x to 1.1x SDPA under a
+#: competing 2-thread process)
+CALL_ELEMENTS = 1 << 22
 #: tile ids of the table's first entries: every pair allowed, none, the lower triangle (b <= a)
 _FULL_ID, _NONE_ID, _TRIL_ID = 0, 1, 2
 
@@ -339,7 +343,7 @@ def build(plan, kinds: np.ndarray, head_independent: bool, mask_mod, *, plan_cls
 
 # ---- execution -------------------------------------------------------------------------------
 def _calls(run: Run, *, B: int, H: int, H_kv: int, nq: int, nkv: int, qb: int, kb: int, width: int = 64,
-           heads: bool = False):
+           heads: bool = False, call_elements: int | None = None):
     """Yield ``(r0, r1, Bp, q, kv)`` per kernel call of ``run``: ``q`` / ``kv`` are
     ``(offset, batch_stride, row_stride)`` in tokens of the flat padded query
     (``[B * H * nq * qb]``) and key (``[B * H_kv * nkv * kb]``) sequences. ``heads``: also yield
@@ -352,7 +356,7 @@ def _calls(run: Run, *, B: int, H: int, H_kv: int, nq: int, nkv: int, qb: int, k
         bases = [(B, run.head * nq * qb, H * nq * qb, (run.head // g) * nkv * kb, H_kv * nkv * kb)]
         who = [(run.head,) * B]
     Bp = bases[0][0]
-    step = max(1, CALL_ELEMENTS // (Bp * width * (run.m * qb + run.span * kb)))
+    step = run.rows if call_elements is None else max(1, call_elements // (Bp * width * (run.m * qb + run.span * kb)))
     if run.ids is not None and run.ids.shape[0] > 1:
         step = min(step, max(1, RUN_CHUNK_ELEMENTS // (run.m * qb * run.span * kb)))
     for (Bp, qoff, qB, koff, kB), hs in zip(bases, who):
@@ -459,7 +463,7 @@ def backward(fz: Fused, flash_bw, dop, qp, kp, vp, out, lse, dq, dk, dv, scale: 
         S = run.span
         Lq, L = run.m * qb, S * kb
         for r0, r1, Bp, qw, kw, hs in _calls(run, B=B, H=H, H_kv=H_kv, nq=nq, nkv=nkv, qb=qb, kb=kb,
-                                             width=D + Dv, heads=True):
+                                             width=D + Dv, heads=True, call_elements=CALL_ELEMENTS):
             R = r1 - r0
             bias = fz.bias(run, r0, r1)
             mask, lg = None if bias is None else bias[None], _view(lse, Bp, R, Lq, qw)
