@@ -104,8 +104,11 @@ def doc_rect_counts(pa, pn, q0, q1, k0, k1, q_len: int, kv_len: int, ids: np.nda
     return _counts_brute(pa, pn, q0, q1, k0, k1, q_len, kv_len, ids)
 
 
-def _counts_by_runs(pa, pn, q0, q1, k0, k1, Q, K, run_of, starts, ends) -> np.ndarray:
-    cnt = rect_counts(pn, q0, q1, k0, k1, Q, K)
+def split_by_runs(q0, q1, k0, k1, run_of, starts, ends):
+    """The parts of rectangles ``[q0, q1) x [k0, k1)`` (int64 [n], positions) inside one
+    document run on both axes: ``(owner, run, sq0, sq1, sk0, sk1)``, int64 [m] each (``owner``
+    the rectangle, ``run`` the run index; ``run_of`` [P] a position's run, ``starts`` /
+    ``ends`` [runs] the runs' bounds). O(rectangles + parts)."""
     lo = np.maximum(run_of[q0], run_of[k0])
     hi = np.minimum(run_of[q1 - 1], run_of[k1 - 1])
     n = np.maximum(hi - lo + 1, 0)
@@ -114,7 +117,12 @@ def _counts_by_runs(pa, pn, q0, q1, k0, k1, Q, K, run_of, starts, ends) -> np.nd
     sq0, sq1 = np.maximum(q0[owner], starts[r]), np.minimum(q1[owner], ends[r])
     sk0, sk1 = np.maximum(k0[owner], starts[r]), np.minimum(k1[owner], ends[r])
     ok = (sq1 > sq0) & (sk1 > sk0)
-    owner, sq0, sq1, sk0, sk1 = owner[ok], sq0[ok], sq1[ok], sk0[ok], sk1[ok]
+    return owner[ok], r[ok], sq0[ok], sq1[ok], sk0[ok], sk1[ok]
+
+
+def _counts_by_runs(pa, pn, q0, q1, k0, k1, Q, K, run_of, starts, ends) -> np.ndarray:
+    cnt = rect_counts(pn, q0, q1, k0, k1, Q, K)
+    owner, _, sq0, sq1, sk0, sk1 = split_by_runs(q0, q1, k0, k1, run_of, starts, ends)
     if owner.size == 0:
         return cnt
     delta = rect_counts(pa, sq0, sq1, sk0, sk1, Q, K) - rect_counts(pn, sq0, sq1, sk0, sk1, Q, K)

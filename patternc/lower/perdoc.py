@@ -37,6 +37,7 @@ from ..ir.nodes import ALL, NONE, Blocks, Pattern, PerDocument, Prim
 from ..ir.normalize import normalize
 from ..ir.primitives import PRIMITIVES
 from ..ir.specialize import bind_per_document, cdiv, substitute_document, uses_documents
+from .documents import split_by_runs
 from .layout import FULL, PARTIAL
 from .lowering import Grid, Shifted, _kinds_from_counts, evaluate, lower_exact, rect_counts
 from .runtime import runs
@@ -256,15 +257,7 @@ def row_counts(parts: RowParts, ids_row: np.ndarray, q0, q1, k0, k1, cross_count
     if q0.size == 0:
         return out
     starts, ends, run_of = _run_table(ids_row)
-    lo = np.maximum(run_of[q0], run_of[k0])
-    hi = np.minimum(run_of[q1 - 1], run_of[k1 - 1])
-    n = np.maximum(hi - lo + 1, 0)
-    owner = np.repeat(np.arange(q0.size), n)
-    r = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n) + np.repeat(lo, n)
-    sq0, sq1 = np.maximum(q0[owner], starts[r]), np.minimum(q1[owner], ends[r])
-    sk0, sk1 = np.maximum(k0[owner], starts[r]), np.minimum(k1[owner], ends[r])
-    ok = (sq1 > sq0) & (sk1 > sk0)
-    owner, r, sq0, sq1, sk0, sk1 = owner[ok], r[ok], sq0[ok], sq1[ok], sk0[ok], sk1[ok]
+    owner, r, sq0, sq1, sk0, sk1 = split_by_runs(q0, q1, k0, k1, run_of, starts, ends)
     if owner.size == 0:
         return out
     delta = -rect_counts(parts.inside_cross, sq0, sq1, sk0, sk1, parts.q_len, parts.kv_len)
