@@ -113,11 +113,12 @@ def test_two_runs_with_one_id_are_one_document():
     assert np.array_equal(m, dense_mask("document & causal", q_len=10, documents=ids)[0])
 
 
-def test_block_mask_equals_create_block_mask():
+@pytest.mark.parametrize("src", ["document & local(w=24) & causal", "per_document(sink(n=4) | local(w=24)) & causal"])
+def test_block_mask_equals_create_block_mask(src):
     torch = pytest.importorskip("torch")
     from torch.nn.attention.flex_attention import create_block_mask
 
-    src, Q = "document & local(w=24) & causal", 232
+    Q = 232
     ids = np.stack([np.repeat(np.arange(4), [50, 100, 2, 80]), np.repeat(np.arange(3), [97, 130, 5])])
     cp = patternc.compile(src, q_len=Q, num_heads=2, block_size=32)
     mine = cp.block_mask(documents=torch.from_numpy(ids))
@@ -131,12 +132,14 @@ def test_block_mask_equals_create_block_mask():
             assert sorted(a[idx][:c].tolist()) == sorted(r[idx][:c].tolist())
 
 
+@pytest.mark.parametrize("src", ["document & (local(w=16) | sink(n=2)) & causal",
+                                 "per_document(sink(n=3) | local(w=16)) & causal"])
 @pytest.mark.parametrize("backend", ["blocksparse", "sdpa"])
-def test_attention_with_documents_forward_and_backward(backend):
+def test_attention_with_documents_forward_and_backward(backend, src):
     torch = pytest.importorskip("torch")
     from patternc.execute.reference import reference_attention
 
-    src, Q, H, D = "document & (local(w=16) | sink(n=2)) & causal", 130, 2, 8
+    Q, H, D = 130, 2, 8
     lens = [[40, 60, 30], [1, 129]]
     cp = patternc.compile(src, q_len=Q, num_heads=H, block_size=32)
     g = torch.Generator().manual_seed(0)

@@ -166,41 +166,8 @@ def test_needs_and_errors():
         assert e.value.diagnostic.code == code, (bad, str(e.value))
 
 
-def test_block_mask_equals_create_block_mask():
-    torch = pytest.importorskip("torch")
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    src, Q = "per_document(sink(n=4) | local(w=24)) & causal", 232
-    ids = np.stack([np.repeat(np.arange(4), [50, 100, 2, 80]), np.repeat(np.arange(3), [97, 130, 5])])
-    cp = patternc.compile(src, q_len=Q, num_heads=2, block_size=32)
-    mine = cp.block_mask(documents=torch.from_numpy(ids))
-    ref = create_block_mask(cp.mask_mod_for(documents=ids), 2, 2, Q, Q, device="cpu", BLOCK_SIZE=32)
-    assert torch.equal(mine.kv_num_blocks, ref.kv_num_blocks)
-    assert torch.equal(mine.full_kv_num_blocks, ref.full_kv_num_blocks)
-    for name, num in (("kv_indices", "kv_num_blocks"), ("full_kv_indices", "full_kv_num_blocks")):
-        a, r, n = getattr(mine, name), getattr(ref, name), getattr(mine, num)
-        for idx in np.ndindex(*n.shape):
-            c = int(n[idx])
-            assert sorted(a[idx][:c].tolist()) == sorted(r[idx][:c].tolist())
-
-
-@pytest.mark.parametrize("backend", ["blocksparse", "sdpa"])
-def test_attention_forward_and_backward(backend):
-    torch = pytest.importorskip("torch")
-    from patternc.execute.reference import reference_attention
-
-    src, Q, H, D = "per_document(sink(n=3) | local(w=16)) & causal", 130, 2, 8
-    lens = [[40, 60, 30], [1, 129]]
-    cp = patternc.compile(src, q_len=Q, num_heads=H, block_size=32)
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, H, Q, D, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    out = cp.attention(q, k, v, documents=lens, backend=backend)
-    mask = dense_mask(src, q_len=Q, num_heads=H, documents=lens)
-    ref = torch.cat([reference_attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], mask[b]) for b in range(2)])
-    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
-    gout = torch.randn_like(out)
-    for a, r in zip(torch.autograd.grad(out, (q, k, v), gout), torch.autograd.grad(ref, (q, k, v), gout)):
-        torch.testing.assert_close(a, r, rtol=1e-8, atol=1e-8)
+# the batched BlockMask against create_block_mask, and attention forward and backward against the
+# float64 reference: tests/test_documents.py runs both for `document` and `per_document`
 
 
 def test_layout_scales_with_tiles_not_tokens():
