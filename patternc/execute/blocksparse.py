@@ -93,7 +93,7 @@ import torch
 from ..ir.specialize import cdiv
 from ..lower.layout import FULL, PARTIAL
 from . import fused as _fused
-from .common import CHUNK_ELEMENTS, empty_rows, mask_mod_for  # noqa: F401  (re-exported)
+from .common import CHUNK_ELEMENTS, TileTable, empty_rows, mask_mod_for  # noqa: F401  (re-exported)
 from .common import allowed_in_tiles as _allowed
 
 #: elements of the cached table of distinct PARTIAL-tile masks per (layout, heads, device);
@@ -198,8 +198,7 @@ class Plan:
         shared mask or tile ids into the table. Gives up (per-call evaluation) when the
         distinct tiles exceed ``budget`` elements."""
         qb, kb = self.q_block_size, self.kv_block_size
-        index: dict[bytes, int] = {}
-        tiles: list[np.ndarray] = []
+        table = TileTable(qb, kb, budget)
         per_group = []
         for g in self.groups:
             P = g.num_masked
@@ -211,21 +210,14 @@ class Plan:
             for r0 in range(0, g.num_rows, step):
                 rows = slice(r0, min(g.num_rows, r0 + step))
                 a = self.allowed(mask_mod, g, rows, 0, P)  # [R, qb, P * kb]
-                a = a.view(-1, qb, P, kb).permute(0, 2, 1, 3).reshape(-1, qb * kb).cpu().numpy()
-                packed = np.packbits(a, axis=1)
-                flat = ids[rows].reshape(-1)
-                for t, row in enumerate(packed):
-                    key = row.tobytes()
-                    i = index.get(key)
-                    if i is None:
-                        i = index[key] = len(tiles)
-                        tiles.append(a[t].copy())
-                        if len(tiles) * qb * kb > budget:
-                            return
-                    flat[t] = i
-                ids[rows] = flat.reshape(-1, P)
+                a = a.view(-1, qb, P, kb).permute(0, 2, 1, 3).reshape(-1, qb, kb).cpu().numpy()
+                got = table.add(a)
+                if got is None:
+                    return
+                ids[rows] = got.reshape(-1, P)
             per_group.append(ids)
-        table = torch.as_tensor(np.stack(tiles).reshape(-1, qb, kb), device=self.device)
+        tiles = table.tiles
+        table = torch.as_tensor(table.stacked(), device=self.device)
         keep = table.to(torch.float32)
         bias = torch.zeros_like(keep).masked_fill_(~table, float("-inf"))
         shared = 0

@@ -108,6 +108,39 @@ def allowed_in_tiles(mask_mod, dims, heads, q_blocks, kv_blocks, alive) -> torch
     return torch.broadcast_to(m, (heads.shape[0], qb, kvtok.shape[1])) & valid[:, None, :]
 
 
+class TileTable:
+    """The distinct token masks of tiles (bool ``[qb, kb]``), found by hashing their packed bits:
+    structured patterns have few (a band's diagonal tiles are all alike). ``add`` gives each
+    tile its id in the table, or None once the table would exceed ``budget`` elements."""
+
+    def __init__(self, qb: int, kb: int, budget: int, first=()):
+        self.qb, self.kb, self.budget = qb, kb, budget
+        self.tiles: list[np.ndarray] = []
+        self._index: dict[bytes, int] = {}
+        for t in first:
+            self._index[np.packbits(t).tobytes()] = len(self.tiles)
+            self.tiles.append(np.asarray(t, dtype=bool))
+
+    def add(self, allowed: np.ndarray) -> "np.ndarray | None":
+        """int64 [n] ids of ``allowed`` bool [n, qb, kb] (new masks are appended), or None."""
+        flat = allowed.reshape(allowed.shape[0], -1)
+        out = np.empty(flat.shape[0], dtype=np.int64)
+        for t, row in enumerate(np.packbits(flat, axis=1)):
+            key = row.tobytes()
+            i = self._index.get(key)
+            if i is None:
+                i = self._index[key] = len(self.tiles)
+                self.tiles.append(flat[t].reshape(self.qb, self.kb).copy())
+                if len(self.tiles) * self.qb * self.kb > self.budget:
+                    return None
+            out[t] = i
+        return out
+
+    def stacked(self) -> np.ndarray:
+        """bool [T, qb, kb]."""
+        return np.stack(self.tiles).reshape(-1, self.qb, self.kb)
+
+
 _EMPTY_ROWS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from ..lower.layout import EMPTY, FULL
-from .common import CHUNK_ELEMENTS, allowed_in_tiles
+from .common import CHUNK_ELEMENTS, TileTable, allowed_in_tiles
 
 #: a row joins a run when its span has at most ``count // HOLE_FRACTION`` EMPTY tiles (they are
 #: computed, masked out): a hole costs a tile's compute, a gathered tile only its copy
@@ -224,26 +224,18 @@ def _tile_ids(plan, kh, ok, mask_mod, mask_cache_elements, mask_eval_elements):
         return None
     full, none = np.ones((qb, kb), dtype=bool), np.zeros((qb, kb), dtype=bool)
     tril = np.arange(kb)[None, :] <= np.arange(qb)[:, None]
-    tiles = [full, none, tril]
-    index = {np.packbits(t).tobytes(): i for i, t in enumerate(tiles)}
+    table = TileTable(qb, kb, mask_cache_elements, first=(full, none, tril))  # _FULL_ID, _NONE_ID, _TRIL_ID
     step = max(1, CHUNK_ELEMENTS // (qb * kb))
     for a in range(0, ph.size, step):
         h_t = torch.as_tensor(ph[a:a + step], device=dev)
         q_t = torch.as_tensor(pq[a:a + step], device=dev)
         k_t = torch.as_tensor(pk[a:a + step, None], device=dev)
         allowed = allowed_in_tiles(mask_mod, plan, h_t, q_t, k_t, torch.ones_like(k_t, dtype=torch.bool))
-        allowed = allowed.cpu().numpy()
-        packed = np.packbits(allowed.reshape(allowed.shape[0], -1), axis=1)
-        for t, row in enumerate(packed):
-            key = row.tobytes()
-            i = index.get(key)
-            if i is None:
-                i = index[key] = len(tiles)
-                tiles.append(allowed[t])
-                if len(tiles) * qb * kb > mask_cache_elements:
-                    return None
-            ids[ph[a + t], pq[a + t], pk[a + t]] = i
-    return ids, np.stack(tiles)
+        got = table.add(allowed.cpu().numpy())
+        if got is None:
+            return None
+        ids[ph[a:a + step], pq[a:a + step], pk[a:a + step]] = got
+    return ids, table.stacked()
 
 
 def build(plan, kinds: np.ndarray, head_independent: bool, mask_mod, *, plan_cls,
