@@ -176,17 +176,10 @@ class Fused:
     Built by ``build`` (None when no run is found or the tile masks are too many to cache).
     """
 
-    def __init__(self, runs: list, rest, table_bias: torch.Tensor, head_independent: bool):
+    def __init__(self, runs: list, rest, table_bias: torch.Tensor):
         self.runs, self.rest = runs, rest
         self.table_bias = table_bias  # float32 [T, qb, kb]: 0 allowed, -inf not
-        self.head_independent = head_independent
         self.alibi_cache: dict = {}  # ALiBi's per-call masks (``_alibi_mask``)
-
-    @property
-    def computed_tiles(self) -> int:
-        """Tiles the runs and the gather path compute per call (spans, holes included)."""
-        per_head = self.rest.num_heads if self.head_independent else 1
-        return sum(r.rows * r.m * r.span for r in self.runs) * per_head + self.rest.computed_tiles
 
     def bias(self, run: Run, r0: int, r1: int) -> torch.Tensor | None:
         """float32 additive mask of kernel rows [r0, r1) of ``run``: ``[1 or R, m * qb,
@@ -330,7 +323,7 @@ def build(plan, kinds: np.ndarray, head_independent: bool, mask_mod, *, plan_cls
     rest_layout = SimpleNamespace(kinds=rest, q_len=plan.q_len, kv_len=plan.kv_len,
                                   q_block_size=qb, kv_block_size=kb)
     rest_plan = plan_cls(rest_layout, plan.num_heads, dev, mask_mod)
-    return Fused(runs, rest_plan, table_bias, head_independent)
+    return Fused(runs, rest_plan, table_bias)
 
 
 # ---- execution -------------------------------------------------------------------------------
