@@ -46,15 +46,21 @@ def doc_cases(draw):
     shape = draw(st.sampled_from(["and", "or", "not", "mix"]))
     full = {"and": And((DOC, p)), "or": Or((DOC, p)), "not": And((Not(DOC), p)),
             "mix": Or((And((DOC, p)), q))}[shape]
-    full = normalize(full)
-    q_ext = draw(st.sampled_from([1, 37, 97, 130]))
-    kv_ext = draw(st.sampled_from([q_ext, 64, 130]))
+    return draw(runtime_case(normalize(full), [1, 37, 97, 130], [64, 130], [16, (16, 32)]))
+
+
+@st.composite
+def runtime_case(draw, full, q_exts, kv_exts, block_sizes):
+    """``(full, q_ext, kv_ext, q_offset, kv_offset, ids, block_size, H)``: position extents,
+    offsets in multiples of the pattern's block unit, document ids for 1-2 rows."""
+    q_ext = draw(st.sampled_from(q_exts))
+    kv_ext = draw(st.sampled_from([q_ext, *kv_exts]))
     unit = block_offset_unit(full)
     qo = unit * draw(st.integers(0, max(0, (q_ext - 1) // unit)))
     ko = unit * draw(st.integers(0, max(0, (kv_ext - 1) // unit)))
     rows = draw(st.integers(1, 2))
     ids = draw(doc_ids(max(q_ext, kv_ext) + draw(st.integers(0, 3)), rows))
-    bs = draw(st.sampled_from([16, (16, 32)]))
+    bs = draw(st.sampled_from(block_sizes))
     H = draw(st.integers(1, 2))
     return full, q_ext, kv_ext, qo, ko, ids, bs, H
 

@@ -14,14 +14,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import patternc
-from patternc.compiler import block_offset_unit
 from patternc.errors import PatternError
 from patternc.ir.nodes import And, Not, Or, PerDocument, Prim
 from patternc.ir.normalize import normal_form_problems, normalize
 from patternc.lower.layout import BlockLayout
 from patternc.reference import dense_mask
 from strategies import patterns
-from test_documents import doc_ids
+from test_documents import runtime_case
 
 DOC = Prim("document")
 CAUSAL = Prim("causal")
@@ -35,17 +34,7 @@ def per_document_cases(draw):
     shape = draw(st.sampled_from(["bare", "causal", "or", "not", "doc", "mix"]))
     full = {"bare": x, "causal": And((x, CAUSAL)), "or": Or((x, outer)), "not": And((Not(x), outer)),
             "doc": Or((And((DOC, outer)), x)), "mix": And((Or((x, outer)), CAUSAL))}[shape]
-    full = normalize(full)
-    q_ext = draw(st.sampled_from([1, 23, 37, 70]))
-    kv_ext = draw(st.sampled_from([q_ext, 29, 70]))
-    unit = block_offset_unit(full)
-    qo = unit * draw(st.integers(0, max(0, (q_ext - 1) // unit)))
-    ko = unit * draw(st.integers(0, max(0, (kv_ext - 1) // unit)))
-    rows = draw(st.integers(1, 2))
-    ids = draw(doc_ids(max(q_ext, kv_ext) + draw(st.integers(0, 3)), rows))
-    bs = draw(st.sampled_from([8, (8, 16)]))
-    H = draw(st.integers(1, 2))
-    return full, q_ext, kv_ext, qo, ko, ids, bs, H
+    return draw(runtime_case(normalize(full), [1, 23, 37, 70], [29, 70], [8, (8, 16)]))
 
 
 @settings(max_examples=40, deadline=None)
