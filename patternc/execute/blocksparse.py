@@ -571,6 +571,28 @@ def _runs(plan: Plan, mask_mod, score_mod, positions, B: int, H: int, H_kv: int)
     return fz, score_mod
 
 
+def _scored_runs(plan: Plan, mask_mod, score_mod, positions, q, v, cdt, dropout_p, B: int, H: int, H_kv: int):
+    """``(fz, alibi)`` for the scored path (``fused.forward_scored``): the strided runs of a call
+    whose score terms have a softcap (``fused.scored_form``), run unfused on zero-copy views
+    (ALiBi too, in natural positions, within ``fused.alibi_fits``); None: the gather loop runs
+    every row. Needs what the fused kernel needs but the score hook: CPU, float32, no dropout,
+    cached masks."""
+    if not (USE_RUNS and q.device.type == "cpu" and cdt == torch.float32 and not dropout_p
+            and q.shape[-1] == v.shape[-1] and plan.flash_ok() and _fused.scored_form(score_mod) is not None):
+        return None
+    alibi = None
+    if getattr(score_mod, "slopes", None) is not None:
+        natural = positions is not None and positions.heads is None and positions.q_order is None \
+            and positions.kv_order is None
+        if not natural:
+            return None
+        alibi = score_mod
+    fz = plan.fused(mask_mod)
+    if fz is None or (alibi is not None and not _fused.scored_alibi_fits(fz, B=B, H=H, H_kv=H_kv)):
+        return None
+    return fz, alibi
+
+
 def _flash_alibi(score_mod, plan: Plan, positions):
     """``score_mod.flash_alibi(plan, positions)`` (``scoremod.ScoreTerms``: ALiBi alone), else None."""
     f = getattr(score_mod, "flash_alibi", None)
@@ -663,6 +685,14 @@ def blocksparse_forward(plan: Plan, mask_mod, q, k, v, scale: float, *, need_lse
             if need_lse:
                 lse.index_copy_(1, q_rows, m)
         return out, lse
+    scored = _scored_runs(plan, mask_mod, score_mod, positions, q, v, cdt, dropout_p, B, H, H_kv)
+    if scored is not None:  # softcap on the strided runs' views (execute.fused); the rest gathers
+        fz, alibi = scored
+        qp, kp, vp = qp.contiguous(), kp.contiguous(), vp.contiguous()
+        _fused.forward_scored(fz, qp, kp, vp, out, lse, B=B, H=H, H_kv=H_kv, terms=score_mod, alibi=alibi)
+        plan = fz.rest
+        cx = _Ctx(plan, B, H, H_kv)
+        positions = _Positions(plan, positions.heads, positions.q_order, positions.kv_order)
     for g in plan.groups:
         S = g.num_slots
         for rows, segs in plan.chunks(g, B, chunk_elements):
@@ -791,6 +821,15 @@ def blocksparse_backward(plan: Plan, mask_mod, q, k, v, out, lse, dout, scale: f
         dk = dk.view(B, H_kv, nkv * kb, D)[:, :, :KV]
         dv = dv.view(B, H_kv, nkv * kb, Dv)[:, :, :KV]
         return dq, dk, dv
+    scored = _scored_runs(plan, mask_mod, score_mod, positions, q, v, cdt, dropout_p, B, H, H_kv)
+    if scored is not None:  # as in the forward
+        fz, alibi = scored
+        qp, kp, vp, dop = qp.contiguous(), kp.contiguous(), vp.contiguous(), dop.contiguous()
+        _fused.backward_scored(fz, dop, qp, kp, vp, out.contiguous(), lse.contiguous(), dq, dk, dv, B=B, H=H,
+                               H_kv=H_kv, terms=score_mod, alibi=alibi)
+        plan = fz.rest
+        cx = _Ctx(plan, B, H, H_kv)
+        positions = _Positions(plan, positions.heads, positions.q_order, positions.kv_order)
     # Augmented operands fold the "- lse" of P = exp(s - lse) into the matmul:
     # [q * scale, -lse] @ [k, 1]^T = q k^T * scale - lse (an empty row's lse is huge, not inf).
     neg_lse = (-lse).clamp_(min=-torch.finfo(cdt).max / 4)[..., None]
@@ -1139,18 +1178,27 @@ MIN_KERNEL_BLOCK = 32
 KERNEL_BLOCK_GAIN = 0.05
 #: ... unless the finer layout would have more tiles than this per head
 MAX_KERNEL_TILES = 1 << 22
+#: ... and at least this many tokens for a pattern with a softcap: its scores run unfused
+#: (``fused.forward_scored``), where a batched matmul of 32-token tiles runs at about 70 % of the
+#: rate of 64-token ones (measured on 2 threads), which outweighs 64's extra masked pairs
+SCORED_MIN_KERNEL_BLOCK = 64
 
 
-def kernel_layouts(layout, layout_at):
+def _min_block(cp) -> int:
+    terms = getattr(cp, "score_terms", ()) or ()
+    return SCORED_MIN_KERNEL_BLOCK if any(t.name == "softcap" for t in terms) else MIN_KERNEL_BLOCK
+
+
+def kernel_layouts(layout, layout_at, *, min_block: int = MIN_KERNEL_BLOCK):
     """``(forward, backward)`` layouts the CPU kernel computes: ``layout`` or the same term at a
-    finer square tile (``layout_at(edge)`` gives it), each the cheapest by
-    ``fused.estimate_cost`` (the backward's cost of folding key gradients differs)."""
+    finer square tile (``layout_at(edge)`` gives it, ``edge >= min_block`` tokens), each the
+    cheapest by ``fused.estimate_cost`` (the backward's cost of folding key gradients differs)."""
     qb, kb = layout.q_block_size, layout.kv_block_size
     if qb != kb:
         return layout, layout
     cands = [layout]
     e = qb // 2
-    while e >= MIN_KERNEL_BLOCK and qb % e == 0 and cdiv(layout.q_len, e) * cdiv(layout.kv_len, e) <= MAX_KERNEL_TILES:
+    while e >= min_block and qb % e == 0 and cdiv(layout.q_len, e) * cdiv(layout.kv_len, e) <= MAX_KERNEL_TILES:
         cands.append(layout_at(e))
         e //= 2
     picks = []
@@ -1191,7 +1239,8 @@ def plan_terms(cp, ep, device, *, kernel_tiles: bool = True) -> list:
             mm = lower_to_mask_mod(t.pattern, cp.q_len, cp.kv_len, device=device)
             layout = bwd = t.layout(cp.block_size)
             if cpu_tiles:
-                layout, bwd = kernel_layouts(layout, lambda e, t=t: t.layout_at((e, e), cp.q_len, cp.kv_len))
+                layout, bwd = kernel_layouts(layout, lambda e, t=t: t.layout_at((e, e), cp.q_len, cp.kv_len),
+                                             min_block=_min_block(cp))
             term = Term.reorder(layout, mm, q_order=qo, kv_order=ko, heads=hs, device=device)
             term.bwd_layout = bwd
             terms.append(term)
@@ -1207,7 +1256,7 @@ def natural_term(cp, device) -> Term:
         try:
             layout, bwd = _KERNEL_LAYOUTS[cp]
         except (KeyError, TypeError):
-            layout, bwd = kernel_layouts(cp.layout, lambda e: cp.layout_at((e, e)))
+            layout, bwd = kernel_layouts(cp.layout, lambda e: cp.layout_at((e, e)), min_block=_min_block(cp))
             try:
                 _KERNEL_LAYOUTS[cp] = (layout, bwd)
             except TypeError:  # not weak-referenceable: recomputed (the compiler caches layouts)

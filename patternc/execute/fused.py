@@ -470,3 +470,297 @@ def backward(fz: Fused, flash_bw, dop, qp, kp, vp, out, lse, dq, dk, dv, scale: 
                     at = (kw[0] + s * kb, kw[1], kw[2])
                     _view(dk, Bp, R, kb, at, D).add_(dkg[:, :, s * kb:(s + 1) * kb])
                     _view(dv, Bp, R, kb, at, Dv).add_(dvg[:, :, s * kb:(s + 1) * kb])
+
+
+# ---- the scored path: softcap (and ALiBi) on the same views, unfused -------------------------
+#: score elements of one call of the scored path: big enough that a call's dozen torch ops
+#: amortise their dispatch, small enough that its scores stay in the last-level cache
+SCORED_CALL_ELEMENTS = 1 << 20
+#: query blocks per slab of a causal staircase on the scored path: a staircase of M blocks is
+#: cut into slabs of this many query blocks, each reading its keys up to its diagonal; the
+#: computed upper triangles of the slabs' diagonal squares waste about SLAB_BLOCKS / M of it
+SLAB_BLOCKS = 4
+#: the scored path's floor of ``s - max`` before ``exp`` (as the gather loop's ``EXP_FLOOR``)
+EXP_FLOOR = -80.0
+
+
+def scored_form(terms):
+    """``(form, a, const)`` of the softcap of ``terms`` (a ``scoremod.ScoreTerms``) on the scored
+    path, whose kernel scores ``x`` arrive multiplied by ``terms.prescale``: ``"sigmoid"``
+    (``c(x) = a * sigmoid(x) + const``, ``a = 2c``, ``const = -c``) or ``"tanh"`` (``a * tanh(x)``,
+    ``a = c``, ``const = 0``); None where the terms have no softcap or are not ``prescaled``."""
+    cap = getattr(terms, "cap", None)
+    if cap is None or not getattr(terms, "scores_over_cap", False):
+        return None
+    if terms.softcap_form == "sigmoid":
+        return "sigmoid", 2.0 * cap, -cap
+    return "tanh", cap, 0.0
+
+
+class _Workspace:
+    """Reused flat buffers of the scored path, one per role: a fresh score-sized tensor per call
+    would come from fresh pages (glibc maps large blocks anew), and faulting them in costs about
+    as much as a pass over them."""
+
+    def __init__(self):
+        self.bufs: dict = {}
+
+    def take(self, role: str, shape, like: torch.Tensor) -> torch.Tensor:
+        n = 1
+        for d in shape:
+            n *= d
+        buf = self.bufs.get(role)
+        if buf is None or buf.numel() < n:
+            buf = self.bufs[role] = torch.empty(n, dtype=like.dtype, device=like.device)
+        return buf[:n].view(shape)
+
+
+def _bmm(x: torch.Tensor, y: torch.Tensor, ws: "_Workspace | None" = None, role: str = "") -> torch.Tensor:
+    """``x @ y`` (contiguous: new, or ``ws``'s buffer ``role``) of 4-D strided views ``[P, R, a, b]
+    @ [P, R, b, c]`` without copying them: one ``bmm`` over the dimension that is not 1, else a
+    loop over the shorter leading dimension (the views' rows may overlap: no merging them)."""
+    P, R = x.shape[0], x.shape[1]
+    shape = (P, R, x.shape[2], y.shape[3])
+    out = torch.empty(shape, dtype=x.dtype, device=x.device) if ws is None else ws.take(role, shape, x)
+    if R == 1:
+        torch.bmm(x[:, 0], y[:, 0], out=out[:, 0])
+    elif P == 1:
+        torch.bmm(x[0], y[0], out=out[0])
+    elif P <= R:
+        for p in range(P):
+            torch.bmm(x[p], y[p], out=out[p])
+    else:
+        for r in range(R):
+            torch.bmm(x[:, r], y[:, r], out=out[:, r])
+    return out
+
+
+def _transform(x: torch.Tensor, form: str, a: float, bias) -> torch.Tensor:
+    """In place: kernel scores ``x`` -> ``a * f(x) + bias`` (``f`` sigmoid or tanh; the
+    softcap's ``const`` is left out: a constant of every row, it moves only the log-sum-exp)."""
+    x.sigmoid_() if form == "sigmoid" else x.tanh_()
+    if bias is None:
+        return x.mul_(a)
+    return torch.add(bias, x, alpha=a, out=x)
+
+
+class _Calls:
+    """The calls of the scored path over one ``Fused``: yields ``(Lq, L, qw, kw, bias, shift, Bp,
+    R)`` (as ``_calls``: query / key view places, ``R`` kernel rows) with ``bias`` the call's additive mask (+ ALiBi) broadcastable to
+    ``[Bp, R, Lq, L]`` (None: none) and ``shift`` float32 ``[Bp, R, 1]`` (ALiBi's per-row
+    constant; None) to add to the kernel-frame log-sum-exp. A causal staircase (``m == span``,
+    ``causal``) is cut into slabs of ``SLAB_BLOCKS`` query blocks (its diagonal ``SLAB_BLOCKS``
+    squares computed whole, their upper triangles masked)."""
+
+    def __init__(self, fz: Fused, *, B: int, H: int, H_kv: int, alibi=None):
+        self.fz, self.B, self.H, self.H_kv, self.alibi = fz, B, H, H_kv, alibi
+        plan = fz.rest
+        self.qb, self.kb = plan.q_block_size, plan.kv_block_size
+        self.nq, self.nkv = plan.num_q_blocks, plan.num_kv_blocks
+        self.cache = fz.__dict__.setdefault("scored_cache", {})
+
+    def __iter__(self):
+        qb, kb = self.qb, self.kb
+        for run in self.fz.runs:
+            if run.causal and run.m > 1:
+                yield from self._slabs(run)
+                continue
+            Lq, L = run.m * qb, run.span * kb
+            rows = max(1, SCORED_CALL_ELEMENTS // (Lq * L))
+            for r0, r1, Bp, qw, kw, hs in _calls(run, B=self.B, H=self.H, H_kv=self.H_kv, nq=self.nq,
+                                                 nkv=self.nkv, qb=qb, kb=kb, heads=True):
+                for a0 in range(r0, r1, rows):  # _calls chunks by bias size; this by score size
+                    a1 = min(r1, a0 + rows)
+                    q = (qw[0] + (a0 - r0) * qw[2], qw[1], qw[2])
+                    kv = (kw[0] + (a0 - r0) * kw[2], kw[1], kw[2])
+                    bias, shift = self._run_bias(run, a0, a1, hs, Bp)
+                    yield Lq, L, q, kv, bias, shift, Bp, a1 - a0
+
+    def _run_bias(self, run: Run, r0: int, r1: int, hs: tuple, Bp: int):
+        if run.causal:  # m == span == 1: one diagonal tile, nothing above it
+            ids = run.ids if run.ids is not None else torch.full((1, 1, 1), _TRIL_ID, dtype=torch.int64)
+            key = ("tile", id(run), r0 if ids.shape[0] > 1 else None)
+            bias = self.cache.get(key)
+            if bias is None:
+                bias = _bias_of(self.fz.table_bias, ids if ids.shape[0] == 1 else ids[r0:r1])
+                if ids.shape[0] == 1:
+                    self.cache[key] = bias
+        else:
+            bias = self.fz.bias(run, r0, r1)
+        if self.alibi is None:
+            return (None if bias is None else bias[None]), None
+        qb, kb = self.qb, self.kb
+        shared = bias is None or bias.shape[0] == 1  # one mask for every kernel row
+        key = ("alibi", id(run), hs, None if shared else (r0, r1))
+        hit = self.cache.get(key)
+        if hit is None:  # kernel row r's j - i is row 0's plus r * delta: a shift of its lse
+            heads = torch.as_tensor(hs, dtype=torch.int64, device=self.fz.table_bias.device)
+            base = (run.kv0 + run.sigma * r0 * (not shared)) * kb - (run.q0 + run.tau * r0 * (not shared)) * qb
+            ab, shift = self.alibi.run_alibi(heads, base, run.sigma * kb - run.tau * qb,
+                                             run.rows if shared else r1 - r0, run.m * qb, run.span * kb)
+            hit = (ab if bias is None else ab + bias[None], shift)
+            self._keep(key, hit)
+        ab, shift = hit
+        return ab, (shift[:, r0:r1] if shared else shift)
+
+    def _keep(self, key, hit) -> None:
+        used = self.cache.get("elements", 0) + hit[0].numel()
+        if used <= ALIBI_CACHE_ELEMENTS:
+            self.cache[key] = hit
+            self.cache["elements"] = used
+
+    def _slabs(self, run: Run):
+        """The slabs of a causal staircase: query blocks ``[a, a + g)`` of each kernel row read
+        key blocks ``[0, a + g)``; cut from the end, so every slab but the first has ``g``
+        blocks and sits at the same place relative to its diagonal."""
+        qb, kb, M = self.qb, self.kb, run.m
+        Bp = self.B * self.H_kv if run.head is None else self.B
+        g = max(1, min(SLAB_BLOCKS, M, SCORED_CALL_ELEMENTS // (Bp * run.rows * qb * M * kb)))
+        plain = run.ids is None  # lower part FULL, diagonal tiles lower-triangular (``build``)
+        for r0, r1, Bp, qw, kw, hs in _calls(run, B=self.B, H=self.H, H_kv=self.H_kv, nq=self.nq,
+                                             nkv=self.nkv, qb=qb, kb=kb, heads=True):
+            end = M
+            while end > 0:
+                a = max(0, end - g)
+                gq = end - a
+                q = (qw[0] + a * qb, qw[1], qw[2])
+                bias, shift = self._slab_bias(run, r0, r1, hs, a, gq, g, plain)
+                yield gq * qb, end * kb, q, kw, bias, shift, Bp, r1 - r0
+                end = a
+
+    def _slab_bias(self, run: Run, r0: int, r1: int, hs: tuple, a: int, gq: int, g: int, plain: bool):
+        """Bias of slab ``[a, a + gq)`` (its ``L = (a + gq) * kb`` columns) and the shift: views
+        into one right-aligned ``[Bp, g * qb, M * kb]`` tensor per run and call (the slab's
+        diagonal square is always its last ``gq * kb`` columns), where its size allows."""
+        qb, kb, M = self.qb, self.kb, run.m
+        dev = self.fz.table_bias.device
+        if not plain:  # a small non-plain staircase (``build`` keeps only those): from the tile table
+            ids = run.ids if run.ids.shape[0] == 1 else run.ids[r0:r1]
+            bias = _bias_of(self.fz.table_bias, ids[:, a:a + gq, :a + gq].contiguous())[None]
+        else:
+            key = ("tril", g)
+            tril = self.cache.get(key)
+            if tril is None:
+                i = torch.arange(g * qb, device=dev)[:, None]
+                j = torch.arange(M * kb, device=dev)[None, :] - (M - g) * kb
+                tril = self.cache[key] = torch.zeros((g * qb, M * kb), device=dev).masked_fill_(j > i, float("-inf"))
+            bias = None
+        if self.alibi is None:
+            if plain:
+                bias = tril[None, None, (g - gq) * qb:, (M - a - gq) * kb:]
+            return bias, None
+        heads = torch.as_tensor(hs, dtype=torch.int64, device=dev)
+        base = (run.kv0 + run.sigma * r0) * kb - (run.q0 + run.tau * r0) * qb
+        delta = run.sigma * kb - run.tau * qb
+        Bp = len(hs)
+        if Bp * g * qb * M * kb <= ALIBI_CACHE_ELEMENTS:
+            key = ("slab-alibi", id(run), r0, r1, hs)
+            hit = self.cache.get(key)
+            if hit is None:  # rel = c - x - (M - g) kb + base at right-aligned column c, row x
+                ab, shift = self.alibi.run_alibi(heads, base - (M - g) * kb, delta, r1 - r0, g * qb, M * kb)
+                hit = (ab + tril[None, None] if plain else ab, shift)
+                self._keep(key, hit)
+            ab, shift = hit
+            ab = ab[:, :, (g - gq) * qb:, (M - a - gq) * kb:]
+        else:  # generated for this slab: j - i = c - x + base - a * qb
+            ab, shift = self.alibi.run_alibi(heads, base - a * qb, delta, r1 - r0, gq * qb, (a + gq) * kb)
+            if plain:
+                ab = ab + tril[None, None, (g - gq) * qb:, (M - a - gq) * kb:]
+        return (ab if bias is None else ab + bias), shift
+
+
+def scored_alibi_fits(fz: Fused, *, B: int, H: int, H_kv: int) -> bool:
+    """``alibi_fits`` for the scored path: a causal staircase takes ALiBi slab by slab (always
+    fits); any other run's call bias ``[Bp, 1 or R, m * qb, span * kb]`` within
+    ``ALIBI_CALL_ELEMENTS``."""
+    plan = fz.rest
+    qb, kb = plan.q_block_size, plan.kv_block_size
+    for run in fz.runs:
+        if run.causal and run.m > 1:
+            continue
+        Bp = B * H_kv if run.head is None else B
+        per_row = run.m * qb * run.span * kb
+        rows = 1
+        if run.ids is not None and run.ids.shape[0] > 1:
+            rows = min(run.rows, max(1, SCORED_CALL_ELEMENTS // per_row))
+        if Bp * rows * per_row > ALIBI_CALL_ELEMENTS:
+            return False
+    return True
+
+
+def forward_scored(fz: Fused, qp, kp, vp, out, lse, *, B: int, H: int, H_kv: int, terms, alibi=None) -> None:
+    """Every run's rows with a softcap (``scored_form(terms)``; ``alibi``: the same terms when they
+    also have ALiBi, natural positions): ``out`` / ``lse`` (contiguous, padded; q pre-scaled by
+    ``scale * terms.prescale``) written in place, unfused on the zero-copy views."""
+    form, a, const = scored_form(terms)
+    D, Dv = qp.shape[-1], vp.shape[-1]
+    inf = float("inf")
+    ws = _Workspace()
+    for Lq, L, qw, kw, bias, shift, Bp, R in _Calls(fz, B=B, H=H, H_kv=H_kv, alibi=alibi):
+        s = _bmm(_view(qp, Bp, R, Lq, qw, D), _view(kp, Bp, R, L, kw, D).transpose(-1, -2), ws, "s")
+        _transform(s, form, a, bias)
+        m = s.amax(-1, keepdim=True)
+        empty = m == -inf  # a query row with no allowed key
+        m.masked_fill_(empty, 0.0)
+        # masked entries' -inf (and anything below EXP_FLOOR) -> EXP_FLOOR: torch's CPU exp is
+        # several times slower where its result underflows; exp(EXP_FLOOR) weighs 1e-35 of a row
+        s.sub_(m).clamp_(min=EXP_FLOOR).exp_()
+        den = s.sum(-1, keepdim=True)
+        o = _bmm(s, _view(vp, Bp, R, L, kw, Dv), ws, "o")
+        del s
+        o.div_(den)
+        if bool(empty.any()):
+            o.masked_fill_(empty, 0.0)
+        _view(out, Bp, R, Lq, qw, Dv).copy_(o)
+        if lse is not None:
+            lg = m.add_(den.log_()).masked_fill_(empty, inf).squeeze_(-1)
+            lg.add_(const)
+            if shift is not None:
+                lg.add_(shift)
+            _view(lse, Bp, R, Lq, qw).copy_(lg)
+
+
+def backward_scored(fz: Fused, dop, qp, kp, vp, out, lse, dq, dk, dv, *, B: int, H: int, H_kv: int,
+                    terms, alibi=None) -> None:
+    """Every run's gradients on the scored path, added into ``dq`` / ``dk`` / ``dv`` (q pre-scaled
+    as in ``forward_scored``; ``dq`` is multiplied by that scale by the caller, ``dk`` is not)."""
+    form, a, const = scored_form(terms)
+    D, Dv = qp.shape[-1], vp.shape[-1]
+    kb = fz.rest.kv_block_size
+    delta = (dop * out).sum(-1)  # [B, H * nq, qb]: rowsum(dO * O)
+    ws = _Workspace()
+    for Lq, L, qw, kw, bias, shift, Bp, R in _Calls(fz, B=B, H=H, H_kv=H_kv, alibi=alibi):
+        qv, kv = _view(qp, Bp, R, Lq, qw, D), _view(kp, Bp, R, L, kw, D)
+        vv, dov = _view(vp, Bp, R, L, kw, Dv), _view(dop, Bp, R, Lq, qw, Dv)
+        f = _bmm(qv, kv.transpose(-1, -2), ws, "f")
+        f.sigmoid_() if form == "sigmoid" else f.tanh_()
+        p = ws.take("p", f.shape, f)
+        torch.mul(f, a, out=p) if bias is None else torch.add(bias, f, alpha=a, out=p)
+        lg = _view(lse, Bp, R, Lq, qw) - const  # the kernel frame's log-sum-exp
+        if shift is not None:
+            lg = lg - shift
+        p.sub_(lg[..., None]).clamp_(min=EXP_FLOOR, max=0.0).exp_()  # masked entries: 1e-35 (forward)
+        dvg = _bmm(p.transpose(-1, -2), dov, ws, "dv")
+        ds = _bmm(dov, vv.transpose(-1, -2), ws, "ds")
+        ds.sub_(_view(delta, Bp, R, Lq, qw)[..., None]).mul_(p)
+        del p
+        if form == "sigmoid":  # d(a sigmoid(x)) / dx = a f (1 - f); tanh: a (1 - f^2)
+            torch.addcmul(f, f, f, value=-1.0, out=f)
+        else:
+            torch.addcmul(torch.ones((), dtype=f.dtype, device=f.device), f, f, value=-1.0, out=f)
+        ds.mul_(f)
+        del f
+        _view(dq, Bp, R, Lq, qw, D).add_(_bmm(ds, kv, ws, "dq"), alpha=a)
+        dkg = _bmm(ds.transpose(-1, -2), qv, ws, "dk")
+        if R > 1 and kw[2] == 0:  # every row read the same keys: one sum
+            span = (kw[0], kw[1], 0)
+            _view(dk, Bp, 1, L, span, D).add_(dkg.sum(1, keepdim=True), alpha=a)
+            _view(dv, Bp, 1, L, span, Dv).add_(dvg.sum(1, keepdim=True))
+        elif R == 1 or kw[2] >= L:  # rows' keys do not overlap
+            _view(dk, Bp, R, L, kw, D).add_(dkg, alpha=a)
+            _view(dv, Bp, R, L, kw, Dv).add_(dvg)
+        else:  # overlapping key windows: fold block slot by slot (one slot's rows never overlap)
+            for s in range(L // kb):
+                at = (kw[0] + s * kb, kw[1], kw[2])
+                _view(dk, Bp, R, kb, at, D).add_(dkg[:, :, s * kb:(s + 1) * kb], alpha=a)
+                _view(dv, Bp, R, kb, at, Dv).add_(dvg[:, :, s * kb:(s + 1) * kb])

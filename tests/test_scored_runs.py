@@ -1,0 +1,132 @@
+"""The scored path (``execute.fused.forward_scored`` / ``backward_scored``): a pattern with a
+softcap runs its strided runs unfused on zero-copy views, causal staircases slab by slab. Every
+case checks that the path ran and compares float32 output and gradients with the float64
+reference written from the SPEC table (``reference_attention``) or, where the case needs the
+kernel's log-sum-exp, with the float64 gather loop (a different code path: float64 never takes
+the strided runs)."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import patternc  # noqa: E402
+from patternc.execute import blocksparse, fused  # noqa: E402
+from patternc.execute.reference import reference_attention  # noqa: E402
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts of the scored path's forward / backward calls."""
+    seen = {"fwd": 0, "bwd": 0}
+    fwd, bwd = fused.forward_scored, fused.backward_scored
+
+    def f(*a, **kw):
+        seen["fwd"] += 1
+        return fwd(*a, **kw)
+
+    def b(*a, **kw):
+        seen["bwd"] += 1
+        return bwd(*a, **kw)
+
+    monkeypatch.setattr(fused, "forward_scored", f)
+    monkeypatch.setattr(fused, "backward_scored", b)
+    return seen
+
+
+def _inputs(B, H, H_kv, N, M, D, *, logit_scale=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, N, D, generator=g, dtype=torch.float64) * logit_scale
+    k = torch.randn(B, H_kv, M, D, generator=g, dtype=torch.float64)
+    v = torch.randn(B, H_kv, M, D, generator=g, dtype=torch.float64)
+    return q, k, v
+
+
+def _rel(a, b):
+    return float((a.detach().double() - b.detach()).abs().max() / b.detach().abs().max().clamp(min=1e-30))
+
+
+def _check_against_reference(cp, q, k, v, **kw):
+    qf, kf, vf = (t.float().requires_grad_() for t in (q, k, v))
+    out = cp.attention(qf, kf, vf, backend="blocksparse", **kw)
+    qd, kd, vd = (t.clone().requires_grad_() for t in (q, k, v))
+    mask = torch.as_tensor(cp.dense_mask())
+    ref = reference_attention(qd, kd, vd, mask, score_terms=cp.score_terms, q_offset=cp.q_offset,
+                              kv_offset=cp.kv_offset)
+    assert torch.isfinite(out).all() and _rel(out, ref) < 1e-5
+    g = torch.randn(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    got = torch.autograd.grad(out, (qf, kf, vf), g.float())
+    want = torch.autograd.grad(ref, (qd, kd, vd), g)
+    for name, a, b in zip("qkv", got, want):
+        assert torch.isfinite(a).all() and _rel(a, b) < 1e-4, name
+
+
+@pytest.mark.parametrize("src, N, H, H_kv, bs", [
+    ("(local(w=96) & causal) with softcap(c=50)", 515, 2, 2, 64),           # a sliding run, ragged end
+    ("(local(w=96) & causal) with softcap(c=20), alibi()", 515, 4, 2, 64),  # + ALiBi, grouped kv heads
+    ("causal with softcap(c=50), alibi()", 450, 3, 3, 64),                  # a staircase, slab by slab
+    ("causal with softcap(c=100)", 333, 2, 1, 32),                          # the tanh form (c > 64)
+    ("local(w=80) with softcap(c=30), alibi(max_bias=4)", 300, 2, 2, 32),   # both sides: j > i too
+    ("(local(w=64) | strided(s=64)) & causal with softcap(c=50)", 520, 2, 2, 64),  # plan terms
+])
+def test_scored_path_equals_the_reference(src, N, H, H_kv, bs, calls):
+    cp = patternc.compile(src, q_len=N, num_heads=H, block_size=bs)
+    q, k, v = _inputs(2, H, H_kv, N, N, 16, logit_scale=3.0)
+    _check_against_reference(cp, q, k, v)
+    assert calls["fwd"] >= 1 and calls["bwd"] >= 1
+
+
+def test_large_logits_on_the_scored_path(calls):
+    """|s| ~ 100 before the cap, on a band and a staircase: finite and exact."""
+    for src in ("(local(w=64) & causal) with softcap(c=50), alibi()", "causal with softcap(c=50)"):
+        cp = patternc.compile(src, q_len=200, num_heads=2, block_size=32)
+        q, k, v = _inputs(1, 2, 2, 200, 200, 16)
+        q = q / q.norm(dim=-1, keepdim=True) * 40
+        k = k / k.norm(dim=-1, keepdim=True) * 10
+        assert float(((q @ k.transpose(-1, -2)) / 4).abs().max()) > 80
+        _check_against_reference(cp, q, k, v)
+    assert calls["fwd"] >= 2
+
+
+def test_slab_alibi_generated_per_slab(monkeypatch, calls):
+    """A staircase's right-aligned ALiBi bias past the cache (generated slab by slab) and slabs
+    of 3 blocks (a first slab shorter than the rest) give the reference too."""
+    monkeypatch.setattr(fused, "ALIBI_CACHE_ELEMENTS", 0)
+    monkeypatch.setattr(fused, "SLAB_BLOCKS", 3)
+    cp = patternc.compile("causal with softcap(c=30), alibi()", q_len=300, num_heads=2, block_size=32)
+    q, k, v = _inputs(2, 2, 2, 300, 300, 16, logit_scale=2.0)
+    _check_against_reference(cp, q, k, v)
+    assert calls["fwd"] == 1
+
+
+def test_offsets_gqa_and_empty_rows_on_the_scored_path(calls):
+    """Offsets move ALiBi's positions, a query row with no key gets output 0 and log-sum-exp
+    +inf, grouped kv heads: float32 on the scored path against the float64 gather loop."""
+    src = "(local(w=40) & causal) - global(at=[65]) with softcap(c=5), alibi(max_bias=2)"
+    cp = patternc.compile(src, q_len=70, kv_len=100, q_offset=60, kv_offset=30, num_heads=4, block_size=16)
+    q, k, v = _inputs(2, 4, 2, 70, 100, 16, logit_scale=2.0)
+    want, lse_want = blocksparse.blocksparse_attention(cp, q, k, v, 0.25, return_lse=True)
+    assert calls["fwd"] == 0  # float64 runs the gather loop
+    qf, kf, vf = (t.float().requires_grad_() for t in (q, k, v))
+    got, lse = blocksparse.blocksparse_attention(cp, qf, kf, vf, 0.25, return_lse=True)
+    assert calls["fwd"] == 1
+    assert bool(torch.isinf(lse_want).any()) and torch.equal(torch.isinf(lse), torch.isinf(lse_want))
+    fin = torch.isfinite(lse_want)
+    assert _rel(got, want) < 1e-5 and float((lse.double() - lse_want)[fin].abs().max()) < 1e-4
+    assert float(got.detach()[~fin].abs().max()) == 0.0
+    g = torch.randn(want.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    qd, kd, vd = (t.detach().requires_grad_() for t in (q, k, v))
+    ref = blocksparse.blocksparse_attention(cp, qd, kd, vd, 0.25)
+    for a, b in zip(torch.autograd.grad(got, (qf, kf, vf), g.float()), torch.autograd.grad(ref, (qd, kd, vd), g)):
+        assert _rel(a, b) < 1e-4
+    assert calls["bwd"] == 1
+
+
+def test_without_softcap_or_in_float64_the_path_is_not_taken(calls):
+    q, k, v = _inputs(1, 2, 2, 256, 256, 16)
+    patternc.compile("local(w=64) & causal with alibi()", q_len=256, num_heads=2).attention(
+        q.float(), k.float(), v.float(), backend="blocksparse")
+    patternc.compile("local(w=64) & causal with softcap(c=5)", q_len=256, num_heads=2).attention(
+        q, k, v, backend="blocksparse")
+    assert calls["fwd"] == 0
