@@ -77,6 +77,17 @@ def test_scored_path_equals_the_reference(src, N, H, H_kv, bs, calls):
     assert calls["fwd"] >= 1 and calls["bwd"] >= 1
 
 
+def test_alibi_alone_on_a_staircase_the_fused_runs_cannot_take(monkeypatch, calls):
+    """A staircase's ALiBi bias would be its whole square on the fused runs (``alibi_fits``
+    refuses past ``ALIBI_CALL_ELEMENTS``, lowered here for a short sequence): the scored path
+    takes it slab by slab with no transform."""
+    monkeypatch.setattr(fused, "ALIBI_CALL_ELEMENTS", 1 << 12)
+    cp = patternc.compile("causal with alibi()", q_len=450, num_heads=4, block_size=64)
+    q, k, v = _inputs(2, 4, 2, 450, 450, 16, logit_scale=3.0)
+    _check_against_reference(cp, q, k, v)
+    assert calls["fwd"] == 1 and calls["bwd"] == 1
+
+
 def test_large_logits_on_the_scored_path(calls):
     """|s| ~ 100 before the cap, on a band and a staircase: finite and exact."""
     for src in ("(local(w=64) & causal) with softcap(c=50), alibi()", "causal with softcap(c=50)"):

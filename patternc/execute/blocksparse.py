@@ -574,7 +574,8 @@ def _runs(plan: Plan, mask_mod, score_mod, positions, B: int, H: int, H_kv: int)
 def _scored_runs(plan: Plan, mask_mod, score_mod, positions, q, v, cdt, dropout_p, B: int, H: int, H_kv: int):
     """``(fz, alibi)`` for the scored path (``fused.forward_scored``): the strided runs of a call
     whose score terms have a softcap (``fused.scored_form``), run unfused on zero-copy views
-    (ALiBi too, in natural positions, within ``fused.alibi_fits``); None: the gather loop runs
+    (ALiBi too, in natural positions, within ``fused.scored_alibi_fits``; ALiBi alone where the
+    fused kernel's ALiBi does not fit, e.g. a causal staircase); None: the gather loop runs
     every row. Needs what the fused kernel needs but the score hook: CPU, float32, no dropout,
     cached masks."""
     if not (USE_RUNS and q.device.type == "cpu" and cdt == torch.float32 and not dropout_p
@@ -658,10 +659,17 @@ def blocksparse_forward(plan: Plan, mask_mod, q, k, v, scale: float, *, need_lse
     if flash:
         fz, alibi = _runs(plan, mask_mod, score_mod, positions, B, H, H_kv)
         rest = plan
+        scored = None if fz is not None or score_mod is None else \
+            _scored_runs(plan, mask_mod, score_mod, positions, q, v, cdt, dropout_p, B, H, H_kv)
         if fz is not None:  # strided runs: zero-copy views (execute.fused); the rest gathers
             qp, kp, vp = qp.contiguous(), kp.contiguous(), vp.contiguous()
             _fused.forward(fz, _FLASH, qp, kp, vp, out, lse, kscale, B=B, H=H, H_kv=H_kv, alibi=alibi)
             rest = fz.rest
+        elif scored is not None:  # ALiBi the fused runs cannot take: unfused on the same views
+            qp, kp, vp = qp.contiguous(), kp.contiguous(), vp.contiguous()
+            _fused.forward_scored(scored[0], qp, kp, vp, out, lse, B=B, H=H, H_kv=H_kv, terms=score_mod,
+                                  alibi=scored[1])
+            rest = scored[0].rest
         # ALiBi: one more column of q and k (scoremod.FlashAlibi), nothing score-sized per call
         fa = _flash_alibi(score_mod, rest, positions)
         if fa is not None:
@@ -791,12 +799,20 @@ def blocksparse_backward(plan: Plan, mask_mod, q, k, v, out, lse, dout, scale: f
         lse_f = lse.contiguous()
         fz, alibi = _runs(plan, mask_mod, score_mod, positions, B, H, H_kv)
         rest = plan
+        scored = None if fz is not None or score_mod is None else \
+            _scored_runs(plan, mask_mod, score_mod, positions, q, v, cdt, dropout_p, B, H, H_kv)
         if fz is not None:
             qp, kp, vp = qp.contiguous(), kp.contiguous(), vp.contiguous()
             dop, out = dop.contiguous(), out.contiguous()
             _fused.backward(fz, _FLASH_BW, dop, qp, kp, vp, out, lse_f, dq, dk, dv, kscale, B=B, H=H, H_kv=H_kv,
                             alibi=alibi)
             rest = fz.rest
+        elif scored is not None:  # as in the forward
+            qp, kp, vp = qp.contiguous(), kp.contiguous(), vp.contiguous()
+            dop, out = dop.contiguous(), out.contiguous()
+            _fused.backward_scored(scored[0], dop, qp, kp, vp, out, lse_f, dq, dk, dv, B=B, H=H, H_kv=H_kv,
+                                   terms=score_mod, alibi=scored[1])
+            rest = scored[0].rest
         fa = _flash_alibi(score_mod, rest, positions)
         if fa is not None:  # ALiBi as one more column (see the forward)
             qp, kp, vp = fa.augment(qp, kp, vp)

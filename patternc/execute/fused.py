@@ -488,9 +488,13 @@ def scored_form(terms):
     """``(form, a, const)`` of the softcap of ``terms`` (a ``scoremod.ScoreTerms``) on the scored
     path, whose kernel scores ``x`` arrive multiplied by ``terms.prescale``: ``"sigmoid"``
     (``c(x) = a * sigmoid(x) + const``, ``a = 2c``, ``const = -c``) or ``"tanh"`` (``a * tanh(x)``,
-    ``a = c``, ``const = 0``); None where the terms have no softcap or are not ``prescaled``."""
+    ``a = c``, ``const = 0``); ``("none", 1, 0)`` for ALiBi alone (a layout the fused kernel's
+    ALiBi does not fit: ``alibi_fits``); None where the terms have neither or are not
+    ``prescaled``."""
     cap = getattr(terms, "cap", None)
-    if cap is None or not getattr(terms, "scores_over_cap", False):
+    if cap is None:
+        return ("none", 1.0, 0.0) if getattr(terms, "slopes", None) is not None else None
+    if not getattr(terms, "scores_over_cap", False):
         return None
     if terms.softcap_form == "sigmoid":
         return "sigmoid", 2.0 * cap, -cap
@@ -538,6 +542,8 @@ def _bmm(x: torch.Tensor, y: torch.Tensor, ws: "_Workspace | None" = None, role:
 def _transform(x: torch.Tensor, form: str, a: float, bias) -> torch.Tensor:
     """In place: kernel scores ``x`` -> ``a * f(x) + bias`` (``f`` sigmoid or tanh; the
     softcap's ``const`` is left out: a constant of every row, it moves only the log-sum-exp)."""
+    if form == "none":
+        return x if bias is None else x.add_(bias)
     x.sigmoid_() if form == "sigmoid" else x.tanh_()
     if bias is None:
         return x.mul_(a)
@@ -733,9 +739,12 @@ def backward_scored(fz: Fused, dop, qp, kp, vp, out, lse, dq, dk, dv, *, B: int,
         qv, kv = _view(qp, Bp, R, Lq, qw, D), _view(kp, Bp, R, L, kw, D)
         vv, dov = _view(vp, Bp, R, L, kw, Dv), _view(dop, Bp, R, Lq, qw, Dv)
         f = _bmm(qv, kv.transpose(-1, -2), ws, "f")
-        f.sigmoid_() if form == "sigmoid" else f.tanh_()
-        p = ws.take("p", f.shape, f)
-        torch.mul(f, a, out=p) if bias is None else torch.add(bias, f, alpha=a, out=p)
+        if form == "none":  # ALiBi alone: the derivative is 1
+            p = f if bias is None else f.add_(bias)
+        else:
+            f.sigmoid_() if form == "sigmoid" else f.tanh_()
+            p = ws.take("p", f.shape, f)
+            torch.mul(f, a, out=p) if bias is None else torch.add(bias, f, alpha=a, out=p)
         lg = _view(lse, Bp, R, Lq, qw) - const  # the kernel frame's log-sum-exp
         if shift is not None:
             lg = lg - shift
@@ -746,9 +755,10 @@ def backward_scored(fz: Fused, dop, qp, kp, vp, out, lse, dq, dk, dv, *, B: int,
         del p
         if form == "sigmoid":  # d(a sigmoid(x)) / dx = a f (1 - f); tanh: a (1 - f^2)
             torch.addcmul(f, f, f, value=-1.0, out=f)
-        else:
+            ds.mul_(f)
+        elif form == "tanh":
             torch.addcmul(torch.ones((), dtype=f.dtype, device=f.device), f, f, value=-1.0, out=f)
-        ds.mul_(f)
+            ds.mul_(f)
         del f
         _view(dq, Bp, R, Lq, qw, D).add_(_bmm(ds, kv, ws, "dq"), alpha=a)
         dkg = _bmm(ds.transpose(-1, -2), qv, ws, "dk")
