@@ -21,8 +21,10 @@ Rows that do not fit a run (a span with more than 1/``HOLE_FRACTION`` EMPTY tile
 ``MAX_RUNS``) stay on the gather path (``blocksparse.Plan`` of the remaining rows).
 
 This path runs only where the fused kernel applies (CPU, float32 compute, no dropout, no
-``score_mod`` but ALiBi alone in natural positions, masks cached); elsewhere the kernel's unfused
-loop runs every row. ALiBi (``alibi_fits``): in a run, ``j - i`` of kernel row ``r`` is that of row
+``score_mod`` but ALiBi alone in natural positions, masks cached). With a softcap (which the
+fused kernel cannot apply) the same runs take the **scored path** (``forward_scored`` /
+``backward_scored``): the same views, computed unfused (matmul, transform, mask, max, exp, sum,
+matmul), a causal staircase slab by slab; elsewhere the kernel's unfused loop runs every row. ALiBi (``alibi_fits``): in a run, ``j - i`` of kernel row ``r`` is that of row
 0 plus ``r * (sigma * kb - tau * qb)``, a constant of the kernel row, so each call adds one bias
 ``[Bp, 1, m * qb, span * kb]`` (per query head; ``scoremod.ScoreTerms.run_alibi``) to its mask
 and the constant to its log-sum-exp; a causal staircase's bias would be its whole square, so a
