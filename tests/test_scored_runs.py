@@ -7,6 +7,8 @@ the strided runs)."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -141,3 +143,118 @@ def test_without_softcap_or_in_float64_the_path_is_not_taken(calls):
     patternc.compile("local(w=64) & causal with softcap(c=5)", q_len=256, num_heads=2).attention(
         q, k, v, backend="blocksparse")
     assert calls["fwd"] == 0
+
+
+# ---- the native row kernels (execute.native) --------------------------------------------------
+def _cpu_has_avx2_fma() -> bool:
+    try:
+        flags = open("/proc/cpuinfo").read().split()
+    except OSError:
+        return False
+    return "avx2" in flags and "fma" in flags
+
+
+def test_native_builds_where_it_can():
+    """On an x86-64 Linux machine with AVX2, FMA and a C compiler (CI's), the kernels build and
+    load; elsewhere ``status`` says why not."""
+    import platform
+    import shutil
+
+    from patternc.execute import native
+
+    can = (platform.machine() in ("x86_64", "AMD64") and _cpu_has_avx2_fma()
+           and bool(os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc"))
+           and os.environ.get("PATTERNC_NATIVE", "1") != "0")
+    assert (native.kernels() is not None) == can, native.status()
+    assert native.status().startswith("loaded: " if can else "unavailable: ")
+
+
+def _native_or_skip():
+    from patternc.execute import native
+
+    nat = native.kernels()
+    if nat is None:
+        pytest.skip(native.status())
+    return nat
+
+
+def _f(x, form):
+    return {"none": x, "sigmoid": torch.sigmoid(x), "tanh": torch.tanh(x)}[form]
+
+
+@pytest.mark.parametrize("form, a", [("none", 1.0), ("sigmoid", 100.0), ("tanh", 7.0)])
+@pytest.mark.parametrize("bias_shape", [None, (1, 3, 5, 21), (2, 1, 5, 21)])
+def test_native_rows_equal_float64(form, a, bias_shape):
+    """``forward_rows`` / ``backward_rows`` against the same formulas in float64: ragged rows
+    (21 columns: two vectors and a tail), broadcast biases with -inf entries, a row with no
+    allowed entry, arguments below the floor."""
+    nat = _native_or_skip()
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, 5, 21, generator=g) * 4
+    bias = None
+    if bias_shape is not None:
+        bias = (torch.randn(bias_shape, generator=g) * 30).masked_fill_(torch.rand(bias_shape, generator=g) < 0.3,
+                                                                        float("-inf"))
+        bias[..., 1, :] = float("-inf")  # query row 1 has no allowed entry
+    floor = -80.0
+    y = a * _f(x.double(), form) if form != "none" else x.double()
+    if bias is not None:
+        y = y + bias.double()
+    # float32 scores carry a rounding of a few ulps of their magnitude: p's absolute error
+    tol = 1e-6 + 4 * 2.0 ** -23 * float(y[torch.isfinite(y)].abs().max())
+    m = y.amax(-1, keepdim=True)
+    empty = m == float("-inf")
+    p = torch.exp((y - m.masked_fill(empty, 0)).clamp(min=floor)).masked_fill(empty, 0.0)
+    s = x.clone()
+    m_got, den_got = nat.forward_rows(s, form, a, bias, floor)
+    assert torch.equal(m_got == float("-inf"), empty)
+    fin = ~empty
+    assert float((m_got.double() - m)[fin].abs().max()) <= 1e-5 * max(1.0, float(m[fin].abs().max()))
+    assert float((s.double() - p).abs().max()) < tol
+    assert float(((den_got.double() - p.sum(-1, keepdim=True)) / p.sum(-1, keepdim=True).clamp(min=1e-30))
+                 [fin].abs().max()) < tol
+    # backward: p = exp(clamp(y - lse, floor, 0)), ds = p (dP - delta) f'
+    lse = (m + torch.log(p.sum(-1, keepdim=True))).masked_fill(empty, float("inf")).squeeze(-1)
+    dP = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    delta = torch.randn(x.shape[:3], generator=g, dtype=torch.float64)
+    pb = torch.exp((y - lse[..., None]).clamp(min=floor, max=0.0))
+    f = _f(x.double(), form)
+    deriv = {"none": torch.ones_like(f), "sigmoid": f * (1 - f), "tanh": 1 - f * f}[form]
+    want_ds = pb * (dP - delta[..., None]) * deriv
+    s, ds = x.clone(), dP.float()
+    nat.backward_rows(s, ds, form, a, bias, lse.float(), delta.float(), floor)
+    assert float((s.double() - pb).abs().max()) < tol
+    assert float((ds.double() - want_ds).abs().max()) < tol * float(want_ds.abs().max().clamp(min=1.0))
+
+
+@pytest.mark.parametrize("src", ["(local(w=96) & causal) with softcap(c=20), alibi()", "causal with softcap(c=100)"])
+def test_scored_path_without_native_equals_the_reference(src, monkeypatch, calls):
+    """The torch-ops fallback of the scored path (no C compiler, ``PATTERNC_NATIVE=0``)."""
+    monkeypatch.setattr(fused, "USE_NATIVE", False)
+    cp = patternc.compile(src, q_len=333, num_heads=2, block_size=32)
+    q, k, v = _inputs(2, 2, 1, 333, 333, 16, logit_scale=3.0)
+    _check_against_reference(cp, q, k, v)
+    assert calls["fwd"] == 1 and calls["bwd"] == 1
+
+
+def test_native_build_failures_are_reasons_not_errors(tmp_path, monkeypatch):
+    """A missing compiler or the opt-out leave the kernels unavailable with a reason; a fresh
+    build lands whole in the cache directory (no temporary file left)."""
+    from patternc.execute import native
+
+    monkeypatch.setenv("PATTERNC_NATIVE", "0")
+    lib, why = native._build()
+    assert lib is None and "PATTERNC_NATIVE=0" in why
+    monkeypatch.setenv("PATTERNC_NATIVE", "1")
+    if native._cpu_ok() is not None:
+        pytest.skip(native._cpu_ok())
+    monkeypatch.setenv("PATTERNC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    lib, why = native._build()
+    assert lib is None and "no-such-cc" in why
+    monkeypatch.delenv("CC")
+    _native_or_skip()  # a compiler exists on this machine
+    lib, why = native._build()
+    assert lib is not None and why is None
+    built = list((tmp_path / "native").iterdir())
+    assert len(built) == 1 and built[0].suffix == ".so"

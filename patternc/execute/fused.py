@@ -696,6 +696,18 @@ def scored_alibi_fits(fz: Fused, *, B: int, H: int, H_kv: int) -> bool:
     return True
 
 
+#: False: the scored path keeps its torch ops even where ``execute.native`` is available
+USE_NATIVE = True
+
+
+def _native_kernels(x: torch.Tensor):
+    if not (USE_NATIVE and x.device.type == "cpu" and x.dtype == torch.float32):
+        return None
+    from . import native
+
+    return native.kernels()
+
+
 def forward_scored(fz: Fused, qp, kp, vp, out, lse, *, B: int, H: int, H_kv: int, terms, alibi=None) -> None:
     """Every run's rows with a softcap (``scored_form(terms)``; ``alibi``: the same terms when they
     also have ALiBi, natural positions): ``out`` / ``lse`` (contiguous, padded; q pre-scaled by
@@ -704,16 +716,21 @@ def forward_scored(fz: Fused, qp, kp, vp, out, lse, *, B: int, H: int, H_kv: int
     D, Dv = qp.shape[-1], vp.shape[-1]
     inf = float("inf")
     ws = _Workspace()
+    nat = _native_kernels(qp)
     for Lq, L, qw, kw, bias, shift, Bp, R in _Calls(fz, B=B, H=H, H_kv=H_kv, alibi=alibi):
         s = _bmm(_view(qp, Bp, R, Lq, qw, D), _view(kp, Bp, R, L, kw, D).transpose(-1, -2), ws, "s")
-        _transform(s, form, a, bias)
-        m = s.amax(-1, keepdim=True)
-        empty = m == -inf  # a query row with no allowed key
-        m.masked_fill_(empty, 0.0)
-        # masked entries' -inf (and anything below EXP_FLOOR) -> EXP_FLOOR: torch's CPU exp is
-        # several times slower where its result underflows; exp(EXP_FLOOR) weighs 1e-35 of a row
-        s.sub_(m).clamp_(min=EXP_FLOOR).exp_()
-        den = s.sum(-1, keepdim=True)
+        if nat is not None:  # the elementwise part in one pass per row (execute.native)
+            m, den = nat.forward_rows(s, form, a, bias, EXP_FLOOR)
+            empty = m == -inf
+        else:
+            _transform(s, form, a, bias)
+            m = s.amax(-1, keepdim=True)
+            empty = m == -inf  # a query row with no allowed key
+            m.masked_fill_(empty, 0.0)
+            # masked entries' -inf (and anything below EXP_FLOOR) -> EXP_FLOOR: torch's CPU exp is
+            # several times slower where its result underflows; exp(EXP_FLOOR) weighs 1e-35 of a row
+            s.sub_(m).clamp_(min=EXP_FLOOR).exp_()
+            den = s.sum(-1, keepdim=True)
         o = _bmm(s, _view(vp, Bp, R, L, kw, Dv), ws, "o")
         del s
         o.div_(den)
@@ -737,10 +754,20 @@ def backward_scored(fz: Fused, dop, qp, kp, vp, out, lse, dq, dk, dv, *, B: int,
     kb = fz.rest.kv_block_size
     delta = (dop * out).sum(-1)  # [B, H * nq, qb]: rowsum(dO * O)
     ws = _Workspace()
+    nat = _native_kernels(qp)
     for Lq, L, qw, kw, bias, shift, Bp, R in _Calls(fz, B=B, H=H, H_kv=H_kv, alibi=alibi):
         qv, kv = _view(qp, Bp, R, Lq, qw, D), _view(kp, Bp, R, L, kw, D)
         vv, dov = _view(vp, Bp, R, L, kw, Dv), _view(dop, Bp, R, Lq, qw, Dv)
         f = _bmm(qv, kv.transpose(-1, -2), ws, "f")
+        if nat is not None:  # the elementwise part in one pass per row (execute.native)
+            ds = _bmm(dov, vv.transpose(-1, -2), ws, "ds")
+            lg = _view(lse, Bp, R, Lq, qw) - const
+            if shift is not None:
+                lg = lg - shift
+            nat.backward_rows(f, ds, form, a, bias, lg, _view(delta, Bp, R, Lq, qw), EXP_FLOOR)
+            dvg = _bmm(f.transpose(-1, -2), dov, ws, "dv")
+            _fold(ws, dq, dk, dv, ds, dvg, qv, kv, a, Bp, R, Lq, L, qw, kw, kb)
+            continue
         if form == "none":  # ALiBi alone: the derivative is 1
             p = f if bias is None else f.add_(bias)
         else:
@@ -762,17 +789,24 @@ def backward_scored(fz: Fused, dop, qp, kp, vp, out, lse, dq, dk, dv, *, B: int,
             torch.addcmul(torch.ones((), dtype=f.dtype, device=f.device), f, f, value=-1.0, out=f)
             ds.mul_(f)
         del f
-        _view(dq, Bp, R, Lq, qw, D).add_(_bmm(ds, kv, ws, "dq"), alpha=a)
-        dkg = _bmm(ds.transpose(-1, -2), qv, ws, "dk")
-        if R > 1 and kw[2] == 0:  # every row read the same keys: one sum
-            span = (kw[0], kw[1], 0)
-            _view(dk, Bp, 1, L, span, D).add_(dkg.sum(1, keepdim=True), alpha=a)
-            _view(dv, Bp, 1, L, span, Dv).add_(dvg.sum(1, keepdim=True))
-        elif R == 1 or kw[2] >= L:  # rows' keys do not overlap
-            _view(dk, Bp, R, L, kw, D).add_(dkg, alpha=a)
-            _view(dv, Bp, R, L, kw, Dv).add_(dvg)
-        else:  # overlapping key windows: fold block slot by slot (one slot's rows never overlap)
-            for s in range(L // kb):
-                at = (kw[0] + s * kb, kw[1], kw[2])
-                _view(dk, Bp, R, kb, at, D).add_(dkg[:, :, s * kb:(s + 1) * kb], alpha=a)
-                _view(dv, Bp, R, kb, at, Dv).add_(dvg[:, :, s * kb:(s + 1) * kb])
+        _fold(ws, dq, dk, dv, ds, dvg, qv, kv, a, Bp, R, Lq, L, qw, kw, kb)
+
+
+def _fold(ws, dq, dk, dv, ds, dvg, qv, kv, a: float, Bp: int, R: int, Lq: int, L: int, qw, kw, kb: int) -> None:
+    """Add one call's gradients: ``dq += a dS K``, ``dk += a dS^T Q``, ``dv += dvg`` (``dS`` without
+    the cap's factor ``a``), folding the kernel rows' key windows back onto the keys they read."""
+    D, Dv = qv.shape[-1], dvg.shape[-1]
+    _view(dq, Bp, R, Lq, qw, D).add_(_bmm(ds, kv, ws, "dq"), alpha=a)
+    dkg = _bmm(ds.transpose(-1, -2), qv, ws, "dk")
+    if R > 1 and kw[2] == 0:  # every row read the same keys: one sum
+        span = (kw[0], kw[1], 0)
+        _view(dk, Bp, 1, L, span, D).add_(dkg.sum(1, keepdim=True), alpha=a)
+        _view(dv, Bp, 1, L, span, Dv).add_(dvg.sum(1, keepdim=True))
+    elif R == 1 or kw[2] >= L:  # rows' keys do not overlap
+        _view(dk, Bp, R, L, kw, D).add_(dkg, alpha=a)
+        _view(dv, Bp, R, L, kw, Dv).add_(dvg)
+    else:  # overlapping key windows: fold block slot by slot (one slot's rows never overlap)
+        for s in range(L // kb):
+            at = (kw[0] + s * kb, kw[1], kw[2])
+            _view(dk, Bp, R, kb, at, D).add_(dkg[:, :, s * kb:(s + 1) * kb], alpha=a)
+            _view(dv, Bp, R, kb, at, Dv).add_(dvg[:, :, s * kb:(s + 1) * kb])
