@@ -258,3 +258,74 @@ def test_native_build_failures_are_reasons_not_errors(tmp_path, monkeypatch):
     assert lib is not None and why is None
     built = list((tmp_path / "native").iterdir())
     assert len(built) == 1 and built[0].suffix == ".so"
+
+
+# ---- regressions from a review ------------------------------------------------------------------
+def test_staircases_of_unequal_length(calls):
+    """Packed documents of unequal length give causal staircases of different sizes in one layout
+    (each slab's mask is cut for its own staircase)."""
+    cp = patternc.compile("document & causal with softcap(c=50), alibi()", q_len=768, num_heads=2, block_size=64)
+    q, k, v = _inputs(2, 2, 2, 768, 768, 16, logit_scale=2.0)
+    docs = [[512, 256], [256, 512]]
+    for b in range(2):
+        sub = [t[b:b + 1] for t in (q, k, v)]
+        qf, kf, vf = (t.float().requires_grad_() for t in sub)
+        out = cp.attention(qf, kf, vf, backend="blocksparse", documents=[docs[b]])
+        qd, kd, vd = (t.clone().requires_grad_() for t in sub)
+        mask = torch.as_tensor(cp.dense_mask(documents=[docs[b]]))[0]
+        ref = reference_attention(qd, kd, vd, mask, score_terms=cp.score_terms)
+        assert _rel(out, ref) < 1e-5
+        g = torch.randn(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(b))
+        for a, w in zip(torch.autograd.grad(out, (qf, kf, vf), g.float()), torch.autograd.grad(ref, (qd, kd, vd), g)):
+            assert _rel(a, w) < 1e-4
+    assert calls["fwd"] == 2
+
+
+def test_two_compiles_of_one_layout_keep_their_own_slopes(calls):
+    """The per-layout call cache is shared by compiles that differ only in their score terms:
+    ALiBi's biases are keyed by the terms (max_bias, head_offset)."""
+    q, k, v = _inputs(1, 4, 4, 512, 512, 16, logit_scale=2.0)
+    for src, head_offset in [("causal with softcap(c=50), alibi(max_bias=8)", 0),
+                             ("causal with softcap(c=50), alibi(max_bias=2)", 0),
+                             ("causal with softcap(c=50), alibi(max_bias=2)", 4),
+                             ("local(w=128) & causal with softcap(c=50), alibi(max_bias=8)", 0),
+                             ("local(w=128) & causal with softcap(c=50), alibi(max_bias=2)", 0)]:
+        cp = patternc.compile(src, q_len=512, num_heads=4, block_size=64, head_offset=head_offset)
+        out = cp.attention(q.float(), k.float(), v.float(), backend="blocksparse")
+        ref = reference_attention(q, k, v, torch.as_tensor(cp.dense_mask()), score_terms=cp.score_terms,
+                                  head_offset=head_offset)
+        assert _rel(out, ref) < 1e-5, (src, head_offset)
+    assert calls["fwd"] == 5
+
+
+@pytest.mark.parametrize("src", ["(causal | global(at=[0, 1])) with alibi(max_bias=1)",
+                                 "(causal | global(at=[0, 1])) with softcap(c=50), alibi(max_bias=1)"])
+def test_alibi_on_runs_of_far_apart_rows_keeps_float32_precision(src):
+    """Query blocks 0 and 31 share their key span, so the runs put them in one run (tau = 31,
+    sigma = 0); each call's ALiBi bias is in its first row's frame, so rows are grouped within
+    FAST_ALIBI_SPREAD score units of it (before: 4.7e-5 in the last rows)."""
+    cp = patternc.compile(src, q_len=2048, num_heads=2, block_size=64)
+    q, k, v = _inputs(1, 2, 2, 2048, 2048, 32)
+    out = cp.attention(q.float(), k.float(), v.float(), backend="blocksparse")
+    ref = reference_attention(q, k, v, torch.as_tensor(cp.dense_mask()), score_terms=cp.score_terms)
+    assert _rel(out, ref) < 1e-5
+
+
+def test_cli_run_check_with_softcap_times_dense_without_it(capsys):
+    """``patternc run … with softcap(c) --check``: the dense SDPA baseline runs without the cap
+    and says so; the check passes."""
+    import json
+
+    from patternc.cli import main
+
+    assert main(["run", "-e", "local(w=64) & causal with softcap(c=50)", "--seq-len", "300", "--heads", "2",
+                 "--head-dim", "16", "--check", "--repeats", "1", "--json"]) == 0
+    js = json.loads(capsys.readouterr().out)
+    assert js["check_passed"] and js["dense_seconds"] is not None and "without softcap" in js["dense_note"]
+    from patternc.errors import PatternError
+    from patternc.execute.sdpa import sdpa_attention
+
+    cp = patternc.compile("causal with softcap(c=5)", q_len=8, num_heads=1)
+    x = torch.randn(1, 1, 8, 4)
+    with pytest.raises(PatternError, match="P352"):
+        sdpa_attention(cp, x, x, x, 0.5, use_causal=False)

@@ -329,12 +329,28 @@ def build(plan, kinds: np.ndarray, head_independent: bool, mask_mod, *, plan_cls
 
 
 # ---- execution -------------------------------------------------------------------------------
+def _alibi_rows(alibi, run: Run, qb: int, kb: int) -> int | None:
+    """Most kernel rows of ``run`` in one call with ALiBi (None: any number). A call's ALiBi bias
+    is in its first row's frame; row ``r`` of it is off by ``m * delta * r`` (``delta = sigma * kb
+    - tau * qb``), a constant the softmax ignores but that the kernel adds to that row's scores,
+    so their float32 rounding grows with it: rows are grouped so that it stays within
+    ``ScoreTerms.FAST_ALIBI_SPREAD`` score units (the bound of the other ALiBi paths)."""
+    delta = run.sigma * kb - run.tau * qb
+    if alibi is None or delta == 0:
+        return None
+    m = float(alibi.slopes.abs().max()) if alibi.slopes is not None and alibi.slopes.numel() else 0.0
+    if m == 0.0:
+        return None
+    return 1 + int(alibi.FAST_ALIBI_SPREAD // (m * abs(delta)))
+
+
 def _calls(run: Run, *, B: int, H: int, H_kv: int, nq: int, nkv: int, qb: int, kb: int, width: int = 64,
-           heads: bool = False, call_elements: int | None = None):
+           heads: bool = False, call_elements: int | None = None, alibi=None):
     """Yield ``(r0, r1, Bp, q, kv)`` per kernel call of ``run``: ``q`` / ``kv`` are
     ``(offset, batch_stride, row_stride)`` in tokens of the flat padded query
     (``[B * H * nq * qb]``) and key (``[B * H_kv * nkv * kb]``) sequences. ``heads``: also yield
-    the call's query head per batch entry, a tuple of ``Bp`` ints (ALiBi's slopes)."""
+    the call's query head per batch entry, a tuple of ``Bp`` ints (ALiBi's slopes). ``alibi``:
+    the score terms whose ALiBi the calls take (``_alibi_rows`` bounds their rows)."""
     g = H // H_kv
     if run.head is None:  # (b, kv head) is one batch index; one call per query head of a group
         bases = [(B * H_kv, j * nq * qb, g * nq * qb, 0, nkv * kb) for j in range(g)]
@@ -346,6 +362,9 @@ def _calls(run: Run, *, B: int, H: int, H_kv: int, nq: int, nkv: int, qb: int, k
     step = run.rows if call_elements is None else max(1, call_elements // (Bp * width * (run.m * qb + run.span * kb)))
     if run.ids is not None and run.ids.shape[0] > 1:
         step = min(step, max(1, RUN_CHUNK_ELEMENTS // (run.m * qb * run.span * kb)))
+    most = _alibi_rows(alibi, run, qb, kb)
+    if most is not None:
+        step = min(step, most)
     for (Bp, qoff, qB, koff, kB), hs in zip(bases, who):
         for r0 in range(0, run.rows, step):
             r1 = min(run.rows, r0 + step)
@@ -377,9 +396,24 @@ def alibi_fits(fz: Fused, *, B: int, H: int, H_kv: int) -> bool:
     return True
 
 
+def _last_allowed(bias, Lq: int, L: int, causal: bool) -> torch.Tensor:
+    """int64 ``[1 or R, Lq]``: each query row's last allowed column of a call whose mask is
+    ``bias`` (float ``[1 or R, Lq, L]``, -inf where not allowed; None: all allowed; ``causal``:
+    the kernel also drops columns past the row), 0 for a row with none (ALiBi's reference
+    column, ``ScoreTerms.run_alibi``)."""
+    cols = torch.arange(L)
+    if bias is None:
+        last = torch.full((1, Lq), L - 1, dtype=torch.int64)
+    else:
+        last = torch.where(torch.isfinite(bias), cols, -1).amax(-1)
+    if causal:
+        last = torch.minimum(last, torch.arange(Lq) + (L - Lq))
+    return last.clamp_(min=0)
+
+
 def _alibi_mask(alibi, cache: dict, fz: Fused, run: Run, r0: int, r1: int, hs: tuple, bias, qb: int, kb: int):
     """The call's kernel mask with ALiBi added (float32 ``[Bp, 1 or R, m * qb, span * kb]``) and
-    the ``[Bp, R, 1]`` shift of its log-sum-exp (``scoremod.ScoreTerms.run_alibi``), cached per
+    the ``[Bp, R, Lq]`` shift of its log-sum-exp (``scoremod.ScoreTerms.run_alibi``), cached per
     call while ``ALIBI_CACHE_ELEMENTS`` allow."""
     key = (id(run), r0, r1, hs, alibi.cache_key)
     hit = cache.get(key)
@@ -388,7 +422,8 @@ def _alibi_mask(alibi, cache: dict, fz: Fused, run: Run, r0: int, r1: int, hs: t
     heads = torch.as_tensor(hs, dtype=torch.int64, device=fz.table_bias.device)
     base = (run.kv0 + run.sigma * r0) * kb - (run.q0 + run.tau * r0) * qb
     delta = run.sigma * kb - run.tau * qb
-    ab, shift = alibi.run_alibi(heads, base, delta, r1 - r0, run.m * qb, run.span * kb)
+    ab, shift = alibi.run_alibi(heads, base, delta, r1 - r0, run.m * qb, run.span * kb,
+                                _last_allowed(bias, run.m * qb, run.span * kb, run.causal))
     mask = ab if bias is None else ab + bias[None]
     hit = (mask, shift)
     used = cache.get("elements", 0) + mask.numel()
@@ -420,7 +455,7 @@ def forward(fz: Fused, flash, qp, kp, vp, out, lse, scale: float, *, B: int, H: 
     for run in fz.runs:
         Lq, L = run.m * qb, run.span * kb
         for r0, r1, Bp, qw, kw, hs in _calls(run, B=B, H=H, H_kv=H_kv, nq=nq, nkv=nkv, qb=qb, kb=kb,
-                                             width=D + Dv, heads=True):
+                                             width=D + Dv, heads=True, alibi=alibi):
             R = r1 - r0
             bias = fz.bias(run, r0, r1)
             mask = None if bias is None else bias[None]
@@ -450,7 +485,7 @@ def backward(fz: Fused, flash_bw, dop, qp, kp, vp, out, lse, dq, dk, dv, scale: 
         S = run.span
         Lq, L = run.m * qb, S * kb
         for r0, r1, Bp, qw, kw, hs in _calls(run, B=B, H=H, H_kv=H_kv, nq=nq, nkv=nkv, qb=qb, kb=kb,
-                                             width=D + Dv, heads=True, call_elements=CALL_ELEMENTS):
+                                             width=D + Dv, heads=True, call_elements=CALL_ELEMENTS, alibi=alibi):
             R = r1 - r0
             bias = fz.bias(run, r0, r1)
             mask, lg = None if bias is None else bias[None], _view(lse, Bp, R, Lq, qw)
@@ -554,8 +589,8 @@ def _transform(x: torch.Tensor, form: str, a: float, bias) -> torch.Tensor:
 
 class _Calls:
     """The calls of the scored path over one ``Fused``: yields ``(Lq, L, qw, kw, bias, shift, Bp,
-    R)`` (as ``_calls``: query / key view places, ``R`` kernel rows) with ``bias`` the call's additive mask (+ ALiBi) broadcastable to
-    ``[Bp, R, Lq, L]`` (None: none) and ``shift`` float32 ``[Bp, R, 1]`` (ALiBi's per-row
+    R)`` (as ``_calls``: query / key view places, ``R`` kernel rows) with ``bias`` the call's
+    additive mask (+ ALiBi) broadcastable to ``[Bp, R, Lq, L]`` (None: none) and ``shift`` float32 ``[Bp, R, 1 or Lq]`` (ALiBi's per-row
     constant; None) to add to the kernel-frame log-sum-exp. A causal staircase (``m == span``,
     ``causal``) is cut into slabs of ``SLAB_BLOCKS`` query blocks (its diagonal ``SLAB_BLOCKS``
     squares computed whole, their upper triangles masked)."""
@@ -576,7 +611,7 @@ class _Calls:
             Lq, L = run.m * qb, run.span * kb
             rows = max(1, SCORED_CALL_ELEMENTS // (Lq * L))
             for r0, r1, Bp, qw, kw, hs in _calls(run, B=self.B, H=self.H, H_kv=self.H_kv, nq=self.nq,
-                                                 nkv=self.nkv, qb=qb, kb=kb, heads=True):
+                                                 nkv=self.nkv, qb=qb, kb=kb, heads=True, alibi=self.alibi):
                 for a0 in range(r0, r1, rows):  # _calls chunks by bias size; this by score size
                     a1 = min(r1, a0 + rows)
                     q = (qw[0] + (a0 - r0) * qw[2], qw[1], qw[2])
@@ -598,14 +633,17 @@ class _Calls:
         if self.alibi is None:
             return (None if bias is None else bias[None]), None
         qb, kb = self.qb, self.kb
-        shared = bias is None or bias.shape[0] == 1  # one mask for every kernel row
-        key = ("alibi", id(run), hs, None if shared else (r0, r1))
+        # one bias for every kernel row where the rows' frames agree (delta = 0: a sliding window)
+        # and the mask is shared; else per call, in its first row's frame (``_alibi_rows``)
+        shared = (bias is None or bias.shape[0] == 1) and run.sigma * kb == run.tau * qb
+        key = ("alibi", id(run), hs, None if shared else (r0, r1), self.alibi.cache_key)
         hit = self.cache.get(key)
         if hit is None:  # kernel row r's j - i is row 0's plus r * delta: a shift of its lse
             heads = torch.as_tensor(hs, dtype=torch.int64, device=self.fz.table_bias.device)
             base = (run.kv0 + run.sigma * r0 * (not shared)) * kb - (run.q0 + run.tau * r0 * (not shared)) * qb
             ab, shift = self.alibi.run_alibi(heads, base, run.sigma * kb - run.tau * qb,
-                                             run.rows if shared else r1 - r0, run.m * qb, run.span * kb)
+                                             run.rows if shared else r1 - r0, run.m * qb, run.span * kb,
+                                             _last_allowed(bias, run.m * qb, run.span * kb, False))
             hit = (ab if bias is None else ab + bias[None], shift)
             self._keep(key, hit)
         ab, shift = hit
@@ -626,7 +664,7 @@ class _Calls:
         g = max(1, min(SLAB_BLOCKS, M, SCORED_CALL_ELEMENTS // (Bp * run.rows * qb * M * kb)))
         plain = run.ids is None  # lower part FULL, diagonal tiles lower-triangular (``build``)
         for r0, r1, Bp, qw, kw, hs in _calls(run, B=self.B, H=self.H, H_kv=self.H_kv, nq=self.nq,
-                                             nkv=self.nkv, qb=qb, kb=kb, heads=True):
+                                             nkv=self.nkv, qb=qb, kb=kb, heads=True, alibi=self.alibi):
             end = M
             while end > 0:
                 a = max(0, end - g)
@@ -646,7 +684,7 @@ class _Calls:
             ids = run.ids if run.ids.shape[0] == 1 else run.ids[r0:r1]
             bias = _bias_of(self.fz.table_bias, ids[:, a:a + gq, :a + gq].contiguous())[None]
         else:
-            key = ("tril", g)
+            key = ("tril", g, M)
             tril = self.cache.get(key)
             if tril is None:
                 i = torch.arange(g * qb, device=dev)[:, None]
@@ -662,7 +700,7 @@ class _Calls:
         delta = run.sigma * kb - run.tau * qb
         Bp = len(hs)
         if Bp * g * qb * M * kb <= ALIBI_CACHE_ELEMENTS:
-            key = ("slab-alibi", id(run), r0, r1, hs)
+            key = ("slab-alibi", id(run), r0, r1, hs, self.alibi.cache_key)
             hit = self.cache.get(key)
             if hit is None:  # rel = c - x - (M - g) kb + base at right-aligned column c, row x
                 ab, shift = self.alibi.run_alibi(heads, base - (M - g) * kb, delta, r1 - r0, g * qb, M * kb)

@@ -111,7 +111,7 @@ static inline const float *bias_row(const float *bias, int64_t r, int64_t R, int
 void pc_forward_rows(float *s, int64_t n, int64_t L, int form, float a,
                      const float *bias, int64_t R, int64_t X, int64_t bs0, int64_t bs1, int64_t bs2,
                      float fl, float *m_out, float *den_out, int nthreads) {
-    #pragma omp parallel for schedule(static) num_threads(nthreads)
+    #pragma omp parallel for schedule(dynamic, 16) num_threads(nthreads)
     for (int64_t r = 0; r < n; ++r) {
         float *row = s + r * L;
         const float *b = bias_row(bias, r, R, X, bs0, bs1, bs2);
@@ -164,7 +164,7 @@ void pc_forward_rows(float *s, int64_t n, int64_t L, int form, float a,
 void pc_backward_rows(float *s, float *ds, int64_t n, int64_t L, int form, float a,
                       const float *bias, int64_t R, int64_t X, int64_t bs0, int64_t bs1, int64_t bs2,
                       const float *lse, const float *delta, float fl, int nthreads) {
-    #pragma omp parallel for schedule(static) num_threads(nthreads)
+    #pragma omp parallel for schedule(dynamic, 16) num_threads(nthreads)
     for (int64_t r = 0; r < n; ++r) {
         float *row = s + r * L, *drow = ds + r * L;
         const float *b = bias_row(bias, r, R, X, bs0, bs1, bs2);

@@ -137,7 +137,7 @@ class ScoreTerms:
         slopes = None if self.slopes is None else tuple(self.slopes.tolist())
         return (self.cap, slopes, self.q_offset, self.kv_offset)
 
-    def run_alibi(self, heads: torch.Tensor, base: int, delta: int, rows: int, Lq: int, L: int):
+    def run_alibi(self, heads: torch.Tensor, base: int, delta: int, rows: int, Lq: int, L: int, ref=None):
         """ALiBi of one kernel call of the strided-runs path (``execute.fused``), whose kernel row
         ``r`` (of ``rows``) holds query positions ``i = i0 + r * dq + a`` (``a < Lq``) and key
         positions ``j = j0 + r * dk + c`` (``c < L``), with ``base = j0 - i0`` and ``delta = dk - dq``
@@ -148,19 +148,33 @@ class ScoreTerms:
         row, which the softmax ignores, so it only moves the kernel's log-sum-exp. Both are one
         rounding of an exact integer times the slope (as ``alibi_bias``).
 
+        ``ref`` (int64 ``[1 or rows, Lq]``, optional): a column per query row, whose bias is made
+        0 (another constant of the row, moved to the shift): the row's last allowed column, so
+        that the entries that weigh most in the softmax (ALiBi's largest) carry the smallest bias
+        and lose nothing to the float32 rounding of a large one (a row reading keys far after
+        its own position, e.g. a global query, has ``m (j - i)`` up to ``m * L``).
+
         Args:
             heads: int64 [Bp], the query head of each batch entry of the call.
 
         Returns:
-            ``(bias, shift)``: float32 ``[Bp, 1, Lq, L]`` to add to the kernel's mask, and float32
-            ``[Bp, rows, 1]`` to add to its log-sum-exp (the true one is kernel + shift).
+            ``(bias, shift)``: float32 ``[Bp, 1 or rows, Lq, L]`` to add to the kernel's mask, and
+            float32 ``[Bp, rows, 1 or Lq]`` to add to its log-sum-exp (the true one is kernel +
+            shift).
         """
         dev, dt = heads.device, torch.float32
         m = self.slopes_on(dev, dt).index_select(0, heads)  # [Bp]
-        rel = (torch.arange(L, device=dev)[None, :] - torch.arange(Lq, device=dev)[:, None]
-               + (base + self.kv_offset - self.q_offset)).to(dt)  # [Lq, L], exact integers
-        bias = rel[None, None] * m[:, None, None, None]
-        shift = (torch.arange(rows, device=dev) * delta).to(dt)[None, :, None] * m[:, None, None]
+        r = torch.arange(rows, device=dev) * delta  # [rows]
+        if ref is None:
+            rel = (torch.arange(L, device=dev)[None, :] - torch.arange(Lq, device=dev)[:, None]
+                   + (base + self.kv_offset - self.q_offset)).to(dt)  # [Lq, L], exact integers
+            bias = rel[None, None] * m[:, None, None, None]
+            shift = r.to(dt)[None, :, None] * m[:, None, None]
+            return bias, shift
+        rel = (torch.arange(L, device=dev) - ref[..., None]).to(dt)  # [1 or rows, Lq, L], exact
+        bias = rel[None] * m[:, None, None, None]
+        row = ref - torch.arange(Lq, device=dev) + (base + self.kv_offset - self.q_offset)  # [1 or rows, Lq]
+        shift = (row + r[:, None]).to(dt)[None] * m[:, None, None]  # [Bp, rows, Lq]
         return bias, shift
 
     def __call__(self, s, heads, q_pos, kv_pos):

@@ -62,15 +62,21 @@ def _mask_pair(dense: np.ndarray, device):
     return mask, None
 
 
-def sdpa_attention(cp, q, k, v, scale: float, *, use_causal: bool, dropout_p: float = 0.0):
+def sdpa_attention(cp, q, k, v, scale: float, *, use_causal: bool, dropout_p: float = 0.0,
+                   drop_softcap: bool = False):
     """SDPA with ``is_causal`` (``use_causal``) or with the dense mask of ``cp`` (plus ALiBi's
-    float bias when ``cp`` has ``alibi``; ``softcap`` is not applied here: callers refuse it).
+    float bias when ``cp`` has ``alibi``).
 
     Args:
         q: float [B, H, Q_LEN, D]; k: [B, H_kv, KV_LEN, D]; v: [B, H_kv, KV_LEN, Dv].
+        drop_softcap: run a pattern with ``softcap`` without it (a timing baseline: SDPA takes
+            no score transform); False: such a pattern is refused.
 
     Returns:
         [B, H, Q_LEN, Dv] in q's dtype.
+
+    Raises:
+        PatternError: P352, ``cp`` has ``softcap`` and ``drop_softcap`` is False.
     """
     F = torch.nn.functional
     gqa = k.shape[1] != q.shape[1]
@@ -85,7 +91,13 @@ def sdpa_attention(cp, q, k, v, scale: float, *, use_causal: bool, dropout_p: fl
     from .scoremod import score_terms_for
 
     terms = score_terms_for(cp, q.shape[1])
-    if terms:  # ALiBi as a float bias (-inf where masked); softcap is refused by the caller
+    if terms is not None and terms.cap is not None and not drop_softcap:
+        from ..errors import Diagnostic, PatternError
+
+        raise PatternError(Diagnostic("P352", "SDPA cannot apply `softcap`: it takes an additive bias, and "
+                                      "c * tanh(s / c) is not one", help="use backend='blocksparse' or 'flex'",
+                                      filename="patternc.execute.sdpa"))
+    if terms is not None and terms.slopes is not None:  # ALiBi as a float bias (-inf where masked)
         if mask.shape[0] != q.shape[1]:
             mask = mask.expand(q.shape[1], -1, -1)
         mask = sdpa_bias(terms, mask, q.dtype)
