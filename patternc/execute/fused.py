@@ -590,10 +590,11 @@ def _transform(x: torch.Tensor, form: str, a: float, bias) -> torch.Tensor:
 class _Calls:
     """The calls of the scored path over one ``Fused``: yields ``(Lq, L, qw, kw, bias, shift, Bp,
     R)`` (as ``_calls``: query / key view places, ``R`` kernel rows) with ``bias`` the call's
-    additive mask (+ ALiBi) broadcastable to ``[Bp, R, Lq, L]`` (None: none) and ``shift`` float32 ``[Bp, R, 1 or Lq]`` (ALiBi's per-row
-    constant; None) to add to the kernel-frame log-sum-exp. A causal staircase (``m == span``,
-    ``causal``) is cut into slabs of ``SLAB_BLOCKS`` query blocks (its diagonal ``SLAB_BLOCKS``
-    squares computed whole, their upper triangles masked)."""
+    additive mask (+ ALiBi) broadcastable to ``[Bp, R, Lq, L]`` (None: none) and ``shift``
+    float32 ``[Bp, R, 1 or Lq]`` (ALiBi's per-row constants; None) to add to the kernel-frame
+    log-sum-exp. A causal staircase (``m == span``, ``causal``) is cut into slabs of up to
+    ``SLAB_BLOCKS`` query blocks (their diagonal squares computed whole, upper triangles
+    masked)."""
 
     def __init__(self, fz: Fused, *, B: int, H: int, H_kv: int, alibi=None):
         self.fz, self.B, self.H, self.H_kv, self.alibi = fz, B, H, H_kv, alibi
