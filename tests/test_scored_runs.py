@@ -90,6 +90,18 @@ def test_alibi_alone_on_a_staircase_the_fused_runs_cannot_take(monkeypatch, call
     assert calls["fwd"] == 1 and calls["bwd"] == 1
 
 
+def test_value_head_size_other_than_the_query_one(calls):
+    """v's head size differs from q's (the fused kernel needs them equal; the scored path does
+    not), with ALiBi alone too (the fused runs would have taken it)."""
+    for src in ("(local(w=96) & causal) with softcap(c=20), alibi()", "(local(w=96) & causal) with alibi()"):
+        cp = patternc.compile(src, q_len=300, num_heads=2, block_size=32)
+        g = torch.Generator().manual_seed(4)
+        q, k = (torch.randn(2, 2, 300, 16, generator=g, dtype=torch.float64) * 2 for _ in range(2))
+        v = torch.randn(2, 2, 300, 40, generator=g, dtype=torch.float64)
+        _check_against_reference(cp, q, k, v)
+    assert calls["fwd"] == 2 and calls["bwd"] == 2
+
+
 def test_large_logits_on_the_scored_path(calls):
     """|s| ~ 100 before the cap, on a band and a staircase: finite and exact."""
     for src in ("(local(w=64) & causal) with softcap(c=50), alibi()", "causal with softcap(c=50)"):

@@ -576,10 +576,10 @@ def _scored_runs(plan: Plan, mask_mod, score_mod, positions, q, v, cdt, dropout_
     whose score terms have a softcap (``fused.scored_form``), run unfused on zero-copy views
     (ALiBi too, in natural positions, within ``fused.scored_alibi_fits``; ALiBi alone where the
     fused kernel's ALiBi does not fit, e.g. a causal staircase); None: the gather loop runs
-    every row. Needs what the fused kernel needs but the score hook: CPU, float32, no dropout,
-    cached masks."""
+    every row. Needs what the fused kernel needs but the score hook and one head size for q and
+    v: CPU, float32, no dropout, cached masks."""
     if not (USE_RUNS and q.device.type == "cpu" and cdt == torch.float32 and not dropout_p
-            and q.shape[-1] == v.shape[-1] and plan.flash_ok() and _fused.scored_form(score_mod) is not None):
+            and plan.flash_ok() and _fused.scored_form(score_mod) is not None):
         return None
     alibi = None
     if getattr(score_mod, "slopes", None) is not None:
