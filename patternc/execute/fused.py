@@ -330,11 +330,13 @@ def build(plan, kinds: np.ndarray, head_independent: bool, mask_mod, *, plan_cls
 
 # ---- execution -------------------------------------------------------------------------------
 def _alibi_rows(alibi, run: Run, qb: int, kb: int) -> int | None:
-    """Most kernel rows of ``run`` in one call with ALiBi (None: any number). A call's ALiBi bias
-    is in its first row's frame; row ``r`` of it is off by ``m * delta * r`` (``delta = sigma * kb
-    - tau * qb``), a constant the softmax ignores but that the kernel adds to that row's scores,
-    so their float32 rounding grows with it: rows are grouped so that it stays within
-    ``ScoreTerms.FAST_ALIBI_SPREAD`` score units (the bound of the other ALiBi paths)."""
+    """Most kernel rows of a causal staircase's calls with ALiBi (None: any number). Its slabs'
+    bias is in the call's first row's frame; row ``r`` of it is off by ``m * delta * r``
+    (``delta = sigma * kb - tau * qb``), a constant the softmax ignores but that the kernel adds
+    to that row's scores, so their float32 rounding grows with it: rows are grouped so that it
+    stays within ``ScoreTerms.FAST_ALIBI_SPREAD`` score units (the bound of the other ALiBi
+    paths). Other runs need no bound: their bias is centred on each query row's last allowed
+    key (``_last_allowed``), the same in every kernel row's own key window."""
     delta = run.sigma * kb - run.tau * qb
     if alibi is None or delta == 0:
         return None
@@ -455,7 +457,7 @@ def forward(fz: Fused, flash, qp, kp, vp, out, lse, scale: float, *, B: int, H: 
     for run in fz.runs:
         Lq, L = run.m * qb, run.span * kb
         for r0, r1, Bp, qw, kw, hs in _calls(run, B=B, H=H, H_kv=H_kv, nq=nq, nkv=nkv, qb=qb, kb=kb,
-                                             width=D + Dv, heads=True, alibi=alibi):
+                                             width=D + Dv, heads=True):
             R = r1 - r0
             bias = fz.bias(run, r0, r1)
             mask = None if bias is None else bias[None]
@@ -485,7 +487,7 @@ def backward(fz: Fused, flash_bw, dop, qp, kp, vp, out, lse, dq, dk, dv, scale: 
         S = run.span
         Lq, L = run.m * qb, S * kb
         for r0, r1, Bp, qw, kw, hs in _calls(run, B=B, H=H, H_kv=H_kv, nq=nq, nkv=nkv, qb=qb, kb=kb,
-                                             width=D + Dv, heads=True, call_elements=CALL_ELEMENTS, alibi=alibi):
+                                             width=D + Dv, heads=True, call_elements=CALL_ELEMENTS):
             R = r1 - r0
             bias = fz.bias(run, r0, r1)
             mask, lg = None if bias is None else bias[None], _view(lse, Bp, R, Lq, qw)
@@ -612,7 +614,7 @@ class _Calls:
             Lq, L = run.m * qb, run.span * kb
             rows = max(1, SCORED_CALL_ELEMENTS // (Lq * L))
             for r0, r1, Bp, qw, kw, hs in _calls(run, B=self.B, H=self.H, H_kv=self.H_kv, nq=self.nq,
-                                                 nkv=self.nkv, qb=qb, kb=kb, heads=True, alibi=self.alibi):
+                                                 nkv=self.nkv, qb=qb, kb=kb, heads=True):
                 for a0 in range(r0, r1, rows):  # _calls chunks by bias size; this by score size
                     a1 = min(r1, a0 + rows)
                     q = (qw[0] + (a0 - r0) * qw[2], qw[1], qw[2])
@@ -634,9 +636,9 @@ class _Calls:
         if self.alibi is None:
             return (None if bias is None else bias[None]), None
         qb, kb = self.qb, self.kb
-        # one bias for every kernel row where the rows' frames agree (delta = 0: a sliding window)
-        # and the mask is shared; else per call, in its first row's frame (``_alibi_rows``)
-        shared = (bias is None or bias.shape[0] == 1) and run.sigma * kb == run.tau * qb
+        # one bias for every kernel row where the mask is shared: centred on each query row's last
+        # allowed key, it is the same in every kernel row's own key window; the rest is the shift
+        shared = bias is None or bias.shape[0] == 1
         key = ("alibi", id(run), hs, None if shared else (r0, r1), self.alibi.cache_key)
         hit = self.cache.get(key)
         if hit is None:  # kernel row r's j - i is row 0's plus r * delta: a shift of its lse
