@@ -194,15 +194,17 @@ def _f(x, form):
     return {"none": x, "sigmoid": torch.sigmoid(x), "tanh": torch.tanh(x)}[form]
 
 
-@pytest.mark.parametrize("form, a", [("none", 1.0), ("sigmoid", 100.0), ("tanh", 7.0)])
+@pytest.mark.parametrize("form, a, x_scale", [("none", 1.0, 4.0), ("sigmoid", 100.0, 4.0), ("tanh", 7.0, 4.0),
+                                              ("tanh", 300.0, 0.01)])  # a large cap: x = s / c is small
 @pytest.mark.parametrize("bias_shape", [None, (1, 3, 5, 21), (2, 1, 5, 21)])
-def test_native_rows_equal_float64(form, a, bias_shape):
+def test_native_rows_equal_float64(form, a, x_scale, bias_shape):
     """``forward_rows`` / ``backward_rows`` against the same formulas in float64: ragged rows
     (21 columns: two vectors and a tail), broadcast biases with -inf entries, a row with no
-    allowed entry, arguments below the floor."""
+    allowed entry, arguments below the floor, tanh near 0 (where ``1 - 2 / (exp(2x) + 1)``
+    cancels: the prescaled scores of a cap above 64)."""
     nat = _native_or_skip()
     g = torch.Generator().manual_seed(5)
-    x = torch.randn(2, 3, 5, 21, generator=g) * 4
+    x = torch.randn(2, 3, 5, 21, generator=g) * x_scale
     bias = None
     if bias_shape is not None:
         bias = (torch.randn(bias_shape, generator=g) * 30).masked_fill_(torch.rand(bias_shape, generator=g) < 0.3,
@@ -264,12 +266,26 @@ def test_native_build_failures_are_reasons_not_errors(tmp_path, monkeypatch):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     lib, why = native._build()
     assert lib is None and "no-such-cc" in why
+    monkeypatch.setenv("CC", "false")  # runs, fails, says nothing
+    lib, why = native._build()
+    assert lib is None and "exit 1" in why
     monkeypatch.delenv("CC")
     _native_or_skip()  # a compiler exists on this machine
     lib, why = native._build()
     assert lib is not None and why is None
     built = list((tmp_path / "native").iterdir())
     assert len(built) == 1 and built[0].suffix == ".so"
+    monkeypatch.setenv("PATTERNC_CACHE_DIR", str(tmp_path / "other"))  # (the loaded file stays mapped)
+    cc, target = native._target()
+    target.parent.mkdir(parents=True)
+    target.write_bytes(b"not a library")  # a damaged file in the cache: built again once
+    lib, why = native._build()
+    assert lib is not None and why is None and target.stat().st_size > 1000
+    import shutil
+
+    monkeypatch.setenv("CC", f"{shutil.which('cc') or shutil.which('gcc')} -O2")  # a word list
+    lib, why = native._build()
+    assert lib is not None and why is None
 
 
 # ---- regressions from a review ------------------------------------------------------------------

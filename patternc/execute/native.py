@@ -15,17 +15,19 @@ a single pass over each score row, while the row is in L1:
 Measured (2 threads, 1 M float32 scores of a band's calls): 0.80 ms against the torch ops'
 1.94 ms forward.
 
-The source is compiled once per machine with the C compiler (``$CC``, else ``cc`` / ``gcc``) into
-``$PATTERNC_CACHE_DIR`` (default ``~/.cache/patternc``), named by a hash of the source and flags,
-written to a temporary file and renamed (no half file; concurrent processes are fine), and loaded
-with ``ctypes`` (which releases the GIL). It links ``libgomp.so.1`` by soname, so in a process
+The source is compiled once per machine with the C compiler (``$CC``, split like a shell word list,
+else ``cc`` / ``gcc``) into ``$PATTERNC_CACHE_DIR`` (default ``~/.cache/patternc``), named by a
+hash of the source, the flags and the compiler's ``--version``; a file there that does not load
+is built again once. It is written to a temporary file and renamed (no half file; concurrent
+processes are fine), and loaded with ``ctypes`` (which releases the GIL). It links ``libgomp.so.1`` by soname, so in a process
 where torch has loaded its own OpenMP runtime the kernels share torch's thread pool (two pools
 would spin against each other). Where anything is missing (no x86-64 CPU with AVX2 and FMA, no
 compiler, a failed build, ``PATTERNC_NATIVE=0``) ``kernels()`` returns None and the scored path
 keeps its torch ops: same results, slower; ``status()`` says which and why.
 
 The exp is the Cephes single-precision polynomial (relative error about 2e-7, arguments clamped
-to +-88.38); arguments below ``floor`` (the caller's ``EXP_FLOOR``) are raised to it, as the torch
+to +-88.38), tanh Cephes' tanhf (a polynomial below |x| = 0.625, where ``1 - 2 / (exp(2x) + 1)``
+would cancel); arguments below ``floor`` (the caller's ``EXP_FLOOR``) are raised to it, as the torch
 ops do, because torch's own exp is several times slower where its result underflows.
 
 Importing this module imports torch.
@@ -37,6 +39,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -80,15 +83,31 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(a);
 }
 
-/* f(x): form 0 identity, 1 sigmoid, 2 tanh (as 1 - 2 / (exp(2x) + 1)) */
+/* tanh as Cephes tanhf: x + x^3 P(x^2) for |x| < 0.625 (no cancellation near 0), else
+   sign(x) (1 - 2 / (exp(2|x|) + 1)) */
+static inline __m256 tanh256(__m256 x) {
+    const __m256 one = _mm256_set1_ps(1.0f), two = _mm256_set1_ps(2.0f);
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 ax = _mm256_andnot_ps(sign, x);
+    __m256 big = _mm256_sub_ps(one, _mm256_div_ps(two, _mm256_add_ps(exp256(_mm256_mul_ps(two, ax)), one)));
+    big = _mm256_or_ps(big, _mm256_and_ps(sign, x));
+    __m256 z = _mm256_mul_ps(x, x);
+    __m256 p = _mm256_set1_ps(-5.70498872745E-3f);
+    p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(2.06390887954E-2f));
+    p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(-5.37397155531E-2f));
+    p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(1.33314422036E-1f));
+    p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(-3.33332819422E-1f));
+    __m256 small = _mm256_fmadd_ps(_mm256_mul_ps(p, z), x, x);
+    return _mm256_blendv_ps(big, small, _mm256_cmp_ps(ax, _mm256_set1_ps(0.625f), _CMP_LT_OQ));
+}
+
+/* f(x): form 0 identity, 1 sigmoid, 2 tanh */
 static inline __m256 vf(__m256 x, int form) {
     const __m256 one = _mm256_set1_ps(1.0f);
     if (form == 1)
         return _mm256_div_ps(one, _mm256_add_ps(one, exp256(_mm256_sub_ps(_mm256_setzero_ps(), x))));
-    if (form == 2) {
-        const __m256 two = _mm256_set1_ps(2.0f);
-        return _mm256_sub_ps(one, _mm256_div_ps(two, _mm256_add_ps(exp256(_mm256_mul_ps(two, x)), one)));
-    }
+    if (form == 2)
+        return tanh256(x);
     return x;
 }
 
@@ -233,29 +252,26 @@ def _build() -> tuple:
     why = _cpu_ok()
     if why:
         return None, why
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not cc:
-        return None, "no C compiler (set CC, or install gcc)"
-    digest = hashlib.sha256((SOURCE + " ".join(FLAGS) + cc).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"scored_rows_{digest}.so"
-    if not target.exists():
+    got = _target()
+    if isinstance(got, str):
+        return None, got
+    cc, target = got
+    lib = None
+    for attempt in range(2):
+        if not target.exists():
+            why = _compile(cc, target)
+            if why:
+                return None, why
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-                src = Path(tmp) / "scored_rows.c"
-                src.write_text(SOURCE)
-                out = Path(tmp) / target.name
-                res = subprocess.run([cc, *FLAGS, "-o", str(out), str(src), "-lm"], capture_output=True,
-                                     text=True, timeout=120)
-                if res.returncode != 0:
-                    return None, f"{cc} failed: {res.stderr.strip()[-400:]}"
-                os.replace(out, target)  # atomic: no half file, concurrent builders agree
-        except (OSError, subprocess.SubprocessError) as e:
-            return None, f"could not build in {target.parent}: {e}"
-    try:
-        lib = ctypes.CDLL(str(target))
-    except OSError as e:
-        return None, f"could not load {target}: {e}"
+            lib = ctypes.CDLL(str(target))
+            break
+        except OSError as e:
+            if attempt:
+                return None, f"could not load {target}: {e}"
+            try:  # a damaged file from elsewhere: build it again, once
+                target.unlink()
+            except OSError:
+                return None, f"could not load {target}: {e}"
     i64, f32, ptr, cint = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int
     lib.pc_forward_rows.restype = None
     lib.pc_forward_rows.argtypes = [ptr, i64, i64, cint, f32, ptr, i64, i64, i64, i64, i64, f32, ptr, ptr, cint]
@@ -263,6 +279,40 @@ def _build() -> tuple:
     lib.pc_backward_rows.argtypes = [ptr, ptr, i64, i64, cint, f32, ptr, i64, i64, i64, i64, i64, ptr, ptr, f32,
                                      cint]
     return lib, None
+
+
+def _target():
+    """``(compiler argv, library path in the cache)`` or why there is none. The compiler's
+    ``--version`` is part of the name: an upgrade builds anew."""
+    env_cc = os.environ.get("CC")
+    cc = shlex.split(env_cc) if env_cc else [shutil.which("cc") or shutil.which("gcc") or ""]
+    if not cc or not cc[0]:
+        return "no C compiler (set CC, or install gcc)"
+    try:
+        ident = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"cannot run the C compiler {' '.join(cc)!r}: {e}"
+    digest = hashlib.sha256("\0".join([SOURCE, " ".join(FLAGS), " ".join(cc), ident]).encode()).hexdigest()[:16]
+    return cc, _cache_dir() / f"scored_rows_{digest}.so"
+
+
+def _compile(cc: list, target: Path) -> str | None:
+    """Build ``target``; None, or why not."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            src = Path(tmp) / "scored_rows.c"
+            src.write_text(SOURCE)
+            out = Path(tmp) / target.name
+            res = subprocess.run([*cc, *FLAGS, "-o", str(out), str(src), "-lm"], capture_output=True,
+                                 text=True, timeout=120)
+            if res.returncode != 0:
+                msg = (res.stderr.strip() or res.stdout.strip())[-400:]
+                return f"{' '.join(cc)} failed (exit {res.returncode}){': ' + msg if msg else ''}"
+            os.replace(out, target)  # atomic: no half file, concurrent builders agree
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"could not build in {target.parent}: {e}"
+    return None
 
 
 def _lib():
