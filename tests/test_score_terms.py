@@ -518,8 +518,8 @@ def test_fused_alibi_float32_equals_the_reference(plan, monkeypatch):
     seen, runs = [], []
     orig, orig_runs = scoremod.FlashAlibi.columns, scoremod.ScoreTerms.run_alibi
 
-    def spy(self, positions, g, rows):
-        out = orig(self, positions, g, rows)
+    def spy(self, positions, g, rows, *mask):
+        out = orig(self, positions, g, rows, *mask)
         seen.append(out[2] is not None)
         return out
 

@@ -339,6 +339,21 @@ def test_alibi_on_runs_of_far_apart_rows_keeps_float32_precision(src):
     assert _rel(out, ref) < 1e-5
 
 
+@pytest.mark.parametrize("src, N, H", [
+    ("global(at=[0, 1, 3000]) | local(w=32) with alibi()", 4096, 8),
+    ("heads(global(at=[7]) | chunk(l=256), sink(n=4) | local(w=64), strided(s=64)) with alibi(max_bias=1)", 3000, 3),
+])
+def test_alibi_for_queries_reading_far_ahead_on_the_gather_path(src, N, H):
+    """Non-causal ALiBi: a global query's heaviest keys are thousands of positions ahead; the
+    gather path's column is centred on the tile's last allowed key (``FlashAlibi.columns``),
+    or row by row where a tile mixes such a query with local ones (before: 1.3e-5, 3.2e-5)."""
+    cp = patternc.compile(src, q_len=N, num_heads=H, block_size=64)
+    q, k, v = _inputs(1, H, H, N, N, 32)
+    out = cp.attention(q.float(), k.float(), v.float(), backend="blocksparse")
+    ref = reference_attention(q, k, v, torch.as_tensor(cp.dense_mask()), score_terms=cp.score_terms)
+    assert _rel(out, ref) < 1e-5
+
+
 def test_cli_run_check_with_softcap_times_dense_without_it(capsys):
     """``patternc run … with softcap(c) --check``: the dense SDPA baseline runs without the cap
     and says so; the check passes."""

@@ -604,9 +604,9 @@ def _flash_alibi_chunk(plan: Plan, fa, positions, g: _Group, rows: slice, kg: to
     """ALiBi on the fused path (``scoremod.FlashAlibi``): writes the chunk's bias column into the
     gathered, augmented k (``kg`` [B, R, cols, D + 1]) and returns ``(mask, row)``: the kernel's
     additive mask and the ``[R, qb]`` term its log-sum-exp is off by (None: not off)."""
-    col, row, exact = fa.columns(positions, g, rows)
-    kg[..., -1].copy_(col)
     mask = plan.bias_for_flash(g, rows)
+    col, row, exact = fa.columns(positions, g, rows, mask)
+    kg[..., -1].copy_(col)
     if exact is not None:
         mask = exact[None] if mask is None else mask + exact[None]
     return mask, row

@@ -292,16 +292,16 @@ class FlashAlibi:
     """ALiBi on ATen's fused CPU flash kernel as one more column of q and k, with nothing
     score-sized made per call.
 
-    With ``i0`` the first query position of a row tile, ``m_h (j - i) = m_h (j - i0) - m_h (i - i0)``.
+    With ``J`` the last allowed key of a row tile, ``m_h (j - i) = m_h (j - J) - m_h (i - J)``.
     The second part is a constant of each query row, which the softmax ignores: the kernel runs
     with q augmented by a column of ones (``augment``) and each row tile's gathered k by the
-    column ``m_h (j - i0)`` (``columns``), so its scores are ``s + m_h (j - i0)``, its output is
-    exact, and only its log-sum-exp is off by ``m_h (i - i0)``, which the caller subtracts
+    column ``m_h (j - J)`` (``columns``), so its scores are ``s + m_h (j - J)``, its output is
+    exact, and only its log-sum-exp is off by ``m_h (i - J)``, which the caller subtracts
     (forward) or adds back (backward). v gets a column of zeros (the kernel wants one head size),
-    and the output's extra column is dropped. ``j - i0`` and ``i - i0`` are exact integers; the
-    rounding bound is ``add_alibi_``'s (a tile whose query positions spread more than
-    ``ScoreTerms.FAST_ALIBI_SPREAD / m`` gets the exact bias ``alibi_bias`` as the kernel's mask
-    instead, and zero columns). The columns (float32 ``[R, cols]``) and row terms (``[R, qb]``)
+    and the output's extra column is dropped. ``j - J`` and ``i - J`` are exact integers, and
+    the keys that weigh most (a row's largest ALiBi, at its last allowed key) carry the smallest
+    bias; a tile whose rows' last keys spread more than ``ScoreTerms.FAST_ALIBI_SPREAD / m``
+    gets the bias centred row by row as the kernel's mask instead, and zero columns. The columns (float32 ``[R, cols]``) and row terms (``[R, qb]``)
     are cached per chunk: 1/qb of the chunk's scores.
 
     Positions are those of ``positions.of(g, rows, s0, s1)`` (the kernel's ``_Positions``): the
@@ -319,12 +319,18 @@ class FlashAlibi:
         pad = torch.nn.functional.pad
         return pad(qp, (0, 1), value=1.0), pad(kp, (0, 1)), pad(vp, (0, 1))
 
-    def columns(self, positions, g, rows: slice):
-        """``(col, row, exact)`` of a chunk (rows ``rows`` of group ``g``, all its slots):
-        ``col`` float32 [R, cols] = ``m_h (j - i0)`` for k's extra column, ``row`` float32
-        [R, qb] = ``m_h (i - i0)`` to take from the kernel's log-sum-exp, ``exact`` None, or,
-        for a tile with widely spread query positions, zero columns, no row term and the exact
-        bias float32 [R, qb, cols] to add to the kernel's mask."""
+    def columns(self, positions, g, rows: slice, mask=None):
+        """``(col, row, exact)`` of a chunk (rows ``rows`` of group ``g``, all its slots; ``mask``
+        the kernel's additive mask of the chunk, float ``[.., 1 or R, qb, cols]``, None: all
+        allowed): ``col`` float32 [R, cols] = ``m_h (j - J)`` for k's extra column, ``row`` float32
+        [R, qb] = ``m_h (i - J)`` to take from the kernel's log-sum-exp (offsets included), and
+        ``exact`` None. ``J`` is the tile row's last allowed key: the keys that weigh most in a
+        row's softmax are its largest ``m (j - i)``, at its last allowed key, so centring there
+        keeps their bias small and its float32 rounding with it (a query reading keys far
+        ahead, e.g. a global one, would lose ~1e-5 centred on ``i0``). Where the rows' last keys
+        spread wider than ``FAST_ALIBI_SPREAD / m`` (a tile mixing a global query with local
+        ones; a plan's scattered rows): zero columns, ``exact`` the bias float32 [R, qb, cols]
+        centred on each row's own last key, and ``row`` to match."""
         key = (id(g), rows.start, rows.stop)
         hit = self._chunks.get(key)
         if hit is not None:
@@ -333,14 +339,22 @@ class FlashAlibi:
         heads, q_pos, kv_pos = positions.of(g, rows, 0, g.num_slots)
         dt = torch.float32
         m = st.slopes_on(q_pos.device, dt).index_select(0, heads)  # [R]
-        q0 = q_pos[:, :1]
-        dq = q_pos - q0  # [R, qb], exact
-        if dq.numel() and float((dq.abs().amax(-1).to(dt) * m).max()) > st.FAST_ALIBI_SPREAD:
-            out = (torch.zeros(kv_pos.shape, dtype=dt, device=kv_pos.device), None,
-                   st.alibi_bias(heads, q_pos, kv_pos, dt))
-            return out  # a plan's rare scattered tile: not cached (score-sized)
-        col = (kv_pos - q0 + (st.kv_offset - st.q_offset)).to(dt).mul_(m[:, None])
-        out = self._chunks[key] = (col, dq.to(dt).mul_(m[:, None]), None)
+        R, qb = q_pos.shape
+        last = kv_pos.amax(-1, keepdim=True)  # [R, 1]
+        if mask is None:
+            ref = last.expand(R, qb)
+        else:
+            mk = mask.reshape(-1, qb, mask.shape[-1])
+            ref = torch.where(torch.isfinite(mk), kv_pos[:, None, :], -1).amax(-1)  # [R, qb]
+            ref = torch.where(ref < 0, last, ref)  # a row with no allowed key: any reference
+        off = st.kv_offset - st.q_offset
+        if R and float(((ref.amax(-1) - ref.amin(-1)).to(dt) * m).max()) > st.FAST_ALIBI_SPREAD:
+            exact = (kv_pos[:, None, :] - ref[:, :, None]).to(dt).mul_(m[:, None, None])
+            row = (q_pos - ref - off).to(dt).mul_(m[:, None])
+            return torch.zeros(kv_pos.shape, dtype=dt, device=kv_pos.device), row, exact  # not cached
+        J = ref.amax(-1, keepdim=True)  # [R, 1]
+        col = (kv_pos - J).to(dt).mul_(m[:, None])
+        out = self._chunks[key] = (col, (q_pos - J - off).to(dt).mul_(m[:, None]), None)
         return out
 
 
