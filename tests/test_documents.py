@@ -65,13 +65,20 @@ def runtime_case(draw, full, q_exts, kv_exts, block_sizes):
     return full, q_ext, kv_ext, qo, ko, ids, bs, H
 
 
-@settings(max_examples=40, deadline=None)
-@given(doc_cases())
-def test_layout_for_documents_matches_the_oracle(case):
+def oracle_and_compile(case):
+    """``(ref, cp)`` of a ``runtime_case``: the mask oracle's bool ``[B, H, Q_LEN, KV_LEN]`` for
+    its document ids and the compiled pattern."""
     p, q_ext, kv_ext, qo, ko, ids, bs, H = case
     Q, K = q_ext - qo, kv_ext - ko
     ref = dense_mask(p, q_len=Q, kv_len=K, num_heads=H, q_offset=qo, kv_offset=ko, documents=ids)
-    cp = patternc.compile(p, q_len=Q, kv_len=K, num_heads=H, block_size=bs, q_offset=qo, kv_offset=ko)
+    return ref, patternc.compile(p, q_len=Q, kv_len=K, num_heads=H, block_size=bs, q_offset=qo, kv_offset=ko)
+
+
+def check_layout_for_documents(case):
+    """``cp.layout_for(documents=ids)`` and ``cp.dense_mask(documents=ids)`` of a ``runtime_case``
+    against the oracle, tile by tile (also for ``per_document``: tests/test_per_document.py)."""
+    ids, bs = case[5], case[6]
+    ref, cp = oracle_and_compile(case)
     lay = cp.layout_for(documents=ids)
     lay.check_invariants()
     if not cp.needs:  # the normaliser removed `document` (e.g. `document | all`): ids are ignored
@@ -85,16 +92,20 @@ def test_layout_for_documents_matches_the_oracle(case):
     assert np.array_equal(cp.dense_mask(documents=ids), ref)
 
 
+@settings(max_examples=40, deadline=None)
+@given(doc_cases())
+def test_layout_for_documents_matches_the_oracle(case):
+    check_layout_for_documents(case)
+
+
 @settings(max_examples=20, deadline=None)
 @given(doc_cases(), st.integers(0, 2**31))
 def test_documents_with_key_padding_match_the_oracle(case, seed):
-    p, q_ext, kv_ext, qo, ko, ids, bs, H = case
-    Q, K = q_ext - qo, kv_ext - ko
-    B = ids.shape[0]
+    ids, bs = case[5], case[6]
+    B, K = ids.shape[0], case[2] - case[4]
     kp = np.random.default_rng(seed).random((B, K)) > 0.4
-    ref = dense_mask(p, q_len=Q, kv_len=K, num_heads=H, q_offset=qo, kv_offset=ko, documents=ids)
+    ref, cp = oracle_and_compile(case)
     ref = ref & kp[:, None, None, :]
-    cp = patternc.compile(p, q_len=Q, kv_len=K, num_heads=H, block_size=bs, q_offset=qo, kv_offset=ko)
     lay = cp.layout_for(documents=ids, key_padding_mask=kp)
     for b in range(B):
         if lay.batch is None:

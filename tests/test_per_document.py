@@ -20,7 +20,7 @@ from patternc.ir.normalize import normal_form_problems, normalize
 from patternc.lower.layout import BlockLayout
 from patternc.reference import dense_mask
 from strategies import patterns
-from test_documents import runtime_case
+from test_documents import check_layout_for_documents, oracle_and_compile, runtime_case
 
 DOC = Prim("document")
 CAUSAL = Prim("causal")
@@ -40,32 +40,17 @@ def per_document_cases(draw):
 @settings(max_examples=40, deadline=None)
 @given(per_document_cases())
 def test_layout_and_dense_mask_match_the_oracle(case):
-    p, q_ext, kv_ext, qo, ko, ids, bs, H = case
-    Q, K = q_ext - qo, kv_ext - ko
-    ref = dense_mask(p, q_len=Q, kv_len=K, num_heads=H, q_offset=qo, kv_offset=ko, documents=ids)
-    cp = patternc.compile(p, q_len=Q, kv_len=K, num_heads=H, block_size=bs, q_offset=qo, kv_offset=ko)
-    lay = cp.layout_for(documents=ids)
-    lay.check_invariants()
-    if not cp.needs:  # the normaliser removed it (e.g. `per_document(x) | all`)
-        assert all(np.array_equal(cp.dense_mask(), r) for r in ref)
-        return
-    for b in range(ids.shape[0]):
-        assert np.array_equal(lay.kinds[b], BlockLayout.from_dense(ref[b], bs).kinds)
-        # the static layout is an upper bound over every split into documents
-        assert not ((lay.kinds[b] != 0) & (cp.layout.kinds == 0)).any()
-    assert np.array_equal(cp.dense_mask(documents=ids), ref)
+    check_layout_for_documents(case)
 
 
 @settings(max_examples=15, deadline=None)
 @given(per_document_cases(), st.integers(0, 2**31))
 def test_key_padding_and_mask_mod_match_the_oracle(case, seed):
     torch = pytest.importorskip("torch")
-    p, q_ext, kv_ext, qo, ko, ids, bs, H = case
-    Q, K = q_ext - qo, kv_ext - ko
-    B = ids.shape[0]
+    ids, bs, H = case[5], case[6], case[7]
+    B, Q, K = ids.shape[0], case[1] - case[3], case[2] - case[4]
     kp = np.random.default_rng(seed).random((B, K)) > 0.3
-    ref = dense_mask(p, q_len=Q, kv_len=K, num_heads=H, q_offset=qo, kv_offset=ko, documents=ids)
-    cp = patternc.compile(p, q_len=Q, kv_len=K, num_heads=H, block_size=bs, q_offset=qo, kv_offset=ko)
+    ref, cp = oracle_and_compile(case)
     if not cp.needs:
         return
     lay = cp.layout_for(documents=ids, key_padding_mask=kp)
