@@ -44,6 +44,18 @@ def _timeit(fn, device, reps=1):
     return (time.perf_counter() - t0) / reps
 
 
+def _medians(fs, rounds: int, device) -> dict:
+    """Median seconds per function name over ``rounds`` interleaved rounds (after one warm-up
+    call each): every variant is measured in the same time windows."""
+    for f in fs:
+        f()
+    t = {f.__name__: [] for f in fs}
+    for _ in range(rounds):
+        for f in fs:
+            t[f.__name__].append(_timeit(f, device))
+    return {k: statistics.median(v) for k, v in t.items()}
+
+
 def _uptime() -> str:
     try:
         return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
@@ -157,13 +169,7 @@ def bench_attention(args, device, dtype):
     def fb_sdpa():
         F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
 
-    for f in (fwd_mine, fwd_sdpa, fb_mine, fb_sdpa):  # warm-up
-        f()
-    t = {f.__name__: [] for f in (fwd_mine, fwd_sdpa, fb_mine, fb_sdpa)}
-    for _ in range(args.rounds):
-        for f in (fwd_mine, fwd_sdpa, fb_mine, fb_sdpa):
-            t[f.__name__].append(_timeit(f, device))
-    m = {k_: statistics.median(v_) for k_, v_ in t.items()}
+    m = _medians((fwd_mine, fwd_sdpa, fb_mine, fb_sdpa), args.rounds, device)
     print(f"\n2. attention, {ndocs} documents x {doc} tokens packed in {L} (`document & causal`), H={H}, D={Dh}, "
           f"{dtype}, {device}")
     print(f"   forward      patternc {m['fwd_mine'] * 1e3:9.1f} ms   SDPA is_causal {m['fwd_sdpa'] * 1e3:9.1f} ms   "
@@ -203,14 +209,7 @@ def bench_shared_rows(args, device, dtype):
         torch.cat([cp.attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], documents=docs[:1], backend="blocksparse")
                    for b in range(B)]).sum().backward()
 
-    fs = (fwd_grouped, fwd_rows, fb_grouped, fb_rows)
-    for f in fs:  # warm-up
-        f()
-    t = {f.__name__: [] for f in fs}
-    for _ in range(args.rounds):
-        for f in fs:
-            t[f.__name__].append(_timeit(f, device))
-    m = {k_: statistics.median(v_) for k_, v_ in t.items()}
+    m = _medians((fwd_grouped, fwd_rows, fb_grouped, fb_rows), args.rounds, device)
     print(f"\n4. B={B} rows packed the same way ({ndocs} documents x {doc} tokens, `{src}`), H={H}, D={Dh}, "
           f"{dtype}, {device}, blocksparse")
     print(f"   forward      one grouped call {m['fwd_grouped'] * 1e3:9.1f} ms   row by row {m['fwd_rows'] * 1e3:9.1f} ms"
