@@ -93,7 +93,7 @@ import torch
 from ..ir.specialize import cdiv
 from ..lower.layout import FULL, PARTIAL
 from . import fused as _fused
-from .common import CHUNK_ELEMENTS, TileTable, empty_rows, mask_mod_for  # noqa: F401  (re-exported)
+from .common import CHUNK_ELEMENTS, EXP_FLOOR, TileTable, empty_rows, mask_mod_for  # noqa: F401  (re-exported)
 from .common import allowed_in_tiles as _allowed
 
 #: elements of the cached table of distinct PARTIAL-tile masks per (layout, heads, device);
@@ -102,10 +102,6 @@ MASK_CACHE_ELEMENTS = 1 << 24
 #: most ``mask_mod`` evaluations spent once, at plan time, to find the distinct tile masks;
 #: above it the masks are evaluated per chunk at every call instead
 MASK_EVAL_ELEMENTS = 1 << 29
-#: exp argument floor: ``exp(clamp(x, EXP_FLOOR, 0))``. torch's CPU exp leaves its vectorised path
-#: for arguments below about -88 (and for -inf), measured 5-50x slower; exp(-80) = 1.8e-35 is
-#: below float32 resolution of any row sum (>= 1), and masked entries are zeroed exactly after.
-EXP_FLOOR = -80.0
 #: above this many (P, S) groups, groups are merged
 MAX_GROUPS = 128
 

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from ..lower.layout import EMPTY, FULL
-from .common import CHUNK_ELEMENTS, TileTable, allowed_in_tiles
+from .common import CHUNK_ELEMENTS, EXP_FLOOR, TileTable, allowed_in_tiles
 
 #: a row joins a run when its span has at most ``count // HOLE_FRACTION`` EMPTY tiles (they are
 #: computed, masked out): a hole costs a tile's compute, a gathered tile only its copy
@@ -519,8 +519,6 @@ SCORED_CALL_ELEMENTS = 1 << 20
 #: cut into slabs of this many query blocks, each reading its keys up to its diagonal; the
 #: computed upper triangles of the slabs' diagonal squares waste about SLAB_BLOCKS / M of it
 SLAB_BLOCKS = 4
-#: the scored path's floor of ``s - max`` before ``exp`` (as the gather loop's ``EXP_FLOOR``)
-EXP_FLOOR = -80.0
 
 
 def scored_form(terms):
@@ -558,13 +556,12 @@ class _Workspace:
         return buf[:n].view(shape)
 
 
-def _bmm(x: torch.Tensor, y: torch.Tensor, ws: "_Workspace | None" = None, role: str = "") -> torch.Tensor:
-    """``x @ y`` (contiguous: new, or ``ws``'s buffer ``role``) of 4-D strided views ``[P, R, a, b]
-    @ [P, R, b, c]`` without copying them: one ``bmm`` over the dimension that is not 1, else a
+def _bmm(x: torch.Tensor, y: torch.Tensor, ws: _Workspace, role: str) -> torch.Tensor:
+    """``x @ y`` into ``ws``'s contiguous buffer ``role``, of 4-D strided views ``[P, R, a, b] @
+    [P, R, b, c]`` without copying them: one ``bmm`` over the dimension that is not 1, else a
     loop over the shorter leading dimension (the views' rows may overlap: no merging them)."""
     P, R = x.shape[0], x.shape[1]
-    shape = (P, R, x.shape[2], y.shape[3])
-    out = torch.empty(shape, dtype=x.dtype, device=x.device) if ws is None else ws.take(role, shape, x)
+    out = ws.take(role, (P, R, x.shape[2], y.shape[3]), x)
     if R == 1:
         torch.bmm(x[:, 0], y[:, 0], out=out[:, 0])
     elif P == 1:
@@ -773,7 +770,6 @@ def forward_scored(fz: Fused, qp, kp, vp, out, lse, *, B: int, H: int, H_kv: int
             s.sub_(m).clamp_(min=EXP_FLOOR).exp_()
             den = s.sum(-1, keepdim=True)
         o = _bmm(s, _view(vp, Bp, R, L, kw, Dv), ws, "o")
-        del s
         o.div_(den)
         if bool(empty.any()):
             o.masked_fill_(empty, 0.0)
@@ -800,11 +796,11 @@ def backward_scored(fz: Fused, dop, qp, kp, vp, out, lse, dq, dk, dv, *, B: int,
         qv, kv = _view(qp, Bp, R, Lq, qw, D), _view(kp, Bp, R, L, kw, D)
         vv, dov = _view(vp, Bp, R, L, kw, Dv), _view(dop, Bp, R, Lq, qw, Dv)
         f = _bmm(qv, kv.transpose(-1, -2), ws, "f")
+        lg = _view(lse, Bp, R, Lq, qw) - const  # the kernel frame's log-sum-exp
+        if shift is not None:
+            lg = lg - shift
         if nat is not None:  # the elementwise part in one pass per row (execute.native)
             ds = _bmm(dov, vv.transpose(-1, -2), ws, "ds")
-            lg = _view(lse, Bp, R, Lq, qw) - const
-            if shift is not None:
-                lg = lg - shift
             nat.backward_rows(f, ds, form, a, bias, lg, _view(delta, Bp, R, Lq, qw), EXP_FLOOR)
             dvg = _bmm(f.transpose(-1, -2), dov, ws, "dv")
             _fold(ws, dq, dk, dv, ds, dvg, qv, kv, a, Bp, R, Lq, L, qw, kw, kb)
@@ -815,21 +811,16 @@ def backward_scored(fz: Fused, dop, qp, kp, vp, out, lse, dq, dk, dv, *, B: int,
             f.sigmoid_() if form == "sigmoid" else f.tanh_()
             p = ws.take("p", f.shape, f)
             torch.mul(f, a, out=p) if bias is None else torch.add(bias, f, alpha=a, out=p)
-        lg = _view(lse, Bp, R, Lq, qw) - const  # the kernel frame's log-sum-exp
-        if shift is not None:
-            lg = lg - shift
         p.sub_(lg[..., None]).clamp_(min=EXP_FLOOR, max=0.0).exp_()  # masked entries: 1e-35 (forward)
         dvg = _bmm(p.transpose(-1, -2), dov, ws, "dv")
         ds = _bmm(dov, vv.transpose(-1, -2), ws, "ds")
         ds.sub_(_view(delta, Bp, R, Lq, qw)[..., None]).mul_(p)
-        del p
         if form == "sigmoid":  # d(a sigmoid(x)) / dx = a f (1 - f); tanh: a (1 - f^2)
             torch.addcmul(f, f, f, value=-1.0, out=f)
             ds.mul_(f)
         elif form == "tanh":
             torch.addcmul(torch.ones((), dtype=f.dtype, device=f.device), f, f, value=-1.0, out=f)
             ds.mul_(f)
-        del f
         _fold(ws, dq, dk, dv, ds, dvg, qv, kv, a, Bp, R, Lq, L, qw, kw, kb)
 
 
