@@ -549,6 +549,13 @@ def _flash_bias(plan: Plan, g: _Group, rows: slice, score_mod, positions):
     return extra if bias is None else bias + extra
 
 
+def _natural(positions: "_Positions | None") -> bool:
+    """True when the kernel's rows, columns and heads are the pattern's own (ALiBi on the runs
+    reads positions from the run's geometry)."""
+    return positions is not None and positions.heads is None and positions.q_order is None \
+        and positions.kv_order is None
+
+
 def _runs(plan: Plan, mask_mod, score_mod, positions, B: int, H: int, H_kv: int):
     """``(fz, alibi)``: the strided runs (``execute.fused``) for this call or None, and the score
     terms they apply (ALiBi alone, natural positions, every call's bias within
@@ -557,9 +564,7 @@ def _runs(plan: Plan, mask_mod, score_mod, positions, B: int, H: int, H_kv: int)
         return None, None
     if score_mod is None:
         return plan.fused(mask_mod), None
-    natural = positions is not None and positions.heads is None and positions.q_order is None \
-        and positions.kv_order is None
-    if not (natural and getattr(score_mod, "is_additive", False) and hasattr(score_mod, "run_alibi")):
+    if not (_natural(positions) and getattr(score_mod, "is_additive", False) and hasattr(score_mod, "run_alibi")):
         return None, None
     fz = plan.fused(mask_mod)
     if fz is None or not _fused.alibi_fits(fz, B=B, H=H, H_kv=H_kv):
@@ -579,9 +584,7 @@ def _scored_runs(plan: Plan, mask_mod, score_mod, positions, q, v, cdt, dropout_
         return None
     alibi = None
     if getattr(score_mod, "slopes", None) is not None:
-        natural = positions is not None and positions.heads is None and positions.q_order is None \
-            and positions.kv_order is None
-        if not natural:
+        if not _natural(positions):
             return None
         alibi = score_mod
     fz = plan.fused(mask_mod)
