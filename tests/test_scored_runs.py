@@ -372,3 +372,35 @@ def test_cli_run_check_with_softcap_times_dense_without_it(capsys):
     x = torch.randn(1, 1, 8, 4)
     with pytest.raises(PatternError, match="P352"):
         sdpa_attention(cp, x, x, x, 0.5, use_causal=False)
+
+
+@pytest.mark.parametrize("src, N, H", [
+    ("global(at=[0, 1, 3000]) | local(w=32) with softcap(c=50), alibi(max_bias=1)", 4096, 1),  # before: 1.8e-5
+    ("heads(global(at=[7]) | chunk(l=256), sink(n=4) | local(w=64), strided(s=64)) with softcap(c=30), alibi(max_bias=1)",
+     3000, 3),  # before: 2.2e-5
+])
+def test_large_alibi_lse_merged_across_plan_terms_keeps_float32_precision(src, N, H):
+    """A global query under non-causal ALiBi has a log-sum-exp near ``m * N`` (~1,000 here);
+    the gather loop centres its scores on each row's last allowed key and the kernels keep the
+    lse in float64 (``blocksparse.lse_dtype``), so the plan terms' merge and the backward's
+    recomputed probabilities keep float32 precision."""
+    cp = patternc.compile(src, q_len=N, num_heads=H, block_size=64)
+    assert len(cp.plan.terms) >= 2  # the rows are merged from several terms
+    q, k, v = _inputs(1, H, H, N, N, 32)
+    _check_against_reference(cp, q, k, v)
+
+
+def test_large_alibi_lse_on_the_segmented_gather_loop():
+    """Rows longer than ``chunk_elements`` run as an online softmax over key segments; with ALiBi
+    each segment is centred on its own last allowed key and the running max is float64."""
+    from patternc.execute import blocksparse as bsm
+
+    cp = patternc.compile("global(at=[0, 3000]) | local(w=32) with softcap(c=50), alibi(max_bias=1)",
+                          q_len=4096, num_heads=1, block_size=64)
+    q, k, v = _inputs(1, 1, 1, 4096, 4096, 16)
+    ref = reference_attention(q, k, v, torch.as_tensor(cp.dense_mask()), score_terms=cp.score_terms)
+    for chunk in (1 << 12, bsm.CHUNK_ELEMENTS):  # segments of 64 keys; whole rows
+        out, lse = bsm.blocksparse_attention(cp, q.float(), k.float(), v.float(), 0.25, chunk_elements=chunk,
+                                             return_lse=True, plan=cp.plan)  # before: 2.3e-5
+        assert _rel(out, ref) < 1e-5, chunk
+        assert lse.dtype == torch.float32 and torch.isfinite(lse).all()

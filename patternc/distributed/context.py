@@ -858,7 +858,8 @@ class _RemoteTerm:
             plan, mask_mod, pos = self.plan(H, q.device)
             o, lse = blocksparse_forward(plan, mask_mod, qbuf, kbuf, vbuf, scale, need_lse=True,
                                          score_mod=score_mod, positions=pos)
-            o, lse = _unpad(o, B, H, m), _unpad(lse, B, H, m)
+            # (float64 with ALiBi, blocksparse.lse_dtype: sent in the compute dtype)
+            o, lse = _unpad(o, B, H, m), _unpad(lse, B, H, m).to(cdt)
         else:
             o = torch.zeros((B, H, m, Dv), dtype=cdt, device=q.device)
             lse = torch.full((B, H, m), inf, dtype=cdt, device=q.device)
@@ -941,7 +942,7 @@ class _SplitStep:
             lses = [torch.full((B, H, n), -inf, dtype=cdt, device=q.device)]
         else:
             o, lse = saved[0]
-            lse = _unpad(lse, B, H, n)
+            lse = _unpad(lse, B, H, n).to(cdt)  # merged with the remote terms' in the compute dtype
             outs, lses = [_unpad(o, B, H, n)], [lse.masked_fill(lse == inf, -inf)]
         rsaved = []
         for t in self.remotes:

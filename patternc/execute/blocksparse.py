@@ -464,6 +464,19 @@ class _Mask:
         else:
             v.masked_fill_(self.blocked, float("-inf"))
 
+    def last_allowed(self, kv_pos: torch.Tensor) -> torch.Tensor:
+        """int64 ``[Bm, R, qb]``: each score row's last allowed key position, -1 for none
+        (``kv_pos`` int64 [R, cols]: the chunk's key positions; columns past the masked ones
+        are all allowed)."""
+        ok = ~self.blocked if self.blocked is not None else self.keep > 0
+        if self.tiled:  # [R, qb, P, kb]
+            ok = ok.flatten(-2)
+        ref = torch.where(ok, kv_pos[:, None, :self.cols], -1).amax(-1)
+        ref = ref if ref.dim() == 3 else ref[None]
+        if kv_pos.shape[1] > self.cols:
+            ref = torch.maximum(ref, kv_pos[:, self.cols:].amax(-1)[None, :, None])
+        return ref
+
     def zero_probs(self, p):
         """Not-allowed probabilities -> exactly 0 (after exp)."""
         v = self._view(p)
@@ -530,6 +543,27 @@ class _Positions:
         if self.kv_order is not None:
             ki = self.kv_order[ki]
         return h, qi, ki
+
+
+def _alibi_centre(score_mod, pos, mk: "_Mask | None"):
+    """``(centre, c)`` of a chunk's ALiBi on the unfused loop (``ScoreTerms.alibi_frame``: the
+    scores are centred on each row's last allowed key, ``c`` float64 [Bm, R, qb] is what they
+    are off by), or ``(None, None)`` for a ``score_mod`` without ALiBi."""
+    if getattr(score_mod, "slopes", None) is None or not hasattr(score_mod, "alibi_frame"):
+        return None, None
+    heads, q_pos, kv_pos = pos
+    if mk is None:
+        ref = kv_pos.amax(-1)[None, :, None].expand(1, -1, q_pos.shape[1])
+    else:
+        ref = mk.last_allowed(kv_pos)
+    return score_mod.alibi_frame(heads, q_pos, ref)
+
+
+def lse_dtype(cdt, score_mod) -> torch.dtype:
+    """The dtype the kernels keep log-sum-exps in: float64 with ALiBi (a row's lse reaches
+    ``m * N``, whose float32 rounding, ~1e-4 at 2,000, would move the weights that merge plan
+    terms and the probabilities the backward recomputes), else the compute dtype."""
+    return torch.float64 if getattr(score_mod, "slopes", None) is not None else cdt
 
 
 def _use_flash(plan: Plan, q, v, cdt, score_mod, dropout_p) -> bool:
@@ -649,7 +683,8 @@ def blocksparse_forward(plan: Plan, mask_mod, q, k, v, scale: float, *, need_lse
     kp = _pad_blocks(k, nkv, kb, cdt)
     vp = _pad_blocks(v, nkv, kb, cdt)
     out = torch.zeros((B, H * nq, qb, Dv), dtype=cdt, device=q.device)
-    lse = torch.full((B, H * nq, qb), float("inf"), dtype=cdt, device=q.device) if need_lse else None
+    ldt = lse_dtype(cdt, score_mod)
+    lse = torch.full((B, H * nq, qb), float("inf"), dtype=ldt, device=q.device) if need_lse else None
     cx = _Ctx(plan, B, H, H_kv)
     inf = float("inf")
     drop = _Dropout(dropout_p, seed, q.device)
@@ -711,8 +746,11 @@ def blocksparse_forward(plan: Plan, mask_mod, q, k, v, scale: float, *, need_lse
                 vg = _gather_kv(vp, kv_rows, R, S, 0, S)
                 mk = plan.mask(mask_mod, g, rows, 0, S)
                 s = torch.matmul(qg, kg.transpose(-1, -2))
+                c = None  # ALiBi: what the centred scores are off by (float64 [Bm, R, qb])
                 if score_mod is not None:
-                    s = score_mod(s, *positions.of(g, rows, 0, S))
+                    pos = positions.of(g, rows, 0, S)
+                    centre, c = _alibi_centre(score_mod, pos, mk)
+                    s = score_mod(s, *pos) if centre is None else score_mod(s, *pos, centre=centre)
                 if mk is not None:
                     mk.fill_scores(s)
                 # (amax, sub_, exp_, sum measured faster than torch.softmax on CPU)
@@ -727,9 +765,12 @@ def blocksparse_forward(plan: Plan, mask_mod, q, k, v, scale: float, *, need_lse
                 o.div_(den.clamp(min=torch.finfo(cdt).tiny))  # an empty row: 0 / tiny = 0
                 if need_lse:
                     m = (m + torch.log(den)).squeeze(-1)
+                    m = m if c is None else m.to(ldt) + c
                     m.masked_fill_(m == -inf, inf)
             else:  # one long row at a time, online softmax over kv segments
-                run_max = torch.full((B, R, qb, 1), -inf, dtype=cdt, device=q.device)
+                # (with ALiBi the running max is kept in float64 in the true frame: each
+                # segment's scores are centred on their own reference)
+                run_max = torch.full((B, R, qb, 1), -inf, dtype=ldt, device=q.device)
                 run_sum = torch.zeros((B, R, qb, 1), dtype=cdt, device=q.device)
                 o = torch.zeros((B, R, qb, Dv), dtype=cdt, device=q.device)
                 for s0, s1 in segs:
@@ -737,14 +778,18 @@ def blocksparse_forward(plan: Plan, mask_mod, q, k, v, scale: float, *, need_lse
                     vg = _gather_kv(vp, kv_rows, R, S, s0, s1)
                     mk = plan.mask(mask_mod, g, rows, s0, s1)
                     s = torch.matmul(qg, kg.transpose(-1, -2))
+                    c = None
                     if score_mod is not None:
-                        s = score_mod(s, *positions.of(g, rows, s0, s1))
+                        pos = positions.of(g, rows, s0, s1)
+                        centre, c = _alibi_centre(score_mod, pos, mk)
+                        s = score_mod(s, *pos) if centre is None else score_mod(s, *pos, centre=centre)
                     if mk is not None:
                         mk.fill_scores(s)
-                    new_max = torch.maximum(run_max, s.amax(-1, keepdim=True))
+                    top = s.amax(-1, keepdim=True)
+                    new_max = torch.maximum(run_max, top if c is None else top.to(ldt) + c[..., None])
                     safe = new_max.masked_fill(new_max == -inf, 0.0)
-                    alpha = torch.exp(run_max - safe)
-                    _exp_probs(s, safe, mk)
+                    alpha = torch.exp(run_max - safe).to(cdt)
+                    _exp_probs(s, safe if c is None else (safe - c[..., None]).to(cdt), mk)
                     run_sum = run_sum * alpha + s.sum(-1, keepdim=True)
                     if drop:
                         s.mul_(drop.mask(s.shape))
@@ -757,7 +802,7 @@ def blocksparse_forward(plan: Plan, mask_mod, q, k, v, scale: float, *, need_lse
                 m = torch.where(nz, run_max + torch.log(denom), torch.full_like(run_max, inf)).squeeze(-1)
             out.index_copy_(1, q_rows, o)
             if need_lse:
-                lse.index_copy_(1, q_rows, m)
+                lse.index_copy_(1, q_rows, m.expand(B, R, qb))
     return out, lse
 
 
@@ -821,7 +866,7 @@ def blocksparse_backward(plan: Plan, mask_mod, q, k, v, out, lse, dout, scale: f
             kg, lse_g = _gather_kv(kp, kv_rows, R, S, 0, S), lse_f.index_select(1, q_rows)
             if fa is not None:
                 mask, row = _flash_alibi_chunk(rest, fa, positions, g, rows, kg)
-                lse_g = lse_g if row is None else lse_g + row
+                lse_g = (lse_g if row is None else lse_g + row).to(cdt)  # float64 lse to the kernel frame
             else:
                 mask = _flash_bias(rest, g, rows, score_mod, positions)
             dqg, dkg, dvg = _FLASH_BW(dop.index_select(1, q_rows), qp.index_select(1, q_rows),
@@ -848,7 +893,7 @@ def blocksparse_backward(plan: Plan, mask_mod, q, k, v, out, lse, dout, scale: f
     # Augmented operands fold the "- lse" of P = exp(s - lse) into the matmul:
     # [q * scale, -lse] @ [k, 1]^T = q k^T * scale - lse (an empty row's lse is huge, not inf).
     neg_lse = (-lse).clamp_(min=-torch.finfo(cdt).max / 4)[..., None]
-    qa = torch.cat([qp, neg_lse], dim=-1)  # [B, H*nq, qb, D + 1]
+    qa = torch.cat([qp, neg_lse.to(cdt)], dim=-1)  # [B, H*nq, qb, D + 1]
     ka = torch.nn.functional.pad(kp, (0, 1), value=1.0)  # [B, Hkv*nkv, kb, D + 1]
     delta = (dop * out).sum(-1)  # [B, H*nq, qb]
     for g in plan.groups:
@@ -860,6 +905,7 @@ def blocksparse_backward(plan: Plan, mask_mod, q, k, v, out, lse, dout, scale: f
             qg = qag[..., :D]
             dog = dop.index_select(1, q_rows)
             delta_g = delta.index_select(1, q_rows)[..., None]
+            neg_lse_g = None if score_mod is None else neg_lse.index_select(1, q_rows)  # float64 with ALiBi
             dqg = None
             for s0, s1 in segs:
                 kag = _gather_kv(ka, kv_rows, R, S, s0, s1)
@@ -874,10 +920,13 @@ def blocksparse_backward(plan: Plan, mask_mod, q, k, v, out, lse, dout, scale: f
                     pos = positions.of(g, rows, s0, s1)
                     deriv = getattr(score_mod, "derivative", None)
                     dmod = deriv(raw, *pos) if deriv is not None else None
-                    p = score_mod(raw, *pos)
+                    centre, c = _alibi_centre(score_mod, pos, mk)
+                    p = score_mod(raw, *pos) if centre is None else score_mod(raw, *pos, centre=centre)
                     if mk is not None:
                         mk.fill_scores(p)
-                    p = _exp_probs(p.add_(qag[..., D:]), None, mk)
+                    # ALiBi: the scores are centred (off by c), the lse is float64 in the true frame
+                    p.add_(qag[..., D:] if c is None else (neg_lse_g + c[..., None]).to(cdt))
+                    p = _exp_probs(p, None, mk)
                 ds = torch.matmul(dog, vg.transpose(-1, -2))  # dP (of the dropped-out P)
                 if drop:
                     z = drop.mask(p.shape)
@@ -1071,10 +1120,10 @@ def terms_forward(q, k, v, terms, scale, *, score_mod=None, chunk_elements=CHUNK
                 o, lt = _from_order(o, t.q_order, t.q_stride), _from_order(lt, t.q_order, t.q_stride)
             else:
                 o = torch.zeros((B, Ht, Q, Dv), dtype=cdt, device=q.device).index_copy_(2, t.q_order, o)
-                lt = torch.full((B, Ht, Q), -inf, dtype=cdt, device=q.device).index_copy_(2, t.q_order, lt)
+                lt = torch.full((B, Ht, Q), -inf, dtype=lt.dtype, device=q.device).index_copy_(2, t.q_order, lt)
         if t.heads is not None:
             o = torch.zeros((B, H, Q, Dv), dtype=cdt, device=q.device).index_copy_(1, t.heads, o)
-            lt = torch.full((B, H, Q), -inf, dtype=cdt, device=q.device).index_copy_(1, t.heads, lt)
+            lt = torch.full((B, H, Q), -inf, dtype=lt.dtype, device=q.device).index_copy_(1, t.heads, lt)
         if out is None:
             out, lse = o.contiguous(), lt
         else:
@@ -1092,7 +1141,7 @@ def _merge(o_a, l_a, o_b, l_b):
     den = w_a + w_b
     lse = safe + torch.log(den)  # -inf where neither term has a key
     den.clamp_(min=torch.finfo(den.dtype).tiny)
-    o_a.mul_((w_a / den)[..., None]).addcmul_(o_b, (w_b / den)[..., None])
+    o_a.mul_((w_a / den).to(o_a.dtype)[..., None]).addcmul_(o_b, (w_b / den).to(o_a.dtype)[..., None])
     return o_a, lse
 
 
@@ -1182,7 +1231,7 @@ def run_terms(q, k, v, terms, scale: float, *, score_mod=None, return_lse: bool 
         out, lse = terms_forward(q, k, v, terms, scale, score_mod=score_mod, chunk_elements=chunk_elements,
                                  dropout_p=dropout_p, seed=seed)
         out = out.to(q.dtype)
-    return (out, lse) if return_lse else out
+    return (out, lse.to(_compute_dtype(q.dtype))) if return_lse else out  # (float64 inside with ALiBi)
 
 
 #: the CPU kernel may compute a term at finer tiles than ``BLOCK_SIZE`` (halving down to this edge,

@@ -493,7 +493,7 @@ def backward(fz: Fused, flash_bw, dop, qp, kp, vp, out, lse, dq, dk, dv, scale: 
             mask, lg = None if bias is None else bias[None], _view(lse, Bp, R, Lq, qw)
             if alibi is not None:
                 mask, shift = _alibi_mask(alibi, fz.alibi_cache, fz, run, r0, r1, hs, bias, qb, kb)
-                lg = lg - shift
+                lg = (lg - shift).to(qp.dtype)  # float64 lse (blocksparse.lse_dtype) to the kernel frame
             dqg, dkg, dvg = flash_bw(
                 _view(dop, Bp, R, Lq, qw, Dv), _view(qp, Bp, R, Lq, qw, D),
                 _view(kp, Bp, R, L, kw, D), _view(vp, Bp, R, L, kw, Dv),
@@ -778,7 +778,7 @@ def forward_scored(fz: Fused, qp, kp, vp, out, lse, *, B: int, H: int, H_kv: int
             lg = m.add_(den.log_()).masked_fill_(empty, inf).squeeze_(-1)
             lg.add_(const)
             if shift is not None:
-                lg.add_(shift)
+                lg = lg.to(lse.dtype).add_(shift)  # float64 (blocksparse.lse_dtype)
             _view(lse, Bp, R, Lq, qw).copy_(lg)
 
 

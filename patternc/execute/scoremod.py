@@ -159,27 +159,28 @@ class ScoreTerms:
 
         Returns:
             ``(bias, shift)``: float32 ``[Bp, 1 or rows, Lq, L]`` to add to the kernel's mask, and
-            float32 ``[Bp, rows, 1 or Lq]`` to add to its log-sum-exp (the true one is kernel +
-            shift).
+            float64 ``[Bp, rows, 1 or Lq]`` to add to its log-sum-exp (the true one is kernel +
+            shift; float64, as ``LSE_DTYPE``: the shift reaches ``m * N``).
         """
         dev, dt = heads.device, torch.float32
         m = self.slopes_on(dev, dt).index_select(0, heads)  # [Bp]
+        m64 = self.slopes_on(dev, torch.float64).index_select(0, heads)
         r = torch.arange(rows, device=dev) * delta  # [rows]
         if ref is None:
             rel = (torch.arange(L, device=dev)[None, :] - torch.arange(Lq, device=dev)[:, None]
                    + (base + self.kv_offset - self.q_offset)).to(dt)  # [Lq, L], exact integers
             bias = rel[None, None] * m[:, None, None, None]
-            shift = r.to(dt)[None, :, None] * m[:, None, None]
+            shift = r.to(torch.float64)[None, :, None] * m64[:, None, None]
             return bias, shift
         rel = (torch.arange(L, device=dev) - ref[..., None]).to(dt)  # [1 or rows, Lq, L], exact
         bias = rel[None] * m[:, None, None, None]
         row = ref - torch.arange(Lq, device=dev) + (base + self.kv_offset - self.q_offset)  # [1 or rows, Lq]
-        shift = (row + r[:, None]).to(dt)[None] * m[:, None, None]  # [Bp, rows, Lq]
+        shift = (row + r[:, None]).to(torch.float64)[None] * m64[:, None, None]  # [Bp, rows, Lq]
         return bias, shift
 
-    def __call__(self, s, heads, q_pos, kv_pos):
+    def __call__(self, s, heads, q_pos, kv_pos, centre=None):
         """The block-sparse kernel's ``score_mod`` hook: ``apply_`` (in place), returns ``s``."""
-        return self.apply_(s, heads, q_pos, kv_pos)
+        return self.apply_(s, heads, q_pos, kv_pos, centre=centre)
 
     def slopes_on(self, device, dtype) -> torch.Tensor:
         key = (str(device), dtype)
@@ -203,8 +204,41 @@ class ScoreTerms:
     #: positions) at most this many score units (error below 2^-18 of it in float32)
     FAST_ALIBI_SPREAD = 64.0
 
+    def alibi_frame(self, heads: torch.Tensor, q_pos: torch.Tensor, ref: torch.Tensor):
+        """Where the unfused loop centres one chunk's ALiBi (``apply_(…, centre=)``), so that the
+        keys that weigh most carry the smallest bias and lose nothing to its float32 rounding.
+
+        ALiBi's largest ``m_h (j - i)`` in a row is at its last allowed key ``ref``; with a centre
+        ``J``, ``m (j - i) = m (j - J) + m (J - i)``: the first part goes on the scores, the
+        second is a constant of the row (the softmax ignores it), ``c``, which only moves the
+        log-sum-exp and is kept in float64. A query reading keys far ahead (a global one under
+        non-causal ALiBi) has ``m (j - i)`` up to ``m * N``: centred on ``i`` it would lose
+        ~1e-5 to float32 rounding.
+
+        Args:
+            heads: int64 [R], the query head of each row tile.
+            q_pos: int64 [R, qb], query positions (without q_offset).
+            ref: int64 [Bm, R, qb], each score row's last allowed key position (without
+                kv_offset), -1 for a row with none (``Bm`` 1 or the batch).
+
+        Returns:
+            ``(centre, c)``: ``centre`` int64 [R] (one per row tile: the largest ``ref``, when
+            the rows' references lie within ``FAST_ALIBI_SPREAD / m`` of it) or [Bm, R, qb]
+            (each row's own); ``c`` float64 [Bm, R, qb] = ``m_h (centre - i)`` with offsets: the
+            true scores are the centred ones plus ``c``.
+        """
+        m = self.slopes_on(q_pos.device, torch.float32).index_select(0, heads)  # [R]
+        m64 = self.slopes_on(q_pos.device, torch.float64).index_select(0, heads)
+        top = ref.amax(-1).amax(0)  # [R]
+        ref = torch.where(ref < 0, top[:, None], ref)  # a row with no allowed key: any centre
+        spread = (top - ref.amin(-1).amin(0)).to(torch.float32) * m
+        centre = ref if ref.numel() and float(spread.max()) > self.FAST_ALIBI_SPREAD else top
+        at = centre if centre.dim() == 3 else centre[None, :, None]
+        c = (at - q_pos[None] + (self.kv_offset - self.q_offset)).to(torch.float64).mul_(m64[None, :, None])
+        return centre, c.expand(ref.shape[0], -1, -1)
+
     def add_alibi_(self, s: torch.Tensor, heads: torch.Tensor, q_pos: torch.Tensor, kv_pos: torch.Tensor,
-                   *, alpha: float = 1.0, shift: float = 0.0) -> torch.Tensor:
+                   *, alpha: float = 1.0, shift: float = 0.0, centre=None) -> torch.Tensor:
         """``s <- alpha * s + shift + m_h * (j - i)`` in place (``s`` float ``[B, R, qb, cols]``).
 
         Fast path, no ``[R, qb, cols]`` temporary: with ``i0`` the first query position of each
@@ -213,9 +247,23 @@ class ScoreTerms:
         error is float rounding of terms at most ``|bias| + m * spread`` (``spread``: the
         largest ``i - i0`` of a tile, < qb in natural order). Tiles whose query positions
         spread wider (an execution plan's reordered rows) with ``m * spread`` above
-        ``FAST_ALIBI_SPREAD`` take the exact path (``alibi_bias``)."""
+        ``FAST_ALIBI_SPREAD`` take the exact path (``alibi_bias``).
+
+        ``centre`` (from ``alibi_frame``): add ``m_h (j - centre)`` instead, ``[R, cols]`` for a
+        tile centre, an exact ``[Bm, R, qb, cols]`` bias for row centres; the rows' constants
+        are the caller's (``alibi_frame``'s ``c``)."""
         dt = s.dtype
         m = self.slopes_on(q_pos.device, dt).index_select(0, heads)  # [R]
+        if centre is not None:
+            if centre.dim() == 1:
+                a = (kv_pos - centre[:, None]).to(dt).mul_(m[:, None])  # [R, cols], exact integers
+                if shift:
+                    a.add_(shift)
+                return torch.add(a[:, None, :], s, alpha=alpha, out=s)
+            bias = (kv_pos[None, :, None, :] - centre[..., None]).to(dt).mul_(m[None, :, None, None])
+            if alpha != 1.0:
+                s.mul_(alpha)
+            return s.add_(bias.add_(shift) if shift else bias)
         q0 = q_pos[:, :1]
         dq = q_pos - q0  # [R, qb]
         spread = float((dq.abs().amax(-1).to(dt) * m).max()) if dq.numel() else 0.0
@@ -230,13 +278,16 @@ class ScoreTerms:
         torch.add(a[:, None, :], s, alpha=alpha, out=s)
         return s.sub_(dq.to(dt).mul_(m[:, None])[:, :, None])
 
-    def apply_(self, s: torch.Tensor, heads: torch.Tensor, q_pos: torch.Tensor, kv_pos: torch.Tensor):
+    def apply_(self, s: torch.Tensor, heads: torch.Tensor, q_pos: torch.Tensor, kv_pos: torch.Tensor,
+               centre=None):
         """Transform raw scores in place: ``s`` float ``[B, R, qb, cols]`` (already scaled).
 
         Args:
             heads: int64 [R], the query head of each row tile.
             q_pos: int64 [R, qb], query row of each score row (0-based, without q_offset).
             kv_pos: int64 [R, cols], key column of each score column (without kv_offset).
+            centre: ALiBi's centre from ``alibi_frame`` (then the scores are off by its ``c``),
+                or None (the true ``m_h (j - i)``).
 
         Returns:
             The transformed scores: ``s`` itself, or (backward, right after ``derivative`` on
@@ -259,7 +310,7 @@ class ScoreTerms:
                 s.mul_(1.0 / self.cap).tanh_()
             alpha, shift = (2.0 * self.cap, -self.cap) if sig else (self.cap, 0.0)
         if self.slopes is not None:
-            return self.add_alibi_(s, heads, q_pos, kv_pos, alpha=alpha, shift=shift)
+            return self.add_alibi_(s, heads, q_pos, kv_pos, alpha=alpha, shift=shift, centre=centre)
         if shift:  # 2c * sigmoid - c, one pass
             return torch.add(torch.full((), shift, dtype=s.dtype, device=s.device), s, alpha=alpha, out=s)
         return s.mul_(alpha) if alpha != 1.0 else s
@@ -322,7 +373,7 @@ class FlashAlibi:
     def columns(self, positions, g, rows: slice, mask=None):
         """``(col, row, exact)`` of a chunk (rows ``rows`` of group ``g``, all its slots; ``mask``
         the kernel's additive mask of the chunk, float ``[.., 1 or R, qb, cols]``, None: all
-        allowed): ``col`` float32 [R, cols] = ``m_h (j - J)`` for k's extra column, ``row`` float32
+        allowed): ``col`` float32 [R, cols] = ``m_h (j - J)`` for k's extra column, ``row`` float64
         [R, qb] = ``m_h (i - J)`` to take from the kernel's log-sum-exp (offsets included), and
         ``exact`` None. ``J`` is the tile row's last allowed key: the keys that weigh most in a
         row's softmax are its largest ``m (j - i)``, at its last allowed key, so centring there
@@ -339,6 +390,7 @@ class FlashAlibi:
         heads, q_pos, kv_pos = positions.of(g, rows, 0, g.num_slots)
         dt = torch.float32
         m = st.slopes_on(q_pos.device, dt).index_select(0, heads)  # [R]
+        m64 = st.slopes_on(q_pos.device, torch.float64).index_select(0, heads)
         R, qb = q_pos.shape
         last = kv_pos.amax(-1, keepdim=True)  # [R, 1]
         if mask is None:
@@ -350,11 +402,11 @@ class FlashAlibi:
         off = st.kv_offset - st.q_offset
         if R and float(((ref.amax(-1) - ref.amin(-1)).to(dt) * m).max()) > st.FAST_ALIBI_SPREAD:
             exact = (kv_pos[:, None, :] - ref[:, :, None]).to(dt).mul_(m[:, None, None])
-            row = (q_pos - ref - off).to(dt).mul_(m[:, None])
+            row = (q_pos - ref - off).to(torch.float64).mul_(m64[:, None])
             return torch.zeros(kv_pos.shape, dtype=dt, device=kv_pos.device), row, exact  # not cached
         J = ref.amax(-1, keepdim=True)  # [R, 1]
         col = (kv_pos - J).to(dt).mul_(m[:, None])
-        out = self._chunks[key] = (col, (q_pos - J - off).to(dt).mul_(m[:, None]), None)
+        out = self._chunks[key] = (col, (q_pos - J - off).to(torch.float64).mul_(m64[:, None]), None)
         return out
 
 
