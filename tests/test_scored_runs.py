@@ -179,6 +179,8 @@ def test_native_builds_where_it_can():
            and os.environ.get("PATTERNC_NATIVE", "1") != "0")
     assert (native.kernels() is not None) == can, native.status()
     assert native.status().startswith("loaded: " if can else "unavailable: ")
+    if can:  # torch's x86-64 builds link MKL, whose sgemm_ the fused calls use
+        assert native.kernels().has_flash and "(fused forward)" in native.status()
 
 
 def _native_or_skip():
@@ -239,6 +241,65 @@ def test_native_rows_equal_float64(form, a, x_scale, bias_shape):
     nat.backward_rows(s, ds, form, a, bias, lse.float(), delta.float(), floor)
     assert float((s.double() - pb).abs().max()) < tol
     assert float((ds.double() - want_ds).abs().max()) < tol * float(want_ds.abs().max().clamp(min=1.0))
+
+
+@pytest.mark.parametrize("form, a, kc", [("none", 1.0, 512), ("sigmoid", 100.0, 128), ("tanh", 60.0, 512)])
+def test_native_flash_call_equals_float64(form, a, kc, monkeypatch):
+    """``flash_forward`` / ``flash_backward`` (one fused call) against the same formulas in float64
+    autograd: strided views of larger buffers, ragged sizes (70 query rows: a full and a partial
+    64-row tile; 300 keys: two 128-key steps and a tail that is not a multiple of 8), a bias
+    with a staircase (the tile's key range is cut at both ends), a row with no allowed key; the
+    backward's key chunks (``FLASH_KC``) one or three per row."""
+    from patternc.execute import native
+
+    monkeypatch.setattr(native, "FLASH_KC", kc)
+    nat = _native_or_skip()
+    if not nat.has_flash:
+        pytest.skip("torch's library has no sgemm_")
+    g = torch.Generator().manual_seed(11)
+    P, R, Lq, L, D, Dv = 2, 3, 70, 300, 20, 12
+    big = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
+    q, k, v = big(P, 2 * R, Lq, D)[:, ::2] * 2, big(P, R + 1, L, D)[:, 1:], big(P, R, L, Dv)
+    dout = big(P, R, Lq, Dv)
+    rows, cols = torch.arange(Lq)[:, None], torch.arange(L)[None, :]
+    bias = torch.where((cols <= rows + 200) & (cols >= rows), 0.0, float("-inf"))[None, None].repeat(1, R, 1, 1)
+    bias[0, 1, 5] = float("-inf")  # kernel row 1, query 5: no allowed key
+    bias = bias + big(1, R, Lq, L)  # an ALiBi-like additive part
+    out = torch.zeros(P, R, Lq, Dv)
+    m, den = nat.flash_forward(q, k, v, out, form, a, bias, -80.0)
+    qd, kd, vd = (t.double().requires_grad_() for t in (q, k, v))
+    x = qd @ kd.transpose(-1, -2)
+    y = (a * _f(x, form) if form != "none" else x) + bias.double()
+    lse = torch.logsumexp(y.detach(), -1)
+    empty = lse == float("-inf")
+    p = torch.softmax(y.masked_fill(empty[..., None], 0.0), -1)  # (no NaN from the empty row's gradient)
+    want = (p @ vd).masked_fill(empty[..., None], 0.0)
+    assert _rel(out, want) < 1e-5
+    got_lse = (m + den.log()).squeeze(-1)
+    assert torch.equal(got_lse == float("-inf"), empty)
+    assert float((got_lse.double() - lse)[~empty].abs().max()) < 1e-4
+    dq = torch.zeros(P, 2 * R, Lq, D)[:, ::2]
+    delta = (dout * out).sum(-1)
+    dk, dv = nat.flash_backward(q, k, v, dout, dq, form, a, bias, got_lse.masked_fill(empty, float("inf")),
+                                delta, -80.0)
+    wq, wk, wv = torch.autograd.grad(want, (qd, kd, vd), dout.double())
+    for name, got_g, want_g in (("q", dq, wq), ("k", dk, wk), ("v", dv, wv)):
+        assert _rel(got_g, want_g) < 1e-4, name
+
+
+@pytest.mark.parametrize("src", ["(local(w=96) & causal) with softcap(c=50), alibi()", "causal with softcap(c=100)"])
+def test_scored_path_with_row_kernels_equals_the_reference(src, monkeypatch, calls):
+    """Where torch's library has no ``sgemm_``, the native route is matmul + ``forward_rows`` /
+    ``backward_rows`` + matmul (before the fused calls, the only one)."""
+    from patternc.execute import native
+
+    _native_or_skip()
+    monkeypatch.setitem(native._state, "sgemm", None)
+    assert not native.kernels().has_flash
+    cp = patternc.compile(src, q_len=333, num_heads=2, block_size=32)
+    q, k, v = _inputs(2, 2, 1, 333, 333, 16, logit_scale=3.0)
+    _check_against_reference(cp, q, k, v)
+    assert calls["fwd"] == 1 and calls["bwd"] == 1
 
 
 @pytest.mark.parametrize("src", ["(local(w=96) & causal) with softcap(c=20), alibi()", "causal with softcap(c=100)"])

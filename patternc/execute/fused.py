@@ -755,7 +755,17 @@ def forward_scored(fz: Fused, qp, kp, vp, out, lse, *, B: int, H: int, H_kv: int
     inf = float("inf")
     ws = _Workspace()
     nat = _native_kernels(qp)
+    flash = nat is not None and nat.has_flash
     for Lq, L, qw, kw, bias, shift, Bp, R in _Calls(fz, B=B, H=H, H_kv=H_kv, alibi=alibi):
+        if flash:  # the whole call fused, nothing score-sized (execute.native.flash_forward)
+            m, den = nat.flash_forward(_view(qp, Bp, R, Lq, qw, D), _view(kp, Bp, R, L, kw, D),
+                                       _view(vp, Bp, R, L, kw, Dv), _view(out, Bp, R, Lq, qw, Dv), form, a, bias,
+                                       EXP_FLOOR)
+            if lse is not None:
+                empty = m == -inf
+                lg = m.add_(den.log_()).masked_fill_(empty, inf).squeeze_(-1).add_(const)
+                _view(lse, Bp, R, Lq, qw).copy_(lg if shift is None else lg.to(lse.dtype).add_(shift))
+            continue
         s = _bmm(_view(qp, Bp, R, Lq, qw, D), _view(kp, Bp, R, L, kw, D).transpose(-1, -2), ws, "s")
         if nat is not None:  # the elementwise part in one pass per row (execute.native)
             m, den = nat.forward_rows(s, form, a, bias, EXP_FLOOR)
@@ -792,13 +802,19 @@ def backward_scored(fz: Fused, dop, qp, kp, vp, out, lse, dq, dk, dv, *, B: int,
     delta = (dop * out).sum(-1)  # [B, H * nq, qb]: rowsum(dO * O)
     ws = _Workspace()
     nat = _native_kernels(qp)
+    flash = nat is not None and nat.has_flash
     for Lq, L, qw, kw, bias, shift, Bp, R in _Calls(fz, B=B, H=H, H_kv=H_kv, alibi=alibi):
         qv, kv = _view(qp, Bp, R, Lq, qw, D), _view(kp, Bp, R, L, kw, D)
         vv, dov = _view(vp, Bp, R, L, kw, Dv), _view(dop, Bp, R, Lq, qw, Dv)
-        f = _bmm(qv, kv.transpose(-1, -2), ws, "f")
         lg = _view(lse, Bp, R, Lq, qw) - const  # the kernel frame's log-sum-exp
         if shift is not None:
-            lg = lg - shift
+            lg = (lg - shift).to(qp.dtype)
+        if flash:  # the whole call fused, nothing score-sized (execute.native.flash_backward)
+            dkg, dvg = nat.flash_backward(qv, kv, vv, dov, _view(dq, Bp, R, Lq, qw, D), form, a, bias, lg,
+                                          _view(delta, Bp, R, Lq, qw), EXP_FLOOR)
+            _fold_kv(dk, dv, dkg, dvg, 1.0, Bp, R, L, kw, kb)
+            continue
+        f = _bmm(qv, kv.transpose(-1, -2), ws, "f")
         if nat is not None:  # the elementwise part in one pass per row (execute.native)
             ds = _bmm(dov, vv.transpose(-1, -2), ws, "ds")
             nat.backward_rows(f, ds, form, a, bias, lg, _view(delta, Bp, R, Lq, qw), EXP_FLOOR)
@@ -827,9 +843,14 @@ def backward_scored(fz: Fused, dop, qp, kp, vp, out, lse, dq, dk, dv, *, B: int,
 def _fold(ws, dq, dk, dv, ds, dvg, qv, kv, a: float, Bp: int, R: int, Lq: int, L: int, qw, kw, kb: int) -> None:
     """Add one call's gradients: ``dq += a dS K``, ``dk += a dS^T Q``, ``dv += dvg`` (``dS`` without
     the cap's factor ``a``), folding the kernel rows' key windows back onto the keys they read."""
-    D, Dv = qv.shape[-1], dvg.shape[-1]
-    _view(dq, Bp, R, Lq, qw, D).add_(_bmm(ds, kv, ws, "dq"), alpha=a)
-    dkg = _bmm(ds.transpose(-1, -2), qv, ws, "dk")
+    _view(dq, Bp, R, Lq, qw, qv.shape[-1]).add_(_bmm(ds, kv, ws, "dq"), alpha=a)
+    _fold_kv(dk, dv, _bmm(ds.transpose(-1, -2), qv, ws, "dk"), dvg, a, Bp, R, L, kw, kb)
+
+
+def _fold_kv(dk, dv, dkg, dvg, a: float, Bp: int, R: int, L: int, kw, kb: int) -> None:
+    """``dk += a dkg``, ``dv += dvg`` for per-kernel-row gradients ``[Bp, R, L, D or Dv]``, folding
+    the kernel rows' key windows back onto the keys they read."""
+    D, Dv = dkg.shape[-1], dvg.shape[-1]
     if R > 1 and kw[2] == 0:  # every row read the same keys: one sum
         span = (kw[0], kw[1], 0)
         _view(dk, Bp, 1, L, span, D).add_(dkg.sum(1, keepdim=True), alpha=a)
