@@ -243,13 +243,15 @@ def test_native_rows_equal_float64(form, a, x_scale, bias_shape):
     assert float((ds.double() - want_ds).abs().max()) < tol * float(want_ds.abs().max().clamp(min=1.0))
 
 
-@pytest.mark.parametrize("form, a, kc", [("none", 1.0, 512), ("sigmoid", 100.0, 128), ("tanh", 60.0, 512)])
-def test_native_flash_call_equals_float64(form, a, kc, monkeypatch):
+@pytest.mark.parametrize("form, a, kc, inline", [("none", 1.0, 512, False), ("sigmoid", 100.0, 128, False),
+                                                 ("tanh", 60.0, 512, False), ("sigmoid", 100.0, 128, True)])
+def test_native_flash_call_equals_float64(form, a, kc, inline, monkeypatch):
     """``flash_forward`` / ``flash_backward`` (one fused call) against the same formulas in float64
     autograd: strided views of larger buffers, ragged sizes (70 query rows: a full and a partial
     64-row tile; 300 keys: two 128-key steps and a tail that is not a multiple of 8), a bias
     with a staircase (the tile's key range is cut at both ends), a row with no allowed key; the
-    backward's key chunks (``FLASH_KC``) one or three per row."""
+    backward's key chunks (``FLASH_KC``) one or three per row; ``inline``: a causal limit and
+    ALiBi computed in the kernel (a staircase's), on top of the bias."""
     from patternc.execute import native
 
     monkeypatch.setattr(native, "FLASH_KC", kc)
@@ -266,10 +268,16 @@ def test_native_flash_call_equals_float64(form, a, kc, monkeypatch):
     bias[0, 1, 5] = float("-inf")  # kernel row 1, query 5: no allowed key
     bias = bias + big(1, R, Lq, L)  # an ALiBi-like additive part
     out = torch.zeros(P, R, Lq, Dv)
-    m, den = nat.flash_forward(q, k, v, out, form, a, bias, -80.0)
+    kw = {}
+    if inline:  # row x allows c <= x + 150; ALiBi m_p (c - x - 150)
+        kw = {"causal_off": 150, "slopes": torch.tensor([0.5, 0.03])}
+    m, den = nat.flash_forward(q, k, v, out, form, a, bias, -80.0, **kw)
     qd, kd, vd = (t.double().requires_grad_() for t in (q, k, v))
     x = qd @ kd.transpose(-1, -2)
     y = (a * _f(x, form) if form != "none" else x) + bias.double()
+    if inline:
+        rel = (cols - rows - 150).double()
+        y = (y + kw["slopes"].double()[:, None, None, None] * rel).masked_fill(rel > 0, float("-inf"))
     lse = torch.logsumexp(y.detach(), -1)
     empty = lse == float("-inf")
     p = torch.softmax(y.masked_fill(empty[..., None], 0.0), -1)  # (no NaN from the empty row's gradient)
@@ -281,7 +289,7 @@ def test_native_flash_call_equals_float64(form, a, kc, monkeypatch):
     dq = torch.zeros(P, 2 * R, Lq, D)[:, ::2]
     delta = (dout * out).sum(-1)
     dk, dv = nat.flash_backward(q, k, v, dout, dq, form, a, bias, got_lse.masked_fill(empty, float("inf")),
-                                delta, -80.0)
+                                delta, -80.0, **kw)
     wq, wk, wv = torch.autograd.grad(want, (qd, kd, vd), dout.double())
     for name, got_g, want_g in (("q", dq, wq), ("k", dk, wk), ("v", dv, wv)):
         assert _rel(got_g, want_g) < 1e-4, name

@@ -593,10 +593,16 @@ class _Calls:
     float32 ``[Bp, R, 1 or Lq]`` (ALiBi's per-row constants; None) to add to the kernel-frame
     log-sum-exp. A causal staircase (``m == span``, ``causal``) is cut into slabs of up to
     ``SLAB_BLOCKS`` query blocks (their diagonal squares computed whole, upper triangles
-    masked)."""
+    masked).
 
-    def __init__(self, fz: Fused, *, B: int, H: int, H_kv: int, alibi=None):
+    ``inline`` (the fused native calls, ``native.flash_forward``): a plain causal staircase is one
+    call per ``_calls`` chunk, its mask and ALiBi computed in the kernel (no bias tensor), and
+    other runs are not cut by score size (no score-sized tensor exists); each call then also
+    yields ``(causal_off, slopes)`` (float32 ``[Bp]`` or None) for the kernel, else None."""
+
+    def __init__(self, fz: Fused, *, B: int, H: int, H_kv: int, alibi=None, inline: bool = False):
         self.fz, self.B, self.H, self.H_kv, self.alibi = fz, B, H, H_kv, alibi
+        self.inline = inline
         plan = fz.rest
         self.qb, self.kb = plan.q_block_size, plan.kv_block_size
         self.nq, self.nkv = plan.num_q_blocks, plan.num_kv_blocks
@@ -606,10 +612,11 @@ class _Calls:
         qb, kb = self.qb, self.kb
         for run in self.fz.runs:
             if run.causal and run.m > 1:
-                yield from self._slabs(run)
+                yield from (self._staircase(run) if self.inline and run.ids is None else
+                            (c + (None,) for c in self._slabs(run)))
                 continue
             Lq, L = run.m * qb, run.span * kb
-            rows = max(1, SCORED_CALL_ELEMENTS // (Lq * L))
+            rows = max(1, SCORED_CALL_ELEMENTS // (Lq * L)) if not self.inline else run.rows
             for r0, r1, Bp, qw, kw, hs in _calls(run, B=self.B, H=self.H, H_kv=self.H_kv, nq=self.nq,
                                                  nkv=self.nkv, qb=qb, kb=kb, heads=True):
                 for a0 in range(r0, r1, rows):  # _calls chunks by bias size; this by score size
@@ -617,7 +624,29 @@ class _Calls:
                     q = (qw[0] + (a0 - r0) * qw[2], qw[1], qw[2])
                     kv = (kw[0] + (a0 - r0) * kw[2], kw[1], kw[2])
                     bias, shift = self._run_bias(run, a0, a1, hs, Bp)
-                    yield Lq, L, q, kv, bias, shift, Bp, a1 - a0
+                    yield Lq, L, q, kv, bias, shift, Bp, a1 - a0, None
+
+    def _staircase(self, run: Run):
+        """A plain causal staircase as whole calls for the fused kernels: query row ``x`` of a
+        kernel row allows columns ``c <= x + (L - Lq)`` (the slabs' right-aligned diagonal) and
+        ALiBi is ``m (c - x - (L - Lq))`` there; ``m (j - i)`` is that plus ``m (L - Lq + base + r
+        delta)`` (offsets included), a constant of kernel row ``r``: the shift."""
+        qb, kb, M = self.qb, self.kb, run.m
+        Lq, L = M * qb, M * kb
+        off = L - Lq
+        for r0, r1, Bp, qw, kw, hs in _calls(run, B=self.B, H=self.H, H_kv=self.H_kv, nq=self.nq,
+                                             nkv=self.nkv, qb=qb, kb=kb, heads=True):
+            slopes = shift = None
+            if self.alibi is not None:
+                dev = self.fz.table_bias.device
+                heads = torch.as_tensor(hs, dtype=torch.int64, device=dev)
+                slopes = self.alibi.slopes_on(dev, torch.float32).index_select(0, heads).contiguous()
+                m64 = self.alibi.slopes_on(dev, torch.float64).index_select(0, heads)
+                base = (run.kv0 + run.sigma * r0) * kb - (run.q0 + run.tau * r0) * qb
+                r = torch.arange(r1 - r0, device=dev) * (run.sigma * kb - run.tau * qb)
+                const = off + base + self.alibi.kv_offset - self.alibi.q_offset
+                shift = (r + const).to(torch.float64)[None, :, None] * m64[:, None, None]  # [Bp, R, 1]
+            yield Lq, L, qw, kw, None, shift, Bp, r1 - r0, (off, slopes)
 
     def _run_bias(self, run: Run, r0: int, r1: int, hs: tuple, Bp: int):
         if run.causal:  # m == span == 1: one diagonal tile, nothing above it
@@ -738,6 +767,10 @@ def scored_alibi_fits(fz: Fused, *, B: int, H: int, H_kv: int) -> bool:
 USE_NATIVE = True
 
 
+def _inline_kw(inline) -> dict:
+    return {} if inline is None else {"causal_off": inline[0], "slopes": inline[1]}
+
+
 def _native_kernels(x: torch.Tensor):
     if not (USE_NATIVE and x.device.type == "cpu" and x.dtype == torch.float32):
         return None
@@ -756,11 +789,11 @@ def forward_scored(fz: Fused, qp, kp, vp, out, lse, *, B: int, H: int, H_kv: int
     ws = _Workspace()
     nat = _native_kernels(qp)
     flash = nat is not None and nat.has_flash
-    for Lq, L, qw, kw, bias, shift, Bp, R in _Calls(fz, B=B, H=H, H_kv=H_kv, alibi=alibi):
+    for Lq, L, qw, kw, bias, shift, Bp, R, inline in _Calls(fz, B=B, H=H, H_kv=H_kv, alibi=alibi, inline=flash):
         if flash:  # the whole call fused, nothing score-sized (execute.native.flash_forward)
             m, den = nat.flash_forward(_view(qp, Bp, R, Lq, qw, D), _view(kp, Bp, R, L, kw, D),
                                        _view(vp, Bp, R, L, kw, Dv), _view(out, Bp, R, Lq, qw, Dv), form, a, bias,
-                                       EXP_FLOOR)
+                                       EXP_FLOOR, **_inline_kw(inline))
             if lse is not None:
                 empty = m == -inf
                 lg = m.add_(den.log_()).masked_fill_(empty, inf).squeeze_(-1).add_(const)
@@ -803,7 +836,7 @@ def backward_scored(fz: Fused, dop, qp, kp, vp, out, lse, dq, dk, dv, *, B: int,
     ws = _Workspace()
     nat = _native_kernels(qp)
     flash = nat is not None and nat.has_flash
-    for Lq, L, qw, kw, bias, shift, Bp, R in _Calls(fz, B=B, H=H, H_kv=H_kv, alibi=alibi):
+    for Lq, L, qw, kw, bias, shift, Bp, R, inline in _Calls(fz, B=B, H=H, H_kv=H_kv, alibi=alibi, inline=flash):
         qv, kv = _view(qp, Bp, R, Lq, qw, D), _view(kp, Bp, R, L, kw, D)
         vv, dov = _view(vp, Bp, R, L, kw, Dv), _view(dop, Bp, R, Lq, qw, Dv)
         lg = _view(lse, Bp, R, Lq, qw) - const  # the kernel frame's log-sum-exp
@@ -811,7 +844,7 @@ def backward_scored(fz: Fused, dop, qp, kp, vp, out, lse, dq, dk, dv, *, B: int,
             lg = (lg - shift).to(qp.dtype)
         if flash:  # the whole call fused, nothing score-sized (execute.native.flash_backward)
             dkg, dvg = nat.flash_backward(qv, kv, vv, dov, _view(dq, Bp, R, Lq, qw, D), form, a, bias, lg,
-                                          _view(delta, Bp, R, Lq, qw), EXP_FLOOR)
+                                          _view(delta, Bp, R, Lq, qw), EXP_FLOOR, **_inline_kw(inline))
             _fold_kv(dk, dv, dkg, dvg, 1.0, Bp, R, L, kw, kb)
             continue
         f = _bmm(qv, kv.transpose(-1, -2), ws, "f")

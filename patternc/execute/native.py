@@ -139,6 +139,25 @@ static inline float sf(float x, int form) {
     return x;
 }
 
+/* The inline terms of a staircase call (no bias tensor): rel = column - (row + off), exact in
+   float32; causal: allowed iff rel <= 0; ALiBi: + m * rel (0 at the row's last allowed key, so the
+   keys that weigh most carry the smallest bias). */
+static inline __m256 inline_terms(__m256 y, int64_t col0, float rowoff, int causal, float m) {
+    const __m256 iota = _mm256_setr_ps(0.0f, 1.0f, 2.0f, 3.0f, 4.0f, 5.0f, 6.0f, 7.0f);
+    __m256 rel = _mm256_sub_ps(_mm256_add_ps(_mm256_set1_ps((float)col0), iota), _mm256_set1_ps(rowoff));
+    if (m != 0.0f) y = _mm256_fmadd_ps(_mm256_set1_ps(m), rel, y);
+    if (causal)
+        y = _mm256_blendv_ps(y, _mm256_set1_ps(-INFINITY), _mm256_cmp_ps(rel, _mm256_setzero_ps(), _CMP_GT_OQ));
+    return y;
+}
+
+static inline float inline_term(float y, int64_t col, float rowoff, int causal, float m) {
+    float rel = (float)col - rowoff;
+    if (m != 0.0f) y += m * rel;
+    if (causal && rel > 0.0f) y = -INFINITY;
+    return y;
+}
+
 static inline const float *bias_row(const float *bias, int64_t r, int64_t R, int64_t X,
                                     int64_t bs0, int64_t bs1, int64_t bs2) {
     if (!bias) return 0;
@@ -252,6 +271,7 @@ void pc_flash_forward(const float *q, const float *k, const float *v, float *o,
                       int64_t qs0, int64_t qs1, int64_t ks0, int64_t ks1, int64_t vs0, int64_t vs1,
                       int64_t os0, int64_t os1,
                       int form, float a, const float *bias, int64_t bs0, int64_t bs1, int64_t bs2,
+                      int causal, int64_t causal_off, const float *slopes,
                       float fl, float *m_out, float *den_out, int TQ, int TK, int nthreads,
                       void *sgemm_p) {
     sgemm_t sgemm = (sgemm_t)sgemm_p;
@@ -282,8 +302,11 @@ void pc_flash_forward(const float *q, const float *k, const float *v, float *o,
                     while (e > c && b[e - 1] == -INFINITY) --e;
                     if (e > hi) hi = e;
                 }
-                if (hi < lo) hi = lo;
             }
+            if (causal && hi > i0 + tq + causal_off) hi = i0 + tq + causal_off;
+            if (hi < lo) hi = lo;
+            const float msl = slopes ? slopes[p] : 0.0f;
+            const int inl = causal || msl != 0.0f;
             for (int i = 0; i < tq; ++i) { mi[i] = -INFINITY; li[i] = 0.0f; }
             memset(O, 0, sizeof(float) * tq * Dv);
             const float one = 1.0f, zero = 0.0f;
@@ -301,6 +324,7 @@ void pc_flash_forward(const float *q, const float *k, const float *v, float *o,
                         __m256 y = vf(_mm256_loadu_ps(row + c), form);
                         y = form ? _mm256_mul_ps(va, y) : y;
                         if (b) y = _mm256_add_ps(y, _mm256_loadu_ps(b + c));
+                        if (inl) y = inline_terms(y, c0 + c, (float)(i0 + i + causal_off), causal, msl);
                         _mm256_storeu_ps(row + c, y);
                         vmax = _mm256_max_ps(vmax, y);
                     }
@@ -309,6 +333,7 @@ void pc_flash_forward(const float *q, const float *k, const float *v, float *o,
                         float y = sf(row[c], form);
                         y = form ? a * y : y;
                         if (b) y += b[c];
+                        if (inl) y = inline_term(y, c0 + c, (float)(i0 + i + causal_off), causal, msl);
                         row[c] = y;
                         if (y > mx) mx = y;
                     }
@@ -362,6 +387,7 @@ void pc_flash_backward(const float *q, const float *k, const float *v, const flo
                        int64_t qs0, int64_t qs1, int64_t ks0, int64_t ks1, int64_t vs0, int64_t vs1,
                        int64_t ds0, int64_t ds1, int64_t dqs0, int64_t dqs1, int64_t dqs2, int64_t KC,
                        int form, float a, const float *bias, int64_t bs0, int64_t bs1, int64_t bs2,
+                       int causal, int64_t causal_off, const float *slopes,
                        const float *lse, const float *delta, float fl, int TQ, int TK, int nthreads,
                        void *sgemm_p) {
     sgemm_t sgemm = (sgemm_t)sgemm_p;
@@ -398,6 +424,9 @@ void pc_flash_backward(const float *q, const float *k, const float *v, const flo
                         if (e > hi) hi = e;
                     }
                 }
+                if (causal && hi > i0 + tq + causal_off) hi = i0 + tq + causal_off;
+                const float msl = slopes ? slopes[p] : 0.0f;
+                const int inl = causal || msl != 0.0f;
                 for (int64_t c0 = lo; c0 < hi; c0 += TK) {
                     int n = (int)((hi - c0) < TK ? (hi - c0) : TK);
                     sgemm("T", "N", &n, &tq, &iD, &one, K + c0 * D, &iD, Q, &iD, &zero, S, &iTK);
@@ -413,6 +442,7 @@ void pc_flash_backward(const float *q, const float *k, const float *v, const flo
                             __m256 f = vf(_mm256_loadu_ps(row + c), form);
                             __m256 y = form ? _mm256_mul_ps(va, f) : f;
                             if (b) y = _mm256_add_ps(y, _mm256_loadu_ps(b + c));
+                            if (inl) y = inline_terms(y, c0 + c, (float)(i0 + i + causal_off), causal, msl);
                             __m256 pp = exp256(_mm256_min_ps(_mm256_max_ps(_mm256_sub_ps(y, vl), vfl), vzero));
                             __m256 g = _mm256_mul_ps(pp, _mm256_sub_ps(_mm256_loadu_ps(drow + c), vd));
                             if (form == 1) g = _mm256_mul_ps(g, _mm256_mul_ps(f, _mm256_sub_ps(vone, f)));
@@ -424,6 +454,7 @@ void pc_flash_backward(const float *q, const float *k, const float *v, const flo
                             float f = sf(row[c], form);
                             float y = form ? a * f : f;
                             if (b) y += b[c];
+                            if (inl) y = inline_term(y, c0 + c, (float)(i0 + i + causal_off), causal, msl);
                             float z = y - ls[i];
                             z = z < fl ? fl : (z > 0.0f ? 0.0f : z);
                             float pp = expf(z);
@@ -512,11 +543,11 @@ def _build() -> tuple:
     lib.pc_backward_rows.argtypes = [ptr, ptr, i64, i64, cint, f32, ptr, i64, i64, i64, i64, i64, ptr, ptr, f32,
                                      cint]
     lib.pc_flash_forward.restype = None
-    lib.pc_flash_forward.argtypes = [ptr] * 4 + [i64] * 14 + [cint, f32, ptr, i64, i64, i64, f32, ptr, ptr,
-                                                              cint, cint, cint, ptr]
+    lib.pc_flash_forward.argtypes = [ptr] * 4 + [i64] * 14 + [cint, f32, ptr, i64, i64, i64, cint, i64, ptr, f32,
+                                                              ptr, ptr, cint, cint, cint, ptr]
     lib.pc_flash_backward.restype = None
-    lib.pc_flash_backward.argtypes = [ptr] * 7 + [i64] * 18 + [cint, f32, ptr, i64, i64, i64, ptr, ptr, f32,
-                                                               cint, cint, cint, ptr]
+    lib.pc_flash_backward.argtypes = [ptr] * 7 + [i64] * 18 + [cint, f32, ptr, i64, i64, i64, cint, i64, ptr,
+                                                               ptr, ptr, f32, cint, cint, cint, ptr]
     return lib, None
 
 
@@ -595,6 +626,15 @@ def _bias_args(bias, shape):
     return b.data_ptr(), b.stride(0), b.stride(1), b.stride(2), b
 
 
+def _inline_args(causal_off, slopes, P: int) -> tuple:
+    """``(causal, causal_off, slopes pointer)`` for the fused calls (``slopes``, float32 ``[P]``,
+    must stay alive for the call: the caller holds it)."""
+    if slopes is not None and not (slopes.dtype == torch.float32 and slopes.is_contiguous()
+                                   and tuple(slopes.shape) == (P,)):
+        raise ValueError("slopes must be contiguous float32 [P]")
+    return int(causal_off is not None), int(causal_off or 0), None if slopes is None else slopes.data_ptr()
+
+
 def _check(s: torch.Tensor) -> None:
     if not (s.dtype == torch.float32 and s.is_contiguous() and s.dim() == 4 and s.device.type == "cpu"):
         raise ValueError("native row kernels take contiguous float32 CPU scores [P, R, X, L]")
@@ -647,13 +687,17 @@ class _Native:
 
     @staticmethod
     def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, form: str, a: float,
-                      bias, floor: float):
+                      bias, floor: float, *, causal_off: int | None = None, slopes: torch.Tensor | None = None):
         """One fused call: ``out`` (float32 ``[P, R, Lq, Dv]``, rows packed) <- softmax(``a f(q k^T) +
         bias``) ``v`` for ``q`` ``[P, R, Lq, D]``, ``k`` ``[P, R, L, D]``, ``v`` ``[P, R, L, Dv]`` (float32
         views whose rows are packed: strides ``(*, *, D or Dv, 1)``; ``bias`` None or float32
         broadcastable to ``[P, R, Lq, L]``). Returns ``(m, den)`` float32 ``[P, R, Lq, 1]``: the row
         max of ``y`` and the sum of ``exp(y - m)`` (lse = m + log den; -inf and 0, and a 0 row of
-        ``out``, for a row with no allowed key). No score-sized tensor is made."""
+        ``out``, for a row with no allowed key). No score-sized tensor is made.
+
+        Inline terms, for a causal staircase without a bias tensor: ``causal_off`` (query row ``i``
+        allows columns ``c <= i + causal_off``) and ``slopes`` (float32 ``[P]``: ``+ m_p (c - i -
+        causal_off)``, ALiBi centred on each row's last allowed key; the caller keeps the rest)."""
         P, R, Lq, D = q.shape
         L, Dv = k.shape[2], v.shape[-1]
         for t, w in ((q, D), (k, D), (v, Dv), (out, Dv)):
@@ -664,7 +708,8 @@ class _Native:
         bp, b0, b1, b2, *keep = _bias_args(bias, (P, R, Lq, L))
         _lib().pc_flash_forward(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), P, R, Lq, L, D, Dv,
                                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                                out.stride(0), out.stride(1), FORMS[form], float(a), bp, b0, b1, b2, float(floor),
+                                out.stride(0), out.stride(1), FORMS[form], float(a), bp, b0, b1, b2,
+                                *_inline_args(causal_off, slopes, P), float(floor),
                                 m.data_ptr(), den.data_ptr(), FLASH_TQ, FLASH_TK, torch.get_num_threads(),
                                 _state["sgemm"])
         del keep
@@ -672,12 +717,13 @@ class _Native:
 
 
     @staticmethod
-    def flash_backward(q, k, v, dout, dq, form: str, a: float, bias, lse, delta, floor: float):
+    def flash_backward(q, k, v, dout, dq, form: str, a: float, bias, lse, delta, floor: float, *,
+                       causal_off: int | None = None, slopes: torch.Tensor | None = None):
         """The backward of one ``flash_forward`` call: ``dq`` (a view like ``q``) += ``a dS K``;
         returns ``(dk, dv)`` float32 ``[P, R, L, D or Dv]`` (``a dS^T Q`` and ``P^T dO`` per kernel row,
         for the caller to fold onto the keys each row read). ``lse`` / ``delta``: float32
         ``[P, R, Lq]`` (the kernel frame's log-sum-exp, ``rowsum(dO * O)``); views as in
-        ``flash_forward``. Tasks are (kernel row, ``FLASH_KC`` keys): a long row's keys are
+        ``flash_forward`` (and its inline terms). Tasks are (kernel row, ``FLASH_KC`` keys): a long row's keys are
         shared by the threads, each with its own ``dq`` partial, summed here."""
         P, R, Lq, D = q.shape
         L, Dv = k.shape[2], v.shape[-1]
@@ -696,7 +742,7 @@ class _Native:
                                  dk.data_ptr(), dv.data_ptr(), P, R, Lq, L, D, Dv, q.stride(0), q.stride(1),
                                  k.stride(0), k.stride(1), v.stride(0), v.stride(1), dout.stride(0), dout.stride(1),
                                  part.stride(0), part.stride(1), s2, FLASH_KC, FORMS[form], float(a), bp, b0, b1,
-                                 b2, lse.data_ptr(), delta.data_ptr(), float(floor), FLASH_TQ, FLASH_TK,
+                                 b2, *_inline_args(causal_off, slopes, P), lse.data_ptr(), delta.data_ptr(), float(floor), FLASH_TQ, FLASH_TK,
                                  torch.get_num_threads(), _state["sgemm"])
         del keep
         if nkc > 1:
