@@ -21,9 +21,13 @@ runs fused instead, FlashAttention's loop on the CPU, with no score-sized tensor
 * ``flash_forward``: per task (kernel row, 64 query rows), key steps of 128: ``S = Q K^T`` (sgemm),
   the row pass above with an online softmax, ``O += P V`` (sgemm); only the tile's allowed
   column range is read (a causal slab skips its upper triangle);
-* ``flash_backward``: per task (kernel row, 512 keys), over the query tiles: ``S``, ``dP = dO V^T``,
+* ``flash_backward``: per task (kernel row, or kernel row and key chunk where a call has few
+  rows), over the query tiles: ``S``, ``dP = dO V^T``,
   the backward row pass, ``dv += P^T dO``, ``dk += a dS^T Q``, ``dq += a dS K`` (each task its own
   ``dq`` partial, summed after).
+
+A plain causal staircase takes its mask and ALiBi inline (``causal_off``, ``slopes``): no bias
+tensor. Each thread's score tiles are one torch-allocated workspace (no allocation in C).
 
 Measured on one causal slab call (256 queries, 4096 keys, 2 threads): forward 25.7 ms against
 SDPA's 57.7 ms on the same masked square and 97 ms for matmul + rows + matmul; backward 77 against
@@ -69,7 +73,7 @@ SOURCE = r"""
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
-#include <stdlib.h>
+#include <omp.h>
 #include <string.h>
 
 typedef void (*sgemm_t)(const char *, const char *, const int *, const int *, const int *, const float *,
@@ -273,14 +277,13 @@ void pc_flash_forward(const float *q, const float *k, const float *v, float *o,
                       int form, float a, const float *bias, int64_t bs0, int64_t bs1, int64_t bs2,
                       int causal, int64_t causal_off, const float *slopes,
                       float fl, float *m_out, float *den_out, int TQ, int TK, int nthreads,
-                      void *sgemm_p) {
+                      void *sgemm_p, float *ws) {
     sgemm_t sgemm = (sgemm_t)sgemm_p;
     int64_t nqt = (Lq + TQ - 1) / TQ, ntask = P * R * nqt;
     #pragma omp parallel num_threads(nthreads)
     {
-        float *S = (float *)malloc(sizeof(float) * TQ * TK);
-        float *O = (float *)malloc(sizeof(float) * TQ * Dv);
-        float *mi = (float *)malloc(sizeof(float) * TQ), *li = (float *)malloc(sizeof(float) * TQ);
+        float *S = ws + (int64_t)omp_get_thread_num() * (TQ * TK + TQ * Dv + 2 * TQ);
+        float *O = S + TQ * TK, *mi = O + TQ * Dv, *li = mi + TQ;
         #pragma omp for schedule(dynamic, 1)
         for (int64_t t = 0; t < ntask; ++t) {
             int64_t qt = t % nqt, pr = t / nqt, r = pr % R, p = pr / R;
@@ -297,6 +300,7 @@ void pc_flash_forward(const float *q, const float *k, const float *v, float *o,
                     const float *b = Bt + i * bs2;
                     int64_t c = 0;
                     while (c < L && b[c] == -INFINITY) ++c;
+                    if (c == L) continue;  /* a row with no allowed key widens nothing */
                     if (c < lo) lo = c;
                     int64_t e = L;
                     while (e > c && b[e - 1] == -INFINITY) --e;
@@ -372,7 +376,6 @@ void pc_flash_forward(const float *q, const float *k, const float *v, float *o,
                 lo_[i] = li[i];
             }
         }
-        free(S); free(O); free(mi); free(li);
     }
 }
 
@@ -389,13 +392,12 @@ void pc_flash_backward(const float *q, const float *k, const float *v, const flo
                        int form, float a, const float *bias, int64_t bs0, int64_t bs1, int64_t bs2,
                        int causal, int64_t causal_off, const float *slopes,
                        const float *lse, const float *delta, float fl, int TQ, int TK, int nthreads,
-                       void *sgemm_p) {
+                       void *sgemm_p, float *ws) {
     sgemm_t sgemm = (sgemm_t)sgemm_p;
     int64_t nkc = (L + KC - 1) / KC, ntask = P * R * nkc;
     #pragma omp parallel num_threads(nthreads)
     {
-        float *S = (float *)malloc(sizeof(float) * TQ * TK);
-        float *G = (float *)malloc(sizeof(float) * TQ * TK);
+        float *S = ws + (int64_t)omp_get_thread_num() * 2 * TQ * TK, *G = S + TQ * TK;
         #pragma omp for schedule(dynamic, 1)
         for (int64_t t = 0; t < ntask; ++t) {
             int64_t kc = t % nkc, pr = t / nkc, r = pr % R, p = pr / R;
@@ -418,6 +420,7 @@ void pc_flash_backward(const float *q, const float *k, const float *v, const flo
                         const float *b = Bt + i * bs2;
                         int64_t c = k0;
                         while (c < k1 && b[c] == -INFINITY) ++c;
+                        if (c == k1) continue;
                         if (c < lo) lo = c;
                         int64_t e = k1;
                         while (e > c && b[e - 1] == -INFINITY) --e;
@@ -471,7 +474,6 @@ void pc_flash_backward(const float *q, const float *k, const float *v, const flo
                 }
             }
         }
-        free(S); free(G);
     }
 }
 """
@@ -481,7 +483,8 @@ FORMS = {"none": 0, "sigmoid": 1, "tanh": 2}
 
 #: query rows per task and keys per step of ``flash_forward`` (a 32 KiB score tile: L1-sized)
 FLASH_TQ, FLASH_TK = 64, 128
-#: keys per task of ``flash_backward`` (a long kernel row is split among the threads)
+#: the fewest keys per task of ``flash_backward``, which cuts a call's kernel rows into key
+#: chunks where it has fewer rows than 4 x threads (each chunk adds a ``dq`` partial)
 FLASH_KC = 512
 #: set False to run the scored forward as matmul + ``forward_rows`` + matmul (``flash_forward`` None)
 USE_FLASH = os.environ.get("PATTERNC_NATIVE_FLASH", "1") != "0"
@@ -544,10 +547,10 @@ def _build() -> tuple:
                                      cint]
     lib.pc_flash_forward.restype = None
     lib.pc_flash_forward.argtypes = [ptr] * 4 + [i64] * 14 + [cint, f32, ptr, i64, i64, i64, cint, i64, ptr, f32,
-                                                              ptr, ptr, cint, cint, cint, ptr]
+                                                              ptr, ptr, cint, cint, cint, ptr, ptr]
     lib.pc_flash_backward.restype = None
     lib.pc_flash_backward.argtypes = [ptr] * 7 + [i64] * 18 + [cint, f32, ptr, i64, i64, i64, cint, i64, ptr,
-                                                               ptr, ptr, f32, cint, cint, cint, ptr]
+                                                               ptr, ptr, f32, cint, cint, cint, ptr, ptr]
     return lib, None
 
 
@@ -611,7 +614,12 @@ def status() -> str:
     lib = _lib()
     if lib is None:
         return f"unavailable: {_state['why']}"
-    fused = "fused forward" if _state["sgemm"] else "no fused forward (no sgemm_ in torch's library)"
+    if _state["sgemm"]:
+        fused = "fused calls"
+    elif not USE_FLASH:
+        fused = "row kernels only: fused calls off by PATTERNC_NATIVE_FLASH=0"
+    else:
+        fused = "row kernels only: torch's library exports no sgemm_"
     return f"loaded: {_state['path']} ({fused})"
 
 
@@ -624,6 +632,13 @@ def _bias_args(bias, shape):
     if b.stride(3) != 1 or b.dtype != torch.float32:
         b = b.contiguous().float()
     return b.data_ptr(), b.stride(0), b.stride(1), b.stride(2), b
+
+
+def _key_chunk(L: int, rows: int, threads: int) -> int:
+    """Keys per ``flash_backward`` task: all ``L`` where ``rows`` kernel rows give the threads
+    enough tasks (4 each), else about ``L / ceil(4 threads / rows)``, at least ``FLASH_KC``."""
+    want = cdiv(4 * threads, max(1, rows))
+    return L if want <= 1 else max(FLASH_KC, cdiv(L, want))
 
 
 def _inline_args(causal_off, slopes, P: int) -> tuple:
@@ -705,13 +720,14 @@ class _Native:
                 raise ValueError("flash_forward takes float32 CPU views with packed rows")
         m = torch.empty((P, R, Lq, 1), dtype=torch.float32)
         den = torch.empty((P, R, Lq, 1), dtype=torch.float32)
+        nt = torch.get_num_threads()
+        ws = torch.empty(nt * (FLASH_TQ * FLASH_TK + FLASH_TQ * Dv + 2 * FLASH_TQ), dtype=torch.float32)
         bp, b0, b1, b2, *keep = _bias_args(bias, (P, R, Lq, L))
         _lib().pc_flash_forward(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), P, R, Lq, L, D, Dv,
                                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                                 out.stride(0), out.stride(1), FORMS[form], float(a), bp, b0, b1, b2,
                                 *_inline_args(causal_off, slopes, P), float(floor),
-                                m.data_ptr(), den.data_ptr(), FLASH_TQ, FLASH_TK, torch.get_num_threads(),
-                                _state["sgemm"])
+                                m.data_ptr(), den.data_ptr(), FLASH_TQ, FLASH_TK, nt, _state["sgemm"], ws.data_ptr())
         del keep
         return m, den
 
@@ -723,8 +739,10 @@ class _Native:
         returns ``(dk, dv)`` float32 ``[P, R, L, D or Dv]`` (``a dS^T Q`` and ``P^T dO`` per kernel row,
         for the caller to fold onto the keys each row read). ``lse`` / ``delta``: float32
         ``[P, R, Lq]`` (the kernel frame's log-sum-exp, ``rowsum(dO * O)``); views as in
-        ``flash_forward`` (and its inline terms). Tasks are (kernel row, ``FLASH_KC`` keys): a long row's keys are
-        shared by the threads, each with its own ``dq`` partial, summed here."""
+        ``flash_forward`` (and its inline terms). Tasks are (kernel row, key chunk): where there
+        are fewer kernel rows than ``4 x threads``, a row's keys are cut into chunks (at least
+        ``FLASH_KC``), shared by the threads, each with its own ``dq`` partial, summed here (at
+        most ``4 x threads`` partials of the call's rows)."""
         P, R, Lq, D = q.shape
         L, Dv = k.shape[2], v.shape[-1]
         for t, w in ((q, D), (k, D), (v, Dv), (dout, Dv), (dq, D)):
@@ -732,8 +750,11 @@ class _Native:
                 raise ValueError("flash_backward takes float32 CPU views with packed rows")
         dk = torch.zeros((P, R, L, D), dtype=torch.float32)
         dv = torch.zeros((P, R, L, Dv), dtype=torch.float32)
-        nkc = cdiv(L, FLASH_KC)
+        nt = torch.get_num_threads()
+        kc = _key_chunk(L, P * R, nt)
+        nkc = cdiv(L, kc)
         part = dq if nkc == 1 else torch.zeros((P, R, nkc, Lq, D), dtype=torch.float32)
+        ws = torch.empty(nt * 2 * FLASH_TQ * FLASH_TK, dtype=torch.float32)
         s2 = 0 if nkc == 1 else part.stride(2)
         lse = lse.to(torch.float32).contiguous()
         delta = delta.to(torch.float32).contiguous()
@@ -741,9 +762,9 @@ class _Native:
         _lib().pc_flash_backward(q.data_ptr(), k.data_ptr(), v.data_ptr(), dout.data_ptr(), part.data_ptr(),
                                  dk.data_ptr(), dv.data_ptr(), P, R, Lq, L, D, Dv, q.stride(0), q.stride(1),
                                  k.stride(0), k.stride(1), v.stride(0), v.stride(1), dout.stride(0), dout.stride(1),
-                                 part.stride(0), part.stride(1), s2, FLASH_KC, FORMS[form], float(a), bp, b0, b1,
-                                 b2, *_inline_args(causal_off, slopes, P), lse.data_ptr(), delta.data_ptr(), float(floor), FLASH_TQ, FLASH_TK,
-                                 torch.get_num_threads(), _state["sgemm"])
+                                 part.stride(0), part.stride(1), s2, kc, FORMS[form], float(a), bp, b0, b1,
+                                 b2, *_inline_args(causal_off, slopes, P), lse.data_ptr(), delta.data_ptr(),
+                                 float(floor), FLASH_TQ, FLASH_TK, nt, _state["sgemm"], ws.data_ptr())
         del keep
         if nkc > 1:
             dq.add_(part.sum(2))
