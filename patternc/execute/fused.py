@@ -233,6 +233,27 @@ def _tile_ids(plan, kh, ok, mask_mod, mask_cache_elements, mask_eval_elements):
     return ids, table.stacked()
 
 
+def _ragged_corner_is_tril(plan, ids: np.ndarray, table: np.ndarray) -> None:
+    """At a ragged end, the last diagonal tile of ``causal`` is the lower triangle cut to the
+    real keys: mark it ``_TRIL_ID`` in ``ids`` (in place) where its real rows are exactly that
+    and ``rq <= rk`` (real rows ``x < rq`` then allow ``c <= x < rk``: real keys only). Padded
+    rows read padded keys (zeros) or whatever the mask gave them; their output is dropped and
+    gives nothing back in the backward (their dO is 0). So a ragged causal staircase stays one
+    plain staircase (else it is cut into per-block runs, or slabs with a bias)."""
+    qb, kb = plan.q_block_size, plan.kv_block_size
+    nq, nkv = plan.num_q_blocks, plan.num_kv_blocks
+    if qb != kb or not nq or not nkv:
+        return
+    rq, rk = plan.q_len - (nq - 1) * qb, plan.kv_len - (nkv - 1) * kb
+    if (rq == qb and rk == kb) or rq > rk:
+        return
+    want = (np.arange(kb)[None, :] <= np.arange(qb)[:, None]) & (np.arange(kb)[None, :] < rk)
+    for h in range(ids.shape[0]):
+        t = ids[h, nq - 1, nkv - 1]
+        if t > _TRIL_ID and np.array_equal(table[t][:rq], want[:rq]):  # padded rows: whatever they read
+            ids[h, nq - 1, nkv - 1] = _TRIL_ID
+
+
 def build(plan, kinds: np.ndarray, head_independent: bool, mask_mod, *, plan_cls,
           mask_cache_elements: int, mask_eval_elements: int) -> Fused | None:
     """The ``Fused`` runs of ``plan`` (a ``blocksparse.Plan``; ``kinds`` uint8 [H, nq, nkv] its
@@ -249,6 +270,7 @@ def build(plan, kinds: np.ndarray, head_independent: bool, mask_mod, *, plan_cls
     if got is None:
         return None
     ids_all, table = got
+    _ragged_corner_is_tril(plan, ids_all, table)
     tril = np.arange(kb)[None, :] <= np.arange(qb)[:, None]
     is_tril = ~(table & ~tril).reshape(table.shape[0], -1).any(-1) if qb == kb else np.zeros(len(table), bool)
 
