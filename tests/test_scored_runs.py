@@ -498,3 +498,26 @@ def test_ragged_causal_staircase_is_one_fused_call(N, bs, monkeypatch):
     q, k, v = _inputs(1, 2, 2, N, N, 16, logit_scale=2.0)
     _check_against_reference(cp, q, k, v)
     assert seen and all(c is not None for c in seen), seen
+
+
+@pytest.mark.parametrize("src, N", [("all", 300), ("all with softcap(c=50), alibi()", 301),
+                                    ("all with alibi(max_bias=2)", 302), ("local(w=100) | sink(n=3) with softcap(c=20)", 303)])
+def test_one_long_row_past_the_bias_cache(src, N, monkeypatch):
+    """A run that is one long shared row with a ragged last key block used to cache its whole
+    mask (``all`` at N=8191: +532 MB); past ``BIAS_CACHE_ELEMENTS`` its mask is one row broadcast
+    over the queries where every query row's is the same (``fused._column_bias``), else its rows
+    take the gather path. Both equal the reference, forward and gradients."""
+    monkeypatch.setattr(fused, "BIAS_CACHE_ELEMENTS", 4096)
+    made = []
+    real = fused._column_bias
+
+    def spy(*a):
+        made.append(real(*a))
+        return made[-1]
+
+    monkeypatch.setattr(fused, "_column_bias", spy)
+    cp = patternc.compile(src, q_len=N, num_heads=2, block_size=64)  # (a new N: a new plan)
+    q, k, v = _inputs(2, 2, 1, N, N, 16, logit_scale=2.0)
+    _check_against_reference(cp, q, k, v)
+    if src.startswith("all"):  # one row of bias, not N x N
+        assert any(b is not None and tuple(b.shape) == (1, 1, 320) for b in made), made

@@ -184,8 +184,9 @@ class Fused:
         self.alibi_cache: dict = {}  # ALiBi's per-call masks (``_alibi_mask``)
 
     def bias(self, run: Run, r0: int, r1: int) -> torch.Tensor | None:
-        """float32 additive mask of kernel rows [r0, r1) of ``run``: ``[1 or R, m * qb,
-        span * kb]``; None when no entry is masked."""
+        """float32 additive mask of kernel rows [r0, r1) of ``run``: ``[1 or R, m * qb or 1,
+        span * kb]`` (1 row: the same for every query row, ``_column_bias``); None when no
+        entry is masked."""
         if run.ids is None:
             return None
         if run.bias is not None:
@@ -252,6 +253,18 @@ def _ragged_corner_is_tril(plan, ids: np.ndarray, table: np.ndarray) -> None:
         t = ids[h, nq - 1, nkv - 1]
         if t > _TRIL_ID and np.array_equal(table[t][:rq], want[:rq]):  # padded rows: whatever they read
             ids[h, nq - 1, nkv - 1] = _TRIL_ID
+
+
+def _column_bias(ids: np.ndarray, table: np.ndarray, table_bias: torch.Tensor) -> torch.Tensor | None:
+    """float32 ``[1, 1, S * kb]``: a run's mask (tile ids ``[m, S]``) as one row, broadcast over its
+    query rows, where every query row's mask is the same (each key block one tile down the run,
+    each tile's rows equal); else None."""
+    if not (ids == ids[:1]).all():
+        return None
+    top = table[ids[0]]  # [S, qb, kb]
+    if not (top == top[:, :1]).all():
+        return None
+    return table_bias[torch.as_tensor(ids[0], device=table_bias.device), 0].reshape(1, 1, -1)
 
 
 def build(plan, kinds: np.ndarray, head_independent: bool, mask_mod, *, plan_cls,
@@ -325,9 +338,19 @@ def build(plan, kinds: np.ndarray, head_independent: bool, mask_mod, *, plan_cls
         if need:
             if (ids == ids[:1]).all():
                 ids = ids[:1]
-            run.ids = torch.as_tensor(ids, device=dev)
             size = ids.shape[0] * m * qb * S * kb
-            if ids.shape[0] == 1 or cached + size <= BIAS_CACHE_ELEMENTS:
+            col = None
+            if ids.shape[0] == 1 and size > BIAS_CACHE_ELEMENTS:
+                # one mask for every kernel row, bigger than the cache (one long row whose last
+                # key block is ragged: ``all``'s bias would be N x N): one row of it where every
+                # query row's mask is the same, else these rows take the gather path
+                col = _column_bias(ids[0], table, table_bias)
+                if col is None:
+                    continue
+            run.ids = torch.as_tensor(ids, device=dev)
+            if col is not None:
+                run.bias = col
+            elif ids.shape[0] == 1 or cached + size <= BIAS_CACHE_ELEMENTS:
                 run.bias = _bias_of(table_bias, run.ids)
                 cached += size if ids.shape[0] > 1 else 0
             empty = ~row_any[run.ids].any(2).reshape(ids.shape[0], m * qb)  # [R or 1, m * qb]
