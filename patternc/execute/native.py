@@ -162,6 +162,93 @@ static inline float inline_term(float y, int64_t col, float rowoff, int causal, 
     return y;
 }
 
+/* The inline terms of one score row (a staircase's, see inline_terms): off, or its causal limit
+   and ALiBi slope, the column of its first entry and the row's offset. */
+typedef struct { int on, causal; int64_t col0; float rowoff, m; } inl_t;
+static const inl_t NO_INLINE = {0, 0, 0, 0.0f, 0.0f};
+
+/* One score row of n entries, in place: y = a f(s) + bias (+ inline terms); returns max y. */
+static inline float row_scores(float *row, int64_t n, int form, float a, const float *b, inl_t t) {
+    const __m256 va = _mm256_set1_ps(a);
+    __m256 vmax = _mm256_set1_ps(-INFINITY);
+    int64_t c = 0;
+    for (; c + 8 <= n; c += 8) {
+        __m256 y = vf(_mm256_loadu_ps(row + c), form);
+        y = form ? _mm256_mul_ps(va, y) : y;
+        if (b) y = _mm256_add_ps(y, _mm256_loadu_ps(b + c));
+        if (t.on) y = inline_terms(y, t.col0 + c, t.rowoff, t.causal, t.m);
+        _mm256_storeu_ps(row + c, y);
+        vmax = _mm256_max_ps(vmax, y);
+    }
+    float mx = hmax(vmax);
+    for (; c < n; ++c) {
+        float y = sf(row[c], form);
+        y = form ? a * y : y;
+        if (b) y += b[c];
+        if (t.on) y = inline_term(y, t.col0 + c, t.rowoff, t.causal, t.m);
+        row[c] = y;
+        if (y > mx) mx = y;
+    }
+    return mx;
+}
+
+/* row <- exp(max(row - mx, fl)) in place; returns the row's sum. */
+static inline float row_exp_sum(float *row, int64_t n, float mx, float fl) {
+    const __m256 vm = _mm256_set1_ps(mx), vfl = _mm256_set1_ps(fl);
+    __m256 vsum = _mm256_setzero_ps();
+    int64_t c = 0;
+    for (; c + 8 <= n; c += 8) {
+        __m256 e = exp256(_mm256_max_ps(_mm256_sub_ps(_mm256_loadu_ps(row + c), vm), vfl));
+        _mm256_storeu_ps(row + c, e);
+        vsum = _mm256_add_ps(vsum, e);
+    }
+    float sum = hsum(vsum);
+    for (; c < n; ++c) {
+        float z = row[c] - mx;
+        float e = expf(z < fl ? fl : z);
+        row[c] = e;
+        sum += e;
+    }
+    return sum;
+}
+
+/* The backward of one row (raw scores row, dP drow): p = exp(clamp(a f(s) + bias (+ inline) - lse,
+   fl, 0)) into row, drow <- p (drow - delta) f' with f' = f (1 - f) (sigmoid), 1 - f^2 (tanh),
+   1 (identity); the factor a is the caller's. */
+static inline void row_grads(float *row, float *drow, int64_t n, int form, float a, const float *b,
+                             float lse, float delta, float fl, inl_t t) {
+    const __m256 va = _mm256_set1_ps(a), one = _mm256_set1_ps(1.0f);
+    const __m256 vl = _mm256_set1_ps(lse), vd = _mm256_set1_ps(delta);
+    const __m256 vfl = _mm256_set1_ps(fl), zero = _mm256_setzero_ps();
+    int64_t c = 0;
+    for (; c + 8 <= n; c += 8) {
+        __m256 f = vf(_mm256_loadu_ps(row + c), form);
+        __m256 y = form ? _mm256_mul_ps(va, f) : f;
+        if (b) y = _mm256_add_ps(y, _mm256_loadu_ps(b + c));
+        if (t.on) y = inline_terms(y, t.col0 + c, t.rowoff, t.causal, t.m);
+        __m256 p = exp256(_mm256_min_ps(_mm256_max_ps(_mm256_sub_ps(y, vl), vfl), zero));
+        __m256 g = _mm256_mul_ps(p, _mm256_sub_ps(_mm256_loadu_ps(drow + c), vd));
+        if (form == 1) g = _mm256_mul_ps(g, _mm256_mul_ps(f, _mm256_sub_ps(one, f)));
+        else if (form == 2) g = _mm256_mul_ps(g, _mm256_fnmadd_ps(f, f, one));
+        _mm256_storeu_ps(row + c, p);
+        _mm256_storeu_ps(drow + c, g);
+    }
+    for (; c < n; ++c) {
+        float f = sf(row[c], form);
+        float y = form ? a * f : f;
+        if (b) y += b[c];
+        if (t.on) y = inline_term(y, t.col0 + c, t.rowoff, t.causal, t.m);
+        float z = y - lse;
+        z = z < fl ? fl : (z > 0.0f ? 0.0f : z);
+        float p = expf(z);
+        float g = p * (drow[c] - delta);
+        if (form == 1) g *= f * (1.0f - f);
+        else if (form == 2) g *= 1.0f - f * f;
+        row[c] = p;
+        drow[c] = g;
+    }
+}
+
 static inline const float *bias_row(const float *bias, int64_t r, int64_t R, int64_t X,
                                     int64_t bs0, int64_t bs1, int64_t bs2) {
     if (!bias) return 0;
@@ -179,46 +266,15 @@ void pc_forward_rows(float *s, int64_t n, int64_t L, int form, float a,
     for (int64_t r = 0; r < n; ++r) {
         float *row = s + r * L;
         const float *b = bias_row(bias, r, R, X, bs0, bs1, bs2);
-        const __m256 va = _mm256_set1_ps(a);
-        __m256 vmax = _mm256_set1_ps(-INFINITY);
-        int64_t c = 0;
-        for (; c + 8 <= L; c += 8) {
-            __m256 y = vf(_mm256_loadu_ps(row + c), form);
-            y = form ? _mm256_mul_ps(va, y) : y;
-            if (b) y = _mm256_add_ps(y, _mm256_loadu_ps(b + c));
-            _mm256_storeu_ps(row + c, y);
-            vmax = _mm256_max_ps(vmax, y);
-        }
-        float mx = hmax(vmax);
-        for (; c < L; ++c) {
-            float y = sf(row[c], form);
-            y = form ? a * y : y;
-            if (b) y += b[c];
-            row[c] = y;
-            if (y > mx) mx = y;
-        }
+        float mx = row_scores(row, L, form, a, b, NO_INLINE);
         if (mx == -INFINITY) {
-            for (c = 0; c < L; ++c) row[c] = 0.0f;
+            for (int64_t c = 0; c < L; ++c) row[c] = 0.0f;
             m_out[r] = -INFINITY;
             den_out[r] = 0.0f;
             continue;
         }
-        const __m256 vm = _mm256_set1_ps(mx), vfl = _mm256_set1_ps(fl);
-        __m256 vsum = _mm256_setzero_ps();
-        for (c = 0; c + 8 <= L; c += 8) {
-            __m256 e = exp256(_mm256_max_ps(_mm256_sub_ps(_mm256_loadu_ps(row + c), vm), vfl));
-            _mm256_storeu_ps(row + c, e);
-            vsum = _mm256_add_ps(vsum, e);
-        }
-        float sum = hsum(vsum);
-        for (; c < L; ++c) {
-            float z = row[c] - mx;
-            float e = expf(z < fl ? fl : z);
-            row[c] = e;
-            sum += e;
-        }
         m_out[r] = mx;
-        den_out[r] = sum;
+        den_out[r] = row_exp_sum(row, L, mx, fl);
     }
 }
 
@@ -232,34 +288,7 @@ void pc_backward_rows(float *s, float *ds, int64_t n, int64_t L, int form, float
     for (int64_t r = 0; r < n; ++r) {
         float *row = s + r * L, *drow = ds + r * L;
         const float *b = bias_row(bias, r, R, X, bs0, bs1, bs2);
-        const __m256 va = _mm256_set1_ps(a), one = _mm256_set1_ps(1.0f);
-        const __m256 vl = _mm256_set1_ps(lse[r]), vd = _mm256_set1_ps(delta[r]);
-        const __m256 vfl = _mm256_set1_ps(fl), zero = _mm256_setzero_ps();
-        int64_t c = 0;
-        for (; c + 8 <= L; c += 8) {
-            __m256 f = vf(_mm256_loadu_ps(row + c), form);
-            __m256 y = form ? _mm256_mul_ps(va, f) : f;
-            if (b) y = _mm256_add_ps(y, _mm256_loadu_ps(b + c));
-            __m256 p = exp256(_mm256_min_ps(_mm256_max_ps(_mm256_sub_ps(y, vl), vfl), zero));
-            __m256 g = _mm256_mul_ps(p, _mm256_sub_ps(_mm256_loadu_ps(drow + c), vd));
-            if (form == 1) g = _mm256_mul_ps(g, _mm256_mul_ps(f, _mm256_sub_ps(one, f)));
-            else if (form == 2) g = _mm256_mul_ps(g, _mm256_fnmadd_ps(f, f, one));
-            _mm256_storeu_ps(row + c, p);
-            _mm256_storeu_ps(drow + c, g);
-        }
-        for (; c < L; ++c) {
-            float f = sf(row[c], form);
-            float y = form ? a * f : f;
-            if (b) y += b[c];
-            float z = y - lse[r];
-            z = z < fl ? fl : (z > 0.0f ? 0.0f : z);
-            float p = expf(z);
-            float g = p * (drow[c] - delta[r]);
-            if (form == 1) g *= f * (1.0f - f);
-            else if (form == 2) g *= 1.0f - f * f;
-            row[c] = p;
-            drow[c] = g;
-        }
+        row_grads(row, drow, L, form, a, b, lse[r], delta[r], fl, NO_INLINE);
     }
 }
 
@@ -318,46 +347,15 @@ void pc_flash_forward(const float *q, const float *k, const float *v, float *o,
             for (int64_t c0 = lo; c0 < hi; c0 += TK) {
                 int n = (int)((hi - c0) < TK ? (hi - c0) : TK);
                 sgemm("T", "N", &n, &tq, &iD, &one, K + c0 * D, &iD, Q, &iD, &zero, S, &iTK);
-                const __m256 va = _mm256_set1_ps(a), vfl = _mm256_set1_ps(fl);
                 for (int i = 0; i < tq; ++i) {
                     float *row = S + i * TK;
                     const float *b = Bt ? Bt + i * bs2 + c0 : 0;
-                    __m256 vmax = _mm256_set1_ps(-INFINITY);
-                    int c = 0;
-                    for (; c + 8 <= n; c += 8) {
-                        __m256 y = vf(_mm256_loadu_ps(row + c), form);
-                        y = form ? _mm256_mul_ps(va, y) : y;
-                        if (b) y = _mm256_add_ps(y, _mm256_loadu_ps(b + c));
-                        if (inl) y = inline_terms(y, c0 + c, (float)(i0 + i + causal_off), causal, msl);
-                        _mm256_storeu_ps(row + c, y);
-                        vmax = _mm256_max_ps(vmax, y);
-                    }
-                    float mx = hmax(vmax);
-                    for (; c < n; ++c) {
-                        float y = sf(row[c], form);
-                        y = form ? a * y : y;
-                        if (b) y += b[c];
-                        if (inl) y = inline_term(y, c0 + c, (float)(i0 + i + causal_off), causal, msl);
-                        row[c] = y;
-                        if (y > mx) mx = y;
-                    }
+                    const inl_t t = {inl, causal, c0, (float)(i0 + i + causal_off), msl};
+                    float mx = row_scores(row, n, form, a, b, t);
                     float mnew = mx > mi[i] ? mx : mi[i];
                     if (mnew == -INFINITY) { memset(row, 0, sizeof(float) * n); continue; }
                     float alpha = mi[i] == -INFINITY ? 0.0f : expf(mi[i] - mnew);
-                    const __m256 vm = _mm256_set1_ps(mnew);
-                    __m256 vsum = _mm256_setzero_ps();
-                    for (c = 0; c + 8 <= n; c += 8) {
-                        __m256 e = exp256(_mm256_max_ps(_mm256_sub_ps(_mm256_loadu_ps(row + c), vm), vfl));
-                        _mm256_storeu_ps(row + c, e);
-                        vsum = _mm256_add_ps(vsum, e);
-                    }
-                    float sum = hsum(vsum);
-                    for (; c < n; ++c) {
-                        float z = row[c] - mnew;
-                        float e = expf(z < fl ? fl : z);
-                        row[c] = e;
-                        sum += e;
-                    }
+                    float sum = row_exp_sum(row, n, mnew, fl);
                     li[i] = li[i] * alpha + sum;
                     mi[i] = mnew;
                     if (alpha != 1.0f) {
@@ -434,39 +432,10 @@ void pc_flash_backward(const float *q, const float *k, const float *v, const flo
                     int n = (int)((hi - c0) < TK ? (hi - c0) : TK);
                     sgemm("T", "N", &n, &tq, &iD, &one, K + c0 * D, &iD, Q, &iD, &zero, S, &iTK);
                     sgemm("T", "N", &n, &tq, &iDv, &one, V + c0 * Dv, &iDv, dO, &iDv, &zero, G, &iTK);
-                    const __m256 va = _mm256_set1_ps(a), vone = _mm256_set1_ps(1.0f);
-                    const __m256 vfl = _mm256_set1_ps(fl), vzero = _mm256_setzero_ps();
                     for (int i = 0; i < tq; ++i) {
-                        float *row = S + i * TK, *drow = G + i * TK;
                         const float *b = Bt ? Bt + i * bs2 + c0 : 0;
-                        const __m256 vl = _mm256_set1_ps(ls[i]), vd = _mm256_set1_ps(dl[i]);
-                        int c = 0;
-                        for (; c + 8 <= n; c += 8) {
-                            __m256 f = vf(_mm256_loadu_ps(row + c), form);
-                            __m256 y = form ? _mm256_mul_ps(va, f) : f;
-                            if (b) y = _mm256_add_ps(y, _mm256_loadu_ps(b + c));
-                            if (inl) y = inline_terms(y, c0 + c, (float)(i0 + i + causal_off), causal, msl);
-                            __m256 pp = exp256(_mm256_min_ps(_mm256_max_ps(_mm256_sub_ps(y, vl), vfl), vzero));
-                            __m256 g = _mm256_mul_ps(pp, _mm256_sub_ps(_mm256_loadu_ps(drow + c), vd));
-                            if (form == 1) g = _mm256_mul_ps(g, _mm256_mul_ps(f, _mm256_sub_ps(vone, f)));
-                            else if (form == 2) g = _mm256_mul_ps(g, _mm256_fnmadd_ps(f, f, vone));
-                            _mm256_storeu_ps(row + c, pp);
-                            _mm256_storeu_ps(drow + c, g);
-                        }
-                        for (; c < n; ++c) {
-                            float f = sf(row[c], form);
-                            float y = form ? a * f : f;
-                            if (b) y += b[c];
-                            if (inl) y = inline_term(y, c0 + c, (float)(i0 + i + causal_off), causal, msl);
-                            float z = y - ls[i];
-                            z = z < fl ? fl : (z > 0.0f ? 0.0f : z);
-                            float pp = expf(z);
-                            float g = pp * (drow[c] - dl[i]);
-                            if (form == 1) g *= f * (1.0f - f);
-                            else if (form == 2) g *= 1.0f - f * f;
-                            row[c] = pp;
-                            drow[c] = g;
-                        }
+                        const inl_t t = {inl, causal, c0, (float)(i0 + i + causal_off), msl};
+                        row_grads(S + i * TK, G + i * TK, n, form, a, b, ls[i], dl[i], fl, t);
                     }
                     sgemm("N", "T", &iDv, &n, &tq, &one, dO, &iDv, S, &iTK, &one, dV + c0 * Dv, &iDv);
                     sgemm("N", "T", &iD, &n, &tq, &a, Q, &iD, G, &iTK, &one, dK + c0 * D, &iD);
