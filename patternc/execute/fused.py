@@ -635,7 +635,7 @@ class _Calls:
     """The calls of the scored path over one ``Fused``: yields ``(Lq, L, qw, kw, bias, shift, Bp,
     R)`` (as ``_calls``: query / key view places, ``R`` kernel rows) with ``bias`` the call's
     additive mask (+ ALiBi) broadcastable to ``[Bp, R, Lq, L]`` (None: none) and ``shift``
-    float32 ``[Bp, R, 1 or Lq]`` (ALiBi's per-row constants; None) to add to the kernel-frame
+    float64 ``[Bp, R, 1 or Lq]`` (ALiBi's per-row constants; None) to add to the kernel-frame
     log-sum-exp. A causal staircase (``m == span``, ``causal``) is cut into slabs of up to
     ``SLAB_BLOCKS`` query blocks (their diagonal squares computed whole, upper triangles
     masked).
