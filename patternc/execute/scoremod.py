@@ -160,7 +160,7 @@ class ScoreTerms:
         Returns:
             ``(bias, shift)``: float32 ``[Bp, 1 or rows, Lq, L]`` to add to the kernel's mask, and
             float64 ``[Bp, rows, 1 or Lq]`` to add to its log-sum-exp (the true one is kernel +
-            shift; float64, as ``LSE_DTYPE``: the shift reaches ``m * N``).
+            shift; float64, as ``blocksparse.lse_dtype``: the shift reaches ``m * N``).
         """
         dev, dt = heads.device, torch.float32
         m = self.slopes_on(dev, dt).index_select(0, heads)  # [Bp]
@@ -390,7 +390,6 @@ class FlashAlibi:
         heads, q_pos, kv_pos = positions.of(g, rows, 0, g.num_slots)
         dt = torch.float32
         m = st.slopes_on(q_pos.device, dt).index_select(0, heads)  # [R]
-        m64 = st.slopes_on(q_pos.device, torch.float64).index_select(0, heads)
         R, qb = q_pos.shape
         last = kv_pos.amax(-1, keepdim=True)  # [R, 1]
         if mask is None:
@@ -399,14 +398,13 @@ class FlashAlibi:
             mk = mask.reshape(-1, qb, mask.shape[-1])
             ref = torch.where(torch.isfinite(mk), kv_pos[:, None, :], -1).amax(-1)  # [R, qb]
             ref = torch.where(ref < 0, last, ref)  # a row with no allowed key: any reference
-        off = st.kv_offset - st.q_offset
-        if R and float(((ref.amax(-1) - ref.amin(-1)).to(dt) * m).max()) > st.FAST_ALIBI_SPREAD:
-            exact = (kv_pos[:, None, :] - ref[:, :, None]).to(dt).mul_(m[:, None, None])
-            row = (q_pos - ref - off).to(torch.float64).mul_(m64[:, None])
+        centre, c = st.alibi_frame(heads, q_pos, ref[None])  # the unfused loop's centring
+        row = c[0].neg()  # m (i - J) with offsets: the kernel's lse is off by it
+        if centre.dim() == 3:  # row centres: the exact bias as the mask, zero columns
+            exact = (kv_pos[:, None, :] - centre[0, :, :, None]).to(dt).mul_(m[:, None, None])
             return torch.zeros(kv_pos.shape, dtype=dt, device=kv_pos.device), row, exact  # not cached
-        J = ref.amax(-1, keepdim=True)  # [R, 1]
-        col = (kv_pos - J).to(dt).mul_(m[:, None])
-        out = self._chunks[key] = (col, (q_pos - J - off).to(torch.float64).mul_(m64[:, None]), None)
+        col = (kv_pos - centre[:, None]).to(dt).mul_(m[:, None])
+        out = self._chunks[key] = (col, row, None)
         return out
 
 
