@@ -839,32 +839,28 @@ def forward_scored(fz: Fused, qp, kp, vp, out, lse, *, B: int, H: int, H_kv: int
             m, den = nat.flash_forward(_view(qp, Bp, R, Lq, qw, D), _view(kp, Bp, R, L, kw, D),
                                        _view(vp, Bp, R, L, kw, Dv), _view(out, Bp, R, Lq, qw, Dv), form, a, bias,
                                        EXP_FLOOR, **_inline_kw(inline))
-            if lse is not None:
-                empty = m == -inf
-                lg = m.add_(den.log_()).masked_fill_(empty, inf).squeeze_(-1).add_(const)
-                _view(lse, Bp, R, Lq, qw).copy_(lg if shift is None else lg.to(lse.dtype).add_(shift))
-            continue
-        s = _bmm(_view(qp, Bp, R, Lq, qw, D), _view(kp, Bp, R, L, kw, D).transpose(-1, -2), ws, "s")
-        if nat is not None:  # the elementwise part in one pass per row (execute.native)
-            m, den = nat.forward_rows(s, form, a, bias, EXP_FLOOR)
             empty = m == -inf
         else:
-            _transform(s, form, a, bias)
-            m = s.amax(-1, keepdim=True)
-            empty = m == -inf  # a query row with no allowed key
-            m.masked_fill_(empty, 0.0)
-            # masked entries' -inf (and anything below EXP_FLOOR) -> EXP_FLOOR: torch's CPU exp is
-            # several times slower where its result underflows; exp(EXP_FLOOR) weighs 1e-35 of a row
-            s.sub_(m).clamp_(min=EXP_FLOOR).exp_()
-            den = s.sum(-1, keepdim=True)
-        o = _bmm(s, _view(vp, Bp, R, L, kw, Dv), ws, "o")
-        o.div_(den)
-        if bool(empty.any()):
-            o.masked_fill_(empty, 0.0)
-        _view(out, Bp, R, Lq, qw, Dv).copy_(o)
+            s = _bmm(_view(qp, Bp, R, Lq, qw, D), _view(kp, Bp, R, L, kw, D).transpose(-1, -2), ws, "s")
+            if nat is not None:  # the elementwise part in one pass per row (execute.native)
+                m, den = nat.forward_rows(s, form, a, bias, EXP_FLOOR)
+                empty = m == -inf
+            else:
+                _transform(s, form, a, bias)
+                m = s.amax(-1, keepdim=True)
+                empty = m == -inf  # a query row with no allowed key
+                m.masked_fill_(empty, 0.0)
+                # masked entries' -inf (and anything below EXP_FLOOR) -> EXP_FLOOR: torch's CPU exp is
+                # several times slower where its result underflows; exp(EXP_FLOOR) weighs 1e-35 of a row
+                s.sub_(m).clamp_(min=EXP_FLOOR).exp_()
+                den = s.sum(-1, keepdim=True)
+            o = _bmm(s, _view(vp, Bp, R, L, kw, Dv), ws, "o")
+            o.div_(den)
+            if bool(empty.any()):
+                o.masked_fill_(empty, 0.0)
+            _view(out, Bp, R, Lq, qw, Dv).copy_(o)
         if lse is not None:
-            lg = m.add_(den.log_()).masked_fill_(empty, inf).squeeze_(-1)
-            lg.add_(const)
+            lg = m.add_(den.log_()).masked_fill_(empty, inf).squeeze_(-1).add_(const)
             if shift is not None:
                 lg = lg.to(lse.dtype).add_(shift)  # float64 (blocksparse.lse_dtype)
             _view(lse, Bp, R, Lq, qw).copy_(lg)
