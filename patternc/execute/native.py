@@ -619,6 +619,14 @@ def _inline_args(causal_off, slopes, P: int) -> tuple:
     return int(causal_off is not None), int(causal_off or 0), None if slopes is None else slopes.data_ptr()
 
 
+def _check_packed(name: str, *views) -> None:
+    """The fused calls' operands: ``(tensor, width)`` float32 CPU views whose rows are packed
+    (strides ``(*, *, width, 1)``)."""
+    for t, w in views:
+        if not (t.dtype == torch.float32 and t.device.type == "cpu" and t.stride(-1) == 1 and t.stride(-2) == w):
+            raise ValueError(f"{name} takes float32 CPU views with packed rows")
+
+
 def _check(s: torch.Tensor) -> None:
     if not (s.dtype == torch.float32 and s.is_contiguous() and s.dim() == 4 and s.device.type == "cpu"):
         raise ValueError("native row kernels take contiguous float32 CPU scores [P, R, X, L]")
@@ -663,7 +671,6 @@ class _Native:
                                 b0, b1, b2, lse.data_ptr(), delta.data_ptr(), float(floor), torch.get_num_threads())
         del keep
 
-
     @property
     def has_flash(self) -> bool:
         """True when ``flash_forward`` runs (torch's library exports ``sgemm_``)."""
@@ -684,9 +691,7 @@ class _Native:
         causal_off)``, ALiBi centred on each row's last allowed key; the caller keeps the rest)."""
         P, R, Lq, D = q.shape
         L, Dv = k.shape[2], v.shape[-1]
-        for t, w in ((q, D), (k, D), (v, Dv), (out, Dv)):
-            if not (t.dtype == torch.float32 and t.device.type == "cpu" and t.stride(-1) == 1 and t.stride(-2) == w):
-                raise ValueError("flash_forward takes float32 CPU views with packed rows")
+        _check_packed("flash_forward", (q, D), (k, D), (v, Dv), (out, Dv))
         m = torch.empty((P, R, Lq, 1), dtype=torch.float32)
         den = torch.empty((P, R, Lq, 1), dtype=torch.float32)
         nt = torch.get_num_threads()
@@ -699,7 +704,6 @@ class _Native:
                                 m.data_ptr(), den.data_ptr(), FLASH_TQ, FLASH_TK, nt, _state["sgemm"], ws.data_ptr())
         del keep
         return m, den
-
 
     @staticmethod
     def flash_backward(q, k, v, dout, dq, form: str, a: float, bias, lse, delta, floor: float, *,
@@ -714,9 +718,7 @@ class _Native:
         most ``4 x threads`` partials of the call's rows)."""
         P, R, Lq, D = q.shape
         L, Dv = k.shape[2], v.shape[-1]
-        for t, w in ((q, D), (k, D), (v, Dv), (dout, Dv), (dq, D)):
-            if not (t.dtype == torch.float32 and t.device.type == "cpu" and t.stride(-1) == 1 and t.stride(-2) == w):
-                raise ValueError("flash_backward takes float32 CPU views with packed rows")
+        _check_packed("flash_backward", (q, D), (k, D), (v, Dv), (dout, Dv), (dq, D))
         dk = torch.zeros((P, R, L, D), dtype=torch.float32)
         dv = torch.zeros((P, R, L, Dv), dtype=torch.float32)
         nt = torch.get_num_threads()
@@ -738,5 +740,6 @@ class _Native:
         if nkc > 1:
             dq.add_(part.sum(2))
         return dk, dv
+
 
 _NATIVE = _Native()
