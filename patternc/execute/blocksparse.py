@@ -832,9 +832,12 @@ def blocksparse_backward(plan: Plan, mask_mod, q, k, v, out, lse, dout, scale: f
     kp = _pad_blocks(k, nkv, kb, cdt)
     vp = _pad_blocks(v, nkv, kb, cdt)
     dop = _pad_blocks(dout, nq, qb, cdt)
-    dq = torch.zeros_like(qp)
-    dk = torch.zeros_like(kp)
-    dv = torch.zeros_like(vp)
+    # contiguous whatever the inputs' strides (a context-parallel buffer is a permuted view, and
+    # _pad_blocks returns such a view as is when no padding is needed): the fused calls write
+    # through strided views of these
+    dq = torch.zeros(qp.shape, dtype=cdt, device=qp.device)
+    dk = torch.zeros(kp.shape, dtype=cdt, device=kp.device)
+    dv = torch.zeros(vp.shape, dtype=cdt, device=vp.device)
     cx = _Ctx(plan, B, H, H_kv)
     drop = _Dropout(dropout_p, seed, q.device)  # same seeds, same chunk order: same masks
     if score_mod is not None and positions is None:
