@@ -41,7 +41,8 @@ def run_nproc(args, cp, q, k, v, dtype_name: str, documents=None) -> int:
         raise UsageError(f"--nproc runs patternc's block-sparse kernel on every rank; --backend {args.backend} "
                          "is not available there")
     res = run_local(cp, q, k, v, args.nproc, balance=args.balance, repeats=args.repeats,
-                    threads=args.threads or 1, seed=args.seed, check=args.check, documents=documents)
+                    threads=args.threads or 1, seed=args.seed, check=args.check, documents=documents,
+                    plan=args.plan)
     ranks = res["ranks"]
     tiles = [r["computed_tiles"] for r in ranks]
     mean = sum(tiles) / len(tiles)

@@ -97,7 +97,8 @@ def spawn(fn, nproc: int, *args, timeout: float = 300.0, threads: int = 1, backe
 
 
 # ---- `patternc run --nproc N` ---------------------------------------------------------------
-def _run_worker(rank: int, world: int, cp, q, k, v, dout, balance: str, repeats: int, documents=None) -> dict:
+def _run_worker(rank: int, world: int, cp, q, k, v, dout, balance: str, repeats: int, documents=None,
+                plan: str = "auto") -> dict:
     """One rank of ``run_local``: shard, time the forward (``repeats`` calls after a warm-up,
     a barrier before each), then forward + backward likewise (at most 3 timed backwards after a
     warm-up) for the backward's bytes and time."""
@@ -105,9 +106,10 @@ def _run_worker(rank: int, world: int, cp, q, k, v, dout, balance: str, repeats:
 
     from .context import ContextParallel
 
-    ctx = ContextParallel(cp, balance=balance)
+    shapes = dict(kv_heads=k.shape[1], dtype=q.dtype)  # what the per-term choice weighs
+    ctx = ContextParallel(cp, balance=balance, plan=plan, **shapes)
     # what a contiguous split of the same exchange (natural or per-term) would compute per rank
-    contiguous = ctx if balance == "contiguous" else ContextParallel(cp, balance="contiguous")
+    contiguous = ctx if balance == "contiguous" else ContextParallel(cp, balance="contiguous", plan=plan, **shapes)
     q_l, k_l, v_l = ctx.shard(q), ctx.shard(k), ctx.shard(v)
     times = []
     with torch.no_grad():
@@ -134,7 +136,8 @@ def _run_worker(rank: int, world: int, cp, q, k, v, dout, balance: str, repeats:
 
 
 def run_local(cp, q, k, v, nproc: int, *, balance: str = "tiles", repeats: int = 3, threads: int = 1,
-              timeout: float = 600.0, seed: int = 0, check: bool = False, documents=None) -> dict:
+              timeout: float = 600.0, seed: int = 0, check: bool = False, documents=None,
+              plan: str = "auto") -> dict:
     """Context-parallel attention of ``cp`` over ``nproc`` local gloo processes.
 
     Args:
@@ -151,6 +154,8 @@ def run_local(cp, q, k, v, nproc: int, *, balance: str = "tiles", repeats: int =
             kernel (computed here, in the calling process).
         documents: run-time documents of the whole sequence (SPEC §1.7: ids [B, P] / [P] or
             lengths per row), given to every rank's ``ContextParallel.attention``.
+        plan: ``"auto"`` or ``"natural"``, every rank's ``ContextParallel(plan=...)`` (and the
+            single-process check's ``attention(plan=...)``).
 
     Returns:
         ``{"ranks": [per-rank stats + forward_seconds / backward_seconds], "out": [B, H, L, Dv]
@@ -163,14 +168,14 @@ def run_local(cp, q, k, v, nproc: int, *, balance: str = "tiles", repeats: int =
     """
     g = torch.Generator().manual_seed(seed + 1)
     dout = torch.randn(q.shape[:-1] + (v.shape[-1],), generator=g).to(q.dtype)
-    res = spawn(_run_worker, nproc, cp, q, k, v, dout, balance, repeats, documents, timeout=timeout,
+    res = spawn(_run_worker, nproc, cp, q, k, v, dout, balance, repeats, documents, plan, timeout=timeout,
                 threads=threads)
     ranks = [dict(r["stats"], forward_seconds=r["forward_seconds"], backward_seconds=r["backward_seconds"])
              for r in res]
     out = {"ranks": ranks, "out": res[0]["out"], "contiguous_imbalance": res[0]["contiguous_imbalance"]}
     if check:
         with torch.no_grad():
-            want = cp.attention(q, k, v, backend="blocksparse", documents=documents).to(torch.float64)
+            want = cp.attention(q, k, v, backend="blocksparse", documents=documents, plan=plan).to(torch.float64)
         diff = out["out"].to(torch.float64) - want
         norm = float(want.norm())
         out["max_abs_error"] = float(diff.abs().max()) if diff.numel() else 0.0
