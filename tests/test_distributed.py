@@ -9,6 +9,8 @@ The schedule's balance is tested without processes.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -20,7 +22,8 @@ dist = pytest.importorskip("torch.distributed")
 if not dist.is_available():  # pragma: no cover
     pytest.skip("torch.distributed is not available", allow_module_level=True)
 
-# (name, source, seq_len, heads, kv_heads, block_size, balance, world[, compile / ContextParallel options])
+DIM = 8
+# (name, source, seq_len, heads, kv_heads, block_size, balance, world[, compile / ContextParallel / input options])
 CASES = [
     ("local2", "local(w=40) & causal", 300, 2, 2, 32, "tiles", 2),
     ("strided2", "strided(s=24) & causal", 250, 2, 1, 32, "contiguous", 2),
@@ -43,9 +46,18 @@ CASES = [
     ("offset4", "(local(w=50) & causal) with alibi(max_bias=4)", 300, 2, 2, 32, "tiles", 4,
      {"q_offset": 70, "kv_offset": 70}),
     ("skew2", "causal", 200, 1, 1, 32, "contiguous", 2, {"q_offset": 24}),  # bottom-right rows, same length
+    # whole blocks (no padding: the kernel sees the exchange buffer's permuted view as is) with a
+    # column every row reads (the fused backward sums its span once): found by a review
+    # (Dv = D: the fused FlashAttention-style calls)
+    ("sink2", "sink(n=4) & causal", 256, 2, 2, 64, "tiles", 2, {"value_dim": DIM}),
+    ("sinksplit4", "(sink(n=4) | strided(s=16)) & causal", 320, 2, 2, 32, "tiles", 4, {"value_dim": DIM}),
+    # grouped-query heads make queries and partial outputs (H heads) dear next to keys (H_kv):
+    # told the shapes, the choice is the natural exchange; not told, each call still runs it (W030)
+    ("gqasplit4", "(local(w=32) | strided(s=32)) & causal", 1024, 8, 1, 32, "tiles", 4, {"kv_heads": 1}),
+    ("gqaunhinted4", "(local(w=32) | strided(s=32)) & causal", 1024, 8, 1, 32, "tiles", 4),
 ]
 COMPILE_OPTIONS = ("q_offset", "kv_offset")
-DIM = 8
+INPUT_OPTIONS = ("value_dim",)  # Dv of the case's inputs (default DIM + 2)
 
 # run-time data (SPEC §1.7), 4 ranks: (name, source, seq_len, heads, batch, documents, key padding lengths)
 RUNTIME = [
@@ -66,18 +78,22 @@ def _options(case) -> dict:
     return case[8] if len(case) > 8 else {}
 
 
+def _input_options(case) -> dict:
+    return {k: x for k, x in _options(case).items() if k in INPUT_OPTIONS}
+
+
 def _compile(case):
     name, src, L, H, Hkv, bs = case[:6]
     return patternc.compile(src, q_len=L, num_heads=H, block_size=bs,
                             **{k: x for k, x in _options(case).items() if k in COMPILE_OPTIONS})
 
 
-def _inputs(seq_len, heads, kv_heads, seed, batch=1):
+def _inputs(seq_len, heads, kv_heads, seed, batch=1, value_dim=DIM + 2):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(batch, heads, seq_len, DIM, generator=g)
     k = torch.randn(batch, kv_heads, seq_len, DIM, generator=g)
-    v = torch.randn(batch, kv_heads, seq_len, DIM + 2, generator=g)
-    dout = torch.randn(batch, heads, seq_len, DIM + 2, generator=g)
+    v = torch.randn(batch, kv_heads, seq_len, value_dim, generator=g)
+    dout = torch.randn(batch, heads, seq_len, value_dim, generator=g)
     return q, k, v, dout
 
 
@@ -94,17 +110,20 @@ def _worker(rank, world):
             continue
         group = pair if w == 2 else None
         cp = _compile(case)
-        opts = {k: x for k, x in _options(case).items() if k not in COMPILE_OPTIONS}
+        opts = {k: x for k, x in _options(case).items() if k not in COMPILE_OPTIONS + INPUT_OPTIONS}
         ctx = ContextParallel(cp, group=group, balance=balance, **opts)
-        q, k, v, dout = _inputs(L, H, Hkv, n)
+        q, k, v, dout = _inputs(L, H, Hkv, n, **_input_options(case))
         ql, kl, vl = (ctx.shard(x).requires_grad_() for x in (q, k, v))
-        out_l = ctx.attention(ql, kl, vl)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out_l = ctx.attention(ql, kl, vl)
         (out_l * ctx.shard(dout)).sum().backward()
         full = [ctx.unshard(t) for t in (out_l, ql.grad, kl.grad, vl.grad)]
         stats = [None] * w
         dist.all_gather_object(stats, ctx.stats, group=group)
         results[name] = (*full, stats, [ctx._natural(p).tolist() for p in ctx.schedule.positions],
-                         None if ctx.order is None else ctx.order.tolist())
+                         None if ctx.order is None else ctx.order.tolist(), ctx.exchange,
+                         [str(x.message) for x in caught])
     for n, (name, src, L, H, B, docs, pad) in enumerate(RUNTIME):
         cp = patternc.compile(src, q_len=L, num_heads=H, block_size=32)
         ctx = ContextParallel(cp)
@@ -118,8 +137,23 @@ def _worker(rank, world):
         dist.all_gather_object(stats, ctx.stats)
         results[name] = (*full, stats, [p.tolist() for p in ctx.schedule.positions], ctx.exchange)
     results["nn"] = _nn_case(ContextParallel)
+    results["mismatch"] = _mismatch_case(ContextParallel, rank)
     results["unshard"] = _unshard_case(ContextParallel, world)
     return results
+
+
+def _mismatch_case(ContextParallel, rank):
+    """Rank 0 calls with B = 2, the others with B = 1: every rank raises P350 (gloo aborted the
+    processes), and the group goes on working."""
+    ctx = ContextParallel(patternc.compile("local(w=16) & causal", q_len=128, num_heads=1, block_size=32))
+    q, k, v, _ = _inputs(128, 1, 1, 3, batch=2 if rank == 0 else 1)
+    try:
+        ctx.attention(ctx.shard(q), ctx.shard(k), ctx.shard(v))
+        got = None
+    except patternc.PatternError as e:
+        got = str(e)
+    q, k, v, _ = _inputs(128, 1, 1, 3)
+    return got, ctx.unshard(ctx.attention(ctx.shard(q), ctx.shard(k), ctx.shard(v)))
 
 
 UNSHARD = ("(local(w=40) | strided(s=32)) & causal", 500, 2)
@@ -197,7 +231,7 @@ def test_equals_single_process(ranks, case):
     name, src, L, H, Hkv, bs, balance, w = case[:8]
     n = CASES.index(case)
     cp = _compile(case)
-    want = _single(cp, *_inputs(L, H, Hkv, n))
+    want = _single(cp, *_inputs(L, H, Hkv, n, **_input_options(case)))
     got = ranks[0][name][:4]
     for what, a, b, tol in zip(("out", "dq", "dk", "dv"), got, want, (1e-5, 1e-4, 1e-4, 1e-4)):
         assert a.shape == b.shape, what
@@ -207,7 +241,7 @@ def test_equals_single_process(ranks, case):
         torch.testing.assert_close(ranks[r][name][0], got[0], atol=0, rtol=0)
 
 
-PER_TERM = ["fixed4", "split4", "splitgqa4", "split2", "alibi4"]  # exchanged per plan term (stats["exchange"])
+PER_TERM = ["fixed4", "split4", "splitgqa4", "split2", "alibi4", "sinksplit4"]  # exchanged per plan term (stats["exchange"])
 NATURAL_CASES = [c for c in CASES if c[0] not in PER_TERM]
 
 
@@ -222,7 +256,7 @@ def test_moves_exactly_the_blocks_read(ranks, case):
     dense = patternc.reference.dense_mask(src, q_len=L, num_heads=H,
                                           **{k: x for k, x in _options(case).items() if k in COMPILE_OPTIONS})
     dense = dense.any(axis=0)  # [L, L]
-    row_bytes = Hkv * (DIM + DIM + 2) * 4
+    row_bytes = Hkv * (DIM + _input_options(case).get("value_dim", DIM + 2)) * 4
     assert sorted(sum(positions, [])) == list(range(L))
     place = np.arange(L) if order is None else np.argsort(order)  # natural position -> place in the order
     for r, s in enumerate(stats):
@@ -269,6 +303,16 @@ def test_runtime_data_equals_single_process(ranks, case):
         tokens = {t for blk in np.unique(keys // 32) for t in range(blk * 32, min(L, blk * 32 + 32))} - set(own.tolist())
         assert s["bytes_received_forward"] == len(tokens) * row_bytes, (name, r)
     assert got[6] == ("per-term" if name.startswith("split") else "natural")
+    # the stats describe the call that ran (one natural exchange, this batch's tiles), also on a
+    # per-term ContextParallel (they gave its static per-term imbalance)
+    kinds = np.asarray(cp.layout_for(documents=documents, key_padding_mask=kp).kinds)
+    kinds = kinds if kinds.ndim == 4 else kinds[None]
+    per_head = H if kinds.shape[1] == 1 else 1
+    tiles = [int((kinds[:, :, np.unique(np.array(got[5][r], dtype=np.int64) // 32)] != 0).sum()) * per_head
+             for r in range(len(got[4]))]
+    assert [s["computed_tiles"] for s in got[4]] == tiles
+    assert all(s["exchange"] == "natural" for s in got[4])
+    assert got[4][0]["imbalance"] == round(max(tiles) * len(tiles) / sum(tiles), 4)
 
 
 def test_nn_layers_context_parallel(ranks):
@@ -308,12 +352,38 @@ def test_per_term_exchange_moves_the_hand_count(ranks):
     assert stats[0]["imbalance"] <= 1.05
 
 
+def test_grouped_query_heads_weigh_the_per_term_choice(ranks):
+    """Per-term exchange moves queries and partial outputs with H = 8 heads and keys with
+    H_kv = 1: there it received 2.35x the all-gather. With kv_heads=1 the natural exchange is
+    chosen at construction; without, every call checks its real shapes, runs the natural
+    exchange and says so (W030); either way no rank receives more than an all-gather."""
+    hinted, unhinted = ranks[0]["gqasplit4"], ranks[0]["gqaunhinted4"]
+    assert hinted[7] == "natural" and not any("W030" in m for m in hinted[8])
+    assert unhinted[7] == "per-term"  # as configured for H_kv = H ...
+    assert [s["exchange"] for s in unhinted[4]] == ["natural"] * 4  # ... but the call ran the natural one
+    assert any("W030" in m and "kv_heads=1" in m for m in unhinted[8])
+    for st in (hinted[4], unhinted[4]):
+        assert all(s["bytes_received_forward"] <= s["allgather_bytes"] for s in st)
+    # the stats' imbalance is that of the exchange that ran: the rows were balanced for per-term
+    tiles = [s["computed_tiles"] for s in unhinted[4]]
+    assert unhinted[4][0]["imbalance"] == round(max(tiles) * 4 / sum(tiles), 4)
+
+
 @pytest.mark.parametrize("name", PER_TERM)
 def test_per_term_bytes_balance(ranks, name):
     stats = ranks[0][name][4]
     assert all(s["exchange"] == "per-term" for s in stats)
     for a, b in (("bytes_sent_forward", "bytes_received_forward"), ("bytes_sent_backward", "bytes_received_backward")):
         assert sum(s[a] for s in stats) == sum(s[b] for s in stats) > 0
+
+
+def test_ranks_that_disagree_on_shapes_get_a_diagnostic(ranks):
+    cp = patternc.compile("local(w=16) & causal", q_len=128, num_heads=1, block_size=32)
+    want = cp.attention(*_inputs(128, 1, 1, 3)[:3], backend="blocksparse")
+    for r in range(4):
+        message, out = ranks[r]["mismatch"]
+        assert message is not None and "P350" in message and "different B" in message, (r, message)
+        torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
 
 
 def test_unshard_is_differentiable(ranks):
@@ -460,6 +530,23 @@ def test_run_nproc_usage_errors(capsys, argv, message):
     code = main(base + argv)
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+def test_run_nproc_takes_the_plan(capsys):
+    """--plan reaches every worker's ContextParallel (it was ignored: a one-term plan in residue
+    order stayed in residue order under --plan natural)."""
+    import json
+
+    from patternc.cli import main
+
+    code = main(["run", "-e", "strided(s=16) & causal", "--seq-len", "256", "--heads", "1", "--head-dim", "8",
+                 "--block-size", "32", "--nproc", "2", "--repeats", "1", "--plan", "natural", "--check", "--json"])
+    res = json.loads(capsys.readouterr().out)
+    assert code == 0, res
+    assert [r["order"] for r in res["ranks"]] == ["natural", "natural"]
+    assert res["exchange"] == "natural"
+    assert res["ranks"][0]["positions"] + res["ranks"][1]["positions"] == 256
+    assert res["ranks"][1]["bytes_received_forward"] > 0  # natural order: strided rows read earlier blocks
 
 
 def test_run_nproc_with_documents(capsys):

@@ -39,13 +39,14 @@ from __future__ import annotations
 
 import hashlib
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..errors import Diagnostic, PatternError
+from ..errors import Diagnostic, PatternError, PatternWarning
 from ..execute.common import Compiled
 from ..execute.scoremod import score_terms_for
 from .balance import (
@@ -61,6 +62,22 @@ from .balance import (
 )
 
 __all__ = ["ContextParallel"]
+
+#: the dtypes ``attention`` takes (their index is the dtype's code in the per-call agreement check)
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: the head dimension the per-term choice assumes before a call shows the real one
+_NOMINAL_HEAD_DIM = 64
+
+
+def _row_bytes_of(heads: int, kv_heads: int, dtype, D: int = _NOMINAL_HEAD_DIM, Dv: int | None = None):
+    """Bytes of one position's (query row, key/value row, partial-output row) in the exchanges,
+    per batch row: queries travel in the input dtype with ``heads`` heads, keys and values
+    together with ``kv_heads``, a partial output and its log-sum-exp in the compute dtype
+    (float32, float64 for float64 inputs) with ``heads``."""
+    Dv = D if Dv is None else Dv
+    size = torch.empty((), dtype=dtype).element_size()
+    csize = 8 if dtype == torch.float64 else 4
+    return heads * D * size, kv_heads * (D + Dv) * size, heads * (Dv + 1) * csize
 
 
 def _error(code: str, message: str, help: str | None = None) -> PatternError:
@@ -122,6 +139,12 @@ class ContextParallel:
         exchange: ``"auto"``; ``"natural"`` (one exchange of the keys every rank's rows read,
             never per term); ``"per-term"`` (each plan term in its own order even where it
             does not move less: P380 if the plan has no such terms).
+        kv_heads, dtype: the k/v heads (default: the pattern's heads) and the torch dtype
+            (default float32) that ``attention`` will be called with. ``exchange="auto"``
+            weighs bytes with them when it chooses the per-term exchange (queries and partial
+            outputs travel with H heads, keys and values with H_kv; partial outputs in float32
+            for half-precision inputs). Each call checks the choice again with its real shapes
+            and runs the one natural exchange where that moves fewer bytes.
 
     Attributes:
         schedule: the ``balance.Schedule`` (identical on every rank).
@@ -140,7 +163,8 @@ class ContextParallel:
     """
 
     def __init__(self, cp: Compiled, group=None, balance: str = "tiles", *, tolerance: float = TOLERANCE,
-                 owner=None, plan: str = "auto", exchange: str = "auto"):
+                 owner=None, plan: str = "auto", exchange: str = "auto", kv_heads: int | None = None,
+                 dtype=None):
         if not dist.is_available() or not dist.is_initialized():
             raise _error("P380", "context parallel needs an initialised torch.distributed process group",
                          help='call torch.distributed.init_process_group("gloo") (CPU) or ("nccl") (GPU) '
@@ -190,6 +214,15 @@ class ContextParallel:
         self.exchange = "natural"
         self._exchange_opt = exchange
         self._split_terms = None
+        if kv_heads is not None and (isinstance(kv_heads, bool) or not isinstance(kv_heads, int) or kv_heads < 1):
+            raise _error("P380", f"kv_heads must be a positive number of heads, got {kv_heads!r}")
+        if dtype is not None and dtype not in _DTYPES:
+            raise _error("P380", f"dtype must be one of {', '.join(str(d) for d in _DTYPES)}, got {dtype!r}")
+        self._kv_heads_opt, self._dtype_opt = kv_heads, dtype
+        self._hint = (min(kv_heads or cp.num_heads, cp.num_heads), dtype or torch.float32)
+        self._per_term_counts = None
+        self._choice: dict = {}
+        self._calls = 0
         if plan == "auto" and term is None and exchange != "natural":
             self._choose_per_term(balance, tolerance, force=exchange == "per-term", owner=owner)
         if exchange == "per-term" and self.exchange != "per-term":
@@ -223,8 +256,8 @@ class ContextParallel:
 
     def _choose_per_term(self, balance: str, tolerance: float, force: bool = False, owner=None) -> None:
         """Exchange the execution plan's terms each in its own order when that makes the rank
-        that receives most receive less (in position units: a key/value row counts 2, a query
-        row 1, a partial output row 1; i.e. D = Dv). Rows are owned in natural order, balanced
+        that receives most receive fewer bytes (``_row_bytes_of`` with the ``kv_heads`` / ``dtype``
+        hints, D = Dv). Rows are owned in natural order, balanced
         on the natural term's tiles; each other term's query blocks are computed by ranks in
         contiguous equal-tile ranges of *its* order (``_RemoteTerm``). With ``owner`` given (``for_pattern``)
         the rows keep those owners."""
@@ -240,7 +273,9 @@ class ContextParallel:
         else:
             sched = _build(np.asarray(owner, dtype=np.int64), "given", block_weights(home_kinds),
                            row_reads(home_kinds), W, L, self.q_block_size, self.kv_block_size)
-        cost = 2 * sched.received_positions()
+        kv_in = np.asarray(sched.received_positions(), dtype=np.int64).copy()  # the natural term's keys
+        q_in = np.zeros(W, dtype=np.int64)
+        part_in = np.zeros(W, dtype=np.int64)
         heads = self.cp.num_heads
         tiles = sched.tiles * (heads if home_kinds.shape[0] == 1 else 1)
         owners = []
@@ -250,15 +285,18 @@ class ContextParallel:
             owners.append(own_t)
             q_need, kv_need = _term_needs(t, own_t, W, L, self.q_block_size, self.kv_block_size)
             for p in range(W):
-                cost[p] += int((sched.position_owner(q_need[p]) != p).sum())  # queries in
-                cost[p] += 2 * int((sched.position_owner(kv_need[p]) != p).sum())  # keys / values in
+                q_in[p] += int((sched.position_owner(q_need[p]) != p).sum())  # queries in
+                kv_in[p] += int((sched.position_owner(kv_need[p]) != p).sum())  # keys / values in
                 for x in q_need[:p] + q_need[p + 1:]:  # partial outputs of its own rows come back
-                    cost[p] += int((sched.position_owner(x) == p).sum())
+                    part_in[p] += int((sched.position_owner(x) == p).sum())
             tiles = tiles + np.array([int(w[own_t == p].sum()) for p in range(W)]) * (
                 heads if t.kinds.shape[0] == 1 else 1)
-        natural = 2 * self.schedule.received_positions()
+        w_q, w_kv, w_part = _row_bytes_of(heads, *self._hint)
+        cost = q_in * w_q + kv_in * w_kv + part_in * w_part
+        natural = np.asarray(self.schedule.received_positions(), dtype=np.int64) * w_kv
         if int(cost.max()) >= int(natural.max()) and not force:
             return
+        self._per_term_counts = (q_in, kv_in, part_in)
         self.schedule = sched
         self.exchange = "per-term"
         self._split_terms = (home, remotes, owners)
@@ -298,7 +336,8 @@ class ContextParallel:
                 raise _error("P380", f"for_pattern needs the same Q_LEN and Q_BLOCK_SIZE ({self.seq_len}, "
                              f"{self.q_block_size}); got ({cp.q_len}, {cp.layout.q_block_size})")
             child = ContextParallel(cp, self.group, self.balance, owner=self.schedule.owner,
-                                    exchange="natural" if self._exchange_opt == "natural" else "auto")
+                                    exchange="natural" if self._exchange_opt == "natural" else "auto",
+                                    kv_heads=self._kv_heads_opt, dtype=self._dtype_opt)
             self._children[id(cp)] = child
         return child
 
@@ -415,10 +454,12 @@ class ContextParallel:
             one reverse exchange: every rank must call backward too).
 
         Raises:
-            PatternError: P350 shapes that do not fit this rank's positions or the pattern;
-                P351 dtypes or devices.
+            PatternError: P350 shapes that do not fit this rank's positions or the pattern, or
+                ranks that called with different B, H, H_kv, D, Dv, dtype or kinds of run-time
+                data (every rank raises it); P351 dtypes or devices.
         """
         self._check(q_l, k_l, v_l)
+        self._check_same_call(q_l, k_l, v_l, documents is not None, key_padding_mask is not None)
         scale = 1.0 / math.sqrt(q_l.shape[-1]) if scale is None else float(scale)
         score_mod = score_terms_for(self.cp, q_l.shape[1])
         if score_mod is not None:  # softcap: the matmul divides by the cap (as the one-process kernel)
@@ -426,7 +467,7 @@ class ContextParallel:
         if documents is not None or key_padding_mask is not None or self.cp.needs:
             step = self._runtime_step(q_l, documents, key_padding_mask)
         else:
-            step = self._split if self._split is not None else self._static
+            step = self._split if self._split is not None and self._per_term_pays(q_l, k_l, v_l) else self._static
         self._step = step
         self._bytes.update(allgather_bytes=(self.seq_len - self.positions.size) * k_l.shape[0] * k_l.shape[1]
                            * (k_l.shape[-1] + v_l.shape[-1]) * k_l.element_size())
@@ -438,6 +479,52 @@ class ContextParallel:
         if grad:
             return _ContextParallelAttention.apply(q_l, k_l, v_l, step, scale, score_mod)
         return step.forward(q_l, k_l, v_l, scale, need_lse=False, score_mod=score_mod)[0]
+
+    def _check_same_call(self, q, k, v, *runtime: bool) -> None:
+        """Every rank must call with the same B, H, H_kv, D, Dv, dtype and kinds of run-time
+        data: the exchanges' sizes depend on them, and gloo aborts the process on a mismatch.
+        One all-reduce of the call's signature (max of it and of its negation): on every call
+        with gloo, on the first with nccl (where reading it back is a host sync)."""
+        self._calls += 1
+        if self._calls > 1 and self.device.type == "cuda":
+            return
+        sig = [*q.shape[:2], k.shape[1], q.shape[-1], v.shape[-1], _DTYPES.index(q.dtype), *(int(x) for x in runtime)]
+        t = torch.tensor(sig + [-x for x in sig], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        hi, lo = t[:len(sig)].tolist(), [-x for x in t[len(sig):].tolist()]
+        if hi != sig or lo != sig:
+            names = ("B", "H", "H_kv", "D", "Dv", "dtype", "documents", "key_padding_mask")
+            differ = ", ".join(n for n, a, b in zip(names, hi, lo) if a != b)
+            raise _error("P350", f"the ranks called attention with different {differ} (rank {self.rank}: q "
+                         f"{_shape(q)}, k {_shape(k)}, v {_shape(v)}, {q.dtype})",
+                         help="every rank calls attention with the same batch, heads, head dims, dtype and "
+                              "run-time data (each with its own positions)")
+
+    def _per_term_pays(self, q, k, v) -> bool:
+        """Whether the per-term exchange receives fewer bytes on its busiest rank than the one
+        natural exchange on the same rows, for this call's H, H_kv, D, Dv and dtype (the
+        construction weighed the ``kv_heads`` / ``dtype`` hints). Every rank computes the same
+        answer: it depends only on the shared schedule and on shapes every rank agrees on."""
+        if self._exchange_opt == "per-term" or self._per_term_counts is None:
+            return True
+        key = (q.shape[1], k.shape[1], q.shape[-1], v.shape[-1], q.dtype)
+        got = self._choice.get(key)
+        if got is None:
+            w_q, w_kv, w_part = _row_bytes_of(q.shape[1], k.shape[1], q.dtype, q.shape[-1], v.shape[-1])
+            q_in, kv_in, part_in = self._per_term_counts
+            cost = q_in * w_q + kv_in * w_kv + part_in * w_part
+            got = self._choice[key] = bool(cost.max() < (self._static.received_all * w_kv).max())
+            if not got:
+                hkv, hdt = self._hint
+                warnings.warn(PatternWarning(Diagnostic(
+                    "W030", f"context parallel chose the per-term exchange for H_kv={hkv}, D=Dv, {hdt}; with this "
+                    f"call's H={q.shape[1]}, H_kv={k.shape[1]}, D={q.shape[-1]}, Dv={v.shape[-1]}, {q.dtype} the one "
+                    "natural exchange on the same rows receives fewer bytes, so it runs (its tiles were not "
+                    "balanced for it)", None,
+                    f"pass ContextParallel(..., kv_heads={k.shape[1]}, dtype={q.dtype}) so that the exchange and "
+                    "the balance are chosen for these shapes", severity="warning",
+                    filename="patternc.distributed")), stacklevel=3)
+        return got
 
     def _runtime_step(self, q_l, documents, key_padding_mask) -> "_Step":
         """The exchange and local layouts of one batch with run-time data (SPEC §1.7)."""
@@ -466,21 +553,22 @@ class ContextParallel:
         "per-term"``), ``bytes_sent_forward``, ``bytes_received_forward``, ``bytes_sent_backward``,
         ``bytes_received_backward``, ``allgather_bytes`` (what an all-gather of K and V would
         receive), ``kv_bytes_received_forward`` (the part of ``bytes_received_forward`` that is keys
-        and values), ``imbalance`` (max / mean computed tiles over ranks), ``method`` (the
-        schedule chosen), ``order`` (the token order the sequence is sharded in) and
-        ``exchange`` (``"natural"`` or ``"per-term"``: each execution-plan term in its own order).
+        and values), ``imbalance`` (max / mean computed tiles over ranks, of the exchange the
+        latest call ran), ``method`` (the schedule chosen), ``order`` (the token order the
+        sequence is sharded in) and ``exchange`` (the latest call's: ``"natural"``, or
+        ``"per-term"``: each execution-plan term in its own order; a per-term ContextParallel
+        runs the natural one with run-time data, or where this call's shapes make it move less).
         """
         s, r, st = self.schedule, self.rank, self._step
-        imbalance = s.imbalance
-        if self._split is not None:
-            t = self._tiles_per_rank
-            imbalance = float(t.max() * t.size / t.sum()) if t.sum() else 1.0
+        split = isinstance(st, _SplitStep)
+        t = np.asarray(self._tiles_per_rank if split else st.tiles_all)  # of the exchange that ran last
+        imbalance = float(t.max() * t.size / t.sum()) if t.sum() else 1.0
         return dict(rank=r, world_size=self.world_size, positions=int(self.positions.size),
                     q_blocks=int(s.q_blocks[r].size), kv_blocks_read=int(st.kv_blocks[r].size),
                     computed_tiles=int(st.tiles), positions_received=int(st.positions_received),
                     positions_sent=int(st.positions_sent), **self._bytes,
                     imbalance=round(imbalance, 4), method=s.method, order=self.order_text,
-                    exchange=self.exchange)
+                    exchange="per-term" if split else "natural")
 
 
 def _single_term_order(cp):
@@ -621,10 +709,15 @@ class _Step:
         self.kv = _Fetch(cpx, buffers)
         self.recv_splits, self.send_splits = self.kv.recv_splits, self.kv.send_splits
         self.positions_received, self.positions_sent = sum(self.recv_splits), sum(self.send_splits)
+        #: int64 [W] key/value positions each rank receives; computed tiles of each rank (over heads)
+        self.received_all = np.array([int((s.position_owner(b) != p).sum()) for p, b in enumerate(buffers)],
+                                     dtype=np.int64)
         own = s.positions[r]
         local = kinds4[:, :, s.q_blocks[r]][:, :, :, self.kv_blocks[r]]
         per_head = cpx.cp.num_heads if kinds4.shape[1] == 1 else 1
         self.tiles = int((local != 0).sum()) * per_head
+        self.tiles_all = np.array([int((kinds4[:, :, s.q_blocks[p]] != 0).sum()) * per_head for p in range(W)],
+                                  dtype=np.int64)
         self.layouts = [_LocalLayout(kinds=np.ascontiguousarray(x), q_len=int(own.size), kv_len=int(self.buffer.size),
                                      q_block_size=cpx.q_block_size, kv_block_size=kb) for x in local]
         self.runtime = kinds.ndim == 4
