@@ -83,6 +83,14 @@ def _collapse(p, const):
     return type(p)((const, *keep))
 
 
+# ``all`` / ``none`` beside length-dependent operands (``_collapse``) are never moved by
+# ``context_simplify``, ``factor_common`` or ``factor_choice``: ``_collapse`` puts the constant back
+# where it was taken from when that operand is normalised again (``none & ((a & ~a) | b)``,
+# ``(a - a) | (b - b)``, ``heads(a - a, b - b)`` with ``a``, ``b`` reading ``q_len``), and the
+# rewrite then fires again forever (a loop at the node, or unbounded recursion below it).
+_CONSTANTS = frozenset((ALL, NONE))
+
+
 def identity_and_annihilator(p):
     """a & all -> a, a | none -> a; a & none -> none, a | all -> all (see ``_collapse``)."""
     if isinstance(p, And):
@@ -214,12 +222,13 @@ def simplify_blocks(p):
 
 def context_simplify(p):
     """Operands of ``&`` hold inside it, operands of ``|`` fail inside it:
-    ``(X | (Y & c)) & c -> (X | Y) & c`` and ``c | (X & (Y | c)) -> c | (X & Y)``."""
+    ``(X | (Y & c)) & c -> (X | Y) & c`` and ``c | (X & (Y | c)) -> c | (X & Y)``
+    (``all`` / ``none`` are not context: see ``_CONSTANTS``)."""
     if isinstance(p, (And, Or)):
         mid = Or if isinstance(p, And) else And
         inner = And if isinstance(p, And) else Or
         neutral = ALL if inner is And else NONE
-        ctx = set(p.items)
+        ctx = set(p.items) - _CONSTANTS
         changed = False
         out = []
         for c in p.items:
@@ -250,7 +259,7 @@ def factor_common(p):
         return None
     holders: dict = {}
     for k in groups:
-        for x in set(p.items[k].items):
+        for x in set(p.items[k].items) - _CONSTANTS:
             holders.setdefault(x, []).append(k)
     shared = [x for x, ks in holders.items() if len(ks) >= 2]
     if not shared:
@@ -276,7 +285,7 @@ def factor_choice(p):
     if isinstance(p, (Heads, Layers)) and len(p.items) >= 2:
         for op, neutral in ((And, ALL), (Or, NONE)):
             sets = [set(c.items) if isinstance(c, op) else {c} for c in p.items]
-            common = set.intersection(*sets)
+            common = set.intersection(*sets) - _CONSTANTS
             if common and any(isinstance(c, op) for c in p.items):
                 kids = []
                 for c in p.items:
