@@ -55,6 +55,9 @@ CASES = [
     # told the shapes, the choice is the natural exchange; not told, each call still runs it (W030)
     ("gqasplit4", "(local(w=32) | strided(s=32)) & causal", 1024, 8, 1, 32, "tiles", 4, {"kv_heads": 1}),
     ("gqaunhinted4", "(local(w=32) | strided(s=32)) & causal", 1024, 8, 1, 32, "tiles", 4),
+    # on 2 ranks per term beat the natural exchange on its own rows but not on the per-term rows,
+    # which each call compares with: it was chosen, then every call ran natural (W030)
+    ("split2auto", "(local(w=32) | strided(s=32)) & causal", 512, 2, 2, 32, "tiles", 2),
 ]
 COMPILE_OPTIONS = ("q_offset", "kv_offset")
 INPUT_OPTIONS = ("value_dim",)  # Dv of the case's inputs (default DIM + 2)
@@ -123,7 +126,7 @@ def _worker(rank, world):
         dist.all_gather_object(stats, ctx.stats, group=group)
         results[name] = (*full, stats, [ctx._natural(p).tolist() for p in ctx.schedule.positions],
                          None if ctx.order is None else ctx.order.tolist(), ctx.exchange,
-                         [str(x.message) for x in caught])
+                         [str(x.message) for x in caught], _keeps_its_choice(ctx, H))
     for n, (name, src, L, H, B, docs, pad) in enumerate(RUNTIME):
         cp = patternc.compile(src, q_len=L, num_heads=H, block_size=32)
         ctx = ContextParallel(cp)
@@ -142,6 +145,20 @@ def _worker(rank, world):
     return results
 
 
+def _keeps_its_choice(ctx, H):
+    """A per-term choice made at the hinted shapes (D = Dv = 64) is not undone by a call with
+    exactly those shapes (it was on 2 ranks: the construction and the call compared with the
+    natural exchange on different rows). None where the construction did not choose per term."""
+    if ctx._per_term_counts is None or ctx._exchange_opt == "per-term":
+        return None
+    kvh, dtype = ctx._hint
+    q = torch.empty(1, H, 0, 64, dtype=dtype)
+    kv = torch.empty(1, kvh, 0, 64, dtype=dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return ctx._per_term_pays(q, kv, kv)
+
+
 def _mismatch_case(ContextParallel, rank):
     """Rank 0 calls with B = 2, the others with B = 1: every rank raises P350 (gloo aborted the
     processes), and the group goes on working."""
@@ -152,8 +169,19 @@ def _mismatch_case(ContextParallel, rank):
         got = None
     except patternc.PatternError as e:
         got = str(e)
+    # rank 1's inputs do not fit on their own (the whole sequence, not its shard): it raises
+    # that, the others raise P350 (they waited for it in the exchange)
     q, k, v, _ = _inputs(128, 1, 1, 3)
-    return got, ctx.unshard(ctx.attention(ctx.shard(q), ctx.shard(k), ctx.shard(v)))
+    try:
+        if rank == 1:
+            ctx.attention(q, k, v)
+        else:
+            ctx.attention(ctx.shard(q), ctx.shard(k), ctx.shard(v))
+        alone = None
+    except patternc.PatternError as e:
+        alone = str(e)
+    q, k, v, _ = _inputs(128, 1, 1, 3)
+    return got, alone, ctx.unshard(ctx.attention(ctx.shard(q), ctx.shard(k), ctx.shard(v)))
 
 
 UNSHARD = ("(local(w=40) | strided(s=32)) & causal", 500, 2)
@@ -352,6 +380,12 @@ def test_per_term_exchange_moves_the_hand_count(ranks):
     assert stats[0]["imbalance"] <= 1.05
 
 
+def test_a_per_term_choice_holds_at_its_own_shapes(ranks):
+    kept = {c[0]: ranks[0][c[0]][9] for c in CASES}
+    assert all(x in (None, True) for x in kept.values()), kept
+    assert any(x is True for x in kept.values())  # some case chose per term by itself
+
+
 def test_grouped_query_heads_weigh_the_per_term_choice(ranks):
     """Per-term exchange moves queries and partial outputs with H = 8 heads and keys with
     H_kv = 1: there it received 2.35x the all-gather. With kv_heads=1 the natural exchange is
@@ -381,8 +415,10 @@ def test_ranks_that_disagree_on_shapes_get_a_diagnostic(ranks):
     cp = patternc.compile("local(w=16) & causal", q_len=128, num_heads=1, block_size=32)
     want = cp.attention(*_inputs(128, 1, 1, 3)[:3], backend="blocksparse")
     for r in range(4):
-        message, out = ranks[r]["mismatch"]
+        message, alone, out = ranks[r]["mismatch"]
         assert message is not None and "P350" in message and "different B" in message, (r, message)
+        assert alone is not None and "P350" in alone, (r, alone)
+        assert ("rank 1 owns 32 positions" if r == 1 else "another rank's call") in alone, (r, alone)
         torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
 
 

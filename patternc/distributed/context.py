@@ -241,13 +241,14 @@ class ContextParallel:
     def _check_same_everywhere(self) -> None:
         cp = self.cp
         key = "|".join(str(x) for x in (cp.pattern, cp.q_len, cp.kv_len, cp.num_heads, self.q_block_size,
-                                         self.kv_block_size, self.order_text, self.exchange,
+                                         self.kv_block_size, self.order_text, self.exchange, self._hint,
                                          self.schedule.owner.tobytes().hex()))
         h = int.from_bytes(hashlib.sha256(key.encode()).digest()[:7], "little")
         t = torch.tensor([h, -h], dtype=torch.int64, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
         if int(t[0]) != h or int(t[1]) != -h:
-            raise _error("P380", "the ranks compiled different patterns, lengths, heads, block sizes or balances",
+            raise _error("P380", "the ranks compiled different patterns, lengths, heads, block sizes or balances, "
+                         "or gave different kv_heads / dtype",
                          help="build ContextParallel from the same patternc.compile(...) call on every rank")
 
     def _natural(self, pos: np.ndarray) -> np.ndarray:
@@ -293,8 +294,12 @@ class ContextParallel:
                 heads if t.kinds.shape[0] == 1 else 1)
         w_q, w_kv, w_part = _row_bytes_of(heads, *self._hint)
         cost = q_in * w_q + kv_in * w_kv + part_in * w_part
-        natural = np.asarray(self.schedule.received_positions(), dtype=np.int64) * w_kv
-        if int(cost.max()) >= int(natural.max()) and not force:
+        # against the natural exchange on its own rows, and on these rows (what each call compares
+        # with, ``_per_term_pays``: so the call never undoes this choice at the hinted shapes)
+        same_rows = _build(sched.owner, "given", block_weights(self._kinds), row_reads(self._kinds), W, L,
+                           self.q_block_size, self.kv_block_size)
+        natural = min(int(self.schedule.received_positions().max()), int(same_rows.received_positions().max()))
+        if int(cost.max()) >= natural * w_kv and not force:
             return
         self._per_term_counts = (q_in, kv_in, part_in)
         self.schedule = sched
@@ -458,8 +463,12 @@ class ContextParallel:
                 ranks that called with different B, H, H_kv, D, Dv, dtype or kinds of run-time
                 data (every rank raises it); P351 dtypes or devices.
         """
-        self._check(q_l, k_l, v_l)
-        self._check_same_call(q_l, k_l, v_l, documents is not None, key_padding_mask is not None)
+        try:
+            self._check(q_l, k_l, v_l)
+            bad = None
+        except PatternError as e:  # raised after the agreement check, which the other ranks are in
+            bad = e
+        self._check_same_call(q_l, k_l, v_l, documents is not None, key_padding_mask is not None, bad=bad)
         scale = 1.0 / math.sqrt(q_l.shape[-1]) if scale is None else float(scale)
         score_mod = score_terms_for(self.cp, q_l.shape[1])
         if score_mod is not None:  # softcap: the matmul divides by the cap (as the one-process kernel)
@@ -480,18 +489,32 @@ class ContextParallel:
             return _ContextParallelAttention.apply(q_l, k_l, v_l, step, scale, score_mod)
         return step.forward(q_l, k_l, v_l, scale, need_lse=False, score_mod=score_mod)[0]
 
-    def _check_same_call(self, q, k, v, *runtime: bool) -> None:
+    def _check_same_call(self, q, k, v, *runtime: bool, bad: PatternError | None = None) -> None:
         """Every rank must call with the same B, H, H_kv, D, Dv, dtype and kinds of run-time
         data: the exchanges' sizes depend on them, and gloo aborts the process on a mismatch.
         One all-reduce of the call's signature (max of it and of its negation): on every call
-        with gloo, on the first with nccl (where reading it back is a host sync)."""
-        self._calls += 1
-        if self._calls > 1 and self.device.type == "cuda":
+        with gloo, on the first with nccl (where reading it back is a host sync). ``bad``: this
+        rank's own inputs failed ``_check``; it takes part, then raises that, and the other
+        ranks raise P350 instead of waiting for it in the exchange."""
+        if self._calls and self.device.type == "cuda":
+            if bad is not None:
+                raise bad
             return
-        sig = [*q.shape[:2], k.shape[1], q.shape[-1], v.shape[-1], _DTYPES.index(q.dtype), *(int(x) for x in runtime)]
+        if bad is None:
+            sig = [*q.shape[:2], k.shape[1], q.shape[-1], v.shape[-1], _DTYPES.index(q.dtype),
+                   *(int(x) for x in runtime), 0]
+        else:
+            sig = [0] * (6 + len(runtime)) + [1]
         t = torch.tensor(sig + [-x for x in sig], dtype=torch.int64, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
         hi, lo = t[:len(sig)].tolist(), [-x for x in t[len(sig):].tolist()]
+        if bad is not None:
+            raise bad
+        if hi[-1]:
+            raise _error("P350", "another rank's call to attention had inputs that do not fit (it raised the "
+                         "diagnostic)", help="fix the inputs on that rank: every rank calls attention with "
+                         "ctx.shard(x) of the same full tensors")
+        self._calls += 1
         if hi != sig or lo != sig:
             names = ("B", "H", "H_kv", "D", "Dv", "dtype", "documents", "key_padding_mask")
             differ = ", ".join(n for n, a, b in zip(names, hi, lo) if a != b)

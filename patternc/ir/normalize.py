@@ -87,7 +87,10 @@ def _collapse(p, const):
 # ``context_simplify``, ``factor_common`` or ``factor_choice``: ``_collapse`` puts the constant back
 # where it was taken from when that operand is normalised again (``none & ((a & ~a) | b)``,
 # ``(a - a) | (b - b)``, ``heads(a - a, b - b)`` with ``a``, ``b`` reading ``q_len``), and the
-# rewrite then fires again forever (a loop at the node, or unbounded recursion below it).
+# rewrite then fires again forever (a loop at the node, or unbounded recursion below it). The
+# cost: such kept constants are not factored, so equivalent patterns built from them can keep
+# different normal forms (``(none & local(w=q_len)) | (none & local(w=kv_len))`` is no longer
+# ``(local(w=kv_len) | local(w=q_len)) & none``); the predicate is always kept.
 _CONSTANTS = frozenset((ALL, NONE))
 
 
