@@ -107,17 +107,23 @@ def _parse(pattern, params):
 def expected_pattern(config, layer_idx: int) -> str | None:
     """The pattern HF's own masks give layer ``layer_idx`` of ``config``: ``local(w=W) & causal``
     for a sliding-window layer (``sliding_window=W``: keys ``i-W+1 … i``, HF's
-    ``sliding_window_overlay``), ``causal`` for a full-attention layer; ``None`` when the config
-    asks for no sliding window at all (then any pattern is the user's choice, and no warning).
+    ``sliding_window_overlay``), ``chunk(l=C) & causal`` for a chunked layer (Llama 4's
+    ``attention_chunk_size=C``, HF's ``chunked_overlay``), ``causal`` for a full-attention layer
+    beside those; ``None`` when the config asks for neither (then any pattern is the user's
+    choice, and no warning).
     """
     window = getattr(config, "sliding_window", None)
+    chunk = getattr(config, "attention_chunk_size", None)
     types = getattr(config, "layer_types", None)
     if types is not None and layer_idx < len(types):
         kind = types[layer_idx]
         if kind == "sliding_attention" and window:
             return f"local(w={int(window)}) & causal"
+        if kind == "chunked_attention" and chunk:
+            return f"chunk(l={int(chunk)}) & causal"
         if kind == "full_attention":
-            return "causal" if window and "sliding_attention" in types else None
+            local = (window and "sliding_attention" in types) or (chunk and "chunked_attention" in types)
+            return "causal" if local else None
         return None
     if window and getattr(config, "use_sliding_window", True):
         return f"local(w={int(window)}) & causal"
@@ -439,11 +445,13 @@ class PatternAttention:
             window = getattr(config, "sliding_window", None)
             kinds = getattr(config, "layer_types", None)
             asked = f"layer_types[{layer}]={kinds[layer]!r}, " if kinds is not None and layer < len(kinds) else ""
+            if want.startswith("chunk("):
+                asked += f"attention_chunk_size={getattr(config, 'attention_chunk_size', None)}, "
             _warn("W020", f"the model config asks layer {layer} for `{want}` ({asked}sliding_window={window}) but "
                           f"the pattern {self.name!r} gives `{have}`{more}; the pattern is used",
-                  "this is fine if intended; a sliding-window KV cache keeps only the last sliding_window - 1 "
-                  "keys, so a pattern wider than the config's window needs config.sliding_window=None "
-                  "(or layer_types all 'full_attention') for generation")
+                  "this is fine if intended; a sliding-window (or chunked) KV cache keeps only the last "
+                  "sliding_window - 1 keys (or the current chunk), so a pattern that reads further back "
+                  "needs config.layer_types all 'full_attention' for generation (else P354)")
 
     # ---- the two functions given to HF ---------------------------------------------------------
     def mask_function(self, batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset: int = 0,
@@ -502,7 +510,8 @@ class PatternAttention:
         Raises:
             PatternError: P370 the attention mask is not a ``PatternMask`` (the model was not
                 built with this name's mask function, or a 4-D mask was passed); P371 no pattern
-                for this layer; P350-P353 from ``patternc.execute``.
+                for this layer; P374 learned attention sinks (``s_aux``); P354 a sliding-window or
+                chunked cache dropped keys the pattern reads; P350-P353 from ``patternc.execute``.
         """
         if not isinstance(attention_mask, PatternMask):
             got = "None" if attention_mask is None else f"{type(attention_mask).__name__}"
@@ -511,6 +520,13 @@ class PatternAttention:
                                  f"{self.name!r} after patternc.transformers.register, and pass a 2-D "
                                  "attention_mask [B, L] (a prepared 4-D mask cannot be read as a pattern)")
         layer_idx = int(getattr(module, "layer_idx", 0) or 0)
+        sinks = kwargs.get("s_aux", kwargs.get("sinks"))
+        if sinks is not None:  # GPT-OSS & co: a learned per-head logit in every softmax
+            raise _error("P374", f"layer {layer_idx}: the model passes learned attention sinks (`s_aux`, one logit "
+                                 "per head added to every row's softmax), which patternc's kernels do not take; "
+                                 "ignoring them would change every output",
+                         "run this model with attn_implementation='eager' or 'sdpa' (a `sink(n)` pattern is a "
+                         "different thing: attending the first n tokens)")
         m = attention_mask
         B, H, Q, _ = query.shape
         KV = key.shape[2]
@@ -536,8 +552,8 @@ def _attend(reg: PatternAttention, layer_idx, query, key, value, m: PatternMask,
     B, H, Q, D = query.shape
     KV = key.shape[2]
     how, cap = reg.softcap_for(layer_idx, softcap)
-    if how == "dense":
-        return _attend_dense(reg, layer_idx, query, key, value, m, scaling, dropout, softcap)
+    if m.kv_offset > 0 and m.documents is None:
+        _check_dropped_keys(reg, layer_idx, m, H)
     padding = m.key_padding_mask
     unit = reg.offset_unit(layer_idx)
     dq, dk = m.q_offset % unit, m.kv_offset % unit
@@ -549,34 +565,46 @@ def _attend(reg: PatternAttention, layer_idx, query, key, value, m: PatternMask,
         real = torch.ones(B, KV, dtype=torch.bool, device=key.device) if padding is None else padding
         padding = torch.nn.functional.pad(real, (dk, 0), value=False)
     cp = reg.compiled(layer_idx, q_len=Q + dq, kv_len=KV + dk, q_offset=m.q_offset - dq,
-                      kv_offset=m.kv_offset - dk, num_heads=H, documents=m.documents is not None, softcap=cap)
-    out = cp.attention(query, key, value, scale=scaling, backend=reg.backend, dropout_p=dropout,
-                       documents=m.documents, key_padding_mask=padding)
+                      kv_offset=m.kv_offset - dk, num_heads=H, documents=m.documents is not None,
+                      softcap=None if how == "dense" else cap)
+    if how == "dense":
+        out = _attend_dense(cp, query, key, value, m.documents, padding, scaling, dropout, softcap)
+    else:
+        out = cp.attention(query, key, value, scale=scaling, backend=reg.backend, dropout_p=dropout,
+                           documents=m.documents, key_padding_mask=padding)
     return out[:, :, dq:] if dq else out
 
 
-def _attend_dense(reg, layer_idx, query, key, value, m: PatternMask, scaling, dropout, softcap):
+def _check_dropped_keys(reg: PatternAttention, layer_idx: int, m: PatternMask, H: int) -> None:
+    """P354 when a query of this call may attend a key before ``kv_offset``: one HF's sliding-
+    window (or chunked) cache has dropped (HF hands the attention only the keys it kept). Counted
+    exactly on the layout of those columns (rows rounded down to the ``blocks`` unit)."""
+    dq = m.q_offset % reg.offset_unit(layer_idx)
+    cp = reg.compiled(layer_idx, q_len=m.q_length + dq, kv_len=m.kv_offset, q_offset=m.q_offset - dq,
+                      kv_offset=0, num_heads=H)
+    if cp.layout.full_blocks or (cp.layout.partial_blocks and cp.allowed_pairs):
+        raise _error("P354", f"layer {layer_idx}: the model's KV cache keeps keys from position {m.kv_offset} on "
+                             f"(a sliding-window or chunked cache), but the pattern `{reg.layer_text(layer_idx)}` "
+                             f"lets a query at positions {m.q_offset}..{m.q_offset + m.q_length - 1} attend an "
+                             "earlier key", "register a pattern within the config's window, or keep every key: "
+                             "config.layer_types all 'full_attention' (a full cache for every layer)")
+
+
+def _attend_dense(cp, query, key, value, documents, padding, scaling, dropout, softcap):
     """INTERIM path for a model softcap that cannot be the layer's ``softcap(c)`` term (score
-    terms unavailable, or a cap that is not an integer >= 1): the compiled layer's predicate at
-    positions ``q_offset + r``, ``kv_offset + c``, ANDed with key padding and documents, as a
-    dense boolean [B, H', Q_LEN, KV_LEN] mask; ``c·tanh(s/c)`` on the scores, float32 softmax
-    (a row with no allowed key gives 0). O(Q_LEN · KV_LEN) per call."""
+    terms unavailable, or a cap that is not an integer >= 1): ``cp``'s mask with this call's
+    documents and key padding (``dense_mask``: ``per_document`` at document-relative positions,
+    as the block-sparse path), dense bool [B or 1, H, Q_LEN, KV_LEN]; ``c·tanh(s/c)`` on the
+    scores, float32 softmax (a row with no allowed key gives 0). O(Q_LEN · KV_LEN) per call."""
     import numpy as np
 
     B, H, Q, D = query.shape
-    H_kv, KV = key.shape[1], key.shape[2]
-    cp = reg.compiled(layer_idx, q_len=Q, kv_len=KV, q_offset=m.q_offset, kv_offset=m.kv_offset, num_heads=H)
-    rows = np.arange(Q, dtype=np.int64)[:, None]
-    cols = np.arange(KV, dtype=np.int64)[None, :]
-    period = len(cp.head_patterns)
-    per_head = [cp.mask_numpy(h, rows, cols) for h in range(min(H, period))]
-    heads = np.stack([per_head[h % period] for h in range(H)]) if period > 1 else per_head[0][None]
-    allowed = torch.from_numpy(heads).to(query.device)[None]  # [1, H', Q, KV]
-    if m.key_padding_mask is not None:
-        allowed = allowed & m.key_padding_mask.to(query.device)[:, None, None, :]
-    if m.documents is not None:
-        docs = m.documents.to(query.device)
-        allowed = allowed & (docs[:, None, :Q, None] == docs[:, None, None, :KV])
+    H_kv = key.shape[1]
+    dense = cp.dense_mask(documents=None if documents is None else documents.cpu(),
+                          key_padding_mask=None if padding is None else padding.cpu())
+    allowed = torch.from_numpy(np.ascontiguousarray(dense)).to(query.device)
+    if allowed.dim() == 3:
+        allowed = allowed[None]  # [1, H, Q, KV]
     groups = H // H_kv
     k = key.repeat_interleave(groups, dim=1) if groups > 1 else key
     v = value.repeat_interleave(groups, dim=1) if groups > 1 else value

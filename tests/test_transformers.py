@@ -512,3 +512,101 @@ def test_the_example_trains_and_generates(tmp_path):
     res = json.loads(out.read_text())["results"]
     assert [r["run"] for r in res] == ["dense", "window|strided", "window/global"]
     assert all(r["cache_equals_no_cache"] and math.isfinite(r["heldout_bits_per_byte"]) for r in res)
+
+
+# ---- found by a review: silent differences made errors or exact ------------------------------------
+
+
+def _gemma2_dense(cap: float):
+    """A tiny Gemma 2 (full-attention layers) with a cap that is not an integer: the dense path."""
+    torch.manual_seed(0)
+    cfg = transformers.Gemma2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                    max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                    sliding_window=8, layer_types=["full_attention", "full_attention"],
+                                    query_pre_attn_scalar=16, attn_logit_softcapping=cap,
+                                    final_logit_softcapping=None)
+    cfg._attn_implementation = "eager"
+    m = transformers.Gemma2ForCausalLM(cfg).eval()
+    with torch.no_grad():  # logits large enough for the cap to matter
+        for n, p in m.named_parameters():
+            if n.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(20)
+    return m
+
+
+def test_the_dense_path_runs_packed_documents_as_if_alone():
+    """A non-integer cap runs the dense path; packed sequences there were `document & p` at
+    absolute positions, so an anchored pattern lost each document's sinks (rel. error 1.27)."""
+    pt.register("patternc-test-dense-docs", "(sink(n=2) | local(w=3)) & causal", block_size=BLOCK)
+    m = _gemma2_dense(2.5)
+    m.set_attn_implementation("patternc-test-dense-docs")
+    g = torch.Generator().manual_seed(4)
+    docs = [torch.randint(3, VOCAB, (1, n), generator=g) for n in (9, 3, 12)]
+    pos = torch.cat([torch.arange(d.shape[1]) for d in docs])[None]
+    with torch.no_grad():
+        packed = m(torch.cat(docs, 1), position_ids=pos, use_cache=False).logits
+        alone = torch.cat([m(d, use_cache=False).logits for d in docs], 1)
+    assert _rel(packed, alone) <= TOL
+
+
+def test_the_dense_path_decodes_inside_blocks():
+    """The dense path compiled the step's unaligned offsets inside `blocks(4, …)`: P302 in generate."""
+    pt.register("patternc-test-dense-blocks", "blocks(4, local(w=2) & causal) & causal", block_size=BLOCK)
+    m = _gemma2_dense(2.5)
+    m.set_attn_implementation("patternc-test-dense-blocks")
+    ids = torch.randint(3, VOCAB, (1, 7), generator=torch.Generator().manual_seed(2))
+    kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None, attention_mask=torch.ones_like(ids))
+    with torch.no_grad():
+        assert torch.equal(m.generate(ids, use_cache=True, **kw), m.generate(ids, use_cache=False, **kw))
+
+
+@pytest.mark.parametrize("config, pattern", [
+    (dict(kind="mistral"), "(local(w=4) | sink(n=2)) & causal"),  # narrower than the window, but sinks
+    (dict(kind="llama4"), "causal"),  # chunked layers keep only the current chunk
+])
+def test_a_cache_that_dropped_keys_the_pattern_reads_is_an_error(config, pattern):
+    """HF's sliding-window / chunked caches hand the attention only the keys they kept
+    (kv_offset > 0); a pattern that reads an earlier key generated silently different ids."""
+    torch.manual_seed(0)
+    if config["kind"] == "mistral":
+        cfg = transformers.MistralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, sliding_window=WINDOW,
+                                         pad_token_id=0)
+        model = transformers.MistralForCausalLM(cfg)
+    else:
+        cfg = transformers.Llama4TextConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                            intermediate_size_mlp=64, num_hidden_layers=2, num_attention_heads=4,
+                                            num_key_value_heads=2, head_dim=8, attention_chunk_size=WINDOW,
+                                            layer_types=["chunked_attention", "full_attention"],
+                                            num_local_experts=2, pad_token_id=0)
+        model = transformers.Llama4ForCausalLM(cfg)
+    name = "patternc-test-dropped-" + config["kind"]
+    pt.register(name, pattern, block_size=BLOCK)
+    model.eval().set_attn_implementation(name)
+    ids = torch.randint(3, VOCAB, (1, 20), generator=torch.Generator().manual_seed(3))
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None, attention_mask=torch.ones_like(ids))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # W020: the config asks for another pattern
+        with torch.no_grad(), pytest.raises(patternc.PatternError, match="P354"):
+            model.generate(ids, use_cache=True, **kw)
+
+
+def test_expected_pattern_knows_chunked_layers():
+    cfg = transformers.Llama4TextConfig(num_hidden_layers=2, attention_chunk_size=8,
+                                        layer_types=["chunked_attention", "full_attention"])
+    assert [pt.expected_pattern(cfg, i) for i in (0, 1)] == ["chunk(l=8) & causal", "causal"]
+
+
+def test_learned_attention_sinks_are_an_error():
+    """GPT-OSS adds a learned per-head logit to every softmax (`s_aux`); it was ignored (0.19 off)."""
+    torch.manual_seed(0)
+    cfg = transformers.GptOssConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=2,
+                                    num_experts_per_tok=1, sliding_window=64,
+                                    layer_types=["full_attention", "full_attention"], max_position_embeddings=256)
+    model = transformers.GptOssForCausalLM(cfg).eval()
+    pt.register("patternc-test-sinks", "causal", block_size=BLOCK)
+    model.set_attn_implementation("patternc-test-sinks")
+    with torch.no_grad(), pytest.raises(patternc.PatternError, match="P374"):
+        model(torch.randint(3, VOCAB, (1, 12)))
