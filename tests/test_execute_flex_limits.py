@@ -36,3 +36,19 @@ def test_flex_keeps_working_past_the_recompile_limit(monkeypatch):
     finally:
         setattr(cfg, name, old)
     assert any("uncompiled" in str(w.message) for w in rec)
+
+
+def test_flex_on_cpu_refuses_blocks_below_16():
+    """torch 2.13's compiled CPU flex kernel gave outputs 1-2 off at BLOCK_SIZE 8 (head dim 8 or
+    16; uncompiled flex_attention with the same BlockMask was right): refused before compiling."""
+    import patternc
+    from patternc.execute import FLEX_CPU_MIN_BLOCK, attention
+
+    assert FLEX_CPU_MIN_BLOCK == 16
+    cp = patternc.compile("causal", q_len=30, num_heads=2, block_size=8)
+    q = torch.randn(1, 2, 30, 8)
+    with torch.no_grad(), pytest.raises(patternc.PatternError, match="P352.*BLOCK_SIZE >= 16"):
+        attention(cp, q, q, q, backend="flex")
+    # the block-sparse kernel takes it
+    ref = torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+    torch.testing.assert_close(attention(cp, q, q, q, backend="blocksparse"), ref, atol=1e-5, rtol=1e-5)

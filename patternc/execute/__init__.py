@@ -378,6 +378,10 @@ def _autocast_dtype(q) -> "torch.dtype | None":
     return torch.get_autocast_dtype(dev)
 
 
+#: the smallest BLOCK_SIZE backend 'flex' runs with on CPU (see ``_run_flex``)
+FLEX_CPU_MIN_BLOCK = 16
+
+
 def _run_flex(cp, q, k, v, scale, plan="natural"):
     from .common import empty_rows, mask_mod_for
     from .flex import flex_attention, flex_plan_attention
@@ -391,6 +395,14 @@ def _run_flex(cp, q, k, v, scale, plan="natural"):
         # No gradient is needed here (checked above), but torch's CPU flex kernel refuses any
         # input with requires_grad=True even under torch.no_grad(): detaching is exact then.
         q, k, v = q.detach(), k.detach(), v.detach()
+    if q.device.type == "cpu" and min(cp.layout.q_block_size, cp.layout.kv_block_size) < FLEX_CPU_MIN_BLOCK:
+        # torch 2.13's compiled CPU kernel: BLOCK_SIZE 8 with head dim 8 or 16 gave outputs 1-2 off
+        # (uncompiled flex_attention with the same BlockMask is right); smaller blocks are refused
+        # as a whole rather than trusting the sizes that happened to pass
+        raise _error("P352", f"backend 'flex' on CPU needs BLOCK_SIZE >= {FLEX_CPU_MIN_BLOCK}: torch's compiled CPU "
+                     f"FlexAttention kernel returns wrong outputs at BLOCK_SIZE 8 (this layout: "
+                     f"{cp.layout.q_block_size} x {cp.layout.kv_block_size})",
+                     help=f"compile with block_size >= {FLEX_CPU_MIN_BLOCK}, or use backend='blocksparse' (or 'auto') on CPU")
     if q.device.type == "cpu" and q.dtype == torch.float64:
         raise _error("P352", "backend 'flex' does not take float64 on CPU (FlexAttention's CPU kernel "
                      "supports float32, bfloat16, float16)", help="use backend='blocksparse' or 'sdpa'")
