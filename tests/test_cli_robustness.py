@@ -151,6 +151,50 @@ def test_run_takes_its_lengths_from_the_input_file(tmp_path, capsys):
     assert rc == 0 and obj["check_passed"] is True
     assert (obj["shape"]["q_len"], obj["shape"]["kv_len"], obj["shape"]["heads"]) == (70, 50, 2)
     assert main(["run", "-e", "causal", "--heads", "2", "--head-dim", "8"]) == 2  # no lengths at all
+    # --seq-len that agrees with the file's q: KV_LEN still from the file's k (it was --seq-len)
+    rc, obj = run_json(capsys, ["run", "-e", "local(w=16) & causal", "--input", str(tmp_path / "qkv.npz"),
+                                "--seq-len", "70", "--repeats", "1", "--threads", "1", "--block-size", "16"])
+    assert rc == 0 and (obj["shape"]["q_len"], obj["shape"]["kv_len"]) == (70, 50)
+
+
+def test_run_lengths_the_compiler_refuses_are_usage_errors(capsys):
+    """P302 / P303 from run's own flags exit 2, as in compile and show (run exited 1)."""
+    pytest.importorskip("torch")
+    assert main(["run", "-e", "causal", "--seq-len", "1000000", "--block-size", "16", "--heads", "1",
+                 "--head-dim", "8"]) == 2
+    assert "tiles" in capsys.readouterr().err
+    assert main(["run", "-e", "blocks(4, causal)", "--seq-len", "8", "--q-offset", "3", "--heads", "1",
+                 "--head-dim", "8"]) == 2
+
+
+class _Closed:
+    """A stream whose reader is gone (``err`` to raise on write)."""
+
+    def __init__(self, err):
+        self.err = err
+
+    def write(self, text):
+        raise self.err
+
+    def flush(self):
+        pass
+
+
+@pytest.mark.parametrize("argv, code", [(["check", "-e", "locl(w=1)"], 1), (["check", "-e", "causal"], 0),
+                                        (["compile", "-e", "causal", "--seq-len", "0"], 2)])
+def test_a_closed_pipe_keeps_the_exit_code(monkeypatch, argv, code):
+    """`patternc check bad.pattern 2>&1 | head -1` exited 0 (BrokenPipeError meant OK): a CI step
+    with pipefail saw a broken pattern pass."""
+    monkeypatch.setattr("sys.stdout", _Closed(BrokenPipeError(32, "Broken pipe")))
+    monkeypatch.setattr("sys.stderr", _Closed(BrokenPipeError(32, "Broken pipe")))
+    assert main(argv) == code
+
+
+def test_a_full_output_is_not_an_internal_error(monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdout", _Closed(OSError(28, "No space left on device")))
+    assert main(["check", "-e", "causal"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write the output: No space left on device" in err and "P900" not in err
 
 
 def test_analyze_cli_engine_choices_match_the_library():

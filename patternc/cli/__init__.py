@@ -52,6 +52,7 @@ def main(argv=None) -> int:
 
     from . import common
 
+    common._verdict[0] = ExitCode.OK
     try:
         with warnings.catch_warnings(record=True) as records:
             warnings.simplefilter("always")
@@ -62,8 +63,11 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         code = ExitCode.USAGE
-    except BrokenPipeError:
-        code = ExitCode.OK
+    except BrokenPipeError:  # the reader stopped early: the verdict reached so far, not a plain 0
+        code = common.verdict()
+    except OSError as e:  # the output itself could not be written (a full disk, /dev/full)
+        print(f"error: cannot write the output: {e.strerror or e}", file=sys.stderr)
+        code = ExitCode.USAGE
     except Exception as e:  # internal error: never a bare traceback, but say how to report it
         import traceback
 

@@ -163,7 +163,17 @@ def check_count(option: str, value, minimum: int = 1, unit: str = "") -> None:
         raise UsageError(f"{option} must be >= {minimum}{' ' + unit if unit else ''}, got {value}")
 
 
+#: the exit code a command has decided on while it still prints (``main`` uses it when the
+#: output pipe closes before the command returns)
+_verdict = [ExitCode.OK]
+
+
+def verdict() -> int:
+    return int(_verdict[0])
+
+
 def usage_error(message: str, as_json: bool) -> int:
+    _verdict[0] = max(_verdict[0], ExitCode.USAGE)
     if as_json:
         print_json({"ok": False, "error": message, "diagnostics": []})
     print(f"error: {message}", file=sys.stderr)
@@ -187,6 +197,7 @@ def run_guarded(args, body) -> int:
 
 
 def report_errors(diags: list[Diagnostic], as_json: bool, extra: dict | None = None) -> int:
+    _verdict[0] = max(_verdict[0], ExitCode.PROBLEMS)
     if as_json:
         obj = {"ok": False, "diagnostics": [d.to_json() for d in diags]}
         obj.update(extra or {})

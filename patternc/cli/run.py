@@ -17,7 +17,7 @@ import statistics
 import sys
 import time
 
-from ..errors import ExitCode
+from ..errors import ExitCode, PatternError
 from .common import (
     UsageError,
     add_documents_arg,
@@ -77,9 +77,16 @@ def register(sub) -> None:
 
 
 def _compile(pattern, **kw):
+    """``patternc.compile``; P302 / P303 (lengths, offsets, block size: the command line's, or
+    the --input file's) are usage errors, exit 2, as in ``compile`` and ``show``."""
     from ..compiler import compile as compile_pattern
 
-    return compile_pattern(pattern, **kw)
+    try:
+        return compile_pattern(pattern, **kw)
+    except PatternError as e:
+        if e.code in ("P302", "P303"):
+            raise UsageError(e.diagnostic.message + (f" ({e.diagnostic.help})" if e.diagnostic.help else "")) from None
+        raise
 
 
 def _available_memory() -> int:
@@ -237,7 +244,7 @@ def run(args) -> int:
                                  f"{_shape_str(q0.shape)}, {_shape_str(tensors['k'].shape)}, "
                                  f"{_shape_str(tensors['v'].shape)}")
             N = args.seq_len or q0.shape[2]
-            M = args.kv_len or (tensors["k"].shape[2] if args.seq_len is None else N)
+            M = args.kv_len or tensors["k"].shape[2]
         else:
             N = args.seq_len
             M = args.kv_len or N
