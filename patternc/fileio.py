@@ -35,8 +35,9 @@ def atomic_write(path, write: Callable[[IO[bytes]], None]) -> str:
         The path actually written (symlinks resolved).
 
     Raises:
-        OSError: the folder is missing or not writable, the disk is full, ...; nothing is
-            left behind.
+        OSError: the folder is missing or not writable, the file exists and is not writable
+            (``PermissionError``: the replacing rename would not notice), the disk is full, ...;
+            nothing is left behind.
     """
     target = os.path.realpath(os.fspath(path))
     try:
@@ -50,6 +51,9 @@ def atomic_write(path, write: Callable[[IO[bytes]], None]) -> str:
             write(f)
             f.flush()
         return target
+    if st is not None and not os.access(target, os.W_OK):
+        # the rename below needs only the folder's permission: a read-only file would be replaced
+        raise PermissionError(13, "Permission denied (the file is read-only)", target)
     mode = (st.st_mode & 0o7777) if st is not None else (0o666 & ~_umask())
     folder = os.path.dirname(target)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=".tmp", dir=folder)

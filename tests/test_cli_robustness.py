@@ -203,3 +203,18 @@ def test_analyze_cli_engine_choices_match_the_library():
     from patternc.cli.analyze import ENGINE_CHOICES
 
     assert tuple(ENGINE_CHOICES) == tuple(ENGINES)
+
+
+def test_fmt_does_not_replace_a_read_only_file(tmp_path, monkeypatch, capsys):
+    """The atomic write renames over the target, which needs only the folder's permission: a
+    mode-444 file was reformatted (as a user without root's override; os.access stands in)."""
+    f = tmp_path / "ro.pattern"
+    f.write_text("causal&local(w=4)\n")
+    f.chmod(0o444)
+    real = os.access
+    monkeypatch.setattr("os.access", lambda p, m, **kw: False if os.fspath(p) == str(f) and m == os.W_OK
+                        else real(p, m, **kw))
+    assert main(["fmt", str(f)]) == 2
+    assert "Permission denied" in capsys.readouterr().err
+    assert f.read_text() == "causal&local(w=4)\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ro.pattern"]  # no temporary left
