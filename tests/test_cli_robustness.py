@@ -157,6 +157,14 @@ def test_run_takes_its_lengths_from_the_input_file(tmp_path, capsys):
     assert rc == 0 and (obj["shape"]["q_len"], obj["shape"]["kv_len"]) == (70, 50)
 
 
+@pytest.mark.parametrize("device", ["meta", "mps"])
+def test_run_on_a_device_patternc_does_not_run_on_is_a_usage_error(device, capsys):
+    pytest.importorskip("torch")
+    assert main(["run", "-e", "causal", "--seq-len", "16", "--heads", "1", "--head-dim", "8", "--device", device]) == 2
+    err = capsys.readouterr().err
+    assert f"--device {device}" in err and "P900" not in err
+
+
 def test_run_lengths_the_compiler_refuses_are_usage_errors(capsys):
     """P302 / P303 from run's own flags exit 2, as in compile and show (run exited 1)."""
     pytest.importorskip("torch")

@@ -100,7 +100,8 @@ def test_input_used_not_random(tmp_path, capsys, monkeypatch):
 def test_input_shape_error_names_expected_shape(tmp_path, capsys):
     tensors = {"q": torch.randn(1, 2, 30, 8), "k": torch.randn(1, 2, 31, 8), "v": torch.randn(1, 2, 31, 8)}
     path = _write(tmp_path, "safetensors", tensors)
-    code = main(["run", "-e", "causal", "--seq-len", "30", "--input", path, "--device", "cpu"])
+    # KV_LEN comes from the file unless --kv-len is given (docs/cli.md: flags given are checked)
+    code = main(["run", "-e", "causal", "--seq-len", "30", "--kv-len", "30", "--input", path, "--device", "cpu"])
     err = capsys.readouterr().err
     assert code == 2
     assert "k has shape [1, 2, 31, 8], expected [1, 2, 30, 8]" in err

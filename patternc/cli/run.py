@@ -230,6 +230,8 @@ def run(args) -> int:
             device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         except RuntimeError as e:
             raise UsageError(f"--device: {e}") from None
+        if device.type not in ("cpu", "cuda"):
+            raise UsageError(f"--device {args.device}: patternc runs on 'cpu' or 'cuda' (FlexAttention)")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise UsageError("--device cuda: no CUDA device is available")
         docs = documents_of(args)
