@@ -226,3 +226,17 @@ def test_fmt_does_not_replace_a_read_only_file(tmp_path, monkeypatch, capsys):
     assert "Permission denied" in capsys.readouterr().err
     assert f.read_text() == "causal&local(w=4)\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ro.pattern"]  # no temporary left
+
+
+def test_fmt_goes_on_past_a_file_it_cannot_read(tmp_path, capsys):
+    """It stopped at the first missing file: later files unformatted, and --json did not list
+    the ones already rewritten."""
+    a, b = tmp_path / "a.pattern", tmp_path / "b.pattern"
+    for f in (a, b):
+        f.write_text("causal&local(w=4)\n")
+    missing = tmp_path / "missing.pattern"
+    rc, obj = run_json(capsys, ["fmt", str(a), str(missing), str(b)])
+    assert rc == 2 and obj["ok"] is False
+    assert [(r["file"], r["ok"]) for r in obj["files"]] == [(str(a), True), (str(missing), False), (str(b), True)]
+    assert "cannot read" in obj["files"][1]["error"]
+    assert a.read_text() == b.read_text() == "causal & local(w=4)\n"

@@ -62,8 +62,9 @@ def run(args) -> int:
             if text is None:
                 text = _read(name)
             formatted = format_source(text, filename="<stdin>" if name == "-" else name)
-        except OSError as e:
-            return _usage(f"cannot read {name}: {e.strerror or e}", args.json)
+        except OSError as e:  # this file only: the others are still formatted and reported
+            status = _file_error(results, name, f"cannot read {name}: {e.strerror or e}", args.json, status)
+            continue
         except PatternError as e:
             if args.json:
                 results.append({"file": name, "ok": False, "diagnostics": [d.to_json() for d in e.diagnostics]})
@@ -94,7 +95,8 @@ def run(args) -> int:
             try:
                 write_atomic(name, formatted)
             except OSError as e:
-                return _usage(f"cannot write {name}: {e.strerror or e}", args.json)
+                status = _file_error(results, name, f"cannot write {name}: {e.strerror or e}", args.json, status)
+                continue
             if not args.json:
                 print(f"reformatted {name}", file=sys.stderr)
         results.append(entry)
@@ -102,6 +104,17 @@ def run(args) -> int:
         print_json({"ok": status == ExitCode.OK, "files": results,
                     "diagnostics": [d for r in results for d in r.get("diagnostics", [])]})
     return status
+
+
+def _file_error(results: list, name: str, message: str, as_json: bool, status: int) -> int:
+    """A file that cannot be read or written: reported (exit 2 at the end), the rest go on."""
+    from .common import _verdict
+
+    _verdict[0] = max(_verdict[0], ExitCode.USAGE)
+    results.append({"file": name, "ok": False, "error": message})
+    if not as_json:
+        print(f"error: {message}", file=sys.stderr)
+    return max(status, ExitCode.USAGE)
 
 
 def _usage(message: str, as_json: bool) -> int:
