@@ -163,24 +163,19 @@ def _mismatch_case(ContextParallel, rank):
     """Rank 0 calls with B = 2, the others with B = 1: every rank raises P350 (gloo aborted the
     processes), and the group goes on working."""
     ctx = ContextParallel(patternc.compile("local(w=16) & causal", q_len=128, num_heads=1, block_size=32))
+    def error_of(q, k, v):
+        try:
+            ctx.attention(q, k, v)
+        except patternc.PatternError as e:
+            return str(e)
+        return None
+
     q, k, v, _ = _inputs(128, 1, 1, 3, batch=2 if rank == 0 else 1)
-    try:
-        ctx.attention(ctx.shard(q), ctx.shard(k), ctx.shard(v))
-        got = None
-    except patternc.PatternError as e:
-        got = str(e)
+    got = error_of(ctx.shard(q), ctx.shard(k), ctx.shard(v))
     # rank 1's inputs do not fit on their own (the whole sequence, not its shard): it raises
     # that, the others raise P350 (they waited for it in the exchange)
     q, k, v, _ = _inputs(128, 1, 1, 3)
-    try:
-        if rank == 1:
-            ctx.attention(q, k, v)
-        else:
-            ctx.attention(ctx.shard(q), ctx.shard(k), ctx.shard(v))
-        alone = None
-    except patternc.PatternError as e:
-        alone = str(e)
-    q, k, v, _ = _inputs(128, 1, 1, 3)
+    alone = error_of(q, k, v) if rank == 1 else error_of(ctx.shard(q), ctx.shard(k), ctx.shard(v))
     return got, alone, ctx.unshard(ctx.attention(ctx.shard(q), ctx.shard(k), ctx.shard(v)))
 
 
