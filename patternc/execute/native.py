@@ -249,6 +249,31 @@ static inline void row_grads(float *row, float *drow, int64_t n, int form, float
     }
 }
 
+/* The columns [lo, hi) of [k0, k1) a query tile reads: with its bias Bt (tq rows, stride bs2),
+   from the first to the last finite entry over its rows (a row with none widens nothing); a causal
+   staircase (causal) stops at lim, its last row's diagonal + 1. lo <= hi. */
+static inline void tile_range(const float *Bt, int tq, int64_t bs2, int64_t k0, int64_t k1, int causal,
+                              int64_t lim, int64_t *lo_out, int64_t *hi_out) {
+    int64_t lo = k0, hi = k1;
+    if (Bt) {
+        lo = k1; hi = k0;
+        for (int i = 0; i < tq; ++i) {
+            const float *b = Bt + i * bs2;
+            int64_t c = k0;
+            while (c < k1 && b[c] == -INFINITY) ++c;
+            if (c == k1) continue;
+            if (c < lo) lo = c;
+            int64_t e = k1;
+            while (e > c && b[e - 1] == -INFINITY) --e;
+            if (e > hi) hi = e;
+        }
+    }
+    if (causal && hi > lim) hi = lim;
+    if (hi < lo) hi = lo;
+    *lo_out = lo;
+    *hi_out = hi;
+}
+
 static inline const float *bias_row(const float *bias, int64_t r, int64_t R, int64_t X,
                                     int64_t bs0, int64_t bs1, int64_t bs2) {
     if (!bias) return 0;
@@ -322,22 +347,8 @@ void pc_flash_forward(const float *q, const float *k, const float *v, float *o,
             const float *K = k + p * ks0 + r * ks1;
             const float *V = v + p * vs0 + r * vs1;
             const float *Bt = bias ? bias + p * bs0 + r * bs1 + i0 * bs2 : 0;
-            int64_t lo = 0, hi = L;
-            if (Bt) {  /* the tile's allowed columns: [first finite, last finite] over its rows */
-                lo = L; hi = 0;
-                for (int i = 0; i < tq; ++i) {
-                    const float *b = Bt + i * bs2;
-                    int64_t c = 0;
-                    while (c < L && b[c] == -INFINITY) ++c;
-                    if (c == L) continue;  /* a row with no allowed key widens nothing */
-                    if (c < lo) lo = c;
-                    int64_t e = L;
-                    while (e > c && b[e - 1] == -INFINITY) --e;
-                    if (e > hi) hi = e;
-                }
-            }
-            if (causal && hi > i0 + tq + causal_off) hi = i0 + tq + causal_off;
-            if (hi < lo) hi = lo;
+            int64_t lo, hi;
+            tile_range(Bt, tq, bs2, 0, L, causal, i0 + tq + causal_off, &lo, &hi);
             const float msl = slopes ? slopes[p] : 0.0f;
             const int inl = causal || msl != 0.0f;
             for (int i = 0; i < tq; ++i) { mi[i] = -INFINITY; li[i] = 0.0f; }
@@ -411,21 +422,8 @@ void pc_flash_backward(const float *q, const float *k, const float *v, const flo
                 float *dQ = dq + p * dqs0 + r * dqs1 + kc * dqs2 + i0 * D;
                 const float *ls = lse + (p * R + r) * Lq + i0, *dl = delta + (p * R + r) * Lq + i0;
                 const float *Bt = bias ? bias + p * bs0 + r * bs1 + i0 * bs2 : 0;
-                int64_t lo = k0, hi = k1;
-                if (Bt) {  /* the tile's allowed columns within the chunk */
-                    lo = k1; hi = k0;
-                    for (int i = 0; i < tq; ++i) {
-                        const float *b = Bt + i * bs2;
-                        int64_t c = k0;
-                        while (c < k1 && b[c] == -INFINITY) ++c;
-                        if (c == k1) continue;
-                        if (c < lo) lo = c;
-                        int64_t e = k1;
-                        while (e > c && b[e - 1] == -INFINITY) --e;
-                        if (e > hi) hi = e;
-                    }
-                }
-                if (causal && hi > i0 + tq + causal_off) hi = i0 + tq + causal_off;
+                int64_t lo, hi;
+                tile_range(Bt, tq, bs2, k0, k1, causal, i0 + tq + causal_off, &lo, &hi);
                 const float msl = slopes ? slopes[p] : 0.0f;
                 const int inl = causal || msl != 0.0f;
                 for (int64_t c0 = lo; c0 < hi; c0 += TK) {
