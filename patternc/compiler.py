@@ -520,6 +520,12 @@ class CompiledPattern:
         return int(sum(per[h % period] for h in range(self.num_heads)))
 
     @property
+    def allows_any(self) -> bool:
+        """True when some (h, i, j) token pair is allowed: a FULL tile, or a PARTIAL tile holding
+        an allowed pair (counted exactly, only when there is no FULL tile)."""
+        return bool(self.layout.full_blocks or (self.layout.partial_blocks and self.allowed_pairs))
+
+    @property
     def density(self) -> float:
         """Token density: allowed token pairs / (H * Q_LEN * KV_LEN), in [0, 1] (of
         ``static_pattern``: an upper bound for a pattern with ``document``)."""

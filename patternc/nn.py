@@ -383,7 +383,7 @@ class SparseSelfAttention(nn.Module):
         """P354 when a query at positions t … t + L - 1 may attend a key before ``kv_offset``
         (one a rolling cache dropped): counted exactly on the layout of those columns."""
         cp = self.compiled_at(L, kv_offset, t, 0)
-        if cp.layout.full_blocks or (cp.layout.partial_blocks and cp.allowed_pairs):
+        if cp.allows_any:
             raise PatternError(Diagnostic(
                 "P354", f"the rolling KV cache keeps keys from position {kv_offset} on, but the pattern "
                 f"`{self.pattern}` lets a query at positions {t}..{t + L - 1} attend an earlier key", None,

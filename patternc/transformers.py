@@ -582,7 +582,7 @@ def _check_dropped_keys(reg: PatternAttention, layer_idx: int, m: PatternMask, H
     dq = m.q_offset % reg.offset_unit(layer_idx)
     cp = reg.compiled(layer_idx, q_len=m.q_length + dq, kv_len=m.kv_offset, q_offset=m.q_offset - dq,
                       kv_offset=0, num_heads=H)
-    if cp.layout.full_blocks or (cp.layout.partial_blocks and cp.allowed_pairs):
+    if cp.allows_any:
         raise _error("P354", f"layer {layer_idx}: the model's KV cache keeps keys from position {m.kv_offset} on "
                              f"(a sliding-window or chunked cache), but the pattern `{reg.layer_text(layer_idx)}` "
                              f"lets a query at positions {m.q_offset}..{m.q_offset + m.q_length - 1} attend an "

@@ -52,7 +52,7 @@ def main(argv=None) -> int:
 
     from . import common
 
-    common._verdict[0] = ExitCode.OK
+    common.verdict(reset=True)
     try:
         with warnings.catch_warnings(record=True) as records:
             warnings.simplefilter("always")

@@ -168,12 +168,21 @@ def check_count(option: str, value, minimum: int = 1, unit: str = "") -> None:
 _verdict = [ExitCode.OK]
 
 
-def verdict() -> int:
+def verdict(reset: bool = False) -> int:
+    """The exit code decided so far (``reset``: start a new command at 0)."""
+    if reset:
+        _verdict[0] = ExitCode.OK
     return int(_verdict[0])
 
 
+def decided(code: int) -> int:
+    """Record that the command will exit with at least ``code``; returns ``code``."""
+    _verdict[0] = max(_verdict[0], code)
+    return code
+
+
 def usage_error(message: str, as_json: bool) -> int:
-    _verdict[0] = max(_verdict[0], ExitCode.USAGE)
+    decided(ExitCode.USAGE)
     if as_json:
         print_json({"ok": False, "error": message, "diagnostics": []})
     print(f"error: {message}", file=sys.stderr)
@@ -197,7 +206,7 @@ def run_guarded(args, body) -> int:
 
 
 def report_errors(diags: list[Diagnostic], as_json: bool, extra: dict | None = None) -> int:
-    _verdict[0] = max(_verdict[0], ExitCode.PROBLEMS)
+    decided(ExitCode.PROBLEMS)
     if as_json:
         obj = {"ok": False, "diagnostics": [d.to_json() for d in diags]}
         obj.update(extra or {})

@@ -108,9 +108,9 @@ def run(args) -> int:
 
 def _file_error(results: list, name: str, message: str, as_json: bool, status: int) -> int:
     """A file that cannot be read or written: reported (exit 2 at the end), the rest go on."""
-    from .common import _verdict
+    from .common import decided
 
-    _verdict[0] = max(_verdict[0], ExitCode.USAGE)
+    decided(ExitCode.USAGE)
     results.append({"file": name, "ok": False, "error": message})
     if not as_json:
         print(f"error: {message}", file=sys.stderr)
