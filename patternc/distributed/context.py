@@ -80,6 +80,12 @@ def _row_bytes_of(heads: int, kv_heads: int, dtype, D: int = _NOMINAL_HEAD_DIM, 
     return heads * D * size, kv_heads * (D + Dv) * size, heads * (Dv + 1) * csize
 
 
+def _max_bytes(counts, weights) -> int:
+    """The busiest rank's bytes of a per-term exchange: ``counts`` int64 [W] (queries, key/value
+    rows, partial-output rows received per rank), ``weights`` their bytes (``_row_bytes_of``)."""
+    return int(max(sum(c[p] * w for c, w in zip(counts, weights)) for p in range(len(counts[0]))))
+
+
 def _error(code: str, message: str, help: str | None = None) -> PatternError:
     return PatternError(Diagnostic(code, message, help=help, filename="patternc.distributed.ContextParallel"))
 
@@ -244,12 +250,18 @@ class ContextParallel:
                                          self.kv_block_size, self.order_text, self.exchange, self._hint,
                                          self.schedule.owner.tobytes().hex()))
         h = int.from_bytes(hashlib.sha256(key.encode()).digest()[:7], "little")
-        t = torch.tensor([h, -h], dtype=torch.int64, device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
-        if int(t[0]) != h or int(t[1]) != -h:
+        if self._extremes([h]) != ([h], [h]):
             raise _error("P380", "the ranks compiled different patterns, lengths, heads, block sizes or balances, "
                          "or gave different kv_heads / dtype",
                          help="build ContextParallel from the same patternc.compile(...) call on every rank")
+
+    def _extremes(self, values: list[int]) -> tuple[list[int], list[int]]:
+        """(max, min) over the ranks of each of ``values`` (ints): one all-reduce of them and of
+        their negation. Equal on every rank exactly when every rank gave the same values."""
+        t = torch.tensor(values + [-x for x in values], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        n = len(values)
+        return t[:n].tolist(), [-x for x in t[n:].tolist()]
 
     def _natural(self, pos: np.ndarray) -> np.ndarray:
         """Natural token positions of places ``pos`` of the sharding order."""
@@ -292,16 +304,16 @@ class ContextParallel:
                     part_in[p] += int((sched.position_owner(x) == p).sum())
             tiles = tiles + np.array([int(w[own_t == p].sum()) for p in range(W)]) * (
                 heads if t.kinds.shape[0] == 1 else 1)
-        w_q, w_kv, w_part = _row_bytes_of(heads, *self._hint)
-        cost = q_in * w_q + kv_in * w_kv + part_in * w_part
+        counts = (q_in, kv_in, part_in)
+        w_kv = _row_bytes_of(heads, *self._hint)[1]
         # against the natural exchange on its own rows, and on these rows (what each call compares
         # with, ``_per_term_pays``: so the call never undoes this choice at the hinted shapes)
         same_rows = _build(sched.owner, "given", block_weights(self._kinds), row_reads(self._kinds), W, L,
                            self.q_block_size, self.kv_block_size)
         natural = min(int(self.schedule.received_positions().max()), int(same_rows.received_positions().max()))
-        if int(cost.max()) >= natural * w_kv and not force:
+        if _max_bytes(counts, _row_bytes_of(heads, *self._hint)) >= natural * w_kv and not force:
             return
-        self._per_term_counts = (q_in, kv_in, part_in)
+        self._per_term_counts = counts
         self.schedule = sched
         self.exchange = "per-term"
         self._split_terms = (home, remotes, owners)
@@ -505,9 +517,7 @@ class ContextParallel:
                    *(int(x) for x in runtime), 0]
         else:
             sig = [0] * (6 + len(runtime)) + [1]
-        t = torch.tensor(sig + [-x for x in sig], dtype=torch.int64, device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
-        hi, lo = t[:len(sig)].tolist(), [-x for x in t[len(sig):].tolist()]
+        hi, lo = self._extremes(sig)
         if bad is not None:
             raise bad
         if hi[-1]:
@@ -533,10 +543,9 @@ class ContextParallel:
         key = (q.shape[1], k.shape[1], q.shape[-1], v.shape[-1], q.dtype)
         got = self._choice.get(key)
         if got is None:
-            w_q, w_kv, w_part = _row_bytes_of(q.shape[1], k.shape[1], q.dtype, q.shape[-1], v.shape[-1])
-            q_in, kv_in, part_in = self._per_term_counts
-            cost = q_in * w_q + kv_in * w_kv + part_in * w_part
-            got = self._choice[key] = bool(cost.max() < (self._static.received_all * w_kv).max())
+            weights = _row_bytes_of(q.shape[1], k.shape[1], q.dtype, q.shape[-1], v.shape[-1])
+            natural = int(self._static.received_all.max()) * weights[1]
+            got = self._choice[key] = _max_bytes(self._per_term_counts, weights) < natural
             if not got:
                 hkv, hdt = self._hint
                 warnings.warn(PatternWarning(Diagnostic(
