@@ -29,6 +29,12 @@ from ..errors import Span
 # integer expressions (only what survives constant folding: anything mentioning q_len / kv_len)
 
 
+#: the canonical printers, ``{"pattern": to_text, "term": term_text}``: ``patternc.ir.printer``
+#: installs them when imported (``patternc.ir`` imports it, so any use of these nodes has them);
+#: the nodes never import the printer, which imports them (no import cycle)
+_TEXT: dict = {}
+
+
 class IntExpr:
     """Base of symbolic integer expressions."""
 
@@ -147,9 +153,7 @@ class Pattern:
             stack.extend(reversed(n.children()))
 
     def __str__(self) -> str:  # canonical text
-        from .printer import to_text
-
-        return to_text(self)
+        return _TEXT["pattern"](self)
 
     # properties of the whole pattern --------------------------------------------------------------
     @property
@@ -333,9 +337,7 @@ class Term:
         return dict(self.args)
 
     def __str__(self) -> str:
-        from .printer import term_text
-
-        return term_text(self)
+        return _TEXT["term"](self)
 
 
 @dataclass(frozen=True)

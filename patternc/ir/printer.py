@@ -106,3 +106,6 @@ def to_text(p: Pattern) -> str:
 def _wrap(c: Pattern, max_prec: int) -> str:
     s = to_text(c)
     return f"({s})" if _prec(c) > max_prec else s
+
+
+ir._TEXT.update(pattern=to_text, term=term_text)  # str() of every node (see nodes._TEXT)
